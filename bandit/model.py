@@ -1,0 +1,90 @@
+"""One Vowpal Wabbit cb_adf model: scores arms, learns logged examples, saves and loads.
+
+A VW workspace is not thread-safe: whoever holds a CbModel is its only user. The server
+keeps each model on one event loop, where predicts and learns interleave but never overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+from vowpalwabbit import Workspace
+
+from bandit.errors import InvalidInput
+from bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE
+from bandit.spec import PlacementSpec
+
+
+def vw_arguments(spec: PlacementSpec) -> list[str]:
+    """The full VW command line of a placement's model."""
+    args = ["--cb_adf", "--quiet", "-b", str(spec.bits)]
+    if spec.interactions:
+        args += ["-q", f"{SHARED_NAMESPACE}{ARM_NAMESPACE}"]
+    return args + shlex.split(spec.vw_args)
+
+
+def check_vw_arguments(spec: PlacementSpec) -> None:
+    """Build a throwaway workspace so that VW itself rejects bad arguments up front."""
+    try:
+        ws = Workspace(arg_list=vw_arguments(spec))
+    except Exception as e:  # VW raises RuntimeError, sometimes others, for bad options
+        raise InvalidInput("vw_args", f"Vowpal Wabbit rejected the arguments: {e}") from None
+    try:
+        if ws.get_prediction_type() != ws.pACTION_SCORES:
+            raise InvalidInput("vw_args", "the arguments must keep a cb_adf model that scores arms")
+    finally:
+        ws.finish()
+
+
+class CbModel:
+    """A placement's contextual-bandit model with the count of examples it learned."""
+
+    def __init__(self, spec: PlacementSpec, model_bytes: bytes | None = None, learned: int = 0) -> None:
+        self.learned = learned
+        if model_bytes is None:
+            self._ws = Workspace(arg_list=vw_arguments(spec))
+        else:
+            self._ws = _load(model_bytes)
+
+    def expected_rewards(self, shared: str, arms: Sequence[str]) -> NDArray[np.float64]:
+        """Expected reward of each arm (VW predicts costs; reward = -cost)."""
+        ex = self._ws.parse("\n".join((shared, *arms)))
+        try:
+            scores = self._ws.predict(ex)
+        finally:
+            self._ws.finish_example(ex)
+        return -np.asarray(scores, dtype=np.float64)
+
+    def learn(self, shared: str, arms: Sequence[str], chosen: int, reward: float, probability: float) -> None:
+        """Learn one logged decision: context, arm set, chosen arm, its probability, cost = -reward."""
+        lines = [shared, *arms]
+        lines[chosen + 1] = f"0:{-reward!r}:{probability!r} {arms[chosen]}"
+        ex = self._ws.parse("\n".join(lines))
+        try:
+            self._ws.learn(ex)
+        finally:
+            self._ws.finish_example(ex)
+        self.learned += 1
+
+    def to_bytes(self) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="nextbest-") as d:
+            path = os.path.join(d, "model.vw")
+            self._ws.save(path)
+            with open(path, "rb") as f:
+                return f.read()
+
+    def close(self) -> None:
+        self._ws.finish()
+
+
+def _load(model_bytes: bytes) -> Workspace:
+    with tempfile.TemporaryDirectory(prefix="nextbest-") as d:
+        path = os.path.join(d, "model.vw")
+        with open(path, "wb") as f:
+            f.write(model_bytes)
+        return Workspace(arg_list=["--quiet", "-i", path])

@@ -1,0 +1,136 @@
+"""Validated placement and arm specifications: the core trusts these, the edges build them.
+
+The same models validate an apply file, an admin request and a stored row, so a value that
+is invalid in one place is invalid everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bandit.features import Feature, features_from_mapping
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+# VW options we own (files, data sources, the reduction stack, exploration): a placement may
+# not set them through vw_args.
+FORBIDDEN_VW_OPTIONS = frozenset(
+    """-i --initial_regressor -f --final_regressor -d --data -c --cache --cache_file
+    --daemon --port --pid_file -p --predictions -r --raw_predictions --readable_model
+    --invert_hash --save_per_pass --save_resume --audit -a --dsjson --json --ccb_explore_adf
+    --cb_explore_adf --cb_explore --cb --cb_adf --slates --csoaa --csoaa_ldf --oaa --wap_ldf
+    -b --bit_precision --passes --holdout_off --data_file --input_feature_regularizer
+    --output_feature_regularizer --predict_only_model --preserve_performance_counters
+    --testonly -t --quiet --epsilon --first --bag --cover --softmax --squarecb --regcb
+    --rnd --large_action_space""".split()
+)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a text like "90s", "10m", "7d"."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 600, '10m' or '7d'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError("must be a duration such as 600, '10m' or '7d'")
+    if not seconds > 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExplorationSpec(_Spec):
+    """How a placement turns model scores into probabilities."""
+
+    algorithm: Literal["epsilon", "softmax", "squarecb"] = "squarecb"
+    epsilon: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.05
+    # Named lambda in files and the API; "lambda" is a Python keyword.
+    lam: Annotated[float, Field(gt=0.0, le=1e6, alias="lambda", allow_inf_nan=False)] = 10.0
+    gamma_scale: Annotated[float, Field(gt=0.0, le=1e6, allow_inf_nan=False)] = 10.0
+    gamma_exponent: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.5
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ArmSpec(_Spec):
+    """One offer. ``features`` are the VW action features besides the arm id."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    features: dict[str, float | str | bool] = Field(default_factory=dict)
+    active: bool = True
+
+    @field_validator("features")
+    @classmethod
+    def _finite_features(cls, v: dict[str, float | str | bool]) -> dict[str, float | str | bool]:
+        for name, value in v.items():
+            if not name or len(name) > 128:
+                raise ValueError("feature names must have 1 to 128 characters")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
+            if isinstance(value, str) and len(value) > 256:
+                raise ValueError(f"{name} must have at most 256 characters")
+        return v
+
+    def vw_features(self) -> tuple[Feature, ...]:
+        return features_from_mapping(self.features)
+
+
+class PlacementSpec(_Spec):
+    """A placement: its arms and how its model learns and explores."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    description: str = ""
+    arms: list[ArmSpec] = Field(default_factory=list)
+    exploration: ExplorationSpec = Field(default_factory=ExplorationSpec)
+    reward_window: Annotated[float, Field(gt=0.0, le=90 * 86400.0)] = 600.0
+    default_reward: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    vw_args: str = ""
+    interactions: bool = True
+    bits: Annotated[int, Field(ge=10, le=28)] = 18
+
+    @field_validator("reward_window", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float:
+        return parse_duration(v)
+
+    @field_validator("vw_args")
+    @classmethod
+    def _vw_args(cls, v: str) -> str:
+        try:
+            tokens = shlex.split(v)
+        except ValueError as e:
+            raise ValueError(f"cannot be split into arguments: {e}") from None
+        for tok in tokens:
+            opt = tok.split("=", 1)[0]
+            if opt in FORBIDDEN_VW_OPTIONS:
+                raise ValueError(f"{opt} is set by nextbest and cannot be passed in vw_args")
+        return " ".join(tokens)
+
+    @model_validator(mode="after")
+    def _unique_arms(self) -> PlacementSpec:
+        seen: set[str] = set()
+        for i, arm in enumerate(self.arms):
+            if arm.id in seen:
+                raise ValueError(f"arms[{i}].id: duplicate arm id {arm.id!r}")
+            seen.add(arm.id)
+        return self
+
+    def active_arms(self) -> list[ArmSpec]:
+        return [a for a in self.arms if a.active]
+
+    def model_key(self) -> tuple[str, bool, int]:
+        """What the VW model depends on; a change of it starts a new model."""
+        return (self.vw_args, self.interactions, self.bits)

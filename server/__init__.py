@@ -1,0 +1,1 @@
+"""nextbest's server: gRPC adapters, storage, CLI and the composition root."""

@@ -1,0 +1,124 @@
+"""A small client for channel services and experimenters, wrapping the generated stubs.
+
+    with NextbestClient("127.0.0.1:50051") as nb:
+        d = nb.choose("app_home_banner", {"customer": {"segment": "youth", "arpu": 12.5}}, customer_id="c42")
+        nb.reward(d.event_id, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from bandit.spec import PlacementSpec
+from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
+from server.placements import Change
+from server.rpc import convert
+
+_REWARD_STATUS = {
+    decision_pb2.REWARD_STATUS_LEARNED: "learned",
+    decision_pb2.REWARD_STATUS_DUPLICATE: "duplicate",
+    decision_pb2.REWARD_STATUS_LATE: "late",
+}
+
+FeaturesLike = Mapping[str, Any] | Iterable[common_pb2.Feature]
+
+
+@dataclass(frozen=True, slots=True)
+class ChooseResult:
+    event_id: str
+    arm_id: str
+    probability: float
+    model_version: int
+    reason: str
+
+
+def to_features(features: FeaturesLike | None) -> list[common_pb2.Feature]:
+    """Features from ``{"customer": {"segment": "youth"}}`` (namespaced) or ``{"segment": "youth"}``."""
+    if features is None:
+        return []
+    if not isinstance(features, Mapping):
+        return list(features)
+    out: list[common_pb2.Feature] = []
+
+    def one(ns: str, name: str, value: Any) -> common_pb2.Feature:
+        if isinstance(value, bool):
+            return common_pb2.Feature(namespace=ns, name=name, text=str(value).lower())
+        if isinstance(value, int | float):
+            return common_pb2.Feature(namespace=ns, name=name, number=float(value))
+        return common_pb2.Feature(namespace=ns, name=name, text=str(value))
+
+    for key, value in features.items():
+        if isinstance(value, Mapping):
+            out.extend(one(key, name, v) for name, v in value.items())
+        else:
+            out.append(one("", key, value))
+    return out
+
+
+class NextbestClient:
+    """Blocking client; ``timeout`` is the deadline of every call in seconds."""
+
+    def __init__(self, target: str, timeout: float = 10.0, channel: grpc.Channel | None = None) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._decision = decision_pb2_grpc.DecisionServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> NextbestClient:
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def choose(
+        self, placement: str, features: FeaturesLike | None = None, customer_id: str = "", event_id: str = ""
+    ) -> ChooseResult:
+        r = self._decision.Choose(
+            decision_pb2.ChooseRequest(
+                placement=placement, customer_id=customer_id, event_id=event_id, features=to_features(features)
+            ),
+            timeout=self.timeout,
+        )
+        return ChooseResult(r.event_id, r.arm_id, r.probability, r.model_version, r.reason)
+
+    def reward(self, event_id: str, reward: float) -> str:
+        """Returns "learned", "duplicate" or "late"."""
+        r = self._decision.Reward(decision_pb2.RewardRequest(event_id=event_id, reward=reward), timeout=self.timeout)
+        return _REWARD_STATUS.get(r.status, "unspecified")
+
+    def apply(self, placements: Sequence[PlacementSpec | admin_pb2.Placement], dry_run: bool = False) -> list[Change]:
+        msgs = [p if isinstance(p, admin_pb2.Placement) else spec_pb(p) for p in placements]
+        r = self._admin.ApplyConfig(admin_pb2.ApplyConfigRequest(placements=msgs, dry_run=dry_run), timeout=self.timeout)
+        return [convert.change(c) for c in r.changes]
+
+    def stats(self, placement: str) -> admin_pb2.GetStatsResponse:
+        return self._admin.GetStats(admin_pb2.GetStatsRequest(placement=placement), timeout=self.timeout)
+
+    def placement(self, placement: str) -> admin_pb2.Placement:
+        return self._admin.GetPlacement(admin_pb2.GetPlacementRequest(placement=placement), timeout=self.timeout).placement
+
+    def placements(self) -> list[admin_pb2.Placement]:
+        return list(self._admin.ListPlacements(admin_pb2.ListPlacementsRequest(), timeout=self.timeout).placements)
+
+    @property
+    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+        return self._admin
+
+    @property
+    def decision(self) -> decision_pb2_grpc.DecisionServiceStub:
+        return self._decision
+
+
+def spec_pb(spec: PlacementSpec) -> admin_pb2.Placement:
+    """A placement spec as its protobuf message (arm versions are the server's business)."""
+    from server.storage.base import PlacementRecord
+
+    return convert.placement_pb(PlacementRecord(spec, {a.id: 0 for a in spec.arms}))

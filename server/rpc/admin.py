@@ -1,0 +1,97 @@
+"""AdminService: placements, arms, apply and statistics, translated to the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from bandit.errors import AlreadyExists, InvalidInput, NotFound
+from bandit.spec import PlacementSpec
+from server.engine import Engine
+from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc
+from server.rpc import convert
+from server.rpc.errors import rpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _placement_pb(self, pid: str) -> admin_pb2.Placement:
+        return convert.placement_pb(self._engine.placement(pid))
+
+    @rpc
+    async def CreatePlacement(self, request: admin_pb2.CreatePlacementRequest, context: Ctx) -> admin_pb2.CreatePlacementResponse:
+        spec = convert.placement_spec(request.placement)
+        if spec.id in self._engine.states:
+            raise AlreadyExists(f"placement {spec.id!r} exists already")
+        await self._engine.apply([spec])
+        return admin_pb2.CreatePlacementResponse(placement=self._placement_pb(spec.id))
+
+    @rpc
+    async def UpdatePlacement(self, request: admin_pb2.UpdatePlacementRequest, context: Ctx) -> admin_pb2.UpdatePlacementResponse:
+        spec = convert.placement_spec(request.placement)
+        self._engine.placement(spec.id)  # NOT_FOUND before anything else
+        await self._engine.apply([spec])
+        return admin_pb2.UpdatePlacementResponse(placement=self._placement_pb(spec.id))
+
+    @rpc
+    async def GetPlacement(self, request: admin_pb2.GetPlacementRequest, context: Ctx) -> admin_pb2.GetPlacementResponse:
+        return admin_pb2.GetPlacementResponse(placement=self._placement_pb(request.placement))
+
+    @rpc
+    async def ListPlacements(self, request: admin_pb2.ListPlacementsRequest, context: Ctx) -> admin_pb2.ListPlacementsResponse:
+        return admin_pb2.ListPlacementsResponse(placements=[convert.placement_pb(r) for r in self._engine.placements()])
+
+    async def _put_arm(self, placement: str, arm_pb: admin_pb2.Arm, create: bool) -> admin_pb2.Arm:
+        spec = self._engine.placement(placement).spec
+        arm = convert.arm_spec(arm_pb)
+        exists = any(a.id == arm.id for a in spec.arms)
+        if create and exists:
+            raise AlreadyExists(f"arm {arm.id!r} exists already in placement {placement!r}")
+        if not create and not exists:
+            raise NotFound(f"arm {arm.id!r} does not exist in placement {placement!r}")
+        arms = [arm if a.id == arm.id else a for a in spec.arms] if exists else [*spec.arms, arm]
+        await self._engine.apply([PlacementSpec.model_validate({**spec.model_dump(by_alias=True), "arms": arms})])
+        return self._arm_pb(placement, arm.id)
+
+    def _arm_pb(self, placement: str, arm_id: str) -> admin_pb2.Arm:
+        rec = self._engine.placement(placement)
+        for a in rec.spec.arms:
+            if a.id == arm_id:
+                return convert.arm_pb(a, rec.arm_versions.get(a.id, 0))
+        raise NotFound(f"arm {arm_id!r} does not exist in placement {placement!r}")
+
+    @rpc
+    async def CreateArm(self, request: admin_pb2.CreateArmRequest, context: Ctx) -> admin_pb2.CreateArmResponse:
+        return admin_pb2.CreateArmResponse(arm=await self._put_arm(request.placement, request.arm, create=True))
+
+    @rpc
+    async def UpdateArm(self, request: admin_pb2.UpdateArmRequest, context: Ctx) -> admin_pb2.UpdateArmResponse:
+        return admin_pb2.UpdateArmResponse(arm=await self._put_arm(request.placement, request.arm, create=False))
+
+    @rpc
+    async def GetArm(self, request: admin_pb2.GetArmRequest, context: Ctx) -> admin_pb2.GetArmResponse:
+        return admin_pb2.GetArmResponse(arm=self._arm_pb(request.placement, request.arm_id))
+
+    @rpc
+    async def ListArms(self, request: admin_pb2.ListArmsRequest, context: Ctx) -> admin_pb2.ListArmsResponse:
+        rec = self._engine.placement(request.placement)
+        return admin_pb2.ListArmsResponse(arms=[convert.arm_pb(a, rec.arm_versions.get(a.id, 0)) for a in rec.spec.arms])
+
+    @rpc
+    async def ApplyConfig(self, request: admin_pb2.ApplyConfigRequest, context: Ctx) -> admin_pb2.ApplyConfigResponse:
+        specs = [convert.placement_spec(p, f"placements[{i}]") for i, p in enumerate(request.placements)]
+        if not specs:
+            raise InvalidInput("placements", "must list at least one placement")
+        changes = await self._engine.apply(specs, dry_run=request.dry_run)
+        return admin_pb2.ApplyConfigResponse(changes=convert.changes_pb(changes), applied=bool(changes) and not request.dry_run)
+
+    @rpc
+    async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Ctx) -> admin_pb2.GetStatsResponse:
+        if not request.placement:
+            raise InvalidInput("placement", "must not be empty")
+        return convert.stats_pb(await self._engine.stats(request.placement))

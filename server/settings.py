@@ -1,0 +1,46 @@
+"""Server settings: one validated value, read once at start from flags, NEXTBEST_* variables
+and an optional YAML file (flags win over the environment, which wins over the file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. See README "Configuration of the server"."""
+
+    model_config = SettingsConfigDict(env_prefix="NEXTBEST_", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port
+    db: str = "sqlite:///nextbest.db"
+    seed: str = ""  # salts the per-event random draws; decisions are reproducible from it
+    flush_interval: Annotated[float, Field(gt=0, le=10)] = 0.05  # seconds between decision-log writes
+    snapshot_every: Annotated[int, Field(ge=1)] = 1000  # learned examples between model snapshots
+    snapshot_interval: Annotated[float, Field(gt=0)] = 30.0  # seconds between snapshots of a changed model
+    sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
+    learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
+    max_features: Annotated[int, Field(ge=1)] = 512
+    max_id_length: Annotated[int, Field(ge=8, le=4096)] = 256
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    grace_period: Annotated[float, Field(ge=0)] = 10.0  # seconds to drain calls on SIGTERM
+    init_config: str = ""  # apply file loaded when the database has no placement yet
+    log_level: str = "INFO"
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Settings from a YAML file, NEXTBEST_* variables and explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{config_file}: expected a mapping of setting names to values")
+    env = Settings()  # reads NEXTBEST_*
+    merged = {**values, **{k: getattr(env, k) for k in env.model_fields_set}}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**merged)

@@ -1,0 +1,92 @@
+"""The storage contract. Every method is synchronous and transactional; the engine calls
+them from worker threads so that the event loop never waits on the database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bandit.log import LoggedDecision, Outcome
+from bandit.spec import PlacementSpec
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """A placement as stored: its spec, arm versions and which model generation serves it."""
+
+    spec: PlacementSpec
+    arm_versions: dict[str, int]
+    generation: int = 1
+    model_since_seq: int = 0  # a model without snapshot learns rewards with learn_seq above this
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Closes a decision's reward window with an explicit or the default reward."""
+
+    event_id: str
+    outcome: Outcome
+    reward: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A saved model and the position in the learn sequence it includes."""
+
+    placement: str
+    generation: int
+    learned: int
+    learn_seq: int
+    model: bytes
+
+
+@dataclass(slots=True)
+class ArmTally:
+    """Counts of one arm's decisions by outcome."""
+
+    arm_id: str
+    impressions: int = 0
+    rewards: int = 0
+    reward_sum: float = 0.0
+    default_rewards: int = 0
+    late_rewards: int = 0
+    pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Per close in a batch: its learn_seq, or None if the decision was already closed."""
+
+    seqs: Sequence[int | None] = field(default_factory=tuple)
+
+
+class Store(Protocol):
+    """What the engine needs from storage."""
+
+    def load_placements(self) -> list[PlacementRecord]: ...
+
+    def arm_features(self) -> dict[tuple[str, str, int], dict[str, float | str | bool]]: ...
+
+    def save_placements(self, records: Sequence[PlacementRecord], new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]]) -> None: ...
+
+    def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close]) -> WriteResult: ...
+
+    def record_late_reward(self, event_id: str, reward: float, at: float) -> None: ...
+
+    def find_decision(self, event_id: str) -> LoggedDecision | None: ...
+
+    def open_decisions(self) -> list[tuple[str, str, float]]: ...
+
+    def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]: ...
+
+    def max_learn_seq(self) -> int: ...
+
+    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def load_snapshot(self, placement: str) -> Snapshot | None: ...
+
+    def tally(self, placement: str) -> tuple[list[ArmTally], int]: ...
+
+    def close(self) -> None: ...

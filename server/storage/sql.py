@@ -1,0 +1,305 @@
+"""The SQL store: SQLite (default, WAL) and PostgreSQL through SQLAlchemy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from bandit.errors import Unavailable
+from bandit.features import Feature
+from bandit.log import LoggedDecision, Outcome
+from bandit.spec import ArmSpec, PlacementSpec
+from server.storage import tables as t
+from server.storage.base import ArmTally, Close, PlacementRecord, Snapshot, WriteResult
+
+
+def open_store(url: str) -> SqlStore:
+    """A store for a SQLAlchemy URL; a plain path means a SQLite file."""
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    return SqlStore(url)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # an acknowledged reward survives power loss
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class SqlStore:
+    """Store on any SQLAlchemy URL; the schema is created when missing."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._postgres = url.startswith("postgresql")
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=8, max_overflow=8)
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            t.metadata.create_all(self.engine)
+            with self.engine.connect() as c:
+                self._next_seq = int(c.execute(select(func.coalesce(func.max(t.decisions.c.learn_seq), 0))).scalar_one()) + 1
+        except SQLAlchemyError as e:
+            raise Unavailable(f"cannot open the database: {e.__class__.__name__}") from e
+
+    # -- configuration ------------------------------------------------------------------
+
+    def load_placements(self) -> list[PlacementRecord]:
+        with self.engine.connect() as c:
+            arm_rows = c.execute(select(t.arms).order_by(t.arms.c.placement_id, t.arms.c.position)).all()
+            features = {
+                (r.placement_id, r.arm_id, r.version): r.features for r in c.execute(select(t.arm_versions)).all()
+            }
+            out = []
+            for p in c.execute(select(t.placements).order_by(t.placements.c.id)).all():
+                mine = [a for a in arm_rows if a.placement_id == p.id]
+                arms = [
+                    ArmSpec(id=a.arm_id, features=features[(p.id, a.arm_id, a.version)], active=a.active) for a in mine
+                ]
+                spec = PlacementSpec.model_validate({**p.spec, "id": p.id, "arms": arms})
+                out.append(
+                    PlacementRecord(spec, {a.arm_id: a.version for a in mine}, p.generation, p.model_since_seq)
+                )
+            return out
+
+    def arm_features(self) -> dict[tuple[str, str, int], dict[str, float | str | bool]]:
+        with self.engine.connect() as c:
+            return {(r.placement_id, r.arm_id, r.version): r.features for r in c.execute(select(t.arm_versions)).all()}
+
+    def save_placements(
+        self,
+        records: Sequence[PlacementRecord],
+        new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]],
+    ) -> None:
+        now = time.time()
+        with self._begin() as c:
+            if new_arm_versions:
+                c.execute(
+                    insert(t.arm_versions),
+                    [{"placement_id": p, "arm_id": a, "version": v, "features": f} for p, a, v, f in new_arm_versions],
+                )
+            for rec in records:
+                spec = rec.spec.model_dump(mode="json", by_alias=True, exclude={"id", "arms"})
+                row = {"spec": spec, "generation": rec.generation, "model_since_seq": rec.model_since_seq, "updated_at": now}
+                if c.execute(update(t.placements).where(t.placements.c.id == rec.spec.id).values(**row)).rowcount == 0:
+                    c.execute(insert(t.placements).values(id=rec.spec.id, **row))
+                c.execute(delete(t.arms).where(t.arms.c.placement_id == rec.spec.id))
+                if rec.spec.arms:
+                    c.execute(
+                        insert(t.arms),
+                        [
+                            {
+                                "placement_id": rec.spec.id,
+                                "arm_id": a.id,
+                                "position": i,
+                                "version": rec.arm_versions[a.id],
+                                "active": a.active,
+                            }
+                            for i, a in enumerate(rec.spec.arms)
+                        ],
+                    )
+
+    # -- the decision log -----------------------------------------------------------------
+
+    def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close]) -> WriteResult:
+        """Insert decisions, then close windows, in one transaction (group commit).
+
+        Decisions go first so that a reward in the same batch finds its decision: a decision
+        is durable no later than any reward acknowledged for it.
+        """
+        seqs: list[int | None] = []
+        with self._begin() as c:
+            if decisions:
+                # A reused event id must not fail the whole batch: the first decision keeps it.
+                stmt = (pg_insert if self._postgres else sqlite_insert)(t.decisions).on_conflict_do_nothing()
+                c.execute(stmt, [_decision_row(d) for d in decisions])
+            next_seq = self._next_seq
+            for close in closes:
+                res = c.execute(
+                    update(t.decisions)
+                    .where(t.decisions.c.event_id == close.event_id, t.decisions.c.outcome == int(Outcome.OPEN))
+                    .values(outcome=int(close.outcome), reward=close.reward, rewarded_at=close.at, learn_seq=next_seq)
+                )
+                if res.rowcount == 1:
+                    seqs.append(next_seq)
+                    next_seq += 1
+                else:
+                    seqs.append(None)
+        self._next_seq = next_seq  # only after the commit succeeded
+        return WriteResult(seqs)
+
+    def max_learn_seq(self) -> int:
+        return self._next_seq - 1
+
+    def record_late_reward(self, event_id: str, reward: float, at: float) -> None:
+        with self._begin() as c:
+            c.execute(insert(t.late_rewards).values(event_id=event_id, reward=reward, received_at=at))
+
+    def find_decision(self, event_id: str) -> LoggedDecision | None:
+        with self._connect() as c:
+            row = c.execute(select(t.decisions).where(t.decisions.c.event_id == event_id)).first()
+        return None if row is None else _decision(row)
+
+    def open_decisions(self) -> list[tuple[str, str, float]]:
+        with self._connect() as c:
+            rows = c.execute(
+                select(t.decisions.c.event_id, t.decisions.c.placement_id, t.decisions.c.deadline).where(
+                    t.decisions.c.outcome == int(Outcome.OPEN)
+                )
+            ).all()
+        return [(r.event_id, r.placement_id, r.deadline) for r in rows]
+
+    def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]:
+        with self._connect() as c:
+            rows = c.execute(
+                select(t.decisions)
+                .where(t.decisions.c.placement_id == placement, t.decisions.c.learn_seq > after_seq)
+                .order_by(t.decisions.c.learn_seq)
+                .limit(limit)
+            ).all()
+        return [_decision(r) for r in rows]
+
+    # -- models ---------------------------------------------------------------------------
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        row = {
+            "generation": snapshot.generation,
+            "learned": snapshot.learned,
+            "learn_seq": snapshot.learn_seq,
+            "model": snapshot.model,
+            "created_at": time.time(),
+        }
+        with self._begin() as c:
+            if c.execute(update(t.snapshots).where(t.snapshots.c.placement_id == snapshot.placement).values(**row)).rowcount == 0:
+                c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, **row))
+
+    def load_snapshot(self, placement: str) -> Snapshot | None:
+        with self._connect() as c:
+            r = c.execute(select(t.snapshots).where(t.snapshots.c.placement_id == placement)).first()
+        return None if r is None else Snapshot(placement, r.generation, r.learned, r.learn_seq, bytes(r.model))
+
+    # -- statistics -----------------------------------------------------------------------
+
+    def tally(self, placement: str) -> tuple[list[ArmTally], int]:
+        d = t.decisions.c
+        with self._connect() as c:
+            rows = c.execute(
+                select(d.arm_id, d.outcome, func.count(), func.coalesce(func.sum(d.reward), 0.0))
+                .where(d.placement_id == placement)
+                .group_by(d.arm_id, d.outcome)
+            ).all()
+            late = c.execute(
+                select(d.arm_id, func.count())
+                .select_from(t.late_rewards.join(t.decisions, t.late_rewards.c.event_id == d.event_id))
+                .where(d.placement_id == placement)
+                .group_by(d.arm_id)
+            ).all()
+        tallies: dict[str, ArmTally] = {}
+        total = 0
+        for arm_id, outcome, count, reward_sum in rows:
+            total += count
+            if arm_id is None:
+                continue
+            tl = tallies.setdefault(arm_id, ArmTally(arm_id))
+            tl.impressions += count
+            if outcome == Outcome.REWARD:
+                tl.rewards += count
+                tl.reward_sum += float(reward_sum)
+            elif outcome == Outcome.DEFAULT:
+                tl.default_rewards += count
+            elif outcome == Outcome.OPEN:
+                tl.pending += count
+        for arm_id, count in late:
+            if arm_id is not None:
+                tallies.setdefault(arm_id, ArmTally(arm_id)).late_rewards += count
+        return list(tallies.values()), total
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _begin(self) -> _Tx:
+        return _Tx(self.engine, begin=True)
+
+    def _connect(self) -> _Tx:
+        return _Tx(self.engine, begin=False)
+
+
+class _Tx:
+    """A connection (in a transaction when begin) whose database errors become Unavailable."""
+
+    def __init__(self, engine: Engine, begin: bool) -> None:
+        self._engine = engine
+        self._begin = begin
+        self._cm: Any = None
+
+    def __enter__(self) -> Connection:
+        try:
+            self._cm = self._engine.begin() if self._begin else self._engine.connect()
+            conn: Connection = self._cm.__enter__()
+            return conn
+        except SQLAlchemyError as e:
+            raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._cm.__exit__(*exc)
+        except SQLAlchemyError as e:
+            raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
+        if exc[0] is not None and isinstance(exc[1], SQLAlchemyError):
+            raise Unavailable(f"database error: {exc[0].__name__}") from exc[1]
+
+
+def _decision_row(d: LoggedDecision) -> dict[str, Any]:
+    return {
+        "event_id": d.event_id,
+        "placement_id": d.placement,
+        "customer_id": d.customer_id,
+        "created_at": d.timestamp,
+        "deadline": d.deadline,
+        "features": [[f.namespace, f.name, f.value] for f in d.features],
+        "arms": [list(a) for a in d.arms],
+        "pmf": list(d.pmf),
+        "chosen": d.chosen,
+        "arm_id": d.arm_id,
+        "probability": d.probability,
+        "model_version": d.model_version,
+        "outcome": int(d.outcome),
+        "reward": d.reward,
+        "learn_seq": d.learn_seq,
+    }
+
+
+def _decision(r: Any) -> LoggedDecision:
+    return LoggedDecision(
+        event_id=r.event_id,
+        placement=r.placement_id,
+        customer_id=r.customer_id,
+        timestamp=r.created_at,
+        features=tuple(Feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in r.features),
+        arms=tuple((a, int(v)) for a, v in r.arms),
+        pmf=tuple(r.pmf),
+        chosen=r.chosen,
+        probability=r.probability,
+        model_version=r.model_version,
+        deadline=r.deadline,
+        outcome=Outcome(r.outcome),
+        reward=r.reward,
+        learn_seq=r.learn_seq,
+    )

@@ -1,0 +1,95 @@
+"""SQL schema shared by SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+)
+
+metadata = MetaData()
+
+placements = Table(
+    "placements",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("spec", JSON, nullable=False),  # PlacementSpec without arms
+    Column("generation", Integer, nullable=False),
+    Column("model_since_seq", BigInteger, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
+arms = Table(
+    "arms",
+    metadata,
+    Column("placement_id", String(128), primary_key=True),
+    Column("arm_id", String(128), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("active", Boolean, nullable=False),
+)
+
+arm_versions = Table(
+    "arm_versions",
+    metadata,
+    Column("placement_id", String(128), primary_key=True),
+    Column("arm_id", String(128), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("features", JSON, nullable=False),
+)
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("event_id", String(256), primary_key=True),
+    Column("placement_id", String(128), nullable=False),
+    Column("customer_id", String(256), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("deadline", Double, nullable=False),
+    Column("features", JSON, nullable=False),  # [[namespace, name, value], ...]
+    Column("arms", JSON, nullable=False),  # [[arm_id, version], ...] in scoring order
+    Column("pmf", JSON, nullable=False),
+    Column("chosen", Integer),
+    Column("arm_id", String(128)),
+    Column("probability", Double, nullable=False),
+    Column("model_version", BigInteger, nullable=False),
+    Column("outcome", SmallInteger, nullable=False),
+    Column("reward", Double),
+    Column("rewarded_at", Double),
+    Column("learn_seq", BigInteger, unique=True),
+    Index("ix_decisions_learn", "placement_id", "learn_seq"),
+    Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
+    Index("ix_decisions_open", "outcome", "deadline"),
+)
+
+late_rewards = Table(
+    "late_rewards",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(256), nullable=False, index=True),
+    Column("reward", Double, nullable=False),
+    Column("received_at", Double, nullable=False),
+)
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("placement_id", String(128), primary_key=True),
+    Column("generation", Integer, nullable=False),
+    Column("learned", BigInteger, nullable=False),
+    Column("learn_seq", BigInteger, nullable=False),
+    Column("model", LargeBinary, nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+
+__all__ = ["metadata", "placements", "arms", "arm_versions", "decisions", "late_rewards", "snapshots"]

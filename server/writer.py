@@ -1,0 +1,114 @@
+"""Group commit: decisions and reward closes are written in batches, one transaction each.
+
+Choose never waits for the database: its decision joins the next batch (written at least every
+``flush_interval``). Reward waits for the batch holding its close, so an acknowledged reward is
+durable; since a batch writes decisions before closes, a decision is durable no later than any
+reward acknowledged for it. A crash loses at most the decisions of the last flush interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from bandit.errors import Unavailable
+from bandit.log import LoggedDecision
+from server.storage.base import Close, Store
+
+log = logging.getLogger(__name__)
+
+
+class BatchWriter:
+    """One background task owns all writes to the decision log, in order."""
+
+    def __init__(self, store: Store, executor: ThreadPoolExecutor, flush_interval: float, max_batch: int = 5000) -> None:
+        self._store = store
+        self._executor = executor
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._decisions: list[LoggedDecision] = []
+        self._closes: list[tuple[Close, asyncio.Future[int | None]]] = []
+        self._barriers: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._retry_delay = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="nextbest-writer")
+
+    async def stop(self) -> None:
+        """Write everything pending, then stop."""
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @property
+    def depth(self) -> int:
+        return len(self._decisions) + len(self._closes)
+
+    def add_decision(self, decision: LoggedDecision) -> None:
+        self._decisions.append(decision)
+        if len(self._decisions) >= self._max_batch:
+            self._wake.set()
+
+    def close_window(self, close: Close) -> asyncio.Future[int | None]:
+        """Queue a close; the future gives its learn_seq (None: already closed) once durable."""
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._closes.append((close, fut))
+        self._wake.set()
+        return fut
+
+    async def flush(self) -> None:
+        """Return once everything queued before the call is durable."""
+        if self._decisions or self._closes:
+            barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._barriers.append(barrier)
+            self._wake.set()
+            await barrier
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._retry_delay:
+                await asyncio.sleep(self._retry_delay)
+            decisions, self._decisions = self._decisions, []
+            closes, self._closes = self._closes, []
+            barriers, self._barriers = self._barriers, []
+            if not decisions and not closes:
+                for b in barriers:
+                    b.set_result(None)
+                continue
+            try:
+                result = await loop.run_in_executor(
+                    self._executor, self._store.write, decisions, [c for c, _ in closes]
+                )
+            except Exception as e:
+                # Decisions are retried (they were never acknowledged as durable but we keep
+                # them); rewards fail now so their callers hear UNAVAILABLE and may retry.
+                log.warning("write of %d decisions and %d rewards failed: %s", len(decisions), len(closes), e)
+                self._decisions[:0] = decisions
+                self._barriers[:0] = barriers
+                err = e if isinstance(e, Unavailable) else Unavailable("cannot store now")
+                for _, fut in closes:
+                    if not fut.done():
+                        fut.set_exception(err)
+                self._retry_delay = min(max(self._retry_delay * 2, 0.05), 2.0)
+                self._wake.set()
+                continue
+            self._retry_delay = 0.0
+            for (_, fut), seq in zip(closes, result.seqs, strict=True):
+                if not fut.done():
+                    fut.set_result(seq)
+            for b in barriers:
+                if not b.done():
+                    b.set_result(None)
