@@ -325,6 +325,9 @@ def snips(
     if w_sum == 0.0:
         warnings += (_ZERO_WEIGHT_SUM,)
         return Estimate("snips", math.nan, math.nan, math.nan, n, ess, clipped, warnings)
+    if w_sum < 1e-250:  # SNIPS is scale-free; rescale so that w * r cannot underflow
+        w = w / float(w.max())
+        w_sum = float(w.sum())
     buf = np.multiply(w, r)
     value = float(buf.sum()) / w_sum
     if n < 2:

@@ -18,15 +18,16 @@ def epsilon_greedy(values: Vector, epsilon: float) -> Vector:
     k = len(values)
     pmf = np.full(k, epsilon / k)
     best = values == values.max()
-    pmf[best] += (1.0 - epsilon) / best.sum()
+    pmf[best] += (1.0 - epsilon) / float(best.sum())
     return pmf
 
 
 def softmax(values: Vector, lam: float) -> Vector:
     """Probabilities proportional to exp(lambda * value)."""
     z = lam * (values - values.max())
-    w = np.exp(z)
-    return w / w.sum()
+    w: Vector = np.exp(z)
+    out: Vector = w / float(w.sum())
+    return out
 
 
 def squarecb(values: Vector, gamma: float) -> Vector:
@@ -34,15 +35,15 @@ def squarecb(values: Vector, gamma: float) -> Vector:
     arm takes the rest. As gamma grows with experience, exploration shrinks."""
     k = len(values)
     best = int(np.argmax(values))
-    pmf = 1.0 / (k + gamma * (values[best] - values))
+    pmf: Vector = 1.0 / (k + gamma * (values[best] - values))
     pmf[best] = 0.0
-    pmf[best] = max(0.0, 1.0 - pmf.sum())
+    pmf[best] = max(0.0, 1.0 - float(pmf.sum()))
     return pmf
 
 
 def squarecb_gamma(scale: float, exponent: float, learned: int) -> float:
     """VW's schedule: gamma = scale * t^exponent, t the examples learned so far."""
-    return scale * float(max(learned, 1)) ** exponent
+    return float(scale * float(max(learned, 1)) ** exponent)
 
 
 def draw(pmf: Vector, u: float) -> int:

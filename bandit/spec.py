@@ -134,3 +134,13 @@ class PlacementSpec(_Spec):
     def model_key(self) -> tuple[str, bool, int]:
         """What the VW model depends on; a change of it starts a new model."""
         return (self.vw_args, self.interactions, self.bits)
+
+
+def error_location(loc: tuple[str | int, ...], msg: str) -> tuple[tuple[str | int, ...], str]:
+    """A pydantic error's field path and message; a model-level check that names its own
+    field in the message ("arms[1].id: duplicate ...") gets that field added to the path."""
+    msg = msg.removeprefix("Value error, ")
+    m = re.match(r"^([A-Za-z_]+)\[(\d+)\]\.([A-Za-z_]+): (.*)$", msg, re.S)
+    if m:
+        return (*loc, m.group(1), int(m.group(2)), m.group(3)), m.group(4)
+    return loc, msg

@@ -172,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        print(f"error: {code.name if code else 'UNKNOWN'}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        code = e.code()
+        print(f"error: {code.name if code else 'UNKNOWN'}: {e.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -100,10 +100,14 @@ class NextbestClient:
         return [convert.change(c) for c in r.changes]
 
     def stats(self, placement: str) -> admin_pb2.GetStatsResponse:
-        return self._admin.GetStats(admin_pb2.GetStatsRequest(placement=placement), timeout=self.timeout)
+        r: admin_pb2.GetStatsResponse = self._admin.GetStats(admin_pb2.GetStatsRequest(placement=placement), timeout=self.timeout)
+        return r
 
     def placement(self, placement: str) -> admin_pb2.Placement:
-        return self._admin.GetPlacement(admin_pb2.GetPlacementRequest(placement=placement), timeout=self.timeout).placement
+        r: admin_pb2.GetPlacementResponse = self._admin.GetPlacement(
+            admin_pb2.GetPlacementRequest(placement=placement), timeout=self.timeout
+        )
+        return r.placement
 
     def placements(self) -> list[admin_pb2.Placement]:
         return list(self._admin.ListPlacements(admin_pb2.ListPlacementsRequest(), timeout=self.timeout).placements)

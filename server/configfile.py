@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from bandit.errors import InvalidInput
-from bandit.spec import PlacementSpec
+from bandit.spec import PlacementSpec, error_location
 
 TOP_LEVEL_KEYS = {"placements"}
 
@@ -89,12 +89,8 @@ def parse_apply_text(text: str, file: str = "<config>") -> list[PlacementSpec]:
             spec = PlacementSpec.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
-            loc: Path_ = ("placements", i, *err["loc"])
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            if msg.startswith("arms[") and ": " in msg:  # model-level check that names its own field
-                sub, msg = msg.split(": ", 1)
-                idx = int(sub[5 : sub.index("]")])
-                loc = ("placements", i, "arms", idx, "id")
+            sub, msg = error_location(tuple(err["loc"]), str(err["msg"]))
+            loc: Path_ = ("placements", i, *sub)
             raise ConfigFileError(file, _line(lines, loc), _field(loc), msg) from None
         if spec.id in seen:
             raise ConfigFileError(file, _line(lines, ("placements", i, "id")), f"placements[{i}].id", f"duplicate placement id {spec.id!r}")

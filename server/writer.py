@@ -37,9 +37,12 @@ class BatchWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nextbest-writer")
 
-    async def stop(self) -> None:
-        """Write everything pending, then stop."""
-        await self.flush()
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Write everything pending (within timeout: the database may be away), then stop."""
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            log.error("stopping with %d unwritten decisions and rewards: the database did not answer", self.depth)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -64,12 +67,11 @@ class BatchWriter:
         return fut
 
     async def flush(self) -> None:
-        """Return once everything queued before the call is durable."""
-        if self._decisions or self._closes:
-            barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._barriers.append(barrier)
-            self._wake.set()
-            await barrier
+        """Return once everything queued before the call is durable, a batch in flight included."""
+        barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers.append(barrier)
+        self._wake.set()
+        await barrier
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from bandit.errors import InvalidInput
 from bandit.features import Feature
-from bandit.spec import ArmSpec, PlacementSpec
+from bandit.spec import ArmSpec, PlacementSpec, error_location
 from server.pb.nextbest.v1 import admin_pb2, common_pb2
 from server.placements import Change
 from server.stats import Stats
@@ -32,10 +32,10 @@ _ACTION_NAMES = {v: k for k, v in _ACTIONS.items()}
 def validation_error(e: ValidationError, prefix: str) -> InvalidInput:
     """The first pydantic error as InvalidInput naming the field, e.g. placement.arms[1].id."""
     err = e.errors()[0]
+    loc, msg = error_location(tuple(err["loc"]), str(err["msg"]))
     path = prefix
-    for part in err["loc"]:
+    for part in loc:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    msg = str(err["msg"]).removeprefix("Value error, ")
     return InvalidInput(path, msg)
 
 
@@ -98,9 +98,12 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
     data["exploration"] = exploration
     if p.HasField("reward_window_seconds"):
         data["reward_window"] = p.reward_window_seconds
-    for name in ("default_reward", "interactions", "bits"):
-        if p.HasField(name):
-            data[name] = getattr(p, name)
+    if p.HasField("default_reward"):
+        data["default_reward"] = p.default_reward
+    if p.HasField("interactions"):
+        data["interactions"] = p.interactions
+    if p.HasField("bits"):
+        data["bits"] = p.bits
     try:
         return PlacementSpec.model_validate(data)
     except ValidationError as e:

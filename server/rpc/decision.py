@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -17,7 +17,7 @@ _STATUS = {
     RewardStatus.LATE: decision_pb2.REWARD_STATUS_LATE,
 }
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):

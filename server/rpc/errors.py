@@ -34,7 +34,7 @@ CATALOG: dict[type[NextbestError], grpc.StatusCode] = {
 def status_for(error: NextbestError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in CATALOG:
-            return CATALOG[cls]  # type: ignore[index]
+            return CATALOG[cls]
     return grpc.StatusCode.INTERNAL
 
 

@@ -1,0 +1,142 @@
+"""Real servers for tests: in-process on port 0 (own event loop in a thread), or as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.app import Running, create_server
+from server.client import NextbestClient
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("NEXTBEST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class ServerThread:
+    """A real gRPC server on port 0, on its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running: Running = self.call(create_server(settings))
+        self.port = self.running.port
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    @property
+    def engine(self) -> Any:
+        return self.running.engine
+
+    def client(self) -> NextbestClient:
+        return NextbestClient(self.target)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        try:
+            self.call(self.running.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def make_settings(db: str, **kw: Any) -> Settings:
+    base: dict[str, Any] = {"db": db, "port": 0, "flush_interval": 0.005, "sweep_interval": 0.05}
+    base.update(kw)
+    return Settings(**base)
+
+
+@contextmanager
+def running_server(db: str, **kw: Any) -> Iterator[ServerThread]:
+    s = ServerThread(make_settings(db, **kw))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=2"):
+            return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema in database test; yields a SQLAlchemy URL whose search_path is it."""
+    import psycopg
+
+    name = f"nbtest_{uuid.uuid4().hex[:12]}"
+    dsn = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{name}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+class ServerProcess:
+    """`nextbest serve` as a real process; reads the bound port from its first line."""
+
+    def __init__(self, db: str, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--db", db, *args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "NEXTBEST_FLUSH_INTERVAL": "0.005", **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "serving on" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.target = line.strip().rsplit(" ", 1)[1]
+        wait_serving(self.target)
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def wait_serving(target: str, timeout: float = 30) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"{target} not serving after {timeout}s")

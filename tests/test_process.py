@@ -1,0 +1,85 @@
+"""`nextbest serve` as a real process: SIGTERM drains and exits 0; state survives; the CLI works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from server.client import NextbestClient
+from tests.harness import ROOT, ServerProcess
+
+APPLY = """placements:
+  - id: app_home_banner
+    exploration: {algorithm: squarecb}
+    arms:
+      - {id: data_5gb_7d, features: {category: data, price: 4.99, validity_days: 7}}
+      - {id: data_20gb_30d, features: {category: data, price: 14.99, validity_days: 30}}
+      - {id: voice_300min, features: {category: voice, price: 5.99}}
+      - {id: combo_10gb, features: {category: combo, price: 19.99}}
+      - {id: loyalty_pts, features: {category: loyalty, price: 0}}
+"""
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_sigterm_exits_zero_and_everything_survives_a_restart(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/nb.db"
+    cfg = tmp_path / "placements.yaml"
+    cfg.write_text(APPLY)
+    p = ServerProcess(db)
+    try:
+        plan = cli("apply", str(cfg), "--dry-run", "--target", p.target)
+        assert plan.returncode == 0, plan.stderr
+        assert "would create placement app_home_banner" in plan.stdout and "nothing applied" in plan.stdout
+        applied = cli("apply", str(cfg), "--target", p.target)
+        assert "6 change(s) applied" in applied.stdout, applied.stdout
+        assert "no changes" in cli("apply", str(cfg), "--target", p.target).stdout
+        with NextbestClient(p.target) as c:
+            events = [c.choose("app_home_banner", {"segment": "youth"}, event_id=f"e{i}") for i in range(50)]
+            for d in events[:20]:
+                assert c.reward(d.event_id, 1.0) == "learned"
+            before = c.stats("app_home_banner")
+    finally:
+        code = p.terminate()
+    assert code == 0
+    p = ServerProcess(db)
+    try:
+        with NextbestClient(p.target) as c:
+            after = c.stats("app_home_banner")
+            assert after == before
+            assert after.decisions == 50 and sum(a.rewards for a in after.arms) == 20
+            assert after.model_version == 20
+            assert c.reward("e0", 1.0) == "duplicate"
+            assert c.reward("e30", 1.0) == "learned"
+        out = cli("stats", "app_home_banner", "--json", "--target", p.target)
+        assert json.loads(out.stdout)["decisions"] == "50"
+    finally:
+        assert p.terminate() == 0
+
+
+def test_invalid_apply_file_names_line_and_field_and_applies_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(APPLY.replace("price: 5.99", "price: .nan"))
+    p = ServerProcess(f"sqlite:///{tmp_path}/nb.db")
+    try:
+        r = cli("apply", str(bad), "--target", p.target)
+        assert r.returncode == 2
+        assert f"{bad}:7: placements[0].arms[2].features: price must be a finite number" in r.stderr
+        with NextbestClient(p.target) as c:
+            assert c.placements() == []
+    finally:
+        p.terminate()
+
+
+def test_serve_loads_init_config_only_into_an_empty_database(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/nb.db"
+    p = ServerProcess(db, "--init-config", str(ROOT / "scripts" / "demo.yaml"))
+    try:
+        with NextbestClient(p.target) as c:
+            assert {x.id for x in c.placements()} == {"app_home_banner", "ussd_main_menu"}
+    finally:
+        p.terminate()
