@@ -1,47 +1,85 @@
-"""The decision pipeline of one placement: eligible arms → scores → exploration → draw.
+"""The decision pipeline of one placement:
 
-Later stages (budgets, pacing, fatigue) slot in between scoring and exploration; the logged
-probability is always the final probability of the drawn arm among the eligible ones.
+eligible arms (active, dates, budget, contact policy) → VW scores → adjusted by business value,
+pacing price × expected cost and fatigue penalty → exploration → draw.
+
+The logged probability is the final probability of the drawn arm among the eligible ones (and
+the "no offer" option that pacing adds), so offline evaluation stays unbiased; the reasons why
+other arms were not eligible are returned for the log.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import NDArray
 
-from bandit import exploration
-from bandit.features import Feature, arm_line
+from bandit import contact, exploration
+from bandit.budget import Account, Ledger
+from bandit.features import arm_line
 from bandit.model import CbModel
 from bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
 
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    """What the pipeline decided: the drawn arm, its probability and the whole PMF."""
-
-    arm_index: int | None
-    probability: float
-    pmf: tuple[float, ...]
-    reason: str = ""
+NO_OFFER = "paced: no offer"
 
 
 @dataclass(frozen=True, slots=True)
 class ArmView:
-    """An arm as the decider sees it: its id, version and cached VW text."""
+    """An arm as the decider sees it: its spec, version and cached VW text."""
 
     id: str
     version: int
     line: str
+    spec: ArmSpec | None = None
 
     @classmethod
     def of(cls, arm: ArmSpec, version: int) -> ArmView:
-        return cls(arm.id, version, arm_line(arm.id, arm.vw_features()))
+        return cls(arm.id, version, arm_line(arm.id, arm.vw_features()), arm)
 
 
-def explore(values: np.ndarray, spec: ExplorationSpec, learned: int) -> np.ndarray:
-    """The placement's exploration algorithm applied to expected rewards."""
+@dataclass(slots=True)
+class Candidate:
+    """An arm with the budget accounts a choice of it would spend from."""
+
+    arm: ArmView
+    accounts: list[Account] = field(default_factory=list)
+    acceptance: float = 0.5  # estimated share of impressions that earn a positive reward
+
+    @property
+    def spec(self) -> ArmSpec:
+        assert self.arm.spec is not None
+        return self.arm.spec
+
+    @property
+    def reservation(self) -> float:
+        return self.spec.cost_per_impression + self.spec.cost_per_reward
+
+    @property
+    def expected_cost(self) -> float:
+        return self.spec.cost_per_impression + self.acceptance * self.spec.cost_per_reward
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What the pipeline decided.
+
+    ``eligible`` indexes the candidates that were scored, in order; ``pmf`` is over them (plus a
+    last entry for "no offer" when pacing offered it); ``arm_index`` indexes ``eligible``.
+    """
+
+    arm_index: int | None
+    probability: float
+    pmf: tuple[float, ...]
+    eligible: tuple[int, ...] = ()
+    ineligible: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    fallback: bool = False
+
+
+def explore(values: NDArray[np.float64], spec: ExplorationSpec, learned: int) -> NDArray[np.float64]:
+    """The placement's exploration algorithm applied to (adjusted) expected rewards."""
     if spec.algorithm == "epsilon":
         return exploration.epsilon_greedy(values, spec.epsilon)
     if spec.algorithm == "softmax":
@@ -50,18 +88,73 @@ def explore(values: np.ndarray, spec: ExplorationSpec, learned: int) -> np.ndarr
     return exploration.squarecb(values, gamma)
 
 
+def eligibility(
+    spec: PlacementSpec,
+    candidates: Sequence[Candidate],
+    history: list[contact.Impression],
+    now: float,
+) -> tuple[list[int], dict[str, str]]:
+    """Indices of the eligible candidates, and the reason for each one that is not."""
+    ok: list[int] = []
+    why: dict[str, str] = {}
+    for i, c in enumerate(candidates):
+        a = c.spec
+        if not a.active:
+            why[a.id] = "retired or paused"
+        elif a.start is not None and now < a.start.timestamp():
+            why[a.id] = "not started"
+        elif a.end is not None and now >= a.end.timestamp():
+            why[a.id] = "ended"
+        elif c.accounts and (reason := Ledger.can_reserve(c.accounts, c.reservation, now)):
+            why[a.id] = reason
+        elif (spec.contact_policies or spec.cooldown) and (
+            reason := contact.blocked(spec.contact_policies, spec.cooldown, spec.id, history, a.id, a.campaign, now)
+        ):
+            why[a.id] = reason
+        else:
+            ok.append(i)
+    return ok, why
+
+
 def decide(
     model: CbModel,
     spec: PlacementSpec,
-    arms: Sequence[ArmView],
+    candidates: Sequence[Candidate],
     shared: str,
     uniform: Callable[[], float],
+    now: float = 0.0,
+    history: list[contact.Impression] | None = None,
 ) -> Choice:
-    """Score the eligible arms with the model, explore, and draw one."""
-    if not arms:
-        return Choice(None, 0.0, (), reason="no active arm")
-    values = model.expected_rewards(shared, [a.line for a in arms])
+    """Run the whole pipeline for one request."""
+    history = history or []
+    ok, why = eligibility(spec, candidates, history, now)
+    if not ok:
+        fb = next((i for i, c in enumerate(candidates) if c.arm.id == spec.fallback_arm), None)
+        reason = "no eligible arm" if candidates else "no active arm"
+        if fb is not None:
+            return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True)
+        return Choice(None, 0.0, (), (), why, reason=reason)
+    eligible = [candidates[i] for i in ok]
+    values = model.expected_rewards(shared, [c.arm.line for c in eligible])
+    raw = values.copy()
+    prices = np.zeros(len(eligible))
+    for j, c in enumerate(eligible):
+        a = c.spec
+        values[j] += a.business_value
+        if c.accounts:
+            for acc in c.accounts:
+                if acc.pacer is not None and c.expected_cost > 0:
+                    acc.pacer.observe_value(max(raw[j] + a.business_value, 0.0) / c.expected_cost)
+            prices[j] = Ledger.price(c.accounts, now) * c.expected_cost
+        if spec.fatigue is not None:
+            values[j] -= contact.penalty(spec.fatigue, history, a.id, a.campaign, now)
+    values -= prices
+    paced = bool(np.any(prices > 0))
+    if paced:
+        values = np.append(values, 0.0)  # "no offer": what a priced-out budget buys instead
     pmf = explore(values, spec.exploration, model.learned)
     i = exploration.draw(pmf, uniform())
-    return Choice(i, float(pmf[i]), tuple(float(p) for p in pmf))
-
+    pmf_t = tuple(float(p) for p in pmf)
+    if paced and i == len(eligible):
+        return Choice(None, pmf_t[i], pmf_t, tuple(ok), why, reason=NO_OFFER)
+    return Choice(i, pmf_t[i], pmf_t, tuple(ok), why)

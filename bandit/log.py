@@ -27,7 +27,7 @@ class LoggedDecision:
     timestamp: float
     features: tuple[Feature, ...]
     arms: tuple[tuple[str, int], ...]  # (arm id, arm version) of each eligible arm, in scoring order
-    pmf: tuple[float, ...]
+    pmf: tuple[float, ...]  # over arms, plus a last entry for "no offer" when pacing offered it
     chosen: int | None  # index into arms
     probability: float
     model_version: int
@@ -35,6 +35,11 @@ class LoggedDecision:
     outcome: Outcome = Outcome.OPEN
     reward: float | None = None
     learn_seq: int | None = None
+    cost: float = 0.0  # impression cost, spent at the decision
+    reward_cost: float = 0.0  # reserved; spent if the reward is positive
+    budgets: tuple[tuple[str, str], ...] = ()  # (budget key, period) of every account spent from
+    ineligible: tuple[tuple[str, str], ...] = ()  # (arm id, reason) of arms that could not be chosen
+    reason: str = ""  # why no arm, or why the fallback, was served (not stored)
 
     @property
     def arm_id(self) -> str | None:

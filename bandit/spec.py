@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from bandit.features import Feature, features_from_mapping
 
@@ -65,12 +66,61 @@ class ExplorationSpec(_Spec):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+Money = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _utc(v: datetime | None) -> datetime | None:
+    return None if v is None or v.tzinfo is not None else v.replace(tzinfo=timezone.utc)
+
+
+class BudgetSpec(_Spec):
+    """Spend limits in budget units: a lifetime total and/or a daily cap (UTC days),
+    optionally only between start and end; outside them the budgeted arms are not served."""
+
+    total: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    daily: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetSpec:
+        if self.total is None and self.daily is None:
+            raise ValueError("set total, daily or both")
+        start, end = _utc(self.start), _utc(self.end)
+        if start and end and start >= end:
+            raise ValueError("start must be before end")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+        return self
+
+
+class CampaignSpec(_Spec):
+    """A named budget that several arms share, across placements."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    description: str = ""
+    budget: BudgetSpec
+
+
 class ArmSpec(_Spec):
     """One offer. ``features`` are the VW action features besides the arm id."""
 
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     features: dict[str, float | str | bool] = Field(default_factory=dict)
     active: bool = True
+    cost_per_impression: Money = 0.0
+    cost_per_reward: Money = 0.0  # spent when the reward is positive (an acceptance)
+    budget: BudgetSpec | None = None
+    campaign: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
+    business_value: Annotated[float, Field(allow_inf_nan=False)] = 0.0  # added to the expected reward
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @field_validator("start", "end")
+    @classmethod
+    def _tz(cls, v: datetime | None) -> datetime | None:
+        return _utc(v)
 
     @field_validator("features")
     @classmethod
@@ -87,6 +137,57 @@ class ArmSpec(_Spec):
     def vw_features(self) -> tuple[Feature, ...]:
         return features_from_mapping(self.features)
 
+    @property
+    def costly(self) -> bool:
+        return self.cost_per_impression > 0 or self.cost_per_reward > 0
+
+
+class ContactRule(_Spec):
+    """A hard contact policy. Either ``max_impressions`` per key within ``window``, or
+    ``suppress_after_ignored`` consecutive ignored impressions of an arm, suppressing it ``for``."""
+
+    max_impressions: Annotated[int, Field(ge=1)] | None = None
+    per: Literal["customer_arm", "customer_campaign", "customer"] = "customer_arm"
+    window: Duration | None = None
+    suppress_after_ignored: Annotated[int, Field(ge=1)] | None = None
+    suppress_for: Duration | None = Field(default=None, alias="for")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ContactRule:
+        if self.max_impressions is not None:
+            if self.window is None:
+                raise ValueError("max_impressions needs a window, e.g. window: 7d")
+            if self.suppress_after_ignored is not None or self.suppress_for is not None:
+                raise ValueError("a rule is either max_impressions/per/window or suppress_after_ignored/for")
+        elif self.suppress_after_ignored is not None:
+            if self.suppress_for is None:
+                raise ValueError("suppress_after_ignored needs for, e.g. for: 14d")
+        else:
+            raise ValueError("set max_impressions (with per and window) or suppress_after_ignored (with for)")
+        return self
+
+    @property
+    def horizon(self) -> float:
+        return float(self.window or 0.0) + float(self.suppress_for or 0.0)
+
+
+class FatigueSpec(_Spec):
+    """Soft penalty on the score of offers a customer saw recently without responding:
+    each ignored impression weighs exp(-ln 2 * age / half_life) (or 1 - age / (2 * half_life)
+    for ``shape: linear``) times the strength of its level."""
+
+    shape: Literal["exponential", "linear"] = "exponential"
+    strength: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.1  # per ignored impression of the same arm
+    campaign_strength: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0  # of the same campaign
+    customer_strength: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0  # of any offer
+    half_life: Duration = 3 * 86400.0
+
+    @property
+    def horizon(self) -> float:
+        return 4 * self.half_life if self.shape == "linear" else 10 * self.half_life
+
 
 class PlacementSpec(_Spec):
     """A placement: its arms and how its model learns and explores."""
@@ -100,6 +201,10 @@ class PlacementSpec(_Spec):
     vw_args: str = ""
     interactions: bool = True
     bits: Annotated[int, Field(ge=10, le=28)] = 18
+    contact_policies: list[ContactRule] = Field(default_factory=list)
+    fatigue: FatigueSpec | None = None
+    fallback_arm: str | None = None  # served when nothing else is eligible, bypassing constraints
+    cooldown: Duration | None = None  # after an impression here, the customer gets no offer here for this long
 
     @field_validator("reward_window", mode="before")
     @classmethod
@@ -126,7 +231,17 @@ class PlacementSpec(_Spec):
             if arm.id in seen:
                 raise ValueError(f"arms[{i}].id: duplicate arm id {arm.id!r}")
             seen.add(arm.id)
+        if self.fallback_arm is not None and self.fallback_arm not in seen:
+            raise ValueError(f"fallback_arm: {self.fallback_arm!r} is not an arm of this placement")
         return self
+
+    @property
+    def history_horizon(self) -> float:
+        """How far back contact policies and fatigue look, in seconds."""
+        spans = [r.horizon for r in self.contact_policies] + [self.cooldown or 0.0]
+        if self.fatigue is not None:
+            spans.append(self.fatigue.horizon)
+        return max(spans, default=0.0)
 
     def active_arms(self) -> list[ArmSpec]:
         return [a for a in self.arms if a.active]
@@ -143,4 +258,7 @@ def error_location(loc: tuple[str | int, ...], msg: str) -> tuple[tuple[str | in
     m = re.match(r"^([A-Za-z_]+)\[(\d+)\]\.([A-Za-z_]+): (.*)$", msg, re.S)
     if m:
         return (*loc, m.group(1), int(m.group(2)), m.group(3)), m.group(4)
+    m = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
+    if m:
+        return (*loc, m.group(1)), m.group(2)
     return loc, msg

@@ -70,8 +70,8 @@ async def create_server(settings: Settings) -> Running:
     await server.start()
     await engine.start()
     if settings.init_config and not engine.states:
-        specs = load_apply_file(Path(settings.init_config))
-        changes = await engine.apply(specs)
+        cfg = load_apply_file(Path(settings.init_config))
+        changes = await engine.apply(cfg.placements, campaigns=cfg.campaigns)
         log.info("empty database: applied %s (%d changes)", settings.init_config, len(changes))
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

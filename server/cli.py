@@ -37,7 +37,7 @@ def print_changes(changes: Sequence[Change], dry_run: bool) -> None:
         return
     verb = {"CREATE": "create", "UPDATE": "update", "RETIRE": "retire"}
     for c in changes:
-        what = f"placement {c.placement}" + (f" arm {c.arm_id}" if c.arm_id else "")
+        what = f"campaign {c.campaign}" if c.campaign else f"placement {c.placement}" + (f" arm {c.arm_id}" if c.arm_id else "")
         print(f"{'would ' if dry_run else ''}{verb.get(c.action, c.action.lower())} {what}")
         for d in c.details:
             print(f"    {d}")
@@ -48,9 +48,9 @@ def _apply(args: argparse.Namespace) -> int:
     from server.client import NextbestClient
     from server.configfile import load_apply_file
 
-    specs = load_apply_file(Path(args.file))  # invalid files stop here, before any call
+    cfg = load_apply_file(Path(args.file))  # invalid files stop here, before any call
     with NextbestClient(args.target) as nb:
-        changes = nb.apply(specs, dry_run=args.dry_run)
+        changes = nb.apply(cfg.placements, dry_run=args.dry_run, campaigns=cfg.campaigns)
     print_changes(changes, args.dry_run)
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from bandit.spec import PlacementSpec
+from bandit.spec import CampaignSpec, PlacementSpec
 from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
 from server.placements import Change
 from server.rpc import convert
@@ -94,9 +94,18 @@ class NextbestClient:
         r = self._decision.Reward(decision_pb2.RewardRequest(event_id=event_id, reward=reward), timeout=self.timeout)
         return _REWARD_STATUS.get(r.status, "unspecified")
 
-    def apply(self, placements: Sequence[PlacementSpec | admin_pb2.Placement], dry_run: bool = False) -> list[Change]:
+    def apply(
+        self,
+        placements: Sequence[PlacementSpec | admin_pb2.Placement],
+        dry_run: bool = False,
+        campaigns: Sequence[CampaignSpec] = (),
+    ) -> list[Change]:
+        """Make the server's configuration match; returns the changes (planned only if dry_run)."""
         msgs = [p if isinstance(p, admin_pb2.Placement) else spec_pb(p) for p in placements]
-        r = self._admin.ApplyConfig(admin_pb2.ApplyConfigRequest(placements=msgs, dry_run=dry_run), timeout=self.timeout)
+        req = admin_pb2.ApplyConfigRequest(
+            placements=msgs, dry_run=dry_run, campaigns=[convert.campaign_pb(c) for c in campaigns]
+        )
+        r = self._admin.ApplyConfig(req, timeout=self.timeout)
         return [convert.change(c) for c in r.changes]
 
     def stats(self, placement: str) -> admin_pb2.GetStatsResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,17 @@ import yaml
 from pydantic import ValidationError
 
 from bandit.errors import InvalidInput
-from bandit.spec import PlacementSpec, error_location
+from bandit.spec import CampaignSpec, PlacementSpec, error_location
 
-TOP_LEVEL_KEYS = {"placements"}
+TOP_LEVEL_KEYS = {"placements", "campaigns"}
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyFile:
+    """What an apply file declares."""
+
+    placements: list[PlacementSpec] = field(default_factory=list)
+    campaigns: list[CampaignSpec] = field(default_factory=list)
 
 Path_ = tuple[str | int, ...]
 
@@ -71,35 +80,50 @@ def _line(lines: dict[Path_, int], path: Path_) -> int:
     return lines.get(path, 0)
 
 
-def parse_apply_text(text: str, file: str = "<config>") -> list[PlacementSpec]:
-    """Validate an apply file's text into placement specs, or raise ConfigFileError."""
+def _section(
+    data: dict[str, Any], lines: dict[Path_, int], file: str, name: str, model: type[PlacementSpec] | type[CampaignSpec]
+) -> list[Any]:
+    raw = data.get(name, [])
+    if not isinstance(raw, list):
+        raise ConfigFileError(file, _line(lines, (name,)), name, "must be a list")
+    out: list[Any] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        try:
+            spec = model.model_validate(item)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where, msg = error_location(tuple(err["loc"]), str(err["msg"]))
+            loc: Path_ = (name, i, *where)
+            raise ConfigFileError(file, _line(lines, loc), _field(loc), msg) from None
+        if spec.id in seen:
+            raise ConfigFileError(file, _line(lines, (name, i, "id")), f"{name}[{i}].id", f"duplicate id {spec.id!r}")
+        seen.add(spec.id)
+        out.append(spec)
+    return out
+
+
+def parse_apply_text(text: str, file: str = "<config>") -> ApplyFile:
+    """Validate an apply file's text, or raise ConfigFileError naming file, line and field."""
     data, lines = _load(text, file)
     if not isinstance(data, dict):
         raise ConfigFileError(file, 1, "", "expected a mapping with a 'placements' list")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigFileError(file, _line(lines, (key,)), key, f"unknown key (expected one of {sorted(TOP_LEVEL_KEYS)})")
-    placements = data.get("placements")
-    if not isinstance(placements, list) or not placements:
+    out = ApplyFile(_section(data, lines, file, "placements", PlacementSpec), _section(data, lines, file, "campaigns", CampaignSpec))
+    if not out.placements and not out.campaigns:
         raise ConfigFileError(file, _line(lines, ("placements",)), "placements", "must be a non-empty list")
-    specs: list[PlacementSpec] = []
-    seen: dict[str, int] = {}
-    for i, raw in enumerate(placements):
-        try:
-            spec = PlacementSpec.model_validate(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            sub, msg = error_location(tuple(err["loc"]), str(err["msg"]))
-            loc: Path_ = ("placements", i, *sub)
-            raise ConfigFileError(file, _line(lines, loc), _field(loc), msg) from None
-        if spec.id in seen:
-            raise ConfigFileError(file, _line(lines, ("placements", i, "id")), f"placements[{i}].id", f"duplicate placement id {spec.id!r}")
-        seen[spec.id] = i
-        specs.append(spec)
-    return specs
+    known = {c.id for c in out.campaigns}
+    for i, p in enumerate(out.placements):
+        for j, a in enumerate(p.arms):
+            if a.campaign is not None and a.campaign not in known:
+                at: Path_ = ("placements", i, "arms", j, "campaign")
+                raise ConfigFileError(file, _line(lines, at), _field(at), f"unknown campaign {a.campaign!r} (declare it under campaigns)")
+    return out
 
 
-def load_apply_file(path: Path) -> list[PlacementSpec]:
+def load_apply_file(path: Path) -> ApplyFile:
     try:
         text = path.read_text()
     except OSError as e:

@@ -44,6 +44,10 @@ class PlacementState:
     def id(self) -> str:
         return self.record.spec.id
 
+    @property
+    def arm_campaigns(self) -> dict[str, str | None]:
+        return {a.id: a.campaign for a in self.record.spec.arms}
+
 
 class Learner:
     """Owns learning and snapshots for all placements, on the event loop that serves them."""

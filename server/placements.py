@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bandit.spec import ArmSpec, PlacementSpec
+from bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from server.storage.base import PlacementRecord
 
 
@@ -23,6 +23,7 @@ class Change:
     arm_id: str
     action: str
     details: tuple[str, ...] = ()
+    campaign: str = ""
 
 
 @dataclass(slots=True)
@@ -55,6 +56,19 @@ def _settings(spec: PlacementSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", by_alias=True, exclude={"id", "arms"})
 
 
+def plan_campaigns(current: Mapping[str, CampaignSpec], desired: Sequence[CampaignSpec]) -> list[Change]:
+    """Campaigns are created or updated; one left out of a file is kept (arms may still use it)."""
+    out = []
+    for c in desired:
+        old = current.get(c.id)
+        new = c.model_dump(mode="json", exclude={"id"})
+        if old is None:
+            out.append(Change("", "", "CREATE", _diff({}, new), campaign=c.id))
+        elif old != c:
+            out.append(Change("", "", "UPDATE", _diff(old.model_dump(mode="json", exclude={"id"}), new), campaign=c.id))
+    return out
+
+
 def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec], next_seq: int) -> Plan:
     """Compare desired placements with the live ones. ``next_seq`` starts a new model's log position."""
     out = Plan()
@@ -64,7 +78,7 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             out.changes.append(Change(spec.id, "", "CREATE", _diff({}, _settings(spec))))
             versions = {a.id: 1 for a in spec.arms}
             for a in spec.arms:
-                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(exclude={"id"}))))
+                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}))))
                 out.new_arm_versions.append((spec.id, a.id, 1, dict(a.features)))
             out.records.append(PlacementRecord(spec, versions, 1, next_seq - 1))
             out.new_models.add(spec.id)
@@ -82,14 +96,14 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             if prev is None:
                 versions[a.id] = versions.get(a.id, 0) + 1
                 out.new_arm_versions.append((spec.id, a.id, versions[a.id], dict(a.features)))
-                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(exclude={"id"}))))
+                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}))))
                 changed = True
             elif prev != a:
                 if prev.features != a.features:
                     versions[a.id] += 1
                     out.new_arm_versions.append((spec.id, a.id, versions[a.id], dict(a.features)))
                 out.changes.append(
-                    Change(spec.id, a.id, "UPDATE", _diff(prev.model_dump(exclude={"id"}), a.model_dump(exclude={"id"})))
+                    Change(spec.id, a.id, "UPDATE", _diff(prev.model_dump(mode="json", exclude={"id"}), a.model_dump(mode="json", exclude={"id"})))
                 )
                 changed = True
             arms.append(a)

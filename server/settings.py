@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     snapshot_interval: Annotated[float, Field(gt=0)] = 30.0  # seconds between snapshots of a changed model
     sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
     learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
+    budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time
     max_features: Annotated[int, Field(ge=1)] = 512
     max_id_length: Annotated[int, Field(ge=8, le=4096)] = 256
     max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024

@@ -18,7 +18,7 @@ GOOD = """placements:
 
 
 def test_a_valid_file() -> None:
-    [p] = parse_apply_text(GOOD)
+    [p] = parse_apply_text(GOOD).placements
     assert p.id == "app_home_banner"
     assert (p.exploration.algorithm, p.exploration.lam) == ("softmax", 5.0)
     assert p.reward_window == 600.0
@@ -33,10 +33,10 @@ def test_a_valid_file() -> None:
         (GOOD.replace("lambda: 5", "lambda: -5"), "f.yaml:3: placements[0].exploration.lambda:"),
         (GOOD.replace("reward_window: 10m", "reward_window: soon"), "f.yaml:4: placements[0].reward_window: must be a duration"),
         (GOOD + "      - id: data_5gb_7d\n", "f.yaml:8: placements[0].arms[1].id: duplicate arm id"),
-        (GOOD + GOOD.replace("placements:\n", ""), "f.yaml:8: placements[1].id: duplicate placement id"),
+        (GOOD + GOOD.replace("placements:\n", ""), "f.yaml:8: placements[1].id: duplicate id"),
         (GOOD.replace("price: 4.99", "price: [1]"), "f.yaml:7: placements[0].arms[0].features.price"),
         (GOOD.replace("id: app_home_banner", "id: 'bad id'"), "f.yaml:2: placements[0].id:"),
-        (GOOD + "campaigns: []\n", "f.yaml:8: campaigns: unknown key"),
+        (GOOD + "campaign: []\n", "f.yaml:8: campaign: unknown key"),
         ("placements: [\n", "f.yaml:2: not valid YAML"),
         ("placements: []\n", "f.yaml:1: placements: must be a non-empty list"),
         (GOOD.replace("    exploration:", "    exploration: {}\n    exploration:"), "f.yaml:4: placements[0].exploration: duplicate key"),

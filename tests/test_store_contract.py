@@ -71,7 +71,10 @@ def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
     got = store.find_decision("e2")
     assert got == decision("e2", 1)
     assert store.find_decision("nope") is None
-    assert sorted(store.open_decisions()) == [("e1", "app_home_banner", 700.0), ("e2", "app_home_banner", 700.0)]
+    assert sorted((d.event_id, d.placement, d.deadline) for d in store.open_decisions()) == [
+        ("e1", "app_home_banner", 700.0),
+        ("e2", "app_home_banner", 700.0),
+    ]
     r = store.write([], [Close("e2", Outcome.REWARD, 1.5, 101.0), Close("e1", Outcome.DEFAULT, 0.0, 701.0), Close("e2", Outcome.REWARD, 9.0, 102.0)])
     s1, s2, dup = r.seqs
     assert s1 is not None and s2 == s1 + 1 and dup is None  # a window closes once
@@ -98,7 +101,8 @@ def test_snapshots_and_late_rewards_and_tally(store: SqlStore) -> None:
     store.write([decision("e1"), decision("e2"), decision("e3", 1), decision("e4", None)], [])
     store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
     store.record_late_reward("e2", 5.0, 2.0)
-    tallies, total = store.tally("app_home_banner")
+    tallies, total, no_arm = store.tally("app_home_banner")
+    assert no_arm == 1
     by = {t.arm_id: t for t in tallies}
     assert total == 4
     assert (by["data_5gb"].impressions, by["data_5gb"].rewards, by["data_5gb"].reward_sum) == (2, 1, 2.0)

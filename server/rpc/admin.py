@@ -85,10 +85,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @rpc
     async def ApplyConfig(self, request: admin_pb2.ApplyConfigRequest, context: Ctx) -> admin_pb2.ApplyConfigResponse:
         specs = [convert.placement_spec(p, f"placements[{i}]") for i, p in enumerate(request.placements)]
-        if not specs:
-            raise InvalidInput("placements", "must list at least one placement")
-        changes = await self._engine.apply(specs, dry_run=request.dry_run)
+        campaigns = [convert.campaign_spec(c, f"campaigns[{i}]") for i, c in enumerate(request.campaigns)]
+        if not specs and not campaigns:
+            raise InvalidInput("placements", "list at least one placement or campaign")
+        changes = await self._engine.apply(specs, dry_run=request.dry_run, campaigns=campaigns)
         return admin_pb2.ApplyConfigResponse(changes=convert.changes_pb(changes), applied=bool(changes) and not request.dry_run)
+
+    @rpc
+    async def ListCampaigns(self, request: admin_pb2.ListCampaignsRequest, context: Ctx) -> admin_pb2.ListCampaignsResponse:
+        camps = sorted(self._engine.budgets.campaigns.values(), key=lambda c: c.id)
+        return admin_pb2.ListCampaignsResponse(campaigns=[convert.campaign_pb(c) for c in camps])
 
     @rpc
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Ctx) -> admin_pb2.GetStatsResponse:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
+from google.protobuf import timestamp_pb2
 from pydantic import ValidationError
 
 from bandit.errors import InvalidInput
 from bandit.features import Feature
-from bandit.spec import ArmSpec, PlacementSpec, error_location
+from bandit.spec import ArmSpec, BudgetSpec, CampaignSpec, ContactRule, FatigueSpec, PlacementSpec, error_location
 from server.pb.nextbest.v1 import admin_pb2, common_pb2
 from server.placements import Change
 from server.stats import Stats
@@ -64,11 +66,98 @@ def features_pb(values: dict[str, float | str | bool]) -> list[common_pb2.Featur
     return out
 
 
+_SCOPES = {
+    admin_pb2.CONTACT_SCOPE_UNSPECIFIED: "customer_arm",
+    admin_pb2.CONTACT_SCOPE_CUSTOMER_ARM: "customer_arm",
+    admin_pb2.CONTACT_SCOPE_CUSTOMER_CAMPAIGN: "customer_campaign",
+    admin_pb2.CONTACT_SCOPE_CUSTOMER: "customer",
+}
+_SCOPE_PB = {v: k for k, v in _SCOPES.items() if k != admin_pb2.CONTACT_SCOPE_UNSPECIFIED}
+_SHAPES = {admin_pb2.FATIGUE_SHAPE_LINEAR: "linear"}
+
+
+def _time(ts: timestamp_pb2.Timestamp, has: bool) -> datetime | None:
+    return ts.ToDatetime(tzinfo=timezone.utc) if has else None
+
+
+def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if dt is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def _budget_dict(b: admin_pb2.Budget) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if b.HasField("total"):
+        out["total"] = b.total
+    if b.HasField("daily"):
+        out["daily"] = b.daily
+    out["start"] = _time(b.start_time, b.HasField("start_time"))
+    out["end"] = _time(b.end_time, b.HasField("end_time"))
+    return out
+
+
+def budget_pb(b: BudgetSpec | None) -> admin_pb2.Budget | None:
+    if b is None:
+        return None
+    return admin_pb2.Budget(total=b.total, daily=b.daily, start_time=_ts(b.start), end_time=_ts(b.end))
+
+
 def _arm_dict(arm: admin_pb2.Arm, field: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for f in features(arm.features, f"{field}.features"):
         values[f.key] = f.value
-    return {"id": arm.id, "features": values, "active": arm.active if arm.HasField("active") else True}
+    return {
+        "id": arm.id,
+        "features": values,
+        "active": arm.active if arm.HasField("active") else True,
+        "cost_per_impression": arm.cost_per_impression,
+        "cost_per_reward": arm.cost_per_reward,
+        "budget": _budget_dict(arm.budget) if arm.HasField("budget") else None,
+        "campaign": arm.campaign or None,
+        "business_value": arm.business_value,
+        "start": _time(arm.start_time, arm.HasField("start_time")),
+        "end": _time(arm.end_time, arm.HasField("end_time")),
+    }
+
+
+def campaign_spec(c: admin_pb2.Campaign, field: str = "campaign") -> CampaignSpec:
+    try:
+        return CampaignSpec.model_validate({"id": c.id, "description": c.description, "budget": _budget_dict(c.budget)})
+    except ValidationError as e:
+        raise validation_error(e, field) from None
+
+
+def campaign_pb(c: CampaignSpec) -> admin_pb2.Campaign:
+    return admin_pb2.Campaign(id=c.id, description=c.description, budget=budget_pb(c.budget))
+
+
+def _rule_dict(r: admin_pb2.ContactPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {"per": _SCOPES.get(r.per, "customer_arm")}
+    if r.HasField("max_impressions"):
+        out["max_impressions"] = r.max_impressions
+    if r.HasField("window_seconds"):
+        out["window"] = r.window_seconds
+    if r.HasField("suppress_after_ignored"):
+        out["suppress_after_ignored"] = r.suppress_after_ignored
+    if r.HasField("suppress_seconds"):
+        out["for"] = r.suppress_seconds
+    return out
+
+
+def _fatigue_dict(f: admin_pb2.Fatigue) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "shape": _SHAPES.get(f.shape, "exponential"),
+        "campaign_strength": f.campaign_strength,
+        "customer_strength": f.customer_strength,
+    }
+    if f.HasField("strength"):
+        out["strength"] = f.strength
+    if f.HasField("half_life_seconds"):
+        out["half_life"] = f.half_life_seconds
+    return out
 
 
 def arm_spec(arm: admin_pb2.Arm, field: str = "arm") -> ArmSpec:
@@ -104,6 +193,13 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["interactions"] = p.interactions
     if p.HasField("bits"):
         data["bits"] = p.bits
+    data["contact_policies"] = [_rule_dict(r) for r in p.contact_policies]
+    if p.HasField("fatigue"):
+        data["fatigue"] = _fatigue_dict(p.fatigue)
+    if p.fallback_arm:
+        data["fallback_arm"] = p.fallback_arm
+    if p.HasField("cooldown_seconds"):
+        data["cooldown"] = p.cooldown_seconds
     try:
         return PlacementSpec.model_validate(data)
     except ValidationError as e:
@@ -111,7 +207,41 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
 
 
 def arm_pb(arm: ArmSpec, version: int) -> admin_pb2.Arm:
-    return admin_pb2.Arm(id=arm.id, features=features_pb(arm.features), active=arm.active, version=version)
+    return admin_pb2.Arm(
+        id=arm.id,
+        features=features_pb(arm.features),
+        active=arm.active,
+        version=version,
+        cost_per_impression=arm.cost_per_impression,
+        cost_per_reward=arm.cost_per_reward,
+        budget=budget_pb(arm.budget),
+        campaign=arm.campaign or "",
+        business_value=arm.business_value,
+        start_time=_ts(arm.start),
+        end_time=_ts(arm.end),
+    )
+
+
+def _rule_pb(r: ContactRule) -> admin_pb2.ContactPolicy:
+    return admin_pb2.ContactPolicy(
+        max_impressions=r.max_impressions,
+        per=_SCOPE_PB[r.per],
+        window_seconds=r.window,
+        suppress_after_ignored=r.suppress_after_ignored,
+        suppress_seconds=r.suppress_for,
+    )
+
+
+def _fatigue_pb(f: FatigueSpec | None) -> admin_pb2.Fatigue | None:
+    if f is None:
+        return None
+    return admin_pb2.Fatigue(
+        shape=admin_pb2.FATIGUE_SHAPE_LINEAR if f.shape == "linear" else admin_pb2.FATIGUE_SHAPE_EXPONENTIAL,
+        strength=f.strength,
+        campaign_strength=f.campaign_strength,
+        customer_strength=f.customer_strength,
+        half_life_seconds=f.half_life,
+    )
 
 
 def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
@@ -133,18 +263,24 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         vw_args=s.vw_args,
         interactions=s.interactions,
         bits=s.bits,
+        contact_policies=[_rule_pb(r) for r in s.contact_policies],
+        fatigue=_fatigue_pb(s.fatigue),
+        fallback_arm=s.fallback_arm or "",
+        cooldown_seconds=s.cooldown,
     )
 
 
 def changes_pb(changes: Sequence[Change]) -> list[admin_pb2.ConfigChange]:
     return [
-        admin_pb2.ConfigChange(placement=c.placement, arm_id=c.arm_id, action=_ACTIONS[c.action], details=c.details)
+        admin_pb2.ConfigChange(
+            placement=c.placement, arm_id=c.arm_id, action=_ACTIONS[c.action], details=c.details, campaign=c.campaign
+        )
         for c in changes
     ]
 
 
 def change(c: admin_pb2.ConfigChange) -> Change:
-    return Change(c.placement, c.arm_id, _ACTION_NAMES.get(c.action, "UNSPECIFIED"), tuple(c.details))
+    return Change(c.placement, c.arm_id, _ACTION_NAMES.get(c.action, "UNSPECIFIED"), tuple(c.details), c.campaign)
 
 
 def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
@@ -159,10 +295,28 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 default_rewards=t.default_rewards,
                 late_rewards=t.late_rewards,
                 active=active,
+                spend=t.spend,
             )
             for t, active in s.arms
         ],
         decisions=s.decisions,
         model_version=s.model_version,
         pending=s.pending,
+        budgets=[
+            admin_pb2.BudgetStats(
+                budget=b.key,
+                period=b.period,
+                limit=b.limit,
+                spent=b.spent,
+                reserved=b.reserved,
+                remaining=b.remaining,
+                paced=b.paced,
+                pacing_multiplier=b.multiplier,
+                projected_exhaustion=_ts(
+                    datetime.fromtimestamp(b.projected_exhaustion, timezone.utc) if b.projected_exhaustion else None
+                ),
+            )
+            for b in s.budgets
+        ],
+        no_offer=s.no_offer,
     )

@@ -26,7 +26,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     @rpc
     async def Choose(self, request: decision_pb2.ChooseRequest, context: Ctx) -> decision_pb2.ChooseResponse:
-        d = self._engine.choose(
+        d = await self._engine.choose(
             request.placement, request.customer_id, request.event_id, convert.features(request.features)
         )
         return decision_pb2.ChooseResponse(
@@ -34,7 +34,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             arm_id=d.arm_id or "",
             probability=d.probability,
             model_version=d.model_version,
-            reason="" if d.arm_id else "no eligible arm",
+            reason=d.reason,
         )
 
     @rpc

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bandit.log import LoggedDecision, Outcome
-from bandit.spec import PlacementSpec
+from bandit.spec import CampaignSpec, PlacementSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,13 @@ class Close:
     outcome: Outcome
     reward: float
     at: float
+    reward_cost: float = 0.0
+    budgets: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def incurred(self) -> bool:
+        """A positive explicit reward spends the reserved reward cost."""
+        return self.outcome == Outcome.REWARD and self.reward > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,31 @@ class ArmTally:
     default_rewards: int = 0
     late_rewards: int = 0
     pending: int = 0
+    spend: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """A budget account as stored."""
+
+    key: str
+    period: str
+    leased: float
+    spent: float
+    reserved: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecentImpression:
+    """An impression for rebuilding contact history after a restart."""
+
+    customer_id: str
+    arm_id: str
+    placement: str
+    event_id: str
+    at: float
+    outcome: Outcome
+    reward: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +101,22 @@ class Store(Protocol):
 
     def arm_features(self) -> dict[tuple[str, str, int], dict[str, float | str | bool]]: ...
 
-    def save_placements(self, records: Sequence[PlacementRecord], new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]]) -> None: ...
+    def save_placements(
+        self,
+        records: Sequence[PlacementRecord],
+        new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]],
+        campaigns: Sequence[CampaignSpec] = (),
+    ) -> None: ...
+
+    def load_campaigns(self) -> list[CampaignSpec]: ...
+
+    def lease(self, key: str, period: str, limit: float, amount: float) -> float: ...
+
+    def release(self, key: str, period: str, amount: float) -> None: ...
+
+    def load_accounts(self) -> list[AccountRow]: ...
+
+    def recent_impressions(self, since: float) -> list[RecentImpression]: ...
 
     def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close]) -> WriteResult: ...
 
@@ -77,7 +124,7 @@ class Store(Protocol):
 
     def find_decision(self, event_id: str) -> LoggedDecision | None: ...
 
-    def open_decisions(self) -> list[tuple[str, str, float]]: ...
+    def open_decisions(self) -> list[LoggedDecision]: ...
 
     def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]: ...
 
@@ -87,6 +134,6 @@ class Store(Protocol):
 
     def load_snapshot(self, placement: str) -> Snapshot | None: ...
 
-    def tally(self, placement: str) -> tuple[list[ArmTally], int]: ...
+    def tally(self, placement: str) -> tuple[list[ArmTally], int, int]: ...
 
     def close(self) -> None: ...

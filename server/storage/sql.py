@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, and_, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -15,9 +15,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from bandit.errors import Unavailable
 from bandit.features import Feature
 from bandit.log import LoggedDecision, Outcome
-from bandit.spec import ArmSpec, PlacementSpec
+from bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from server.storage import tables as t
-from server.storage.base import ArmTally, Close, PlacementRecord, Snapshot, WriteResult
+from server.storage.base import (
+    AccountRow,
+    ArmTally,
+    Close,
+    PlacementRecord,
+    RecentImpression,
+    Snapshot,
+    WriteResult,
+)
 
 
 def open_store(url: str) -> SqlStore:
@@ -85,9 +93,14 @@ class SqlStore:
         self,
         records: Sequence[PlacementRecord],
         new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]],
+        campaigns: Sequence[CampaignSpec] = (),
     ) -> None:
         now = time.time()
         with self._begin() as c:
+            for camp in campaigns:
+                spec = camp.model_dump(mode="json", by_alias=True, exclude={"id"})
+                if c.execute(update(t.campaigns).where(t.campaigns.c.id == camp.id).values(spec=spec)).rowcount == 0:
+                    c.execute(insert(t.campaigns).values(id=camp.id, spec=spec))
             if new_arm_versions:
                 c.execute(
                     insert(t.arm_versions),
@@ -114,6 +127,62 @@ class SqlStore:
                         ],
                     )
 
+    def load_campaigns(self) -> list[CampaignSpec]:
+        with self._connect() as c:
+            rows = c.execute(select(t.campaigns).order_by(t.campaigns.c.id)).all()
+        return [CampaignSpec.model_validate({**r.spec, "id": r.id}) for r in rows]
+
+    # -- the budget ledger ----------------------------------------------------------------
+
+    def lease(self, key: str, period: str, limit: float, amount: float) -> float:
+        """Grant up to ``amount`` more of a budget, never past ``limit``; returns the grant.
+
+        A conditional UPDATE is atomic on SQLite and PostgreSQL alike, so concurrent
+        processes can never lease more than the limit between them.
+        """
+        a = t.budget_accounts.c
+        with self._begin() as c:
+            c.execute(
+                (pg_insert if self._postgres else sqlite_insert)(t.budget_accounts)
+                .values(key=key, period=period, leased=0.0, spent=0.0, reserved=0.0)
+                .on_conflict_do_nothing()
+            )
+            for _ in range(8):
+                leased = float(c.execute(select(a.leased).where(a.key == key, a.period == period)).scalar_one())
+                grant = min(amount, limit - leased)
+                if grant <= 1e-12:
+                    return 0.0
+                res = c.execute(
+                    update(t.budget_accounts)
+                    .where(a.key == key, a.period == period, a.leased == leased)
+                    .values(leased=leased + grant)
+                )
+                if res.rowcount == 1:
+                    return grant
+        return 0.0
+
+    def release(self, key: str, period: str, amount: float) -> None:
+        a = t.budget_accounts.c
+        with self._begin() as c:
+            c.execute(
+                update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount)
+            )
+
+    def load_accounts(self) -> list[AccountRow]:
+        with self._connect() as c:
+            rows = c.execute(select(t.budget_accounts)).all()
+        return [AccountRow(r.key, r.period, r.leased, r.spent, r.reserved) for r in rows]
+
+    def recent_impressions(self, since: float) -> list[RecentImpression]:
+        d = t.decisions.c
+        with self._connect() as c:
+            rows = c.execute(
+                select(d.customer_id, d.arm_id, d.placement_id, d.event_id, d.created_at, d.outcome, d.reward)
+                .where(d.created_at >= since, d.arm_id.is_not(None), d.customer_id != "")
+                .order_by(d.created_at)
+            ).all()
+        return [RecentImpression(r[0], r[1], r[2], r[3], r[4], Outcome(r[5]), r[6]) for r in rows]
+
     # -- the decision log -----------------------------------------------------------------
 
     def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close]) -> WriteResult:
@@ -123,6 +192,12 @@ class SqlStore:
         is durable no later than any reward acknowledged for it.
         """
         seqs: list[int | None] = []
+        spend: dict[tuple[str, str], list[float]] = {}  # (key, period) -> [spent, reserved] deltas
+        for d in decisions:
+            for kp in d.budgets:
+                acc = spend.setdefault(kp, [0.0, 0.0])
+                acc[0] += d.cost
+                acc[1] += d.reward_cost
         with self._begin() as c:
             if decisions:
                 # A reused event id must not fail the whole batch: the first decision keeps it.
@@ -138,8 +213,20 @@ class SqlStore:
                 if res.rowcount == 1:
                     seqs.append(next_seq)
                     next_seq += 1
+                    for kp in close.budgets:
+                        acc = spend.setdefault(kp, [0.0, 0.0])
+                        acc[1] -= close.reward_cost
+                        if close.incurred:
+                            acc[0] += close.reward_cost
                 else:
                     seqs.append(None)
+            a = t.budget_accounts.c
+            for (key, period), (ds, dr) in spend.items():
+                c.execute(
+                    update(t.budget_accounts)
+                    .where(a.key == key, a.period == period)
+                    .values(spent=a.spent + ds, reserved=a.reserved + dr)
+                )
         self._next_seq = next_seq  # only after the commit succeeded
         return WriteResult(seqs)
 
@@ -155,14 +242,10 @@ class SqlStore:
             row = c.execute(select(t.decisions).where(t.decisions.c.event_id == event_id)).first()
         return None if row is None else _decision(row)
 
-    def open_decisions(self) -> list[tuple[str, str, float]]:
+    def open_decisions(self) -> list[LoggedDecision]:
         with self._connect() as c:
-            rows = c.execute(
-                select(t.decisions.c.event_id, t.decisions.c.placement_id, t.decisions.c.deadline).where(
-                    t.decisions.c.outcome == int(Outcome.OPEN)
-                )
-            ).all()
-        return [(r.event_id, r.placement_id, r.deadline) for r in rows]
+            rows = c.execute(select(t.decisions).where(t.decisions.c.outcome == int(Outcome.OPEN))).all()
+        return [_decision(r) for r in rows]
 
     def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]:
         with self._connect() as c:
@@ -195,11 +278,19 @@ class SqlStore:
 
     # -- statistics -----------------------------------------------------------------------
 
-    def tally(self, placement: str) -> tuple[list[ArmTally], int]:
+    def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
+        """Per-arm counts, the number of decisions, and how many served no arm."""
         d = t.decisions.c
+        incurred = case((and_(d.outcome == int(Outcome.REWARD), d.reward > 0), d.reward_cost), else_=0.0)
         with self._connect() as c:
             rows = c.execute(
-                select(d.arm_id, d.outcome, func.count(), func.coalesce(func.sum(d.reward), 0.0))
+                select(
+                    d.arm_id,
+                    d.outcome,
+                    func.count(),
+                    func.coalesce(func.sum(d.reward), 0.0),
+                    func.coalesce(func.sum(d.cost + incurred), 0.0),
+                )
                 .where(d.placement_id == placement)
                 .group_by(d.arm_id, d.outcome)
             ).all()
@@ -210,13 +301,15 @@ class SqlStore:
                 .group_by(d.arm_id)
             ).all()
         tallies: dict[str, ArmTally] = {}
-        total = 0
-        for arm_id, outcome, count, reward_sum in rows:
+        total = no_arm = 0
+        for arm_id, outcome, count, reward_sum, spend in rows:
             total += count
             if arm_id is None:
+                no_arm += count
                 continue
             tl = tallies.setdefault(arm_id, ArmTally(arm_id))
             tl.impressions += count
+            tl.spend += float(spend)
             if outcome == Outcome.REWARD:
                 tl.rewards += count
                 tl.reward_sum += float(reward_sum)
@@ -227,7 +320,7 @@ class SqlStore:
         for arm_id, count in late:
             if arm_id is not None:
                 tallies.setdefault(arm_id, ArmTally(arm_id)).late_rewards += count
-        return list(tallies.values()), total
+        return list(tallies.values()), total, no_arm
 
     def close(self) -> None:
         self.engine.dispose()
@@ -283,6 +376,10 @@ def _decision_row(d: LoggedDecision) -> dict[str, Any]:
         "outcome": int(d.outcome),
         "reward": d.reward,
         "learn_seq": d.learn_seq,
+        "cost": d.cost,
+        "reward_cost": d.reward_cost,
+        "budgets": [list(b) for b in d.budgets] or None,
+        "ineligible": [list(x) for x in d.ineligible] or None,
     }
 
 
@@ -302,4 +399,8 @@ def _decision(r: Any) -> LoggedDecision:
         outcome=Outcome(r.outcome),
         reward=r.reward,
         learn_seq=r.learn_seq,
+        cost=r.cost,
+        reward_cost=r.reward_cost,
+        budgets=tuple((k, p) for k, p in r.budgets or ()),
+        ineligible=tuple((a, why) for a, why in r.ineligible or ()),
     )

@@ -67,9 +67,32 @@ decisions = Table(
     Column("reward", Double),
     Column("rewarded_at", Double),
     Column("learn_seq", BigInteger, unique=True),
+    Column("cost", Double, nullable=False, server_default="0"),
+    Column("reward_cost", Double, nullable=False, server_default="0"),
+    Column("budgets", JSON),  # [[key, period], ...]
+    Column("ineligible", JSON),  # [[arm_id, reason], ...]
     Index("ix_decisions_learn", "placement_id", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
     Index("ix_decisions_open", "outcome", "deadline"),
+)
+
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("spec", JSON, nullable=False),
+)
+
+# The budget ledger: ``leased`` only grows (up to the limit) by atomic conditional updates,
+# so processes that spend only what they leased can never overspend together.
+budget_accounts = Table(
+    "budget_accounts",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("period", String(16), primary_key=True),
+    Column("leased", Double, nullable=False),
+    Column("spent", Double, nullable=False),
+    Column("reserved", Double, nullable=False),
 )
 
 late_rewards = Table(
@@ -92,4 +115,7 @@ snapshots = Table(
     Column("created_at", Double, nullable=False),
 )
 
-__all__ = ["metadata", "placements", "arms", "arm_versions", "decisions", "late_rewards", "snapshots"]
+__all__ = [
+    "metadata", "placements", "arms", "arm_versions", "decisions", "campaigns", "budget_accounts", "late_rewards",
+    "snapshots",
+]

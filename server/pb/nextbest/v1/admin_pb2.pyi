@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from server.pb.nextbest.v1 import common_pb2 as _common_pb2
@@ -19,6 +20,58 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ContactScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContactScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContactScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTACT_SCOPE_UNSPECIFIED: _ContactScope.ValueType  # 0
+    """Per customer and arm (the default)."""
+    CONTACT_SCOPE_CUSTOMER_ARM: _ContactScope.ValueType  # 1
+    """Per customer and arm."""
+    CONTACT_SCOPE_CUSTOMER_CAMPAIGN: _ContactScope.ValueType  # 2
+    """Per customer and campaign."""
+    CONTACT_SCOPE_CUSTOMER: _ContactScope.ValueType  # 3
+    """Per customer, across all offers, placements and channels."""
+
+class ContactScope(_ContactScope, metaclass=_ContactScopeEnumTypeWrapper):
+    """ContactScope is what a contact-policy count is kept per."""
+
+CONTACT_SCOPE_UNSPECIFIED: ContactScope.ValueType  # 0
+"""Per customer and arm (the default)."""
+CONTACT_SCOPE_CUSTOMER_ARM: ContactScope.ValueType  # 1
+"""Per customer and arm."""
+CONTACT_SCOPE_CUSTOMER_CAMPAIGN: ContactScope.ValueType  # 2
+"""Per customer and campaign."""
+CONTACT_SCOPE_CUSTOMER: ContactScope.ValueType  # 3
+"""Per customer, across all offers, placements and channels."""
+Global___ContactScope: _TypeAlias = ContactScope  # noqa: Y015
+
+class _FatigueShape:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FatigueShapeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FatigueShape.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FATIGUE_SHAPE_UNSPECIFIED: _FatigueShape.ValueType  # 0
+    """Exponential (the default)."""
+    FATIGUE_SHAPE_EXPONENTIAL: _FatigueShape.ValueType  # 1
+    """Halves every half-life."""
+    FATIGUE_SHAPE_LINEAR: _FatigueShape.ValueType  # 2
+    """Falls linearly to zero at two half-lives."""
+
+class FatigueShape(_FatigueShape, metaclass=_FatigueShapeEnumTypeWrapper):
+    """FatigueShape is how the weight of an ignored impression decays with its age."""
+
+FATIGUE_SHAPE_UNSPECIFIED: FatigueShape.ValueType  # 0
+"""Exponential (the default)."""
+FATIGUE_SHAPE_EXPONENTIAL: FatigueShape.ValueType  # 1
+"""Halves every half-life."""
+FATIGUE_SHAPE_LINEAR: FatigueShape.ValueType  # 2
+"""Falls linearly to zero at two half-lives."""
+Global___FatigueShape: _TypeAlias = FatigueShape  # noqa: Y015
 
 class _ExplorationAlgorithm:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -75,6 +128,183 @@ CHANGE_ACTION_UPDATE: ChangeAction.ValueType  # 2
 CHANGE_ACTION_RETIRE: ChangeAction.ValueType  # 3
 """The arm is no longer in the configuration and stops being chosen."""
 Global___ChangeAction: _TypeAlias = ChangeAction  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    """Budget limits spend in budget units. Set total, daily or both."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    DAILY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    total: _builtins.float
+    """Lifetime limit."""
+    daily: _builtins.float
+    """Limit per UTC day."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The budget (and the arms it funds) is usable from this time on. Unset: from now."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The budget is usable until this time. Unset: no end (a total budget then is not paced)."""
+
+    def __init__(
+        self,
+        *,
+        total: _builtins.float | None = ...,
+        daily: _builtins.float | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_daily", b"_daily", "_total", b"_total", "daily", b"daily", "end_time", b"end_time", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_daily", b"_daily", "_total", b"_total", "daily", b"daily", "end_time", b"end_time", "start_time", b"start_time", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__daily: _TypeAlias = _typing.Literal["daily"]  # noqa: Y015
+    _WhichOneofArgType__daily: _TypeAlias = _typing.Literal["_daily", b"_daily"]  # noqa: Y015
+    _WhichOneofReturnType__total: _TypeAlias = _typing.Literal["total"]  # noqa: Y015
+    _WhichOneofArgType__total: _TypeAlias = _typing.Literal["_total", b"_total"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__daily) -> _WhichOneofReturnType__daily | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total) -> _WhichOneofReturnType__total | None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class Campaign(_message.Message):
+    """Campaign is a named budget that several arms share, across placements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Campaign id, referred to by Arm.campaign."""
+    description: _builtins.str
+    """Human description."""
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The shared budget."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        description: _builtins.str = ...,
+        budget: Global___Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "description", b"description", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Campaign: _TypeAlias = Campaign  # noqa: Y015
+
+@_typing.final
+class ContactPolicy(_message.Message):
+    """ContactPolicy is a hard rule: an arm that would break it is not eligible. Set either
+    max_impressions with window_seconds, or suppress_after_ignored with suppress_seconds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_IMPRESSIONS_FIELD_NUMBER: _builtins.int
+    PER_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    SUPPRESS_AFTER_IGNORED_FIELD_NUMBER: _builtins.int
+    SUPPRESS_SECONDS_FIELD_NUMBER: _builtins.int
+    max_impressions: _builtins.int
+    """At most this many impressions per scope within the window."""
+    per: Global___ContactScope.ValueType
+    """What the impressions are counted per."""
+    window_seconds: _builtins.float
+    """The sliding window, in seconds."""
+    suppress_after_ignored: _builtins.int
+    """Suppress an arm for a customer after this many consecutive ignored impressions of it."""
+    suppress_seconds: _builtins.float
+    """How long the suppression lasts, in seconds."""
+    def __init__(
+        self,
+        *,
+        max_impressions: _builtins.int | None = ...,
+        per: Global___ContactScope.ValueType = ...,
+        window_seconds: _builtins.float | None = ...,
+        suppress_after_ignored: _builtins.int | None = ...,
+        suppress_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_impressions", b"_max_impressions", "_suppress_after_ignored", b"_suppress_after_ignored", "_suppress_seconds", b"_suppress_seconds", "_window_seconds", b"_window_seconds", "max_impressions", b"max_impressions", "suppress_after_ignored", b"suppress_after_ignored", "suppress_seconds", b"suppress_seconds", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_impressions", b"_max_impressions", "_suppress_after_ignored", b"_suppress_after_ignored", "_suppress_seconds", b"_suppress_seconds", "_window_seconds", b"_window_seconds", "max_impressions", b"max_impressions", "per", b"per", "suppress_after_ignored", b"suppress_after_ignored", "suppress_seconds", b"suppress_seconds", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_impressions: _TypeAlias = _typing.Literal["max_impressions"]  # noqa: Y015
+    _WhichOneofArgType__max_impressions: _TypeAlias = _typing.Literal["_max_impressions", b"_max_impressions"]  # noqa: Y015
+    _WhichOneofReturnType__suppress_after_ignored: _TypeAlias = _typing.Literal["suppress_after_ignored"]  # noqa: Y015
+    _WhichOneofArgType__suppress_after_ignored: _TypeAlias = _typing.Literal["_suppress_after_ignored", b"_suppress_after_ignored"]  # noqa: Y015
+    _WhichOneofReturnType__suppress_seconds: _TypeAlias = _typing.Literal["suppress_seconds"]  # noqa: Y015
+    _WhichOneofArgType__suppress_seconds: _TypeAlias = _typing.Literal["_suppress_seconds", b"_suppress_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__window_seconds: _TypeAlias = _typing.Literal["window_seconds"]  # noqa: Y015
+    _WhichOneofArgType__window_seconds: _TypeAlias = _typing.Literal["_window_seconds", b"_window_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_impressions) -> _WhichOneofReturnType__max_impressions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__suppress_after_ignored) -> _WhichOneofReturnType__suppress_after_ignored | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__suppress_seconds) -> _WhichOneofReturnType__suppress_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__window_seconds) -> _WhichOneofReturnType__window_seconds | None: ...
+
+Global___ContactPolicy: _TypeAlias = ContactPolicy  # noqa: Y015
+
+@_typing.final
+class Fatigue(_message.Message):
+    """Fatigue lowers the score of offers a customer saw recently without responding."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_STRENGTH_FIELD_NUMBER: _builtins.int
+    CUSTOMER_STRENGTH_FIELD_NUMBER: _builtins.int
+    HALF_LIFE_SECONDS_FIELD_NUMBER: _builtins.int
+    shape: Global___FatigueShape.ValueType
+    """Decay shape."""
+    strength: _builtins.float
+    """Penalty per ignored impression of the same arm (default 0.1), in reward units."""
+    campaign_strength: _builtins.float
+    """Penalty per ignored impression of the same campaign."""
+    customer_strength: _builtins.float
+    """Penalty per ignored impression of any offer."""
+    half_life_seconds: _builtins.float
+    """Half-life of an impression's weight, in seconds (default 3 days)."""
+    def __init__(
+        self,
+        *,
+        shape: Global___FatigueShape.ValueType = ...,
+        strength: _builtins.float | None = ...,
+        campaign_strength: _builtins.float = ...,
+        customer_strength: _builtins.float = ...,
+        half_life_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds", "_strength", b"_strength", "half_life_seconds", b"half_life_seconds", "strength", b"strength"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds", "_strength", b"_strength", "campaign_strength", b"campaign_strength", "customer_strength", b"customer_strength", "half_life_seconds", b"half_life_seconds", "shape", b"shape", "strength", b"strength"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__half_life_seconds: _TypeAlias = _typing.Literal["half_life_seconds"]  # noqa: Y015
+    _WhichOneofArgType__half_life_seconds: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__half_life_seconds) -> _WhichOneofReturnType__half_life_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+
+Global___Fatigue: _TypeAlias = Fatigue  # noqa: Y015
 
 @_typing.final
 class Exploration(_message.Message):
@@ -136,15 +366,42 @@ class Arm(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    COST_PER_IMPRESSION_FIELD_NUMBER: _builtins.int
+    COST_PER_REWARD_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    BUSINESS_VALUE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Arm id, unique within its placement, e.g. "data_5gb_7d"."""
     active: _builtins.bool
     """Whether the arm can be chosen (default true). A retired arm keeps its history."""
     version: _builtins.int
     """Version of the arm's features; it grows each time they change. Set by the server."""
+    cost_per_impression: _builtins.float
+    """Cost of showing the offer once, in budget units."""
+    cost_per_reward: _builtins.float
+    """Cost when the offer earns a positive reward (e.g. the bonus given on acceptance)."""
+    campaign: _builtins.str
+    """Campaign whose budget the arm also spends from."""
+    business_value: _builtins.float
+    """Added to the arm's expected reward when choosing (business priority), in reward units."""
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Feature]:
         """The offer's own features, e.g. category=data, price=4.99. The arm id is always a feature too."""
+
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The arm's own budget."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The arm is served from this time on."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The arm is served until this time."""
 
     def __init__(
         self,
@@ -153,10 +410,17 @@ class Arm(_message.Message):
         features: _abc.Iterable[_common_pb2.Feature] | None = ...,
         active: _builtins.bool | None = ...,
         version: _builtins.int = ...,
+        cost_per_impression: _builtins.float = ...,
+        cost_per_reward: _builtins.float = ...,
+        budget: Global___Budget | None = ...,
+        campaign: _builtins.str = ...,
+        business_value: _builtins.float = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "features", b"features", "id", b"id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "business_value", b"business_value", "campaign", b"campaign", "cost_per_impression", b"cost_per_impression", "cost_per_reward", b"cost_per_reward", "end_time", b"end_time", "features", b"features", "id", b"id", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
     _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
@@ -179,6 +443,10 @@ class Placement(_message.Message):
     VW_ARGS_FIELD_NUMBER: _builtins.int
     INTERACTIONS_FIELD_NUMBER: _builtins.int
     BITS_FIELD_NUMBER: _builtins.int
+    CONTACT_POLICIES_FIELD_NUMBER: _builtins.int
+    FATIGUE_FIELD_NUMBER: _builtins.int
+    FALLBACK_ARM_FIELD_NUMBER: _builtins.int
+    COOLDOWN_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -193,6 +461,10 @@ class Placement(_message.Message):
     """Whether context features interact with arm features (VW -q UA). Default true."""
     bits: _builtins.int
     """Bits of the VW weight table (default 18)."""
+    fallback_arm: _builtins.str
+    """Arm served when nothing else is eligible (it bypasses budgets and contact policies)."""
+    cooldown_seconds: _builtins.float
+    """After an impression in this placement, the customer gets no offer here for this long."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -200,6 +472,14 @@ class Placement(_message.Message):
     @_builtins.property
     def exploration(self) -> Global___Exploration:
         """How the placement explores."""
+
+    @_builtins.property
+    def contact_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactPolicy]:
+        """Hard contact policies."""
+
+    @_builtins.property
+    def fatigue(self) -> Global___Fatigue:
+        """Soft fatigue penalty; unset means none."""
 
     def __init__(
         self,
@@ -213,13 +493,19 @@ class Placement(_message.Message):
         vw_args: _builtins.str = ...,
         interactions: _builtins.bool | None = ...,
         bits: _builtins.int | None = ...,
+        contact_policies: _abc.Iterable[Global___ContactPolicy] | None = ...,
+        fatigue: Global___Fatigue | None = ...,
+        fallback_arm: _builtins.str = ...,
+        cooldown_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "bits", b"bits", "default_reward", b"default_reward", "exploration", b"exploration", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "arms", b"arms", "bits", b"bits", "default_reward", b"default_reward", "description", b"description", "exploration", b"exploration", "id", b"id", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
     _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
+    _WhichOneofReturnType__cooldown_seconds: _TypeAlias = _typing.Literal["cooldown_seconds"]  # noqa: Y015
+    _WhichOneofArgType__cooldown_seconds: _TypeAlias = _typing.Literal["_cooldown_seconds", b"_cooldown_seconds"]  # noqa: Y015
     _WhichOneofReturnType__default_reward: _TypeAlias = _typing.Literal["default_reward"]  # noqa: Y015
     _WhichOneofArgType__default_reward: _TypeAlias = _typing.Literal["_default_reward", b"_default_reward"]  # noqa: Y015
     _WhichOneofReturnType__interactions: _TypeAlias = _typing.Literal["interactions"]  # noqa: Y015
@@ -228,6 +514,8 @@ class Placement(_message.Message):
     _WhichOneofArgType__reward_window_seconds: _TypeAlias = _typing.Literal["_reward_window_seconds", b"_reward_window_seconds"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bits) -> _WhichOneofReturnType__bits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cooldown_seconds) -> _WhichOneofReturnType__cooldown_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_reward) -> _WhichOneofReturnType__default_reward | None: ...
     @_typing.overload
@@ -628,21 +916,27 @@ class ApplyConfigRequest(_message.Message):
 
     PLACEMENTS_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     """Plan only: report the changes and apply nothing."""
     @_builtins.property
     def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]:
         """Placements to create or update. Placements not listed are left alone."""
 
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """Campaigns to create or update."""
+
     def __init__(
         self,
         *,
         placements: _abc.Iterable[Global___Placement] | None = ...,
         dry_run: _builtins.bool = ...,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "placements", b"placements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "dry_run", b"dry_run", "placements", b"placements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,12 +952,15 @@ class ConfigChange(_message.Message):
     ARM_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id."""
     arm_id: _builtins.str
     """Arm id, empty for a change to the placement itself."""
     action: Global___ChangeAction.ValueType
     """What happens."""
+    campaign: _builtins.str
+    """Campaign id, for a change to a campaign (placement and arm_id are then empty)."""
     @_builtins.property
     def details(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Field-level differences, e.g. "exploration.epsilon: 0.05 -> 0.1"."""
@@ -675,10 +972,11 @@ class ConfigChange(_message.Message):
         arm_id: _builtins.str = ...,
         action: Global___ChangeAction.ValueType = ...,
         details: _abc.Iterable[_builtins.str] | None = ...,
+        campaign: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm_id", b"arm_id", "details", b"details", "placement", b"placement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm_id", b"arm_id", "campaign", b"campaign", "details", b"details", "placement", b"placement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -747,6 +1045,7 @@ class ArmStats(_message.Message):
     DEFAULT_REWARDS_FIELD_NUMBER: _builtins.int
     LATE_REWARDS_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    SPEND_FIELD_NUMBER: _builtins.int
     arm_id: _builtins.str
     """Arm id."""
     impressions: _builtins.int
@@ -761,6 +1060,8 @@ class ArmStats(_message.Message):
     """Rewards that came after the window closed (recorded, not learned)."""
     active: _builtins.bool
     """Whether the arm can be chosen now."""
+    spend: _builtins.float
+    """Budget units spent on the arm: impression costs plus reward costs of positive rewards."""
     def __init__(
         self,
         *,
@@ -771,14 +1072,71 @@ class ArmStats(_message.Message):
         default_rewards: _builtins.int = ...,
         late_rewards: _builtins.int = ...,
         active: _builtins.bool = ...,
+        spend: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "arm_id", b"arm_id", "default_rewards", b"default_rewards", "impressions", b"impressions", "late_rewards", b"late_rewards", "reward_sum", b"reward_sum", "rewards", b"rewards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "arm_id", b"arm_id", "default_rewards", b"default_rewards", "impressions", b"impressions", "late_rewards", b"late_rewards", "reward_sum", b"reward_sum", "rewards", b"rewards", "spend", b"spend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArmStats: _TypeAlias = ArmStats  # noqa: Y015
+
+@_typing.final
+class BudgetStats(_message.Message):
+    """BudgetStats is the state of one budget in one period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    PACED_FIELD_NUMBER: _builtins.int
+    PACING_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    PROJECTED_EXHAUSTION_FIELD_NUMBER: _builtins.int
+    budget: _builtins.str
+    """"arm:<placement>/<arm>" or "campaign:<id>"."""
+    period: _builtins.str
+    """"total" or a UTC day "YYYY-MM-DD"."""
+    limit: _builtins.float
+    """The limit."""
+    spent: _builtins.float
+    """Spent so far."""
+    reserved: _builtins.float
+    """Held for reward costs of decisions whose window is open."""
+    remaining: _builtins.float
+    """Limit minus spent and reserved."""
+    paced: _builtins.bool
+    """Whether the budget is paced (a daily budget, or a total one with an end time)."""
+    pacing_multiplier: _builtins.float
+    """The pacing price on spend: 0 when on or behind schedule, higher the further ahead."""
+    @_builtins.property
+    def projected_exhaustion(self) -> _timestamp_pb2.Timestamp:
+        """When the budget runs out at the average spend rate so far; unset if not spending."""
+
+    def __init__(
+        self,
+        *,
+        budget: _builtins.str = ...,
+        period: _builtins.str = ...,
+        limit: _builtins.float = ...,
+        spent: _builtins.float = ...,
+        reserved: _builtins.float = ...,
+        remaining: _builtins.float = ...,
+        paced: _builtins.bool = ...,
+        pacing_multiplier: _builtins.float = ...,
+        projected_exhaustion: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["projected_exhaustion", b"projected_exhaustion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "limit", b"limit", "paced", b"paced", "pacing_multiplier", b"pacing_multiplier", "period", b"period", "projected_exhaustion", b"projected_exhaustion", "remaining", b"remaining", "reserved", b"reserved", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetStats: _TypeAlias = BudgetStats  # noqa: Y015
 
 @_typing.final
 class GetStatsResponse(_message.Message):
@@ -791,6 +1149,8 @@ class GetStatsResponse(_message.Message):
     DECISIONS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    NO_OFFER_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id."""
     decisions: _builtins.int
@@ -799,9 +1159,15 @@ class GetStatsResponse(_message.Message):
     """Examples learned by the placement's current model."""
     pending: _builtins.int
     """Decisions whose reward window is still open."""
+    no_offer: _builtins.int
+    """Decisions that served no arm (nothing eligible, or no offer under pacing)."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmStats]:
         """Per-arm statistics, in configuration order."""
+
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetStats]:
+        """Budgets of the placement's arms and of their campaigns, as this server sees them."""
 
     def __init__(
         self,
@@ -811,11 +1177,54 @@ class GetStatsResponse(_message.Message):
         decisions: _builtins.int = ...,
         model_version: _builtins.int = ...,
         pending: _builtins.int = ...,
+        budgets: _abc.Iterable[Global___BudgetStats] | None = ...,
+        no_offer: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "decisions", b"decisions", "model_version", b"model_version", "pending", b"pending", "placement", b"placement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "budgets", b"budgets", "decisions", b"decisions", "model_version", b"model_version", "no_offer", b"no_offer", "pending", b"pending", "placement", b"placement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class ListCampaignsRequest(_message.Message):
+    """ListCampaignsRequest asks for all campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsRequest: _TypeAlias = ListCampaignsRequest  # noqa: Y015
+
+@_typing.final
+class ListCampaignsResponse(_message.Message):
+    """ListCampaignsResponse returns all campaigns, ordered by id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """The campaigns."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsResponse: _TypeAlias = ListCampaignsResponse  # noqa: Y015

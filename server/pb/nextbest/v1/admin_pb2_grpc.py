@@ -86,6 +86,11 @@ class AdminServiceStub:
                 request_serializer=nextbest_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_admin__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ListCampaigns = channel.unary_unary(
+                '/nextbest.v1.AdminService/ListCampaigns',
+                request_serializer=nextbest_dot_v1_dot_admin__pb2.ListCampaignsRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_admin__pb2.ListCampaignsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -158,7 +163,15 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """GetStats returns the counts of impressions and rewards of a placement, per arm.
+        """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
+        state of the budgets its arms spend from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCampaigns(self, request, context):
+        """ListCampaigns returns every campaign (a budget shared by arms across placements).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +229,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=nextbest_dot_v1_dot_admin__pb2.GetStatsRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_admin__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListCampaigns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaigns,
+                    request_deserializer=nextbest_dot_v1_dot_admin__pb2.ListCampaignsRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_admin__pb2.ListCampaignsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +508,33 @@ class AdminService:
             '/nextbest.v1.AdminService/GetStats',
             nextbest_dot_v1_dot_admin__pb2.GetStatsRequest.SerializeToString,
             nextbest_dot_v1_dot_admin__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCampaigns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.AdminService/ListCampaigns',
+            nextbest_dot_v1_dot_admin__pb2.ListCampaignsRequest.SerializeToString,
+            nextbest_dot_v1_dot_admin__pb2.ListCampaignsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,7 +56,11 @@ class AdminServiceStub:
     all of it is applied or, on any invalid field, none of it. With dry_run it only plans.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]
-    """GetStats returns the counts of impressions and rewards of a placement, per arm."""
+    """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
+    state of the budgets its arms spend from.
+    """
+    ListCampaigns: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCampaignsRequest, _admin_pb2.ListCampaignsResponse]
+    """ListCampaigns returns every campaign (a budget shared by arms across placements)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -86,7 +90,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     all of it is applied or, on any invalid field, none of it. With dry_run it only plans.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]  # type: ignore[assignment]
-    """GetStats returns the counts of impressions and rewards of a placement, per arm."""
+    """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
+    state of the budgets its arms spend from.
+    """
+    ListCampaigns: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCampaignsRequest, _admin_pb2.ListCampaignsResponse]  # type: ignore[assignment]
+    """ListCampaigns returns every campaign (a budget shared by arms across placements)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService configures placements and arms and reports statistics. It is used by
@@ -173,6 +181,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetStatsResponse, _abc.Awaitable[_admin_pb2.GetStatsResponse]]:
-        """GetStats returns the counts of impressions and rewards of a placement, per arm."""
+        """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
+        state of the budgets its arms spend from.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCampaigns(
+        self,
+        request: _admin_pb2.ListCampaignsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCampaignsResponse, _abc.Awaitable[_admin_pb2.ListCampaignsResponse]]:
+        """ListCampaigns returns every campaign (a budget shared by arms across placements)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -104,7 +104,7 @@ class ChooseResponse(_message.Message):
     model_version: _builtins.int
     """Version of the placement's model that scored the arms (number of examples learned)."""
     reason: _builtins.str
-    """Why no arm was chosen, when arm_id is empty."""
+    """Why no arm was chosen when arm_id is empty, or why the fallback arm was served."""
     def __init__(
         self,
         *,

@@ -1,0 +1,175 @@
+"""Budgets: a ledger that never lets spend exceed a limit, and a pacing price per budget.
+
+Semantics (also in the README):
+- Each budget has accounts: ``total`` (lifetime) and, with ``daily``, one per UTC day.
+- Choose reserves, on every account of the arm's budgets, the impression cost (spent at once)
+  plus the arm's full ``cost_per_reward`` (held until the reward window closes). A positive
+  reward spends the held amount; a non-positive or default reward releases it. Reserving the
+  worst case is what makes the guarantee hard: spend can never exceed a limit.
+- An arm is ineligible when any of its accounts cannot cover that reservation.
+- A process spends only budget it has leased from the store (an atomic increment that never
+  passes the limit), so several processes or replicas can share one budget. A crash loses the
+  unused part of a lease (under-spend, never over-spend); a graceful stop returns it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from bandit.spec import BudgetSpec
+
+DAY = 86400.0
+
+
+def day_of(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def _day_start(t: float) -> float:
+    return math.floor(t / DAY) * DAY
+
+
+@dataclass(slots=True)
+class Pacer:
+    """A Lagrangian price on spend: rises while spending runs ahead of an even schedule over
+    the account's period, falls back to zero when behind (a PI controller on the spend error).
+
+    The price is in reward units per budget unit, scaled by the running value-per-cost of
+    the decisions it prices, so one set of gains works whatever the units of reward and cost.
+    """
+
+    start: float
+    end: float
+    kp: float = 30.0
+    ki: float = 60.0
+    integral: float = 0.0
+    scale: float = 0.0  # running mean of value per budget unit of the priced decisions
+    price: float = 0.0
+    _last: float | None = None
+
+    def observe_value(self, value_per_cost: float) -> None:
+        if math.isfinite(value_per_cost) and value_per_cost > 0:
+            self.scale = value_per_cost if self.scale == 0 else 0.99 * self.scale + 0.01 * value_per_cost
+
+    def update(self, now: float, used: float, limit: float) -> float:
+        span = self.end - self.start
+        elapsed = min(max(now - self.start, 0.0), span)
+        error = used / limit - elapsed / span
+        if self._last is not None:
+            dt = max(0.0, min(now, self.end) - self._last) / span
+            self.integral = max(0.0, self.integral + self.ki * error * dt)
+        self._last = min(now, self.end)
+        self.price = max(0.0, self.kp * error + self.integral) * self.scale
+        return self.price
+
+
+@dataclass(slots=True)
+class Account:
+    """One budget in one period, as this process sees it."""
+
+    key: str  # "arm:<placement>/<arm>" or "campaign:<id>"
+    period: str  # "total" or a UTC day "YYYY-MM-DD"
+    limit: float
+    start: float | None
+    end: float | None
+    available: float = 0.0  # leased to this process and free
+    reserved: float = 0.0  # held for reward costs of open decisions
+    spent: float = 0.0  # spent (by every process, as far as this one knows)
+    pacer: Pacer | None = None
+
+    @property
+    def used(self) -> float:
+        return self.spent + self.reserved
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.limit - self.used)
+
+    def active(self, now: float) -> bool:
+        return (self.start is None or now >= self.start) and (self.end is None or now < self.end)
+
+    def projected_exhaustion(self, now: float) -> float | None:
+        """When the limit will be reached at the average spend rate so far (None: not spending)."""
+        begin = self.start if self.start is not None else None
+        if begin is None or now <= begin or self.used <= 0:
+            return None
+        rate = self.used / (now - begin)
+        return now + self.remaining / rate
+
+
+@dataclass
+class Ledger:
+    """The accounts of every budget, with reservations against leased amounts."""
+
+    accounts: dict[tuple[str, str], Account] = field(default_factory=dict)
+
+    def accounts_for(self, key: str, spec: BudgetSpec, now: float, created: float | None = None) -> list[Account]:
+        """The accounts a spend under this budget touches now (created on first use)."""
+        start = spec.start.timestamp() if spec.start else None
+        end = spec.end.timestamp() if spec.end else None
+        out = []
+        if spec.total is not None:
+            acc = self._account(key, "total", spec.total, start if start is not None else created, end)
+            if acc.pacer is None and end is not None and acc.start is not None:
+                acc.pacer = Pacer(acc.start, end)
+            out.append(acc)
+        if spec.daily is not None:
+            d0 = _day_start(now)
+            lo = d0 if start is None else max(d0, start)
+            hi = d0 + DAY if end is None else min(d0 + DAY, end)
+            acc = self._account(key, day_of(now), spec.daily, lo, hi)
+            if acc.pacer is None and hi > lo:
+                acc.pacer = Pacer(d0, d0 + DAY)
+            out.append(acc)
+        return out
+
+    def _account(self, key: str, period: str, limit: float, start: float | None, end: float | None) -> Account:
+        acc = self.accounts.get((key, period))
+        if acc is None:
+            acc = self.accounts[(key, period)] = Account(key, period, limit, start, end)
+        else:
+            acc.limit, acc.end = limit, end  # a changed budget applies from now on
+            if start is not None:
+                acc.start = start
+        return acc
+
+    @staticmethod
+    def can_reserve(accounts: Iterable[Account], amount: float, now: float) -> str:
+        """Why the accounts cannot take ``amount`` now ("" if they can)."""
+        for a in accounts:
+            if not a.active(now):
+                return f"budget {a.key} is outside its dates"
+            if a.used + amount > a.limit + 1e-9:
+                return f"budget {a.key} ({a.period}) exhausted: {a.remaining:g} left, {amount:g} needed"
+            if a.available + 1e-12 < amount:
+                return f"budget {a.key} ({a.period}) needs a lease"
+        return ""
+
+    @staticmethod
+    def reserve(accounts: Iterable[Account], impression_cost: float, reward_cost: float) -> None:
+        for a in accounts:
+            a.available -= impression_cost + reward_cost
+            a.spent += impression_cost
+            a.reserved += reward_cost
+
+    @staticmethod
+    def settle(accounts: Iterable[Account], reward_cost: float, incurred: bool) -> None:
+        """Close a reservation: spend it (a positive reward) or give it back."""
+        for a in accounts:
+            a.reserved = max(0.0, a.reserved - reward_cost)
+            if incurred:
+                a.spent += reward_cost
+            else:
+                a.available += reward_cost
+
+    @staticmethod
+    def price(accounts: Iterable[Account], now: float) -> float:
+        """The summed pacing price of the accounts (0 for unpaced ones)."""
+        total = 0.0
+        for a in accounts:
+            if a.pacer is not None:
+                total += a.pacer.update(now, a.used, a.limit)
+        return total
