@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +47,10 @@ class Running:
         await self.engine.stop()
 
 
-async def create_server(settings: Settings) -> Running:
-    """Start a server; health says NOT_SERVING until every model is loaded."""
+async def create_server(settings: Settings, clock: Callable[[], float] = time.time) -> Running:
+    """Start a server; health says NOT_SERVING until every model is loaded. Tests pass a clock."""
     store = open_store(settings.db)
-    engine = Engine(store, settings)
+    engine = Engine(store, settings, clock)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

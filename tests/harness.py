@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +29,12 @@ PG_URL = os.environ.get("NEXTBEST_TEST_PG", "postgresql+psycopg://postgres@127.0
 class ServerThread:
     """A real gRPC server on port 0, on its own event loop in a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.running: Running = self.call(create_server(settings))
+        self.running: Running = self.call(create_server(settings, clock))
         self.port = self.running.port
         self.target = f"127.0.0.1:{self.port}"
 
@@ -64,9 +64,22 @@ def make_settings(db: str, **kw: Any) -> Settings:
     return Settings(**base)
 
 
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 @contextmanager
-def running_server(db: str, **kw: Any) -> Iterator[ServerThread]:
-    s = ServerThread(make_settings(db, **kw))
+def running_server(db: str, clock: Callable[[], float] = time.time, **kw: Any) -> Iterator[ServerThread]:
+    s = ServerThread(make_settings(db, **kw), clock)
     try:
         yield s
     finally:
