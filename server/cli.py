@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("reward", type=float)
     target(r)
     r.set_defaults(func=_reward)
+
+    from server.cli_replay import add_commands as replay_commands
+
+    replay_commands(sub)
     return p
 
 

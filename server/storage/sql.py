@@ -240,12 +240,12 @@ class SqlStore:
     def find_decision(self, event_id: str) -> LoggedDecision | None:
         with self._connect() as c:
             row = c.execute(select(t.decisions).where(t.decisions.c.event_id == event_id)).first()
-        return None if row is None else _decision(row)
+        return None if row is None else decision_from_row(row)
 
     def open_decisions(self) -> list[LoggedDecision]:
         with self._connect() as c:
             rows = c.execute(select(t.decisions).where(t.decisions.c.outcome == int(Outcome.OPEN))).all()
-        return [_decision(r) for r in rows]
+        return [decision_from_row(r) for r in rows]
 
     def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]:
         with self._connect() as c:
@@ -255,7 +255,7 @@ class SqlStore:
                 .order_by(t.decisions.c.learn_seq)
                 .limit(limit)
             ).all()
-        return [_decision(r) for r in rows]
+        return [decision_from_row(r) for r in rows]
 
     # -- models ---------------------------------------------------------------------------
 
@@ -383,7 +383,7 @@ def _decision_row(d: LoggedDecision) -> dict[str, Any]:
     }
 
 
-def _decision(r: Any) -> LoggedDecision:
+def decision_from_row(r: Any) -> LoggedDecision:
     return LoggedDecision(
         event_id=r.event_id,
         placement=r.placement_id,
