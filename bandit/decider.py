@@ -18,9 +18,9 @@ from numpy.typing import NDArray
 
 from bandit import contact, exploration
 from bandit.budget import Account, Ledger
-from bandit.features import arm_line
+from bandit.features import Feature, arm_line
 from bandit.model import CbModel
-from bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
+from bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
 
 NO_OFFER = "paced: no offer"
 
@@ -116,6 +116,59 @@ def eligibility(
     return ok, why
 
 
+def _nothing(spec: PlacementSpec, candidates: Sequence[Candidate], why: dict[str, str], reason: str = "") -> Choice:
+    """Nothing could be chosen: serve the fallback arm with certainty, or no arm with a reason."""
+    reason = reason or ("no eligible arm" if candidates else "no active arm")
+    fb = next((i for i, c in enumerate(candidates) if c.arm.id == spec.fallback_arm), None)
+    if fb is not None:
+        return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True)
+    return Choice(None, 0.0, (), (), why, reason=reason)
+
+
+def _matches(when: dict[str, float | str | bool], features: Sequence[Feature]) -> bool:
+    values: dict[str, float | str] = {}
+    for f in features:
+        values[f.key] = f.value
+        values.setdefault(f.name, f.value)
+    for k, want in when.items():
+        have = values.get(k)
+        if isinstance(want, bool):
+            want = "true" if want else "false"
+        if have is None or (str(have) != str(want) and not (isinstance(have, float) and isinstance(want, int | float) and have == want)):
+            return False
+    return True
+
+
+def serve_holdout(
+    holdout: HoldoutSpec,
+    spec: PlacementSpec,
+    candidates: Sequence[Candidate],
+    features: Sequence[Feature],
+    uniform: Callable[[], float],
+    now: float = 0.0,
+    history: list[contact.Impression] | None = None,
+) -> Choice:
+    """The control group's policy, under the same constraints as the bandit's."""
+    ok, why = eligibility(spec, candidates, history or [], now)
+    if not ok:
+        return _nothing(spec, candidates, why)
+    if holdout.policy == "uniform":
+        pmf = np.full(len(ok), 1.0 / len(ok))
+        i = exploration.draw(pmf, uniform())
+        return Choice(i, float(pmf[i]), tuple(float(p) for p in pmf), tuple(ok), why)
+    target = holdout.arm
+    for rule in holdout.rules:
+        if _matches(rule.when, features):
+            target = rule.arm
+            break
+    ids = [candidates[i].arm.id for i in ok]
+    if target is None or target not in ids:
+        return _nothing(spec, candidates, why, reason=f"holdout arm {target} not eligible" if target else "no rule matched")
+    j = ids.index(target)
+    pmf_t = tuple(1.0 if k == j else 0.0 for k in range(len(ok)))
+    return Choice(j, 1.0, pmf_t, tuple(ok), why)
+
+
 def decide(
     model: CbModel,
     spec: PlacementSpec,
@@ -129,11 +182,7 @@ def decide(
     history = history or []
     ok, why = eligibility(spec, candidates, history, now)
     if not ok:
-        fb = next((i for i, c in enumerate(candidates) if c.arm.id == spec.fallback_arm), None)
-        reason = "no eligible arm" if candidates else "no active arm"
-        if fb is not None:
-            return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True)
-        return Choice(None, 0.0, (), (), why, reason=reason)
+        return _nothing(spec, candidates, why)
     eligible = [candidates[i] for i in ok]
     values = model.expected_rewards(shared, [c.arm.line for c in eligible])
     raw = values.copy()

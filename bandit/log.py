@@ -40,6 +40,7 @@ class LoggedDecision:
     budgets: tuple[tuple[str, str], ...] = ()  # (budget key, period) of every account spent from
     ineligible: tuple[tuple[str, str], ...] = ()  # (arm id, reason) of arms that could not be chosen
     reason: str = ""  # why no arm, or why the fallback, was served (not stored)
+    variant: str = ""  # the experiment variant that served ("holdout" for the control group)
 
     @property
     def arm_id(self) -> str | None:

@@ -12,7 +12,7 @@ import shlex
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from bandit.features import Feature, features_from_mapping
 
@@ -47,6 +47,22 @@ def parse_duration(value: object) -> float:
     if not seconds > 0:
         raise ValueError("must be positive")
     return seconds
+
+
+def check_vw_args(v: str) -> str:
+    """VW arguments a placement may add; the options nextbest owns are refused."""
+    try:
+        tokens = shlex.split(v)
+    except ValueError as e:
+        raise ValueError(f"cannot be split into arguments: {e}") from None
+    for tok in tokens:
+        opt = tok.split("=", 1)[0]
+        if opt in FORBIDDEN_VW_OPTIONS:
+            raise ValueError(f"{opt} is set by nextbest and cannot be passed in vw_args")
+    return " ".join(tokens)
+
+
+VwArgs = Annotated[str, AfterValidator(check_vw_args)]
 
 
 class _Spec(BaseModel):
@@ -189,6 +205,81 @@ class FatigueSpec(_Spec):
         return 4 * self.half_life if self.shape == "linear" else 10 * self.half_life
 
 
+class RuleSpec(_Spec):
+    """One row of a rules table: when every listed context feature has the given value, serve ``arm``."""
+
+    when: dict[str, float | str | bool] = Field(default_factory=dict)
+    arm: str
+
+
+class HoldoutSpec(_Spec):
+    """The control group: served without a model, so the bandit can be compared with it.
+
+    ``uniform``: uniformly at random among eligible arms; ``fixed``: always ``arm``; ``rules``:
+    the first matching rule's arm (else ``arm``) — e.g. the rules the operator used before.
+    """
+
+    share: Annotated[float, Field(ge=0.0, le=1.0)]
+    policy: Literal["uniform", "fixed", "rules"] = "uniform"
+    arm: str | None = None
+    rules: list[RuleSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> HoldoutSpec:
+        if self.policy == "fixed" and self.arm is None:
+            raise ValueError("a fixed holdout policy needs arm")
+        if self.policy == "rules" and not self.rules:
+            raise ValueError("a rules holdout policy needs rules")
+        return self
+
+
+class VariantSpec(_Spec):
+    """An experiment arm of the placement: its own model and settings (unset ones are the placement's)."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")]
+    share: Annotated[float, Field(gt=0.0, le=1.0)]
+    exploration: ExplorationSpec | None = None
+    vw_args: VwArgs | None = None
+    interactions: bool | None = None
+    bits: Annotated[int, Field(ge=10, le=28)] | None = None
+    fatigue: FatigueSpec | None = None
+    contact_policies: list[ContactRule] | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _reserved(cls, v: str) -> str:
+        if v == "holdout":
+            raise ValueError("'holdout' names the control group")
+        return v
+
+
+class ExperimentSpec(_Spec):
+    """Traffic split by a salted hash of customer_id (sticky per customer)."""
+
+    salt: str = ""  # change it to reshuffle customers; defaults to the placement id
+    holdout: HoldoutSpec | None = None
+    variants: list[VariantSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shares(self) -> ExperimentSpec:
+        ids = [v.id for v in self.variants]
+        if len(set(ids)) != len(ids):
+            raise ValueError("variant ids must be unique")
+        total = sum(v.share for v in self.variants) + (self.holdout.share if self.holdout else 0.0)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"shares of holdout and variants must add up to 1, not {total:g}")
+        return self
+
+
+class ShadowSpec(_Spec):
+    """A candidate model that learns from the served decisions without serving."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")]
+    vw_args: VwArgs = ""
+    interactions: bool = True
+    bits: Annotated[int, Field(ge=10, le=28)] = 18
+
+
 class PlacementSpec(_Spec):
     """A placement: its arms and how its model learns and explores."""
 
@@ -198,31 +289,21 @@ class PlacementSpec(_Spec):
     exploration: ExplorationSpec = Field(default_factory=ExplorationSpec)
     reward_window: Annotated[float, Field(gt=0.0, le=90 * 86400.0)] = 600.0
     default_reward: Annotated[float, Field(allow_inf_nan=False)] = 0.0
-    vw_args: str = ""
+    vw_args: VwArgs = ""
     interactions: bool = True
     bits: Annotated[int, Field(ge=10, le=28)] = 18
     contact_policies: list[ContactRule] = Field(default_factory=list)
     fatigue: FatigueSpec | None = None
     fallback_arm: str | None = None  # served when nothing else is eligible, bypassing constraints
     cooldown: Duration | None = None  # after an impression here, the customer gets no offer here for this long
+    experiment: ExperimentSpec | None = None
+    shadows: list[ShadowSpec] = Field(default_factory=list)
+    promote: str | None = None  # on stopping an experiment: the variant whose model becomes the placement's
 
     @field_validator("reward_window", mode="before")
     @classmethod
     def _duration(cls, v: object) -> float:
         return parse_duration(v)
-
-    @field_validator("vw_args")
-    @classmethod
-    def _vw_args(cls, v: str) -> str:
-        try:
-            tokens = shlex.split(v)
-        except ValueError as e:
-            raise ValueError(f"cannot be split into arguments: {e}") from None
-        for tok in tokens:
-            opt = tok.split("=", 1)[0]
-            if opt in FORBIDDEN_VW_OPTIONS:
-                raise ValueError(f"{opt} is set by nextbest and cannot be passed in vw_args")
-        return " ".join(tokens)
 
     @model_validator(mode="after")
     def _unique_arms(self) -> PlacementSpec:
@@ -233,7 +314,41 @@ class PlacementSpec(_Spec):
             seen.add(arm.id)
         if self.fallback_arm is not None and self.fallback_arm not in seen:
             raise ValueError(f"fallback_arm: {self.fallback_arm!r} is not an arm of this placement")
+        h = self.experiment.holdout if self.experiment else None
+        named: list[str | None] = [h.arm, *(r.arm for r in h.rules)] if h else []
+        for name in named:
+            if name is not None and name not in seen:
+                raise ValueError(f"experiment: holdout arm {name!r} is not an arm of this placement")
+        if len({s.id for s in self.shadows}) != len(self.shadows):
+            raise ValueError("shadows: shadow ids must be unique")
+        if self.promote is not None and self.experiment is not None:
+            raise ValueError("promote: promote a variant when stopping the experiment (remove experiment)")
         return self
+
+    def variant(self, vid: str) -> PlacementSpec:
+        """The effective spec a variant serves with: the placement's, overridden by the variant's."""
+        if not vid or self.experiment is None:
+            return self
+        v = next(x for x in self.experiment.variants if x.id == vid)
+        update = {k: getattr(v, k) for k in ("exploration", "vw_args", "interactions", "bits", "fatigue", "contact_policies") if getattr(v, k) is not None}
+        return self.model_copy(update=update)
+
+    def slot_spec(self, slot: str) -> PlacementSpec:
+        """The spec a model slot is built and explores with: a variant's, a shadow's or the placement's."""
+        if slot.startswith("shadow:"):
+            s = next(x for x in self.shadows if f"shadow:{x.id}" == slot)
+            return self.model_copy(update={"vw_args": s.vw_args, "interactions": s.interactions, "bits": s.bits})
+        return self.variant(slot)
+
+    def slots(self) -> dict[str, tuple[str, bool, int]]:
+        """Every model this placement keeps, by slot name, with its model key."""
+        out = {"": self.model_key()}
+        if self.experiment is not None:
+            for v in self.experiment.variants:
+                out[v.id] = self.variant(v.id).model_key()
+        for s in self.shadows:
+            out[f"shadow:{s.id}"] = (s.vw_args, s.interactions, s.bits)
+        return out
 
     @property
     def history_horizon(self) -> float:

@@ -35,6 +35,7 @@ class ChooseResult:
     probability: float
     model_version: int
     reason: str
+    variant: str = ""
 
 
 def to_features(features: FeaturesLike | None) -> list[common_pb2.Feature]:
@@ -87,7 +88,7 @@ class NextbestClient:
             ),
             timeout=self.timeout,
         )
-        return ChooseResult(r.event_id, r.arm_id, r.probability, r.model_version, r.reason)
+        return ChooseResult(r.event_id, r.arm_id, r.probability, r.model_version, r.reason, r.variant)
 
     def reward(self, event_id: str, reward: float) -> str:
         """Returns "learned", "duplicate" or "late"."""

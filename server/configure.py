@@ -10,10 +10,21 @@ from typing import TYPE_CHECKING
 from bandit.errors import InvalidInput
 from bandit.model import CbModel, check_vw_arguments
 from bandit.spec import CampaignSpec, PlacementSpec
+from server.learner import PlacementState, Slot
 from server.placements import Change, plan, plan_campaigns
 
 if TYPE_CHECKING:
     from server.engine import Engine
+
+
+def _is_new(old: PlacementState | None, s: Slot) -> bool:
+    """A model made for this change (not one the placement already had)."""
+    return old is None or all(o.model is not s.model for o in old.slots.values())
+
+
+def _moved(old: PlacementState | None, name: str, s: Slot) -> bool:
+    """The slot holds another model than before (new or promoted): it needs a snapshot."""
+    return old is None or name not in old.slots or old.slots[name].model is not s.model
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,26 @@ class Configurator:
                         f"placements[{i}].fallback_arm", "the fallback arm bypasses budgets, so it cannot have one"
                     )
 
+    def _slots(self, spec: PlacementSpec, old: PlacementState | None, since: int) -> dict[str, Slot]:
+        """The placement's models after the change: kept where their settings did not change,
+        promoted from a variant on request, new (learning from ``since`` on) otherwise."""
+        out: dict[str, Slot] = {}
+        for name, key in spec.slots().items():
+            prev = old.slots.get(name) if old is not None else None
+            if name == "" and spec.promote is not None and old is not None and spec.promote in old.slots:
+                winner = old.slots[spec.promote]
+                if winner.key != key:
+                    raise InvalidInput(
+                        "promote", f"variant {spec.promote!r} was trained with other VW settings; give the placement its settings"
+                    )
+                out[name] = Slot(name, key, winner.model, winner.cursor)
+            elif prev is not None and prev.key == key:
+                out[name] = prev
+            else:
+                check_vw_arguments(spec.slot_spec(name))
+                out[name] = Slot(name, key, CbModel(spec.slot_spec(name)), since)
+        return out
+
     async def apply(
         self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec], dry_run: bool
     ) -> list[Change]:
@@ -50,34 +81,40 @@ class Configurator:
         async with self._lock:
             current = {pid: ps.record for pid, ps in e.states.items()}
             camp_changes = plan_campaigns(e.budgets.campaigns, campaigns)
-            p = plan(current, specs, e.store.max_learn_seq() + 1)
-            for rec in p.records:
-                if rec.spec.id in p.new_models:
-                    check_vw_arguments(rec.spec)
+            since = e.store.max_learn_seq()
+            p = plan(current, specs, since + 1)
+            slots = {rec.spec.id: self._slots(rec.spec, e.states.get(rec.spec.id), since) for rec in p.records}
             changes = camp_changes + p.changes
             if dry_run or not changes:
+                for pid, made in slots.items():
+                    for s in made.values():
+                        if _is_new(e.states.get(pid), s):
+                            s.model.close()
                 return changes
             changed_campaigns = [c for c in campaigns if any(ch.campaign == c.id for ch in camp_changes)]
+            # New and promoted models are saved with the configuration: a restart knows where each starts.
+            fresh = [
+                s.snapshot(pid)
+                for pid, made in slots.items()
+                for name, s in made.items()
+                if _moved(e.states.get(pid), name, s)
+            ]
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
-                e._writer_pool, e.store.save_placements, p.records, p.new_arm_versions, changed_campaigns
+                e._writer_pool, e.store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
             )
             for c in changed_campaigns:
                 e.budgets.campaigns[c.id] = c
             features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
             for rec in p.records:
                 old = e.states.get(rec.spec.id)
-                lines = old.arm_lines if old is not None else {}
-                if old is None or rec.spec.id in p.new_models:
-                    if old is not None:
-                        old.model.close()
-                    model, cursor = CbModel(rec.spec), rec.model_since_seq
-                else:
-                    model, cursor = old.model, old.cursor
-                ps = e.make_state(rec, model, cursor, features)
-                ps.arm_lines = {**lines, **ps.arm_lines}
-                if old is not None and old.model is model:
-                    ps.since_snapshot, ps.last_snapshot = old.since_snapshot, old.last_snapshot
+                ps = e.make_state(rec, slots[rec.spec.id], features)
+                if old is not None:
+                    ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
+                    kept = {id(s.model) for s in ps.slots.values()}
+                    for s in old.slots.values():
+                        if id(s.model) not in kept:
+                            s.model.close()
                 e.states[rec.spec.id] = ps
             await e.rebuild_history()
             log.info("applied %d changes", len(changes))

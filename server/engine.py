@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from bandit.budget import Account
 from bandit.contact import ContactHistory, Impression
-from bandit.decider import ArmView, Candidate, decide
+from bandit.decider import ArmView, Candidate, decide, serve_holdout
 from bandit.errors import AlreadyExists, InvalidInput, NotFound
 from bandit.features import Feature, arm_line, check_features, features_from_mapping, shared_line
 from bandit.log import LoggedDecision, Outcome
@@ -30,10 +30,10 @@ from bandit.model import CbModel
 from bandit.spec import CampaignSpec, PlacementSpec
 from server.budgets import BudgetKeeper
 from server.configure import Configurator
-from server.learner import Learner, PlacementState
+from server.learner import Learner, PlacementState, Slot
 from server.placements import Change
 from server.settings import Settings
-from server.stats import BudgetView, Stats
+from server.stats import BudgetView, ModelView, Stats
 from server.storage.base import ArmTally, Close, PlacementRecord, Store
 from server.writer import BatchWriter
 
@@ -100,13 +100,16 @@ class Engine:
         records = await loop.run_in_executor(self._reader_pool, self.store.load_placements)
         features = await loop.run_in_executor(self._reader_pool, self.store.arm_features)
         for rec in records:
-            snap = await loop.run_in_executor(self._reader_pool, self.store.load_snapshot, rec.spec.id)
-            if snap is not None and snap.generation == rec.generation:
-                model = CbModel(rec.spec, snap.model, learned=snap.learned)
-                cursor = snap.learn_seq
-            else:
-                model, cursor = CbModel(rec.spec), rec.model_since_seq
-            self.states[rec.spec.id] = self.make_state(rec, model, cursor, features)
+            snaps = await loop.run_in_executor(self._reader_pool, self.store.load_snapshots, rec.spec.id)
+            slots = {}
+            for name, key in rec.spec.slots().items():
+                snap = snaps.get(name)
+                if snap is not None and snap.key == key:
+                    model = CbModel(rec.spec.slot_spec(name), snap.model, learned=snap.learned)
+                    slots[name] = Slot(name, key, model, snap.learn_seq)
+                else:
+                    slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
+            self.states[rec.spec.id] = self.make_state(rec, slots, features)
         self.budgets.restore(
             await loop.run_in_executor(self._reader_pool, self.store.load_accounts),
             await loop.run_in_executor(self._reader_pool, self.store.load_campaigns),
@@ -167,7 +170,8 @@ class Engine:
                 log.error("final learning and snapshots failed: %s", e)
         await self.budgets.release_all()
         for ps in self.states.values():
-            ps.model.close()
+            for slot in ps.slots.values():
+                slot.model.close()
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
         self.store.close()
@@ -175,8 +179,7 @@ class Engine:
     def make_state(
         self,
         rec: PlacementRecord,
-        model: CbModel,
-        cursor: int,
+        slots: dict[str, Slot],
         features: dict[tuple[str, str, int], dict[str, float | str | bool]],
     ) -> PlacementState:
         pid = rec.spec.id
@@ -186,7 +189,7 @@ class Engine:
             if p == pid
         }
         arms = [ArmView.of(a, rec.arm_versions[a.id]) for a in rec.spec.active_arms()]
-        return PlacementState(rec, model, cursor, arms, lines, placement_salt(self.settings.seed, pid))
+        return PlacementState(rec, slots, arms, lines, placement_salt(self.settings.seed, pid))
 
     # -- Choose -----------------------------------------------------------------------------
 
@@ -223,7 +226,16 @@ class Engine:
         tracked = bool(customer_id) and self.history.horizon > 0
         history = self.history.impressions(customer_id, now) if tracked else []
         salt = ps.salt
-        choice = decide(ps.model, spec, candidates, shared_line(features), lambda: uniform_for(salt, event_id), now, history)
+        variant = self._variant(spec, customer_id, event_id)
+        draw = lambda: uniform_for(salt, event_id)  # noqa: E731
+        if variant == "holdout":
+            assert spec.experiment is not None and spec.experiment.holdout is not None
+            choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history)
+            model_version = 0
+        else:
+            slot = ps.slots[variant]
+            choice = decide(slot.model, spec.variant(variant), candidates, shared_line(features), draw, now, history)
+            model_version = slot.model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
         cost = reward_cost = 0.0
         keys: tuple[tuple[str, str], ...] = ()
@@ -242,7 +254,7 @@ class Engine:
             pmf=choice.pmf,
             chosen=choice.arm_index,
             probability=choice.probability,
-            model_version=ps.model.learned,
+            model_version=model_version,
             deadline=deadline,
             outcome=Outcome.OPEN if chosen is not None else Outcome.NO_ARM,
             cost=cost,
@@ -250,6 +262,7 @@ class Engine:
             budgets=keys,
             ineligible=tuple(choice.ineligible.items()),
             reason=choice.reason,
+            variant=variant,
         )
         assert self.writer is not None
         self.writer.add_decision(decision)
@@ -261,6 +274,23 @@ class Engine:
                     customer_id, Impression(now, chosen.arm.id, chosen.spec.campaign, placement, event_id)
                 )
         return decision
+
+    @staticmethod
+    def _variant(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
+        """Sticky per customer (a salted hash of customer_id); per event for anonymous requests."""
+        exp = spec.experiment
+        if exp is None:
+            return ""
+        salt = hashlib.blake2b(f"experiment/{spec.id}/{exp.salt}".encode(), digest_size=32).digest()
+        u = uniform_for(salt, customer_id or event_id)
+        edge = exp.holdout.share if exp.holdout is not None else 0.0
+        if u < edge:
+            return "holdout"
+        for v in exp.variants:
+            edge += v.share
+            if u < edge:
+                return v.id
+        return exp.variants[-1].id if exp.variants else "holdout"
 
     def _accounts(self, placement: str, arm: ArmView, now: float) -> list[Account]:
         a = arm.spec
@@ -405,6 +435,7 @@ class Engine:
         rows = [(by_arm.pop(a.id, ArmTally(a.id)), a.active) for a in ps.record.spec.arms]
         rows += [(t, False) for t in by_arm.values()]
         pending = sum(t.pending for t, _ in rows)
+        variants = await loop.run_in_executor(self._reader_pool, self.store.tally_variants, pid)
         now = self.clock()
         seen: set[tuple[str, str]] = set()
         budgets = []
@@ -413,7 +444,8 @@ class Engine:
                 if (acc.key, acc.period) not in seen:
                     seen.add((acc.key, acc.period))
                     budgets.append(BudgetView.of(acc, now))
-        return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm)
+        models = [ModelView.of(s) for s in ps.slots.values()]
+        return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models)
 
     @property
     def queue_depth(self) -> int:

@@ -1,9 +1,14 @@
-"""The learner: one task that feeds each placement's model the rewards in learn-sequence order.
+"""The learner: one task that feeds each model the rewards in learn-sequence order.
 
 Rewards are learned from the log, not from memory: the writer gives every closed window a
-``learn_seq`` as it commits, and the learner reads rows above its cursor. Normal learning and
-recovery after a restart (snapshot + rows after its ``learn_seq``) are one code path, and each
-row is learned exactly once per model.
+``learn_seq`` as it commits, and the learner reads rows above each model's cursor. Normal
+learning and recovery after a restart (snapshot + rows after its ``learn_seq``) are one code
+path, and each row is learned exactly once per model.
+
+A placement keeps one model per slot: "" (its own), one per experiment variant (learning only
+that variant's decisions) and one per shadow (learning every served decision, and scored on
+each before learning it: how often its greedy choice agrees with the served arm, and the IPS
+estimate of its value).
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from bandit.decider import ArmView
 from bandit.features import shared_line
@@ -28,21 +36,50 @@ _LEARN_SLICE = 8
 
 
 @dataclass(eq=False)
-class PlacementState:
-    """A live placement: its record, its model and where its model stands in the log."""
+class Slot:
+    """One model of a placement and where it stands in the log."""
 
-    record: PlacementRecord
+    name: str  # "" | variant id | "shadow:<id>"
+    key: tuple[str, bool, int]
     model: CbModel
     cursor: int  # last learn_seq this model learned
+    since_snapshot: int = 0
+    last_snapshot: float = field(default_factory=time.monotonic)
+    scored: int = 0  # shadow only: decisions scored before learning them
+    agreed: int = 0
+    ips_sum: float = 0.0
+    recent: deque[bool] = field(default_factory=lambda: deque(maxlen=500))  # agreement of the last 500
+
+    @property
+    def shadow(self) -> bool:
+        return self.name.startswith("shadow:")
+
+    @property
+    def variant_filter(self) -> str | None:
+        """Which decisions this model learns: a shadow learns all, others their own variant's."""
+        return None if self.shadow else self.name
+
+    def snapshot(self, placement: str) -> Snapshot:
+        return Snapshot(placement, self.name, self.key, self.model.learned, self.cursor, self.model.to_bytes())
+
+
+@dataclass(eq=False)
+class PlacementState:
+    """A live placement: its record, its models and its arms' VW text."""
+
+    record: PlacementRecord
+    slots: dict[str, Slot]
     arms: list[ArmView]  # the active arms, with their VW text
     arm_lines: dict[tuple[str, int], str]  # every version of every arm, for learning old decisions
     salt: bytes
-    since_snapshot: int = 0
-    last_snapshot: float = field(default_factory=time.monotonic)
 
     @property
     def id(self) -> str:
         return self.record.spec.id
+
+    @property
+    def model(self) -> CbModel:
+        return self.slots[""].model
 
     @property
     def arm_campaigns(self) -> dict[str, str | None]:
@@ -96,55 +133,80 @@ class Learner:
             await self.catch_up(pid)
 
     async def catch_up(self, pid: str) -> int:
-        """Learn every learnable row of a placement; returns how many were learned."""
+        """Learn every learnable row of every model of a placement; returns how many were learned."""
+        total = 0
+        ps = self._states.get(pid)
+        for name in list(ps.slots) if ps else []:
+            total += await self._catch_up_slot(pid, name)
+        return total
+
+    def _slot(self, pid: str, name: str) -> tuple[PlacementState, Slot] | None:
+        ps = self._states.get(pid)
+        slot = ps.slots.get(name) if ps else None
+        return (ps, slot) if ps is not None and slot is not None else None
+
+    async def _catch_up_slot(self, pid: str, name: str) -> int:
         loop = asyncio.get_running_loop()
         total = 0
         while True:
-            ps = self._states.get(pid)
-            if ps is None:
+            found = self._slot(pid, name)
+            if found is None:
                 return total
-            rows = await loop.run_in_executor(self._reader, self._store.learnable, pid, ps.cursor, self._batch)
-            if self._states.get(pid) is not ps:
-                continue  # the placement got a new model meanwhile; read again for it
+            ps, slot = found
+            rows = await loop.run_in_executor(
+                self._reader, self._store.learnable, pid, slot.variant_filter, slot.cursor, self._batch
+            )
+            if self._slot(pid, name) != (ps, slot):
+                continue  # the model was replaced meanwhile; read again for the new one
             for i, row in enumerate(rows):
-                if row.learn_seq is None or row.learn_seq <= ps.cursor:
+                if row.learn_seq is None or row.learn_seq <= slot.cursor:
                     continue
-                self._learn_one(ps, row)
+                self._learn_one(ps, slot, row)
                 total += 1
                 if i % _LEARN_SLICE == _LEARN_SLICE - 1:
                     await asyncio.sleep(0)
-                    if self._states.get(pid) is not ps:
+                    if self._slot(pid, name) != (ps, slot):
                         break
             if rows:
                 self._on_learned(pid, len(rows))
             if len(rows) < self._batch:
-                await self.maybe_snapshot(ps)
+                await self.maybe_snapshot(pid, slot)
                 return total
 
-    def _learn_one(self, ps: PlacementState, row: LoggedDecision) -> None:
+    def _learn_one(self, ps: PlacementState, slot: Slot, row: LoggedDecision) -> None:
         assert row.learn_seq is not None and row.chosen is not None and row.reward is not None
-        lines = [ps.arm_lines.get(a) for a in row.arms]
-        if any(line is None for line in lines):
+        found = [ps.arm_lines.get(a) for a in row.arms]
+        lines = [x for x in found if x is not None]
+        if len(lines) != len(found):
             log.error("event %s of %s names an unknown arm version; not learned", row.event_id, ps.id)
         else:
-            ps.model.learn(shared_line(row.features), lines, row.chosen, row.reward, row.probability)  # type: ignore[arg-type]
-            ps.since_snapshot += 1
-        ps.cursor = row.learn_seq
+            shared = shared_line(row.features)
+            if slot.shadow:  # progressive validation: score before learning
+                greedy = int(np.argmax(slot.model.expected_rewards(shared, lines)))
+                slot.scored += 1
+                slot.recent.append(greedy == row.chosen)
+                if greedy == row.chosen:
+                    slot.agreed += 1
+                    slot.ips_sum += row.reward / row.probability
+            slot.model.learn(shared, lines, row.chosen, row.reward, row.probability)
+            slot.since_snapshot += 1
+        slot.cursor = row.learn_seq
 
-    async def maybe_snapshot(self, ps: PlacementState, force: bool = False) -> None:
-        due = ps.since_snapshot >= self._snapshot_every or (
-            ps.since_snapshot > 0 and time.monotonic() - ps.last_snapshot >= self._snapshot_interval
+    async def maybe_snapshot(self, pid: str, slot: Slot, force: bool = False) -> None:
+        due = slot.since_snapshot >= self._snapshot_every or (
+            slot.since_snapshot > 0 and time.monotonic() - slot.last_snapshot >= self._snapshot_interval
         )
-        if not (due or (force and ps.since_snapshot > 0)):
+        if not (due or (force and slot.since_snapshot > 0)):
             return
-        snap = Snapshot(ps.id, ps.record.generation, ps.model.learned, ps.cursor, ps.model.to_bytes())
+        snap = slot.snapshot(pid)
         await asyncio.get_running_loop().run_in_executor(self._writer, self._store.save_snapshot, snap)
-        ps.since_snapshot = 0
-        ps.last_snapshot = time.monotonic()
+        slot.since_snapshot = 0
+        slot.last_snapshot = time.monotonic()
 
     async def snapshot_all(self) -> None:
-        for ps in list(self._states.values()):
-            await self.maybe_snapshot(ps, force=True)
+        for pid, ps in list(self._states.items()):
+            for slot in list(ps.slots.values()):
+                await self.maybe_snapshot(pid, slot, force=True)
 
     async def _run(self) -> None:
         while True:

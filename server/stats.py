@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from bandit.budget import Account
-from server.storage.base import ArmTally
+from server.storage.base import ArmTally, VariantTally
+
+if TYPE_CHECKING:
+    from server.learner import Slot
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """One model of a placement: its slot, examples learned and, for a shadow, how it scores."""
+
+    slot: str
+    learned: int
+    scored: int
+    agreement: float
+    estimated_value: float
+
+    @classmethod
+    def of(cls, slot: Slot) -> ModelView:
+        n, recent = slot.scored, slot.recent
+        agreement = sum(recent) / len(recent) if recent else 0.0
+        return cls(slot.name, slot.model.learned, n, agreement, slot.ips_sum / n if n else 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +62,5 @@ class Stats:
     pending: int
     budgets: list[BudgetView]
     no_offer: int = 0
+    variants: list[VariantTally] = field(default_factory=list)
+    models: list[ModelView] = field(default_factory=list)

@@ -78,10 +78,11 @@ def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
     r = store.write([], [Close("e2", Outcome.REWARD, 1.5, 101.0), Close("e1", Outcome.DEFAULT, 0.0, 701.0), Close("e2", Outcome.REWARD, 9.0, 102.0)])
     s1, s2, dup = r.seqs
     assert s1 is not None and s2 == s1 + 1 and dup is None  # a window closes once
-    rows = store.learnable("app_home_banner", 0, 10)
+    rows = store.learnable("app_home_banner", None, 0, 10)
     assert [(x.event_id, x.reward, x.outcome) for x in rows] == [("e2", 1.5, Outcome.REWARD), ("e1", 0.0, Outcome.DEFAULT)]
-    assert store.learnable("app_home_banner", s1, 10)[0].event_id == "e1"
-    assert store.learnable("other", 0, 10) == []
+    assert store.learnable("app_home_banner", "", s1, 10)[0].event_id == "e1"
+    assert store.learnable("app_home_banner", "B", 0, 10) == []
+    assert store.learnable("other", None, 0, 10) == []
     assert store.open_decisions() == []
     assert store.max_learn_seq() == s2
 
@@ -94,10 +95,14 @@ def test_reused_event_id_does_not_fail_the_batch(store: SqlStore) -> None:
 
 
 def test_snapshots_and_late_rewards_and_tally(store: SqlStore) -> None:
-    assert store.load_snapshot("app_home_banner") is None
-    store.save_snapshot(Snapshot("app_home_banner", 1, 10, 12, b"model-1"))
-    store.save_snapshot(Snapshot("app_home_banner", 2, 20, 30, b"\x00model-2"))
-    assert store.load_snapshot("app_home_banner") == Snapshot("app_home_banner", 2, 20, 30, b"\x00model-2")
+    assert store.load_snapshots("app_home_banner") == {}
+    key = ("--cb_type dr", True, 18)
+    store.save_snapshot(Snapshot("app_home_banner", "", key, 10, 12, b"model-1"))
+    store.save_snapshot(Snapshot("app_home_banner", "", key, 20, 30, b"\x00model-2"))
+    store.save_snapshot(Snapshot("app_home_banner", "A", ("", False, 16), 5, 31, b"a"))
+    snaps = store.load_snapshots("app_home_banner")
+    assert snaps[""] == Snapshot("app_home_banner", "", key, 20, 30, b"\x00model-2")
+    assert snaps["A"].key == ("", False, 16)
     store.write([decision("e1"), decision("e2"), decision("e3", 1), decision("e4", None)], [])
     store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
     store.record_late_reward("e2", 5.0, 2.0)
@@ -116,3 +121,15 @@ def test_postgres_is_really_tested_where_it_runs() -> None:
 
     if os.environ.get("CI") and not _PG:
         pytest.fail("CI has no PostgreSQL at 127.0.0.1:5432: the storage contract would run on SQLite only")
+
+
+def test_variants_are_logged_and_tallied(store: SqlStore) -> None:
+    from dataclasses import replace
+
+    store.write([replace(decision("e1"), variant="A"), replace(decision("e2"), variant="holdout"), replace(decision("e3"), variant="A")], [])
+    store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
+    assert store.find_decision("e1").variant == "A"
+    by = {v.variant: v for v in store.tally_variants("app_home_banner")}
+    assert (by["A"].decisions, by["A"].rewards, by["A"].reward_sum, by["A"].closed) == (2, 1, 2.0, 1)
+    assert (by["holdout"].decisions, by["holdout"].rewards, by["holdout"].closed) == (1, 0, 1)
+    assert [r.event_id for r in store.learnable("app_home_banner", "A", 0, 10)] == ["e1"]

@@ -11,7 +11,17 @@ from pydantic import ValidationError
 
 from bandit.errors import InvalidInput
 from bandit.features import Feature
-from bandit.spec import ArmSpec, BudgetSpec, CampaignSpec, ContactRule, FatigueSpec, PlacementSpec, error_location
+from bandit.spec import (
+    ArmSpec,
+    BudgetSpec,
+    CampaignSpec,
+    ContactRule,
+    ExperimentSpec,
+    ExplorationSpec,
+    FatigueSpec,
+    PlacementSpec,
+    error_location,
+)
 from server.pb.nextbest.v1 import admin_pb2, common_pb2
 from server.placements import Change
 from server.stats import Stats
@@ -167,6 +177,62 @@ def arm_spec(arm: admin_pb2.Arm, field: str = "arm") -> ArmSpec:
         raise validation_error(e, field) from None
 
 
+_HOLDOUT = {admin_pb2.HOLDOUT_POLICY_FIXED: "fixed", admin_pb2.HOLDOUT_POLICY_RULES: "rules"}
+_HOLDOUT_PB = {"uniform": admin_pb2.HOLDOUT_POLICY_UNIFORM, "fixed": admin_pb2.HOLDOUT_POLICY_FIXED, "rules": admin_pb2.HOLDOUT_POLICY_RULES}
+
+
+def _exploration_dict(ex: admin_pb2.Exploration, field: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ex.algorithm != admin_pb2.EXPLORATION_ALGORITHM_UNSPECIFIED:
+        if ex.algorithm not in _ALGORITHMS:
+            raise InvalidInput(f"{field}.algorithm", f"unknown algorithm {ex.algorithm}")
+        out["algorithm"] = _ALGORITHMS[ex.algorithm]
+    for name in ("epsilon", "lambda", "gamma_scale", "gamma_exponent"):
+        if ex.HasField(name):
+            out[name] = getattr(ex, name)
+    return out
+
+
+def _experiment_dict(e: admin_pb2.Experiment, field: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"salt": e.salt, "variants": []}
+    if e.HasField("holdout"):
+        h = e.holdout
+        out["holdout"] = {
+            "share": h.share,
+            "policy": _HOLDOUT.get(h.policy, "uniform"),
+            "arm": h.arm or None,
+            "rules": [
+                {"when": {f.key: f.value for f in features(r.when, f"{field}.holdout.rules[{i}].when")}, "arm": r.arm}
+                for i, r in enumerate(h.rules)
+            ],
+        }
+    for i, v in enumerate(e.variants):
+        d: dict[str, Any] = {"id": v.id, "share": v.share}
+        if v.HasField("exploration"):
+            d["exploration"] = _exploration_dict(v.exploration, f"{field}.variants[{i}].exploration")
+        if v.HasField("vw_args"):
+            d["vw_args"] = v.vw_args
+        if v.HasField("interactions"):
+            d["interactions"] = v.interactions
+        if v.HasField("bits"):
+            d["bits"] = v.bits
+        if v.HasField("fatigue"):
+            d["fatigue"] = _fatigue_dict(v.fatigue)
+        if v.HasField("contact_policies"):
+            d["contact_policies"] = [_rule_dict(r) for r in v.contact_policies.policies]
+        out["variants"].append(d)
+    return out
+
+
+def _shadow_dict(s: admin_pb2.Shadow) -> dict[str, Any]:
+    d: dict[str, Any] = {"id": s.id, "vw_args": s.vw_args}
+    if s.HasField("interactions"):
+        d["interactions"] = s.interactions
+    if s.HasField("bits"):
+        d["bits"] = s.bits
+    return d
+
+
 def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> PlacementSpec:
     """Validate a protobuf placement into a spec; errors name the field."""
     data: dict[str, Any] = {
@@ -175,16 +241,7 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         "arms": [_arm_dict(a, f"{field}.arms[{i}]") for i, a in enumerate(p.arms)],
         "vw_args": p.vw_args,
     }
-    ex = p.exploration
-    exploration: dict[str, Any] = {}
-    if ex.algorithm != admin_pb2.EXPLORATION_ALGORITHM_UNSPECIFIED:
-        if ex.algorithm not in _ALGORITHMS:
-            raise InvalidInput(f"{field}.exploration.algorithm", f"unknown algorithm {ex.algorithm}")
-        exploration["algorithm"] = _ALGORITHMS[ex.algorithm]
-    for name in ("epsilon", "lambda", "gamma_scale", "gamma_exponent"):
-        if ex.HasField(name):
-            exploration[name] = getattr(ex, name)
-    data["exploration"] = exploration
+    data["exploration"] = _exploration_dict(p.exploration, f"{field}.exploration")
     if p.HasField("reward_window_seconds"):
         data["reward_window"] = p.reward_window_seconds
     if p.HasField("default_reward"):
@@ -200,6 +257,11 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["fallback_arm"] = p.fallback_arm
     if p.HasField("cooldown_seconds"):
         data["cooldown"] = p.cooldown_seconds
+    if p.HasField("experiment"):
+        data["experiment"] = _experiment_dict(p.experiment, f"{field}.experiment")
+    data["shadows"] = [_shadow_dict(s) for s in p.shadows]
+    if p.promote:
+        data["promote"] = p.promote
     try:
         return PlacementSpec.model_validate(data)
     except ValidationError as e:
@@ -244,20 +306,55 @@ def _fatigue_pb(f: FatigueSpec | None) -> admin_pb2.Fatigue | None:
     )
 
 
+def _exploration_pb(e: ExplorationSpec) -> admin_pb2.Exploration:
+    return admin_pb2.Exploration(
+        algorithm=_ALGORITHM_PB[e.algorithm],
+        epsilon=e.epsilon,
+        gamma_scale=e.gamma_scale,
+        gamma_exponent=e.gamma_exponent,
+        **{"lambda": e.lam},
+    )
+
+
+def _experiment_pb(x: ExperimentSpec | None) -> admin_pb2.Experiment | None:
+    if x is None:
+        return None
+    h = x.holdout
+    return admin_pb2.Experiment(
+        salt=x.salt,
+        holdout=None
+        if h is None
+        else admin_pb2.Holdout(
+            share=h.share,
+            policy=_HOLDOUT_PB[h.policy],
+            arm=h.arm or "",
+            rules=[admin_pb2.Rule(when=features_pb(r.when), arm=r.arm) for r in h.rules],
+        ),
+        variants=[
+            admin_pb2.Variant(
+                id=v.id,
+                share=v.share,
+                exploration=_exploration_pb(v.exploration) if v.exploration else None,
+                vw_args=v.vw_args,
+                interactions=v.interactions,
+                bits=v.bits,
+                fatigue=_fatigue_pb(v.fatigue),
+                contact_policies=None
+                if v.contact_policies is None
+                else admin_pb2.ContactPolicyList(policies=[_rule_pb(r) for r in v.contact_policies]),
+            )
+            for v in x.variants
+        ],
+    )
+
+
 def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
     s = rec.spec
-    e = s.exploration
     return admin_pb2.Placement(
         id=s.id,
         description=s.description,
         arms=[arm_pb(a, rec.arm_versions.get(a.id, 0)) for a in s.arms],
-        exploration=admin_pb2.Exploration(
-            algorithm=_ALGORITHM_PB[e.algorithm],
-            epsilon=e.epsilon,
-            gamma_scale=e.gamma_scale,
-            gamma_exponent=e.gamma_exponent,
-            **{"lambda": e.lam},
-        ),
+        exploration=_exploration_pb(s.exploration),
         reward_window_seconds=s.reward_window,
         default_reward=s.default_reward,
         vw_args=s.vw_args,
@@ -267,6 +364,9 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         fatigue=_fatigue_pb(s.fatigue),
         fallback_arm=s.fallback_arm or "",
         cooldown_seconds=s.cooldown,
+        experiment=_experiment_pb(s.experiment),
+        shadows=[admin_pb2.Shadow(id=x.id, vw_args=x.vw_args, interactions=x.interactions, bits=x.bits) for x in s.shadows],
+        promote=s.promote or "",
     )
 
 
@@ -319,4 +419,22 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
             for b in s.budgets
         ],
         no_offer=s.no_offer,
+        variants=[
+            admin_pb2.VariantStats(
+                variant=v.variant,
+                decisions=v.decisions,
+                impressions=v.impressions,
+                rewards=v.rewards,
+                reward_sum=v.reward_sum,
+                closed=v.closed,
+                mean_reward=v.learned_sum / v.closed if v.closed else 0.0,
+            )
+            for v in s.variants
+        ],
+        models=[
+            admin_pb2.ModelStats(
+                slot=m.slot, learned=m.learned, scored=m.scored, agreement=m.agreement, estimated_value=m.estimated_value
+            )
+            for m in s.models
+        ],
     )

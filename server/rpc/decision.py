@@ -35,6 +35,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             probability=d.probability,
             model_version=d.model_version,
             reason=d.reason,
+            variant=d.variant,
         )
 
     @rpc

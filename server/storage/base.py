@@ -40,10 +40,13 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A saved model and the position in the learn sequence it includes."""
+    """A saved model of one slot, the settings it was built with, and the position in the
+    learn sequence it includes. A model is snapshotted when it is created, so a restart
+    always finds where each model starts."""
 
     placement: str
-    generation: int
+    slot: str
+    key: tuple[str, bool, int]
     learned: int
     learn_seq: int
     model: bytes
@@ -61,6 +64,19 @@ class ArmTally:
     late_rewards: int = 0
     pending: int = 0
     spend: float = 0.0
+
+
+@dataclass(slots=True)
+class VariantTally:
+    """Counts of one experiment variant's decisions."""
+
+    variant: str
+    decisions: int = 0
+    impressions: int = 0
+    rewards: int = 0
+    reward_sum: float = 0.0
+    learned_sum: float = 0.0  # explicit and default rewards of closed decisions
+    closed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +122,7 @@ class Store(Protocol):
         records: Sequence[PlacementRecord],
         new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]],
         campaigns: Sequence[CampaignSpec] = (),
+        snapshots: Sequence[Snapshot] = (),
     ) -> None: ...
 
     def load_campaigns(self) -> list[CampaignSpec]: ...
@@ -126,14 +143,16 @@ class Store(Protocol):
 
     def open_decisions(self) -> list[LoggedDecision]: ...
 
-    def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]: ...
+    def learnable(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LoggedDecision]: ...
 
     def max_learn_seq(self) -> int: ...
 
     def save_snapshot(self, snapshot: Snapshot) -> None: ...
 
-    def load_snapshot(self, placement: str) -> Snapshot | None: ...
+    def load_snapshots(self, placement: str) -> dict[str, Snapshot]: ...
 
     def tally(self, placement: str) -> tuple[list[ArmTally], int, int]: ...
+
+    def tally_variants(self, placement: str) -> list[VariantTally]: ...
 
     def close(self) -> None: ...

@@ -24,6 +24,7 @@ from server.storage.base import (
     PlacementRecord,
     RecentImpression,
     Snapshot,
+    VariantTally,
     WriteResult,
 )
 
@@ -94,9 +95,12 @@ class SqlStore:
         records: Sequence[PlacementRecord],
         new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]],
         campaigns: Sequence[CampaignSpec] = (),
+        snapshots: Sequence[Snapshot] = (),
     ) -> None:
         now = time.time()
         with self._begin() as c:
+            for snap in snapshots:
+                self._put_snapshot(c, snap)
             for camp in campaigns:
                 spec = camp.model_dump(mode="json", by_alias=True, exclude={"id"})
                 if c.execute(update(t.campaigns).where(t.campaigns.c.id == camp.id).values(spec=spec)).rowcount == 0:
@@ -247,34 +251,43 @@ class SqlStore:
             rows = c.execute(select(t.decisions).where(t.decisions.c.outcome == int(Outcome.OPEN))).all()
         return [decision_from_row(r) for r in rows]
 
-    def learnable(self, placement: str, after_seq: int, limit: int) -> list[LoggedDecision]:
+    def learnable(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LoggedDecision]:
+        """Closed decisions after a learn position, in learn order; of one variant, or all (None)."""
+        d = t.decisions.c
+        cond = [d.placement_id == placement, d.learn_seq > after_seq]
+        if variant is not None:
+            cond.append(d.variant == variant)
         with self._connect() as c:
-            rows = c.execute(
-                select(t.decisions)
-                .where(t.decisions.c.placement_id == placement, t.decisions.c.learn_seq > after_seq)
-                .order_by(t.decisions.c.learn_seq)
-                .limit(limit)
-            ).all()
+            rows = c.execute(select(t.decisions).where(*cond).order_by(d.learn_seq).limit(limit)).all()
         return [decision_from_row(r) for r in rows]
 
     # -- models ---------------------------------------------------------------------------
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
+        with self._begin() as c:
+            self._put_snapshot(c, snapshot)
+
+    @staticmethod
+    def _put_snapshot(c: Connection, snapshot: Snapshot) -> None:
+        s = t.snapshots.c
         row = {
-            "generation": snapshot.generation,
+            "model_key": list(snapshot.key),
             "learned": snapshot.learned,
             "learn_seq": snapshot.learn_seq,
             "model": snapshot.model,
             "created_at": time.time(),
         }
-        with self._begin() as c:
-            if c.execute(update(t.snapshots).where(t.snapshots.c.placement_id == snapshot.placement).values(**row)).rowcount == 0:
-                c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, **row))
+        where = (s.placement_id == snapshot.placement, s.slot == snapshot.slot)
+        if c.execute(update(t.snapshots).where(*where).values(**row)).rowcount == 0:
+            c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, slot=snapshot.slot, **row))
 
-    def load_snapshot(self, placement: str) -> Snapshot | None:
+    def load_snapshots(self, placement: str) -> dict[str, Snapshot]:
         with self._connect() as c:
-            r = c.execute(select(t.snapshots).where(t.snapshots.c.placement_id == placement)).first()
-        return None if r is None else Snapshot(placement, r.generation, r.learned, r.learn_seq, bytes(r.model))
+            rows = c.execute(select(t.snapshots).where(t.snapshots.c.placement_id == placement)).all()
+        return {
+            r.slot: Snapshot(placement, r.slot, (r.model_key[0], bool(r.model_key[1]), int(r.model_key[2])), r.learned, r.learn_seq, bytes(r.model))
+            for r in rows
+        }
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -321,6 +334,27 @@ class SqlStore:
             if arm_id is not None:
                 tallies.setdefault(arm_id, ArmTally(arm_id)).late_rewards += count
         return list(tallies.values()), total, no_arm
+
+    def tally_variants(self, placement: str) -> list[VariantTally]:
+        d = t.decisions.c
+        explicit = case((d.outcome == int(Outcome.REWARD), 1), else_=0)
+        closed = case((d.outcome.in_([int(Outcome.REWARD), int(Outcome.DEFAULT)]), 1), else_=0)
+        with self._connect() as c:
+            rows = c.execute(
+                select(
+                    d.variant,
+                    func.count(),
+                    func.count(d.arm_id),
+                    func.sum(explicit),
+                    func.coalesce(func.sum(case((d.outcome == int(Outcome.REWARD), d.reward), else_=0.0)), 0.0),
+                    func.coalesce(func.sum(case((closed == 1, d.reward), else_=0.0)), 0.0),
+                    func.sum(closed),
+                )
+                .where(d.placement_id == placement)
+                .group_by(d.variant)
+                .order_by(d.variant)
+            ).all()
+        return [VariantTally(r[0], r[1], r[2], int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
 
     def close(self) -> None:
         self.engine.dispose()
@@ -380,6 +414,7 @@ def _decision_row(d: LoggedDecision) -> dict[str, Any]:
         "reward_cost": d.reward_cost,
         "budgets": [list(b) for b in d.budgets] or None,
         "ineligible": [list(x) for x in d.ineligible] or None,
+        "variant": d.variant,
     }
 
 
@@ -403,4 +438,5 @@ def decision_from_row(r: Any) -> LoggedDecision:
         reward_cost=r.reward_cost,
         budgets=tuple((k, p) for k, p in r.budgets or ()),
         ineligible=tuple((a, why) for a, why in r.ineligible or ()),
+        variant=r.variant,
     )

@@ -71,7 +71,8 @@ decisions = Table(
     Column("reward_cost", Double, nullable=False, server_default="0"),
     Column("budgets", JSON),  # [[key, period], ...]
     Column("ineligible", JSON),  # [[arm_id, reason], ...]
-    Index("ix_decisions_learn", "placement_id", "learn_seq"),
+    Column("variant", String(64), nullable=False, server_default=""),
+    Index("ix_decisions_learn", "placement_id", "variant", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
     Index("ix_decisions_open", "outcome", "deadline"),
 )
@@ -104,11 +105,13 @@ late_rewards = Table(
     Column("received_at", Double, nullable=False),
 )
 
+# One row per model slot: "" (the placement's model), a variant id, or "shadow:<id>".
 snapshots = Table(
     "snapshots",
     metadata,
     Column("placement_id", String(128), primary_key=True),
-    Column("generation", Integer, nullable=False),
+    Column("slot", String(80), primary_key=True),
+    Column("model_key", JSON, nullable=False),
     Column("learned", BigInteger, nullable=False),
     Column("learn_seq", BigInteger, nullable=False),
     Column("model", LargeBinary, nullable=False),

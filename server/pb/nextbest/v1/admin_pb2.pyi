@@ -101,6 +101,34 @@ EXPLORATION_ALGORITHM_SQUARECB: ExplorationAlgorithm.ValueType  # 3
 """SquareCB: inverse-gap weighting, exploring less as the model learns."""
 Global___ExplorationAlgorithm: _TypeAlias = ExplorationAlgorithm  # noqa: Y015
 
+class _HoldoutPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldoutPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldoutPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLDOUT_POLICY_UNSPECIFIED: _HoldoutPolicy.ValueType  # 0
+    """Uniformly at random among eligible arms (the default)."""
+    HOLDOUT_POLICY_UNIFORM: _HoldoutPolicy.ValueType  # 1
+    """Uniformly at random among eligible arms."""
+    HOLDOUT_POLICY_FIXED: _HoldoutPolicy.ValueType  # 2
+    """Always Holdout.arm."""
+    HOLDOUT_POLICY_RULES: _HoldoutPolicy.ValueType  # 3
+    """The first matching rule's arm, else Holdout.arm."""
+
+class HoldoutPolicy(_HoldoutPolicy, metaclass=_HoldoutPolicyEnumTypeWrapper):
+    """HoldoutPolicy is how the control group is served."""
+
+HOLDOUT_POLICY_UNSPECIFIED: HoldoutPolicy.ValueType  # 0
+"""Uniformly at random among eligible arms (the default)."""
+HOLDOUT_POLICY_UNIFORM: HoldoutPolicy.ValueType  # 1
+"""Uniformly at random among eligible arms."""
+HOLDOUT_POLICY_FIXED: HoldoutPolicy.ValueType  # 2
+"""Always Holdout.arm."""
+HOLDOUT_POLICY_RULES: HoldoutPolicy.ValueType  # 3
+"""The first matching rule's arm, else Holdout.arm."""
+Global___HoldoutPolicy: _TypeAlias = HoldoutPolicy  # noqa: Y015
+
 class _ChangeAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -447,6 +475,9 @@ class Placement(_message.Message):
     FATIGUE_FIELD_NUMBER: _builtins.int
     FALLBACK_ARM_FIELD_NUMBER: _builtins.int
     COOLDOWN_SECONDS_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    SHADOWS_FIELD_NUMBER: _builtins.int
+    PROMOTE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -465,6 +496,8 @@ class Placement(_message.Message):
     """Arm served when nothing else is eligible (it bypasses budgets and contact policies)."""
     cooldown_seconds: _builtins.float
     """After an impression in this placement, the customer gets no offer here for this long."""
+    promote: _builtins.str
+    """On stopping an experiment: the variant whose model becomes the placement's model."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -480,6 +513,14 @@ class Placement(_message.Message):
     @_builtins.property
     def fatigue(self) -> Global___Fatigue:
         """Soft fatigue penalty; unset means none."""
+
+    @_builtins.property
+    def experiment(self) -> Global___Experiment:
+        """An experiment splitting the placement's traffic between a holdout and variants."""
+
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Shadow]:
+        """Candidate models that learn from the served decisions without serving."""
 
     def __init__(
         self,
@@ -497,10 +538,13 @@ class Placement(_message.Message):
         fatigue: Global___Fatigue | None = ...,
         fallback_arm: _builtins.str = ...,
         cooldown_seconds: _builtins.float | None = ...,
+        experiment: Global___Experiment | None = ...,
+        shadows: _abc.Iterable[Global___Shadow] | None = ...,
+        promote: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "promote", b"promote", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
     _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
@@ -524,6 +568,236 @@ class Placement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_window_seconds) -> _WhichOneofReturnType__reward_window_seconds | None: ...
 
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class Rule(_message.Message):
+    """Rule is one row of a rules table."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WHEN_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    arm: _builtins.str
+    """The arm served when they do."""
+    @_builtins.property
+    def when(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Feature]:
+        """Context features that must all have these values (namespace.name or name)."""
+
+    def __init__(
+        self,
+        *,
+        when: _abc.Iterable[_common_pb2.Feature] | None = ...,
+        arm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "when", b"when"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rule: _TypeAlias = Rule  # noqa: Y015
+
+@_typing.final
+class Holdout(_message.Message):
+    """Holdout is the control group of an experiment, served without a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    share: _builtins.float
+    """Share of customers in the holdout, in [0, 1]."""
+    policy: Global___HoldoutPolicy.ValueType
+    """How it is served."""
+    arm: _builtins.str
+    """The arm of a fixed policy, or the default of a rules policy."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rule]:
+        """The rules of a rules policy, first match wins."""
+
+    def __init__(
+        self,
+        *,
+        share: _builtins.float = ...,
+        policy: Global___HoldoutPolicy.ValueType = ...,
+        arm: _builtins.str = ...,
+        rules: _abc.Iterable[Global___Rule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "policy", b"policy", "rules", b"rules", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Holdout: _TypeAlias = Holdout  # noqa: Y015
+
+@_typing.final
+class ContactPolicyList(_message.Message):
+    """ContactPolicyList wraps contact policies so that "unset" differs from "none"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactPolicy]:
+        """The policies."""
+
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[Global___ContactPolicy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactPolicyList: _TypeAlias = ContactPolicyList  # noqa: Y015
+
+@_typing.final
+class Variant(_message.Message):
+    """Variant is one arm of an experiment, with its own model. Unset settings are the placement's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    EXPLORATION_FIELD_NUMBER: _builtins.int
+    VW_ARGS_FIELD_NUMBER: _builtins.int
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    FATIGUE_FIELD_NUMBER: _builtins.int
+    CONTACT_POLICIES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Variant id, reported in ChooseResponse.variant."""
+    share: _builtins.float
+    """Share of customers, in (0, 1]; holdout and variant shares add up to 1."""
+    vw_args: _builtins.str
+    """VW arguments of this variant's model."""
+    interactions: _builtins.bool
+    """Interactions of this variant's model."""
+    bits: _builtins.int
+    """Bits of this variant's model."""
+    @_builtins.property
+    def exploration(self) -> Global___Exploration:
+        """Exploration of this variant."""
+
+    @_builtins.property
+    def fatigue(self) -> Global___Fatigue:
+        """Fatigue settings of this variant."""
+
+    @_builtins.property
+    def contact_policies(self) -> Global___ContactPolicyList:
+        """Contact policies of this variant."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        share: _builtins.float = ...,
+        exploration: Global___Exploration | None = ...,
+        vw_args: _builtins.str | None = ...,
+        interactions: _builtins.bool | None = ...,
+        bits: _builtins.int | None = ...,
+        fatigue: Global___Fatigue | None = ...,
+        contact_policies: Global___ContactPolicyList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_interactions", b"_interactions", "_vw_args", b"_vw_args", "bits", b"bits", "contact_policies", b"contact_policies", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "vw_args", b"vw_args"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_interactions", b"_interactions", "_vw_args", b"_vw_args", "bits", b"bits", "contact_policies", b"contact_policies", "exploration", b"exploration", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "share", b"share", "vw_args", b"vw_args"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
+    _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
+    _WhichOneofReturnType__interactions: _TypeAlias = _typing.Literal["interactions"]  # noqa: Y015
+    _WhichOneofArgType__interactions: _TypeAlias = _typing.Literal["_interactions", b"_interactions"]  # noqa: Y015
+    _WhichOneofReturnType__vw_args: _TypeAlias = _typing.Literal["vw_args"]  # noqa: Y015
+    _WhichOneofArgType__vw_args: _TypeAlias = _typing.Literal["_vw_args", b"_vw_args"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bits) -> _WhichOneofReturnType__bits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__interactions) -> _WhichOneofReturnType__interactions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__vw_args) -> _WhichOneofReturnType__vw_args | None: ...
+
+Global___Variant: _TypeAlias = Variant  # noqa: Y015
+
+@_typing.final
+class Experiment(_message.Message):
+    """Experiment splits traffic by a salted hash of customer_id, sticky per customer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SALT_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    salt: _builtins.str
+    """Salt of the split; change it to reshuffle customers."""
+    @_builtins.property
+    def holdout(self) -> Global___Holdout:
+        """The control group."""
+
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:
+        """The variants."""
+
+    def __init__(
+        self,
+        *,
+        salt: _builtins.str = ...,
+        holdout: Global___Holdout | None = ...,
+        variants: _abc.Iterable[Global___Variant] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["holdout", b"holdout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdout", b"holdout", "salt", b"salt", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Experiment: _TypeAlias = Experiment  # noqa: Y015
+
+@_typing.final
+class Shadow(_message.Message):
+    """Shadow is a candidate model that learns from the served decisions without serving."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    VW_ARGS_FIELD_NUMBER: _builtins.int
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Shadow id."""
+    vw_args: _builtins.str
+    """VW arguments of its model."""
+    interactions: _builtins.bool
+    """Whether context and arm features interact (default true)."""
+    bits: _builtins.int
+    """Bits of its model (default 18)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        vw_args: _builtins.str = ...,
+        interactions: _builtins.bool | None = ...,
+        bits: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_interactions", b"_interactions", "bits", b"bits", "interactions", b"interactions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_interactions", b"_interactions", "bits", b"bits", "id", b"id", "interactions", b"interactions", "vw_args", b"vw_args"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
+    _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
+    _WhichOneofReturnType__interactions: _TypeAlias = _typing.Literal["interactions"]  # noqa: Y015
+    _WhichOneofArgType__interactions: _TypeAlias = _typing.Literal["_interactions", b"_interactions"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bits) -> _WhichOneofReturnType__bits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__interactions) -> _WhichOneofReturnType__interactions | None: ...
+
+Global___Shadow: _TypeAlias = Shadow  # noqa: Y015
 
 @_typing.final
 class CreatePlacementRequest(_message.Message):
@@ -1151,6 +1425,8 @@ class GetStatsResponse(_message.Message):
     PENDING_FIELD_NUMBER: _builtins.int
     BUDGETS_FIELD_NUMBER: _builtins.int
     NO_OFFER_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id."""
     decisions: _builtins.int
@@ -1169,6 +1445,14 @@ class GetStatsResponse(_message.Message):
     def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetStats]:
         """Budgets of the placement's arms and of their campaigns, as this server sees them."""
 
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantStats]:
+        """Per experiment variant ("" without experiment, "holdout" for the control group)."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]:
+        """Per model of the placement: its own, one per variant, one per shadow."""
+
     def __init__(
         self,
         *,
@@ -1179,14 +1463,100 @@ class GetStatsResponse(_message.Message):
         pending: _builtins.int = ...,
         budgets: _abc.Iterable[Global___BudgetStats] | None = ...,
         no_offer: _builtins.int = ...,
+        variants: _abc.Iterable[Global___VariantStats] | None = ...,
+        models: _abc.Iterable[Global___ModelStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "budgets", b"budgets", "decisions", b"decisions", "model_version", b"model_version", "no_offer", b"no_offer", "pending", b"pending", "placement", b"placement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "budgets", b"budgets", "decisions", b"decisions", "model_version", b"model_version", "models", b"models", "no_offer", b"no_offer", "pending", b"pending", "placement", b"placement", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class VariantStats(_message.Message):
+    """VariantStats counts one experiment variant's decisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    IMPRESSIONS_FIELD_NUMBER: _builtins.int
+    REWARDS_FIELD_NUMBER: _builtins.int
+    REWARD_SUM_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    MEAN_REWARD_FIELD_NUMBER: _builtins.int
+    variant: _builtins.str
+    """Variant id."""
+    decisions: _builtins.int
+    """Decisions."""
+    impressions: _builtins.int
+    """Decisions that served an arm."""
+    rewards: _builtins.int
+    """Decisions with an explicit reward."""
+    reward_sum: _builtins.float
+    """Sum of explicit rewards."""
+    closed: _builtins.int
+    """Decisions whose window closed (explicit or default reward)."""
+    mean_reward: _builtins.float
+    """Mean learned reward (explicit and default) of closed decisions."""
+    def __init__(
+        self,
+        *,
+        variant: _builtins.str = ...,
+        decisions: _builtins.int = ...,
+        impressions: _builtins.int = ...,
+        rewards: _builtins.int = ...,
+        reward_sum: _builtins.float = ...,
+        closed: _builtins.int = ...,
+        mean_reward: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "decisions", b"decisions", "impressions", b"impressions", "mean_reward", b"mean_reward", "reward_sum", b"reward_sum", "rewards", b"rewards", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantStats: _TypeAlias = VariantStats  # noqa: Y015
+
+@_typing.final
+class ModelStats(_message.Message):
+    """ModelStats describes one model of a placement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    LEARNED_FIELD_NUMBER: _builtins.int
+    SCORED_FIELD_NUMBER: _builtins.int
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    ESTIMATED_VALUE_FIELD_NUMBER: _builtins.int
+    slot: _builtins.str
+    """"" for the placement's model, a variant id, or "shadow:<id>"."""
+    learned: _builtins.int
+    """Examples learned."""
+    scored: _builtins.int
+    """Shadows: decisions scored before learning them."""
+    agreement: _builtins.float
+    """Shadows: share of the last 500 scored decisions where its greedy arm was the served arm."""
+    estimated_value: _builtins.float
+    """Shadows: IPS estimate of the mean reward of its greedy policy on the served traffic."""
+    def __init__(
+        self,
+        *,
+        slot: _builtins.str = ...,
+        learned: _builtins.int = ...,
+        scored: _builtins.int = ...,
+        agreement: _builtins.float = ...,
+        estimated_value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "estimated_value", b"estimated_value", "learned", b"learned", "scored", b"scored", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStats: _TypeAlias = ModelStats  # noqa: Y015
 
 @_typing.final
 class ListCampaignsRequest(_message.Message):

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from server.pb.nextbest.v1 import common_pb2 as nextbest_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextbest/v1/decision.proto\x12\x0bnextbest.v1\x1a\x18nextbest/v1/common.proto\"q\n\rChooseRequest\x12\x11\n\tplacement\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x14.nextbest.v1.Feature\"n\n\x0e\x43hooseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\"1\n\rRewardRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\";\n\x0eRewardResponse\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.nextbest.v1.RewardStatus*}\n\x0cRewardStatus\x12\x1d\n\x19REWARD_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15REWARD_STATUS_LEARNED\x10\x01\x12\x1b\n\x17REWARD_STATUS_DUPLICATE\x10\x02\x12\x16\n\x12REWARD_STATUS_LATE\x10\x03\x32\x97\x01\n\x0f\x44\x65\x63isionService\x12\x41\n\x06\x43hoose\x12\x1a.nextbest.v1.ChooseRequest\x1a\x1b.nextbest.v1.ChooseResponse\x12\x41\n\x06Reward\x12\x1a.nextbest.v1.RewardRequest\x1a\x1b.nextbest.v1.RewardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextbest/v1/decision.proto\x12\x0bnextbest.v1\x1a\x18nextbest/v1/common.proto\"q\n\rChooseRequest\x12\x11\n\tplacement\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x14.nextbest.v1.Feature\"\x7f\n\x0e\x43hooseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\"1\n\rRewardRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\";\n\x0eRewardResponse\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.nextbest.v1.RewardStatus*}\n\x0cRewardStatus\x12\x1d\n\x19REWARD_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15REWARD_STATUS_LEARNED\x10\x01\x12\x1b\n\x17REWARD_STATUS_DUPLICATE\x10\x02\x12\x16\n\x12REWARD_STATUS_LATE\x10\x03\x32\x97\x01\n\x0f\x44\x65\x63isionService\x12\x41\n\x06\x43hoose\x12\x1a.nextbest.v1.ChooseRequest\x1a\x1b.nextbest.v1.ChooseResponse\x12\x41\n\x06Reward\x12\x1a.nextbest.v1.RewardRequest\x1a\x1b.nextbest.v1.RewardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextbest.v1.decision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REWARDSTATUS']._serialized_start=408
-  _globals['_REWARDSTATUS']._serialized_end=533
+  _globals['_REWARDSTATUS']._serialized_start=425
+  _globals['_REWARDSTATUS']._serialized_end=550
   _globals['_CHOOSEREQUEST']._serialized_start=69
   _globals['_CHOOSEREQUEST']._serialized_end=182
   _globals['_CHOOSERESPONSE']._serialized_start=184
-  _globals['_CHOOSERESPONSE']._serialized_end=294
-  _globals['_REWARDREQUEST']._serialized_start=296
-  _globals['_REWARDREQUEST']._serialized_end=345
-  _globals['_REWARDRESPONSE']._serialized_start=347
-  _globals['_REWARDRESPONSE']._serialized_end=406
-  _globals['_DECISIONSERVICE']._serialized_start=536
-  _globals['_DECISIONSERVICE']._serialized_end=687
+  _globals['_CHOOSERESPONSE']._serialized_end=311
+  _globals['_REWARDREQUEST']._serialized_start=313
+  _globals['_REWARDREQUEST']._serialized_end=362
+  _globals['_REWARDRESPONSE']._serialized_start=364
+  _globals['_REWARDRESPONSE']._serialized_end=423
+  _globals['_DECISIONSERVICE']._serialized_start=553
+  _globals['_DECISIONSERVICE']._serialized_end=704
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,7 @@ class ChooseResponse(_message.Message):
     PROBABILITY_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Id of this decision; pass it to Reward."""
     arm_id: _builtins.str
@@ -105,6 +106,8 @@ class ChooseResponse(_message.Message):
     """Version of the placement's model that scored the arms (number of examples learned)."""
     reason: _builtins.str
     """Why no arm was chosen when arm_id is empty, or why the fallback arm was served."""
+    variant: _builtins.str
+    """The experiment variant that served: "" without experiment, "holdout" for the control group."""
     def __init__(
         self,
         *,
@@ -113,10 +116,11 @@ class ChooseResponse(_message.Message):
         probability: _builtins.float = ...,
         model_version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "event_id", b"event_id", "model_version", b"model_version", "probability", b"probability", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "event_id", b"event_id", "model_version", b"model_version", "probability", b"probability", "reason", b"reason", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
