@@ -15,6 +15,7 @@ class Outcome(enum.IntEnum):
     REWARD = 1  # an explicit reward, within the window
     DEFAULT = 2  # no reward within the window: the placement's default reward
     NO_ARM = 3  # nothing was eligible; nothing to learn
+    NOT_ACTIVATED = 4  # a deferred decision never activated: never shown, never learned
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class LoggedDecision:
     ineligible: tuple[tuple[str, str], ...] = ()  # (arm id, reason) of arms that could not be chosen
     reason: str = ""  # why no arm, or why the fallback, was served (not stored)
     variant: str = ""  # the experiment variant that served ("holdout" for the control group)
+    slot: int = 0  # position in a multi-slot response; each slot is its own decision
+    activated: bool = True  # False while a deferred decision waits for Activate
 
     @property
     def arm_id(self) -> str | None:

@@ -296,6 +296,10 @@ class PlacementSpec(_Spec):
     fatigue: FatigueSpec | None = None
     fallback_arm: str | None = None  # served when nothing else is eligible, bypassing constraints
     cooldown: Duration | None = None  # after an impression here, the customer gets no offer here for this long
+    slots: Annotated[int, Field(ge=1, le=10)] = 1  # arms returned per Choose, distinct, in order
+    activation_window: Duration = 3600.0  # a deferred decision not activated within this is dropped
+    reward_aggregation: Literal["earliest", "sum", "max", "average"] = "earliest"
+    mode: Literal["online", "apprentice", "logging_only"] = "online"
     experiment: ExperimentSpec | None = None
     shadows: list[ShadowSpec] = Field(default_factory=list)
     promote: str | None = None  # on stopping an experiment: the variant whose model becomes the placement's
@@ -340,7 +344,7 @@ class PlacementSpec(_Spec):
             return self.model_copy(update={"vw_args": s.vw_args, "interactions": s.interactions, "bits": s.bits})
         return self.variant(slot)
 
-    def slots(self) -> dict[str, tuple[str, bool, int]]:
+    def model_slots(self) -> dict[str, tuple[str, bool, int]]:
         """Every model this placement keeps, by slot name, with its model key."""
         out = {"": self.model_key()}
         if self.experiment is not None:

@@ -23,6 +23,12 @@ _REWARD_STATUS = {
     decision_pb2.REWARD_STATUS_LEARNED: "learned",
     decision_pb2.REWARD_STATUS_DUPLICATE: "duplicate",
     decision_pb2.REWARD_STATUS_LATE: "late",
+    decision_pb2.REWARD_STATUS_RECORDED: "recorded",
+}
+_ACTIVATE_STATUS = {
+    decision_pb2.ACTIVATE_STATUS_ACTIVATED: "activated",
+    decision_pb2.ACTIVATE_STATUS_ALREADY_ACTIVE: "already_active",
+    decision_pb2.ACTIVATE_STATUS_EXPIRED: "expired",
 }
 
 FeaturesLike = Mapping[str, Any] | Iterable[common_pb2.Feature]
@@ -36,6 +42,7 @@ class ChooseResult:
     model_version: int
     reason: str
     variant: str = ""
+    slots: tuple[tuple[str, float], ...] = ()  # (arm id, probability) per slot, slot 0 first
 
 
 def to_features(features: FeaturesLike | None) -> list[common_pb2.Feature]:
@@ -80,20 +87,41 @@ class NextbestClient:
         self._channel.close()
 
     def choose(
-        self, placement: str, features: FeaturesLike | None = None, customer_id: str = "", event_id: str = ""
+        self,
+        placement: str,
+        features: FeaturesLike | None = None,
+        customer_id: str = "",
+        event_id: str = "",
+        baseline_arm: str = "",
+        defer_activation: bool = False,
+        slot_features: Sequence[FeaturesLike] = (),
     ) -> ChooseResult:
         r = self._decision.Choose(
             decision_pb2.ChooseRequest(
-                placement=placement, customer_id=customer_id, event_id=event_id, features=to_features(features)
+                placement=placement,
+                customer_id=customer_id,
+                event_id=event_id,
+                features=to_features(features),
+                baseline_arm=baseline_arm,
+                defer_activation=defer_activation,
+                slot_features=[decision_pb2.SlotFeatures(features=to_features(f)) for f in slot_features],
             ),
             timeout=self.timeout,
         )
-        return ChooseResult(r.event_id, r.arm_id, r.probability, r.model_version, r.reason, r.variant)
+        slots = tuple((s.arm_id, s.probability) for s in r.slots)
+        return ChooseResult(r.event_id, r.arm_id, r.probability, r.model_version, r.reason, r.variant, slots)
 
-    def reward(self, event_id: str, reward: float) -> str:
-        """Returns "learned", "duplicate" or "late"."""
-        r = self._decision.Reward(decision_pb2.RewardRequest(event_id=event_id, reward=reward), timeout=self.timeout)
+    def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
+        """Returns "learned", "duplicate", "late" or "recorded" (aggregated at window close)."""
+        r = self._decision.Reward(
+            decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot), timeout=self.timeout
+        )
         return _REWARD_STATUS.get(r.status, "unspecified")
+
+    def activate(self, event_id: str) -> str:
+        """Returns "activated", "already_active" or "expired"."""
+        r = self._decision.Activate(decision_pb2.ActivateRequest(event_id=event_id), timeout=self.timeout)
+        return _ACTIVATE_STATUS.get(r.status, "unspecified")
 
     def apply(
         self,

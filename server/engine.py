@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import heapq
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,7 +20,10 @@ from dataclasses import dataclass
 
 from bandit.budget import Account
 from bandit.contact import ContactHistory, Impression
-from bandit.decider import ArmView, Candidate, decide, serve_holdout
+import numpy as np
+
+from bandit.budget import Ledger
+from bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
 from bandit.errors import AlreadyExists, InvalidInput, NotFound
 from bandit.features import Feature, arm_line, check_features, features_from_mapping, shared_line
 from bandit.log import LoggedDecision, Outcome
@@ -35,26 +36,10 @@ from server.placements import Change
 from server.settings import Settings
 from server.stats import BudgetView, ModelView, Stats
 from server.storage.base import ArmTally, Close, PlacementRecord, Store
+from server.windows import OpenDecision, RewardWindows
 from server.writer import BatchWriter
 
 log = logging.getLogger(__name__)
-
-
-class RewardStatus:
-    LEARNED = "learned"
-    DUPLICATE = "duplicate"
-    LATE = "late"
-
-
-@dataclass(slots=True)
-class OpenDecision:
-    """What closing a decision's window needs, kept in memory while it is open."""
-
-    placement: str
-    deadline: float
-    arm_id: str
-    reward_cost: float = 0.0
-    budgets: tuple[tuple[str, str], ...] = ()
 
 
 def placement_salt(seed: str, placement: str) -> bytes:
@@ -75,11 +60,10 @@ class Engine:
         self.settings = settings
         self.clock = clock
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="nextbest-db-write")
-        self._reader_pool = ThreadPoolExecutor(4, thread_name_prefix="nextbest-db-read")
+        self.reader_pool = ThreadPoolExecutor(4, thread_name_prefix="nextbest-db-read")
         self.states: dict[str, PlacementState] = {}
-        self._open: dict[str, OpenDecision] = {}
-        self._deadlines: list[tuple[float, str]] = []  # heap of open windows
-        self._acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
+        self.windows = RewardWindows(self)
+        self.acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
         self.budgets = BudgetKeeper(store, self._writer_pool, settings.budget_lease_fraction)
         self.history = ContactHistory(0.0)
         self.writer: BatchWriter | None = None
@@ -91,18 +75,18 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------
 
     def _read(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
-        return asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self.reader_pool, fn, *args)
 
     async def start(self) -> None:
         """Load placements, models, budgets and contact history; learn what was rewarded since
         the last snapshots. Health says SERVING only after this."""
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(self._reader_pool, self.store.load_placements)
-        features = await loop.run_in_executor(self._reader_pool, self.store.arm_features)
+        records = await loop.run_in_executor(self.reader_pool, self.store.load_placements)
+        features = await loop.run_in_executor(self.reader_pool, self.store.arm_features)
         for rec in records:
-            snaps = await loop.run_in_executor(self._reader_pool, self.store.load_snapshots, rec.spec.id)
+            snaps = await loop.run_in_executor(self.reader_pool, self.store.load_snapshots, rec.spec.id)
             slots = {}
-            for name, key in rec.spec.slots().items():
+            for name, key in rec.spec.model_slots().items():
                 snap = snaps.get(name)
                 if snap is not None and snap.key == key:
                     model = CbModel(rec.spec.slot_spec(name), snap.model, learned=snap.learned)
@@ -111,20 +95,31 @@ class Engine:
                     slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
             self.states[rec.spec.id] = self.make_state(rec, slots, features)
         self.budgets.restore(
-            await loop.run_in_executor(self._reader_pool, self.store.load_accounts),
-            await loop.run_in_executor(self._reader_pool, self.store.load_campaigns),
+            await loop.run_in_executor(self.reader_pool, self.store.load_accounts),
+            await loop.run_in_executor(self.reader_pool, self.store.load_campaigns),
         )
-        for d in await loop.run_in_executor(self._reader_pool, self.store.open_decisions):
-            self._open[d.event_id] = OpenDecision(d.placement, d.deadline, d.arm_id or "", d.reward_cost, d.budgets)
-            self._deadlines.append((d.deadline, d.event_id))
-        heapq.heapify(self._deadlines)
+        for d in await loop.run_in_executor(self.reader_pool, self.store.open_decisions):
+            ps = self.states.get(d.placement)
+            campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
+            self.windows.add(
+                d.event_id,
+                d.slot,
+                OpenDecision(
+                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost,
+                    d.budgets, d.activated,
+                ),
+            )
+        for ev in await loop.run_in_executor(self.reader_pool, self.store.open_reward_events):
+            entry = self.windows.open.get((ev.event_id, ev.slot))
+            if entry is not None:
+                entry.rewards.append(ev.reward)
         await self.rebuild_history()
         self.writer = BatchWriter(self.store, self._writer_pool, self.settings.flush_interval)
         self.writer.start()
         self.learner = Learner(
             self.store,
             self.states,
-            self._reader_pool,
+            self.reader_pool,
             self._writer_pool,
             self.settings.learn_batch,
             self.settings.snapshot_every,
@@ -134,7 +129,7 @@ class Engine:
         self.learner.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="nextbest-sweeper")
         self.ready = True
-        log.info("engine ready: %d placements, %d open decisions", len(self.states), len(self._open))
+        log.info("engine ready: %d placements, %d open decisions", len(self.states), len(self.windows.open))
 
     async def rebuild_history(self) -> None:
         """Contact history as far back as any placement's policies look (after start or a change)."""
@@ -144,7 +139,7 @@ class Engine:
             return
         now = self.clock()
         rows = await asyncio.get_running_loop().run_in_executor(
-            self._reader_pool, self.store.recent_impressions, now - horizon
+            self.reader_pool, self.store.recent_impressions, now - horizon
         )
         history = ContactHistory(horizon)
         for r in rows:
@@ -173,7 +168,7 @@ class Engine:
             for slot in ps.slots.values():
                 slot.model.close()
         self._writer_pool.shutdown(wait=True)
-        self._reader_pool.shutdown(wait=True)
+        self.reader_pool.shutdown(wait=True)
         self.store.close()
 
     def make_state(
@@ -205,51 +200,114 @@ class Engine:
             raise InvalidInput("features", f"more than {s.max_features} features")
         check_features(features)
 
-    async def choose(self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature]) -> LoggedDecision:
-        """Decide on the loop; the decision joins the next log batch."""
+    async def choose(
+        self,
+        placement: str,
+        customer_id: str,
+        event_id: str,
+        features: Sequence[Feature],
+        baseline_arm: str = "",
+        defer: bool = False,
+        slot_features: Sequence[Sequence[Feature]] = (),
+    ) -> list[LoggedDecision]:
+        """Decide on the loop: one decision per slot; they join the next log batch."""
         self._validate_choose(placement, customer_id, event_id, features)
+        for k, sf in enumerate(slot_features):
+            self._validate_choose(placement, customer_id, event_id, sf)
+            check_features(sf, f"slot_features[{k}]")
         ps = self.states.get(placement)
         if ps is None:
             raise NotFound(f"placement {placement!r} does not exist")
         spec = ps.record.spec
+        if baseline_arm and baseline_arm not in {a.id for a in ps.arms}:
+            raise InvalidInput("baseline_arm", f"{baseline_arm!r} is not an active arm of {placement!r}")
+        if spec.mode == "apprentice" and not baseline_arm:
+            raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
         now = self.clock()
         candidates = [Candidate(a, self._accounts(placement, a, now), self._accepts(placement, a.id)) for a in ps.arms]
         if any(c.accounts for c in candidates):
             await self.budgets.ensure(candidates, now)  # the only await: a lease, rarely
             if self.states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
-        # From here to the end nothing awaits: the decision and its reservation are atomic.
+        # From here to the end nothing awaits: the decisions and their reservations are atomic.
         if not event_id:
             event_id = uuid.uuid4().hex
-        elif event_id in self._open:
+        elif self.windows.slots_of(event_id):
             raise AlreadyExists(f"event_id {event_id!r} is already used by an open decision")
         tracked = bool(customer_id) and self.history.horizon > 0
         history = self.history.impressions(customer_id, now) if tracked else []
-        salt = ps.salt
         variant = self._variant(spec, customer_id, event_id)
-        draw = lambda: uniform_for(salt, event_id)  # noqa: E731
-        if variant == "holdout":
+        out: list[LoggedDecision] = []
+        taken: set[str] = set()
+        for k in range(spec.slots):
+            feats = tuple(features)
+            if spec.slots > 1:
+                feats += (Feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
+            d = self._decide_slot(
+                ps, variant, [c for c in candidates if c.arm.id not in taken], feats, customer_id, event_id, k, now,
+                history, baseline_arm, defer,
+            )
+            if d.arm_id is None and k > 0:
+                break  # fewer arms than slots: the response is shorter
+            out.append(d)
+            if d.arm_id is None:
+                break
+            taken.add(d.arm_id)
+            if tracked and not defer:
+                campaign = ps.arm_campaigns.get(d.arm_id)
+                ev = event_id if k == 0 else f"{event_id}#{k}"
+                imp = Impression(now, d.arm_id, campaign, placement, ev)
+                self.history.record(customer_id, imp)
+                history.append(imp)
+        return out
+
+    def _decide_slot(
+        self,
+        ps: PlacementState,
+        variant: str,
+        candidates: list[Candidate],
+        features: tuple[Feature, ...],
+        customer_id: str,
+        event_id: str,
+        slot: int,
+        now: float,
+        history: list[Impression],
+        baseline_arm: str,
+        defer: bool,
+    ) -> LoggedDecision:
+        spec = ps.record.spec
+        salt = ps.salt
+        draw_id = event_id if slot == 0 else f"{event_id}#{slot}"
+        draw = lambda: uniform_for(salt, draw_id)  # noqa: E731
+        shared = shared_line(features)
+        model_version = 0
+        if baseline_arm and spec.mode in ("apprentice", "logging_only") and slot == 0:
+            choice = self._baseline(ps, candidates, shared, baseline_arm)
+            model_version = ps.model.learned
+        elif variant == "holdout":
             assert spec.experiment is not None and spec.experiment.holdout is not None
             choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history)
-            model_version = 0
         else:
-            slot = ps.slots[variant]
-            choice = decide(slot.model, spec.variant(variant), candidates, shared_line(features), draw, now, history)
-            model_version = slot.model.learned
+            model = ps.slots[variant].model
+            choice = decide(model, spec.variant(variant), candidates, shared, draw, now, history)
+            model_version = model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
         cost = reward_cost = 0.0
         keys: tuple[tuple[str, str], ...] = ()
-        if chosen is not None and chosen.accounts:
+        if chosen is not None and chosen.accounts and Ledger.can_reserve(chosen.accounts, chosen.reservation, now) == "":
             cost, reward_cost = chosen.spec.cost_per_impression, chosen.spec.cost_per_reward
-            self.budgets.reserve(chosen.accounts, cost, reward_cost)
+            if defer:  # nothing is spent before the customer sees it: hold the impression cost too
+                self.budgets.reserve(chosen.accounts, 0.0, cost + reward_cost)
+            else:
+                self.budgets.reserve(chosen.accounts, cost, reward_cost)
             keys = tuple((a.key, a.period) for a in chosen.accounts)
-        deadline = now + spec.reward_window
+        deadline = now + (spec.activation_window if defer else spec.reward_window)
         decision = LoggedDecision(
             event_id=event_id,
-            placement=placement,
+            placement=spec.id,
             customer_id=customer_id,
             timestamp=now,
-            features=tuple(features),
+            features=features,
             arms=tuple((candidates[i].arm.id, candidates[i].arm.version) for i in choice.eligible),
             pmf=choice.pmf,
             chosen=choice.arm_index,
@@ -263,17 +321,35 @@ class Engine:
             ineligible=tuple(choice.ineligible.items()),
             reason=choice.reason,
             variant=variant,
+            slot=slot,
+            activated=not defer,
         )
         assert self.writer is not None
         self.writer.add_decision(decision)
         if chosen is not None:
-            self._open[event_id] = OpenDecision(placement, deadline, chosen.arm.id, reward_cost, keys)
-            heapq.heappush(self._deadlines, (deadline, event_id))
-            if tracked:
-                self.history.record(
-                    customer_id, Impression(now, chosen.arm.id, chosen.spec.campaign, placement, event_id)
-                )
+            self.windows.add(
+                event_id,
+                slot,
+                OpenDecision(
+                    spec.id, deadline, chosen.arm.id, customer_id, chosen.spec.campaign, cost, reward_cost, keys,
+                    activated=not defer,
+                ),
+            )
         return decision
+
+    def _baseline(self, ps: PlacementState, candidates: list[Candidate], shared: str, baseline: str) -> Choice:
+        """Apprentice and logging-only modes serve the caller's own choice; apprentice mode
+        also scores whether the model's greedy choice would have matched it."""
+        ids = [c.arm.id for c in candidates]
+        j = ids.index(baseline)
+        if ps.record.spec.mode == "apprentice":
+            slot = ps.slots[""]
+            greedy = int(np.argmax(slot.model.expected_rewards(shared, [c.arm.line for c in candidates])))
+            slot.scored += 1
+            slot.recent.append(greedy == j)
+            slot.agreed += greedy == j
+        pmf = tuple(1.0 if i == j else 0.0 for i in range(len(candidates)))
+        return Choice(j, 1.0, pmf, tuple(range(len(candidates))))
 
     @staticmethod
     def _variant(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
@@ -299,110 +375,8 @@ class Engine:
         return self.budgets.accounts(placement, a, now)
 
     def _accepts(self, placement: str, arm: str) -> float:
-        accepted, closed = self._acceptance.get((placement, arm), (0, 0))
+        accepted, closed = self.acceptance.get((placement, arm), (0, 0))
         return (accepted + 1) / (closed + 2)
-
-    # -- Reward ----------------------------------------------------------------------------
-
-    async def reward(self, event_id: str, reward: float) -> str:
-        """Store the reward durably, then let the learner have it; idempotent per event."""
-        if not event_id:
-            raise InvalidInput("event_id", "must not be empty")
-        if len(event_id) > self.settings.max_id_length:
-            raise InvalidInput("event_id", f"longer than {self.settings.max_id_length} characters")
-        if not math.isfinite(reward):
-            raise InvalidInput("reward", f"must be finite, got {reward}")
-        assert self.writer is not None and self.learner is not None
-        now = self.clock()
-        entry = self._open.get(event_id)
-        if entry is None:
-            return await self._reward_closed(event_id, reward, now)
-        if now > entry.deadline:
-            return await self._late(event_id, reward, now)  # the sweeper closes it with the default
-        del self._open[event_id]
-        close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets)
-        try:
-            seq = await self.writer.close_window(close)
-        except BaseException:
-            self._open[event_id] = entry  # not stored: the window stays open for a retry
-            raise
-        if seq is None:
-            return await self._reward_closed(event_id, reward, now)
-        self._closed(event_id, entry, close)
-        return RewardStatus.LEARNED
-
-    def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
-        """A window closed durably: settle its budget, update history, wake the learner."""
-        assert self.learner is not None
-        if entry.budgets:
-            self.budgets.settle(entry.budgets, entry.reward_cost, close.incurred)
-        responded = close.outcome == Outcome.REWARD and close.reward > 0
-        self.history.respond(event_id, responded)
-        tally = self._acceptance.setdefault((entry.placement, entry.arm_id), [0, 0])
-        tally[0] += responded
-        tally[1] += 1
-        self.learner.poke(entry.placement)
-
-    async def _reward_closed(self, event_id: str, reward: float, now: float) -> str:
-        loop = asyncio.get_running_loop()
-        d = await loop.run_in_executor(self._reader_pool, self.store.find_decision, event_id)
-        if d is None:
-            raise NotFound(f"event {event_id!r} is unknown")
-        if d.outcome == Outcome.REWARD:
-            return RewardStatus.DUPLICATE
-        if d.outcome == Outcome.NO_ARM:
-            raise InvalidInput("event_id", f"event {event_id!r} served no arm; there is nothing to reward")
-        if d.outcome == Outcome.OPEN and now <= d.deadline:
-            # Open in the database but not in this process's memory: another server owns it.
-            assert self.writer is not None and self.learner is not None
-            close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets)
-            if await self.writer.close_window(close) is not None:
-                self.learner.poke(d.placement)
-                return RewardStatus.LEARNED
-            return await self._reward_closed(event_id, reward, now)
-        return await self._late(event_id, reward, now)
-
-    async def _late(self, event_id: str, reward: float, now: float) -> str:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_pool, self.store.record_late_reward, event_id, reward, now)
-        return RewardStatus.LATE
-
-    # -- reward windows ----------------------------------------------------------------------
-
-    async def sweep(self) -> int:
-        """Close every expired window with its placement's default reward; returns how many."""
-        assert self.writer is not None
-        now = self.clock()
-        closing: list[tuple[str, OpenDecision, Close]] = []
-        while self._deadlines and self._deadlines[0][0] < now:
-            deadline, event_id = heapq.heappop(self._deadlines)
-            entry = self._open.get(event_id)
-            if entry is None or entry.deadline != deadline:
-                continue
-            del self._open[event_id]
-            ps = self.states.get(entry.placement)
-            default = ps.record.spec.default_reward if ps is not None else 0.0
-            closing.append((event_id, entry, Close(event_id, Outcome.DEFAULT, default, now, entry.reward_cost, entry.budgets)))
-        if not closing:
-            return 0
-        results = await asyncio.gather(*(self.writer.close_window(c) for _, _, c in closing), return_exceptions=True)
-        closed = 0
-        for (event_id, entry, close), res in zip(closing, results, strict=True):
-            if isinstance(res, BaseException):  # retry on a later sweep
-                self._open[event_id] = entry
-                heapq.heappush(self._deadlines, (entry.deadline, event_id))
-            elif res is not None:
-                closed += 1
-                self._closed(event_id, entry, close)
-        return closed
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval)
-            try:
-                await self.sweep()
-            except Exception as e:
-                log.warning("closing expired reward windows failed: %s", e)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -430,12 +404,12 @@ class Engine:
         assert self.writer is not None
         await asyncio.wait_for(self.writer.flush(), timeout=10)
         loop = asyncio.get_running_loop()
-        tallies, total, no_arm = await loop.run_in_executor(self._reader_pool, self.store.tally, pid)
+        tallies, total, no_arm = await loop.run_in_executor(self.reader_pool, self.store.tally, pid)
         by_arm = {t.arm_id: t for t in tallies}
         rows = [(by_arm.pop(a.id, ArmTally(a.id)), a.active) for a in ps.record.spec.arms]
         rows += [(t, False) for t in by_arm.values()]
         pending = sum(t.pending for t, _ in rows)
-        variants = await loop.run_in_executor(self._reader_pool, self.store.tally_variants, pid)
+        variants = await loop.run_in_executor(self.reader_pool, self.store.tally_variants, pid)
         now = self.clock()
         seen: set[tuple[str, str]] = set()
         budgets = []
@@ -446,6 +420,23 @@ class Engine:
                     budgets.append(BudgetView.of(acc, now))
         models = [ModelView.of(s) for s in ps.slots.values()]
         return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models)
+
+    async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
+        return await self.windows.reward(event_id, reward, slot)
+
+    async def activate(self, event_id: str) -> str:
+        return await self.windows.activate(event_id)
+
+    async def sweep(self) -> int:
+        return await self.windows.sweep()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.windows.sweep()
+            except Exception as e:
+                log.warning("closing expired reward windows failed: %s", e)
 
     @property
     def queue_depth(self) -> int:

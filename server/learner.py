@@ -179,6 +179,8 @@ class Learner:
         lines = [x for x in found if x is not None]
         if len(lines) != len(found):
             log.error("event %s of %s names an unknown arm version; not learned", row.event_id, ps.id)
+        elif ps.record.spec.mode == "logging_only" and not slot.shadow:
+            pass  # logged, deliberately not learned
         else:
             shared = shared_line(row.features)
             if slot.shadow:  # progressive validation: score before learning

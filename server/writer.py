@@ -1,9 +1,10 @@
-"""Group commit: decisions and reward closes are written in batches, one transaction each.
+"""Group commit: decisions, activations, reward events and window closes are written in
+batches, one transaction each.
 
 Choose never waits for the database: its decision joins the next batch (written at least every
-``flush_interval``). Reward waits for the batch holding its close, so an acknowledged reward is
-durable; since a batch writes decisions before closes, a decision is durable no later than any
-reward acknowledged for it. A crash loses at most the decisions of the last flush interval.
+``flush_interval``). Reward waits for the batch holding its write, so an acknowledged reward is
+durable; since a batch writes decisions first, a decision is durable no later than any reward
+acknowledged for it. A crash loses at most the decisions of the last flush interval.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from bandit.errors import Unavailable
 from bandit.log import LoggedDecision
-from server.storage.base import Close, Store
+from server.storage.base import Activation, Close, RewardEvent, Store
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class BatchWriter:
         self._max_batch = max_batch
         self._decisions: list[LoggedDecision] = []
         self._closes: list[tuple[Close, asyncio.Future[int | None]]] = []
+        self._activations: list[tuple[Activation, asyncio.Future[bool]]] = []
+        self._events: list[tuple[RewardEvent, asyncio.Future[None]]] = []
         self._barriers: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -52,25 +56,39 @@ class BatchWriter:
 
     @property
     def depth(self) -> int:
-        return len(self._decisions) + len(self._closes)
+        return len(self._decisions) + len(self._closes) + len(self._activations) + len(self._events)
 
     def add_decision(self, decision: LoggedDecision) -> None:
         self._decisions.append(decision)
         if len(self._decisions) >= self._max_batch:
             self._wake.set()
 
+    def _future(self) -> asyncio.Future[Any]:
+        self._wake.set()
+        return asyncio.get_running_loop().create_future()
+
     def close_window(self, close: Close) -> asyncio.Future[int | None]:
         """Queue a close; the future gives its learn_seq (None: already closed) once durable."""
-        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int | None] = self._future()
         self._closes.append((close, fut))
-        self._wake.set()
+        return fut
+
+    def activate(self, activation: Activation) -> asyncio.Future[bool]:
+        """Queue an activation; the future tells, once durable, whether it activated a decision."""
+        fut: asyncio.Future[bool] = self._future()
+        self._activations.append((activation, fut))
+        return fut
+
+    def record(self, event: RewardEvent) -> asyncio.Future[None]:
+        """Queue a reward event; the future resolves once it is durable."""
+        fut: asyncio.Future[None] = self._future()
+        self._events.append((event, fut))
         return fut
 
     async def flush(self) -> None:
         """Return once everything queued before the call is durable, a batch in flight included."""
-        barrier: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        barrier: asyncio.Future[None] = self._future()
         self._barriers.append(barrier)
-        self._wake.set()
         await barrier
 
     async def _run(self) -> None:
@@ -85,32 +103,46 @@ class BatchWriter:
                 await asyncio.sleep(self._retry_delay)
             decisions, self._decisions = self._decisions, []
             closes, self._closes = self._closes, []
+            acts, self._activations = self._activations, []
+            events, self._events = self._events, []
             barriers, self._barriers = self._barriers, []
-            if not decisions and not closes:
+            if not (decisions or closes or acts or events):
                 for b in barriers:
                     b.set_result(None)
                 continue
             try:
                 result = await loop.run_in_executor(
-                    self._executor, self._store.write, decisions, [c for c, _ in closes]
+                    self._executor,
+                    self._store.write,
+                    decisions,
+                    [c for c, _ in closes],
+                    [a for a, _ in acts],
+                    [e for e, _ in events],
                 )
             except Exception as e:
-                # Decisions are retried (they were never acknowledged as durable but we keep
-                # them); rewards fail now so their callers hear UNAVAILABLE and may retry.
-                log.warning("write of %d decisions and %d rewards failed: %s", len(decisions), len(closes), e)
+                # Decisions are kept and retried; everything a caller waits for fails now, so
+                # that its caller hears UNAVAILABLE and may retry.
+                log.warning("write of %d decisions and %d other records failed: %s", len(decisions), len(closes) + len(acts) + len(events), e)
                 self._decisions[:0] = decisions
                 self._barriers[:0] = barriers
                 err = e if isinstance(e, Unavailable) else Unavailable("cannot store now")
-                for _, fut in closes:
+                waiting: list[asyncio.Future[Any]] = [f for _, f in closes] + [f for _, f in acts] + [f for _, f in events]
+                for fut in waiting:
                     if not fut.done():
                         fut.set_exception(err)
                 self._retry_delay = min(max(self._retry_delay * 2, 0.05), 2.0)
                 self._wake.set()
                 continue
             self._retry_delay = 0.0
-            for (_, fut), seq in zip(closes, result.seqs, strict=True):
-                if not fut.done():
-                    fut.set_result(seq)
+            for (_, cf), seq in zip(closes, result.seqs, strict=True):
+                if not cf.done():
+                    cf.set_result(seq)
+            for (_, af), ok in zip(acts, result.activated, strict=True):
+                if not af.done():
+                    af.set_result(ok)
+            for _, ef in events:
+                if not ef.done():
+                    ef.set_result(None)
             for b in barriers:
                 if not b.done():
                     b.set_result(None)

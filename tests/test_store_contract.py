@@ -11,6 +11,7 @@ from bandit.features import Feature
 from bandit.log import LoggedDecision, Outcome
 from server.placements import plan
 from server.storage import Close, Snapshot, SqlStore, open_store
+from server.storage.base import Activation, RewardEvent
 from tests import envs
 from tests.harness import postgres_available, postgres_schema
 
@@ -105,7 +106,7 @@ def test_snapshots_and_late_rewards_and_tally(store: SqlStore) -> None:
     assert snaps["A"].key == ("", False, 16)
     store.write([decision("e1"), decision("e2"), decision("e3", 1), decision("e4", None)], [])
     store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
-    store.record_late_reward("e2", 5.0, 2.0)
+    store.write([], [], events=[RewardEvent("e2", 0, 5.0, 2.0, "late")])
     tallies, total, no_arm = store.tally("app_home_banner")
     assert no_arm == 1
     by = {t.arm_id: t for t in tallies}
@@ -133,3 +134,28 @@ def test_variants_are_logged_and_tallied(store: SqlStore) -> None:
     assert (by["A"].decisions, by["A"].rewards, by["A"].reward_sum, by["A"].closed) == (2, 1, 2.0, 1)
     assert (by["holdout"].decisions, by["holdout"].rewards, by["holdout"].closed) == (1, 0, 1)
     assert [r.event_id for r in store.learnable("app_home_banner", "A", 0, 10)] == ["e1"]
+
+
+def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
+    from dataclasses import replace
+
+    k = ("arm:p/a", "total")
+    store.lease(*k, 100.0, 100.0)
+    deferred = [replace(decision("e1"), slot=s, activated=False, cost=1.0, reward_cost=2.0, budgets=(k,)) for s in (0, 1)]
+    store.write(deferred, [])
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (0.0, 6.0)  # everything held until activation
+    r = store.write([], [], activations=[Activation("e1", 5.0, 605.0, 1.0, (k,), 0), Activation("e1", 5.0, 605.0, 1.0, (k,), 0)])
+    assert list(r.activated) == [True, False]  # activating twice does nothing more
+    assert store.find_decision("e1", 0).activated and not store.find_decision("e1", 1).activated
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (1.0, 5.0)
+    store.write([], [], events=[RewardEvent("e1", 0, 1.5, 6.0, "agg"), RewardEvent("e1", 0, 2.5, 7.0, "agg")])
+    assert [(e.slot, e.reward) for e in store.open_reward_events()] == [(0, 1.5), (0, 2.5)]
+    r = store.write([], [Close("e1", Outcome.REWARD, 4.0, 700.0, 2.0, (k,), 0, 1.0), Close("e1", Outcome.NOT_ACTIVATED, 0.0, 700.0, 2.0, (k,), 1, 1.0)])
+    assert r.seqs[0] is not None and r.seqs[1] is None  # the never-activated slot is not learned
+    assert store.open_reward_events() == []
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (3.0, 0.0)  # impression 1 + reward cost 2; slot 1 released
+    assert store.find_decision("e1", 1).outcome == Outcome.NOT_ACTIVATED
+    assert [d.slot for d in store.learnable("app_home_banner", None, 0, 10)] == [0]

@@ -177,6 +177,19 @@ def arm_spec(arm: admin_pb2.Arm, field: str = "arm") -> ArmSpec:
         raise validation_error(e, field) from None
 
 
+_AGGREGATION = {
+    admin_pb2.REWARD_AGGREGATION_EARLIEST: "earliest",
+    admin_pb2.REWARD_AGGREGATION_SUM: "sum",
+    admin_pb2.REWARD_AGGREGATION_MAX: "max",
+    admin_pb2.REWARD_AGGREGATION_AVERAGE: "average",
+}
+_AGGREGATION_PB = {v: k for k, v in _AGGREGATION.items()}
+_MODES = {
+    admin_pb2.LEARNING_MODE_ONLINE: "online",
+    admin_pb2.LEARNING_MODE_APPRENTICE: "apprentice",
+    admin_pb2.LEARNING_MODE_LOGGING_ONLY: "logging_only",
+}
+_MODES_PB = {v: k for k, v in _MODES.items()}
 _HOLDOUT = {admin_pb2.HOLDOUT_POLICY_FIXED: "fixed", admin_pb2.HOLDOUT_POLICY_RULES: "rules"}
 _HOLDOUT_PB = {"uniform": admin_pb2.HOLDOUT_POLICY_UNIFORM, "fixed": admin_pb2.HOLDOUT_POLICY_FIXED, "rules": admin_pb2.HOLDOUT_POLICY_RULES}
 
@@ -260,6 +273,14 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
     if p.HasField("experiment"):
         data["experiment"] = _experiment_dict(p.experiment, f"{field}.experiment")
     data["shadows"] = [_shadow_dict(s) for s in p.shadows]
+    if p.HasField("slots"):
+        data["slots"] = p.slots
+    if p.HasField("activation_window_seconds"):
+        data["activation_window"] = p.activation_window_seconds
+    if p.reward_aggregation in _AGGREGATION:
+        data["reward_aggregation"] = _AGGREGATION[p.reward_aggregation]
+    if p.mode in _MODES:
+        data["mode"] = _MODES[p.mode]
     if p.promote:
         data["promote"] = p.promote
     try:
@@ -367,6 +388,10 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         experiment=_experiment_pb(s.experiment),
         shadows=[admin_pb2.Shadow(id=x.id, vw_args=x.vw_args, interactions=x.interactions, bits=x.bits) for x in s.shadows],
         promote=s.promote or "",
+        slots=s.slots,
+        activation_window_seconds=s.activation_window,
+        reward_aggregation=_AGGREGATION_PB[s.reward_aggregation],
+        mode=_MODES_PB[s.mode],
     )
 
 

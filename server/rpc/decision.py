@@ -1,4 +1,4 @@
-"""DecisionService: Choose and Reward, translated to the engine."""
+"""DecisionService: Choose, Reward and Activate, translated to the engine."""
 
 from __future__ import annotations
 
@@ -6,15 +6,22 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from server.engine import Engine, RewardStatus
+from server.engine import Engine
 from server.pb.nextbest.v1 import decision_pb2, decision_pb2_grpc
 from server.rpc import convert
 from server.rpc.errors import rpc
+from server.windows import ActivateStatus, RewardStatus
 
 _STATUS = {
     RewardStatus.LEARNED: decision_pb2.REWARD_STATUS_LEARNED,
     RewardStatus.DUPLICATE: decision_pb2.REWARD_STATUS_DUPLICATE,
     RewardStatus.LATE: decision_pb2.REWARD_STATUS_LATE,
+    RewardStatus.RECORDED: decision_pb2.REWARD_STATUS_RECORDED,
+}
+_ACTIVATE = {
+    ActivateStatus.ACTIVATED: decision_pb2.ACTIVATE_STATUS_ACTIVATED,
+    ActivateStatus.ALREADY_ACTIVE: decision_pb2.ACTIVATE_STATUS_ALREADY_ACTIVE,
+    ActivateStatus.EXPIRED: decision_pb2.ACTIVATE_STATUS_EXPIRED,
 }
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -26,9 +33,19 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     @rpc
     async def Choose(self, request: decision_pb2.ChooseRequest, context: Ctx) -> decision_pb2.ChooseResponse:
-        d = await self._engine.choose(
-            request.placement, request.customer_id, request.event_id, convert.features(request.features)
+        slot_features = [
+            convert.features(s.features, f"slot_features[{i}].features") for i, s in enumerate(request.slot_features)
+        ]
+        decisions = await self._engine.choose(
+            request.placement,
+            request.customer_id,
+            request.event_id,
+            convert.features(request.features),
+            baseline_arm=request.baseline_arm,
+            defer=request.defer_activation,
+            slot_features=slot_features,
         )
+        d = decisions[0]
         return decision_pb2.ChooseResponse(
             event_id=d.event_id,
             arm_id=d.arm_id or "",
@@ -36,9 +53,18 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             model_version=d.model_version,
             reason=d.reason,
             variant=d.variant,
+            slots=[
+                decision_pb2.SlotChoice(slot=x.slot, arm_id=x.arm_id or "", probability=x.probability)
+                for x in decisions
+                if x.arm_id
+            ],
         )
 
     @rpc
     async def Reward(self, request: decision_pb2.RewardRequest, context: Ctx) -> decision_pb2.RewardResponse:
-        status = await self._engine.reward(request.event_id, request.reward)
+        status = await self._engine.reward(request.event_id, request.reward, request.slot)
         return decision_pb2.RewardResponse(status=_STATUS[status])
+
+    @rpc
+    async def Activate(self, request: decision_pb2.ActivateRequest, context: Ctx) -> decision_pb2.ActivateResponse:
+        return decision_pb2.ActivateResponse(status=_ACTIVATE[await self._engine.activate(request.event_id)])

@@ -31,12 +31,40 @@ class Close:
     at: float
     reward_cost: float = 0.0
     budgets: tuple[tuple[str, str], ...] = ()
+    slot: int = 0
+    cost: float = 0.0  # the impression cost, still held when a deferred decision was never activated
 
     @property
     def incurred(self) -> bool:
         """A positive explicit reward spends the reserved reward cost."""
         return self.outcome == Outcome.REWARD and self.reward > 0
 
+    @property
+    def learnable(self) -> bool:
+        return self.outcome in (Outcome.REWARD, Outcome.DEFAULT)
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """A deferred decision was shown: its impression counts and its reward window starts."""
+
+    event_id: str
+    at: float
+    deadline: float
+    cost: float = 0.0  # impression cost moved from held to spent
+    budgets: tuple[tuple[str, str], ...] = ()
+    slot: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RewardEvent:
+    """A reward kept beside the learned one: "late" or one of several to aggregate ("agg")."""
+
+    event_id: str
+    slot: int
+    reward: float
+    at: float
+    kind: str
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -105,9 +133,11 @@ class RecentImpression:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Per close in a batch: its learn_seq, or None if the decision was already closed."""
+    """Per close in a batch: its learn_seq (None: already closed, or closed without learning);
+    per activation: whether it activated an open decision."""
 
     seqs: Sequence[int | None] = field(default_factory=tuple)
+    activated: Sequence[bool] = field(default_factory=tuple)
 
 
 class Store(Protocol):
@@ -135,11 +165,17 @@ class Store(Protocol):
 
     def recent_impressions(self, since: float) -> list[RecentImpression]: ...
 
-    def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close]) -> WriteResult: ...
+    def write(
+        self,
+        decisions: Sequence[LoggedDecision],
+        closes: Sequence[Close],
+        activations: Sequence[Activation] = (),
+        events: Sequence[RewardEvent] = (),
+    ) -> WriteResult: ...
 
-    def record_late_reward(self, event_id: str, reward: float, at: float) -> None: ...
+    def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None: ...
 
-    def find_decision(self, event_id: str) -> LoggedDecision | None: ...
+    def open_reward_events(self) -> list[RewardEvent]: ...
 
     def open_decisions(self) -> list[LoggedDecision]: ...
 

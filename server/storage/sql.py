@@ -19,6 +19,8 @@ from bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from server.storage import tables as t
 from server.storage.base import (
     AccountRow,
+    Activation,
+    RewardEvent,
     ArmTally,
     Close,
     PlacementRecord,
@@ -189,41 +191,85 @@ class SqlStore:
 
     # -- the decision log -----------------------------------------------------------------
 
-    def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close]) -> WriteResult:
-        """Insert decisions, then close windows, in one transaction (group commit).
+    def write(
+        self,
+        decisions: Sequence[LoggedDecision],
+        closes: Sequence[Close],
+        activations: Sequence[Activation] = (),
+        events: Sequence[RewardEvent] = (),
+    ) -> WriteResult:
+        """Insert decisions, then activate, store reward events and close windows, in one
+        transaction (group commit).
 
         Decisions go first so that a reward in the same batch finds its decision: a decision
-        is durable no later than any reward acknowledged for it.
+        is durable no later than any reward acknowledged for it. Budget spend moves with them:
+        an impression cost is spent at the decision (held until activation if deferred), a
+        reward cost is held until the window closes.
         """
-        seqs: list[int | None] = []
+        d_ = t.decisions.c
         spend: dict[tuple[str, str], list[float]] = {}  # (key, period) -> [spent, reserved] deltas
-        for d in decisions:
-            for kp in d.budgets:
+
+        def add(keys: Sequence[tuple[str, str]], spent: float, reserved: float) -> None:
+            for kp in keys:
                 acc = spend.setdefault(kp, [0.0, 0.0])
-                acc[0] += d.cost
-                acc[1] += d.reward_cost
+                acc[0] += spent
+                acc[1] += reserved
+
+        for d in decisions:
+            if d.activated:
+                add(d.budgets, d.cost, d.reward_cost)
+            else:
+                add(d.budgets, 0.0, d.cost + d.reward_cost)
+        seqs: list[int | None] = []
+        activated: list[bool] = []
         with self._begin() as c:
             if decisions:
                 # A reused event id must not fail the whole batch: the first decision keeps it.
                 stmt = (pg_insert if self._postgres else sqlite_insert)(t.decisions).on_conflict_do_nothing()
                 c.execute(stmt, [_decision_row(d) for d in decisions])
+            for act in activations:
+                res = c.execute(
+                    update(t.decisions)
+                    .where(
+                        d_.event_id == act.event_id,
+                        d_.slot == act.slot,
+                        d_.outcome == int(Outcome.OPEN),
+                        d_.activated.is_(False),
+                    )
+                    .values(activated=True, deadline=act.deadline)
+                )
+                activated.append(res.rowcount > 0)
+                if res.rowcount > 0:
+                    add(act.budgets, act.cost, -act.cost)
+            if events:
+                c.execute(
+                    insert(t.reward_events),
+                    [
+                        {"event_id": e.event_id, "slot": e.slot, "reward": e.reward, "received_at": e.at, "kind": e.kind}
+                        for e in events
+                    ],
+                )
             next_seq = self._next_seq
             for close in closes:
                 res = c.execute(
                     update(t.decisions)
-                    .where(t.decisions.c.event_id == close.event_id, t.decisions.c.outcome == int(Outcome.OPEN))
-                    .values(outcome=int(close.outcome), reward=close.reward, rewarded_at=close.at, learn_seq=next_seq)
+                    .where(d_.event_id == close.event_id, d_.slot == close.slot, d_.outcome == int(Outcome.OPEN))
+                    .values(
+                        outcome=int(close.outcome),
+                        reward=close.reward if close.learnable else None,
+                        rewarded_at=close.at,
+                        learn_seq=next_seq if close.learnable else None,
+                    )
                 )
-                if res.rowcount == 1:
+                if res.rowcount != 1:
+                    seqs.append(None)
+                elif not close.learnable:  # never activated: release everything it held
+                    seqs.append(None)
+                    add(close.budgets, 0.0, -(close.cost + close.reward_cost))
+                else:
                     seqs.append(next_seq)
                     next_seq += 1
-                    for kp in close.budgets:
-                        acc = spend.setdefault(kp, [0.0, 0.0])
-                        acc[1] -= close.reward_cost
-                        if close.incurred:
-                            acc[0] += close.reward_cost
-                else:
-                    seqs.append(None)
+                    add(close.budgets, close.reward_cost if close.incurred else 0.0, -close.reward_cost)
             a = t.budget_accounts.c
             for (key, period), (ds, dr) in spend.items():
                 c.execute(
@@ -232,18 +278,27 @@ class SqlStore:
                     .values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
         self._next_seq = next_seq  # only after the commit succeeded
-        return WriteResult(seqs)
+        return WriteResult(seqs, activated)
+
+    def open_reward_events(self) -> list[RewardEvent]:
+        """Rewards waiting to be aggregated when their window closes (to rebuild after a restart)."""
+        r, d = t.reward_events.c, t.decisions.c
+        with self._connect() as c:
+            rows = c.execute(
+                select(r.event_id, r.slot, r.reward, r.received_at, r.kind)
+                .select_from(t.reward_events.join(t.decisions, and_(r.event_id == d.event_id, r.slot == d.slot)))
+                .where(r.kind == "agg", d.outcome == int(Outcome.OPEN))
+                .order_by(r.id)
+            ).all()
+        return [RewardEvent(*row) for row in rows]
 
     def max_learn_seq(self) -> int:
         return self._next_seq - 1
 
-    def record_late_reward(self, event_id: str, reward: float, at: float) -> None:
-        with self._begin() as c:
-            c.execute(insert(t.late_rewards).values(event_id=event_id, reward=reward, received_at=at))
-
-    def find_decision(self, event_id: str) -> LoggedDecision | None:
+    def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:
+        d = t.decisions.c
         with self._connect() as c:
-            row = c.execute(select(t.decisions).where(t.decisions.c.event_id == event_id)).first()
+            row = c.execute(select(t.decisions).where(d.event_id == event_id, d.slot == slot)).first()
         return None if row is None else decision_from_row(row)
 
     def open_decisions(self) -> list[LoggedDecision]:
@@ -303,22 +358,26 @@ class SqlStore:
                     func.count(),
                     func.coalesce(func.sum(d.reward), 0.0),
                     func.coalesce(func.sum(d.cost + incurred), 0.0),
+                    d.activated,
                 )
                 .where(d.placement_id == placement)
-                .group_by(d.arm_id, d.outcome)
+                .group_by(d.arm_id, d.outcome, d.activated)
             ).all()
+            r = t.reward_events.c
             late = c.execute(
                 select(d.arm_id, func.count())
-                .select_from(t.late_rewards.join(t.decisions, t.late_rewards.c.event_id == d.event_id))
-                .where(d.placement_id == placement)
+                .select_from(t.reward_events.join(t.decisions, and_(r.event_id == d.event_id, r.slot == d.slot)))
+                .where(d.placement_id == placement, r.kind == "late")
                 .group_by(d.arm_id)
             ).all()
         tallies: dict[str, ArmTally] = {}
         total = no_arm = 0
-        for arm_id, outcome, count, reward_sum, spend in rows:
+        for arm_id, outcome, count, reward_sum, spend, activated in rows:
             total += count
             if arm_id is None:
                 no_arm += count
+                continue
+            if not activated:  # deferred and not (yet) shown: no impression, no spend
                 continue
             tl = tallies.setdefault(arm_id, ArmTally(arm_id))
             tl.impressions += count
@@ -344,7 +403,7 @@ class SqlStore:
                 select(
                     d.variant,
                     func.count(),
-                    func.count(d.arm_id),
+                    func.sum(case((and_(d.arm_id.is_not(None), d.activated.is_(True)), 1), else_=0)),
                     func.sum(explicit),
                     func.coalesce(func.sum(case((d.outcome == int(Outcome.REWARD), d.reward), else_=0.0)), 0.0),
                     func.coalesce(func.sum(case((closed == 1, d.reward), else_=0.0)), 0.0),
@@ -354,7 +413,7 @@ class SqlStore:
                 .group_by(d.variant)
                 .order_by(d.variant)
             ).all()
-        return [VariantTally(r[0], r[1], r[2], int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
+        return [VariantTally(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
 
     def close(self) -> None:
         self.engine.dispose()
@@ -415,6 +474,8 @@ def _decision_row(d: LoggedDecision) -> dict[str, Any]:
         "budgets": [list(b) for b in d.budgets] or None,
         "ineligible": [list(x) for x in d.ineligible] or None,
         "variant": d.variant,
+        "slot": d.slot,
+        "activated": d.activated,
     }
 
 
@@ -439,4 +500,6 @@ def decision_from_row(r: Any) -> LoggedDecision:
         budgets=tuple((k, p) for k, p in r.budgets or ()),
         ineligible=tuple((a, why) for a, why in r.ineligible or ()),
         variant=r.variant,
+        slot=r.slot,
+        activated=bool(r.activated),
     )

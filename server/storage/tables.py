@@ -52,6 +52,7 @@ decisions = Table(
     "decisions",
     metadata,
     Column("event_id", String(256), primary_key=True),
+    Column("slot", Integer, primary_key=True, autoincrement=False, server_default="0"),
     Column("placement_id", String(128), nullable=False),
     Column("customer_id", String(256), nullable=False),
     Column("created_at", Double, nullable=False),
@@ -72,6 +73,7 @@ decisions = Table(
     Column("budgets", JSON),  # [[key, period], ...]
     Column("ineligible", JSON),  # [[arm_id, reason], ...]
     Column("variant", String(64), nullable=False, server_default=""),
+    Column("activated", Boolean, nullable=False, server_default="1"),
     Index("ix_decisions_learn", "placement_id", "variant", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
     Index("ix_decisions_open", "outcome", "deadline"),
@@ -96,13 +98,18 @@ budget_accounts = Table(
     Column("reserved", Double, nullable=False),
 )
 
-late_rewards = Table(
-    "late_rewards",
+# Rewards that are not (or not yet) the learned one: "late" (after the window closed) and
+# "agg" (one of several rewards of an event whose placement aggregates them at window close).
+reward_events = Table(
+    "reward_events",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("event_id", String(256), nullable=False, index=True),
+    Column("event_id", String(256), nullable=False),
+    Column("slot", Integer, nullable=False, server_default="0"),
     Column("reward", Double, nullable=False),
     Column("received_at", Double, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Index("ix_reward_events_event", "event_id", "slot"),
 )
 
 # One row per model slot: "" (the placement's model), a variant id, or "shadow:<id>".
@@ -119,6 +126,6 @@ snapshots = Table(
 )
 
 __all__ = [
-    "metadata", "placements", "arms", "arm_versions", "decisions", "campaigns", "budget_accounts", "late_rewards",
+    "metadata", "placements", "arms", "arm_versions", "decisions", "campaigns", "budget_accounts", "reward_events",
     "snapshots",
 ]

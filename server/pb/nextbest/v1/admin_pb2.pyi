@@ -101,6 +101,66 @@ EXPLORATION_ALGORITHM_SQUARECB: ExplorationAlgorithm.ValueType  # 3
 """SquareCB: inverse-gap weighting, exploring less as the model learns."""
 Global___ExplorationAlgorithm: _TypeAlias = ExplorationAlgorithm  # noqa: Y015
 
+class _RewardAggregation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RewardAggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewardAggregation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REWARD_AGGREGATION_UNSPECIFIED: _RewardAggregation.ValueType  # 0
+    """EARLIEST (the default)."""
+    REWARD_AGGREGATION_EARLIEST: _RewardAggregation.ValueType  # 1
+    """The first reward is learned at once; later ones are duplicates. Lowest latency to learning."""
+    REWARD_AGGREGATION_SUM: _RewardAggregation.ValueType  # 2
+    """The sum of the rewards, learned when the window closes."""
+    REWARD_AGGREGATION_MAX: _RewardAggregation.ValueType  # 3
+    """The largest reward, learned when the window closes."""
+    REWARD_AGGREGATION_AVERAGE: _RewardAggregation.ValueType  # 4
+    """The mean reward, learned when the window closes."""
+
+class RewardAggregation(_RewardAggregation, metaclass=_RewardAggregationEnumTypeWrapper):
+    """RewardAggregation combines the rewards of one event within its window."""
+
+REWARD_AGGREGATION_UNSPECIFIED: RewardAggregation.ValueType  # 0
+"""EARLIEST (the default)."""
+REWARD_AGGREGATION_EARLIEST: RewardAggregation.ValueType  # 1
+"""The first reward is learned at once; later ones are duplicates. Lowest latency to learning."""
+REWARD_AGGREGATION_SUM: RewardAggregation.ValueType  # 2
+"""The sum of the rewards, learned when the window closes."""
+REWARD_AGGREGATION_MAX: RewardAggregation.ValueType  # 3
+"""The largest reward, learned when the window closes."""
+REWARD_AGGREGATION_AVERAGE: RewardAggregation.ValueType  # 4
+"""The mean reward, learned when the window closes."""
+Global___RewardAggregation: _TypeAlias = RewardAggregation  # noqa: Y015
+
+class _LearningMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LearningModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LearningMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEARNING_MODE_UNSPECIFIED: _LearningMode.ValueType  # 0
+    """ONLINE (the default)."""
+    LEARNING_MODE_ONLINE: _LearningMode.ValueType  # 1
+    """The bandit chooses and learns."""
+    LEARNING_MODE_APPRENTICE: _LearningMode.ValueType  # 2
+    """The caller's baseline_arm is served; the model learns from it and reports its match rate."""
+    LEARNING_MODE_LOGGING_ONLY: _LearningMode.ValueType  # 3
+    """Decisions are logged; nothing is learned."""
+
+class LearningMode(_LearningMode, metaclass=_LearningModeEnumTypeWrapper):
+    """LearningMode is how a placement's model takes part in its decisions."""
+
+LEARNING_MODE_UNSPECIFIED: LearningMode.ValueType  # 0
+"""ONLINE (the default)."""
+LEARNING_MODE_ONLINE: LearningMode.ValueType  # 1
+"""The bandit chooses and learns."""
+LEARNING_MODE_APPRENTICE: LearningMode.ValueType  # 2
+"""The caller's baseline_arm is served; the model learns from it and reports its match rate."""
+LEARNING_MODE_LOGGING_ONLY: LearningMode.ValueType  # 3
+"""Decisions are logged; nothing is learned."""
+Global___LearningMode: _TypeAlias = LearningMode  # noqa: Y015
+
 class _HoldoutPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -478,6 +538,10 @@ class Placement(_message.Message):
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     SHADOWS_FIELD_NUMBER: _builtins.int
     PROMOTE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    ACTIVATION_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    REWARD_AGGREGATION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -498,6 +562,14 @@ class Placement(_message.Message):
     """After an impression in this placement, the customer gets no offer here for this long."""
     promote: _builtins.str
     """On stopping an experiment: the variant whose model becomes the placement's model."""
+    slots: _builtins.int
+    """Arms returned per Choose, distinct and in order (default 1)."""
+    activation_window_seconds: _builtins.float
+    """A deferred decision not activated within this many seconds is dropped (default 3600)."""
+    reward_aggregation: Global___RewardAggregation.ValueType
+    """How several rewards of one event are combined into the learned reward."""
+    mode: Global___LearningMode.ValueType
+    """Whether the bandit serves, imitates the caller's choice, or only logs."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -541,11 +613,17 @@ class Placement(_message.Message):
         experiment: Global___Experiment | None = ...,
         shadows: _abc.Iterable[Global___Shadow] | None = ...,
         promote: _builtins.str = ...,
+        slots: _builtins.int | None = ...,
+        activation_window_seconds: _builtins.float | None = ...,
+        reward_aggregation: Global___RewardAggregation.ValueType = ...,
+        mode: Global___LearningMode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "promote", b"promote", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
+    _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015
     _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
     _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
     _WhichOneofReturnType__cooldown_seconds: _TypeAlias = _typing.Literal["cooldown_seconds"]  # noqa: Y015
@@ -556,6 +634,10 @@ class Placement(_message.Message):
     _WhichOneofArgType__interactions: _TypeAlias = _typing.Literal["_interactions", b"_interactions"]  # noqa: Y015
     _WhichOneofReturnType__reward_window_seconds: _TypeAlias = _typing.Literal["reward_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__reward_window_seconds: _TypeAlias = _typing.Literal["_reward_window_seconds", b"_reward_window_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__slots: _TypeAlias = _typing.Literal["slots"]  # noqa: Y015
+    _WhichOneofArgType__slots: _TypeAlias = _typing.Literal["_slots", b"_slots"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__activation_window_seconds) -> _WhichOneofReturnType__activation_window_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bits) -> _WhichOneofReturnType__bits | None: ...
     @_typing.overload
@@ -566,6 +648,8 @@ class Placement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__interactions) -> _WhichOneofReturnType__interactions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_window_seconds) -> _WhichOneofReturnType__reward_window_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__slots) -> _WhichOneofReturnType__slots | None: ...
 
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
 

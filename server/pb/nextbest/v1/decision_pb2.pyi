@@ -34,6 +34,10 @@ class _RewardStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewardSt
     """The event already had a reward; this one was ignored and changes nothing."""
     REWARD_STATUS_LATE: _RewardStatus.ValueType  # 3
     """The event's reward window had closed (its default reward was learned); recorded, not learned."""
+    REWARD_STATUS_RECORDED: _RewardStatus.ValueType  # 4
+    """Stored durably; the placement aggregates rewards (sum, max, average) and learns the
+    aggregate once, when the window closes.
+    """
 
 class RewardStatus(_RewardStatus, metaclass=_RewardStatusEnumTypeWrapper):
     """RewardStatus tells what became of a reward."""
@@ -46,7 +50,93 @@ REWARD_STATUS_DUPLICATE: RewardStatus.ValueType  # 2
 """The event already had a reward; this one was ignored and changes nothing."""
 REWARD_STATUS_LATE: RewardStatus.ValueType  # 3
 """The event's reward window had closed (its default reward was learned); recorded, not learned."""
+REWARD_STATUS_RECORDED: RewardStatus.ValueType  # 4
+"""Stored durably; the placement aggregates rewards (sum, max, average) and learns the
+aggregate once, when the window closes.
+"""
 Global___RewardStatus: _TypeAlias = RewardStatus  # noqa: Y015
+
+class _ActivateStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ActivateStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActivateStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACTIVATE_STATUS_UNSPECIFIED: _ActivateStatus.ValueType  # 0
+    """Not used."""
+    ACTIVATE_STATUS_ACTIVATED: _ActivateStatus.ValueType  # 1
+    """The decision's impressions now count and its reward window started."""
+    ACTIVATE_STATUS_ALREADY_ACTIVE: _ActivateStatus.ValueType  # 2
+    """It was activated before, or was not deferred."""
+    ACTIVATE_STATUS_EXPIRED: _ActivateStatus.ValueType  # 3
+    """Its activation window had passed: it was dropped and will never be learned."""
+
+class ActivateStatus(_ActivateStatus, metaclass=_ActivateStatusEnumTypeWrapper):
+    """ActivateStatus tells what became of an activation."""
+
+ACTIVATE_STATUS_UNSPECIFIED: ActivateStatus.ValueType  # 0
+"""Not used."""
+ACTIVATE_STATUS_ACTIVATED: ActivateStatus.ValueType  # 1
+"""The decision's impressions now count and its reward window started."""
+ACTIVATE_STATUS_ALREADY_ACTIVE: ActivateStatus.ValueType  # 2
+"""It was activated before, or was not deferred."""
+ACTIVATE_STATUS_EXPIRED: ActivateStatus.ValueType  # 3
+"""Its activation window had passed: it was dropped and will never be learned."""
+Global___ActivateStatus: _TypeAlias = ActivateStatus  # noqa: Y015
+
+@_typing.final
+class SlotFeatures(_message.Message):
+    """SlotFeatures are features of one slot of a multi-slot placement (position, size)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Feature]:
+        """The slot's features."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[_common_pb2.Feature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotFeatures: _TypeAlias = SlotFeatures  # noqa: Y015
+
+@_typing.final
+class SlotChoice(_message.Message):
+    """SlotChoice is the arm chosen for one slot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    ARM_ID_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    """Slot index, 0 first."""
+    arm_id: _builtins.str
+    """The arm shown in this slot."""
+    probability: _builtins.float
+    """Probability with which it was drawn for this slot, given the arms of earlier slots."""
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        arm_id: _builtins.str = ...,
+        probability: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "probability", b"probability", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlotChoice: _TypeAlias = SlotChoice  # noqa: Y015
 
 @_typing.final
 class ChooseRequest(_message.Message):
@@ -58,15 +148,28 @@ class ChooseRequest(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    BASELINE_ARM_FIELD_NUMBER: _builtins.int
+    DEFER_ACTIVATION_FIELD_NUMBER: _builtins.int
+    SLOT_FEATURES_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id, e.g. "app_home_banner". Required."""
     customer_id: _builtins.str
     """Customer identifier (pseudonymous). Optional for the decision itself; recorded in the log."""
     event_id: _builtins.str
     """Caller-chosen unique id of this decision. Optional: when empty the server makes one."""
+    baseline_arm: _builtins.str
+    """The caller's own choice, for placements in apprentice or logging-only mode: it is served
+    and logged with probability 1. Required in apprentice mode.
+    """
+    defer_activation: _builtins.bool
+    """Log the decision but count nothing (impression, budget, reward window) until Activate."""
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Feature]:
         """Context features shared by all arms: customer, device, channel, time."""
+
+    @_builtins.property
+    def slot_features(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotFeatures]:
+        """Features of each slot of a multi-slot placement, in slot order (optional)."""
 
     def __init__(
         self,
@@ -75,10 +178,13 @@ class ChooseRequest(_message.Message):
         customer_id: _builtins.str = ...,
         event_id: _builtins.str = ...,
         features: _abc.Iterable[_common_pb2.Feature] | None = ...,
+        baseline_arm: _builtins.str = ...,
+        defer_activation: _builtins.bool = ...,
+        slot_features: _abc.Iterable[Global___SlotFeatures] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "event_id", b"event_id", "features", b"features", "placement", b"placement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_arm", b"baseline_arm", "customer_id", b"customer_id", "defer_activation", b"defer_activation", "event_id", b"event_id", "features", b"features", "placement", b"placement", "slot_features", b"slot_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -96,6 +202,7 @@ class ChooseResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Id of this decision; pass it to Reward."""
     arm_id: _builtins.str
@@ -108,6 +215,10 @@ class ChooseResponse(_message.Message):
     """Why no arm was chosen when arm_id is empty, or why the fallback arm was served."""
     variant: _builtins.str
     """The experiment variant that served: "" without experiment, "holdout" for the control group."""
+    @_builtins.property
+    def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotChoice]:
+        """Every slot of a multi-slot placement, distinct arms in order (slot 0 is arm_id)."""
+
     def __init__(
         self,
         *,
@@ -117,10 +228,11 @@ class ChooseResponse(_message.Message):
         model_version: _builtins.int = ...,
         reason: _builtins.str = ...,
         variant: _builtins.str = ...,
+        slots: _abc.Iterable[Global___SlotChoice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "event_id", b"event_id", "model_version", b"model_version", "probability", b"probability", "reason", b"reason", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "event_id", b"event_id", "model_version", b"model_version", "probability", b"probability", "reason", b"reason", "slots", b"slots", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -134,23 +246,71 @@ class RewardRequest(_message.Message):
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
     REWARD_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Event id returned by Choose (or given to it). Required."""
     reward: _builtins.float
     """The reward: larger is better, e.g. 1 for an acceptance or the margin earned. Must be finite."""
+    slot: _builtins.int
+    """The slot rewarded, for multi-slot placements (default 0)."""
     def __init__(
         self,
         *,
         event_id: _builtins.str = ...,
         reward: _builtins.float = ...,
+        slot: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "reward", b"reward"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "reward", b"reward", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardRequest: _TypeAlias = RewardRequest  # noqa: Y015
+
+@_typing.final
+class ActivateRequest(_message.Message):
+    """ActivateRequest names a deferred decision that was shown."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Event id returned by Choose."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateRequest: _TypeAlias = ActivateRequest  # noqa: Y015
+
+@_typing.final
+class ActivateResponse(_message.Message):
+    """ActivateResponse acknowledges an activation, durably."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___ActivateStatus.ValueType
+    """What became of it."""
+    def __init__(
+        self,
+        *,
+        status: Global___ActivateStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateResponse: _TypeAlias = ActivateResponse  # noqa: Y015
 
 @_typing.final
 class RewardResponse(_message.Message):

@@ -46,6 +46,11 @@ class DecisionServiceStub:
                 request_serializer=nextbest_dot_v1_dot_decision__pb2.RewardRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_decision__pb2.RewardResponse.FromString,
                 _registered_method=True)
+        self.Activate = channel.unary_unary(
+                '/nextbest.v1.DecisionService/Activate',
+                request_serializer=nextbest_dot_v1_dot_decision__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_decision__pb2.ActivateResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -63,7 +68,15 @@ class DecisionServiceServicer:
 
     def Reward(self, request, context):
         """Reward reports the outcome of an earlier decision. The reward is durable when this
-        call returns, and it is learned at most once per event.
+        call returns, and it is learned at most once per event (and slot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Activate(self, request, context):
+        """Activate tells that a decision made with defer_activation was shown to the customer:
+        only then do its impressions count, its budget get spent and its reward window start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +94,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.Reward,
                     request_deserializer=nextbest_dot_v1_dot_decision__pb2.RewardRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_decision__pb2.RewardResponse.SerializeToString,
+            ),
+            'Activate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activate,
+                    request_deserializer=nextbest_dot_v1_dot_decision__pb2.ActivateRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_decision__pb2.ActivateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +157,33 @@ class DecisionService:
             '/nextbest.v1.DecisionService/Reward',
             nextbest_dot_v1_dot_decision__pb2.RewardRequest.SerializeToString,
             nextbest_dot_v1_dot_decision__pb2.RewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Activate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.DecisionService/Activate',
+            nextbest_dot_v1_dot_decision__pb2.ActivateRequest.SerializeToString,
+            nextbest_dot_v1_dot_decision__pb2.ActivateResponse.FromString,
             options,
             channel_credentials,
             insecure,

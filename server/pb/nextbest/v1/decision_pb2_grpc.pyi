@@ -41,7 +41,11 @@ class DecisionServiceStub:
     """
     Reward: _grpc.UnaryUnaryMultiCallable[_decision_pb2.RewardRequest, _decision_pb2.RewardResponse]
     """Reward reports the outcome of an earlier decision. The reward is durable when this
-    call returns, and it is learned at most once per event.
+    call returns, and it is learned at most once per event (and slot).
+    """
+    Activate: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ActivateRequest, _decision_pb2.ActivateResponse]
+    """Activate tells that a decision made with defer_activation was shown to the customer:
+    only then do its impressions count, its budget get spent and its reward window start.
     """
 
 @_typing.type_check_only
@@ -57,7 +61,11 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     """
     Reward: _aio.UnaryUnaryMultiCallable[_decision_pb2.RewardRequest, _decision_pb2.RewardResponse]  # type: ignore[assignment]
     """Reward reports the outcome of an earlier decision. The reward is durable when this
-    call returns, and it is learned at most once per event.
+    call returns, and it is learned at most once per event (and slot).
+    """
+    Activate: _aio.UnaryUnaryMultiCallable[_decision_pb2.ActivateRequest, _decision_pb2.ActivateResponse]  # type: ignore[assignment]
+    """Activate tells that a decision made with defer_activation was shown to the customer:
+    only then do its impressions count, its budget get spent and its reward window start.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -82,7 +90,17 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_decision_pb2.RewardResponse, _abc.Awaitable[_decision_pb2.RewardResponse]]:
         """Reward reports the outcome of an earlier decision. The reward is durable when this
-        call returns, and it is learned at most once per event.
+        call returns, and it is learned at most once per event (and slot).
+        """
+
+    @_abc_1.abstractmethod
+    def Activate(
+        self,
+        request: _decision_pb2.ActivateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.ActivateResponse, _abc.Awaitable[_decision_pb2.ActivateResponse]]:
+        """Activate tells that a decision made with defer_activation was shown to the customer:
+        only then do its impressions count, its budget get spent and its reward window start.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

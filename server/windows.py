@@ -1,0 +1,240 @@
+"""Reward windows: rewards, activations of deferred decisions, and the closing of windows.
+
+A decision's window opens when it is shown (at Choose, or at Activate for a deferred one) and
+closes at its deadline or, under ``earliest`` aggregation, at its first reward. A closed window
+gets a position in the learn sequence and is learned exactly once, with the reward that closed
+it (earliest), the aggregate of the rewards within it (sum, max, average) or the default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bandit.contact import Impression
+from bandit.errors import InvalidInput, NotFound
+from bandit.log import Outcome
+from server.storage.base import Activation, Close, RewardEvent
+
+if TYPE_CHECKING:
+    from server.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class RewardStatus:
+    LEARNED = "learned"  # durable; learned once (at once under earliest aggregation)
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    RECORDED = "recorded"  # durable; part of the aggregate learned when the window closes
+
+
+class ActivateStatus:
+    ACTIVATED = "activated"
+    ALREADY_ACTIVE = "already_active"
+    EXPIRED = "expired"
+
+
+@dataclass(slots=True)
+class OpenDecision:
+    """What a decision's window needs while it is open, kept in memory."""
+
+    placement: str
+    deadline: float
+    arm_id: str
+    customer_id: str = ""
+    campaign: str | None = None
+    cost: float = 0.0
+    reward_cost: float = 0.0
+    budgets: tuple[tuple[str, str], ...] = ()
+    activated: bool = True
+    rewards: list[float] = field(default_factory=list)  # recorded for aggregation
+
+
+def aggregate(how: str, rewards: list[float]) -> float:
+    if how == "sum":
+        return math.fsum(rewards)
+    if how == "max":
+        return max(rewards)
+    if how == "average":
+        return math.fsum(rewards) / len(rewards)
+    return rewards[0]
+
+
+class RewardWindows:
+    """Reward, Activate and window closing; a part of the Engine, on its event loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.open: dict[tuple[str, int], OpenDecision] = {}
+        self._deadlines: list[tuple[float, str, int]] = []  # heap of open windows
+
+    def add(self, event_id: str, slot: int, entry: OpenDecision) -> None:
+        self.open[(event_id, slot)] = entry
+        heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
+
+    def slots_of(self, event_id: str) -> list[int]:
+        return [s for s in range(10) if (event_id, s) in self.open]
+
+    # -- Reward -------------------------------------------------------------------------------
+
+    async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
+        """Store the reward durably, then let the learner have it; learned at most once."""
+        e = self.e
+        if not event_id:
+            raise InvalidInput("event_id", "must not be empty")
+        if len(event_id) > e.settings.max_id_length:
+            raise InvalidInput("event_id", f"longer than {e.settings.max_id_length} characters")
+        if not math.isfinite(reward):
+            raise InvalidInput("reward", f"must be finite, got {reward}")
+        if not 0 <= slot < 10:
+            raise InvalidInput("slot", f"must be between 0 and 9, got {slot}")
+        assert e.writer is not None
+        now = e.clock()
+        key = (event_id, slot)
+        entry = self.open.get(key)
+        if entry is None:
+            return await self._reward_closed(event_id, slot, reward, now)
+        if not entry.activated:
+            raise InvalidInput("event_id", f"event {event_id!r} is deferred and not activated; call Activate first")
+        if now > entry.deadline:
+            return await self._late(event_id, slot, reward, now)  # the sweeper closes it
+        ps = e.states.get(entry.placement)
+        how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
+        if how != "earliest":
+            await e.writer.record(RewardEvent(event_id, slot, reward, now, "agg"))
+            entry.rewards.append(reward)
+            return RewardStatus.RECORDED
+        del self.open[key]
+        close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
+        try:
+            seq = await e.writer.close_window(close)
+        except BaseException:
+            self.open[key] = entry  # not stored: the window stays open for a retry
+            raise
+        if seq is None:
+            return await self._reward_closed(event_id, slot, reward, now)
+        self._closed(event_id, entry, close)
+        return RewardStatus.LEARNED
+
+    def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
+        """A window closed durably: settle its budget, update history, wake the learner."""
+        e = self.e
+        assert e.learner is not None
+        if entry.budgets:
+            held = entry.reward_cost + (0.0 if entry.activated else entry.cost)
+            e.budgets.settle(entry.budgets, held, close.incurred)
+        if not close.learnable:
+            return
+        responded = close.outcome == Outcome.REWARD and close.reward > 0
+        e.history.respond(event_id if close.slot == 0 else f"{event_id}#{close.slot}", responded)
+        tally = e.acceptance.setdefault((entry.placement, entry.arm_id), [0, 0])
+        tally[0] += responded
+        tally[1] += 1
+        e.learner.poke(entry.placement)
+
+    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float) -> str:
+        e = self.e
+        loop = asyncio.get_running_loop()
+        d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        if d is None:
+            raise NotFound(f"event {event_id!r}" + (f" slot {slot}" if slot else "") + " is unknown")
+        if d.outcome == Outcome.REWARD:
+            return RewardStatus.DUPLICATE
+        if d.outcome == Outcome.NO_ARM:
+            raise InvalidInput("event_id", f"event {event_id!r} served no arm; there is nothing to reward")
+        if d.outcome == Outcome.NOT_ACTIVATED:
+            raise InvalidInput("event_id", f"event {event_id!r} was never activated; it is not learned")
+        if d.outcome == Outcome.OPEN and d.activated and now <= d.deadline:
+            # Open in the database but not in this process's memory: another server owns it.
+            assert e.writer is not None and e.learner is not None
+            close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, slot, d.cost)
+            if await e.writer.close_window(close) is not None:
+                e.learner.poke(d.placement)
+                return RewardStatus.LEARNED
+            return await self._reward_closed(event_id, slot, reward, now)
+        return await self._late(event_id, slot, reward, now)
+
+    async def _late(self, event_id: str, slot: int, reward: float, now: float) -> str:
+        assert self.e.writer is not None
+        await self.e.writer.record(RewardEvent(event_id, slot, reward, now, "late"))
+        return RewardStatus.LATE
+
+    # -- Activate -----------------------------------------------------------------------------
+
+    async def activate(self, event_id: str) -> str:
+        """A deferred decision was shown: count its impressions, spend, start its windows."""
+        e = self.e
+        if not event_id:
+            raise InvalidInput("event_id", "must not be empty")
+        assert e.writer is not None
+        now = e.clock()
+        slots = self.slots_of(event_id)
+        if not slots:
+            d = await asyncio.get_running_loop().run_in_executor(e.reader_pool, e.store.find_decision, event_id, 0)
+            if d is None:
+                raise NotFound(f"event {event_id!r} is unknown")
+            return ActivateStatus.EXPIRED if d.outcome == Outcome.NOT_ACTIVATED else ActivateStatus.ALREADY_ACTIVE
+        status = ActivateStatus.ALREADY_ACTIVE
+        for slot in slots:
+            entry = self.open[(event_id, slot)]
+            if entry.activated:
+                continue
+            if now > entry.deadline:
+                status = ActivateStatus.EXPIRED
+                continue
+            ps = e.states.get(entry.placement)
+            window = ps.record.spec.reward_window if ps is not None else 600.0
+            act = Activation(event_id, now, now + window, entry.cost, entry.budgets, slot)
+            if not await e.writer.activate(act):
+                continue
+            entry.activated, entry.deadline = True, now + window
+            heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
+            if entry.budgets:
+                e.budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
+            if entry.customer_id and e.history.horizon > 0:
+                ev = event_id if slot == 0 else f"{event_id}#{slot}"
+                e.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
+            status = ActivateStatus.ACTIVATED
+        return status
+
+    # -- closing windows ------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Close every expired window: with the aggregate of its rewards, or the default reward;
+        a deferred decision never activated is dropped. Returns how many windows closed."""
+        e = self.e
+        assert e.writer is not None
+        now = e.clock()
+        closing: list[tuple[tuple[str, int], OpenDecision, Close]] = []
+        while self._deadlines and self._deadlines[0][0] < now:
+            deadline, event_id, slot = heapq.heappop(self._deadlines)
+            entry = self.open.get((event_id, slot))
+            if entry is None or entry.deadline != deadline:
+                continue
+            del self.open[(event_id, slot)]
+            ps = e.states.get(entry.placement)
+            spec = ps.record.spec if ps is not None else None
+            if not entry.activated:
+                outcome, value = Outcome.NOT_ACTIVATED, 0.0
+            elif entry.rewards:
+                outcome, value = Outcome.REWARD, aggregate(spec.reward_aggregation if spec else "sum", entry.rewards)
+            else:
+                outcome, value = Outcome.DEFAULT, spec.default_reward if spec is not None else 0.0
+            close = Close(event_id, outcome, value, now, entry.reward_cost, entry.budgets, slot, entry.cost)
+            closing.append(((event_id, slot), entry, close))
+        if not closing:
+            return 0
+        results = await asyncio.gather(*(e.writer.close_window(c) for _, _, c in closing), return_exceptions=True)
+        closed = 0
+        for (key, entry, close), res in zip(closing, results, strict=True):
+            if isinstance(res, BaseException):  # retry on a later sweep
+                self.add(key[0], key[1], entry)
+            elif res is not None or not close.learnable:
+                closed += 1
+                self._closed(key[0], entry, close)
+        return closed
