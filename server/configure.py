@@ -57,7 +57,7 @@ class Configurator:
         """The placement's models after the change: kept where their settings did not change,
         promoted from a variant on request, new (learning from ``since`` on) otherwise."""
         out: dict[str, Slot] = {}
-        for name, key in spec.slots().items():
+        for name, key in spec.model_slots().items():
             prev = old.slots.get(name) if old is not None else None
             if name == "" and spec.promote is not None and old is not None and spec.promote in old.slots:
                 winner = old.slots[spec.promote]
