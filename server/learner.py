@@ -190,7 +190,10 @@ class Learner:
                 if greedy == row.chosen:
                     slot.agreed += 1
                     slot.ips_sum += row.reward / row.probability
-            slot.model.learn(shared, lines, row.chosen, row.reward, row.probability)
+            # Apprentice mode learns to imitate the baseline (the caller's choice); the rewards
+            # it earned are in the log and the statistics, which evaluate it.
+            imitate = ps.record.spec.mode == "apprentice" and not slot.shadow
+            slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward, row.probability)
             slot.since_snapshot += 1
         slot.cursor = row.learn_seq
 

@@ -1,0 +1,141 @@
+"""Multi-slot placements, deferred activation, reward aggregation and learning modes, through gRPC."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from bandit.spec import PlacementSpec
+from tests import envs
+from tests.harness import FakeClock, running_server
+
+
+def wait(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_three_slots_never_repeat_an_arm_and_learn_where_position_matters(db_url: str) -> None:
+    position = np.array([1.0, 0.5, 0.25])  # customers look less at later tiles
+    rng = np.random.default_rng(9)
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([envs.placement(slots=3, exploration={"algorithm": "epsilon", "epsilon": 0.1})])
+        totals = []
+        for i in range(2500):
+            seg = int(rng.integers(5))
+            d = c.choose("app_home_banner", {"customer": {"segment": envs.SEGMENTS[seg]}}, event_id=f"e{i}")
+            arms = [a for a, _ in d.slots]
+            assert len(arms) == 3 and len(set(arms)) == 3
+            assert d.arm_id == arms[0] and d.probability == d.slots[0][1]
+            total = 0.0
+            for k, arm in enumerate(arms):
+                r = float(rng.random() < envs.P[seg, envs.ARMS.index(arm)] * position[k])
+                assert c.reward(d.event_id, r, slot=k) == "learned"
+                total += r
+            totals.append(total)
+        s.call(s.engine.writer.flush())
+        rows = [s.engine.store.find_decision("e2499", k) for k in range(3)]
+    # Each slot's probability is its own: a distribution over the arms left for it.
+    for k, row in enumerate(rows):
+        assert len(row.arms) == 5 - k and math.isclose(sum(row.pmf), 1.0)
+        assert row.pmf[row.chosen] == row.probability
+    best = float(np.mean([np.sort(envs.P[g])[::-1][:3] @ position for g in range(5)]))
+    uniform = float(envs.P.mean() * position.sum())
+    last = float(np.mean(totals[-500:]))
+    assert last > uniform + 0.6 * (best - uniform), (last, best, uniform)
+
+
+def test_deferred_decisions_count_only_when_activated(db_url: str) -> None:
+    spec = PlacementSpec.model_validate(
+        {
+            "id": "push",
+            "activation_window": 0.3,
+            "reward_window": 60,
+            "arms": [{"id": "promo", "cost_per_impression": 1.0, "budget": {"total": 10}}],
+        }
+    )
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([spec])
+        never = c.choose("push", customer_id="c1", defer_activation=True)
+        shown = c.choose("push", customer_id="c2", defer_activation=True)
+        held = c.stats("push").budgets[0]
+        assert (held.spent, held.reserved) == (0.0, 2.0)  # nothing spent before it is seen
+        with pytest.raises(Exception, match="not activated"):
+            c.reward(shown.event_id, 1.0)
+        assert c.activate(shown.event_id) == "activated"
+        assert c.activate(shown.event_id) == "already_active"
+        assert c.reward(shown.event_id, 1.0) == "learned"
+        wait(lambda: s.engine.windows.slots_of(never.event_id) == [])  # activation window passed
+        assert c.activate(never.event_id) == "expired"
+        wait(lambda: s.engine.states["push"].model.learned == 1)
+        time.sleep(0.2)
+        assert s.engine.states["push"].model.learned == 1  # the never-activated decision is not learned
+        st = c.stats("push")
+        assert st.arms[0].impressions == 1 and st.arms[0].spend == 1.0
+        b = st.budgets[0]
+        assert (b.spent, b.reserved) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "how, statuses, learned",
+    [
+        ("earliest", ["learned", "duplicate", "duplicate"], 2.0),
+        ("sum", ["recorded", "recorded", "recorded"], 2.0 + 5.0 + 1.0),
+        ("max", ["recorded", "recorded", "recorded"], 5.0),
+        ("average", ["recorded", "recorded", "recorded"], 8.0 / 3),
+    ],
+)
+def test_reward_aggregation(db_url: str, how: str, statuses: list[str], learned: float) -> None:
+    clock = FakeClock()
+    with running_server(db_url, clock=clock) as s, s.client() as c:
+        c.apply([envs.placement(reward_aggregation=how, reward_window=100)])
+        d = c.choose("app_home_banner", {"segment": "youth"})
+        got = []
+        for r in (2.0, 5.0, 1.0):
+            got.append(c.reward(d.event_id, r))
+            clock.advance(10)
+        assert got == statuses
+        clock.advance(100)
+        assert c.reward(d.event_id, 7.0) == ("duplicate" if how == "earliest" else "late")
+        s.call(s.engine.sweep())
+        wait(lambda: s.engine.states["app_home_banner"].model.learned == 1)
+        row = s.engine.store.find_decision(d.event_id)
+        assert math.isclose(row.reward, learned) and row.outcome.name == "REWARD"
+
+
+def test_apprentice_serves_the_baseline_and_learns_to_match_it(db_url: str) -> None:
+    rule = {seg: envs.ARMS[int(np.argmax(envs.P[i]))] for i, seg in enumerate(envs.SEGMENTS)}
+    rng = np.random.default_rng(4)
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([envs.placement(mode="apprentice")])
+        for i in range(1200):
+            seg = int(rng.integers(5))
+            name = envs.SEGMENTS[seg]
+            d = c.choose("app_home_banner", {"customer": {"segment": name}}, baseline_arm=rule[name])
+            assert (d.arm_id, d.probability) == (rule[name], 1.0)
+            c.reward(d.event_id, float(rng.random() < envs.P[seg, envs.ARMS.index(d.arm_id)]))
+        model = next(m for m in c.stats("app_home_banner").models if m.slot == "")
+        assert model.scored == 1200 and model.agreement > 0.9, model
+        learned = s.engine.states["app_home_banner"].model.learned
+        c.apply([envs.placement(mode="online")])  # switching mode keeps the model
+        assert s.engine.states["app_home_banner"].model.learned == learned > 1000
+
+
+def test_logging_only_learns_nothing(db_url: str) -> None:
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([envs.placement(mode="logging_only")])
+        for i in range(20):
+            d = c.choose("app_home_banner", {"segment": "youth"}, baseline_arm="voice_300" if i % 2 else "")
+            assert d.arm_id
+            if i % 2:
+                assert (d.arm_id, d.probability) == ("voice_300", 1.0)
+            c.reward(d.event_id, 1.0)
+        s.call(s.engine.writer.flush())
+        s.call(s.engine.learner.catch_up("app_home_banner"))
+        assert s.engine.states["app_home_banner"].model.learned == 0
+        assert c.stats("app_home_banner").decisions == 20
