@@ -87,7 +87,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _utc(v: datetime | None) -> datetime | None:
-    return None if v is None or v.tzinfo is not None else v.replace(tzinfo=timezone.utc)
+    return v if v is None or v.tzinfo is not None else v.replace(tzinfo=timezone.utc)
 
 
 class BudgetSpec(_Spec):

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_replay import add_commands as replay_commands
 
     replay_commands(sub)
+    from server.cli_experiments import add_commands as experiment_commands
+
+    experiment_commands(sub)
     return p
 
 

@@ -79,10 +79,20 @@ class SqlStore:
             out = []
             for p in c.execute(select(t.placements).order_by(t.placements.c.id)).all():
                 mine = [a for a in arm_rows if a.placement_id == p.id]
+                raw = dict(p.spec)
+                settings = raw.pop("arm_settings", None) or {}  # costs, budget, campaign, ... by arm id
                 arms = [
-                    ArmSpec(id=a.arm_id, features=features[(p.id, a.arm_id, a.version)], active=a.active) for a in mine
+                    ArmSpec.model_validate(
+                        {
+                            **settings.get(a.arm_id, {}),
+                            "id": a.arm_id,
+                            "features": features[(p.id, a.arm_id, a.version)],
+                            "active": a.active,
+                        }
+                    )
+                    for a in mine
                 ]
-                spec = PlacementSpec.model_validate({**p.spec, "id": p.id, "arms": arms})
+                spec = PlacementSpec.model_validate({**raw, "id": p.id, "arms": arms})
                 out.append(
                     PlacementRecord(spec, {a.arm_id: a.version for a in mine}, p.generation, p.model_since_seq)
                 )
@@ -114,6 +124,10 @@ class SqlStore:
                 )
             for rec in records:
                 spec = rec.spec.model_dump(mode="json", by_alias=True, exclude={"id", "arms"})
+                spec["arm_settings"] = {
+                    a.id: a.model_dump(mode="json", by_alias=True, exclude={"id", "features", "active"}, exclude_defaults=True)
+                    for a in rec.spec.arms
+                }
                 row = {"spec": spec, "generation": rec.generation, "model_since_seq": rec.model_since_seq, "updated_at": now}
                 if c.execute(update(t.placements).where(t.placements.c.id == rec.spec.id).values(**row)).rowcount == 0:
                     c.execute(insert(t.placements).values(id=rec.spec.id, **row))
