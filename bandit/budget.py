@@ -92,12 +92,14 @@ class Account:
         return (self.start is None or now >= self.start) and (self.end is None or now < self.end)
 
     def projected_exhaustion(self, now: float) -> float | None:
-        """When the limit will be reached at the average spend rate so far (None: not spending)."""
-        begin = self.start if self.start is not None else None
+        """When the limit will be reached at the average spend rate so far (None: not spending,
+        or not before the account's period ends)."""
+        begin = self.start
         if begin is None or now <= begin or self.used <= 0:
             return None
         rate = self.used / (now - begin)
-        return now + self.remaining / rate
+        at = now + self.remaining / rate
+        return None if self.end is not None and at >= self.end else at
 
 
 @dataclass

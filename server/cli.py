@@ -73,6 +73,20 @@ def _stats(args: argparse.Namespace) -> int:
             f"{a.arm_id:<24}{a.impressions:>12}{a.rewards:>10}{a.reward_sum:>12.2f}{mean:>8.3f}"
             f"{a.default_rewards:>9}{a.late_rewards:>6}  {'yes' if a.active else 'no'}"
         )
+    if len(s.variants) > 1 or (s.variants and s.variants[0].variant):
+        print(f"\n{'variant':<16}{'decisions':>10}{'rewards':>9}{'closed':>8}{'mean reward':>13}")
+        for v in s.variants:
+            print(f"{v.variant or '-':<16}{v.decisions:>10}{v.rewards:>9}{v.closed:>8}{v.mean_reward:>13.4f}")
+    if len(s.models) > 1 or any(m.scored for m in s.models):
+        print(f"\n{'model':<24}{'learned':>9}{'scored':>8}{'agreement':>11}{'est. value':>12}")
+        for m in s.models:
+            print(f"{m.slot or '(placement)':<24}{m.learned:>9}{m.scored:>8}{m.agreement:>11.3f}{m.estimated_value:>12.4f}")
+    if s.budgets:
+        print(f"\n{'budget':<36}{'period':>11}{'limit':>10}{'spent':>10}{'held':>8}{'left':>10}{'price':>8}  exhausts")
+        for b in s.budgets:
+            when = b.projected_exhaustion.ToDatetime().strftime("%Y-%m-%d %H:%M") if b.HasField("projected_exhaustion") else "-"
+            price = f"{b.pacing_multiplier:.3g}" if b.paced else "-"
+            print(f"{b.budget:<36}{b.period:>11}{b.limit:>10.2f}{b.spent:>10.2f}{b.reserved:>8.2f}{b.remaining:>10.2f}{price:>8}  {when}")
     return 0
 
 
@@ -107,8 +121,13 @@ def _choose(args: argparse.Namespace) -> int:
         )
     with NextbestClient(args.target) as nb:
         r = nb.choose(args.placement, feats, customer_id=args.customer, event_id=args.event_id)
-    print(json.dumps({"event_id": r.event_id, "arm_id": r.arm_id, "probability": r.probability,
-                      "model_version": r.model_version, "reason": r.reason}))
+    out: dict[str, object] = {
+        "event_id": r.event_id, "arm_id": r.arm_id, "probability": r.probability,
+        "model_version": r.model_version, "reason": r.reason, "variant": r.variant,
+    }
+    if len(r.slots) > 1:
+        out["slots"] = [{"arm_id": a, "probability": p} for a, p in r.slots]
+    print(json.dumps(out))
     return 0
 
 

@@ -63,7 +63,8 @@ def plan_campaigns(current: Mapping[str, CampaignSpec], desired: Sequence[Campai
         old = current.get(c.id)
         new = c.model_dump(mode="json", exclude={"id"})
         if old is None:
-            out.append(Change("", "", "CREATE", _diff({}, new), campaign=c.id))
+            created = c.model_dump(mode="json", exclude={"id"}, exclude_defaults=True)
+            out.append(Change("", "", "CREATE", _diff({}, created), campaign=c.id))
         elif old != c:
             out.append(Change("", "", "UPDATE", _diff(old.model_dump(mode="json", exclude={"id"}), new), campaign=c.id))
     return out
@@ -75,10 +76,11 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
     for spec in desired:
         old = current.get(spec.id)
         if old is None:
-            out.changes.append(Change(spec.id, "", "CREATE", _diff({}, _settings(spec))))
+            created = spec.model_dump(mode="json", by_alias=True, exclude={"id", "arms"}, exclude_defaults=True)
+            out.changes.append(Change(spec.id, "", "CREATE", _diff({}, created)))
             versions = {a.id: 1 for a in spec.arms}
             for a in spec.arms:
-                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}))))
+                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True))))
                 out.new_arm_versions.append((spec.id, a.id, 1, dict(a.features)))
             out.records.append(PlacementRecord(spec, versions, 1, next_seq - 1))
             out.new_models.add(spec.id)
@@ -96,7 +98,7 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             if prev is None:
                 versions[a.id] = versions.get(a.id, 0) + 1
                 out.new_arm_versions.append((spec.id, a.id, versions[a.id], dict(a.features)))
-                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}))))
+                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True))))
                 changed = True
             elif prev != a:
                 if prev.features != a.features:
