@@ -1,9 +1,10 @@
 """The learner: one task that feeds each model the rewards in learn-sequence order.
 
-Rewards are learned from the log, not from memory: the writer gives every closed window a
-``learn_seq`` as it commits, and the learner reads rows above each model's cursor. Normal
-learning and recovery after a restart (snapshot + rows after its ``learn_seq``) are one code
-path, and each row is learned exactly once per model.
+Rewards are learned from the log, not from memory. The learner (one process at a time, when
+several servers share a database) gives closed windows their ``learn_seq`` (a durable claim),
+then reads rows above each model's cursor. Normal learning and recovery after a restart or a
+take-over (snapshot + rows after its ``learn_seq``) are one code path, and each row is learned
+exactly once per model, whichever server wrote its reward.
 
 A placement keeps one model per slot: "" (its own), one per experiment variant (learning only
 that variant's decisions) and one per shadow (learning every served decision, and scored on
@@ -111,6 +112,7 @@ class Learner:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.active = True  # False on a replica that serves only; it loads the learner's snapshots
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nextbest-learner")
@@ -134,6 +136,11 @@ class Learner:
 
     async def catch_up(self, pid: str) -> int:
         """Learn every learnable row of every model of a placement; returns how many were learned."""
+        if not self.active:
+            return 0
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(self._writer, self._store.claim, pid, self._batch) == self._batch:
+            pass
         total = 0
         ps = self._states.get(pid)
         for name in list(ps.slots) if ps else []:
@@ -209,6 +216,8 @@ class Learner:
         slot.last_snapshot = time.monotonic()
 
     async def snapshot_all(self) -> None:
+        if not self.active:
+            return
         for pid, ps in list(self._states.items()):
             for slot in list(ps.slots.values()):
                 await self.maybe_snapshot(pid, slot, force=True)

@@ -112,11 +112,11 @@ class RewardWindows:
         del self.open[key]
         close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
         try:
-            seq = await e.writer.close_window(close)
+            ok = await e.writer.close_window(close)
         except BaseException:
             self.open[key] = entry  # not stored: the window stays open for a retry
             raise
-        if seq is None:
+        if not ok:
             return await self._reward_closed(event_id, slot, reward, now)
         self._closed(event_id, entry, close)
         return RewardStatus.LEARNED
@@ -153,7 +153,7 @@ class RewardWindows:
             # Open in the database but not in this process's memory: another server owns it.
             assert e.writer is not None and e.learner is not None
             close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, slot, d.cost)
-            if await e.writer.close_window(close) is not None:
+            if await e.writer.close_window(close):
                 e.learner.poke(d.placement)
                 return RewardStatus.LEARNED
             return await self._reward_closed(event_id, slot, reward, now)
@@ -234,7 +234,7 @@ class RewardWindows:
         for (key, entry, close), res in zip(closing, results, strict=True):
             if isinstance(res, BaseException):  # retry on a later sweep
                 self.add(key[0], key[1], entry)
-            elif res is not None or not close.learnable:
+            elif res:
                 closed += 1
                 self._closed(key[0], entry, close)
         return closed

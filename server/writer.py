@@ -30,7 +30,7 @@ class BatchWriter:
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._decisions: list[LoggedDecision] = []
-        self._closes: list[tuple[Close, asyncio.Future[int | None]]] = []
+        self._closes: list[tuple[Close, asyncio.Future[bool]]] = []
         self._activations: list[tuple[Activation, asyncio.Future[bool]]] = []
         self._events: list[tuple[RewardEvent, asyncio.Future[None]]] = []
         self._barriers: list[asyncio.Future[None]] = []
@@ -67,9 +67,9 @@ class BatchWriter:
         self._wake.set()
         return asyncio.get_running_loop().create_future()
 
-    def close_window(self, close: Close) -> asyncio.Future[int | None]:
-        """Queue a close; the future gives its learn_seq (None: already closed) once durable."""
-        fut: asyncio.Future[int | None] = self._future()
+    def close_window(self, close: Close) -> asyncio.Future[bool]:
+        """Queue a close; the future tells, once durable, whether it closed an open window."""
+        fut: asyncio.Future[bool] = self._future()
         self._closes.append((close, fut))
         return fut
 
@@ -134,9 +134,9 @@ class BatchWriter:
                 self._wake.set()
                 continue
             self._retry_delay = 0.0
-            for (_, cf), seq in zip(closes, result.seqs, strict=True):
+            for (_, cf), ok in zip(closes, result.closed, strict=True):
                 if not cf.done():
-                    cf.set_result(seq)
+                    cf.set_result(ok)
             for (_, af), ok in zip(acts, result.activated, strict=True):
                 if not af.done():
                     af.set_result(ok)

@@ -55,6 +55,12 @@ def test_reward_statuses_and_duplicates_change_nothing(placed: ServerThread) -> 
     with placed.client() as c:
         d = c.choose("app_home_banner", {"segment": "youth"})
         assert c.reward(d.event_id, 2.5) == "learned"
+        import time
+
+        deadline = time.monotonic() + 10
+        while placed.engine.states["app_home_banner"].model.learned < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         before = c.stats("app_home_banner")
         assert c.reward(d.event_id, 2.5) == "duplicate"
         assert c.reward(d.event_id, 100.0) == "duplicate"

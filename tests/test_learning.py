@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from tests import envs
 from tests.harness import ServerThread, make_settings
 
 
-def drive(client, rng: np.random.Generator, n: int, placement: str = "app_home_banner") -> list[float]:
+def drive(client, rng: np.random.Generator, n: int, placement: str = "app_home_banner", model=None) -> list[float]:
+    """Choose, then reward; with ``model``, keep in step with the learner so a run is reproducible
+    whatever the machine's load (the learner learns asynchronously, a few ms behind)."""
     rewards = []
     for i in range(n):
         seg = int(rng.integers(len(envs.SEGMENTS)))
@@ -16,6 +20,8 @@ def drive(client, rng: np.random.Generator, n: int, placement: str = "app_home_b
         r = float(rng.random() < envs.P[seg, envs.ARMS.index(d.arm_id)])
         assert client.reward(d.event_id, r) == "learned"
         rewards.append(r)
+        while model is not None and model.learned < i + 1:
+            time.sleep(0.0005)
     return rewards
 
 
@@ -25,7 +31,7 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
     try:
         with s.client() as c:
             c.apply([envs.placement()])
-            rewards = drive(c, rng, 4000)
+            rewards = drive(c, rng, 4000, model=s.engine.states["app_home_banner"].model)
             before = c.stats("app_home_banner")
     finally:
         s.stop()

@@ -133,10 +133,10 @@ class RecentImpression:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Per close in a batch: its learn_seq (None: already closed, or closed without learning);
-    per activation: whether it activated an open decision."""
+    """Per close in a batch: whether it closed an open window; per activation: whether it
+    activated an open decision."""
 
-    seqs: Sequence[int | None] = field(default_factory=tuple)
+    closed: Sequence[bool] = field(default_factory=tuple)
     activated: Sequence[bool] = field(default_factory=tuple)
 
 
@@ -182,6 +182,8 @@ class Store(Protocol):
     def learnable(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LoggedDecision]: ...
 
     def max_learn_seq(self) -> int: ...
+
+    def claim(self, placement: str, limit: int) -> int: ...
 
     def save_snapshot(self, snapshot: Snapshot) -> None: ...
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -63,8 +63,6 @@ class SqlStore:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             t.metadata.create_all(self.engine)
-            with self.engine.connect() as c:
-                self._next_seq = int(c.execute(select(func.coalesce(func.max(t.decisions.c.learn_seq), 0))).scalar_one()) + 1
         except SQLAlchemyError as e:
             raise Unavailable(f"cannot open the database: {e.__class__.__name__}") from e
 
@@ -234,7 +232,7 @@ class SqlStore:
                 add(d.budgets, d.cost, d.reward_cost)
             else:
                 add(d.budgets, 0.0, d.cost + d.reward_cost)
-        seqs: list[int | None] = []
+        closed: list[bool] = []
         activated: list[bool] = []
         with self._begin() as c:
             if decisions:
@@ -263,7 +261,6 @@ class SqlStore:
                         for e in events
                     ],
                 )
-            next_seq = self._next_seq
             for close in closes:
                 res = c.execute(
                     update(t.decisions)
@@ -272,18 +269,15 @@ class SqlStore:
                         outcome=int(close.outcome),
                         reward=close.reward if close.learnable else None,
                         rewarded_at=close.at,
-                        learn_seq=next_seq if close.learnable else None,
                     )
                 )
+                closed.append(res.rowcount == 1)
                 if res.rowcount != 1:
-                    seqs.append(None)
-                elif not close.learnable:  # never activated: release everything it held
-                    seqs.append(None)
-                    add(close.budgets, 0.0, -(close.cost + close.reward_cost))
-                else:
-                    seqs.append(next_seq)
-                    next_seq += 1
+                    continue
+                if close.learnable:
                     add(close.budgets, close.reward_cost if close.incurred else 0.0, -close.reward_cost)
+                else:  # never activated: release everything it held
+                    add(close.budgets, 0.0, -(close.cost + close.reward_cost))
             a = t.budget_accounts.c
             for (key, period), (ds, dr) in spend.items():
                 c.execute(
@@ -291,8 +285,7 @@ class SqlStore:
                     .where(a.key == key, a.period == period)
                     .values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
-        self._next_seq = next_seq  # only after the commit succeeded
-        return WriteResult(seqs, activated)
+        return WriteResult(closed, activated)
 
     def open_reward_events(self) -> list[RewardEvent]:
         """Rewards waiting to be aggregated when their window closes (to rebuild after a restart)."""
@@ -307,7 +300,43 @@ class SqlStore:
         return [RewardEvent(*row) for row in rows]
 
     def max_learn_seq(self) -> int:
-        return self._next_seq - 1
+        with self._connect() as c:
+            v = c.execute(select(t.counters.c.value).where(t.counters.c.name == "learn_seq")).scalar()
+        return int(v or 0)
+
+    def claim(self, placement: str, limit: int) -> int:
+        """Give learn positions to closed, learnable decisions of a placement that have none,
+        in the order their windows closed; returns how many. Only the learner calls this, so
+        the learn order is one order, whichever server wrote the rewards."""
+        d, k = t.decisions.c, t.counters.c
+        with self._begin() as c:
+            rows = c.execute(
+                select(d.event_id, d.slot)
+                .where(
+                    d.placement_id == placement,
+                    d.outcome.in_([int(Outcome.REWARD), int(Outcome.DEFAULT)]),
+                    d.learn_seq.is_(None),
+                )
+                .order_by(d.rewarded_at, d.event_id, d.slot)
+                .limit(limit)
+            ).all()
+            if not rows:
+                return 0
+            c.execute(
+                (pg_insert if self._postgres else sqlite_insert)(t.counters)
+                .values(name="learn_seq", value=0)
+                .on_conflict_do_nothing()
+            )
+            c.execute(update(t.counters).where(k.name == "learn_seq").values(value=k.value + len(rows)))
+            top = int(c.execute(select(k.value).where(k.name == "learn_seq")).scalar_one())
+            first = top - len(rows) + 1
+            c.execute(
+                update(t.decisions)
+                .where(d.event_id == bindparam("e"), d.slot == bindparam("s"), d.learn_seq.is_(None))
+                .values(learn_seq=bindparam("q")),
+                [{"e": r.event_id, "s": r.slot, "q": first + i} for i, r in enumerate(rows)],
+            )
+        return len(rows)
 
     def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:
         d = t.decisions.c

@@ -75,6 +75,7 @@ decisions = Table(
     Column("variant", String(64), nullable=False, server_default=""),
     Column("activated", Boolean, nullable=False, server_default="1"),
     Index("ix_decisions_learn", "placement_id", "variant", "learn_seq"),
+    Index("ix_decisions_unclaimed", "placement_id", "outcome", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
     Index("ix_decisions_open", "outcome", "deadline"),
 )
@@ -112,6 +113,14 @@ reward_events = Table(
     Index("ix_reward_events_event", "event_id", "slot"),
 )
 
+# Named counters; "learn_seq" hands out learn positions (atomically, to the one learner).
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
 # One row per model slot: "" (the placement's model), a variant id, or "shadow:<id>".
 snapshots = Table(
     "snapshots",
@@ -126,6 +135,6 @@ snapshots = Table(
 )
 
 __all__ = [
-    "metadata", "placements", "arms", "arm_versions", "decisions", "campaigns", "budget_accounts", "reward_events",
+    "metadata", "placements", "arms", "arm_versions", "decisions", "campaigns", "budget_accounts", "reward_events", "counters",
     "snapshots",
 ]
