@@ -54,7 +54,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
     health_servicer = health.aio.HealthServicer()

@@ -24,11 +24,40 @@ def _serve(args: argparse.Namespace) -> int:
     from server.settings import load_settings
 
     settings = load_settings(
-        args.config, host=args.host, port=args.port, db=args.db, init_config=args.init_config, log_level=args.log_level
+        args.config, host=args.host, port=args.port, db=args.db, init_config=args.init_config,
+        log_level=args.log_level, workers=args.workers, learner=args.learner,
     )
     setup_logging(settings.log_level)
+    if settings.workers > 1:
+        return _serve_workers(settings.workers, settings.port)
     asyncio.run(serve(settings))
     return 0
+
+
+def _serve_workers(n: int, port: int) -> int:
+    """Several server processes on one port (SO_REUSEPORT): every core serves. They share the
+    database like replicas do: one of them learns, the others load its models."""
+    import os
+    import signal
+    import subprocess
+
+    if port == 0:
+        raise InvalidInput("--port", "--workers needs a fixed port")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
+    if "--workers" in sys.argv:
+        i = sys.argv.index("--workers")
+        argv = [a for j, a in enumerate(sys.argv[1:], 1) if j not in (i, i + 1)]
+    env = {**os.environ, "NEXTBEST_WORKERS": "1", "NEXTBEST_REUSE_PORT": "true"}
+    procs = [subprocess.Popen([sys.executable, "-m", "server.cli", *argv], env=env) for _ in range(n)]
+
+    def forward(sig: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(p.wait() for p in procs)
 
 
 def print_changes(changes: Sequence[Change], dry_run: bool) -> None:
@@ -150,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="settings file (YAML)")
     s.add_argument("--init-config", dest="init_config", help="apply file loaded when the database has no placements")
     s.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+    s.add_argument("--workers", type=int, help="server processes sharing the port, one per core (NEXTBEST_WORKERS)")
+    s.add_argument(
+        "--learner", choices=["auto", "always", "never"],
+        help="auto (default): the first server to take the learner lock learns; never: serve only",
+    )
     s.set_defaults(func=_serve)
 
     def target(sp: argparse.ArgumentParser) -> None:

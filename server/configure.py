@@ -73,6 +73,43 @@ class Configurator:
                 out[name] = Slot(name, key, CbModel(spec.slot_spec(name)), since)
         return out
 
+    async def reload(self) -> None:
+        """Adopt what another server applied: placements, arms and campaigns as stored, models
+        from their snapshots where the settings changed."""
+        e = self._engine
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            records = await loop.run_in_executor(e.reader_pool, e.store.load_placements)
+            campaigns = await loop.run_in_executor(e.reader_pool, e.store.load_campaigns)
+            features = await loop.run_in_executor(e.reader_pool, e.store.arm_features)
+            e.budgets.campaigns = {c.id: c for c in campaigns}
+            for rec in records:
+                pid = rec.spec.id
+                old = e.states.get(pid)
+                if old is not None and old.record == rec:
+                    continue
+                snaps = await loop.run_in_executor(e.reader_pool, e.store.load_snapshots, pid)
+                slots: dict[str, Slot] = {}
+                for name, key in rec.spec.model_slots().items():
+                    prev = old.slots.get(name) if old is not None else None
+                    snap = snaps.get(name)
+                    if prev is not None and prev.key == key:
+                        slots[name] = prev
+                    elif snap is not None and snap.key == key:
+                        model = CbModel(rec.spec.slot_spec(name), snap.model, learned=snap.learned)
+                        slots[name] = Slot(name, key, model, snap.learn_seq)
+                    else:
+                        slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
+                ps = e.make_state(rec, slots, features)
+                if old is not None:
+                    kept = {id(s.model) for s in slots.values()}
+                    for s in old.slots.values():
+                        if id(s.model) not in kept:
+                            s.model.close()
+                e.states[pid] = ps
+            await e.rebuild_history()
+            log.info("reloaded the configuration another server applied")
+
     async def apply(
         self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec], dry_run: bool
     ) -> list[Change]:

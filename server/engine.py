@@ -32,6 +32,7 @@ from bandit.spec import CampaignSpec, PlacementSpec
 from server.budgets import BudgetKeeper
 from server.configure import Configurator
 from server.learner import Learner, PlacementState, Slot
+from server.replication import Replication
 from server.placements import Change
 from server.settings import Settings
 from server.stats import BudgetView, ModelView, Stats
@@ -70,6 +71,7 @@ class Engine:
         self.learner: Learner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.config = Configurator(self)
+        self.replication = Replication(self)
         self.ready = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -125,8 +127,10 @@ class Engine:
             self.settings.snapshot_every,
             self.settings.snapshot_interval,
         )
+        self.learner.active = await self.replication.elect()
         await self.learner.catch_up_all()
         self.learner.start()
+        self.replication.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="nextbest-sweeper")
         self.ready = True
         log.info("engine ready: %d placements, %d open decisions", len(self.states), len(self.windows.open))
@@ -152,6 +156,7 @@ class Engine:
     async def stop(self) -> None:
         """Flush the log, learn what is learnable, snapshot every model, return unused budget."""
         self.ready = False
+        await self.replication.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.writer is not None:

@@ -4,7 +4,7 @@ and an optional YAML file (flags win over the environment, which wins over the f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field
@@ -22,7 +22,12 @@ class Settings(BaseSettings):
     seed: str = ""  # salts the per-event random draws; decisions are reproducible from it
     flush_interval: Annotated[float, Field(gt=0, le=10)] = 0.05  # seconds between decision-log writes
     snapshot_every: Annotated[int, Field(ge=1)] = 1000  # learned examples between model snapshots
-    snapshot_interval: Annotated[float, Field(gt=0)] = 30.0  # seconds between snapshots of a changed model
+    snapshot_interval: Annotated[float, Field(gt=0)] = 5.0  # seconds between snapshots of a changed model
+    learner: Literal["auto", "always", "never"] = "auto"  # auto: the first server to get the learner lock learns
+    replica_poll_interval: Annotated[float, Field(gt=0, le=60)] = 2.0  # replicas reload models and config this often
+    orphan_grace: Annotated[float, Field(ge=0)] = 60.0  # windows a stopped server left open are closed after this
+    workers: Annotated[int, Field(ge=1, le=64)] = 1  # server processes sharing the port (SO_REUSEPORT)
+    reuse_port: bool = False  # set for the worker processes of --workers
     sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
     learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
     budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -42,7 +43,10 @@ def test_sigterm_exits_zero_and_everything_survives_a_restart(tmp_path: Path) ->
             events = [c.choose("app_home_banner", {"segment": "youth"}, event_id=f"e{i}") for i in range(50)]
             for d in events[:20]:
                 assert c.reward(d.event_id, 1.0) == "learned"
-            before = c.stats("app_home_banner")
+            deadline = time.monotonic() + 20
+            while (before := c.stats("app_home_banner")).model_version < 20:  # the learner is a little behind
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
     finally:
         code = p.terminate()
     assert code == 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -31,6 +32,9 @@ from server.storage.base import (
 )
 
 
+_LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
+
+
 def open_store(url: str) -> SqlStore:
     """A store for a SQLAlchemy URL; a plain path means a SQLite file."""
     if "://" not in url:
@@ -53,6 +57,7 @@ class SqlStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._postgres = url.startswith("postgresql")
+        self._lock: Any = None  # the learner lock, while this process holds it
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False}
@@ -113,8 +118,9 @@ class SqlStore:
                 self._put_snapshot(c, snap)
             for camp in campaigns:
                 spec = camp.model_dump(mode="json", by_alias=True, exclude={"id"})
-                if c.execute(update(t.campaigns).where(t.campaigns.c.id == camp.id).values(spec=spec)).rowcount == 0:
-                    c.execute(insert(t.campaigns).values(id=camp.id, spec=spec))
+                values = {"spec": spec, "updated_at": now}
+                if c.execute(update(t.campaigns).where(t.campaigns.c.id == camp.id).values(**values)).rowcount == 0:
+                    c.execute(insert(t.campaigns).values(id=camp.id, **values))
             if new_arm_versions:
                 c.execute(
                     insert(t.arm_versions),
@@ -144,6 +150,79 @@ class SqlStore:
                             for i, a in enumerate(rec.spec.arms)
                         ],
                     )
+
+    def config_version(self) -> tuple[float, int, float, int]:
+        """Changes whenever any server applies a configuration: replicas poll it."""
+        p, cm = t.placements.c, t.campaigns.c
+        with self._connect() as c:
+            a = c.execute(select(func.coalesce(func.max(p.updated_at), 0.0), func.count())).one()
+            b = c.execute(select(func.coalesce(func.max(cm.updated_at), 0.0), func.count())).one()
+        return (float(a[0]), int(a[1]), float(b[0]), int(b[1]))
+
+    def snapshot_versions(self, placement: str) -> dict[str, tuple[int, int]]:
+        """(learned, learn_seq) of each saved model of a placement, without the model bytes."""
+        s = t.snapshots.c
+        with self._connect() as c:
+            rows = c.execute(select(s.slot, s.learned, s.learn_seq).where(s.placement_id == placement)).all()
+        return {r.slot: (int(r.learned), int(r.learn_seq)) for r in rows}
+
+    def expired_open(self, cutoff: float, limit: int) -> list[LoggedDecision]:
+        """Open decisions whose window ended before ``cutoff``: a server that stopped left them."""
+        d = t.decisions.c
+        with self._connect() as c:
+            rows = c.execute(
+                select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.deadline < cutoff).limit(limit)
+            ).all()
+        return [decision_from_row(r) for r in rows]
+
+    # -- one learner at a time ------------------------------------------------------------
+
+    def try_learner_lock(self) -> bool:
+        """Become the one learner: a PostgreSQL advisory lock held by a dedicated session, or
+        an exclusive lock on a file beside a SQLite database. Both end with the process."""
+        if self._lock is not None:
+            return True
+        if self._postgres:
+            conn = self.engine.connect()
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LEARNER_LOCK}).scalar())
+            if got:
+                self._lock = conn
+            else:
+                conn.close()
+            return got
+        path = (self.engine.url.database or "nextbest") + ".learner.lock"
+        f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._lock = f
+        return True
+
+    def holds_learner_lock(self) -> bool:
+        """Whether the lock is still ours (a PostgreSQL session can be cut under us)."""
+        if self._lock is None:
+            return False
+        if not self._postgres:
+            return True
+        try:
+            ok = self._lock.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND pid = pg_backend_pid()"),
+                {"k": _LEARNER_LOCK},
+            ).scalar()
+            return bool(ok)
+        except SQLAlchemyError:
+            self._drop_lock()
+            return False
+
+    def _drop_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        try:
+            if lock is not None:
+                lock.close()
+        except Exception:
+            pass
 
     def load_campaigns(self) -> list[CampaignSpec]:
         with self._connect() as c:
@@ -459,6 +538,7 @@ class SqlStore:
         return [VariantTally(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
 
     def close(self) -> None:
+        self._drop_lock()
         self.engine.dispose()
 
     # -- helpers --------------------------------------------------------------------------

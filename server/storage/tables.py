@@ -85,6 +85,7 @@ campaigns = Table(
     metadata,
     Column("id", String(128), primary_key=True),
     Column("spec", JSON, nullable=False),
+    Column("updated_at", Double, nullable=False, server_default="0"),
 )
 
 # The budget ledger: ``leased`` only grows (up to the limit) by atomic conditional updates,
