@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         args.config, host=args.host, port=args.port, db=args.db, init_config=args.init_config,
-        log_level=args.log_level, workers=args.workers, learner=args.learner,
+        log_level=args.log_level, workers=args.workers, learner=args.learner, metrics_port=args.metrics_port,
     )
     setup_logging(settings.log_level)
     if settings.workers > 1:
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="settings file (YAML)")
     s.add_argument("--init-config", dest="init_config", help="apply file loaded when the database has no placements")
     s.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+    s.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this HTTP port")
     s.add_argument("--workers", type=int, help="server processes sharing the port, one per core (NEXTBEST_WORKERS)")
     s.add_argument(
         "--learner", choices=["auto", "always", "never"],

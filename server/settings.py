@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     orphan_grace: Annotated[float, Field(ge=0)] = 60.0  # windows a stopped server left open are closed after this
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # server processes sharing the port (SO_REUSEPORT)
     reuse_port: bool = False  # set for the worker processes of --workers
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus metrics over HTTP; unset: off
     sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
     learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
     budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time
