@@ -87,3 +87,76 @@ def test_serve_loads_init_config_only_into_an_empty_database(tmp_path: Path) -> 
             assert {x.id for x in c.placements()} == {"app_home_banner", "ussd_main_menu"}
     finally:
         p.terminate()
+
+
+def test_kill_9_mid_traffic_loses_no_acknowledged_reward_and_learns_none_twice(tmp_path: Path) -> None:
+    import threading
+
+    import grpc
+
+    from tests import envs
+
+    db = f"sqlite:///{tmp_path}/nb.db"
+    p = ServerProcess(db, env={"NEXTBEST_SNAPSHOT_EVERY": "50"})
+    acked: list[str] = []
+    with NextbestClient(p.target) as c:
+        c.apply([envs.placement(reward_window=3600)])
+
+    def load() -> None:
+        with NextbestClient(p.target, timeout=2) as c:
+            for i in range(100_000):
+                try:
+                    d = c.choose("app_home_banner", {"segment": envs.SEGMENTS[i % 5]})
+                    if c.reward(d.event_id, float(i % 2)) == "learned":
+                        acked.append(d.event_id)
+                except grpc.RpcError:
+                    return
+
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(2.0)
+    p.kill()  # SIGKILL: no flush, no snapshot
+    t.join(10)
+    assert len(acked) > 50
+    p = ServerProcess(db)
+    try:
+        with NextbestClient(p.target) as c:
+            for e in acked:
+                assert c.reward(e, 1.0) == "duplicate"  # every acknowledged reward survived
+            s = c.stats("app_home_banner")
+            assert s.model_version == sum(a.rewards for a in s.arms) >= len(acked)  # snapshot + log, once each
+    finally:
+        p.terminate()
+
+
+def test_workers_share_one_port(tmp_path: Path) -> None:
+    import socket
+
+    from tests import envs
+    from tests.harness import postgres_available, postgres_schema, wait_serving
+
+    if not postgres_available():
+        import pytest
+
+        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432; --workers not run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with postgres_schema() as url:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--db", url, "--workers", "2"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            target = f"127.0.0.1:{port}"
+            wait_serving(target)
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(children) == 2
+            with NextbestClient(target) as c:
+                c.apply([envs.placement()])
+                time.sleep(3)  # the other worker loads the configuration
+                arms = {c.choose("app_home_banner", {"segment": "youth"}).arm_id for _ in range(40)}
+                assert arms <= set(envs.ARMS) and arms
+        finally:
+            proc.send_signal(2)
+            assert proc.wait(30) == 0
