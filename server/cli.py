@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_experiments import add_commands as experiment_commands
 
     experiment_commands(sub)
+    from server.simulate import add_commands as simulation_commands
+
+    simulation_commands(sub)
     return p
 
 
