@@ -78,10 +78,18 @@ class Choice:
     fallback: bool = False
 
 
-def explore(values: NDArray[np.float64], spec: ExplorationSpec, learned: int) -> NDArray[np.float64]:
-    """The placement's exploration algorithm applied to (adjusted) expected rewards."""
+def explore(
+    values: NDArray[np.float64], spec: ExplorationSpec, learned: int, reward_scale: float = 1.0
+) -> NDArray[np.float64]:
+    """The placement's exploration algorithm applied to (adjusted) expected rewards.
+
+    Softmax and SquareCB compare value gaps with a temperature or gamma tuned for rewards in
+    [0, 1]; values are divided by ``reward_scale`` (the largest reward magnitude seen, at least
+    1) so that revenue or margin rewards explore like acceptance rewards do.
+    """
     if spec.algorithm == "epsilon":
         return exploration.epsilon_greedy(values, spec.epsilon)
+    values = values / max(reward_scale, 1.0)
     if spec.algorithm == "softmax":
         return exploration.softmax(values, spec.lam)
     gamma = exploration.squarecb_gamma(spec.gamma_scale, spec.gamma_exponent, learned)
@@ -177,6 +185,7 @@ def decide(
     uniform: Callable[[], float],
     now: float = 0.0,
     history: list[contact.Impression] | None = None,
+    reward_scale: float = 1.0,
 ) -> Choice:
     """Run the whole pipeline for one request."""
     history = history or []
@@ -201,7 +210,7 @@ def decide(
     paced = bool(np.any(prices > 0))
     if paced:
         values = np.append(values, 0.0)  # "no offer": what a priced-out budget buys instead
-    pmf = explore(values, spec.exploration, model.learned)
+    pmf = explore(values, spec.exploration, model.learned, reward_scale)
     i = exploration.draw(pmf, uniform())
     pmf_t = tuple(float(p) for p in pmf)
     if paced and i == len(eligible):

@@ -86,6 +86,7 @@ class Engine:
         records = await loop.run_in_executor(self.reader_pool, self.store.load_placements)
         features = await loop.run_in_executor(self.reader_pool, self.store.arm_features)
         for rec in records:
+            scale = await loop.run_in_executor(self.reader_pool, self.store.reward_scale, rec.spec.id)
             snaps = await loop.run_in_executor(self.reader_pool, self.store.load_snapshots, rec.spec.id)
             slots = {}
             for name, key in rec.spec.model_slots().items():
@@ -95,6 +96,8 @@ class Engine:
                     slots[name] = Slot(name, key, model, snap.learn_seq)
                 else:
                     slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
+            for slot in slots.values():
+                slot.reward_scale = scale
             self.states[rec.spec.id] = self.make_state(rec, slots, features)
         self.budgets.restore(
             await loop.run_in_executor(self.reader_pool, self.store.load_accounts),
@@ -293,9 +296,11 @@ class Engine:
             assert spec.experiment is not None and spec.experiment.holdout is not None
             choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history)
         else:
-            model = ps.slots[variant].model
-            choice = decide(model, spec.variant(variant), candidates, shared, draw, now, history)
-            model_version = model.learned
+            serving = ps.slots[variant]
+            choice = decide(
+                serving.model, spec.variant(variant), candidates, shared, draw, now, history, serving.reward_scale
+            )
+            model_version = serving.model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
         cost = reward_cost = 0.0
         keys: tuple[tuple[str, str], ...] = ()

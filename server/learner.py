@@ -46,6 +46,7 @@ class Slot:
     cursor: int  # last learn_seq this model learned
     since_snapshot: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
+    reward_scale: float = 1.0  # the largest reward magnitude learned (at least 1): scales exploration
     scored: int = 0  # shadow only: decisions scored before learning them
     agreed: int = 0
     ips_sum: float = 0.0
@@ -201,6 +202,7 @@ class Learner:
             # it earned are in the log and the statistics, which evaluate it.
             imitate = ps.record.spec.mode == "apprentice" and not slot.shadow
             slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward, row.probability)
+            slot.reward_scale = max(slot.reward_scale, abs(row.reward))
             slot.since_snapshot += 1
         slot.cursor = row.learn_seq
 

@@ -378,6 +378,15 @@ class SqlStore:
             ).all()
         return [RewardEvent(*row) for row in rows]
 
+    def reward_scale(self, placement: str) -> float:
+        """The largest reward magnitude learned by a placement (at least 1), to scale exploration."""
+        d = t.decisions.c
+        with self._connect() as c:
+            hi = c.execute(
+                select(func.max(func.abs(d.reward))).where(d.placement_id == placement, d.learn_seq.is_not(None))
+            ).scalar()
+        return max(1.0, float(hi or 0.0))
+
     def max_learn_seq(self) -> int:
         with self._connect() as c:
             v = c.execute(select(t.counters.c.value).where(t.counters.c.name == "learn_seq")).scalar()
