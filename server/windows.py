@@ -178,7 +178,8 @@ class RewardWindows:
             d = await asyncio.get_running_loop().run_in_executor(e.reader_pool, e.store.find_decision, event_id, 0)
             if d is None:
                 raise NotFound(f"event {event_id!r} is unknown")
-            return ActivateStatus.EXPIRED if d.outcome == Outcome.NOT_ACTIVATED else ActivateStatus.ALREADY_ACTIVE
+            expired = d.outcome == Outcome.NOT_ACTIVATED or not d.activated
+            return ActivateStatus.EXPIRED if expired else ActivateStatus.ALREADY_ACTIVE
         status = ActivateStatus.ALREADY_ACTIVE
         for slot in slots:
             entry = self.open[(event_id, slot)]

@@ -68,7 +68,7 @@ def test_placements_round_trip(store: SqlStore) -> None:
 
 def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
     r = store.write([decision("e1"), decision("e2", 1), decision("e3", None)], [])
-    assert list(r.seqs) == []
+    assert list(r.closed) == []
     got = store.find_decision("e2")
     assert got == decision("e2", 1)
     assert store.find_decision("nope") is None
@@ -77,9 +77,13 @@ def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
         ("e2", "app_home_banner", 700.0),
     ]
     r = store.write([], [Close("e2", Outcome.REWARD, 1.5, 101.0), Close("e1", Outcome.DEFAULT, 0.0, 701.0), Close("e2", Outcome.REWARD, 9.0, 102.0)])
-    s1, s2, dup = r.seqs
-    assert s1 is not None and s2 == s1 + 1 and dup is None  # a window closes once
+    assert list(r.closed) == [True, True, False]  # a window closes once
+    assert store.learnable("app_home_banner", None, 0, 10) == []  # not learnable before the learner claims it
+    assert store.claim("app_home_banner", 10) == 2
+    assert store.claim("app_home_banner", 10) == 0  # claimed once
     rows = store.learnable("app_home_banner", None, 0, 10)
+    s1, s2 = (x.learn_seq for x in rows)
+    assert s1 is not None and s2 == s1 + 1
     assert [(x.event_id, x.reward, x.outcome) for x in rows] == [("e2", 1.5, Outcome.REWARD), ("e1", 0.0, Outcome.DEFAULT)]
     assert store.learnable("app_home_banner", "", s1, 10)[0].event_id == "e1"
     assert store.learnable("app_home_banner", "B", 0, 10) == []
@@ -129,6 +133,7 @@ def test_variants_are_logged_and_tallied(store: SqlStore) -> None:
 
     store.write([replace(decision("e1"), variant="A"), replace(decision("e2"), variant="holdout"), replace(decision("e3"), variant="A")], [])
     store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
+    store.claim("app_home_banner", 10)
     assert store.find_decision("e1").variant == "A"
     by = {v.variant: v for v in store.tally_variants("app_home_banner")}
     assert (by["A"].decisions, by["A"].rewards, by["A"].reward_sum, by["A"].closed) == (2, 1, 2.0, 1)
@@ -153,7 +158,8 @@ def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
     store.write([], [], events=[RewardEvent("e1", 0, 1.5, 6.0, "agg"), RewardEvent("e1", 0, 2.5, 7.0, "agg")])
     assert [(e.slot, e.reward) for e in store.open_reward_events()] == [(0, 1.5), (0, 2.5)]
     r = store.write([], [Close("e1", Outcome.REWARD, 4.0, 700.0, 2.0, (k,), 0, 1.0), Close("e1", Outcome.NOT_ACTIVATED, 0.0, 700.0, 2.0, (k,), 1, 1.0)])
-    assert r.seqs[0] is not None and r.seqs[1] is None  # the never-activated slot is not learned
+    assert list(r.closed) == [True, True]
+    assert store.claim("app_home_banner", 10) == 1  # the never-activated slot is not learned
     assert store.open_reward_events() == []
     [acc] = store.load_accounts()
     assert (acc.spent, acc.reserved) == (3.0, 0.0)  # impression 1 + reward cost 2; slot 1 released

@@ -84,6 +84,7 @@ def upgrade() -> None:
         "campaigns",
         sa.Column("id", sa.String(length=128), nullable=False),
         sa.Column("spec", sa.JSON(), nullable=False),
+        sa.Column("updated_at", sa.Double(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_table(
