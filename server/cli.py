@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from bandit.errors import InvalidInput
+from bandit.errors import InvalidInput, NextbestError
 from server.placements import Change
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -235,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NextbestError as e:  # NotFound, Unavailable: the command could not do its work
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except grpc.RpcError as e:
         code = e.code()
         print(f"error: {code.name if code else 'UNKNOWN'}: {e.details()}", file=sys.stderr)

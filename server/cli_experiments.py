@@ -11,30 +11,16 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bandit.errors import InvalidInput, NextbestError
+from bandit.errors import InvalidInput
 
 if TYPE_CHECKING:
     from bandit.stats import GroupStats, Summary
 
 DEFAULT_TARGET = "127.0.0.1:50051"  # server.cli.DEFAULT_TARGET (not imported: cli imports us)
-
-
-def _run(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except InvalidInput as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except NextbestError as e:  # NotFound, Unavailable
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return run
 
 
 def _write(path: str, text: str, field: str = "--out") -> None:
@@ -159,19 +145,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     e = sub.add_parser("export", help="write the live configuration as an apply file (YAML)")
     e.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
     e.add_argument("--out", default="-", help="file to write (default: standard output)")
-    e.set_defaults(func=_run(_export))
+    e.set_defaults(func=_export)
 
     s = sub.add_parser("schema", help="print the JSON Schema of apply files (for editors)")
     s.add_argument("--out", default="-", help="file to write (default: standard output)")
-    s.set_defaults(func=_run(_schema))
+    s.set_defaults(func=_schema)
 
     st = sub.add_parser("stats-log", help="experiment statistics with 95%% intervals, from the decision log")
     _log_args(st)
     st.add_argument("--json", action="store_true")
-    st.set_defaults(func=_run(_stats_log))
+    st.set_defaults(func=_stats_log)
 
     r = sub.add_parser("report", help="a self-contained HTML report of a placement, from the decision log")
     _log_args(r)
     r.add_argument("--out", required=True, help="HTML file to write ('-': standard output)")
     r.add_argument("--config", help="apply file whose arm budgets give the budget plans (the log has no limits)")
-    r.set_defaults(func=_run(_report))
+    r.set_defaults(func=_report)

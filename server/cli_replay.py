@@ -12,10 +12,10 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from bandit.errors import InvalidInput, NextbestError
+from bandit.errors import InvalidInput
 
 if TYPE_CHECKING:
     from bandit.replay import PolicyEstimate, ReplayLog
@@ -28,17 +28,6 @@ POLICY_HELP = (
     'vw:"VW ARGS" (e.g. vw:"--cb_explore_adf --epsilon 0.1 -q UA", trained on the log in time '
     "order, each event scored before it is learned), model:PATH (a saved VW model, predict only)"
 )
-
-
-def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return func(args)
-    except InvalidInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NextbestError as e:  # NotFound, Unavailable
-        print(f"error: {e}", file=sys.stderr)
-        return 1
 
 
 def _fmt(x: float, width: int, digits: int = 4) -> str:
@@ -159,7 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
     r.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     r.add_argument("--plot", metavar="FILE", help="also draw the estimates and their intervals (PNG)")
-    r.set_defaults(func=lambda a: _run(_replay, a))
+    r.set_defaults(func=_replay)
 
     e = sub.add_parser("export-log", help="write the closed decisions of a placement as VW DSJSON")
     e.add_argument("--db", required=True, help="database URL or SQLite path (read only)")
@@ -168,4 +157,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     e.add_argument("--out", required=True, help="output file, - for standard output")
     e.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
     e.add_argument("--until", help="end, exclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
-    e.set_defaults(func=lambda a: _run(_export, a))
+    e.set_defaults(func=_export)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -30,7 +29,7 @@ from bandit.replay import (
     reward_model,
 )
 from bandit.spec import PlacementSpec
-from server.cli_replay import ESTIMATOR_NAMES, REWARD_MODEL_ARGS, add_commands
+from server.cli_replay import ESTIMATOR_NAMES, REWARD_MODEL_ARGS
 from server.logsource import _connect
 from server.placements import plan
 from server.storage import Close, open_store
@@ -255,10 +254,9 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="nextbest")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    from server.cli import main
+
+    return main(list(argv))
 
 
 def _json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ figures read from a real (synthetic) decision log, read-only."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -29,7 +28,6 @@ from bandit.stats import (
     wilson,
 )
 from server import sdk
-from server.cli_experiments import add_commands
 from server.statsource import placement_stats
 from tests.synthlog import T0, write_log
 
@@ -212,10 +210,9 @@ def test_errors(log_db: str, tmp_path: Path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="nextbest")
-    add_commands(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return int(args.func(args))
+    from server.cli import main
+
+    return main(argv)
 
 
 def test_stats_log_command(log_db: str, capsys: pytest.CaptureFixture[str]) -> None:
