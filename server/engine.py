@@ -131,6 +131,8 @@ class Engine:
             self.settings.snapshot_interval,
         )
         self.learner.active = await self.replication.elect()
+        learner = self.learner
+        self.writer.assign_learn_positions = lambda: learner.active
         await self.learner.catch_up_all()
         self.learner.start()
         self.replication.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +38,9 @@ class BatchWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._retry_delay = 0.0
+        # The learner's own closes get their learn positions in the commit that closes them
+        # (one commit per reward instead of two); other servers' are claimed by the learner.
+        self.assign_learn_positions: Callable[[], bool] = lambda: False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nextbest-writer")
@@ -118,6 +122,7 @@ class BatchWriter:
                     [c for c, _ in closes],
                     [a for a, _ in acts],
                     [e for e, _ in events],
+                    self.assign_learn_positions(),
                 )
             except Exception as e:
                 # Decisions are kept and retried; everything a caller waits for fails now, so

@@ -165,3 +165,13 @@ def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
     assert (acc.spent, acc.reserved) == (3.0, 0.0)  # impression 1 + reward cost 2; slot 1 released
     assert store.find_decision("e1", 1).outcome == Outcome.NOT_ACTIVATED
     assert [d.slot for d in store.learnable("app_home_banner", None, 0, 10)] == [0]
+
+
+def test_the_learners_closes_get_learn_positions_in_the_same_commit(store: SqlStore) -> None:
+    store.write([decision("e1"), decision("e2"), decision("e3")], [])
+    store.write([], [Close("e1", Outcome.REWARD, 1.0, 1.0)])  # written by another server
+    store.write([], [Close("e2", Outcome.REWARD, 1.0, 2.0), Close("e3", Outcome.DEFAULT, 0.0, 3.0)], assign=True)
+    assert [r.event_id for r in store.learnable("app_home_banner", None, 0, 10)] == ["e2", "e3"]
+    assert store.claim("app_home_banner", 10) == 1  # e1, after them
+    seqs = [(r.event_id, r.learn_seq) for r in store.learnable("app_home_banner", None, 0, 10)]
+    assert [e for e, _ in seqs] == ["e2", "e3", "e1"] and len({q for _, q in seqs}) == 3

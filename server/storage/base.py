@@ -171,6 +171,7 @@ class Store(Protocol):
         closes: Sequence[Close],
         activations: Sequence[Activation] = (),
         events: Sequence[RewardEvent] = (),
+        assign: bool = False,
     ) -> WriteResult: ...
 
     def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None: ...

@@ -288,6 +288,7 @@ class SqlStore:
         closes: Sequence[Close],
         activations: Sequence[Activation] = (),
         events: Sequence[RewardEvent] = (),
+        assign: bool = False,
     ) -> WriteResult:
         """Insert decisions, then activate, store reward events and close windows, in one
         transaction (group commit).
@@ -313,6 +314,7 @@ class SqlStore:
                 add(d.budgets, 0.0, d.cost + d.reward_cost)
         closed: list[bool] = []
         activated: list[bool] = []
+        learnable: list[tuple[str, int]] = []
         with self._begin() as c:
             if decisions:
                 # A reused event id must not fail the whole batch: the first decision keeps it.
@@ -355,8 +357,12 @@ class SqlStore:
                     continue
                 if close.learnable:
                     add(close.budgets, close.reward_cost if close.incurred else 0.0, -close.reward_cost)
+                    if assign:
+                        learnable.append((close.event_id, close.slot))
                 else:  # never activated: release everything it held
                     add(close.budgets, 0.0, -(close.cost + close.reward_cost))
+            if learnable:  # the learner's own closes get their learn positions in the same commit
+                self._assign(c, learnable)
             a = t.budget_accounts.c
             for (key, period), (ds, dr) in spend.items():
                 c.execute(
@@ -396,7 +402,7 @@ class SqlStore:
         """Give learn positions to closed, learnable decisions of a placement that have none,
         in the order their windows closed; returns how many. Only the learner calls this, so
         the learn order is one order, whichever server wrote the rewards."""
-        d, k = t.decisions.c, t.counters.c
+        d = t.decisions.c
         with self._begin() as c:
             rows = c.execute(
                 select(d.event_id, d.slot)
@@ -410,21 +416,25 @@ class SqlStore:
             ).all()
             if not rows:
                 return 0
-            c.execute(
-                (pg_insert if self._postgres else sqlite_insert)(t.counters)
-                .values(name="learn_seq", value=0)
-                .on_conflict_do_nothing()
-            )
-            c.execute(update(t.counters).where(k.name == "learn_seq").values(value=k.value + len(rows)))
-            top = int(c.execute(select(k.value).where(k.name == "learn_seq")).scalar_one())
-            first = top - len(rows) + 1
-            c.execute(
-                update(t.decisions)
-                .where(d.event_id == bindparam("e"), d.slot == bindparam("s"), d.learn_seq.is_(None))
-                .values(learn_seq=bindparam("q")),
-                [{"e": r.event_id, "s": r.slot, "q": first + i} for i, r in enumerate(rows)],
-            )
+            self._assign(c, [(r.event_id, r.slot) for r in rows])
         return len(rows)
+
+    def _assign(self, c: Connection, keys: Sequence[tuple[str, int]]) -> None:
+        """Hand out the next learn positions, in order, within the caller's transaction."""
+        d, k = t.decisions.c, t.counters.c
+        c.execute(
+            (pg_insert if self._postgres else sqlite_insert)(t.counters)
+            .values(name="learn_seq", value=0)
+            .on_conflict_do_nothing()
+        )
+        c.execute(update(t.counters).where(k.name == "learn_seq").values(value=k.value + len(keys)))
+        first = int(c.execute(select(k.value).where(k.name == "learn_seq")).scalar_one()) - len(keys) + 1
+        c.execute(
+            update(t.decisions)
+            .where(d.event_id == bindparam("e"), d.slot == bindparam("s"), d.learn_seq.is_(None))
+            .values(learn_seq=bindparam("q")),
+            [{"e": e, "s": s, "q": first + i} for i, (e, s) in enumerate(keys)],
+        )
 
     def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:
         d = t.decisions.c
