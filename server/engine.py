@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from bandit.budget import Account
 from bandit.contact import ContactHistory, Impression
@@ -36,7 +35,7 @@ from server.replication import Replication
 from server.placements import Change
 from server.settings import Settings
 from server.stats import BudgetView, ModelView, Stats
-from server.storage.base import ArmTally, Close, PlacementRecord, Store
+from server.storage.base import ArmTally, PlacementRecord, Store
 from server.windows import OpenDecision, RewardWindows
 from server.writer import BatchWriter
 
@@ -75,9 +74,6 @@ class Engine:
         self.ready = False
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def _read(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
-        return asyncio.get_running_loop().run_in_executor(self.reader_pool, fn, *args)
 
     async def start(self) -> None:
         """Load placements, models, budgets and contact history; learn what was rewarded since

@@ -33,7 +33,6 @@ class Plan:
     changes: list[Change] = field(default_factory=list)
     records: list[PlacementRecord] = field(default_factory=list)
     new_arm_versions: list[tuple[str, str, int, dict[str, float | str | bool]]] = field(default_factory=list)
-    new_models: set[str] = field(default_factory=set)  # placements that start a new model generation
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -83,7 +82,6 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
                 out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True))))
                 out.new_arm_versions.append((spec.id, a.id, 1, dict(a.features)))
             out.records.append(PlacementRecord(spec, versions, 1, next_seq - 1))
-            out.new_models.add(spec.id)
             continue
         changed = False
         details = _diff(_settings(old.spec), _settings(spec))
@@ -121,8 +119,6 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             continue
         stored = spec.model_copy(update={"arms": arms})
         new_model = old.spec.model_key() != spec.model_key()
-        if new_model:
-            out.new_models.add(spec.id)
         out.records.append(
             PlacementRecord(
                 stored,
