@@ -296,6 +296,9 @@ class PlacementSpec(_Spec):
     fatigue: FatigueSpec | None = None
     fallback_arm: str | None = None  # served when nothing else is eligible, bypassing constraints
     cooldown: Duration | None = None  # after an impression here, the customer gets no offer here for this long
+    active: bool = True  # false pauses the placement: Choose answers no arm ("placement paused")
+    start: datetime | None = None  # the placement serves from then on
+    end: datetime | None = None  # and until then
     slots: Annotated[int, Field(ge=1, le=10)] = 1  # arms returned per Choose, distinct, in order
     activation_window: Duration = 3600.0  # a deferred decision not activated within this is dropped
     reward_aggregation: Literal["earliest", "sum", "max", "average"] = "earliest"
@@ -353,6 +356,21 @@ class PlacementSpec(_Spec):
         for s in self.shadows:
             out[f"shadow:{s.id}"] = (s.vw_args, s.interactions, s.bits)
         return out
+
+    @field_validator("start", "end")
+    @classmethod
+    def _tz(cls, v: datetime | None) -> datetime | None:
+        return _utc(v)
+
+    def closed(self, now: float) -> str:
+        """Why the placement serves nothing now ("" when it serves)."""
+        if not self.active:
+            return "placement paused"
+        if self.start is not None and now < self.start.timestamp():
+            return "placement not started"
+        if self.end is not None and now >= self.end.timestamp():
+            return "placement ended"
+        return ""
 
     @property
     def history_horizon(self) -> float:

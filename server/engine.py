@@ -230,7 +230,8 @@ class Engine:
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
         now = self.clock()
-        candidates = [Candidate(a, self._accounts(placement, a, now), self._accepts(placement, a.id)) for a in ps.arms]
+        closed = spec.closed(now)
+        candidates = [] if closed else [Candidate(a, self._accounts(placement, a, now), self._accepts(placement, a.id)) for a in ps.arms]
         if any(c.accounts for c in candidates):
             await self.budgets.ensure(candidates, now)  # the only await: a lease, rarely
             if self.states.get(placement) is not ps:
@@ -251,7 +252,7 @@ class Engine:
                 feats += (Feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
             d = self._decide_slot(
                 ps, variant, [c for c in candidates if c.arm.id not in taken], feats, customer_id, event_id, k, now,
-                history, baseline_arm, defer,
+                history, baseline_arm, defer, closed,
             )
             if d.arm_id is None and k > 0:
                 break  # fewer arms than slots: the response is shorter
@@ -280,6 +281,7 @@ class Engine:
         history: list[Impression],
         baseline_arm: str,
         defer: bool,
+        closed: str = "",
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
@@ -287,7 +289,9 @@ class Engine:
         draw = lambda: uniform_for(salt, draw_id)  # noqa: E731
         shared = shared_line(features)
         model_version = 0
-        if baseline_arm and spec.mode in ("apprentice", "logging_only") and slot == 0:
+        if closed:
+            choice = Choice(None, 0.0, (), reason=closed)
+        elif baseline_arm and spec.mode in ("apprentice", "logging_only") and slot == 0:
             choice = self._baseline(ps, candidates, shared, baseline_arm)
             model_version = ps.model.learned
         elif variant == "holdout":

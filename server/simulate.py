@@ -43,12 +43,16 @@ def _err(msg: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from bandit.spec import FatigueSpec
     from bandit.sim.scenario import load_scenario
     from bandit.sim.telecom import Scoreboard, TelecomSim
 
     scenario = load_scenario(args.scenario)  # an invalid file stops here, before any call
     sim = TelecomSim(scenario, seed=args.seed, reward=args.reward)
     specs = sim.placements()
+    if args.fatigue_penalty is not None:  # compare the service with and without its fatigue penalty
+        fatigue = FatigueSpec(strength=args.fatigue_penalty, half_life=args.fatigue_half_life) if args.fatigue_penalty > 0 else None
+        specs = [p.model_copy(update={"fatigue": fatigue}) for p in specs]
     board = Scoreboard(max(len(p.arms) for p in specs))
     prefix = args.event_prefix or f"sim{args.seed}-{uuid.uuid4().hex[:8]}"
     _err(f"simulate: scenario {scenario.name}, {args.events} events, seed {args.seed}, reward = {sim.reward_kind}, target {args.target}")
@@ -295,6 +299,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     s.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write results as JSON to FILE, or to stdout instead of the table")
     s.add_argument("--plot", metavar="FILE", help="write a learning-curve picture (PNG)")
     s.add_argument("--no-apply", dest="no_apply", action="store_true", help="use the placements already on the server")
+    s.add_argument(
+        "--fatigue-penalty", dest="fatigue_penalty", type=float,
+        help="set every placement's fatigue penalty strength (reward units; 0 = none), overriding the scenario",
+    )
+    s.add_argument("--fatigue-half-life", dest="fatigue_half_life", default="3d", help="half-life of that penalty (default 3d)")
     s.add_argument("--window", type=_positive, default=5000, help="final window of the report (default 5000 events)")
     s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
     s.add_argument("--event-prefix", dest="event_prefix", default="", help="prefix of event ids (default: random per run)")

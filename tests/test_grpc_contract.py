@@ -250,3 +250,17 @@ def test_apply_is_atomic_and_idempotent(server: ServerThread) -> None:
         first = c.apply([good])
         assert len(first) == 1 + len(envs.ARMS)
         assert c.apply([good]) == []
+
+
+def test_a_paused_or_ended_placement_answers_no_arm(server: ServerThread) -> None:
+    with server.client() as c:
+        c.apply([envs.placement(active=False)])
+        d = c.choose("app_home_banner", {"segment": "youth"})
+        assert (d.arm_id, d.reason) == ("", "placement paused")
+        c.apply([envs.placement(end="2020-01-01T00:00:00Z")])
+        assert c.choose("app_home_banner").reason == "placement ended"
+        c.apply([envs.placement(start="2999-01-01T00:00:00Z")])
+        assert c.choose("app_home_banner").reason == "placement not started"
+        c.apply([envs.placement()])  # resumed
+        assert c.choose("app_home_banner").arm_id in envs.ARMS
+        assert c.stats("app_home_banner").no_offer == 3

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bandit.errors import InvalidInput
-from bandit.spec import ID_PATTERN, ExplorationSpec
+from bandit.spec import ID_PATTERN, ExplorationSpec, FatigueSpec
 
 CHANNELS = ("app", "web", "chatbot", "ivr", "ussd")
 PLANS = ("prepaid", "postpaid")
@@ -134,6 +134,7 @@ class Channel(_Model):
     logit: Finite = 0.0  # how receptive customers are in this channel
     exploration: ExplorationSpec = Field(default_factory=ExplorationSpec)
     vw_args: str = ""
+    fatigue: FatigueSpec | None = None  # the service's fatigue penalty on this placement
 
 
 Condition = dict[str, str | list[str]]

@@ -272,7 +272,7 @@ class TelecomSim:
             out.append(
                 PlacementSpec(
                     id=c.placement, description=c.description, arms=arms, exploration=c.exploration,
-                    vw_args=c.vw_args, reward_window=600.0,
+                    vw_args=c.vw_args, reward_window=600.0, fatigue=c.fatigue,
                 )
             )
         return out

@@ -19,7 +19,7 @@ config = context.config
 target_metadata: MetaData = config.attributes.get("target_metadata", tables.metadata)
 
 
-def _configure(connection: Connection) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -31,7 +31,7 @@ def _configure(connection: Connection) -> None:
 
 
 def run_offline() -> None:
-    """Emit SQL instead of running it (``--sql``), for a DBA to review or apply."""
+    """Print the SQL instead of running it (``migrate sql URL``), for a DBA to review or apply."""
     context.configure(
         url=config.get_main_option("sqlalchemy.url"),
         target_metadata=target_metadata,
@@ -45,7 +45,7 @@ def run_offline() -> None:
 def run_online() -> None:
     connection: Connection | None = config.attributes.get("connection")
     if connection is not None:
-        _configure(connection)
+        _run(connection)
         return
     url = config.get_main_option("sqlalchemy.url")
     if not url:
@@ -53,7 +53,7 @@ def run_online() -> None:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
-            _configure(conn)
+            _run(conn)
     finally:
         engine.dispose()
 

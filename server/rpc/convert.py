@@ -281,6 +281,10 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["reward_aggregation"] = _AGGREGATION[p.reward_aggregation]
     if p.mode in _MODES:
         data["mode"] = _MODES[p.mode]
+    if p.HasField("active"):
+        data["active"] = p.active
+    data["start"] = _time(p.start_time, p.HasField("start_time"))
+    data["end"] = _time(p.end_time, p.HasField("end_time"))
     if p.promote:
         data["promote"] = p.promote
     try:
@@ -392,6 +396,9 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         activation_window_seconds=s.activation_window,
         reward_aggregation=_AGGREGATION_PB[s.reward_aggregation],
         mode=_MODES_PB[s.mode],
+        active=s.active,
+        start_time=_ts(s.start),
+        end_time=_ts(s.end),
     )
 
 

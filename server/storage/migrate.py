@@ -101,7 +101,7 @@ def _lock(conn: Connection) -> None:
     """Serialise upgraders until this transaction ends (commit, rollback or a lost connection)."""
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
-    elif conn.dialect.name == "sqlite":
+    elif conn.dialect.name == "sqlite" and not getattr(conn.connection.dbapi_connection, "in_transaction", True):
         # pysqlite has not begun a transaction yet (it only does before DML); take the write
         # lock now so the DDL is atomic and a second process waits (busy_timeout) instead of
         # failing on "table already exists".
@@ -187,12 +187,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--script-location", type=Path, default=None, help=argparse.SUPPRESS)
     for name, why in (("upgrade", "bring a database to head"), ("current", "print a database's revision")):
         sub.add_parser(name, help=why).add_argument("db", help="SQLAlchemy URL")
+    q = sub.add_parser("sql", help="print the upgrade SQL for a database's dialect, to apply by hand")
+    q.add_argument("db", help="SQLAlchemy URL (only its dialect is used; nothing connects)")
+    q.add_argument("--from", dest="start", default=None, help="the database's current revision (default: empty)")
     sub.add_parser("head", help="print the newest revision")
     a = p.parse_args(argv)
     if a.cmd == "revision":
         print(revision(a.message, a.script_location))
     elif a.cmd == "head":
         print(head())
+    elif a.cmd == "sql":
+        cfg = config()
+        cfg.set_main_option("sqlalchemy.url", a.db.replace("%", "%%"))
+        command.upgrade(cfg, f"{a.start}:head" if a.start else "head", sql=True)
     else:
         engine = create_engine(a.db if "://" in a.db else f"sqlite:///{a.db}")
         try:

@@ -542,6 +542,9 @@ class Placement(_message.Message):
     ACTIVATION_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
     REWARD_AGGREGATION_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -570,6 +573,8 @@ class Placement(_message.Message):
     """How several rewards of one event are combined into the learned reward."""
     mode: Global___LearningMode.ValueType
     """Whether the bandit serves, imitates the caller's choice, or only logs."""
+    active: _builtins.bool
+    """Whether the placement serves (default true); a paused one answers no arm."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -594,6 +599,14 @@ class Placement(_message.Message):
     def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Shadow]:
         """Candidate models that learn from the served decisions without serving."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The placement serves from this time on."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The placement serves until this time."""
+
     def __init__(
         self,
         *,
@@ -617,13 +630,18 @@ class Placement(_message.Message):
         activation_window_seconds: _builtins.float | None = ...,
         reward_aggregation: Global___RewardAggregation.ValueType = ...,
         mode: Global___LearningMode.ValueType = ...,
+        active: _builtins.bool | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
+    _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
     _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
     _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
     _WhichOneofReturnType__cooldown_seconds: _TypeAlias = _typing.Literal["cooldown_seconds"]  # noqa: Y015
@@ -638,6 +656,8 @@ class Placement(_message.Message):
     _WhichOneofArgType__slots: _TypeAlias = _typing.Literal["_slots", b"_slots"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__activation_window_seconds) -> _WhichOneofReturnType__activation_window_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__active) -> _WhichOneofReturnType__active | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__bits) -> _WhichOneofReturnType__bits | None: ...
     @_typing.overload
