@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bandit.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from bandit.replay import PolicyEstimate, ReplayLog
+    from bandit.replay import Policy, PolicyEstimate, ReplayLog
 
 ESTIMATOR_NAMES = ("ips", "snips", "dr")  # bandit.estimators.ESTIMATORS, without importing numpy
 REWARD_MODEL_ARGS = "-q UA"  # bandit.replay.DEFAULT_REWARD_MODEL_ARGS
@@ -26,7 +28,8 @@ REWARD_MODEL_ARGS = "-q UA"  # bandit.replay.DEFAULT_REWARD_MODEL_ARGS
 POLICY_HELP = (
     "candidate policy; repeatable: logged (what served), uniform, constant:ARM_ID, "
     'vw:"VW ARGS" (e.g. vw:"--cb_explore_adf --epsilon 0.1 -q UA", trained on the log in time '
-    "order, each event scored before it is learned), model:PATH (a saved VW model, predict only)"
+    "order, each event scored before it is learned), model:PATH (a saved VW model, predict only), "
+    "snapshot:SLOT (the placement's saved model from --db: snapshot: its own, snapshot:A variant A's)"
 )
 
 
@@ -84,6 +87,24 @@ def plot(results: Sequence[PolicyEstimate], path: str) -> None:
         plt.close(fig)
 
 
+def _policy(spec: str, args: argparse.Namespace) -> Policy:
+    """``snapshot:SLOT`` is a placement's saved model (``snapshot:`` its own, ``snapshot:A`` a
+    variant's) read from --db; every other spec is bandit.replay's."""
+    from bandit.replay import VwPolicy, parse_policy
+    from server.logsource import read_snapshot
+
+    kind, sep, slot = spec.strip().partition(":")
+    if not (sep and kind == "snapshot"):
+        return parse_policy(spec)
+    if args.db is None or not args.placement:
+        raise InvalidInput("--policy", "snapshot:SLOT reads the saved model from --db, for --placement")
+    model = read_snapshot(args.db, args.placement, slot.strip())
+    fd, path = tempfile.mkstemp(prefix="nextbest-snapshot-", suffix=".vw")
+    with os.fdopen(fd, "wb") as f:
+        f.write(model)
+    return VwPolicy(f"snapshot:{slot.strip() or args.placement}", ["-i", path], learn=False)
+
+
 def _replay(args: argparse.Namespace) -> int:
     from bandit.replay import evaluate, parse_policy
     from server.logsource import parse_time, read_dsjson, read_replay_log
@@ -92,7 +113,7 @@ def _replay(args: argparse.Namespace) -> int:
         raise InvalidInput("--db", "give exactly one of --db URL and --log FILE")
     if args.db is not None and not args.placement:
         raise InvalidInput("--placement", "is required with --db")
-    policies = [parse_policy(p) for p in args.policy]  # bad specs fail before any reading
+    policies = [_policy(p, args) for p in args.policy]  # bad specs fail before any reading
     estimators = args.estimator or list(ESTIMATOR_NAMES)
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     if args.db is not None:

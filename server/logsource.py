@@ -81,6 +81,16 @@ def _connect(url: str) -> Iterator[Connection]:
             engine.dispose()
 
 
+def read_snapshot(url: str, placement: str, slot: str) -> bytes:
+    """A placement's saved model ("" its own, a variant id, or "shadow:<id>"), as VW model bytes."""
+    s = t.snapshots.c
+    with _connect(url) as conn:
+        row = conn.execute(select(s.model).where(s.placement_id == placement, s.slot == slot)).first()
+    if row is None:
+        raise NotFound(f"placement {placement!r} has no saved model {slot or '(its own)'!r}")
+    return bytes(row.model)
+
+
 def _where(placement: str, since: float | None, until: float | None) -> list[Any]:
     d = t.decisions.c
     out = [d.placement_id == placement, d.outcome.in_(CLOSED), d.chosen.is_not(None), d.reward.is_not(None)]
