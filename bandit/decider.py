@@ -194,6 +194,8 @@ def decide(
         return _nothing(spec, candidates, why)
     eligible = [candidates[i] for i in ok]
     values = model.expected_rewards(shared, [c.arm.line for c in eligible])
+    if not np.all(np.isfinite(values)):  # a model poisoned by extreme inputs: score as untrained, do not fail
+        values = np.where(np.isfinite(values), values, 0.0)
     raw = values.copy()
     prices = np.zeros(len(eligible))
     for j, c in enumerate(eligible):

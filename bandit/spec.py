@@ -146,6 +146,8 @@ class ArmSpec(_Spec):
                 raise ValueError("feature names must have 1 to 128 characters")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number")
+            if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > 1e12:
+                raise ValueError(f"{name} must be at most 1e12 in magnitude (VW computes in float32)")
             if isinstance(value, str) and len(value) > 256:
                 raise ValueError(f"{name} must have at most 256 characters")
         return v

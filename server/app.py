@@ -14,8 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import tls
+from server.auth import AuthInterceptor, load_tokens
 from server.configfile import load_apply_file
 from server.engine import Engine
+from server.overload import OverloadInterceptor
 from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 from server.rpc.admin import AdminServicer
 from server.rpc.decision import DecisionServicer
@@ -38,6 +41,8 @@ class Running:
     port: int
     engine: Engine
     health: health.aio.HealthServicer
+    metrics_port: int | None = None
+    overload: OverloadInterceptor | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, drain within grace, then flush the log and snapshot models."""
@@ -45,10 +50,18 @@ class Running:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.engine.stop()
+        self.engine.metrics.stop_http()
 
 
 async def create_server(settings: Settings, clock: Callable[[], float] = time.time) -> Running:
     """Start a server; health says NOT_SERVING until every model is loaded. Tests pass a clock."""
+    tls.check_settings(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    tokens = load_tokens(settings.auth_tokens_file, settings.auth_tokens)  # bad files stop here, before the store
+    creds = (
+        tls.server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        if settings.tls_cert_file
+        else None
+    )
     store = open_store(settings.db)
     engine = Engine(store, settings, clock)
     options = [
@@ -56,7 +69,10 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
-    server = grpc.aio.server(options=options)
+    overload = OverloadInterceptor(settings.max_inflight, engine.metrics)
+    # Outermost first: metrics see every answer, auth refuses before any work, then the limit.
+    interceptors = [engine.metrics.interceptor(), AuthInterceptor(tokens, engine.placement_of), overload]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):
@@ -66,18 +82,29 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     await server.start()
     await engine.start()
+    engine.metrics.track(engine, asyncio.get_running_loop())
+    metrics_port = None
+    if settings.metrics_port is not None:
+        metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
     if settings.init_config and not engine.states:
         cfg = load_apply_file(Path(settings.init_config))
         changes = await engine.apply(cfg.placements, campaigns=cfg.campaigns)
         log.info("empty database: applied %s (%d changes)", settings.init_config, len(changes))
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, engine, health_servicer)
+    log.info(
+        "auth %s (%d tokens), TLS %s, metrics %s",
+        "on" if len(tokens) else "off", len(tokens),
+        ("mTLS" if settings.tls_client_ca_file else "on") if creds is not None else "off",
+        f"on port {metrics_port}" if metrics_port is not None else "off",
+    )
+    return Running(server, port, engine, health_servicer, metrics_port, overload)
 
 
 async def serve(settings: Settings) -> None:

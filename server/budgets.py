@@ -66,7 +66,9 @@ class BudgetKeeper:
                 if a.available + 1e-12 < need and a.used + need <= a.limit + 1e-9 and a.active(now):
                     waits.append(self._lease(a, need))
         if waits:
-            await asyncio.gather(*waits)
+            # Shielded: a caller whose deadline passes must not cancel the lease itself, or the
+            # store grants budget that this process never adds to its accounts (lost until restart).
+            await asyncio.shield(asyncio.gather(*waits))
 
     def _lease(self, a: Account, need: float) -> asyncio.Future[None]:
         key = (a.key, a.period)

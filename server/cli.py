@@ -29,12 +29,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     setup_logging(settings.log_level)
     if settings.workers > 1:
-        return _serve_workers(settings.workers, settings.port)
+        return _serve_workers(settings.workers, settings.port, settings.metrics_port)
     asyncio.run(serve(settings))
     return 0
 
 
-def _serve_workers(n: int, port: int) -> int:
+def _serve_workers(n: int, port: int, metrics_port: int | None) -> int:
     """Several server processes on one port (SO_REUSEPORT): every core serves. They share the
     database like replicas do: one of them learns, the others load its models."""
     import os
@@ -43,12 +43,16 @@ def _serve_workers(n: int, port: int) -> int:
 
     if port == 0:
         raise InvalidInput("--port", "--workers needs a fixed port")
-    argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
-    if "--workers" in sys.argv:
-        i = sys.argv.index("--workers")
-        argv = [a for j, a in enumerate(sys.argv[1:], 1) if j not in (i, i + 1)]
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--workers=", "--metrics-port="))]
+    for flag in ("--workers", "--metrics-port"):
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
     env = {**os.environ, "NEXTBEST_WORKERS": "1", "NEXTBEST_REUSE_PORT": "true"}
-    procs = [subprocess.Popen([sys.executable, "-m", "server.cli", *argv], env=env) for _ in range(n)]
+    procs = []
+    for k in range(n):  # one metrics port each: metrics_port, metrics_port + 1, ...
+        extra = {"NEXTBEST_METRICS_PORT": str(metrics_port + k)} if metrics_port else {}
+        procs.append(subprocess.Popen([sys.executable, "-m", "server.cli", *argv], env={**env, **extra}))
 
     def forward(sig: int, _frame: object) -> None:
         for p in procs:

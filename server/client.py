@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -15,6 +16,7 @@ from typing import Any
 import grpc
 
 from bandit.spec import CampaignSpec, PlacementSpec
+from server.auth import BearerToken
 from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
 from server.placements import Change
 from server.rpc import convert
@@ -71,8 +73,30 @@ def to_features(features: FeaturesLike | None) -> list[common_pb2.Feature]:
 class NextbestClient:
     """Blocking client; ``timeout`` is the deadline of every call in seconds."""
 
-    def __init__(self, target: str, timeout: float = 10.0, channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 10.0,
+        channel: grpc.Channel | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``token`` (default $NEXTBEST_TOKEN) goes with every call as a bearer token. TLS is used
+        with ``credentials``, or when $NEXTBEST_CA_FILE names the CA to trust ($NEXTBEST_CERT_FILE
+        and $NEXTBEST_KEY_FILE add a client certificate for mTLS). Environment, not flags: a
+        token on a command line is visible to every user of the machine."""
+        if channel is None:
+            if credentials is None and os.environ.get("NEXTBEST_CA_FILE"):
+                from server.tls import channel_credentials
+
+                credentials = channel_credentials(
+                    os.environ["NEXTBEST_CA_FILE"], os.environ.get("NEXTBEST_CERT_FILE", ""), os.environ.get("NEXTBEST_KEY_FILE", "")
+                )
+            channel = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+        token = os.environ.get("NEXTBEST_TOKEN", "") if token is None else token
+        if token:
+            channel = grpc.intercept_channel(channel, BearerToken(token))
+        self._channel = channel
         self._decision = decision_pb2_grpc.DecisionServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self.timeout = timeout

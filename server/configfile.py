@@ -42,14 +42,24 @@ def _field(path: Path_) -> str:
     return out
 
 
+_MAX_NODES = 200_000  # values in one file, aliases expanded
+
+
 def _load(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     """Parse YAML keeping the line of every value."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as e:  # a control character: a ReaderError, which has no mark
+        raise ConfigFileError(file, 0, "", f"not valid YAML: {e}") from None
     lines: dict[Path_, int] = {}
+    budget = [_MAX_NODES]
     try:
         node = loader.get_single_node()
 
         def walk(n: yaml.Node, path: Path_) -> Any:
+            budget[0] -= 1
+            if budget[0] < 0:  # aliases of aliases expand exponentially ("billion laughs")
+                raise ConfigFileError(file, n.start_mark.line + 1, _field(path), f"more than {_MAX_NODES} values")
             lines[path] = n.start_mark.line + 1
             if isinstance(n, yaml.MappingNode):
                 out: dict[str, Any] = {}
@@ -69,6 +79,8 @@ def _load(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise ConfigFileError(file, mark.line + 1 if mark else 0, "", f"not valid YAML: {e.problem}") from None
+    except RecursionError:  # nested too deeply, or an alias that contains itself
+        raise ConfigFileError(file, 0, "", "nested too deeply (or an alias refers to itself)") from None
     finally:
         loader.dispose()
     return data, lines

@@ -32,6 +32,7 @@ from server.budgets import BudgetKeeper
 from server.configure import Configurator
 from server.learner import Learner, PlacementState, Slot
 from server.replication import Replication
+from server.metrics import Metrics
 from server.placements import Change
 from server.settings import Settings
 from server.stats import BudgetView, ModelView, Stats
@@ -72,6 +73,7 @@ class Engine:
         self.config = Configurator(self)
         self.replication = Replication(self)
         self.ready = False
+        self.metrics = Metrics()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -205,6 +207,15 @@ class Engine:
         if len(features) > s.max_features:
             raise InvalidInput("features", f"more than {s.max_features} features")
         check_features(features)
+        for i, f in enumerate(features):
+            if len(f.namespace) > s.max_name_length:
+                raise InvalidInput(f"features[{i}].namespace", f"longer than {s.max_name_length} characters")
+            if len(f.name) > s.max_name_length:
+                raise InvalidInput(f"features[{i}].name", f"longer than {s.max_name_length} characters")
+            if isinstance(f.value, float) and abs(f.value) > s.max_abs_number:
+                raise InvalidInput(f"features[{i}].number", f"magnitude above {s.max_abs_number:g}; scale the feature")
+            if isinstance(f.value, str) and len(f.value) > s.max_text_length:
+                raise InvalidInput(f"features[{i}].text", f"longer than {s.max_text_length} characters")
 
     async def choose(
         self,
@@ -338,6 +349,7 @@ class Engine:
         )
         assert self.writer is not None
         self.writer.add_decision(decision)
+        self.metrics.decision(spec.id, decision.arm_id)
         if chosen is not None:
             self.windows.add(
                 event_id,
@@ -432,6 +444,14 @@ class Engine:
                     budgets.append(BudgetView.of(acc, now))
         models = [ModelView.of(s) for s in ps.slots.values()]
         return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models)
+
+    async def placement_of(self, event_id: str) -> str | None:
+        """The placement of an event (None: unknown), for placement-limited tokens."""
+        for slot in self.windows.slots_of(event_id)[:1]:
+            return self.windows.open[(event_id, slot)].placement
+        loop = asyncio.get_running_loop()
+        d = await loop.run_in_executor(self.reader_pool, self.store.find_decision, event_id, 0)
+        return None if d is None else d.placement
 
     async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
         return await self.windows.reward(event_id, reward, slot)

@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     max_features: Annotated[int, Field(ge=1)] = 512
     max_id_length: Annotated[int, Field(ge=8, le=4096)] = 256
     max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    max_name_length: Annotated[int, Field(ge=1, le=4096)] = 128  # feature namespace and name
+    max_text_length: Annotated[int, Field(ge=1, le=65536)] = 1024  # a text feature's value
+    max_abs_number: Annotated[float, Field(gt=0, le=1e15)] = 1e12  # VW is float32: 1e20 poisons a model
+    max_inflight: Annotated[int, Field(ge=1)] = 256  # concurrent calls; more get RESOURCE_EXHAUSTED
+    auth_tokens_file: str = ""  # YAML list of token hashes and roles (server/auth.py); auth is on when any
+    auth_tokens: str = ""  # name:role[+role]:sha256[:placement,...] entries separated by ";"
+    tls_cert_file: str = ""  # PEM certificate (chain) of the gRPC port; with tls_key_file, TLS is on
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    metrics_host: str = ""  # address of the metrics port; empty: the same as host
     grace_period: Annotated[float, Field(ge=0)] = 10.0  # seconds to drain calls on SIGTERM
     init_config: str = ""  # apply file loaded when the database has no placement yet
     log_level: str = "INFO"

@@ -111,8 +111,14 @@ class RewardWindows:
             return RewardStatus.RECORDED
         del self.open[key]
         close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
+        written = e.writer.close_window(close)
         try:
-            ok = await e.writer.close_window(close)
+            ok = await asyncio.shield(written)
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline) but the close is queued and may still land:
+            # settle the window when it does, or reopen it if the write fails.
+            written.add_done_callback(lambda f: self._after_abandoned(key, entry, close, f))
+            raise
         except BaseException:
             self.open[key] = entry  # not stored: the window stays open for a retry
             raise
@@ -130,6 +136,7 @@ class RewardWindows:
             e.budgets.settle(entry.budgets, held, close.incurred)
         if not close.learnable:
             return
+        e.metrics.closed(entry.placement, entry.arm_id, close.outcome == Outcome.REWARD)
         responded = close.outcome == Outcome.REWARD and close.reward > 0
         e.history.respond(event_id if close.slot == 0 else f"{event_id}#{close.slot}", responded)
         tally = e.acceptance.setdefault((entry.placement, entry.arm_id), [0, 0])
@@ -137,11 +144,25 @@ class RewardWindows:
         tally[1] += 1
         e.learner.poke(entry.placement)
 
+    def _after_abandoned(
+        self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[bool]
+    ) -> None:
+        if written.cancelled() or written.exception() is not None:
+            self.add(key[0], key[1], entry)  # not stored: open again, and swept in time
+        elif written.result():
+            self._closed(key[0], entry, close)
+
     async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float) -> str:
         e = self.e
         loop = asyncio.get_running_loop()
         d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
         if d is None:
+            # Kept for diagnosis (a channel sending wrong ids): a structured log record and a counter.
+            log.warning(
+                "reward %r for unknown event %r", reward, event_id,
+                extra={"event": "reward_unknown_event", "event_id": event_id, "reward": reward},
+            )
+            e.metrics.reward("unknown")
             raise NotFound(f"event {event_id!r}" + (f" slot {slot}" if slot else "") + " is unknown")
         if d.outcome == Outcome.REWARD:
             return RewardStatus.DUPLICATE

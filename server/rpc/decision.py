@@ -63,6 +63,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     @rpc
     async def Reward(self, request: decision_pb2.RewardRequest, context: Ctx) -> decision_pb2.RewardResponse:
         status = await self._engine.reward(request.event_id, request.reward, request.slot)
+        self._engine.metrics.reward(status)
         return decision_pb2.RewardResponse(status=_STATUS[status])
 
     @rpc
