@@ -17,6 +17,7 @@ from bandit.errors import Unavailable
 from bandit.features import Feature
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
+from server.storage import migrate
 from server.storage import tables as t
 from server.storage.base import (
     AccountRow,
@@ -52,7 +53,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class SqlStore:
-    """Store on any SQLAlchemy URL; the schema is created when missing."""
+    """Store on any SQLAlchemy URL; the schema is created or migrated to head on opening."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -67,7 +68,7 @@ class SqlStore:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            t.metadata.create_all(self.engine)
+            migrate.upgrade(self.engine)  # creates or migrates the schema (server/migrations)
         except SQLAlchemyError as e:
             raise Unavailable(f"cannot open the database: {e.__class__.__name__}") from e
 
