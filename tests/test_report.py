@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from server import sdk
-from server.cli_experiments import add_commands
 from server.report import build_report
 from tests.synthlog import write_log
 
@@ -50,12 +49,9 @@ def test_report_is_self_contained_with_its_plots(page: tuple[str, Path]) -> None
 
 
 def _cli(argv: list[str]) -> int:
-    import argparse
+    from server.cli import main
 
-    p = argparse.ArgumentParser(prog="nextbest")
-    add_commands(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return int(args.func(args))
+    return main(argv)
 
 
 def test_report_command_and_sdk_write_the_file(page: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
