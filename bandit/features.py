@@ -45,8 +45,15 @@ def check_features(features: Iterable[Feature], field: str = "features") -> None
             raise InvalidInput(f"{field}[{i}].number", f"must be finite, got {f.value}")
 
 
+_NAMES: dict[tuple[str, str], str] = {}  # (namespace, name) -> VW-safe name, built once each
+
+
 def _token(f: Feature) -> str:
-    name = f.key.translate(_VW_SPECIAL)
+    name = _NAMES.get((f.namespace, f.name))
+    if name is None:
+        name = f.key.translate(_VW_SPECIAL)
+        if len(_NAMES) < 100_000:  # feature names are few; a hostile stream of new ones is not cached
+            _NAMES[(f.namespace, f.name)] = name
     if isinstance(f.value, str):
         return f"{name}={f.value.translate(_VW_SPECIAL)}"
     return f"{name}:{f.value!r}"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
+import pylibvw
 from vowpalwabbit import Workspace
 
 from bandit.errors import InvalidInput
@@ -20,9 +21,14 @@ from bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE
 from bandit.spec import PlacementSpec
 
 
+# VW preallocates 256 examples per workspace (about 7.6 MiB whatever the bits); we hand it one
+# multi-line example at a time, so 4 suffice: 1,000 placements then fit in far less memory.
+_RING = ["--ring_size", "4"]
+
+
 def vw_arguments(spec: PlacementSpec) -> list[str]:
     """The full VW command line of a placement's model."""
-    args = ["--cb_adf", "--quiet", "-b", str(spec.bits)]
+    args = ["--cb_adf", "--quiet", *_RING, "-b", str(spec.bits)]
     if spec.interactions:
         args += ["-q", f"{SHARED_NAMESPACE}{ARM_NAMESPACE}"]
     return args + shlex.split(spec.vw_args)
@@ -52,23 +58,29 @@ class CbModel:
             self._ws = _load(model_bytes)
 
     def expected_rewards(self, shared: str, arms: Sequence[str]) -> NDArray[np.float64]:
-        """Expected reward of each arm (VW predicts costs; reward = -cost)."""
-        ex = self._ws.parse("\n".join((shared, *arms)))
+        """Expected reward of each arm (VW predicts costs; reward = -cost).
+
+        Calls VW's binding directly: pyvw's wrapper builds a Python object per example line,
+        which cost about 70 of the 100 µs of a 20-arm predict (measured; same scores)."""
+        ws = self._ws
+        ex = pylibvw.vw._parse(ws, "\n".join((shared, *arms)))
         try:
-            scores = self._ws.predict(ex)
+            pylibvw.vw.predict_multi(ws, ex)
+            scores = ex[0].get_action_scores()
         finally:
-            self._ws.finish_example(ex)
+            pylibvw.vw._finish_example_multi_ex(ws, ex)
         return -np.asarray(scores, dtype=np.float64)
 
     def learn(self, shared: str, arms: Sequence[str], chosen: int, reward: float, probability: float) -> None:
         """Learn one logged decision: context, arm set, chosen arm, its probability, cost = -reward."""
         lines = [shared, *arms]
         lines[chosen + 1] = f"0:{-reward!r}:{probability!r} {arms[chosen]}"
-        ex = self._ws.parse("\n".join(lines))
+        ws = self._ws
+        ex = pylibvw.vw._parse(ws, "\n".join(lines))
         try:
-            self._ws.learn(ex)
+            pylibvw.vw.learn_multi(ws, ex)
         finally:
-            self._ws.finish_example(ex)
+            pylibvw.vw._finish_example_multi_ex(ws, ex)
         self.learned += 1
 
     def to_bytes(self) -> bytes:
@@ -87,4 +99,4 @@ def _load(model_bytes: bytes) -> Workspace:
         path = os.path.join(d, "model.vw")
         with open(path, "wb") as f:
             f.write(model_bytes)
-        return Workspace(arg_list=["--quiet", "-i", path])
+        return Workspace(arg_list=["--quiet", *_RING, "-i", path])

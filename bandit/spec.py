@@ -30,7 +30,7 @@ FORBIDDEN_VW_OPTIONS = frozenset(
     -b --bit_precision --passes --holdout_off --data_file --input_feature_regularizer
     --output_feature_regularizer --predict_only_model --preserve_performance_counters
     --testonly -t --quiet --epsilon --first --bag --cover --softmax --squarecb --regcb
-    --rnd --large_action_space""".split()
+    --rnd --large_action_space --ring_size --example_queue_limit""".split()
 )
 
 

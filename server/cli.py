@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.simulate import add_commands as simulation_commands
 
     simulation_commands(sub)
+    from server.bench import add_commands as bench_commands
+
+    bench_commands(sub)
     return p
 
 

@@ -25,7 +25,7 @@ def test_streams_and_direct_runs_are_reproducible() -> None:
     a, b = bk.run_direct(ds, list(rows), spec, 3), bk.run_direct(ds, list(rows), spec, 3)
     assert np.array_equal(a.rewards, b.rewards)
     assert a.mean > 0.5  # it learns: random guessing earns 1/3
-    assert bk.direct_arguments(spec) == ["--cb_explore_adf", "--quiet", "-b", "18", "-q", "UA", "--epsilon", "0.05"]
+    assert bk.direct_arguments(spec) == ["--cb_explore_adf", "--quiet", "--ring_size", "4", "-b", "18", "-q", "UA", "--epsilon", "0.05"]
 
 
 def test_direct_run_with_lag_learns_later() -> None:

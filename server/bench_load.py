@@ -1,0 +1,287 @@
+"""Load generator and bare echo server for ``nextbest bench``, each run as its own process.
+
+They import only grpc and protobuf, so that the load they offer costs the same CPU against the
+echo ceiling and against nextbest: ratios then compare servers, not clients. Requests are
+pre-serialized bytes sent through identity serializers, which keeps the client as cheap as it
+can be on a machine whose cores it shares with the server.
+
+    python -m server.bench_load echo      # prints "echo serving on 127.0.0.1:PORT"
+    python -m server.bench_load worker    # reads one JSON run spec a line, answers one JSON line
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import resource
+import signal
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+CHOOSE = "/nextbest.v1.DecisionService/Choose"
+REWARD = "/nextbest.v1.DecisionService/Reward"
+LEARNED = b"\x08\x01"  # RewardResponse(status=REWARD_STATUS_LEARNED)
+CHANNEL_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+
+
+# -- payload files: length-prefixed serialized messages ---------------------------------------
+
+
+def write_payloads(path: str, payloads: Sequence[bytes]) -> None:
+    with open(path, "wb") as f:
+        for p in payloads:
+            f.write(struct.pack("<I", len(p)))
+            f.write(p)
+
+
+def read_payloads(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack_from("<I", data, i)
+        out.append(data[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def string_field(number: int, text: str) -> bytes:
+    """One length-delimited protobuf field; appended to a message it sets (or overrides) it."""
+    raw = text.encode()
+    return varint(number << 3 | 2) + varint(len(raw)) + raw
+
+
+def reward_request(event_id: str, reward: float) -> bytes:
+    """RewardRequest(event_id, reward) by hand, so the worker needs no generated code."""
+    return string_field(1, event_id) + b"\x11" + struct.pack("<d", reward)
+
+
+# -- the echo server ---------------------------------------------------------------------------
+
+
+def echo_responses() -> dict[str, bytes]:
+    """A typical ChooseResponse and RewardResponse, byte for byte the sizes nextbest answers."""
+    from server.pb.nextbest.v1 import decision_pb2
+
+    choose = decision_pb2.ChooseResponse(
+        event_id="s20-c0-000000123456", arm_id="arm_007", probability=0.8123456789, model_version=123456
+    )
+    return {CHOOSE: choose.SerializeToString(), REWARD: LEARNED}
+
+
+def _echo_handler(responses: dict[str, bytes]) -> Any:
+    """Answers each known method with its canned response, without parsing the request."""
+
+    def make(response: bytes) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        async def handle(request: bytes, context: Any) -> bytes:
+            return response
+
+        return handle
+
+    service = CHOOSE.rsplit("/", 2)[1]
+    return grpc.method_handlers_generic_handler(
+        service, {m.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(make(r)) for m, r in responses.items()}
+    )
+
+
+async def serve_echo() -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers([_echo_handler(echo_responses())])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"echo serving on 127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+# -- the load worker ---------------------------------------------------------------------------
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99/max in milliseconds (nearest rank), nan when there are none."""
+    if not samples:
+        return {k: math.nan for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")}
+    s = sorted(samples)
+
+    def rank(q: float) -> float:
+        return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))] * 1000.0
+
+    return {"p50_ms": rank(0.50), "p95_ms": rank(0.95), "p99_ms": rank(0.99), "max_ms": s[-1] * 1000.0}
+
+
+class _Requests:
+    """Request i: a payload from the pool, for Choose with its own event id appended."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.pool = read_payloads(spec["payloads"])
+        self.prefix: str | None = spec.get("event_prefix")
+        self.limit = min(int(spec["max_requests"]), len(self.pool)) if spec.get("exhaust") else int(spec["max_requests"])
+
+    def __getitem__(self, i: int) -> bytes:
+        p = self.pool[i % len(self.pool)]
+        return p + string_field(3, f"{self.prefix}{i:012d}") if self.prefix is not None else p
+
+
+class Tally:
+    """Outcomes of one run; only LEARNED rewards count as acknowledged."""
+
+    def __init__(self, method: str) -> None:
+        self.reward = method == REWARD
+        self.ok = self.errors = self.not_acked = self.dropped = 0
+        self.codes: dict[str, int] = {}
+        self.latencies: list[float] = []
+
+    def done(self, response: bytes | None, code: grpc.StatusCode | None, latency: float) -> None:
+        if response is None:
+            self.errors += 1
+            name = code.name if code is not None else "UNKNOWN"
+            self.codes[name] = self.codes.get(name, 0) + 1
+            return
+        if self.reward and response != LEARNED:
+            self.not_acked += 1
+        else:
+            self.ok += 1
+        self.latencies.append(latency)
+
+
+async def _call(stub: Any, payload: bytes, timeout: float) -> tuple[bytes | None, grpc.StatusCode | None]:
+    try:
+        return await stub(payload, timeout=timeout), None
+    except grpc.aio.AioRpcError as e:
+        return None, e.code()
+
+
+async def closed_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, Any], seconds: float, tally: Tally) -> int:
+    """``concurrency`` callers back to back until time or requests run out; returns next index."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    nxt = [start]  # the next request index, shared by the callers
+    timeout = float(spec.get("timeout", 10.0))
+
+    async def caller() -> None:
+        while nxt[0] < reqs.limit and loop.time() < end:
+            i = nxt[0]
+            nxt[0] += 1
+            t0 = loop.time()
+            resp, code = await _call(stub, reqs[i], timeout)
+            tally.done(resp, code, loop.time() - t0)
+
+    await asyncio.gather(*(caller() for _ in range(int(spec["concurrency"]))))
+    return nxt[0]
+
+
+async def open_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, Any], seconds: float, tally: Tally) -> int:
+    """Sends at a fixed rate whatever the answers (no coordinated omission): latency counts
+    from when a request was due, so client-side queueing shows in it."""
+    loop = asyncio.get_running_loop()
+    rate = float(spec["rate"])
+    max_inflight = int(spec.get("max_inflight", 2000))
+    timeout = float(spec.get("timeout", 10.0))
+    t0 = loop.time()
+    inflight: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, due: float) -> None:
+        resp, code = await _call(stub, reqs[i], timeout)
+        tally.done(resp, code, loop.time() - due)
+
+    i = start
+    while i < reqs.limit:
+        now = loop.time()
+        if now - t0 >= seconds:
+            break
+        due_count = start + int((now - t0) * rate) + 1
+        while i < min(due_count, reqs.limit):
+            if len(inflight) >= max_inflight:
+                tally.dropped += 1
+            else:
+                task = asyncio.create_task(one(i, t0 + (i - start) / rate))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            i += 1
+        await asyncio.sleep(max(0.0, t0 + (i - start) / rate - loop.time()))
+    if inflight:
+        await asyncio.wait(inflight, timeout=timeout + 1)
+    return i
+
+
+async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run: an unmeasured warm-up, then the measured part, on one channel."""
+    reqs = _Requests(spec)
+    driver = open_loop if spec["mode"] == "open" else closed_loop
+    async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as ch:
+        stub = ch.unary_unary(spec["method"])
+        nxt = 0
+        if spec.get("warmup", 0) > 0:
+            nxt = await closed_loop(stub, reqs, 0, spec, float(spec["warmup"]), Tally(spec["method"]))
+        tally = Tally(spec["method"])
+        cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        nxt = await driver(stub, reqs, nxt, spec, float(spec["seconds"]), tally)
+        elapsed, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    done = tally.ok + tally.not_acked
+    out: dict[str, Any] = {
+        "sent": nxt,
+        "ok": tally.ok,
+        "not_acked": tally.not_acked,
+        "errors": tally.errors,
+        "error_codes": tally.codes,
+        "dropped": tally.dropped,
+        "seconds": elapsed,
+        "rate": tally.ok / elapsed if elapsed > 0 else 0.0,
+        "client_cpu_us": 1e6 * (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / max(done, 1),
+        **percentiles(tally.latencies),
+    }
+    if spec.get("return_latencies"):
+        out["latencies"] = tally.latencies
+    return out
+
+
+def worker() -> None:
+    """Serve run specs from stdin until it closes; one JSON answer line per spec."""
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            result = asyncio.run(run_spec(json.loads(line)))
+        except Exception as e:  # reported, not fatal: the orchestrator decides
+            result = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: Sequence[str]) -> int:
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if argv[:1] == ["echo"]:
+        asyncio.run(serve_echo())
+        return 0
+    if argv[:1] == ["worker"]:
+        worker()
+        return 0
+    print("usage: python -m server.bench_load echo|worker", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,215 @@
+"""Figures of ``nextbest bench``: each measured value with its ceiling, ratio and target.
+
+A figure's ceiling is what the same measurement gives on the bare transport (gRPC echo) or
+on raw VW, measured in the same run; the ratio is what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+@dataclass
+class Figure:
+    key: str
+    label: str
+    value: float
+    unit: str
+    ceilings: dict[str, float] = field(default_factory=dict)  # name -> value in the same unit
+    target: str = ""
+    met: bool | None = None
+
+    def ratios(self) -> dict[str, float]:
+        return {k: (self.value / c if c else math.nan) for k, c in self.ceilings.items()}
+
+
+class Report:
+    """Collects figures and the raw result of every phase."""
+
+    def __init__(self, smoke: bool) -> None:
+        self.started = time.perf_counter()
+        self.meta: dict[str, Any] = {"mode": "smoke" if smoke else "full", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.figures: list[Figure] = []
+        self.phases: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self._vw: dict[int, dict[str, Any]] = {}
+        self._echo: dict[str, dict[str, Any]] = {}
+        self._choose: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def skip(self, phase: str, why: str) -> None:
+        self.phases[phase] = {"skipped": why}
+        self.note(f"{phase} skipped: {why}")
+
+    def add(self, key: str, label: str, value: float, unit: str, ceilings: dict[str, float] | None = None,
+            target: str = "", met: bool | None = None) -> Figure:
+        f = Figure(key, label, float(value), unit, ceilings or {}, target, met)
+        self.figures.append(f)
+        return f
+
+    def _phase(self, name: str) -> dict[str, Any]:
+        return self.phases.setdefault(name, {})  # type: ignore[no-any-return]
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def vw(self, r: dict[str, Any]) -> None:
+        a = int(r["arms"])
+        self._vw[a] = r
+        self._phase("vw")[str(a)] = r
+        self.add(f"vw.{a}.predict", f"raw VW predict, {a} arms (CbModel)", r["predict_per_s"], "/s")
+        self.add(f"vw.{a}.learn", f"raw VW learn, {a} arms (CbModel)", r["learn_per_s"], "/s")
+        self.add(f"vw.{a}.binding_predict", f"raw VW predict, {a} arms (pylibvw direct)", r["binding_predict_per_s"], "/s",
+                 {"CbModel": r["predict_per_s"]})
+        self.add(f"vw.{a}.binding_learn", f"raw VW learn, {a} arms (pylibvw direct)", r["binding_learn_per_s"], "/s",
+                 {"CbModel": r["learn_per_s"]})
+
+    def server_time(self, r: dict[str, Any]) -> None:
+        a = int(r["arms"])
+        self._phase("server_time")[str(a)] = r
+        ok = r["besides_vw_us"] <= 150.0
+        self.add(f"server_time.{a}.choose", f"in-process Choose CPU (no gRPC), {a} arms", r["choose_us"], "us")
+        self.add(f"server_time.{a}.besides_vw", f"in-process Choose CPU besides VW, {a} arms", r["besides_vw_us"], "us",
+                 {"VW predict": r["vw_predict_us"]}, "<= 150 us" if a == 20 else "", ok if a == 20 else None)
+
+    def reward_inproc(self, r: dict[str, Any]) -> None:
+        self.phases["reward_inproc"] = r
+        self.add("reward.inproc", "Reward through the servicer, no gRPC (SQLite)", r["acks_per_s"], "acks/s")
+        self.add("reward.inproc.cpu", "CPU per Reward through the servicer, no gRPC (SQLite)", r["cpu_us_per_ack"], "us")
+
+    def echo(self, kind: str, r: dict[str, Any]) -> None:
+        self._echo[kind] = r
+        self._phase("echo")[kind] = r
+        self.add(f"echo.{kind}", f"echo ceiling, {kind} sizes, saturation", r["rate"], "req/s")
+        self.add(f"echo.{kind}.server_cpu", f"echo server CPU per {kind}", r["server_cpu_us"], "us")
+
+    def choose(self, a: int, r: dict[str, Any], backend: str = "sqlite") -> None:
+        self._choose[(backend, a)] = r
+        self._phase("choose")[f"{backend}.{a}"] = r
+        ceil = {"echo": self._echo["choose"]["rate"]} if "choose" in self._echo else {}
+        if a in self._vw:
+            ceil["raw VW predict"] = self._vw[a]["predict_per_s"]
+        met = None
+        if a == 20 and "echo" in ceil:
+            met = r["rate"] >= 0.6 * ceil["echo"]
+        sfx = "" if backend == "sqlite" else f" ({backend})"
+        self.add(f"choose.{backend}.{a}", f"Choose {a} arms, saturation{sfx}", r["rate"], "req/s", ceil,
+                 ">= 0.6 x echo" if a == 20 else "", met)
+        cpu_ceil = {"echo": self._echo["choose"]["server_cpu_us"]} if "choose" in self._echo else {}
+        self.add(f"choose.{backend}.{a}.server_cpu", f"server CPU per Choose, {a} arms{sfx}", r["server_cpu_us"], "us", cpu_ceil)
+        if a in self._vw:
+            besides = r["server_cpu_us"] - self._vw[a]["predict_us"]
+            self.add(f"choose.{backend}.{a}.server_cpu_besides_vw", f"server CPU per Choose besides VW, {a} arms{sfx}",
+                     besides, "us", cpu_ceil, "<= 150 us" if a == 20 else "", besides <= 150 if a == 20 else None)
+
+    def latency(self, a: int, load: float, rate: float, r: dict[str, Any], echo: dict[str, Any]) -> None:
+        self._phase("latency")[f"{a}@{load:.0%}"] = {"rate": rate, "choose": r, "echo": echo}
+        pct = f"{load:.0%}"
+        for q in ("p50", "p95", "p99"):
+            target = met = None
+            if a == 20 and load == 0.8 and q == "p99":
+                target, met = "<= 10 ms", r["p99_ms"] <= 10.0
+            self.add(f"latency.{a}.{pct}.{q}", f"Choose {a} arms {q} at {pct} ({rate:,.0f}/s)", r[f"{q}_ms"], "ms",
+                     {"echo": echo[f"{q}_ms"]}, target or "", met)
+        if r["rate"] < 0.95 * rate or r["dropped"] or r["errors"]:
+            self.note(f"Choose {a} arms at {pct}: asked for {rate:,.0f}/s, served {r['rate']:,.0f}/s "
+                      f"({r['errors']} errors, {r['dropped']} not sent)")
+
+    def reward(self, backend: str, r: dict[str, Any]) -> None:
+        self._phase("reward")[backend] = r
+        goal = 5000.0 if backend == "sqlite" else 3000.0
+        ceil = {"echo": self._echo["reward"]["rate"]} if "reward" in self._echo else {}
+        self.add(f"reward.{backend}", f"Reward durable acks ({backend})", r["rate"], "acks/s", ceil, f">= {goal:,.0f}/s",
+                 r["rate"] >= goal)
+        self.add(f"reward.{backend}.server_cpu", f"server CPU per Reward ({backend})", r["server_cpu_us"], "us",
+                 {"echo": self._echo["reward"]["server_cpu_us"]} if "reward" in self._echo else {})
+        if r.get("ran_out_of_ids"):
+            self.note(f"Reward ({backend}) used all {r['ids_available']} prepared events before its time was up")
+        if r["errors"] or r["not_acked"]:
+            self.note(f"Reward ({backend}): {r['errors']} errors {r['error_codes']}, {r['not_acked']} not LEARNED")
+
+    def memory(self, variant: str, r: dict[str, Any]) -> None:
+        self._phase("memory")[variant] = r
+        n = r["placements"]
+        what = f"bits {r['bits']}{', ' + r['vw_args'] if r['vw_args'] else ''}"
+        self.add(f"memory.{variant}.rss_1", f"RSS, 1 placement x 20 arms ({what})", r["rss_1"] / MIB, "MiB")
+        self.add(f"memory.{variant}.per_placement", f"RSS per placement x 20 arms ({what})", r["per_placement"] / MIB, "MiB")
+        t = r["target_placements"]
+        label = f"RSS, {t:,} placements x 20 arms ({what})" + (f", extrapolated from {n:,}" if r["extrapolated"] else "")
+        self.add(f"memory.{variant}.rss_target", label, r["rss_at_target"] / MIB, "MiB", {"2 GiB target": 2048.0},
+                 "<= 2048 MiB", r["rss_at_target"] <= 2 * GIB)
+
+    def replay(self, r: dict[str, Any]) -> None:
+        self.phases["replay"] = r
+        if r["returncode"] != 0:
+            self.note(f"replay exited {r['returncode']}: {r['stderr'][-200:]}")
+        self.add("replay", f"nextbest replay over {r['events']:,} logged events (process start included)", r["events_per_s"],
+                 "events/s", {"bare SELECT": r["select_rows_per_s"]})
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        rows = [("figure", "value", "unit", "ratio to ceiling", "target", "met")]
+        for f in self.figures:
+            ratio = "; ".join(f"{_ratio(v)} x {k}" for k, v in f.ratios().items())
+            met = "" if f.met is None else ("yes" if f.met else "NO")
+            rows.append((f.label, _num(f.value), f.unit, ratio, f.target, met))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+                 for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        m = self.meta
+        head = (f"nextbest bench ({m['mode']}), {m.get('cores')} cores, {m.get('cpu', '')}; "
+                f"machine {m.get('background_busy', 0):.0%} busy before the run; {m.get('seconds', 0):.0f} s")
+        return "\n".join([head, "", *lines, *(["", "notes:", *(f"  - {n}" for n in self.notes)] if self.notes else [])])
+
+    def profiles(self) -> str:
+        parts = []
+        for a, r in self.phases.get("server_time", {}).items():
+            for k in ("profile", "profile_writer"):
+                if k in r:
+                    parts.append(f"== Choose {a} arms, in process: {k} (tottime) ==\n{r[k]}")
+        r = self.phases.get("reward_inproc", {})
+        for k in ("profile_loop", "profile_writer"):
+            if k in r:
+                parts.append(f"== Reward, in process: {k} (tottime) ==\n{r[k]}")
+        return "\n\n".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        figs = []
+        for f in self.figures:
+            d = asdict(f)
+            d["ratios"] = f.ratios()
+            figs.append(d)
+        out: dict[str, Any] = _finite({"meta": self.meta, "figures": figs, "phases": self.phases, "notes": self.notes})
+        return out
+
+
+def _num(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.2f}"
+
+
+def _ratio(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.2f}" if abs(x) >= 0.1 else f"{x:.3g}"
+
+
+def _finite(o: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k): _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o

@@ -1,0 +1,77 @@
+"""The benchmark keeps working: its smoke mode runs every phase end to end.
+
+No figure is asserted against a time: timings belong to the benchmark's report, not to tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import ROOT
+
+PHASES = ("vw", "server_time", "reward_inproc", "echo", "choose", "latency", "reward", "memory", "replay")
+
+
+def _numbers(d: Any) -> list[float]:
+    if isinstance(d, bool):
+        return []
+    if isinstance(d, int | float):
+        return [float(d)]
+    if isinstance(d, dict):
+        return [x for v in d.values() for x in _numbers(v)]
+    if isinstance(d, list):
+        return [x for v in d for x in _numbers(v)]
+    return []
+
+
+def _run(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "server.bench", *args, "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "figure" in r.stdout and "ratio to ceiling" in r.stdout
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
+    data = _run(tmp_path, "--smoke", timeout=110)
+    assert data["meta"]["mode"] == "smoke"
+    for phase in PHASES:
+        assert phase in data["phases"], phase
+        body = data["phases"][phase]
+        if "skipped" in body:
+            assert phase == "replay", f"{phase} skipped: {body['skipped']}"
+            continue
+        assert _numbers(body), phase
+    figures = {f["key"]: f for f in data["figures"]}
+    for key in ("echo.choose", "echo.reward", "choose.sqlite.5", "choose.sqlite.20", "choose.sqlite.100",
+                "latency.20.80%.p99", "reward.sqlite", "vw.20.predict", "vw.20.learn", "server_time.20.besides_vw",
+                "memory.default.rss_1", "memory.tuned.rss_target"):
+        assert key in figures, key
+        assert math.isfinite(figures[key]["value"]), key
+    # each figure with a ceiling carries its ratio to it
+    assert all(set(f["ratios"]) == set(f["ceilings"]) for f in data["figures"])
+    assert figures["choose.sqlite.20"]["ceilings"]["echo"] > 0
+
+
+def test_phase_names_are_checked() -> None:
+    r = subprocess.run([sys.executable, "-m", "server.bench", "--phases", "vw,nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nope" in r.stderr
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(1200)
+def test_full_benchmark(tmp_path: Path) -> None:
+    data = _run(tmp_path, timeout=1100)
+    assert data["meta"]["mode"] == "full"
+    assert {"choose", "latency", "reward", "memory"} <= set(data["phases"])
