@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -100,7 +100,6 @@ class Learner:
         batch: int,
         snapshot_every: int,
         snapshot_interval: float,
-        on_learned: Callable[[str, int], None] = lambda placement, n: None,
     ) -> None:
         self._store = store
         self._states = states
@@ -109,7 +108,6 @@ class Learner:
         self._batch = batch
         self._snapshot_every = snapshot_every
         self._snapshot_interval = snapshot_interval
-        self._on_learned = on_learned
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -175,8 +173,6 @@ class Learner:
                     await asyncio.sleep(0)
                     if self._slot(pid, name) != (ps, slot):
                         break
-            if rows:
-                self._on_learned(pid, len(rows))
             if len(rows) < self._batch:
                 await self.maybe_snapshot(pid, slot)
                 return total
