@@ -25,7 +25,7 @@ from bandit.features import Feature, features_from_mapping
 from bandit.log import LoggedDecision, Outcome
 from bandit.replay import ReplayLog
 from server.storage import tables as t
-from server.storage.sql import decision_from_row
+from server.storage.sqlcore import decision_from_row
 
 CLOSED = (int(Outcome.REWARD), int(Outcome.DEFAULT))
 ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]

@@ -2,36 +2,43 @@
 
 from __future__ import annotations
 
-import fcntl
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, case, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from bandit.errors import Unavailable
-from bandit.features import Feature
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from server.storage import migrate
 from server.storage import tables as t
 from server.storage.base import (
-    AccountRow,
     Activation,
-    RewardEvent,
-    ArmTally,
     Close,
     PlacementRecord,
     RecentImpression,
+    RewardEvent,
     Snapshot,
-    VariantTally,
     WriteResult,
 )
-
+from server.storage.coordination import Coordination
+from server.storage.sqlcore import decision_from_row, decision_row
+from server.storage.sqlstats import StatsQueries
 
 # Built once: building an UPDATE per close cost about 120 µs of SQLAlchemy work (measured).
 _CLOSE = (
@@ -43,9 +50,6 @@ _CLOSE = (
     )
     .values(outcome=bindparam("b_outcome"), reward=bindparam("b_reward"), rewarded_at=bindparam("b_at"))
 )
-
-_LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
-
 
 def open_store(url: str) -> SqlStore:
     """A store for a SQLAlchemy URL; a plain path means a SQLite file."""
@@ -63,7 +67,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class SqlStore:
+class SqlStore(Coordination, StatsQueries):
     """Store on any SQLAlchemy URL; the schema is created or migrated to head on opening."""
 
     def __init__(self, url: str) -> None:
@@ -163,124 +167,10 @@ class SqlStore:
                         ],
                     )
 
-    def config_version(self) -> tuple[float, int, float, int]:
-        """Changes whenever any server applies a configuration: replicas poll it."""
-        p, cm = t.placements.c, t.campaigns.c
-        with self._connect() as c:
-            a = c.execute(select(func.coalesce(func.max(p.updated_at), 0.0), func.count())).one()
-            b = c.execute(select(func.coalesce(func.max(cm.updated_at), 0.0), func.count())).one()
-        return (float(a[0]), int(a[1]), float(b[0]), int(b[1]))
-
-    def snapshot_versions(self, placement: str) -> dict[str, tuple[int, int]]:
-        """(learned, learn_seq) of each saved model of a placement, without the model bytes."""
-        s = t.snapshots.c
-        with self._connect() as c:
-            rows = c.execute(select(s.slot, s.learned, s.learn_seq).where(s.placement_id == placement)).all()
-        return {r.slot: (int(r.learned), int(r.learn_seq)) for r in rows}
-
-    def expired_open(self, cutoff: float, limit: int) -> list[LoggedDecision]:
-        """Open decisions whose window ended before ``cutoff``: a server that stopped left them."""
-        d = t.decisions.c
-        with self._connect() as c:
-            rows = c.execute(
-                select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.deadline < cutoff).limit(limit)
-            ).all()
-        return [decision_from_row(r) for r in rows]
-
-    # -- one learner at a time ------------------------------------------------------------
-
-    def try_learner_lock(self) -> bool:
-        """Become the one learner: a PostgreSQL advisory lock held by a dedicated session, or
-        an exclusive lock on a file beside a SQLite database. Both end with the process."""
-        if self._lock is not None:
-            return True
-        if self._postgres:
-            conn = self.engine.connect()
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LEARNER_LOCK}).scalar())
-            if got:
-                self._lock = conn
-            else:
-                conn.close()
-            return got
-        path = (self.engine.url.database or "nextbest") + ".learner.lock"
-        f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            return False
-        self._lock = f
-        return True
-
-    def holds_learner_lock(self) -> bool:
-        """Whether the lock is still ours (a PostgreSQL session can be cut under us)."""
-        if self._lock is None:
-            return False
-        if not self._postgres:
-            return True
-        try:
-            ok = self._lock.execute(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND pid = pg_backend_pid()"),
-                {"k": _LEARNER_LOCK},
-            ).scalar()
-            return bool(ok)
-        except SQLAlchemyError:
-            self._drop_lock()
-            return False
-
-    def _drop_lock(self) -> None:
-        lock, self._lock = self._lock, None
-        try:
-            if lock is not None:
-                lock.close()
-        except Exception:
-            pass
-
     def load_campaigns(self) -> list[CampaignSpec]:
         with self._connect() as c:
             rows = c.execute(select(t.campaigns).order_by(t.campaigns.c.id)).all()
         return [CampaignSpec.model_validate({**r.spec, "id": r.id}) for r in rows]
-
-    # -- the budget ledger ----------------------------------------------------------------
-
-    def lease(self, key: str, period: str, limit: float, amount: float) -> float:
-        """Grant up to ``amount`` more of a budget, never past ``limit``; returns the grant.
-
-        A conditional UPDATE is atomic on SQLite and PostgreSQL alike, so concurrent
-        processes can never lease more than the limit between them.
-        """
-        a = t.budget_accounts.c
-        with self._begin() as c:
-            c.execute(
-                (pg_insert if self._postgres else sqlite_insert)(t.budget_accounts)
-                .values(key=key, period=period, leased=0.0, spent=0.0, reserved=0.0)
-                .on_conflict_do_nothing()
-            )
-            for _ in range(8):
-                leased = float(c.execute(select(a.leased).where(a.key == key, a.period == period)).scalar_one())
-                grant = min(amount, limit - leased)
-                if grant <= 1e-12:
-                    return 0.0
-                res = c.execute(
-                    update(t.budget_accounts)
-                    .where(a.key == key, a.period == period, a.leased == leased)
-                    .values(leased=leased + grant)
-                )
-                if res.rowcount == 1:
-                    return grant
-        return 0.0
-
-    def release(self, key: str, period: str, amount: float) -> None:
-        a = t.budget_accounts.c
-        with self._begin() as c:
-            c.execute(
-                update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount)
-            )
-
-    def load_accounts(self) -> list[AccountRow]:
-        with self._connect() as c:
-            rows = c.execute(select(t.budget_accounts)).all()
-        return [AccountRow(r.key, r.period, r.leased, r.spent, r.reserved) for r in rows]
 
     def recent_impressions(self, since: float) -> list[RecentImpression]:
         d = t.decisions.c
@@ -331,7 +221,7 @@ class SqlStore:
             if decisions:
                 # A reused event id must not fail the whole batch: the first decision keeps it.
                 stmt = (pg_insert if self._postgres else sqlite_insert)(t.decisions).on_conflict_do_nothing()
-                c.execute(stmt, [_decision_row(d) for d in decisions])
+                c.execute(stmt, [decision_row(d) for d in decisions])
             for act in activations:
                 res = c.execute(
                     update(t.decisions)
@@ -396,15 +286,6 @@ class SqlStore:
                 .order_by(r.id)
             ).all()
         return [RewardEvent(*row) for row in rows]
-
-    def reward_scale(self, placement: str) -> float:
-        """The largest reward magnitude learned by a placement (at least 1), to scale exploration."""
-        d = t.decisions.c
-        with self._connect() as c:
-            hi = c.execute(
-                select(func.max(func.abs(d.reward))).where(d.placement_id == placement, d.learn_seq.is_not(None))
-            ).scalar()
-        return max(1.0, float(hi or 0.0))
 
     def max_learn_seq(self) -> int:
         with self._connect() as c:
@@ -498,163 +379,8 @@ class SqlStore:
             for r in rows
         }
 
-    # -- statistics -----------------------------------------------------------------------
-
-    def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
-        """Per-arm counts, the number of decisions, and how many served no arm."""
-        d = t.decisions.c
-        incurred = case((and_(d.outcome == int(Outcome.REWARD), d.reward > 0), d.reward_cost), else_=0.0)
-        with self._connect() as c:
-            rows = c.execute(
-                select(
-                    d.arm_id,
-                    d.outcome,
-                    func.count(),
-                    func.coalesce(func.sum(d.reward), 0.0),
-                    func.coalesce(func.sum(d.cost + incurred), 0.0),
-                    d.activated,
-                )
-                .where(d.placement_id == placement)
-                .group_by(d.arm_id, d.outcome, d.activated)
-            ).all()
-            r = t.reward_events.c
-            late = c.execute(
-                select(d.arm_id, func.count())
-                .select_from(t.reward_events.join(t.decisions, and_(r.event_id == d.event_id, r.slot == d.slot)))
-                .where(d.placement_id == placement, r.kind == "late")
-                .group_by(d.arm_id)
-            ).all()
-        tallies: dict[str, ArmTally] = {}
-        total = no_arm = 0
-        for arm_id, outcome, count, reward_sum, spend, activated in rows:
-            total += count
-            if arm_id is None:
-                no_arm += count
-                continue
-            if not activated:  # deferred and not (yet) shown: no impression, no spend
-                continue
-            tl = tallies.setdefault(arm_id, ArmTally(arm_id))
-            tl.impressions += count
-            tl.spend += float(spend)
-            if outcome == Outcome.REWARD:
-                tl.rewards += count
-                tl.reward_sum += float(reward_sum)
-            elif outcome == Outcome.DEFAULT:
-                tl.default_rewards += count
-            elif outcome == Outcome.OPEN:
-                tl.pending += count
-        for arm_id, count in late:
-            if arm_id is not None:
-                tallies.setdefault(arm_id, ArmTally(arm_id)).late_rewards += count
-        return list(tallies.values()), total, no_arm
-
-    def tally_variants(self, placement: str) -> list[VariantTally]:
-        d = t.decisions.c
-        explicit = case((d.outcome == int(Outcome.REWARD), 1), else_=0)
-        closed = case((d.outcome.in_([int(Outcome.REWARD), int(Outcome.DEFAULT)]), 1), else_=0)
-        with self._connect() as c:
-            rows = c.execute(
-                select(
-                    d.variant,
-                    func.count(),
-                    func.sum(case((and_(d.arm_id.is_not(None), d.activated.is_(True)), 1), else_=0)),
-                    func.sum(explicit),
-                    func.coalesce(func.sum(case((d.outcome == int(Outcome.REWARD), d.reward), else_=0.0)), 0.0),
-                    func.coalesce(func.sum(case((closed == 1, d.reward), else_=0.0)), 0.0),
-                    func.sum(closed),
-                )
-                .where(d.placement_id == placement)
-                .group_by(d.variant)
-                .order_by(d.variant)
-            ).all()
-        return [VariantTally(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
-
     def close(self) -> None:
         self._drop_lock()
         self.engine.dispose()
 
-    # -- helpers --------------------------------------------------------------------------
 
-    def _begin(self) -> _Tx:
-        return _Tx(self.engine, begin=True)
-
-    def _connect(self) -> _Tx:
-        return _Tx(self.engine, begin=False)
-
-
-class _Tx:
-    """A connection (in a transaction when begin) whose database errors become Unavailable."""
-
-    def __init__(self, engine: Engine, begin: bool) -> None:
-        self._engine = engine
-        self._begin = begin
-        self._cm: Any = None
-
-    def __enter__(self) -> Connection:
-        try:
-            self._cm = self._engine.begin() if self._begin else self._engine.connect()
-            conn: Connection = self._cm.__enter__()
-            return conn
-        except SQLAlchemyError as e:
-            raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._cm.__exit__(*exc)
-        except SQLAlchemyError as e:
-            raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
-        if exc[0] is not None and isinstance(exc[1], SQLAlchemyError):
-            raise Unavailable(f"database error: {exc[0].__name__}") from exc[1]
-
-
-def _decision_row(d: LoggedDecision) -> dict[str, Any]:
-    return {
-        "event_id": d.event_id,
-        "placement_id": d.placement,
-        "customer_id": d.customer_id,
-        "created_at": d.timestamp,
-        "deadline": d.deadline,
-        "features": [[f.namespace, f.name, f.value] for f in d.features],
-        "arms": [list(a) for a in d.arms],
-        "pmf": list(d.pmf),
-        "chosen": d.chosen,
-        "arm_id": d.arm_id,
-        "probability": d.probability,
-        "model_version": d.model_version,
-        "outcome": int(d.outcome),
-        "reward": d.reward,
-        "learn_seq": d.learn_seq,
-        "cost": d.cost,
-        "reward_cost": d.reward_cost,
-        "budgets": [list(b) for b in d.budgets] or None,
-        "ineligible": [list(x) for x in d.ineligible] or None,
-        "variant": d.variant,
-        "slot": d.slot,
-        "activated": d.activated,
-    }
-
-
-def decision_from_row(r: Any) -> LoggedDecision:
-    return LoggedDecision(
-        event_id=r.event_id,
-        placement=r.placement_id,
-        customer_id=r.customer_id,
-        timestamp=r.created_at,
-        features=tuple(Feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in r.features),
-        arms=tuple((a, int(v)) for a, v in r.arms),
-        pmf=tuple(r.pmf),
-        chosen=r.chosen,
-        probability=r.probability,
-        model_version=r.model_version,
-        deadline=r.deadline,
-        outcome=Outcome(r.outcome),
-        reward=r.reward,
-        learn_seq=r.learn_seq,
-        cost=r.cost,
-        reward_cost=r.reward_cost,
-        budgets=tuple((k, p) for k, p in r.budgets or ()),
-        ineligible=tuple((a, why) for a, why in r.ineligible or ()),
-        variant=r.variant,
-        slot=r.slot,
-        activated=bool(r.activated),
-    )

@@ -1,0 +1,134 @@
+"""The SQL store's coordination between servers: the budget leases, the one learner, and what
+replicas poll (configuration and model versions, windows a stopped server left open)."""
+
+from __future__ import annotations
+
+import fcntl
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
+
+from bandit.log import LoggedDecision, Outcome
+from server.storage import tables as t
+from server.storage.base import AccountRow
+from server.storage.sqlcore import SqlBase, decision_from_row
+
+_LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
+
+
+class Coordination(SqlBase):
+    """Budget leases and the learner lock; polled versions."""
+
+    def lease(self, key: str, period: str, limit: float, amount: float) -> float:
+        """Grant up to ``amount`` more of a budget, never past ``limit``; returns the grant.
+
+        A conditional UPDATE is atomic on SQLite and PostgreSQL alike, so concurrent
+        processes can never lease more than the limit between them.
+        """
+        a = t.budget_accounts.c
+        with self._begin() as c:
+            c.execute(
+                (pg_insert if self._postgres else sqlite_insert)(t.budget_accounts)
+                .values(key=key, period=period, leased=0.0, spent=0.0, reserved=0.0)
+                .on_conflict_do_nothing()
+            )
+            for _ in range(8):
+                leased = float(c.execute(select(a.leased).where(a.key == key, a.period == period)).scalar_one())
+                grant = min(amount, limit - leased)
+                if grant <= 1e-12:
+                    return 0.0
+                res = c.execute(
+                    update(t.budget_accounts)
+                    .where(a.key == key, a.period == period, a.leased == leased)
+                    .values(leased=leased + grant)
+                )
+                if res.rowcount == 1:
+                    return grant
+        return 0.0
+
+    def release(self, key: str, period: str, amount: float) -> None:
+        a = t.budget_accounts.c
+        with self._begin() as c:
+            c.execute(
+                update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount)
+            )
+
+    def load_accounts(self) -> list[AccountRow]:
+        with self._connect() as c:
+            rows = c.execute(select(t.budget_accounts)).all()
+        return [AccountRow(r.key, r.period, r.leased, r.spent, r.reserved) for r in rows]
+
+    def config_version(self) -> tuple[float, int, float, int]:
+        """Changes whenever any server applies a configuration: replicas poll it."""
+        p, cm = t.placements.c, t.campaigns.c
+        with self._connect() as c:
+            a = c.execute(select(func.coalesce(func.max(p.updated_at), 0.0), func.count())).one()
+            b = c.execute(select(func.coalesce(func.max(cm.updated_at), 0.0), func.count())).one()
+        return (float(a[0]), int(a[1]), float(b[0]), int(b[1]))
+
+    def snapshot_versions(self, placement: str) -> dict[str, tuple[int, int]]:
+        """(learned, learn_seq) of each saved model of a placement, without the model bytes."""
+        s = t.snapshots.c
+        with self._connect() as c:
+            rows = c.execute(select(s.slot, s.learned, s.learn_seq).where(s.placement_id == placement)).all()
+        return {r.slot: (int(r.learned), int(r.learn_seq)) for r in rows}
+
+    def expired_open(self, cutoff: float, limit: int) -> list[LoggedDecision]:
+        """Open decisions whose window ended before ``cutoff``: a server that stopped left them."""
+        d = t.decisions.c
+        with self._connect() as c:
+            rows = c.execute(
+                select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.deadline < cutoff).limit(limit)
+            ).all()
+        return [decision_from_row(r) for r in rows]
+
+    # -- one learner at a time ------------------------------------------------------------
+
+    def try_learner_lock(self) -> bool:
+        """Become the one learner: a PostgreSQL advisory lock held by a dedicated session, or
+        an exclusive lock on a file beside a SQLite database. Both end with the process."""
+        if self._lock is not None:
+            return True
+        if self._postgres:
+            conn = self.engine.connect()
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LEARNER_LOCK}).scalar())
+            if got:
+                self._lock = conn
+            else:
+                conn.close()
+            return got
+        path = (self.engine.url.database or "nextbest") + ".learner.lock"
+        f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._lock = f
+        return True
+
+    def holds_learner_lock(self) -> bool:
+        """Whether the lock is still ours (a PostgreSQL session can be cut under us)."""
+        if self._lock is None:
+            return False
+        if not self._postgres:
+            return True
+        try:
+            ok = self._lock.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND pid = pg_backend_pid()"),
+                {"k": _LEARNER_LOCK},
+            ).scalar()
+            return bool(ok)
+        except SQLAlchemyError:
+            self._drop_lock()
+            return False
+
+    def _drop_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        try:
+            if lock is not None:
+                lock.close()
+        except Exception:
+            pass
