@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
@@ -118,6 +118,46 @@ def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> 
         "p": [d.pmf[i] for i in order],
     }
     return json.dumps(head)[:-1] + f',"c":{context},"_nb":{json.dumps(exact)}}}'
+
+
+def to_ccb_dsjson(slots: Sequence[LoggedDecision], arm_features: Mapping[ArmKey, ArmFeatures]) -> str:
+    """One CCB DSJSON line (VW's ``--ccb_explore_adf --dsjson``) for the slot decisions of one event.
+
+    The actions are slot 0's eligible arms; each slot's outcome lists its chosen action first,
+    then the others it could have drawn, with the slot's own probabilities (given the earlier
+    slots) and its own reward. Slot features (``slot.*``) go to the slot, the rest is shared.
+    """
+    slots = sorted(slots, key=lambda d: d.slot)
+    first = slots[0]
+    if first.slot != 0 or any(d.chosen is None or d.reward is None for d in slots):
+        raise InvalidInput("decision", f"{first.event_id}: only events whose every slot is closed can be exported")
+    index = {arm: i for i, (arm, _) in enumerate(first.arms)}
+    multi = []
+    for arm_id, version in first.arms:
+        feats = features_from_mapping(arm_features.get((arm_id, version), {}))
+        pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
+        multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
+    shared = [f for f in first.features if f.namespace != "slot"]
+    slot_objs, outcomes = [], []
+    for d in slots:
+        assert d.chosen is not None and d.reward is not None
+        own = [f for f in d.features if f.namespace == "slot"]
+        slot_objs.append(f'{{"_id":"{d.slot}","{SHARED_NAMESPACE}":{_object(_pairs(own))}}}')
+        order = [d.chosen] + [i for i in range(len(d.arms)) if i != d.chosen]
+        outcomes.append(
+            {
+                "_id": str(d.slot),
+                "_label_cost": -d.reward,
+                "_a": [index[d.arms[i][0]] for i in order],
+                "_p": [d.pmf[i] for i in order],
+            }
+        )
+    context = (
+        f'{{"{SHARED_NAMESPACE}":{_object(_pairs(shared))},"_multi":[{",".join(multi)}],'
+        f'"_slots":[{",".join(slot_objs)}]}}'
+    )
+    head = {"Timestamp": iso_time(first.timestamp), "Version": "1", "EventId": first.event_id}
+    return json.dumps(head)[:-1] + f',"c":{context},"_outcomes":{json.dumps(outcomes)}}}'
 
 
 def from_dsjson(line: str) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]:

@@ -139,8 +139,9 @@ def _export(args: argparse.Namespace) -> int:
 
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     decisions, arm_features = read_decisions(args.db, args.placement, since=since, until=until)
-    n = write_dsjson(args.out, decisions, arm_features)
-    print(f"wrote {n} decisions of {args.placement} to {args.out}", file=sys.stderr)
+    n = write_dsjson(args.out, decisions, arm_features, ccb=args.format == "ccb-dsjson")
+    what = "multi-slot events" if args.format == "ccb-dsjson" else "decisions"
+    print(f"wrote {n} {what} of {args.placement} to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -174,7 +175,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     e = sub.add_parser("export-log", help="write the closed decisions of a placement as VW DSJSON")
     e.add_argument("--db", required=True, help="database URL or SQLite path (read only)")
     e.add_argument("--placement", required=True)
-    e.add_argument("--format", choices=["dsjson"], default="dsjson")
+    e.add_argument(
+        "--format", choices=["dsjson", "ccb-dsjson"], default="dsjson",
+        help="dsjson: one cb_adf event per decision (each slot its own); ccb-dsjson: one CCB event per multi-slot choice",
+    )
     e.add_argument("--out", required=True, help="output file, - for standard output")
     e.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
     e.add_argument("--until", help="end, exclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, Text, cast, create_engine, event, select
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from bandit.dsjson import ArmKey, from_dsjson, to_dsjson
+from bandit.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from bandit.errors import InvalidInput, NotFound, Unavailable
 from bandit.features import Feature, features_from_mapping
 from bandit.log import LoggedDecision, Outcome
@@ -170,10 +170,21 @@ def _open(path: str, mode: str) -> Iterator[IO[str]]:
         raise InvalidInput("--out" if "w" in mode else "--log", f"cannot {'write' if 'w' in mode else 'read'} {path}: {e.strerror}") from None
 
 
-def write_dsjson(path: str, decisions: Iterable[LoggedDecision], arm_features: ArmFeatureRows) -> int:
-    """Write one DSJSON line per decision ("-" is standard output); returns how many."""
+def write_dsjson(path: str, decisions: Iterable[LoggedDecision], arm_features: ArmFeatureRows, ccb: bool = False) -> int:
+    """Write one DSJSON line per decision ("-" is standard output), or with ``ccb`` one CCB line
+    per multi-slot event whose every slot is closed; returns how many lines."""
     n = 0
     with _open(path, "w") as f:
+        if ccb:
+            events: dict[str, list[LoggedDecision]] = {}
+            for dec in decisions:
+                events.setdefault(dec.event_id, []).append(dec)
+            for rows in events.values():
+                if any(r.slot == 0 for r in rows):
+                    f.write(to_ccb_dsjson(rows, arm_features))
+                    f.write("\n")
+                    n += 1
+            return n
         for dec in decisions:
             f.write(to_dsjson(dec, arm_features))
             f.write("\n")

@@ -142,3 +142,37 @@ def test_logging_only_learns_nothing(db_url: str) -> None:
         s.call(s.engine.learner.catch_up("app_home_banner"))
         assert s.engine.states["app_home_banner"].model.learned == 0
         assert c.stats("app_home_banner").decisions == 20
+
+
+def test_multi_slot_log_exports_in_vws_ccb_form(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from vowpalwabbit import Workspace
+
+    from server.cli import main
+
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([envs.placement(slots=2, reward_window=0.2)])
+        chosen = {}
+        for i in range(20):
+            d = c.choose("app_home_banner", {"segment": "youth"}, event_id=f"e{i}")
+            chosen[d.event_id] = [a for a, _ in d.slots]
+            c.reward(d.event_id, 1.0, slot=i % 2)
+        wait(lambda: not s.engine.windows.open)  # every slot's window closed
+        s.call(s.engine.writer.flush())
+    out = tmp_path / "ccb.json"
+    assert main(["export-log", "--db", db_url, "--placement", "app_home_banner", "--format", "ccb-dsjson", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 20
+    ws = Workspace("--ccb_explore_adf --dsjson --quiet -q UA")
+    outcomes = 0
+    for line in lines:
+        obj = json.loads(line)
+        arms = [next(k for k in a["A"] if k.startswith("arm=")).removeprefix("arm=") for a in obj["c"]["_multi"]]
+        assert [arms[o["_a"][0]] for o in obj["_outcomes"]] == chosen[obj["EventId"]]  # each slot's chosen arm
+        assert [o["_label_cost"] for o in obj["_outcomes"]].count(-1.0) == 1  # the rewarded slot
+        ex = ws.parse(line)
+        outcomes += sum(1 for e in ex if e.get_label().type == 2 and e.get_label().outcome is not None)
+        ws.learn(ex)
+        ws.finish_example(ex)
+    assert outcomes == 40  # VW read every slot's propensity and reward
