@@ -10,6 +10,8 @@ other arms were not eligible are returned for the log.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -207,7 +209,10 @@ def decide(
                     acc.pacer.observe_value(max(raw[j] + a.business_value, 0.0) / c.expected_cost)
             prices[j] = Ledger.price(c.accounts, now) * c.expected_cost
         if spec.fatigue is not None:
-            values[j] -= contact.penalty(spec.fatigue, history, a.id, a.campaign, now)
+            pen = contact.penalty(spec.fatigue, history, a.id, a.campaign, now)
+            if spec.fatigue.kind == "scale":  # lowers the value whatever its sign
+                pen = abs(values[j]) * -math.expm1(-pen)
+            values[j] -= pen
     values -= prices
     paced = bool(np.any(prices > 0))
     if paced:

@@ -194,8 +194,11 @@ class ContactRule(_Spec):
 class FatigueSpec(_Spec):
     """Soft penalty on the score of offers a customer saw recently without responding:
     each ignored impression weighs exp(-ln 2 * age / half_life) (or 1 - age / (2 * half_life)
-    for ``shape: linear``) times the strength of its level."""
+    for ``shape: linear``) times the strength of its level; the sum P is subtracted from the
+    expected reward (``kind: subtract``, in reward units), or scales it by exp(-P) (``kind: scale``:
+    each ignored impression cuts the value by a share, as response fatigue usually does)."""
 
+    kind: Literal["subtract", "scale"] = "subtract"
     shape: Literal["exponential", "linear"] = "exponential"
     strength: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.1  # per ignored impression of the same arm
     campaign_strength: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0  # of the same campaign

@@ -51,7 +51,11 @@ def _simulate(args: argparse.Namespace) -> int:
     sim = TelecomSim(scenario, seed=args.seed, reward=args.reward)
     specs = sim.placements()
     if args.fatigue_penalty is not None:  # compare the service with and without its fatigue penalty
-        fatigue = FatigueSpec(strength=args.fatigue_penalty, half_life=args.fatigue_half_life) if args.fatigue_penalty > 0 else None
+        fatigue = (
+            FatigueSpec(kind=args.fatigue_kind, strength=args.fatigue_penalty, half_life=args.fatigue_half_life)
+            if args.fatigue_penalty > 0
+            else None
+        )
         specs = [p.model_copy(update={"fatigue": fatigue}) for p in specs]
     board = Scoreboard(max(len(p.arms) for p in specs))
     prefix = args.event_prefix or f"sim{args.seed}-{uuid.uuid4().hex[:8]}"
@@ -304,6 +308,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="set every placement's fatigue penalty strength (reward units; 0 = none), overriding the scenario",
     )
     s.add_argument("--fatigue-half-life", dest="fatigue_half_life", default="3d", help="half-life of that penalty (default 3d)")
+    s.add_argument("--fatigue-kind", dest="fatigue_kind", choices=["subtract", "scale"], default="subtract",
+                   help="subtract the penalty from the expected reward, or scale the reward by exp(-penalty)")
     s.add_argument("--window", type=_positive, default=5000, help="final window of the report (default 5000 events)")
     s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
     s.add_argument("--event-prefix", dest="event_prefix", default="", help="prefix of event ids (default: random per run)")

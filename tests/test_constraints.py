@@ -153,3 +153,19 @@ def test_spend_never_exceeds_the_budget_across_processes(limit: float, ops: list
         held = sum(c for _, c in open_)
         assert true_spend + held <= limit + 1e-9
         assert store.leased <= limit + 1e-9
+
+
+def test_a_scaling_fatigue_penalty_cuts_a_share_of_the_value() -> None:
+    spec = PlacementSpec(
+        id="p",
+        arms=[ArmSpec(id="a0"), ArmSpec(id="a1")],
+        exploration={"algorithm": "epsilon", "epsilon": 0.0},
+        fatigue=FatigueSpec(kind="scale", strength=math.log(2), half_life=1e9),
+    )
+    model = FixedModel({"a0": 1.0, "a1": 0.6})
+    cands = [Candidate(ArmView.of(a, 1)) for a in spec.arms]
+    fresh = decide(model, spec, cands, "shared |U x=1", lambda: 0.5, 0.0, [])
+    assert cands[fresh.eligible[fresh.arm_index]].arm.id == "a0"
+    # one ignored impression of a0 halves its value: 0.5 < 0.6, so a1 is now the greedy arm
+    tired = decide(model, spec, cands, "shared |U x=1", lambda: 0.5, 0.0, [Impression(0.0, "a0", None, "p", "e", False)])
+    assert cands[tired.eligible[tired.arm_index]].arm.id == "a1"

@@ -264,3 +264,17 @@ def test_a_paused_or_ended_placement_answers_no_arm(server: ServerThread) -> Non
         c.apply([envs.placement()])  # resumed
         assert c.choose("app_home_banner").arm_id in envs.ARMS
         assert c.stats("app_home_banner").no_offer == 3
+
+
+def test_constraint_settings_survive_the_api(server: ServerThread) -> None:
+    spec = envs.placement(
+        fatigue={"kind": "scale", "strength": 0.2, "half_life": "5d"},
+        contact_policies=[{"max_impressions": 3, "per": "customer", "window": "1d"}, {"suppress_after_ignored": 2, "for": "14d"}],
+        cooldown="1h",
+    )
+    with server.client() as c:
+        c.apply([spec])
+        from server.rpc import convert
+
+        assert convert.placement_spec(c.placement("app_home_banner")).model_dump(exclude={"arms"}) == spec.model_dump(exclude={"arms"})
+        assert c.apply([spec]) == []

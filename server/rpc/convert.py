@@ -159,6 +159,7 @@ def _rule_dict(r: admin_pb2.ContactPolicy) -> dict[str, Any]:
 
 def _fatigue_dict(f: admin_pb2.Fatigue) -> dict[str, Any]:
     out: dict[str, Any] = {
+        "kind": "scale" if f.kind == admin_pb2.FATIGUE_KIND_SCALE else "subtract",
         "shape": _SHAPES.get(f.shape, "exponential"),
         "campaign_strength": f.campaign_strength,
         "customer_strength": f.customer_strength,
@@ -323,6 +324,7 @@ def _fatigue_pb(f: FatigueSpec | None) -> admin_pb2.Fatigue | None:
     if f is None:
         return None
     return admin_pb2.Fatigue(
+        kind=admin_pb2.FATIGUE_KIND_SCALE if f.kind == "scale" else admin_pb2.FATIGUE_KIND_SUBTRACT,
         shape=admin_pb2.FATIGUE_SHAPE_LINEAR if f.shape == "linear" else admin_pb2.FATIGUE_SHAPE_EXPONENTIAL,
         strength=f.strength,
         campaign_strength=f.campaign_strength,

@@ -73,6 +73,30 @@ FATIGUE_SHAPE_LINEAR: FatigueShape.ValueType  # 2
 """Falls linearly to zero at two half-lives."""
 Global___FatigueShape: _TypeAlias = FatigueShape  # noqa: Y015
 
+class _FatigueKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FatigueKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FatigueKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FATIGUE_KIND_UNSPECIFIED: _FatigueKind.ValueType  # 0
+    """SUBTRACT (the default)."""
+    FATIGUE_KIND_SUBTRACT: _FatigueKind.ValueType  # 1
+    """The expected reward minus P (P in reward units)."""
+    FATIGUE_KIND_SCALE: _FatigueKind.ValueType  # 2
+    """The expected reward scaled by exp(-P): each ignored impression cuts a share of it."""
+
+class FatigueKind(_FatigueKind, metaclass=_FatigueKindEnumTypeWrapper):
+    """FatigueKind is how a fatigue penalty P applies to an arm's expected reward."""
+
+FATIGUE_KIND_UNSPECIFIED: FatigueKind.ValueType  # 0
+"""SUBTRACT (the default)."""
+FATIGUE_KIND_SUBTRACT: FatigueKind.ValueType  # 1
+"""The expected reward minus P (P in reward units)."""
+FATIGUE_KIND_SCALE: FatigueKind.ValueType  # 2
+"""The expected reward scaled by exp(-P): each ignored impression cuts a share of it."""
+Global___FatigueKind: _TypeAlias = FatigueKind  # noqa: Y015
+
 class _ExplorationAlgorithm:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -360,6 +384,7 @@ class Fatigue(_message.Message):
     CAMPAIGN_STRENGTH_FIELD_NUMBER: _builtins.int
     CUSTOMER_STRENGTH_FIELD_NUMBER: _builtins.int
     HALF_LIFE_SECONDS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     shape: Global___FatigueShape.ValueType
     """Decay shape."""
     strength: _builtins.float
@@ -370,6 +395,8 @@ class Fatigue(_message.Message):
     """Penalty per ignored impression of any offer."""
     half_life_seconds: _builtins.float
     """Half-life of an impression's weight, in seconds (default 3 days)."""
+    kind: Global___FatigueKind.ValueType
+    """How the penalty applies to the expected reward."""
     def __init__(
         self,
         *,
@@ -378,10 +405,11 @@ class Fatigue(_message.Message):
         campaign_strength: _builtins.float = ...,
         customer_strength: _builtins.float = ...,
         half_life_seconds: _builtins.float | None = ...,
+        kind: Global___FatigueKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds", "_strength", b"_strength", "half_life_seconds", b"half_life_seconds", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds", "_strength", b"_strength", "campaign_strength", b"campaign_strength", "customer_strength", b"customer_strength", "half_life_seconds", b"half_life_seconds", "shape", b"shape", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds", "_strength", b"_strength", "campaign_strength", b"campaign_strength", "customer_strength", b"customer_strength", "half_life_seconds", b"half_life_seconds", "kind", b"kind", "shape", b"shape", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__half_life_seconds: _TypeAlias = _typing.Literal["half_life_seconds"]  # noqa: Y015
     _WhichOneofArgType__half_life_seconds: _TypeAlias = _typing.Literal["_half_life_seconds", b"_half_life_seconds"]  # noqa: Y015
