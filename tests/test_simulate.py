@@ -168,3 +168,15 @@ def test_cli_reports_a_bad_scenario_before_calling_any_server(tmp_path: Path, ca
     assert main(["simulate", "--target", "127.0.0.1:1", "--scenario", str(bad)]) == 2
     assert "channels.app.offers: unknown offer 'zzz'" in capsys.readouterr().err
     assert main(["simulate", "--target", "127.0.0.1:1", "--scenario", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_the_fatigue_scenario_loads_and_tires_faster() -> None:
+    from pathlib import Path
+
+    from bandit.sim.scenario import load_scenario
+
+    root = Path(__file__).resolve().parent.parent
+    tired = load_scenario(str(root / "scripts" / "scenarios" / "fatigue.yaml"))
+    default = load_scenario(None)
+    assert tired.customers.count < default.customers.count
+    assert tired.response.fatigue.same_offer < default.response.fatigue.same_offer
