@@ -17,26 +17,32 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from bandit.budget import Account
-from bandit.contact import ContactHistory, Impression
 import numpy as np
 
-from bandit.budget import Ledger
+from bandit.budget import Account, Ledger
+from bandit.contact import ContactHistory, Impression
 from bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
 from bandit.errors import AlreadyExists, InvalidInput, NotFound
-from bandit.features import Feature, arm_line, check_features, features_from_mapping, shared_line
+from bandit.features import (
+    Feature,
+    arm_line,
+    check_features,
+    features_from_mapping,
+    shared_line,
+)
 from bandit.log import LoggedDecision, Outcome
 from bandit.model import CbModel
 from bandit.spec import CampaignSpec, PlacementSpec
 from server.budgets import BudgetKeeper
 from server.configure import Configurator
 from server.learner import Learner, PlacementState, Slot
-from server.replication import Replication
 from server.metrics import Metrics
 from server.placements import Change
+from server.replication import Replication
 from server.settings import Settings
 from server.stats import BudgetView, ModelView, Stats
 from server.storage.base import ArmTally, PlacementRecord, Store
+from server.tasks import cancel_and_wait
 from server.windows import OpenDecision, RewardWindows
 from server.writer import BatchWriter
 
@@ -160,8 +166,7 @@ class Engine:
         """Flush the log, learn what is learnable, snapshot every model, return unused budget."""
         self.ready = False
         await self.replication.stop()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        await cancel_and_wait(self._sweeper)
         if self.writer is not None:
             await self.writer.stop()
         if self.learner is not None:

@@ -29,6 +29,7 @@ from bandit.features import shared_line
 from bandit.log import LoggedDecision
 from bandit.model import CbModel
 from server.storage.base import PlacementRecord, Snapshot, Store
+from server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ class Learner:
         self._task = asyncio.create_task(self._run(), name="nextbest-learner")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     def poke(self, placement: str) -> None:
         """New rows may be learnable for this placement."""

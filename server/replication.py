@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from bandit.log import Outcome
 from bandit.model import CbModel
 from server.storage.base import Close
+from server.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -53,12 +54,7 @@ class Replication:
         self._task = asyncio.create_task(self._run(), name="nextbest-replication")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         e = self.e

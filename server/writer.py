@@ -18,6 +18,7 @@ from typing import Any
 from bandit.errors import Unavailable
 from bandit.log import LoggedDecision
 from server.storage.base import Activation, Close, RewardEvent, Store
+from server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,7 @@ class BatchWriter:
             await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
             log.error("stopping with %d unwritten decisions and rewards: the database did not answer", self.depth)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     @property
     def depth(self) -> int:
