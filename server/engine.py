@@ -133,6 +133,7 @@ class Engine:
             self.settings.learn_batch,
             self.settings.snapshot_every,
             self.settings.snapshot_interval,
+            self.settings.learn_cache,
         )
         self.learner.active = await self.replication.elect()
         learner = self.learner
@@ -356,6 +357,8 @@ class Engine:
         self.writer.add_decision(decision)
         self.metrics.decision(spec.id, decision.arm_id)
         if chosen is not None:
+            assert self.learner is not None
+            self.learner.remember(event_id, slot, shared)
             self.windows.add(
                 event_id,
                 slot,

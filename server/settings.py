@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus metrics over HTTP; unset: off
     sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
     learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
+    learn_cache: Annotated[int, Field(ge=0, le=10_000_000)] = 20_000  # recent examples' VW text kept for the learner (~1 KB each)
     budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time
     max_features: Annotated[int, Field(ge=1)] = 512
     max_id_length: Annotated[int, Field(ge=8, le=4096)] = 256

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import orjson
+
+from bandit.features import Feature
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import CampaignSpec, PlacementSpec
 
@@ -132,6 +135,29 @@ class RecentImpression:
 
 
 @dataclass(frozen=True, slots=True)
+class LearnRow:
+    """What the learner needs of a closed decision. The features stay JSON text: the learner
+    usually has the example's VW text from the Choose still in memory and never parses them."""
+
+    event_id: str
+    slot: int
+    learn_seq: int
+    arms: tuple[tuple[str, int], ...]
+    chosen: int
+    probability: float
+    reward: float
+    features_json: str
+
+    def features(self) -> tuple[Feature, ...]:
+        return features_of(orjson.loads(self.features_json))
+
+
+def features_of(triples: Sequence[Sequence[Any]]) -> tuple[Feature, ...]:
+    """Features as the decision log keeps them: ``[[namespace, name, value], ...]``."""
+    return tuple(Feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in triples)
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     """Per close in a batch: whether it closed an open window; per activation: whether it
     activated an open decision."""
@@ -181,6 +207,8 @@ class Store(Protocol):
     def open_decisions(self) -> list[LoggedDecision]: ...
 
     def learnable(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LoggedDecision]: ...
+
+    def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]: ...
 
     def max_learn_seq(self) -> int: ...
 

@@ -6,10 +6,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Engine,
     and_,
-    bindparam,
     create_engine,
     delete,
     event,
@@ -30,6 +30,7 @@ from server.storage import tables as t
 from server.storage.base import (
     Activation,
     Close,
+    LearnRow,
     PlacementRecord,
     RecentImpression,
     RewardEvent,
@@ -37,19 +38,11 @@ from server.storage.base import (
     WriteResult,
 )
 from server.storage.coordination import Coordination
-from server.storage.sqlcore import decision_from_row, decision_row
+from server.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
 from server.storage.sqlstats import StatsQueries
 
-# Built once: building an UPDATE per close cost about 120 µs of SQLAlchemy work (measured).
-_CLOSE = (
-    update(t.decisions)
-    .where(
-        t.decisions.c.event_id == bindparam("b_event"),
-        t.decisions.c.slot == bindparam("b_slot"),
-        t.decisions.c.outcome == int(Outcome.OPEN),
-    )
-    .values(outcome=bindparam("b_outcome"), reward=bindparam("b_reward"), rewarded_at=bindparam("b_at"))
-)
+_CLOSE_CHUNK = 400  # rows per UPDATE: 2,000 parameters, far below SQLite's and PostgreSQL's limits
+
 
 def open_store(url: str) -> SqlStore:
     """A store for a SQLAlchemy URL; a plain path means a SQLite file."""
@@ -82,6 +75,12 @@ class SqlStore(Coordination, StatsQueries):
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        mark = "%s" if self._postgres else "?"
+        self._insert_decisions = insert_decisions_sql(self._postgres)
+        self._insert_events = (
+            f"INSERT INTO reward_events (event_id, slot, reward, received_at, kind) VALUES ({', '.join([mark] * 5)})"
+        )
+        self._set_learn_seq = f"UPDATE decisions SET learn_seq = {mark} WHERE event_id = {mark} AND slot = {mark} AND learn_seq IS NULL"
         try:
             migrate.upgrade(self.engine)  # creates or migrates the schema (server/migrations)
         except SQLAlchemyError as e:
@@ -219,9 +218,7 @@ class SqlStore(Coordination, StatsQueries):
         learnable: list[tuple[str, int]] = []
         with self._begin() as c:
             if decisions:
-                # A reused event id must not fail the whole batch: the first decision keeps it.
-                stmt = (pg_insert if self._postgres else sqlite_insert)(t.decisions).on_conflict_do_nothing()
-                c.execute(stmt, [decision_row(d) for d in decisions])
+                c.exec_driver_sql(self._insert_decisions, [decision_params(d) for d in decisions])
             for act in activations:
                 res = c.execute(
                     update(t.decisions)
@@ -237,26 +234,14 @@ class SqlStore(Coordination, StatsQueries):
                 if res.rowcount > 0:
                     add(act.budgets, act.cost, -act.cost)
             if events:
-                c.execute(
-                    insert(t.reward_events),
-                    [
-                        {"event_id": e.event_id, "slot": e.slot, "reward": e.reward, "received_at": e.at, "kind": e.kind}
-                        for e in events
-                    ],
+                c.exec_driver_sql(
+                    self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind) for e in events]
                 )
+            done = self._close_all(c, closes)
             for close in closes:
-                res = c.execute(
-                    _CLOSE,
-                    {
-                        "b_event": close.event_id,
-                        "b_slot": close.slot,
-                        "b_outcome": int(close.outcome),
-                        "b_reward": close.reward if close.learnable else None,
-                        "b_at": close.at,
-                    },
-                )
-                closed.append(res.rowcount == 1)
-                if res.rowcount != 1:
+                ok = done.pop((close.event_id, close.slot), False)  # a second close of one window fails
+                closed.append(ok)
+                if not ok:
                     continue
                 if close.learnable:
                     add(close.budgets, close.reward_cost if close.incurred else 0.0, -close.reward_cost)
@@ -274,6 +259,38 @@ class SqlStore(Coordination, StatsQueries):
                     .values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
         return WriteResult(closed, activated)
+
+    def _close_all(self, c: Connection, closes: Sequence[Close]) -> dict[tuple[str, int], bool]:
+        """Close windows still open, one UPDATE ... FROM (VALUES ...) RETURNING per chunk
+        instead of a statement per close; returns the (event, slot) pairs it closed."""
+        done: dict[tuple[str, int], bool] = {}
+        first: dict[tuple[str, int], Close] = {}
+        for cl in closes:  # a window closes once: the first close of it in the batch is the one
+            first.setdefault((cl.event_id, cl.slot), cl)
+        unique = list(first.values())
+        for start in range(0, len(unique), _CLOSE_CHUNK):
+            chunk = unique[start:start + _CLOSE_CHUNK]
+            params: list[Any] = []
+            for cl in chunk:
+                params += (cl.event_id, cl.slot, int(cl.outcome), cl.reward if cl.learnable else None, cl.at)
+            for event_id, slot in c.exec_driver_sql(self._close_sql(len(chunk)), tuple(params)).all():
+                done[(event_id, int(slot))] = True
+        return done
+
+    def _close_sql(self, n: int) -> str:
+        if self._postgres:
+            row = "(%s::varchar, %s::int, %s::smallint, %s::float8, %s::float8)"
+            return (
+                "UPDATE decisions AS d SET outcome = v.o, reward = v.r, rewarded_at = v.a "
+                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, o, r, a) "
+                f"WHERE d.event_id = v.e AND d.slot = v.s AND d.outcome = {int(Outcome.OPEN)} RETURNING d.event_id, d.slot"
+            )
+        return (
+            "UPDATE decisions SET outcome = v.column3, reward = v.column4, rewarded_at = v.column5 "
+            f"FROM (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * n)}) AS v "
+            "WHERE decisions.event_id = v.column1 AND decisions.slot = v.column2 "
+            f"AND decisions.outcome = {int(Outcome.OPEN)} RETURNING decisions.event_id, decisions.slot"
+        )
 
     def open_reward_events(self) -> list[RewardEvent]:
         """Rewards waiting to be aggregated when their window closes (to rebuild after a restart)."""
@@ -315,7 +332,7 @@ class SqlStore(Coordination, StatsQueries):
 
     def _assign(self, c: Connection, keys: Sequence[tuple[str, int]]) -> None:
         """Hand out the next learn positions, in order, within the caller's transaction."""
-        d, k = t.decisions.c, t.counters.c
+        k = t.counters.c
         c.execute(
             (pg_insert if self._postgres else sqlite_insert)(t.counters)
             .values(name="learn_seq", value=0)
@@ -323,12 +340,7 @@ class SqlStore(Coordination, StatsQueries):
         )
         c.execute(update(t.counters).where(k.name == "learn_seq").values(value=k.value + len(keys)))
         first = int(c.execute(select(k.value).where(k.name == "learn_seq")).scalar_one()) - len(keys) + 1
-        c.execute(
-            update(t.decisions)
-            .where(d.event_id == bindparam("e"), d.slot == bindparam("s"), d.learn_seq.is_(None))
-            .values(learn_seq=bindparam("q")),
-            [{"e": e, "s": s, "q": first + i} for i, (e, s) in enumerate(keys)],
-        )
+        c.exec_driver_sql(self._set_learn_seq, [(first + i, e, s) for i, (e, s) in enumerate(keys)])
 
     def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:
         d = t.decisions.c
@@ -350,6 +362,27 @@ class SqlStore(Coordination, StatsQueries):
         with self._connect() as c:
             rows = c.execute(select(t.decisions).where(*cond).order_by(d.learn_seq).limit(limit)).all()
         return [decision_from_row(r) for r in rows]
+
+    def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
+        """``learnable`` for the learner: the columns it needs, through the driver, JSON unparsed."""
+        mark = "%s" if self._postgres else "?"
+        features = "features::text" if self._postgres else "features"
+        arms = "arms::text" if self._postgres else "arms"
+        sql = (
+            f"SELECT event_id, slot, learn_seq, {arms}, chosen, probability, reward, {features} FROM decisions "
+            f"WHERE placement_id = {mark} AND learn_seq > {mark}"
+        )
+        params: tuple[Any, ...] = (placement, after_seq)
+        if variant is not None:
+            sql += f" AND variant = {mark}"
+            params += (variant,)
+        sql += f" ORDER BY learn_seq LIMIT {int(limit)}"
+        with self._connect() as c:
+            rows = c.exec_driver_sql(sql, params).all()
+        return [
+            LearnRow(e, int(s), int(q), tuple((a, int(v)) for a, v in orjson.loads(arms_json)), int(ch), float(p), float(r), f)
+            for e, s, q, arms_json, ch, p, r, f in rows
+        ]
 
     # -- models ---------------------------------------------------------------------------
 
