@@ -105,6 +105,8 @@ def eligibility(
     now: float,
 ) -> tuple[list[int], dict[str, str]]:
     """Indices of the eligible candidates, and the reason for each one that is not."""
+    if spec.unconstrained and not any(c.accounts for c in candidates):
+        return list(range(len(candidates))), {}
     ok: list[int] = []
     why: dict[str, str] = {}
     for i, c in enumerate(candidates):
@@ -198,9 +200,10 @@ def decide(
     values = model.expected_rewards(shared, [c.arm.line for c in eligible])
     if not np.all(np.isfinite(values)):  # a model poisoned by extreme inputs: score as untrained, do not fail
         values = np.where(np.isfinite(values), values, 0.0)
-    raw = values.copy()
     prices = np.zeros(len(eligible))
-    for j, c in enumerate(eligible):
+    budgeted = any(c.accounts for c in eligible)
+    raw = values.copy() if budgeted else values
+    for j, c in enumerate(eligible if budgeted or not spec.unconstrained else ()):
         a = c.spec
         values[j] += a.business_value
         if c.accounts:
@@ -213,13 +216,12 @@ def decide(
             if spec.fatigue.kind == "scale":  # lowers the value whatever its sign
                 pen = abs(values[j]) * -math.expm1(-pen)
             values[j] -= pen
-    values -= prices
-    paced = bool(np.any(prices > 0))
+    paced = budgeted and bool(np.any(prices > 0))
     if paced:
-        values = np.append(values, 0.0)  # "no offer": what a priced-out budget buys instead
+        values = np.append(values - prices, 0.0)  # "no offer": what a priced-out budget buys instead
     pmf = explore(values, spec.exploration, model.learned, reward_scale)
     i = exploration.draw(pmf, uniform())
-    pmf_t = tuple(float(p) for p in pmf)
+    pmf_t = tuple(pmf.tolist())
     if paced and i == len(eligible):
         return Choice(None, pmf_t[i], pmf_t, tuple(ok), why, reason=NO_OFFER)
     return Choice(i, pmf_t[i], pmf_t, tuple(ok), why)

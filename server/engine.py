@@ -59,6 +59,9 @@ def uniform_for(salt: bytes, event_id: str) -> float:
     return int.from_bytes(h, "big") / 2.0**64
 
 
+_MAX_KNOWN_NAMES = 100_000
+
+
 class Engine:
     """Choose, Reward, configuration and statistics over a Store."""
 
@@ -73,6 +76,7 @@ class Engine:
         self.acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
         self.budgets = BudgetKeeper(store, self._writer_pool, settings.budget_lease_fraction)
         self.history = ContactHistory(0.0)
+        self._valid_names: set[tuple[str, str]] = set()  # feature names that passed validation
         self.writer: BatchWriter | None = None
         self.learner: Learner | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -204,6 +208,25 @@ class Engine:
 
     def _validate_choose(self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature]) -> None:
         s = self.settings
+        if placement and len(customer_id) <= s.max_id_length and len(event_id) <= s.max_id_length and len(features) <= s.max_features:
+            # The common case in one cheap pass (a fifth of a 20-arm Choose otherwise, measured);
+            # anything unusual takes the careful path below, which names the field at fault.
+            known, max_abs, max_text = self._valid_names, s.max_abs_number, s.max_text_length
+            for f in features:
+                v = f.value
+                if (f.namespace, f.name) not in known:
+                    break
+                if type(v) is float:
+                    if not abs(v) <= max_abs:  # NaN fails too
+                        break
+                elif type(v) is not str or len(v) > max_text:
+                    break
+            else:
+                return
+        self._check_choose(placement, customer_id, event_id, features)
+
+    def _check_choose(self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature]) -> None:
+        s = self.settings
         if not placement:
             raise InvalidInput("placement", "must not be empty")
         if len(customer_id) > s.max_id_length:
@@ -222,6 +245,8 @@ class Engine:
                 raise InvalidInput(f"features[{i}].number", f"magnitude above {s.max_abs_number:g}; scale the feature")
             if isinstance(f.value, str) and len(f.value) > s.max_text_length:
                 raise InvalidInput(f"features[{i}].text", f"longer than {s.max_text_length} characters")
+        if len(self._valid_names) < _MAX_KNOWN_NAMES:  # a hostile stream of new names is not remembered
+            self._valid_names.update((f.namespace, f.name) for f in features)
 
     async def choose(
         self,
@@ -248,8 +273,13 @@ class Engine:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
         now = self.clock()
         closed = spec.closed(now)
-        candidates = [] if closed else [Candidate(a, self._accounts(placement, a, now), self._accepts(placement, a.id)) for a in ps.arms]
-        if any(c.accounts for c in candidates):
+        if closed:
+            candidates: list[Candidate] = []
+        elif ps.budgeted:
+            candidates = [Candidate(a, self._accounts(placement, a, now), self._accepts(placement, a.id)) for a in ps.arms]
+        else:
+            candidates = ps.candidates  # shared between requests: nothing changes a Candidate
+        if ps.budgeted and any(c.accounts for c in candidates):
             await self.budgets.ensure(candidates, now)  # the only await: a lease, rarely
             if self.states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
@@ -268,7 +298,8 @@ class Engine:
             if spec.slots > 1:
                 feats += (Feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
             d = self._decide_slot(
-                ps, variant, [c for c in candidates if c.arm.id not in taken], feats, customer_id, event_id, k, now,
+                ps, variant, [c for c in candidates if c.arm.id not in taken] if taken else candidates, feats, customer_id,
+                event_id, k, now,
                 history, baseline_arm, defer, closed,
             )
             if d.arm_id is None and k > 0:
@@ -337,7 +368,9 @@ class Engine:
             customer_id=customer_id,
             timestamp=now,
             features=features,
-            arms=tuple((candidates[i].arm.id, candidates[i].arm.version) for i in choice.eligible),
+            arms=ps.arm_keys
+            if candidates is ps.candidates and len(choice.eligible) == len(candidates)
+            else tuple((candidates[i].arm.id, candidates[i].arm.version) for i in choice.eligible),
             pmf=choice.pmf,
             chosen=choice.arm_index,
             probability=choice.probability,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bandit.decider import ArmView
+from bandit.decider import ArmView, Candidate
 from bandit.features import shared_line
 from bandit.model import CbModel
 from server.storage.base import LearnRow, PlacementRecord, Snapshot, Store
@@ -74,6 +74,14 @@ class PlacementState:
     arms: list[ArmView]  # the active arms, with their VW text
     arm_lines: dict[tuple[str, int], str]  # every version of every arm, for learning old decisions
     salt: bytes
+    budgeted: bool = field(init=False)  # some active arm spends from a budget or campaign
+    candidates: list[Candidate] = field(init=False)  # the active arms, when none is budgeted
+    arm_keys: tuple[tuple[str, int], ...] = field(init=False)  # (id, version) of the active arms
+
+    def __post_init__(self) -> None:
+        self.budgeted = any(a.spec is not None and (a.spec.budget is not None or a.spec.campaign is not None) for a in self.arms)
+        self.candidates = [Candidate(a) for a in self.arms]
+        self.arm_keys = tuple((a.id, a.version) for a in self.arms)
 
     @property
     def id(self) -> str:
