@@ -216,27 +216,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, behavior: Callable[[Any, Ctx], Awaitable[Any]], principal: Principal, method: str
     ) -> Callable[[Any, Ctx], Awaitable[Any]]:
         async def guarded(request: Any, context: Ctx) -> Any:
-            event_id = getattr(request, "event_id", "")
             if method.endswith("/Choose"):
-                placement: str | None = getattr(request, "placement", "")
-            elif method.endswith("/Reward") and self._event_placement is not None and event_id:
-                try:
-                    placement = await self._event_placement(event_id)
-                except NextbestError as e:
-                    await context.abort(status_for(e), str(e))
+                placements: list[str | None] = [getattr(request, "placement", "")]
+            elif method.endswith(("/Reward", "/Activate")):
+                placements = [await self._placement_of(getattr(request, "event_id", ""), context)]
+            elif method.endswith("/RewardBatch"):
+                placements = [await self._placement_of(r.event_id, context) for r in request.rewards]
             else:
-                placement = None  # nothing to check against (an unknown event: NOT_FOUND follows)
-            if placement and not principal.may_use(placement):
-                log.info(
-                    "denied %s on placement %s to token %s", method, placement, principal.name,
-                    extra={"event": "auth_denied", "method": method, "principal": principal.name, "placement": placement},
-                )
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not use placement {placement!r}"
-                )
+                placements = []
+            for placement in placements:
+                if placement and not principal.may_use(placement):
+                    log.info(
+                        "denied %s on placement %s to token %s", method, placement, principal.name,
+                        extra={"event": "auth_denied", "method": method, "principal": principal.name, "placement": placement},
+                    )
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not use placement {placement!r}"
+                    )
             return await behavior(request, context)
 
         return guarded
+
+
+    async def _placement_of(self, event_id: str, context: Ctx) -> str | None:
+        """The placement of a rewarded or activated event; None when there is nothing to check
+        against (an unknown event: NOT_FOUND follows from the call itself)."""
+        if self._event_placement is None or not event_id:
+            return None
+        try:
+            return await self._event_placement(event_id)
+        except NextbestError as e:
+            await context.abort(status_for(e), str(e))
+            raise  # abort raises; this keeps the type checker informed
 
 
 class _CallDetails(

@@ -27,7 +27,9 @@ import grpc
 
 CHOOSE = "/nextbest.v1.DecisionService/Choose"
 REWARD = "/nextbest.v1.DecisionService/Reward"
+REWARD_BATCH = "/nextbest.v1.DecisionService/RewardBatch"
 LEARNED = b"\x08\x01"  # RewardResponse(status=REWARD_STATUS_LEARNED)
+LEARNED_ITEM = b"\x0a\x02\x08\x01"  # one RewardResult(status=LEARNED) inside a RewardBatchResponse
 CHANNEL_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
 
 
@@ -73,6 +75,15 @@ def string_field(number: int, text: str) -> bytes:
 def reward_request(event_id: str, reward: float) -> bytes:
     """RewardRequest(event_id, reward) by hand, so the worker needs no generated code."""
     return string_field(1, event_id) + b"\x11" + struct.pack("<d", reward)
+
+
+def reward_batch_request(items: Sequence[tuple[str, float]]) -> bytes:
+    """RewardBatchRequest: each RewardRequest as a length-delimited field 1."""
+    out = b""
+    for event_id, reward in items:
+        item = reward_request(event_id, reward)
+        out += varint(1 << 3 | 2) + varint(len(item)) + item
+    return out
 
 
 # -- the echo server ---------------------------------------------------------------------------
@@ -148,8 +159,9 @@ class _Requests:
 class Tally:
     """Outcomes of one run; only LEARNED rewards count as acknowledged."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, batch: int = 1) -> None:
         self.reward = method == REWARD
+        self.batch = batch if method == REWARD_BATCH else 0  # rewards per call; each LEARNED one counts
         self.ok = self.errors = self.not_acked = self.dropped = 0
         self.codes: dict[str, int] = {}
         self.latencies: list[float] = []
@@ -160,7 +172,11 @@ class Tally:
             name = code.name if code is not None else "UNKNOWN"
             self.codes[name] = self.codes.get(name, 0) + 1
             return
-        if self.reward and response != LEARNED:
+        if self.batch:
+            acked = response.count(LEARNED_ITEM)
+            self.ok += acked
+            self.not_acked += self.batch - acked
+        elif self.reward and response != LEARNED:
             self.not_acked += 1
         else:
             self.ok += 1
@@ -235,8 +251,8 @@ async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         stub = ch.unary_unary(spec["method"])
         nxt = 0
         if spec.get("warmup", 0) > 0:
-            nxt = await closed_loop(stub, reqs, 0, spec, float(spec["warmup"]), Tally(spec["method"]))
-        tally = Tally(spec["method"])
+            nxt = await closed_loop(stub, reqs, 0, spec, float(spec["warmup"]), Tally(spec["method"], int(spec.get("batch", 1))))
+        tally = Tally(spec["method"], int(spec.get("batch", 1)))
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         nxt = await driver(stub, reqs, nxt, spec, float(spec["seconds"]), tally)
         elapsed, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)

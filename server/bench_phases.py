@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.bench_load import CHOOSE, REWARD, reward_request, write_payloads
+from server.bench_load import CHOOSE, REWARD, REWARD_BATCH, reward_batch_request, reward_request, write_payloads
 from server.bench_procs import ROOT, ServerProc, Workers, choose_pool, placement, start_nextbest
 from server.client import NextbestClient
 
@@ -41,7 +41,7 @@ class Limits:
     server_per_round: int
 
 
-FULL = Limits(5.0, 1.0, 32, 256, 60_000, 10.0, 1000, 3 << 30, 2.0, 9, 300)
+FULL = Limits(5.0, 1.0, 32, 256, 60_000, 20.0, 1000, 3 << 30, 2.0, 9, 300)
 SMOKE = Limits(0.3, 0.1, 8, 32, 400, 2.0, 10, 1 << 30, 0.1, 2, 20)
 
 
@@ -106,15 +106,23 @@ class LoadRunner:
             events.add(r)
         return r
 
-    def rewards(self, ids: Sequence[str], seconds: float) -> dict[str, Any]:
-        """Closed loop of Reward calls, each on a distinct open decision; counts LEARNED acks."""
+    def rewards(self, ids: Sequence[str], seconds: float, batch: int = 1) -> dict[str, Any]:
+        """Closed loop of Reward calls (or RewardBatch calls of ``batch`` rewards), each reward
+        on a distinct open decision; counts LEARNED acks."""
         path = str(self.tmp / f"rewards-{self._runs}.bin")
-        write_payloads(path, [reward_request(e, 1.0) for e in ids])
-        r = self.run({"method": REWARD, "payloads": path, "mode": "closed", "exhaust": True, "warmup": 0.0,
-                      "seconds": seconds, "concurrency": self.limits.reward_concurrency, "max_requests": len(ids)},
+        if batch > 1:
+            calls = [reward_batch_request([(e, 1.0) for e in ids[i:i + batch]]) for i in range(0, len(ids) - batch + 1, batch)]
+            method, concurrency = REWARD_BATCH, max(2, self.limits.reward_concurrency // batch)
+        else:
+            calls, method, concurrency = [reward_request(e, 1.0) for e in ids], REWARD, self.limits.reward_concurrency
+        write_payloads(path, calls)
+        r = self.run({"method": method, "payloads": path, "mode": "closed", "exhaust": True, "warmup": 0.0, "batch": batch,
+                      "seconds": seconds, "concurrency": concurrency, "max_requests": len(calls)},
                      workers=1)
+        r["batch"] = batch
         r["ids_available"] = len(ids)
-        r["ran_out_of_ids"] = r["sent"] >= len(ids)
+        r["ran_out_of_ids"] = r["sent"] >= len(calls)
+        r["ids_used"] = min(r["sent"] * batch, len(ids))
         return r
 
     def echo_reward(self) -> dict[str, Any]:

@@ -123,17 +123,19 @@ class Report:
                       f"({r['errors']} errors, {r['dropped']} not sent)")
 
     def reward(self, backend: str, r: dict[str, Any]) -> None:
-        self._phase("reward")[backend] = r
+        batch = int(r.get("batch", 1))
+        key = f"reward.{backend}" if batch == 1 else f"reward_batch.{backend}"
+        what = f"Reward durable acks ({backend})" if batch == 1 else f"RewardBatch of {batch}, durable acks ({backend})"
+        self._phase("reward")[backend if batch == 1 else f"{backend}.batch{batch}"] = r
         goal = 5000.0 if backend == "sqlite" else 3000.0
         ceil = {"echo": self._echo["reward"]["rate"]} if "reward" in self._echo else {}
-        self.add(f"reward.{backend}", f"Reward durable acks ({backend})", r["rate"], "acks/s", ceil, f">= {goal:,.0f}/s",
-                 r["rate"] >= goal)
-        self.add(f"reward.{backend}.server_cpu", f"server CPU per Reward ({backend})", r["server_cpu_us"], "us",
-                 {"echo": self._echo["reward"]["server_cpu_us"]} if "reward" in self._echo else {})
+        self.add(key, what, r["rate"], "acks/s", ceil, f">= {goal:,.0f}/s", r["rate"] >= goal)
+        self.add(f"{key}.server_cpu", f"server CPU per reward ({what.split(',')[0].split(' durable')[0]}, {backend})",
+                 r["server_cpu_us"], "us", {"echo": self._echo["reward"]["server_cpu_us"]} if "reward" in self._echo else {})
         if r.get("ran_out_of_ids"):
-            self.note(f"Reward ({backend}) used all {r['ids_available']} prepared events before its time was up")
+            self.note(f"{what} used all {r['ids_available']} prepared events before its time was up")
         if r["errors"] or r["not_acked"]:
-            self.note(f"Reward ({backend}): {r['errors']} errors {r['error_codes']}, {r['not_acked']} not LEARNED")
+            self.note(f"{what}: {r['errors']} errors {r['error_codes']}, {r['not_acked']} not LEARNED")
 
     def memory(self, variant: str, r: dict[str, Any]) -> None:
         self._phase("memory")[variant] = r

@@ -18,6 +18,8 @@ import grpc
 from bandit.spec import CampaignSpec, PlacementSpec
 from server.auth import BearerToken
 from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 from server.placements import Change
 from server.rpc import convert
 
@@ -141,6 +143,19 @@ class NextbestClient:
             decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot), timeout=self.timeout
         )
         return _REWARD_STATUS.get(r.status, "unspecified")
+
+    def reward_batch(self, rewards: Sequence[tuple[str, float] | tuple[str, float, int]]) -> list[str]:
+        """Many rewards in one call, as (event_id, reward[, slot]); one result each, in order:
+        a Reward status, or "error <CODE>: <message>" for an item that failed (retry those
+        that say UNAVAILABLE). Every result is durable when this returns."""
+        req = decision_pb2.RewardBatchRequest(
+            rewards=[decision_pb2.RewardRequest(event_id=r[0], reward=r[1], slot=r[2] if len(r) > 2 else 0) for r in rewards]
+        )
+        resp = self._decision.RewardBatch(req, timeout=self.timeout)
+        return [
+            _REWARD_STATUS.get(x.status, "unspecified") if x.code == 0 else f"error {_CODE_NAMES.get(x.code, x.code)}: {x.message}"
+            for x in resp.results
+        ]
 
     def activate(self, event_id: str) -> str:
         """Returns "activated", "already_active" or "expired"."""

@@ -22,7 +22,7 @@ import numpy as np
 from bandit.budget import Account, Ledger
 from bandit.contact import ContactHistory, Impression
 from bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
-from bandit.errors import AlreadyExists, InvalidInput, NotFound
+from bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound
 from bandit.features import (
     Feature,
     arm_line,
@@ -496,6 +496,22 @@ class Engine:
 
     async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
         return await self.windows.reward(event_id, reward, slot)
+
+    async def reward_batch(self, items: Sequence[tuple[str, float, int]]) -> list[str | NextbestError]:
+        """Several rewards at once: all are checked before any is stored (InvalidInput naming
+        ``rewards[i]``), then each is handled as its own Reward; their writes share group
+        commits. Per item: its status, or the domain error it failed with."""
+        if len(items) > self.settings.max_reward_batch:
+            raise InvalidInput("rewards", f"more than {self.settings.max_reward_batch} rewards in one call")
+        for i, (event_id, reward, slot) in enumerate(items):
+            self.windows.check(event_id, reward, slot, f"rewards[{i}].")
+        results = await asyncio.gather(*(self.windows.reward(e, r, s) for e, r, s in items), return_exceptions=True)
+        out: list[str | NextbestError] = []
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, NextbestError):
+                raise r  # a bug or a cancellation: the whole call fails (INTERNAL or CANCELLED)
+            out.append(r)
+        return out
 
     async def activate(self, event_id: str) -> str:
         return await self.windows.activate(event_id)

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     learn_cache: Annotated[int, Field(ge=0, le=10_000_000)] = 20_000  # recent examples' VW text kept for the learner (~1 KB each)
     budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time
     max_features: Annotated[int, Field(ge=1)] = 512
+    max_reward_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000  # rewards in one RewardBatch call
     max_id_length: Annotated[int, Field(ge=8, le=4096)] = 256
     max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     max_name_length: Annotated[int, Field(ge=1, le=4096)] = 128  # feature namespace and name

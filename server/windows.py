@@ -82,17 +82,22 @@ class RewardWindows:
 
     # -- Reward -------------------------------------------------------------------------------
 
+    def check(self, event_id: str, reward: float, slot: int, field: str = "") -> None:
+        """A reward's own validity (InvalidInput naming ``field`` + its part), before any work."""
+        limit = self.e.settings.max_id_length
+        if not event_id:
+            raise InvalidInput(f"{field}event_id", "must not be empty")
+        if len(event_id) > limit:
+            raise InvalidInput(f"{field}event_id", f"longer than {limit} characters")
+        if not math.isfinite(reward):
+            raise InvalidInput(f"{field}reward", f"must be finite, got {reward}")
+        if not 0 <= slot < 10:
+            raise InvalidInput(f"{field}slot", f"must be between 0 and 9, got {slot}")
+
     async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
         """Store the reward durably, then let the learner have it; learned at most once."""
         e = self.e
-        if not event_id:
-            raise InvalidInput("event_id", "must not be empty")
-        if len(event_id) > e.settings.max_id_length:
-            raise InvalidInput("event_id", f"longer than {e.settings.max_id_length} characters")
-        if not math.isfinite(reward):
-            raise InvalidInput("reward", f"must be finite, got {reward}")
-        if not 0 <= slot < 10:
-            raise InvalidInput("slot", f"must be between 0 and 9, got {slot}")
+        self.check(event_id, reward, slot)
         assert e.writer is not None
         now = e.clock()
         key = (event_id, slot)

@@ -105,7 +105,12 @@ def test_a_token_limited_to_placements_is_denied_the_others_and_changes_nothing(
         with pytest.raises(grpc.RpcError) as e:
             ussd.reward("no-such-event", 1.0)
         assert _code(e) == grpc.StatusCode.NOT_FOUND
+        mine2 = ussd.choose("ussd_main_menu")
+        with pytest.raises(grpc.RpcError) as e:  # one foreign event denies the whole batch
+            ussd.reward_batch([(mine2.event_id, 1.0), (theirs.event_id, 5.0)])
+        assert _code(e) == grpc.StatusCode.PERMISSION_DENIED
         assert app.reward("app-1", 2.0) == "learned"  # the denied reward did not close the window
+        assert ussd.reward_batch([(mine2.event_id, 1.0), ("no-such-event", 1.0)])[0] == "learned"
     with client(authed.target, ADMIN_TOKEN) as admin:
         s = admin.stats("app_home_banner")
         assert s.decisions == 1 and sum(a.reward_sum for a in s.arms) == 2.0

@@ -9,7 +9,7 @@ import grpc
 from server.engine import Engine
 from server.pb.nextbest.v1 import decision_pb2, decision_pb2_grpc
 from server.rpc import convert
-from server.rpc.errors import rpc
+from server.rpc.errors import rpc, status_for
 from server.windows import ActivateStatus, RewardStatus
 
 _STATUS = {
@@ -65,6 +65,20 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         status = await self._engine.reward(request.event_id, request.reward, request.slot)
         self._engine.metrics.reward(status)
         return decision_pb2.RewardResponse(status=_STATUS[status])
+
+    @rpc
+    async def RewardBatch(
+        self, request: decision_pb2.RewardBatchRequest, context: Ctx
+    ) -> decision_pb2.RewardBatchResponse:
+        results = await self._engine.reward_batch([(r.event_id, r.reward, r.slot) for r in request.rewards])
+        out = []
+        for r in results:
+            if isinstance(r, str):
+                self._engine.metrics.reward(r)
+                out.append(decision_pb2.RewardResult(status=_STATUS[r]))
+            else:
+                out.append(decision_pb2.RewardResult(code=status_for(r).value[0], message=str(r)))
+        return decision_pb2.RewardBatchResponse(results=out)
 
     @rpc
     async def Activate(self, request: decision_pb2.ActivateRequest, context: Ctx) -> decision_pb2.ActivateResponse:

@@ -333,3 +333,83 @@ class RewardResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardResponse: _TypeAlias = RewardResponse  # noqa: Y015
+
+@_typing.final
+class RewardBatchRequest(_message.Message):
+    """RewardBatchRequest carries several rewards (at most the server's max_reward_batch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardRequest]:
+        """The rewards, each as in a Reward call."""
+
+    def __init__(
+        self,
+        *,
+        rewards: _abc.Iterable[Global___RewardRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardBatchRequest: _TypeAlias = RewardBatchRequest  # noqa: Y015
+
+@_typing.final
+class RewardResult(_message.Message):
+    """RewardResult is what became of one reward of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    status: Global___RewardStatus.ValueType
+    """As Reward's status; UNSPECIFIED when the reward failed (see code)."""
+    code: _builtins.int
+    """0 when the reward was handled, else the gRPC status code a Reward call would have
+    failed with (5 NOT_FOUND for an unknown event, 14 UNAVAILABLE: retry it).
+    """
+    message: _builtins.str
+    """Why it failed; empty when code is 0."""
+    def __init__(
+        self,
+        *,
+        status: Global___RewardStatus.ValueType = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardResult: _TypeAlias = RewardResult  # noqa: Y015
+
+@_typing.final
+class RewardBatchResponse(_message.Message):
+    """RewardBatchResponse answers a batch, one result per reward, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardResult]:
+        """One per request item, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RewardResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardBatchResponse: _TypeAlias = RewardBatchResponse  # noqa: Y015

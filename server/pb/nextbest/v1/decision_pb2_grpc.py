@@ -46,6 +46,11 @@ class DecisionServiceStub:
                 request_serializer=nextbest_dot_v1_dot_decision__pb2.RewardRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_decision__pb2.RewardResponse.FromString,
                 _registered_method=True)
+        self.RewardBatch = channel.unary_unary(
+                '/nextbest.v1.DecisionService/RewardBatch',
+                request_serializer=nextbest_dot_v1_dot_decision__pb2.RewardBatchRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_decision__pb2.RewardBatchResponse.FromString,
+                _registered_method=True)
         self.Activate = channel.unary_unary(
                 '/nextbest.v1.DecisionService/Activate',
                 request_serializer=nextbest_dot_v1_dot_decision__pb2.ActivateRequest.SerializeToString,
@@ -74,6 +79,16 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewardBatch(self, request, context):
+        """RewardBatch reports many outcomes in one call, for pipelines that forward them in
+        batches: each is handled as its own Reward, and each result is durable when this call
+        returns. An invalid item (empty event id, non-finite reward) fails the whole call with
+        INVALID_ARGUMENT naming it, before anything is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Activate(self, request, context):
         """Activate tells that a decision made with defer_activation was shown to the customer:
         only then do its impressions count, its budget get spent and its reward window start.
@@ -94,6 +109,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.Reward,
                     request_deserializer=nextbest_dot_v1_dot_decision__pb2.RewardRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_decision__pb2.RewardResponse.SerializeToString,
+            ),
+            'RewardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewardBatch,
+                    request_deserializer=nextbest_dot_v1_dot_decision__pb2.RewardBatchRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_decision__pb2.RewardBatchResponse.SerializeToString,
             ),
             'Activate': grpc.unary_unary_rpc_method_handler(
                     servicer.Activate,
@@ -157,6 +177,33 @@ class DecisionService:
             '/nextbest.v1.DecisionService/Reward',
             nextbest_dot_v1_dot_decision__pb2.RewardRequest.SerializeToString,
             nextbest_dot_v1_dot_decision__pb2.RewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.DecisionService/RewardBatch',
+            nextbest_dot_v1_dot_decision__pb2.RewardBatchRequest.SerializeToString,
+            nextbest_dot_v1_dot_decision__pb2.RewardBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class DecisionServiceStub:
     """Reward reports the outcome of an earlier decision. The reward is durable when this
     call returns, and it is learned at most once per event (and slot).
     """
+    RewardBatch: _grpc.UnaryUnaryMultiCallable[_decision_pb2.RewardBatchRequest, _decision_pb2.RewardBatchResponse]
+    """RewardBatch reports many outcomes in one call, for pipelines that forward them in
+    batches: each is handled as its own Reward, and each result is durable when this call
+    returns. An invalid item (empty event id, non-finite reward) fails the whole call with
+    INVALID_ARGUMENT naming it, before anything is stored.
+    """
     Activate: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ActivateRequest, _decision_pb2.ActivateResponse]
     """Activate tells that a decision made with defer_activation was shown to the customer:
     only then do its impressions count, its budget get spent and its reward window start.
@@ -62,6 +68,12 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     Reward: _aio.UnaryUnaryMultiCallable[_decision_pb2.RewardRequest, _decision_pb2.RewardResponse]  # type: ignore[assignment]
     """Reward reports the outcome of an earlier decision. The reward is durable when this
     call returns, and it is learned at most once per event (and slot).
+    """
+    RewardBatch: _aio.UnaryUnaryMultiCallable[_decision_pb2.RewardBatchRequest, _decision_pb2.RewardBatchResponse]  # type: ignore[assignment]
+    """RewardBatch reports many outcomes in one call, for pipelines that forward them in
+    batches: each is handled as its own Reward, and each result is durable when this call
+    returns. An invalid item (empty event id, non-finite reward) fails the whole call with
+    INVALID_ARGUMENT naming it, before anything is stored.
     """
     Activate: _aio.UnaryUnaryMultiCallable[_decision_pb2.ActivateRequest, _decision_pb2.ActivateResponse]  # type: ignore[assignment]
     """Activate tells that a decision made with defer_activation was shown to the customer:
@@ -91,6 +103,18 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_decision_pb2.RewardResponse, _abc.Awaitable[_decision_pb2.RewardResponse]]:
         """Reward reports the outcome of an earlier decision. The reward is durable when this
         call returns, and it is learned at most once per event (and slot).
+        """
+
+    @_abc_1.abstractmethod
+    def RewardBatch(
+        self,
+        request: _decision_pb2.RewardBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.RewardBatchResponse, _abc.Awaitable[_decision_pb2.RewardBatchResponse]]:
+        """RewardBatch reports many outcomes in one call, for pipelines that forward them in
+        batches: each is handled as its own Reward, and each result is durable when this call
+        returns. An invalid item (empty event id, non-finite reward) fails the whole call with
+        INVALID_ARGUMENT naming it, before anything is stored.
         """
 
     @_abc_1.abstractmethod
