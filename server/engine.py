@@ -40,8 +40,9 @@ from server.metrics import Metrics
 from server.placements import Change
 from server.replication import Replication
 from server.settings import Settings
+from server.shared_contacts import SharedContacts
 from server.stats import BudgetView, ModelView, Stats
-from server.storage.base import ArmTally, PlacementRecord, Store
+from server.storage.base import ArmTally, ContactRow, PlacementRecord, RecentImpression, Store
 from server.tasks import cancel_and_wait
 from server.windows import OpenDecision, RewardWindows
 from server.writer import BatchWriter
@@ -60,6 +61,7 @@ def uniform_for(salt: bytes, event_id: str) -> float:
 
 
 _MAX_KNOWN_NAMES = 100_000
+_PRUNE_EVERY = 60.0  # seconds between deletions of shared impressions beyond every horizon
 
 
 class Engine:
@@ -76,6 +78,7 @@ class Engine:
         self.acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
         self.budgets = BudgetKeeper(store, self._writer_pool, settings.budget_lease_fraction)
         self.history = ContactHistory(0.0)
+        self.shared_contacts = SharedContacts(store, 1 if settings.db.startswith("sqlite") else 8) if settings.shares_contacts else None
         self._valid_names: set[tuple[str, str]] = set()  # feature names that passed validation
         self.writer: BatchWriter | None = None
         self.learner: Learner | None = None
@@ -152,7 +155,7 @@ class Engine:
     async def rebuild_history(self) -> None:
         """Contact history as far back as any placement's policies look (after start or a change)."""
         horizon = max((ps.record.spec.history_horizon for ps in self.states.values()), default=0.0)
-        if horizon <= self.history.horizon:
+        if horizon <= self.history.horizon or self.shared_contacts is not None:  # shared: read per Choose
             self.history.horizon = horizon
             return
         now = self.clock()
@@ -187,6 +190,8 @@ class Engine:
                 slot.model.close()
         self._writer_pool.shutdown(wait=True)
         self.reader_pool.shutdown(wait=True)
+        if self.shared_contacts is not None:
+            self.shared_contacts.close()
         self.store.close()
 
     def make_state(
@@ -271,6 +276,50 @@ class Engine:
             raise InvalidInput("baseline_arm", f"{baseline_arm!r} is not an active arm of {placement!r}")
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
+        shared = self.shared_contacts
+        if customer_id and self.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
+            # No rule of this placement reads the history, but other placements' rules count
+            # its impressions: record them, without waiting, after the decision.
+            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [])
+            shared.record_later([ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
+                                 for d in out if d.arm_id is not None and d.activated])
+            return out
+        if customer_id and self.history.horizon > 0 and shared is not None:
+            since = self.clock() - self.history.horizon
+            async with shared.customer(customer_id, since) as tx:
+                if self.states.get(placement) is not ps:
+                    raise InvalidInput("placement", "the placement changed during the decision; retry")
+                history = [self._impression(r) for r in tx.history]
+                out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history)
+                tx.new.extend(
+                    ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
+                    for d in out
+                    if d.arm_id is not None and d.activated
+                )
+                return out
+        return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None)
+
+    def _impression(self, r: RecentImpression) -> Impression:
+        ps = self.states.get(r.placement)
+        campaign = ps.arm_campaigns.get(r.arm_id) if ps else None
+        responded = None if r.outcome == Outcome.OPEN else (r.outcome == Outcome.REWARD and (r.reward or 0) > 0)
+        return Impression(r.at, r.arm_id, campaign, r.placement, r.event_id, responded)
+
+    async def _choose(
+        self,
+        ps: PlacementState,
+        customer_id: str,
+        event_id: str,
+        features: Sequence[Feature],
+        baseline_arm: str,
+        defer: bool,
+        slot_features: Sequence[Sequence[Feature]],
+        shared_history: list[Impression] | None,
+    ) -> list[LoggedDecision]:
+        """The decisions of one Choose; ``shared_history`` is the customer's impressions from
+        the database when contact history is shared, else None (this server's memory)."""
+        spec = ps.record.spec
+        placement = spec.id
         now = self.clock()
         closed = spec.closed(now)
         if closed:
@@ -289,7 +338,10 @@ class Engine:
         elif self.windows.slots_of(event_id):
             raise AlreadyExists(f"event_id {event_id!r} is already used by an open decision")
         tracked = bool(customer_id) and self.history.horizon > 0
-        history = self.history.impressions(customer_id, now) if tracked else []
+        if shared_history is not None:
+            history = shared_history
+        else:
+            history = self.history.impressions(customer_id, now) if tracked else []
         variant = self._variant(spec, customer_id, event_id)
         out: list[LoggedDecision] = []
         taken: set[str] = set()
@@ -312,7 +364,8 @@ class Engine:
                 campaign = ps.arm_campaigns.get(d.arm_id)
                 ev = event_id if k == 0 else f"{event_id}#{k}"
                 imp = Impression(now, d.arm_id, campaign, placement, ev)
-                self.history.record(customer_id, imp)
+                if shared_history is None:  # else the caller records it in the database
+                    self.history.record(customer_id, imp)
                 history.append(imp)
         return out
 
@@ -520,10 +573,15 @@ class Engine:
         return await self.windows.sweep()
 
     async def _sweep_forever(self) -> None:
+        pruned = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
             try:
                 await self.windows.sweep()
+                if self.shared_contacts is not None and time.monotonic() - pruned >= _PRUNE_EVERY:
+                    pruned = time.monotonic()
+                    before = self.clock() - self.history.horizon
+                    await asyncio.get_running_loop().run_in_executor(self.reader_pool, self.store.prune_contacts, before)
             except Exception as e:
                 log.warning("closing expired reward windows failed: %s", e)
 

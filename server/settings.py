@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus metrics over HTTP; unset: off
     sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
     learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
+    # Contact policies and fatigue read a customer's impressions from "memory" (this server's,
+    # exact with one server or routing by customer) or the "database" (exact across servers,
+    # one short locked transaction per Choose of a tracked customer). auto: the database on
+    # PostgreSQL or with --workers, else memory.
+    contact_store: Literal["auto", "memory", "database"] = "auto"
     learn_cache: Annotated[int, Field(ge=0, le=10_000_000)] = 20_000  # recent examples' VW text kept for the learner (~1 KB each)
     budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time
     max_features: Annotated[int, Field(ge=1)] = 512
@@ -51,6 +56,13 @@ class Settings(BaseSettings):
     init_config: str = ""  # apply file loaded when the database has no placement yet
     log_level: str = "INFO"
 
+    @property
+    def shares_contacts(self) -> bool:
+        """Whether contact history lives in the database (see contact_store)."""
+        if self.contact_store != "auto":
+            return self.contact_store == "database"
+        return self.db.startswith("postgresql") or self.workers > 1 or self.reuse_port
+
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
     """Settings from a YAML file, NEXTBEST_* variables and explicit overrides (flags)."""
@@ -63,3 +75,4 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
     merged = {**values, **{k: getattr(env, k) for k in env.model_fields_set}}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**merged)
+

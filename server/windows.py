@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bandit.contact import Impression
 from bandit.errors import InvalidInput, NotFound
 from bandit.log import Outcome
-from server.storage.base import Activation, Close, RewardEvent
+from server.storage.base import Activation, Close, ContactRow, RewardEvent
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -224,8 +224,12 @@ class RewardWindows:
             if entry.budgets:
                 e.budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
             if entry.customer_id and e.history.horizon > 0:
-                ev = event_id if slot == 0 else f"{event_id}#{slot}"
-                e.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
+                if e.shared_contacts is not None:  # shown now: it counts from now, on every server
+                    async with e.shared_contacts.customer(entry.customer_id, now) as tx:
+                        tx.new.append(ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, slot))
+                else:
+                    ev = event_id if slot == 0 else f"{event_id}#{slot}"
+                    e.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
             status = ActivateStatus.ACTIVATED
         return status
 

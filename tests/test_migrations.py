@@ -315,4 +315,28 @@ def test_the_upgrade_sql_can_be_printed_for_a_dba(capsys: pytest.CaptureFixture[
     assert migrate.main(["sql", "postgresql+psycopg://nobody@db.invalid/nextbest"]) == 0
     out = capsys.readouterr().out
     assert "CREATE TABLE decisions" in out and "DOUBLE PRECISION" in out
-    assert f"INSERT INTO alembic_version (version_num) VALUES ('{migrate.head()}')" in out
+    assert "CREATE TABLE contact_impressions" in out
+    assert f"UPDATE alembic_version SET version_num='{migrate.head()}'" in out  # the last revision
+
+
+def test_0002_starts_the_shared_contact_history_from_recent_shown_decisions(engine: Engine) -> None:
+    with engine.begin() as c:
+        command.upgrade(migrate.config(c), "0001")
+    cols = "(event_id, slot, placement_id, customer_id, created_at, deadline, features, arms, pmf, chosen, arm_id, probability, model_version, outcome, activated)"
+    rows = [  # (event, customer, created_at, arm, activated)
+        ("old", "c1", 1_000.0, "a", True),  # beyond 31 days before the newest decision
+        ("new", "c1", 3_000_000.0, "a", True),
+        ("anon", "", 3_000_000.0, "a", True),  # anonymous: no customer to cap
+        ("none", "c2", 3_000_000.0, None, True),  # nothing was shown
+        ("deferred", "c2", 3_000_000.0, "b", False),  # never activated
+    ]
+    with engine.begin() as c:
+        for ev, cust, at, arm, act in rows:
+            c.execute(
+                text(f"INSERT INTO decisions {cols} VALUES (:e, 0, 'p', :c, :t, :t, '[]', '[]', '[]', 0, :a, 1.0, 0, 0, :act)"),
+                {"e": ev, "c": cust, "t": at, "a": arm, "act": act},
+            )
+        command.upgrade(migrate.config(c), "head")
+    with engine.connect() as c:
+        got = c.execute(text("SELECT customer_id, event_id, arm_id, at FROM contact_impressions")).all()
+    assert [tuple(r) for r in got] == [("c1", "new", "a", 3_000_000.0)]

@@ -91,6 +91,46 @@ def test_two_replicas_never_overspend_a_small_budget(pg: str) -> None:
     assert logged >= 30  # the budget was used (leases not returned by a crash are the only loss)
 
 
+def test_two_replicas_hold_a_contact_cap_exactly(pg: str) -> None:
+    """Default settings on PostgreSQL share contact history: a per-customer cap of 3 a day
+    holds across both processes under concurrent load for the same customers."""
+    a = ServerProcess(pg, env=FAST)
+    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    customers = [f"cust{i}" for i in range(5)]
+    try:
+        spec = PlacementSpec.model_validate(
+            {
+                "id": "p",
+                "contact_policies": [{"max_impressions": 3, "per": "customer", "window": "1d"}],
+                "arms": [{"id": "x"}, {"id": "y"}],
+            }
+        )
+        with NextbestClient(a.target) as c:
+            c.apply([spec])
+        until(lambda: NextbestClient(b.target).placements() != [])
+        shown = {c: 0 for c in customers}
+        lock = threading.Lock()
+
+        def load(target: str, customer: str) -> None:
+            with NextbestClient(target) as c:
+                for _ in range(6):
+                    d = c.choose("p", {"segment": "x"}, customer_id=customer)
+                    with lock:
+                        shown[customer] += bool(d.arm_id)
+
+        threads = [threading.Thread(target=load, args=(t, cu)) for t in (a.target, b.target) for cu in customers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        a.terminate()
+        b.terminate()
+    assert shown == {c: 3 for c in customers}  # 12 asks each over two servers, 3 offers each
+    logged = dict(sql(pg, "SELECT customer_id, count(*) FROM decisions WHERE arm_id IS NOT NULL GROUP BY customer_id"))
+    assert logged == shown
+
+
 def test_a_killed_replica_loses_no_acknowledged_reward_and_its_learner_is_replaced(pg: str) -> None:
     a = ServerProcess(pg, "--learner", "always", env=FAST)  # the learner
     b = ServerProcess(pg, env=FAST)  # a replica that can take over

@@ -175,3 +175,29 @@ def test_the_learners_closes_get_learn_positions_in_the_same_commit(store: SqlSt
     assert store.claim("app_home_banner", 10) == 1  # e1, after them
     seqs = [(r.event_id, r.learn_seq) for r in store.learnable("app_home_banner", None, 0, 10)]
     assert [e for e, _ in seqs] == ["e2", "e3", "e1"] and len({q for _, q in seqs}) == 3
+
+
+def test_shared_contact_history_locks_reads_and_records(store: SqlStore) -> None:
+    from server.storage.base import ContactRow
+
+    store.write([decision("e1", 0, t=100.0)], [])
+    store.write([], [Close("e1", Outcome.REWARD, 1.0, 110.0)])
+    h, seen = store.contacts_open("c1", 0.0)
+    assert seen == []
+    store.contacts_commit(h, [ContactRow("c1", 100.0, "app_home_banner", "data_5gb", "e1"), ContactRow("c1", 100.0, "app_home_banner", "voice_300", "e2", 1)])
+    h, seen = store.contacts_open("c1", 50.0)
+    assert [(i.arm_id, i.event_id, i.outcome, i.reward) for i in seen] == [
+        ("data_5gb", "e1", Outcome.REWARD, 1.0),  # its response comes from the decision's row
+        ("voice_300", "e2#1", Outcome.OPEN, None),  # no row yet: still open
+    ]
+    store.contacts_abort(h)  # records nothing
+    h, seen = store.contacts_open("c1", 100.5)
+    store.contacts_commit(h, [])
+    assert seen == []  # older than since
+    h, seen = store.contacts_open("c2", 0.0)
+    store.contacts_commit(h, [])
+    assert seen == []  # per customer
+    assert store.prune_contacts(100.5) == 2
+    h, seen = store.contacts_open("c1", 0.0)
+    store.contacts_abort(h)
+    assert seen == []

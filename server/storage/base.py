@@ -158,6 +158,18 @@ def features_of(triples: Sequence[Sequence[Any]]) -> tuple[Feature, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class ContactRow:
+    """One impression to record in the shared contact history."""
+
+    customer_id: str
+    at: float
+    placement: str
+    arm_id: str
+    event_id: str
+    slot: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     """Per close in a batch: whether it closed an open window; per activation: whether it
     activated an open decision."""
@@ -211,6 +223,14 @@ class Store(Protocol):
     def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]: ...
 
     def max_learn_seq(self) -> int: ...
+
+    def contacts_open(self, customer_id: str, since: float) -> tuple[Any, list[RecentImpression]]: ...
+
+    def contacts_commit(self, handle: Any, rows: Sequence[ContactRow]) -> None: ...
+
+    def contacts_abort(self, handle: Any) -> None: ...
+
+    def prune_contacts(self, before: float) -> int: ...
 
     def claim(self, placement: str, limit: int) -> int: ...
 

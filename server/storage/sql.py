@@ -37,6 +37,7 @@ from server.storage.base import (
     Snapshot,
     WriteResult,
 )
+from server.storage.contacts import ContactQueries
 from server.storage.coordination import Coordination
 from server.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
 from server.storage.sqlstats import StatsQueries
@@ -60,7 +61,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class SqlStore(Coordination, StatsQueries):
+class SqlStore(Coordination, StatsQueries, ContactQueries):
     """Store on any SQLAlchemy URL; the schema is created or migrated to head on opening."""
 
     def __init__(self, url: str) -> None:

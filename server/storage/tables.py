@@ -114,6 +114,23 @@ reward_events = Table(
     Index("ix_reward_events_event", "event_id", "slot"),
 )
 
+# Impressions per customer, for contact policies and fatigue that hold across servers sharing
+# the database (contact_store "database"): written in the Choose's own transaction, under a
+# per-customer lock; whether a customer responded comes from the decision's row.
+contact_impressions = Table(
+    "contact_impressions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("customer_id", String(256), nullable=False),
+    Column("at", Double, nullable=False),
+    Column("placement_id", String(128), nullable=False),
+    Column("arm_id", String(128), nullable=False),
+    Column("event_id", String(256), nullable=False),
+    Column("slot", Integer, nullable=False, server_default="0"),
+    Index("ix_contact_impressions_customer", "customer_id", "at"),
+    Index("ix_contact_impressions_at", "at"),
+)
+
 # Named counters; "learn_seq" hands out learn positions (atomically, to the one learner).
 counters = Table(
     "counters",

@@ -1,0 +1,89 @@
+"""Contact history shared by every server on one database (contact_store "database").
+
+Each Choose for a tracked customer runs inside that customer's lock: read their impressions,
+decide, record the new ones, commit. In one process, a customer's Chooses queue on an asyncio
+lock first, so that at most one thread per customer waits on the database's lock, and the
+number of open transactions is bounded (each holds a pooled connection until it commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.storage.base import ContactRow, RecentImpression, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ContactTx:
+    """What a Choose sees and adds inside the customer's lock."""
+
+    history: list[RecentImpression]
+    new: list[ContactRow] = field(default_factory=list)
+
+
+class SharedContacts:
+    def __init__(self, store: Store, concurrency: int) -> None:
+        self._store = store
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="nextbest-contacts")
+        self._open = asyncio.Semaphore(concurrency)  # transactions (connections) open at once
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # customer -> (lock, users)
+
+    @contextlib.asynccontextmanager
+    async def customer(self, customer_id: str, since: float) -> AsyncIterator[ContactTx]:
+        """Hold the customer across all servers; commit what was added on a clean exit."""
+        lock, users = self._locks.get(customer_id) or (asyncio.Lock(), 0)
+        self._locks[customer_id] = (lock, users + 1)
+        try:
+            async with lock, self._open:
+                handle, history = await self._run_abortable(customer_id, since)
+                tx = ContactTx(history)
+                try:
+                    yield tx
+                except BaseException:
+                    self._pool.submit(self._store.contacts_abort, handle)
+                    raise
+                # Shielded: a caller that gives up now must not leave the lock held; the
+                # commit finishes (or fails, releasing the lock) in its thread either way.
+                await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._pool, self._store.contacts_commit, handle, tx.new))
+        finally:
+            lock, users = self._locks[customer_id]
+            if users <= 1:
+                del self._locks[customer_id]
+            else:
+                self._locks[customer_id] = (lock, users - 1)
+
+    async def _run_abortable(self, customer_id: str, since: float) -> tuple[Any, list[RecentImpression]]:
+        """Open the locked transaction; if the caller is cancelled meanwhile, release it once open."""
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._store.contacts_open, customer_id, since)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            def release(f: asyncio.Future[tuple[Any, list[RecentImpression]]]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._pool.submit(self._store.contacts_abort, f.result()[0])
+
+            fut.add_done_callback(release)
+            raise
+
+    def record_later(self, rows: list[ContactRow]) -> None:
+        """Record impressions that no decision here waits on (their placement has no rule)."""
+        if rows:
+            self._pool.submit(self._record, rows)
+
+    def _record(self, rows: list[ContactRow]) -> None:
+        try:
+            handle, _ = self._store.contacts_open(rows[0].customer_id, float("inf"))
+            self._store.contacts_commit(handle, rows)
+        except Exception as e:  # the policies of other placements miss one impression
+            log.warning("recording %d impressions of customer %s failed: %s", len(rows), rows[0].customer_id, e)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
