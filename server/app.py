@@ -7,8 +7,9 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -71,17 +72,26 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
     overload = OverloadInterceptor(settings.max_inflight, engine.metrics)
-    # Outermost first: metrics see every answer, auth refuses before any work, then the limit.
-    interceptors = [engine.metrics.interceptor(), AuthInterceptor(tokens, engine.placement_of), overload]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    if len(tokens):
+        # Outermost first: metrics see every answer, auth refuses before any work (before the
+        # request is even parsed), then the limit.
+        interceptors = [engine.metrics.interceptor(), AuthInterceptor(tokens, engine.placement_of), overload]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        target: Any = server
+    else:
+        # Without auth, the limit and the timing are wrapped around each handler once, when it
+        # is registered: as interceptors they cost every call 60-100 µs (measured on Choose).
+        server = grpc.aio.server(options=options)
+        timing = engine.metrics.interceptor()
+        target = _Wrapping(server, lambda m, h: timing.wrap(m, overload.wrap(m, h)))
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), target)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), target)
     reflection.enable_server_reflection(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), target
     )
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
@@ -106,6 +116,38 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         f"on port {metrics_port}" if metrics_port is not None else "off",
     )
     return Running(server, port, engine, health_servicer, metrics_port, overload)
+
+
+Wrap = Callable[[str, "grpc.RpcMethodHandler | None"], "grpc.RpcMethodHandler | None"]
+
+
+class _Wrapping:
+    """Stands in for the server while services register: their handlers are wrapped once."""
+
+    def __init__(self, server: grpc.aio.Server, wrap: Wrap) -> None:
+        self._server, self._wrap = server, wrap
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._wrap) for h in handlers))
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose answers are wrapped, once per method."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap) -> None:
+        self._inner, self._wrap = inner, wrap
+        self._cache: dict[str, tuple[Any, Any]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(details)
+        cached = self._cache.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._cache[details.method] = (handler, self._wrap(details.method, handler))
+        return cached[1]
 
 
 async def serve(settings: Settings) -> None:

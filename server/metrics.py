@@ -246,9 +246,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
+        return self.wrap(details.method, handler)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """The handler, timed; also used to wrap handlers once when they are registered."""
         if handler is None or handler.unary_unary is None:
             return handler
-        return handler._replace(unary_unary=self._timed(handler.unary_unary, details.method.lstrip("/")))
+        return handler._replace(unary_unary=self._timed(handler.unary_unary, method.lstrip("/")))
 
     def _timed(self, behavior: Behavior, method: str) -> Behavior:
         histogram = self._metrics.rpc_seconds

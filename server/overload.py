@@ -82,10 +82,14 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or not details.method.startswith(LIMITED_PREFIXES):
+        return self.wrap(details.method, handler)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """The handler, guarded; also used to wrap handlers once when they are registered."""
+        if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_PREFIXES):
             return handler
         return handler._replace(
-            unary_unary=self._guarded(handler.unary_unary, details.method),
+            unary_unary=self._guarded(handler.unary_unary, method),
             request_deserializer=_lenient(handler.request_deserializer),
         )
 
