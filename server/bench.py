@@ -26,7 +26,7 @@ from typing import Any
 from server.bench_load import CHOOSE
 from server.bench_report import Report
 
-PHASES = ("vw", "server_time", "echo", "choose", "latency", "reward", "postgres", "memory", "replay")
+PHASES = ("vw", "server_time", "echo", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay")
 LOADS = (0.5, 0.8)
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> Report:
             rep.server_time(inproc.server_time(a, lim.server_rounds, lim.server_per_round, args.profile))
         rep.reward_inproc(inproc.reward_inproc(lim.server_rounds * lim.server_per_round, lim.reward_concurrency, args.profile))
 
-    needs_servers = phases & {"echo", "choose", "latency", "reward", "postgres", "replay"}
+    needs_servers = phases & {"echo", "choose", "latency", "reward", "postgres", "replicas", "replay"}
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
         workers = Workers(args.clients) if needs_servers else None
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> Report:
                 _sqlite_section(rep, workers, er, tmp, lim, phases)
                 if "postgres" in phases:
                     _postgres_section(args, rep, workers, tmp, lim)
+                if "replicas" in phases:
+                    _replicas_section(args, rep, tmp, lim)
         finally:
             if echo is not None:
                 echo.stop()
@@ -147,6 +149,38 @@ def _postgres_section(args: argparse.Namespace, rep: Report, workers: Any, tmp: 
             _rewards(rep, runner, events.ids, lim.seconds, "postgres")
         finally:
             server.stop()
+
+
+def _replicas_section(args: argparse.Namespace, rep: Report, tmp: Path, lim: Any) -> None:
+    """Choose (20 arms) on PostgreSQL: one server, then two (a learner and a replica), each
+    under the same two load processes; all on this machine's cores."""
+    from server import bench_phases as ph
+    from server.bench_procs import Workers, postgres_available, postgres_schema, start_nextbest
+
+    if args.no_postgres or not postgres_available():
+        rep.skip("replicas", "--no-postgres" if args.no_postgres else "PostgreSQL does not answer at 127.0.0.1:5432")
+        return
+    clients = Workers(2)
+    try:
+        with postgres_schema() as url:
+            a = start_nextbest(url)
+            b = None
+            try:
+                ph.apply_bench_placements(a.target, (20,))
+                runner = ph.LoadRunner(clients, a, tmp, lim)
+                one = runner.run({"method": CHOOSE, "payloads": runner.choose_file("bench20"), "mode": "closed",
+                                  "event_prefix": "one-"})
+                b = start_nextbest(url, "--learner", "never")
+                ph.wait_placements(b.target, ["bench20"])
+                two = runner.run({"method": CHOOSE, "payloads": runner.choose_file("bench20"), "mode": "closed",
+                                  "event_prefix": "two-", "targets": [a.target, b.target]})
+                rep.replicas(one, two)
+            finally:
+                a.stop()
+                if b is not None:
+                    b.stop()
+    finally:
+        clients.close()
 
 
 def memory_variants(bits: int) -> list[tuple[str, int, str]]:

@@ -136,6 +136,16 @@ def apply_bench_placements(target: str, arm_counts: Sequence[int] = ARM_COUNTS) 
         nb.apply([placement(f"bench{a}", a) for a in arm_counts])
 
 
+def wait_placements(target: str, pids: Sequence[str], timeout: float = 30) -> None:
+    """Until a replica serves the placements applied through another server."""
+    deadline = time.monotonic() + timeout
+    with NextbestClient(target, timeout=10) as nb:
+        while not set(pids) <= {p.id for p in nb.placements()}:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target} did not pick up {list(pids)} within {timeout:g}s")
+            time.sleep(0.1)
+
+
 def prepare_events(runner: LoadRunner, events: Events, want: int, tag: str) -> None:
     """More open decisions for the Reward phase, from the cheapest placement, bounded in time."""
     deadline = time.monotonic() + runner.limits.prepare_seconds

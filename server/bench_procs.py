@@ -135,10 +135,10 @@ class ServerProc:
         return self.proc.returncode
 
 
-def start_nextbest(db: str) -> ServerProc:
+def start_nextbest(db: str, *flags: str) -> ServerProc:
     """``nextbest serve`` on a free loopback port, as deployed (default settings), logging warnings only."""
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--db", db,
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", *flags]
     p = ServerProc(cmd, "nextbest")
     wait_serving(p.target)
     return p
@@ -223,6 +223,8 @@ class Workers:
             part["concurrency"] = max(1, int(spec.get("concurrency", 1)) // n)
             if spec.get("event_prefix") is not None:
                 part["event_prefix"] = f"{spec['event_prefix']}w{k}-"
+            if spec.get("targets"):  # worker k loads server k (mod the number of servers)
+                part["target"] = spec["targets"][k % len(spec["targets"])]
             prefixes.append(part.get("event_prefix"))
             assert p.stdin is not None
             p.stdin.write(json.dumps(part) + "\n")

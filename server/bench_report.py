@@ -137,6 +137,15 @@ class Report:
         if r["errors"] or r["not_acked"]:
             self.note(f"{what}: {r['errors']} errors {r['error_codes']}, {r['not_acked']} not LEARNED")
 
+    def replicas(self, one: dict[str, Any], two: dict[str, Any]) -> None:
+        self.phases["replicas"] = {"one": one, "two": two}
+        self.add("replicas.one", "Choose 20 arms, one server (PostgreSQL, 2 load processes)", one["rate"], "req/s")
+        self.add("replicas.two", "Choose 20 arms, two servers (PostgreSQL, 2 load processes)", two["rate"], "req/s",
+                 {"one server": one["rate"]})
+        for name, r in (("one server", one), ("two servers", two)):
+            if r["errors"]:
+                self.note(f"replicas, {name}: {r['errors']} errors {r['error_codes']}")
+
     def memory(self, variant: str, r: dict[str, Any]) -> None:
         self._phase("memory")[variant] = r
         n = r["placements"]
