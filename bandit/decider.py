@@ -103,9 +103,11 @@ def eligibility(
     candidates: Sequence[Candidate],
     history: list[contact.Impression],
     now: float,
+    budgeted: bool = True,
 ) -> tuple[list[int], dict[str, str]]:
-    """Indices of the eligible candidates, and the reason for each one that is not."""
-    if spec.unconstrained and not any(c.accounts for c in candidates):
+    """Indices of the eligible candidates, and the reason for each one that is not.
+    ``budgeted=False`` promises that no candidate spends from a budget."""
+    if spec.unconstrained and not (budgeted and any(c.accounts for c in candidates)):
         return list(range(len(candidates))), {}
     ok: list[int] = []
     why: dict[str, str] = {}
@@ -190,10 +192,11 @@ def decide(
     now: float = 0.0,
     history: list[contact.Impression] | None = None,
     reward_scale: float = 1.0,
+    budgeted: bool = True,
 ) -> Choice:
-    """Run the whole pipeline for one request."""
+    """Run the whole pipeline for one request (``budgeted=False``: no candidate has a budget)."""
     history = history or []
-    ok, why = eligibility(spec, candidates, history, now)
+    ok, why = eligibility(spec, candidates, history, now, budgeted)
     if not ok:
         return _nothing(spec, candidates, why)
     eligible = [candidates[i] for i in ok]
@@ -201,7 +204,7 @@ def decide(
     if not np.all(np.isfinite(values)):  # a model poisoned by extreme inputs: score as untrained, do not fail
         values = np.where(np.isfinite(values), values, 0.0)
     prices = np.zeros(len(eligible))
-    budgeted = any(c.accounts for c in eligible)
+    budgeted = budgeted and any(c.accounts for c in eligible)
     raw = values.copy() if budgeted else values
     for j, c in enumerate(eligible if budgeted or not spec.unconstrained else ()):
         a = c.spec

@@ -401,7 +401,8 @@ class Engine:
         else:
             serving = ps.slots[variant]
             choice = decide(
-                serving.model, spec.variant(variant), candidates, shared, draw, now, history, serving.reward_scale
+                serving.model, spec.variant(variant), candidates, shared, draw, now, history, serving.reward_scale,
+                budgeted=ps.budgeted,
             )
             model_version = serving.model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
