@@ -112,7 +112,7 @@ class LoadRunner:
         path = str(self.tmp / f"rewards-{self._runs}.bin")
         if batch > 1:
             calls = [reward_batch_request([(e, 1.0) for e in ids[i:i + batch]]) for i in range(0, len(ids) - batch + 1, batch)]
-            method, concurrency = REWARD_BATCH, max(2, self.limits.reward_concurrency // batch)
+            method, concurrency = REWARD_BATCH, max(2, 4 * self.limits.reward_concurrency // batch)
         else:
             calls, method, concurrency = [reward_request(e, 1.0) for e in ids], REWARD, self.limits.reward_concurrency
         write_payloads(path, calls)

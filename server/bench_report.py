@@ -110,8 +110,9 @@ class Report:
         self.add(f"choose.{backend}.{a}.server_cpu", f"server CPU per Choose, {a} arms{sfx}", r["server_cpu_us"], "us", cpu_ceil)
         if a in self._vw:
             besides = r["server_cpu_us"] - self._vw[a]["predict_us"]
-            self.add(f"choose.{backend}.{a}.server_cpu_besides_vw", f"server CPU per Choose besides VW, {a} arms{sfx}",
-                     besides, "us", cpu_ceil, "<= 150 us" if a == 20 else "", besides <= 150 if a == 20 else None)
+            # gRPC's own share is in it (see the echo's): the 150 µs target is the in-process figure's
+            self.add(f"choose.{backend}.{a}.server_cpu_besides_vw", f"server CPU per Choose besides VW, {a} arms, gRPC included{sfx}",
+                     besides, "us", cpu_ceil)
 
     def latency(self, a: int, load: float, rate: float, r: dict[str, Any], echo: dict[str, Any]) -> None:
         self._phase("latency")[f"{a}@{load:.0%}"] = {"rate": rate, "choose": r, "echo": echo}
