@@ -137,19 +137,27 @@ class NextbestClient:
         slots = tuple((s.arm_id, s.probability) for s in r.slots)
         return ChooseResult(r.event_id, r.arm_id, r.probability, r.model_version, r.reason, r.variant, slots)
 
-    def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
-        """Returns "learned", "duplicate", "late" or "recorded" (aggregated at window close)."""
+    def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
+        """Returns "learned", "duplicate", "late" or "recorded" (aggregated at window close).
+        ``reward_id``: a key that makes a retry of this reward a "duplicate", never counted twice."""
         r = self._decision.Reward(
-            decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot), timeout=self.timeout
+            decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot, reward_id=reward_id), timeout=self.timeout
         )
         return _REWARD_STATUS.get(r.status, "unspecified")
 
-    def reward_batch(self, rewards: Sequence[tuple[str, float] | tuple[str, float, int]]) -> list[str]:
-        """Many rewards in one call, as (event_id, reward[, slot]); one result each, in order:
+    def reward_batch(
+        self, rewards: Sequence[tuple[str, float] | tuple[str, float, int] | tuple[str, float, int, str]]
+    ) -> list[str]:
+        """Many rewards in one call, as (event_id, reward[, slot[, reward_id]]); one result each, in order:
         a Reward status, or "error <CODE>: <message>" for an item that failed (retry those
         that say UNAVAILABLE). Every result is durable when this returns."""
         req = decision_pb2.RewardBatchRequest(
-            rewards=[decision_pb2.RewardRequest(event_id=r[0], reward=r[1], slot=r[2] if len(r) > 2 else 0) for r in rewards]
+            rewards=[
+                decision_pb2.RewardRequest(
+                    event_id=r[0], reward=r[1], slot=r[2] if len(r) > 2 else 0, reward_id=r[3] if len(r) > 3 else ""
+                )
+                for r in rewards
+            ]
         )
         resp = self._decision.RewardBatch(req, timeout=self.timeout)
         return [

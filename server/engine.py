@@ -128,7 +128,7 @@ class Engine:
         for ev in await loop.run_in_executor(self.reader_pool, self.store.open_reward_events):
             entry = self.windows.open.get((ev.event_id, ev.slot))
             if entry is not None:
-                entry.rewards.append(ev.reward)
+                self.windows.counted(entry, ev.reward, ev.reward_id or "")
         await self.rebuild_history()
         self.writer = BatchWriter(self.store, self._writer_pool, self.settings.flush_interval)
         self.writer.start()
@@ -548,18 +548,18 @@ class Engine:
         d = await loop.run_in_executor(self.reader_pool, self.store.find_decision, event_id, 0)
         return None if d is None else d.placement
 
-    async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
-        return await self.windows.reward(event_id, reward, slot)
+    async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
+        return await self.windows.reward(event_id, reward, slot, reward_id)
 
-    async def reward_batch(self, items: Sequence[tuple[str, float, int]]) -> list[str | NextbestError]:
+    async def reward_batch(self, items: Sequence[tuple[str, float, int, str]]) -> list[str | NextbestError]:
         """Several rewards at once: all are checked before any is stored (InvalidInput naming
         ``rewards[i]``), then each is handled as its own Reward; their writes share group
         commits. Per item: its status, or the domain error it failed with."""
         if len(items) > self.settings.max_reward_batch:
             raise InvalidInput("rewards", f"more than {self.settings.max_reward_batch} rewards in one call")
-        for i, (event_id, reward, slot) in enumerate(items):
-            self.windows.check(event_id, reward, slot, f"rewards[{i}].")
-        results = await asyncio.gather(*(self.windows.reward(e, r, s) for e, r, s in items), return_exceptions=True)
+        for i, (event_id, reward, slot, reward_id) in enumerate(items):
+            self.windows.check(event_id, reward, slot, f"rewards[{i}].", reward_id)
+        results = await asyncio.gather(*(self.windows.reward(e, r, s, k) for e, r, s, k in items), return_exceptions=True)
         out: list[str | NextbestError] = []
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, NextbestError):

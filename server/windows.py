@@ -53,6 +53,7 @@ class OpenDecision:
     budgets: tuple[tuple[str, str], ...] = ()
     activated: bool = True
     rewards: list[float] = field(default_factory=list)  # recorded for aggregation
+    reward_ids: set[str] = field(default_factory=set)  # the callers' keys of those rewards
 
 
 def aggregate(how: str, rewards: list[float]) -> float:
@@ -82,9 +83,11 @@ class RewardWindows:
 
     # -- Reward -------------------------------------------------------------------------------
 
-    def check(self, event_id: str, reward: float, slot: int, field: str = "") -> None:
+    def check(self, event_id: str, reward: float, slot: int, field: str = "", reward_id: str = "") -> None:
         """A reward's own validity (InvalidInput naming ``field`` + its part), before any work."""
         limit = self.e.settings.max_id_length
+        if len(reward_id) > 128:
+            raise InvalidInput(f"{field}reward_id", "longer than 128 characters")
         if not event_id:
             raise InvalidInput(f"{field}event_id", "must not be empty")
         if len(event_id) > limit:
@@ -94,24 +97,36 @@ class RewardWindows:
         if not 0 <= slot < 10:
             raise InvalidInput(f"{field}slot", f"must be between 0 and 9, got {slot}")
 
-    async def reward(self, event_id: str, reward: float, slot: int = 0) -> str:
+    async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
         """Store the reward durably, then let the learner have it; learned at most once."""
         e = self.e
-        self.check(event_id, reward, slot)
+        self.check(event_id, reward, slot, "", reward_id)
         assert e.writer is not None
         now = e.clock()
         key = (event_id, slot)
         entry = self.open.get(key)
         if entry is None:
-            return await self._reward_closed(event_id, slot, reward, now)
+            return await self._reward_closed(event_id, slot, reward, now, reward_id)
         if not entry.activated:
             raise InvalidInput("event_id", f"event {event_id!r} is deferred and not activated; call Activate first")
         if now > entry.deadline:
-            return await self._late(event_id, slot, reward, now)  # the sweeper closes it
+            return await self._late(event_id, slot, reward, now, reward_id)  # the sweeper closes it
         ps = e.states.get(entry.placement)
         how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
         if how != "earliest":
-            await e.writer.record(RewardEvent(event_id, slot, reward, now, "agg"))
+            if reward_id:
+                if reward_id in entry.reward_ids:
+                    return RewardStatus.DUPLICATE  # a retry of a reward counted (or being stored) already
+                entry.reward_ids.add(reward_id)  # now: a concurrent retry must see it
+            recorded = e.writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
+            try:
+                await asyncio.shield(recorded)
+            except asyncio.CancelledError:  # the caller gave up; count the reward if it lands
+                recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id))
+                raise
+            except BaseException:
+                entry.reward_ids.discard(reward_id)  # not stored: a retry must count
+                raise
             entry.rewards.append(reward)
             return RewardStatus.RECORDED
         del self.open[key]
@@ -128,9 +143,25 @@ class RewardWindows:
             self.open[key] = entry  # not stored: the window stays open for a retry
             raise
         if not ok:
-            return await self._reward_closed(event_id, slot, reward, now)
+            return await self._reward_closed(event_id, slot, reward, now, reward_id)
         self._closed(event_id, entry, close)
         return RewardStatus.LEARNED
+
+    @staticmethod
+    def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str) -> None:
+        if not f.cancelled() and f.exception() is None:
+            entry.rewards.append(reward)
+        else:
+            entry.reward_ids.discard(reward_id)
+
+    @staticmethod
+    def counted(entry: OpenDecision, reward: float, reward_id: str) -> None:
+        """A stored aggregated reward, counted once per key (rebuilding after a restart)."""
+        if reward_id:
+            if reward_id in entry.reward_ids:
+                return
+            entry.reward_ids.add(reward_id)
+        entry.rewards.append(reward)
 
     def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
         """A window closed durably: settle its budget, update history, wake the learner."""
@@ -157,7 +188,7 @@ class RewardWindows:
         elif written.result():
             self._closed(key[0], entry, close)
 
-    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float) -> str:
+    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
         e = self.e
         loop = asyncio.get_running_loop()
         d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
@@ -182,12 +213,12 @@ class RewardWindows:
             if await e.writer.close_window(close):
                 e.learner.poke(d.placement)
                 return RewardStatus.LEARNED
-            return await self._reward_closed(event_id, slot, reward, now)
-        return await self._late(event_id, slot, reward, now)
+            return await self._reward_closed(event_id, slot, reward, now, reward_id)
+        return await self._late(event_id, slot, reward, now, reward_id)
 
-    async def _late(self, event_id: str, slot: int, reward: float, now: float) -> str:
+    async def _late(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
         assert self.e.writer is not None
-        await self.e.writer.record(RewardEvent(event_id, slot, reward, now, "late"))
+        await self.e.writer.record(RewardEvent(event_id, slot, reward, now, "late", reward_id or None))
         return RewardStatus.LATE
 
     # -- Activate -----------------------------------------------------------------------------

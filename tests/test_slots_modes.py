@@ -111,6 +111,46 @@ def test_reward_aggregation(db_url: str, how: str, statuses: list[str], learned:
         assert math.isclose(row.reward, learned) and row.outcome.name == "REWARD"
 
 
+def test_a_retried_reward_with_its_key_counts_once_also_after_a_restart(db_url: str) -> None:
+    """Under sum aggregation, a retry (same reward_id) is a duplicate, in memory and in the
+    database: after a restart the window's sum is still counted once per key."""
+    clock = FakeClock()
+    with running_server(db_url, clock=clock) as s, s.client() as c:
+        c.apply([envs.placement(reward_aggregation="sum", reward_window=100)])
+        d = c.choose("app_home_banner", {"segment": "youth"})
+        assert c.reward(d.event_id, 2.0, reward_id="click-1") == "recorded"
+        assert c.reward(d.event_id, 2.0, reward_id="click-1") == "duplicate"
+        assert c.reward_batch([(d.event_id, 3.0, 0, "buy-1"), (d.event_id, 3.0, 0, "buy-1")]) == ["recorded", "duplicate"]
+        assert c.reward(d.event_id, 0.5) == "recorded"  # without a key, every call counts
+        s.call(s.engine.writer.flush())
+        # the database dedupes too: a key written again (a retry after an unacknowledged commit) is stored once
+        from server.storage.base import RewardEvent
+        s.engine.store.write([], [], [], [RewardEvent(d.event_id, 0, 2.0, clock(), "agg", "click-1")])
+        event_id = d.event_id
+    with running_server(db_url, clock=clock) as s, s.client() as c:
+        assert c.reward(event_id, 3.0, reward_id="buy-1") == "duplicate"  # keys rebuilt from the log
+        clock.advance(200)
+        s.call(s.engine.sweep())
+        wait(lambda: s.engine.states["app_home_banner"].model.learned == 1)
+        assert s.engine.store.find_decision(event_id).reward == 2.0 + 3.0 + 0.5
+
+
+@pytest.mark.parametrize("reward_id", ["x" * 129])
+def test_a_reward_key_longer_than_128_is_invalid(db_url: str, reward_id: str) -> None:
+    import grpc
+
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([envs.placement()])
+        d = c.choose("app_home_banner", {"segment": "youth"})
+        with pytest.raises(grpc.RpcError) as e:
+            c.reward(d.event_id, 1.0, reward_id=reward_id)
+        assert e.value.details().startswith("reward_id:")  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as e:
+            c.reward_batch([(d.event_id, 1.0, 0, reward_id)])
+        assert e.value.details().startswith("rewards[0].reward_id:")  # type: ignore[attr-defined]
+        assert c.reward(d.event_id, 1.0) == "learned"
+
+
 def test_apprentice_serves_the_baseline_and_learns_to_match_it(db_url: str) -> None:
     rule = {seg: envs.ARMS[int(np.argmax(envs.P[i]))] for i, seg in enumerate(envs.SEGMENTS)}
     rng = np.random.default_rng(4)

@@ -62,7 +62,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     @rpc
     async def Reward(self, request: decision_pb2.RewardRequest, context: Ctx) -> decision_pb2.RewardResponse:
-        status = await self._engine.reward(request.event_id, request.reward, request.slot)
+        status = await self._engine.reward(request.event_id, request.reward, request.slot, request.reward_id)
         self._engine.metrics.reward(status)
         return decision_pb2.RewardResponse(status=_STATUS[status])
 
@@ -70,7 +70,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     async def RewardBatch(
         self, request: decision_pb2.RewardBatchRequest, context: Ctx
     ) -> decision_pb2.RewardBatchResponse:
-        results = await self._engine.reward_batch([(r.event_id, r.reward, r.slot) for r in request.rewards])
+        results = await self._engine.reward_batch([(r.event_id, r.reward, r.slot, r.reward_id) for r in request.rewards])
         out = []
         for r in results:
             if isinstance(r, str):

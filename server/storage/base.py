@@ -68,6 +68,7 @@ class RewardEvent:
     reward: float
     at: float
     kind: str
+    reward_id: str | None = None  # the caller's key: one row per (event, slot, key)
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:

@@ -79,7 +79,8 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
         mark = "%s" if self._postgres else "?"
         self._insert_decisions = insert_decisions_sql(self._postgres)
         self._insert_events = (
-            f"INSERT INTO reward_events (event_id, slot, reward, received_at, kind) VALUES ({', '.join([mark] * 5)})"
+            "INSERT INTO reward_events (event_id, slot, reward, received_at, kind, reward_id) "
+            f"VALUES ({', '.join([mark] * 6)}) ON CONFLICT DO NOTHING"  # a retried key is stored once
         )
         self._set_learn_seq = f"UPDATE decisions SET learn_seq = {mark} WHERE event_id = {mark} AND slot = {mark} AND learn_seq IS NULL"
         try:
@@ -236,7 +237,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
                     add(act.budgets, act.cost, -act.cost)
             if events:
                 c.exec_driver_sql(
-                    self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind) for e in events]
+                    self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in events]
                 )
             done = self._close_all(c, closes)
             for close in closes:
@@ -298,7 +299,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
         r, d = t.reward_events.c, t.decisions.c
         with self._connect() as c:
             rows = c.execute(
-                select(r.event_id, r.slot, r.reward, r.received_at, r.kind)
+                select(r.event_id, r.slot, r.reward, r.received_at, r.kind, r.reward_id)
                 .select_from(t.reward_events.join(t.decisions, and_(r.event_id == d.event_id, r.slot == d.slot)))
                 .where(r.kind == "agg", d.outcome == int(Outcome.OPEN))
                 .order_by(r.id)

@@ -111,7 +111,9 @@ reward_events = Table(
     Column("reward", Double, nullable=False),
     Column("received_at", Double, nullable=False),
     Column("kind", String(16), nullable=False),
+    Column("reward_id", String(128)),  # the caller's idempotency key, if it sent one
     Index("ix_reward_events_event", "event_id", "slot"),
+    Index("ux_reward_events_key", "event_id", "slot", "reward_id", unique=True),
 )
 
 # Impressions per customer, for contact policies and fatigue that hold across servers sharing

@@ -247,22 +247,29 @@ class RewardRequest(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     REWARD_FIELD_NUMBER: _builtins.int
     SLOT_FIELD_NUMBER: _builtins.int
+    REWARD_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Event id returned by Choose (or given to it). Required."""
     reward: _builtins.float
     """The reward: larger is better, e.g. 1 for an acceptance or the margin earned. Must be finite."""
     slot: _builtins.int
     """The slot rewarded, for multi-slot placements (default 0)."""
+    reward_id: _builtins.str
+    """Optional key of this reward (at most 128 characters), unique per event: a retry with the
+    same key is DUPLICATE, never counted twice, also where a placement sums or averages
+    several rewards per event. Send one when retrying after UNAVAILABLE or a deadline.
+    """
     def __init__(
         self,
         *,
         event_id: _builtins.str = ...,
         reward: _builtins.float = ...,
         slot: _builtins.int = ...,
+        reward_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "reward", b"reward", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "reward", b"reward", "reward_id", b"reward_id", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
