@@ -168,7 +168,7 @@ def _reward(args: argparse.Namespace) -> int:
     from server.client import NextbestClient
 
     with NextbestClient(args.target) as nb:
-        print(nb.reward(args.event_id, args.reward))
+        print(nb.reward(args.event_id, args.reward, slot=args.slot, reward_id=args.reward_id))
     return 0
 
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reward", help="report the reward of a decision")
     r.add_argument("event_id")
     r.add_argument("reward", type=float)
+    r.add_argument("--slot", type=int, default=0, help="the slot rewarded (multi-slot placements)")
+    r.add_argument("--reward-id", default="", help="a key of this reward: a retry with it is a duplicate")
     target(r)
     r.set_defaults(func=_reward)
 

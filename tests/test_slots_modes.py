@@ -216,3 +216,14 @@ def test_multi_slot_log_exports_in_vws_ccb_form(db_url: str, tmp_path) -> None: 
         ws.learn(ex)
         ws.finish_example(ex)
     assert outcomes == 40  # VW read every slot's propensity and reward
+
+
+def test_the_cli_sends_slot_and_reward_key(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main as cli_main
+
+    with running_server(db_url) as s, s.client() as c:
+        c.apply([envs.placement(reward_aggregation="sum", reward_window=100)])
+        d = c.choose("app_home_banner", {"segment": "youth"})
+        for _ in range(2):
+            assert cli_main(["reward", d.event_id, "2.5", "--slot", "0", "--reward-id", "k1", "--target", s.target]) == 0
+        assert capsys.readouterr().out.split() == ["recorded", "duplicate"]
