@@ -42,7 +42,7 @@ class ReplayLog:
     timestamps: FloatArray
     rewards: FloatArray
     logged_prob: FloatArray
-    chosen: IntArray  # index into the event's arms
+    chosen: IntArray  # index into the event's arms; -1: pacing made no offer (reward 0)
     offsets: IntArray  # n + 1 entries
     arm_index: IntArray  # per slot: index into ``arms``
     arms: Sequence[ArmKey]  # the distinct (arm id, version) pairs
@@ -54,8 +54,11 @@ class ReplayLog:
     def __post_init__(self) -> None:
         n = len(self.event_ids)
         counts = np.diff(self.offsets)
-        if n and (counts.min() < 1 or self.chosen.min() < 0 or bool((self.chosen >= counts).any())):
+        if n and (counts.min() < 1 or self.chosen.min() < -1 or bool((self.chosen >= counts).any())):
             raise InvalidInput("log", "every event needs at least one arm and a chosen arm among them")
+        none = self.chosen < 0
+        if none.any() and (self.no_offer is None or bool((self.no_offer[none] <= 0.0).any())):
+            raise InvalidInput("log", "an event without an offer needs a logged probability of 'no offer'")
         if self.features is not None and len(self.features) != n:
             raise InvalidInput("log", "one feature tuple per event is required")
 
@@ -68,8 +71,14 @@ class ReplayLog:
         return np.diff(self.offsets)
 
     @property
+    def offered(self) -> NDArray[np.bool_]:
+        """Per event: an arm was shown (else pacing chose "no offer")."""
+        return self.chosen >= 0
+
+    @property
     def chosen_slot(self) -> IntArray:
-        return self.offsets[:-1] + self.chosen
+        """The chosen arm's slot; for an event without an offer, its first slot (mask with ``offered``)."""
+        return self.offsets[:-1] + np.maximum(self.chosen, 0)
 
     @classmethod
     def build(
@@ -119,14 +128,15 @@ class ReplayLog:
     def from_decisions(
         cls, decisions: Iterable[LoggedDecision], arm_features: Mapping[ArmKey, Mapping[str, float | str | bool]] | None = None
     ) -> ReplayLog:
-        """The closed decisions (an arm and a reward) among ``decisions``, in their given order."""
-        rows = [d for d in decisions if d.chosen is not None and d.reward is not None]
+        """The closed decisions (an arm and a reward, or pacing's "no offer") among ``decisions``,
+        in their given order."""
+        rows = [d for d in decisions if (d.chosen is not None and d.reward is not None) or paced_no_offer(d)]
         return cls.build(
             [d.event_id for d in rows],
             [d.timestamp for d in rows],
-            [d.reward for d in rows],  # type: ignore[misc]  # filtered above
+            [d.reward or 0.0 for d in rows],
             [d.probability for d in rows],
-            [d.chosen for d in rows],  # type: ignore[misc]
+            [-1 if d.chosen is None else d.chosen for d in rows],
             [d.arms for d in rows],
             [d.pmf for d in rows],
             features=[d.features for d in rows],
@@ -147,7 +157,8 @@ class ReplayLog:
         return lines, warn
 
     def vw_examples(self) -> tuple[list[str], tuple[str, ...]]:
-        """Every event as cb_adf text, the chosen arm labelled ``0:-reward:probability``."""
+        """Every event as cb_adf text, the chosen arm labelled ``0:-reward:probability`` (events
+        without an offer are unlabelled: VW predicts on them and learns nothing)."""
         if self.features is None:
             raise InvalidInput("log", "VW needs the context features, and the log was read without them")
         lines, warn = self.arm_lines()
@@ -156,7 +167,8 @@ class ReplayLog:
         out = []
         for i, context in enumerate(self.features):
             arms = [lines[c] for c in codes[offsets[i]:offsets[i + 1]]]
-            arms[chosen[i]] = f"0:{-rewards[i]!r}:{probs[i]!r} {arms[chosen[i]]}"
+            if chosen[i] >= 0:
+                arms[chosen[i]] = f"0:{-rewards[i]!r}:{probs[i]!r} {arms[chosen[i]]}"
             out.append("\n".join((shared_line(context), *arms)))
         return out, warn
 
@@ -182,7 +194,8 @@ class LoggedPolicy:
 
     def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
         target = log.logged_pmf.copy()
-        target[log.chosen_slot] = log.logged_prob
+        offered = log.offered
+        target[log.chosen_slot[offered]] = log.logged_prob[offered]
         return target, ()
 
 
@@ -263,13 +276,13 @@ class VwPolicy:
                 raise InvalidInput("policy", f"{self.name}: needs a cb_adf or cb_explore_adf model, not {kind}")
             greedy = kind == ws.pACTION_SCORES
             target = np.empty(len(log.arm_index), np.float64)
-            offsets = log.offsets.tolist()
+            offsets, chosen = log.offsets.tolist(), log.chosen.tolist()
             for i, text in enumerate(texts):
                 lo, hi = offsets[i], offsets[i + 1]
                 ex = ws.parse(text)
                 try:
                     out = np.asarray(ws.predict(ex), dtype=np.float64)
-                    if self.learn:
+                    if self.learn and chosen[i] >= 0:  # nothing to learn where no offer was made
                         ws.learn(ex)
                 finally:
                     ws.finish_example(ex)
@@ -282,6 +295,11 @@ class VwPolicy:
             return np.clip(target, 0.0, 1.0, out=target), warn
         finally:
             ws.finish()
+
+
+def paced_no_offer(d: LoggedDecision) -> bool:
+    """Pacing chose "no offer" although arms were eligible: its PMF has the extra last entry."""
+    return d.chosen is None and len(d.arms) > 0 and len(d.pmf) == len(d.arms) + 1 and d.probability > 0.0
 
 
 def parse_policy(spec: str) -> Policy:
@@ -322,7 +340,7 @@ def reward_model(log: ReplayLog, args: str = DEFAULT_REWARD_MODEL_ARGS, folds: i
     for k in range(folds):
         ws = _workspace(base, "reward_model_args")
         try:
-            for i in np.flatnonzero(fold_of != k).tolist():
+            for i in np.flatnonzero((fold_of != k) & log.offered).tolist():
                 ex = ws.parse(texts[i])
                 ws.learn(ex)
                 ws.finish_example(ex)
@@ -369,15 +387,19 @@ def evaluate(
     # Distributions first: a bad policy fails before the (slow) reward model is fitted.
     targets = [(p.name, *p.distribution(log)) for p in policies]
     rhat = reward_model(log, reward_model_args, folds) if "dr" in names else None
-    slot, never = log.chosen_slot, log.logged_pmf <= 0.0
+    slot, never, offered = log.chosen_slot, log.logged_pmf <= 0.0, log.offered
+    skipped = int(log.n - np.count_nonzero(offered))
     paced = (
-        (f"no_offer: in {np.count_nonzero(log.no_offer)} of {log.n} events the logging policy could also make no "
-         + "offer (pacing); events where it made none are not replayed: IPS overstates candidates that always "
-         + "offer (SNIPS does not), and the logged policy's value is per offer made",)
-        if log.no_offer is not None else ()
+        (f"no_offer: in {skipped} of {log.n} events pacing made no offer; they count with reward 0, and a "
+         + "candidate makes no offer with the probability its distribution leaves over (none, for one that "
+         + "always offers)",)
+        if skipped else ()
     )
     out = []
     for name, target, warn in targets:
+        # The probability the candidate gives the logged action: the chosen arm, or "no offer".
+        none_mass = np.clip(1.0 - np.add.reduceat(target, log.offsets[:-1]), 0.0, 1.0)
+        target_logged = np.where(offered, target[slot], none_mass)
         warn += paced
         unseen = float(target[never].sum()) / log.n if never.any() else 0.0
         if unseen > 0.0:
@@ -387,9 +409,9 @@ def evaluate(
             )
         hat_logged = hat_target = None
         if rhat is not None:
-            hat_logged = rhat[slot]
+            hat_logged = np.where(offered, rhat[slot], 0.0)  # "no offer" earns nothing, surely
             hat_target = np.add.reduceat(target * rhat, log.offsets[:-1])
         for e in names:
-            est = estimate(e, log.rewards, log.logged_prob, target[slot], hat_logged, hat_target, clip=clip)
+            est = estimate(e, log.rewards, log.logged_prob, target_logged, hat_logged, hat_target, clip=clip)
             out.append(PolicyEstimate(name, replace(est, warnings=est.warnings + warn) if warn else est))
     return out

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from sqlalchemy import Engine, Text, cast, create_engine, event, select
+from sqlalchemy import Engine, Text, and_, cast, create_engine, event, func, or_, select
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -91,9 +91,14 @@ def read_snapshot(url: str, placement: str, slot: str) -> bytes:
     return bytes(row.model)
 
 
-def _where(placement: str, since: float | None, until: float | None) -> list[Any]:
+def _where(placement: str, since: float | None, until: float | None, no_offer: bool = False) -> list[Any]:
+    """Closed decisions with an arm; with ``no_offer`` also pacing's "no offer" decisions
+    (no arm, but a positive logged probability: the replay counts them with reward 0)."""
     d = t.decisions.c
-    out = [d.placement_id == placement, d.outcome.in_(CLOSED), d.chosen.is_not(None), d.reward.is_not(None)]
+    shown = and_(d.outcome.in_(CLOSED), d.chosen.is_not(None), d.reward.is_not(None))
+    if no_offer:
+        shown = or_(shown, and_(d.outcome == int(Outcome.NO_ARM), d.chosen.is_(None), d.probability > 0.0))
+    out = [d.placement_id == placement, shown]
     if since is not None:
         out.append(d.created_at >= since)
     if until is not None:
@@ -120,17 +125,24 @@ def read_replay_log(
 ) -> ReplayLog:
     """The closed decisions of a placement, oldest first (ties by event id)."""
     d = t.decisions.c
-    cols = [d.event_id, d.created_at, d.reward, d.probability, d.chosen, cast(d.arms, Text), cast(d.pmf, Text)]
+    cols = [d.event_id, d.created_at, func.coalesce(d.reward, 0.0), d.probability, func.coalesce(d.chosen, -1),
+            cast(d.arms, Text), cast(d.pmf, Text)]
     if with_features:
         cols.append(cast(d.features, Text))
-    stmt = select(*cols).where(*_where(placement, since, until)).order_by(d.created_at, d.event_id)
+    stmt = select(*cols).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id)
     with _connect(url) as conn:
         rows = conn.execute(stmt).all()
         arm_rows = _arm_features(conn, placement) if with_features else {}
     if not rows:
         raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
-    columns = list(zip(*rows, strict=True))
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
     pmfs = json.loads("[" + ",".join(columns[6]) + "]")
+    arm_lists = _bulk_json(columns[5])
+    # A decision without an arm is pacing's "no offer" only if its PMF has that extra entry.
+    keep = [i for i, (c, p, a) in enumerate(zip(columns[4], pmfs, arm_lists, strict=True)) if c >= 0 or len(p) == len(a) + 1]
+    if len(keep) < len(rows):
+        columns = [[col[i] for i in keep] for col in columns]
+        pmfs, arm_lists = [pmfs[i] for i in keep], [arm_lists[i] for i in keep]
     features = None
     if with_features:
         features = [
@@ -138,7 +150,7 @@ def read_replay_log(
             for row in json.loads("[" + ",".join(columns[7]) + "]")
         ]
     return ReplayLog.build(
-        columns[0], columns[1], columns[2], columns[3], columns[4], _bulk_json(columns[5]), pmfs,
+        columns[0], columns[1], columns[2], columns[3], columns[4], arm_lists, pmfs,
         features=features,
         arm_features={k: features_from_mapping(v) for k, v in arm_rows.items()},
     )

@@ -165,7 +165,58 @@ def test_paced_logs_keep_no_offer_apart_and_say_so() -> None:
     assert log.no_offer is not None and log.no_offer.tolist() == [0, 0, 0, 0, 0.2]
     assert len(log.logged_pmf) == len(log.arm_index)
     (res,) = evaluate(log, [parse_policy("logged")], ["ips"])
-    assert any(w.startswith("no_offer: in 1 of 5 events") for w in res.estimate.warnings)
+    assert not any(w.startswith("no_offer") for w in res.estimate.warnings)  # every event made an offer
+
+
+def _paced(i: int, offered: bool) -> LoggedDecision:
+    """Pacing offered arm a (reward 1) or nothing, each with probability 1/2."""
+    d = _decision(i, "a", [0.5, 0.5], 0, 1.0)
+    if offered:
+        return d
+    return replace(d, chosen=None, probability=0.5, outcome=Outcome.NO_ARM, reward=None, learn_seq=None)
+
+
+def test_no_offer_events_are_replayed_so_ips_is_not_overstated() -> None:
+    """Pacing made no offer in about half the events. Always offering a earns 1 per event, the
+    logged policy about 1/2: skipping the no-offer events would double IPS's estimate of always
+    offering (and of the logged policy)."""
+    rng = np.random.default_rng(7)
+    decisions = [_paced(i, bool(rng.random() < 0.5)) for i in range(400)]
+    log = ReplayLog.from_decisions(decisions)
+    shown = int(np.count_nonzero(log.offered))
+    assert log.n == 400 and 150 < shown < 250
+    pols = [parse_policy(s) for s in ("logged", "constant:a", "uniform")]
+    got = {(r.policy, r.estimate.estimator): r.estimate for r in evaluate(log, pols, ["ips", "snips", "dr"])}
+    assert got["logged", "ips"].value == pytest.approx(shown / 400)  # exactly what was earned
+    assert got["constant:a", "ips"].value == pytest.approx(2 * shown / 400)  # 1 in expectation
+    assert got["constant:a", "ips"].value == pytest.approx(1.0, abs=0.15)
+    assert got["constant:a", "snips"].value == pytest.approx(1.0)
+    assert got["uniform", "snips"].value == pytest.approx(1.0)  # one arm: uniform always offers it
+    assert got["constant:a", "dr"].value == pytest.approx(1.0, abs=0.15)
+    assert any(w.startswith(f"no_offer: in {400 - shown} of 400 events") for w in got["logged", "ips"].warnings)
+    vw = evaluate(log, [parse_policy("vw:--cb_explore_adf --epsilon 0.1")], ["snips"])[0]
+    assert vw.estimate.value == pytest.approx(1.0)  # VW never learns from, nor offers, "no offer"
+
+
+def test_the_database_log_replays_no_offer_events_and_export_leaves_them_out(tmp_path: Path) -> None:
+    from server.logsource import read_decisions, read_replay_log
+
+    url = f"sqlite:///{tmp_path}/nb.db"
+    store = open_store(url)
+    try:
+        nothing = replace(_paced(9, False), event_id="e9", arms=(), pmf=(), probability=0.0)  # no eligible arm
+        rows = [_paced(0, True), _paced(1, False), _paced(2, True), nothing]
+        store.write([replace(d, outcome=Outcome.OPEN, reward=None, learn_seq=None) if d.chosen is not None else d for d in rows], [])
+        store.write([], [Close("e0", Outcome.REWARD, 1.0, 1100.0), Close("e2", Outcome.REWARD, 1.0, 1100.0)])
+    finally:
+        store.close()
+    log = read_replay_log(url, "p")
+    assert list(log.event_ids) == ["e0", "e1", "e2"] and log.chosen.tolist() == [0, -1, 0]
+    assert log.rewards.tolist() == [1.0, 0.0, 1.0] and log.logged_prob.tolist() == [0.5, 0.5, 0.5]
+    (est,) = evaluate(log, [parse_policy("constant:a")], ["ips"])
+    assert est.estimate.value == pytest.approx(4 / 3)  # (2 + 0 + 2) / 3 events, the no-offer one included
+    decisions, _ = read_decisions(url, "p")  # DSJSON has no "no offer": the export keeps shown decisions only
+    assert [d.event_id for d in decisions] == ["e0", "e2"]
 
 
 def _hashed(exs: list[Any]) -> list[dict[str, list[tuple[int, float]]]]:
