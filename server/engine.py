@@ -62,6 +62,9 @@ def uniform_for(salt: bytes, event_id: str) -> float:
 
 _MAX_KNOWN_NAMES = 100_000
 _PRUNE_EVERY = 60.0  # seconds between deletions of shared impressions beyond every horizon
+# Shared impressions are kept at least this long, so that a policy applied later with a longer
+# horizon (up to this) sees the customers' past; migration 0002 starts the table with as much.
+_KEEP_CONTACTS = 31 * 86400.0
 
 
 class Engine:
@@ -581,7 +584,7 @@ class Engine:
                 await self.windows.sweep()
                 if self.shared_contacts is not None and time.monotonic() - pruned >= _PRUNE_EVERY:
                     pruned = time.monotonic()
-                    before = self.clock() - self.history.horizon
+                    before = self.clock() - max(self.history.horizon, _KEEP_CONTACTS)
                     await asyncio.get_running_loop().run_in_executor(self.reader_pool, self.store.prune_contacts, before)
             except Exception as e:
                 log.warning("closing expired reward windows failed: %s", e)
