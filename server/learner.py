@@ -113,6 +113,7 @@ class Learner:
         self._store = store
         self._lines: dict[tuple[str, int], str] = {}  # (event, slot) -> shared VW text, oldest first
         self._cache_size = cache_size
+        self.cache_misses = 0  # examples whose VW text was rebuilt from the log
         self._states = states
         self._reader = reader
         self._writer = writer
@@ -200,6 +201,7 @@ class Learner:
         """The example's shared VW text: from memory when the Choose was recent, else the log's."""
         shared = self._lines.get((row.event_id, row.slot))
         if shared is None:
+            self.cache_misses += 1
             shared = shared_line(row.features())
         elif len(ps.slots) == 1:
             del self._lines[(row.event_id, row.slot)]  # no other model of the placement will want it

@@ -58,3 +58,32 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
             assert hits >= 35, hits  # 50 draws; squarecb after 4,000 examples is nearly greedy
     finally:
         s.stop()
+
+
+def test_learning_from_the_cache_equals_learning_from_the_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The learner reuses each Choose's VW text when it has it (learn_cache); without it, it
+    rebuilds the text from the log. Same traffic, same seed: the same model either way."""
+    from bandit.features import Feature, shared_line
+
+    models = []
+    for cache in (0, 20_000):
+        s = ServerThread(make_settings(f"sqlite:///{tmp_path}/nb{cache}.db", seed="same", learn_cache=cache))
+        try:
+            with s.client() as c:
+                c.apply([envs.placement()])
+                ps = s.engine.states["app_home_banner"]
+                for i in range(60):
+                    seg = ("youth", "family", "business")[i % 3]
+                    d = c.choose("app_home_banner", {"customer": {"segment": seg, "arpu": 10.0 + i}}, event_id=f"e{i}")
+                    c.reward(d.event_id, float(d.arm_id.endswith(seg[0])))
+                    deadline = time.monotonic() + 20
+                    while ps.model.learned < i + 1:  # each Choose sees the same model in both runs
+                        assert time.monotonic() < deadline
+                        time.sleep(0.002)
+            probe = shared_line([Feature("customer", "segment", "family"), Feature("customer", "arpu", 15.0)])
+            models.append(ps.model.expected_rewards(probe, [a.line for a in ps.arms]))
+            assert s.engine.learner.cache_misses == (60 if cache == 0 else 0)
+        finally:
+            s.stop()
+    assert np.any(models[0] != 0.0)
+    np.testing.assert_array_equal(models[0], models[1])
