@@ -11,7 +11,7 @@ import re
 import shlex
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -388,6 +388,18 @@ class PlacementSpec(_Spec):
 
     def active_arms(self) -> list[ArmSpec]:
         return [a for a in self.arms if a.active]
+
+    def __copy__(self) -> PlacementSpec:
+        # model_copy(update=...) (variants, shadows) starts from a copy of __dict__: a cached
+        # property of the original must not survive into a spec whose fields differ.
+        out = super().__copy__()
+        out.__dict__.pop("unconstrained", None)
+        return out
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> PlacementSpec:
+        out = super().__deepcopy__(memo)
+        out.__dict__.pop("unconstrained", None)
+        return out
 
     @cached_property
     def unconstrained(self) -> bool:

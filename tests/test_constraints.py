@@ -169,3 +169,28 @@ def test_a_scaling_fatigue_penalty_cuts_a_share_of_the_value() -> None:
     # one ignored impression of a0 halves its value: 0.5 < 0.6, so a1 is now the greedy arm
     tired = decide(model, spec, cands, "shared |U x=1", lambda: 0.5, 0.0, [Impression(0.0, "a0", None, "p", "e", False)])
     assert cands[tired.eligible[tired.arm_index]].arm.id == "a1"
+
+
+def test_a_variant_with_its_own_rules_is_never_taken_for_unconstrained() -> None:
+    """The decider skips per-arm checks for unconstrained specs (a cached property); a variant
+    is a copy with overrides, and must not inherit the placement's cached answer."""
+    from bandit.spec import PlacementSpec
+
+    spec = PlacementSpec.model_validate(
+        {
+            "id": "p",
+            "arms": [{"id": "x"}, {"id": "y"}],
+            "experiment": {
+                "variants": [
+                    {"id": "A", "share": 0.4},
+                    {"id": "B", "share": 0.3, "fatigue": {"strength": 0.5}},
+                    {"id": "C", "share": 0.3, "contact_policies": [{"max_impressions": 1, "window": "1d"}]},
+                ]
+            },
+        }
+    )
+    assert spec.unconstrained  # computed and cached first
+    assert spec.variant("A").unconstrained
+    assert not spec.variant("B").unconstrained
+    assert not spec.variant("C").unconstrained
+    assert not spec.model_copy(update={"cooldown": 60.0}).unconstrained
