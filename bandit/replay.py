@@ -389,12 +389,20 @@ def evaluate(
     rhat = reward_model(log, reward_model_args, folds) if "dr" in names else None
     slot, never, offered = log.chosen_slot, log.logged_pmf <= 0.0, log.offered
     skipped = int(log.n - np.count_nonzero(offered))
-    paced = (
-        (f"no_offer: in {skipped} of {log.n} events pacing made no offer; they count with reward 0, and a "
-         + "candidate makes no offer with the probability its distribution leaves over (none, for one that "
-         + "always offers)",)
-        if skipped else ()
-    )
+    if skipped:
+        paced: tuple[str, ...] = (
+            f"no_offer: in {skipped} of {log.n} events pacing made no offer; they count with reward 0, and a "
+            + "candidate makes no offer with the probability its distribution leaves over (none, for one that "
+            + "always offers)",
+        )
+    elif log.no_offer is not None:  # e.g. a DSJSON export: the events without an offer are not in it
+        paced = (
+            f"no_offer: in {np.count_nonzero(log.no_offer)} of {log.n} events pacing could also make no offer, and "
+            + "this log has no event where it made none; if they were left out (a DSJSON export leaves them out), "
+            + "IPS overstates candidates that always offer (SNIPS does not): replay from the database instead",
+        )
+    else:
+        paced = ()
     out = []
     for name, target, warn in targets:
         # The probability the candidate gives the logged action: the chosen arm, or "no offer".

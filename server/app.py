@@ -144,6 +144,8 @@ class _WrappedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = self._inner.service(details)
+        if handler is None:
+            return None  # not this handler's method: nothing is remembered for unknown names
         cached = self._cache.get(details.method)
         if cached is None or cached[0] is not handler:
             cached = self._cache[details.method] = (handler, self._wrap(details.method, handler))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -93,11 +94,14 @@ def read_snapshot(url: str, placement: str, slot: str) -> bytes:
 
 def _where(placement: str, since: float | None, until: float | None, no_offer: bool = False) -> list[Any]:
     """Closed decisions with an arm; with ``no_offer`` also pacing's "no offer" decisions
-    (no arm, but a positive logged probability: the replay counts them with reward 0)."""
+    (no arm, but a positive logged probability: the replay counts them with reward 0) whose
+    reward window would have closed by now, like the shown ones beside them."""
     d = t.decisions.c
     shown = and_(d.outcome.in_(CLOSED), d.chosen.is_not(None), d.reward.is_not(None))
     if no_offer:
-        shown = or_(shown, and_(d.outcome == int(Outcome.NO_ARM), d.chosen.is_(None), d.probability > 0.0))
+        none = and_(d.outcome == int(Outcome.NO_ARM), d.chosen.is_(None), d.probability > 0.0, d.activated.is_(True),
+                    d.deadline <= time.time())
+        shown = or_(shown, none)
     out = [d.placement_id == placement, shown]
     if since is not None:
         out.append(d.created_at >= since)

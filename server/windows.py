@@ -57,6 +57,7 @@ class OpenDecision:
     # took 180 ms with empty list and set fields, measured).
     rewards: list[float] | None = None  # recorded for aggregation
     reward_ids: set[str] | None = None  # the callers' keys of those rewards
+    writing: dict[str, asyncio.Future[None]] | None = None  # keys whose reward is being stored
 
     def add_reward(self, reward: float) -> None:
         if self.rewards is None:
@@ -70,10 +71,6 @@ class OpenDecision:
         if self.reward_ids is None:
             self.reward_ids = set()
         self.reward_ids.add(reward_id)
-
-    def drop_key(self, reward_id: str) -> None:
-        if self.reward_ids is not None:
-            self.reward_ids.discard(reward_id)
 
 
 def aggregate(how: str, rewards: list[float]) -> float:
@@ -136,18 +133,17 @@ class RewardWindows:
         if how != "earliest":
             if reward_id:
                 if entry.has_key(reward_id):
-                    return RewardStatus.DUPLICATE  # a retry of a reward counted (or being stored) already
-                entry.add_key(reward_id)  # now: a concurrent retry must see it
+                    return RewardStatus.DUPLICATE  # a retry of a reward counted already
+                first = entry.writing.get(reward_id) if entry.writing else None
+                if first is not None:  # a retry while the first is being stored: its outcome is ours
+                    await asyncio.shield(first)  # if that write fails, so does this call: retry it
+                    return RewardStatus.DUPLICATE
             recorded = e.writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
-            try:
-                await asyncio.shield(recorded)
-            except asyncio.CancelledError:  # the caller gave up; count the reward if it lands
-                recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id))
-                raise
-            except BaseException:
-                entry.drop_key(reward_id)  # not stored: a retry must count
-                raise
-            entry.add_reward(reward)
+            if reward_id:
+                entry.writing = entry.writing or {}
+                entry.writing[reward_id] = recorded
+            recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id))
+            await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
             return RewardStatus.RECORDED
         del self.open[key]
         close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
@@ -169,10 +165,14 @@ class RewardWindows:
 
     @staticmethod
     def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str) -> None:
+        """Count an aggregated reward once its write is durable (whether or not its caller still
+        waits); a failed one is not counted and its key is free for a retry."""
+        if reward_id and entry.writing is not None:
+            entry.writing.pop(reward_id, None)
         if not f.cancelled() and f.exception() is None:
+            if reward_id:
+                entry.add_key(reward_id)
             entry.add_reward(reward)
-        else:
-            entry.drop_key(reward_id)
 
     @staticmethod
     def counted(entry: OpenDecision, reward: float, reward_id: str) -> None:

@@ -165,7 +165,8 @@ def test_paced_logs_keep_no_offer_apart_and_say_so() -> None:
     assert log.no_offer is not None and log.no_offer.tolist() == [0, 0, 0, 0, 0.2]
     assert len(log.logged_pmf) == len(log.arm_index)
     (res,) = evaluate(log, [parse_policy("logged")], ["ips"])
-    assert not any(w.startswith("no_offer") for w in res.estimate.warnings)  # every event made an offer
+    (w,) = [w for w in res.estimate.warnings if w.startswith("no_offer")]  # no event without an offer: say what that means
+    assert w.startswith("no_offer: in 1 of 5 events pacing could also make no offer") and "DSJSON" in w
 
 
 def _paced(i: int, offered: bool) -> LoggedDecision:
