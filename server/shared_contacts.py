@@ -4,6 +4,8 @@ Each Choose for a tracked customer runs inside that customer's lock: read their 
 decide, record the new ones, commit. In one process, a customer's Chooses queue on an asyncio
 lock first, so that at most one thread per customer waits on the database's lock, and the
 number of open transactions is bounded (each holds a pooled connection until it commits).
+Taking a lock (which may wait) and releasing one (commit, abort: never waits on a lock) run on
+separate threads, so releases always make progress and a waiting taker is always let in.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class ContactTx:
 class SharedContacts:
     def __init__(self, store: Store, concurrency: int) -> None:
         self._store = store
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="nextbest-contacts")
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="nextbest-contacts")  # takes locks
+        self._release = ThreadPoolExecutor(2, thread_name_prefix="nextbest-contacts-release")  # never waits on one
         self._open = asyncio.Semaphore(concurrency)  # transactions (connections) open at once
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # customer -> (lock, users)
 
@@ -48,11 +51,13 @@ class SharedContacts:
                 try:
                     yield tx
                 except BaseException:
-                    self._pool.submit(self._store.contacts_abort, handle)
+                    self._release.submit(self._store.contacts_abort, handle)
                     raise
                 # Shielded: a caller that gives up now must not leave the lock held; the
                 # commit finishes (or fails, releasing the lock) in its thread either way.
-                await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._pool, self._store.contacts_commit, handle, tx.new))
+                await asyncio.shield(
+                    asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new)
+                )
         finally:
             lock, users = self._locks[customer_id]
             if users <= 1:
@@ -68,7 +73,7 @@ class SharedContacts:
         except asyncio.CancelledError:
             def release(f: asyncio.Future[tuple[Any, list[RecentImpression]]]) -> None:
                 if not f.cancelled() and f.exception() is None:
-                    self._pool.submit(self._store.contacts_abort, f.result()[0])
+                    self._release.submit(self._store.contacts_abort, f.result()[0])
 
             fut.add_done_callback(release)
             raise
@@ -76,14 +81,14 @@ class SharedContacts:
     def record_later(self, rows: list[ContactRow]) -> None:
         """Record impressions that no decision here waits on (their placement has no rule)."""
         if rows:
-            self._pool.submit(self._record, rows)
+            self._release.submit(self._record, rows)
 
     def _record(self, rows: list[ContactRow]) -> None:
         try:
-            handle, _ = self._store.contacts_open(rows[0].customer_id, float("inf"))
-            self._store.contacts_commit(handle, rows)
+            self._store.contacts_insert(rows)  # no lock: no decision here waits on it
         except Exception as e:  # the policies of other placements miss one impression
             log.warning("recording %d impressions of customer %s failed: %s", len(rows), rows[0].customer_id, e)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._release.shutdown(wait=True)

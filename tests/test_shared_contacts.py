@@ -139,3 +139,42 @@ def test_impressions_of_a_placement_without_rules_count_for_other_placements(url
             b.stop()
     finally:
         a.stop()
+
+
+def test_budgets_and_placements_without_rules_never_wait_on_a_customer_lock(url: str) -> None:
+    """Regression: a held customer lock once blocked budget leases (SQLite) and, with impressions
+    of rule-free placements queued on the same threads, every call (PostgreSQL)."""
+    capped = PlacementSpec.model_validate(
+        {
+            "id": "capped",
+            "contact_policies": [{"max_impressions": 10_000, "per": "customer", "window": "1d"}],
+            "arms": [{"id": "paid", "cost_per_impression": 1.0, "budget": {"total": 10_000}}, {"id": "free"}],
+        }
+    )
+    free = PlacementSpec.model_validate({"id": "free", "arms": [{"id": "a"}, {"id": "b"}]})
+    s = ServerThread(make_settings(url, contact_store="database"))
+    errors: list[str] = []
+
+    def ask(pid: str, customer: str) -> None:
+        with s.client() as c:
+            for _ in range(10):
+                try:
+                    c.choose(pid, {"segment": "x"}, customer_id=customer)
+                except Exception as e:  # noqa: BLE001 - any failure is the finding
+                    errors.append(f"{pid}: {e}")
+
+    try:
+        with s.client() as c:
+            c.apply([capped, free])
+        threads = [threading.Thread(target=ask, args=(p, f"k{i % 2}")) for i in range(8) for p in ("capped", "free", "free")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        with s.client() as c:
+            stats = c.stats("capped")
+    finally:
+        s.stop()
+    assert errors == []
+    assert stats.decisions == 80

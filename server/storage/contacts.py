@@ -1,14 +1,17 @@
 """Contact history in the database, for contact policies that hold across servers.
 
-A Choose for a tracked customer opens a transaction that locks the customer (a PostgreSQL
-advisory transaction lock on a hash of the id; on SQLite the database's write lock), reads
-their impressions, and after the decision writes the new ones and commits. Two servers
-deciding for one customer therefore take turns, and the second sees the first's impression.
-Whether a customer responded comes from the decision's row (open: not yet known).
+A Choose for a tracked customer locks the customer (PostgreSQL: an advisory transaction lock on
+a hash of the id, in a transaction held until the commit; SQLite, whose servers share one
+machine: an exclusive lock on a file beside the database, so that SQLite's own write lock is
+never held across a decision), reads their impressions, and after the decision writes the new
+ones and releases the lock. Two servers deciding for one customer therefore take turns, and the
+second sees the first's impression. Whether a customer responded comes from the decision's row
+(open: not yet known).
 """
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,74 +24,106 @@ from server.storage.base import ContactRow, RecentImpression
 from server.storage.sqlcore import SqlBase
 
 _CONTACT_LOCK_CLASS = 0x6E62  # first key of the two-key advisory locks (apart from the learner's one-key lock)
+_READ = text(
+    "SELECT ci.arm_id, ci.placement_id, ci.event_id, ci.slot, ci.at, d.outcome, d.reward "
+    "FROM contact_impressions ci LEFT JOIN decisions d ON d.event_id = ci.event_id AND d.slot = ci.slot "
+    "WHERE ci.customer_id = :c AND ci.at >= :since ORDER BY ci.at, ci.id"
+)
+
+
+def _impressions(customer_id: str, rows: Sequence[Any]) -> list[RecentImpression]:
+    return [
+        RecentImpression(
+            customer_id, arm, placement, event_id if not slot else f"{event_id}#{slot}", at,
+            Outcome(outcome) if outcome is not None else Outcome.OPEN, reward,
+        )
+        for arm, placement, event_id, slot, at, outcome, reward in rows
+    ]
 
 
 class ContactHandle:
-    """An open, customer-locked transaction: commit or abort it exactly once."""
+    """A held customer lock: commit or abort it exactly once. PostgreSQL: the open transaction
+    holding the advisory lock; SQLite: the locked file."""
 
-    def __init__(self, conn: Any, tx: Any) -> None:
-        self.conn, self.tx = conn, tx
+    def __init__(self, conn: Any = None, tx: Any = None, lock_file: Any = None) -> None:
+        self.conn, self.tx, self.lock_file = conn, tx, lock_file
+
+    def release_file(self) -> None:
+        if self.lock_file is not None:
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+            self.lock_file.close()
+            self.lock_file = None
 
 
 class ContactQueries(SqlBase):
     def contacts_open(self, customer_id: str, since: float) -> tuple[ContactHandle, list[RecentImpression]]:
         """Lock the customer and read their impressions since ``since`` (oldest first)."""
+        if not self._postgres:
+            path = (self.engine.url.database or "nextbest") + ".contacts.lock"
+            f = open(path, "a+")  # noqa: SIM115 - held until commit or abort
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                with self._connect() as c:
+                    rows = c.execute(_READ, {"c": customer_id, "since": since}).all()
+            except BaseException:
+                f.close()  # closing drops the lock
+                raise
+            return ContactHandle(lock_file=f), _impressions(customer_id, rows)
         try:
             conn = self.engine.connect()
         except SQLAlchemyError as e:
             raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
         try:
             tx = conn.begin()
-            if self._postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:c))"), {"k": _CONTACT_LOCK_CLASS, "c": customer_id})
-            else:  # any write takes SQLite's one write lock, held to the commit
-                conn.exec_driver_sql("INSERT INTO counters (name, value) VALUES ('contact_lock', 0) ON CONFLICT DO NOTHING")
-                conn.exec_driver_sql("UPDATE counters SET value = value + 1 WHERE name = 'contact_lock'")
-            rows = conn.execute(
-                text(
-                    "SELECT ci.arm_id, ci.placement_id, ci.event_id, ci.slot, ci.at, d.outcome, d.reward "
-                    "FROM contact_impressions ci LEFT JOIN decisions d ON d.event_id = ci.event_id AND d.slot = ci.slot "
-                    "WHERE ci.customer_id = :c AND ci.at >= :since ORDER BY ci.at, ci.id"
-                ),
-                {"c": customer_id, "since": since},
-            ).all()
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:c))"), {"k": _CONTACT_LOCK_CLASS, "c": customer_id})
+            rows = conn.execute(_READ, {"c": customer_id, "since": since}).all()
         except SQLAlchemyError as e:
             conn.close()  # rolls back and frees the lock
             raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
         except BaseException:
             conn.close()
             raise
-        out = [
-            RecentImpression(
-                customer_id, arm, placement, event_id if not slot else f"{event_id}#{slot}", at,
-                Outcome(outcome) if outcome is not None else Outcome.OPEN, reward,
-            )
-            for arm, placement, event_id, slot, at, outcome, reward in rows
-        ]
-        return ContactHandle(conn, tx), out
+        return ContactHandle(conn, tx), _impressions(customer_id, rows)
 
     def contacts_commit(self, handle: ContactHandle, rows: Sequence[ContactRow]) -> None:
         """Record the impressions and release the customer."""
         try:
+            if handle.conn is None:  # SQLite: a short write of its own, then the file lock goes
+                if rows:
+                    with self._begin() as c:
+                        self._insert_contacts(c, rows)
+                return
             if rows:
-                mark = "%s" if self._postgres else "?"
-                handle.conn.exec_driver_sql(
-                    "INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) "
-                    f"VALUES ({', '.join([mark] * 6)})",
-                    [(r.customer_id, r.at, r.placement, r.arm_id, r.event_id, r.slot) for r in rows],
-                )
+                self._insert_contacts(handle.conn, rows)
             handle.tx.commit()
         except SQLAlchemyError as e:
             raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
         finally:
-            handle.conn.close()
+            handle.release_file()
+            if handle.conn is not None:
+                handle.conn.close()
 
     def contacts_abort(self, handle: ContactHandle) -> None:
         """Release the customer, recording nothing."""
+        handle.release_file()
         try:
-            handle.conn.close()
+            if handle.conn is not None:
+                handle.conn.close()
         except SQLAlchemyError:
             pass  # the connection is gone: so is its transaction and its lock
+
+    def contacts_insert(self, rows: Sequence[ContactRow]) -> None:
+        """Record impressions without taking the customer's lock (no decision waits on them)."""
+        with self._begin() as c:
+            self._insert_contacts(c, rows)
+
+    def _insert_contacts(self, c: Any, rows: Sequence[ContactRow]) -> None:
+        mark = "%s" if self._postgres else "?"
+        c.exec_driver_sql(
+            "INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) "
+            f"VALUES ({', '.join([mark] * 6)})",
+            [(r.customer_id, r.at, r.placement, r.arm_id, r.event_id, r.slot) for r in rows],
+        )
 
     def prune_contacts(self, before: float) -> int:
         """Forget impressions older than every policy's horizon."""
