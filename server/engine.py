@@ -582,12 +582,15 @@ class Engine:
             await asyncio.sleep(self.settings.sweep_interval)
             try:
                 await self.windows.sweep()
-                if self.shared_contacts is not None and time.monotonic() - pruned >= _PRUNE_EVERY:
-                    pruned = time.monotonic()
-                    before = self.clock() - max(self.history.horizon, _KEEP_CONTACTS)
-                    await asyncio.get_running_loop().run_in_executor(self.reader_pool, self.store.prune_contacts, before)
             except Exception as e:
                 log.warning("closing expired reward windows failed: %s", e)
+            if self.shared_contacts is not None and time.monotonic() - pruned >= _PRUNE_EVERY:
+                pruned = time.monotonic()
+                before = self.clock() - max(self.history.horizon, _KEEP_CONTACTS)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self.reader_pool, self.store.prune_contacts, before)
+                except Exception as e:
+                    log.warning("forgetting old shared impressions failed: %s", e)
 
     @property
     def queue_depth(self) -> int:
