@@ -178,11 +178,12 @@ def postgres_available() -> bool:
 
 
 @contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A fresh schema, dropped afterwards; yields a SQLAlchemy URL whose search_path is it."""
+def postgres_schema(prefix: str = "nbbench") -> Iterator[str]:
+    """A fresh schema, dropped afterwards; yields a SQLAlchemy URL whose search_path is it.
+    The test suite uses it too (prefix "nbtest")."""
     import psycopg
 
-    name = f"nbbench_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_DSN, autocommit=True) as c:
         c.execute(f"CREATE SCHEMA {name}")
     try:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -18,12 +17,12 @@ from typing import Any
 
 import grpc
 
+from server import bench_procs
 from server.app import Running, create_server
 from server.client import NextbestClient
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_URL = os.environ.get("NEXTBEST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 class ServerThread:
@@ -87,29 +86,14 @@ def running_server(db: str, clock: Callable[[], float] = time.time, **kw: Any) -
 
 
 def postgres_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=2"):
-            return True
-    except Exception:
-        return False
+    return bench_procs.postgres_available()
 
 
 @contextmanager
 def postgres_schema() -> Iterator[str]:
     """A fresh schema in database test; yields a SQLAlchemy URL whose search_path is it."""
-    import psycopg
-
-    name = f"nbtest_{uuid.uuid4().hex[:12]}"
-    dsn = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{name}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(f"DROP SCHEMA {name} CASCADE")
+    with bench_procs.postgres_schema("nbtest") as url:
+        yield url
 
 
 class ServerProcess:
