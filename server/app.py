@@ -7,7 +7,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -26,6 +26,7 @@ from server.rpc.admin import AdminServicer
 from server.rpc.decision import DecisionServicer
 from server.settings import Settings
 from server.storage import open_store
+from server.wrapping import RegisterWrapped
 
 log = logging.getLogger("nextbest")
 
@@ -83,7 +84,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         # is registered: as interceptors they cost every call 60-100 µs (measured on Choose).
         server = grpc.aio.server(options=options)
         timing = engine.metrics.interceptor()
-        target = _Wrapping(server, lambda m, h: timing.wrap(m, overload.wrap(m, h)))
+        target = RegisterWrapped(server, lambda m, h: timing.wrap(m, overload.wrap(m, h)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     for name in ("", *SERVICES):
@@ -116,40 +117,6 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         f"on port {metrics_port}" if metrics_port is not None else "off",
     )
     return Running(server, port, engine, health_servicer, metrics_port, overload)
-
-
-Wrap = Callable[[str, "grpc.RpcMethodHandler | None"], "grpc.RpcMethodHandler | None"]
-
-
-class _Wrapping:
-    """Stands in for the server while services register: their handlers are wrapped once."""
-
-    def __init__(self, server: grpc.aio.Server, wrap: Wrap) -> None:
-        self._server, self._wrap = server, wrap
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        wrapped = {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self._server.add_registered_method_handlers(service, wrapped)
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._wrap) for h in handlers))
-
-
-class _WrappedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """A generic handler whose answers are wrapped, once per method."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap) -> None:
-        self._inner, self._wrap = inner, wrap
-        self._cache: dict[str, tuple[Any, Any]] = {}
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = self._inner.service(details)
-        if handler is None:
-            return None  # not this handler's method: nothing is remembered for unknown names
-        cached = self._cache.get(details.method)
-        if cached is None or cached[0] is not handler:
-            cached = self._cache[details.method] = (handler, self._wrap(details.method, handler))
-        return cached[1]
 
 
 async def serve(settings: Settings) -> None:

@@ -28,6 +28,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from server.wrapping import HandlerWrapper
+
 if TYPE_CHECKING:
     from server.engine import Engine
 
@@ -234,19 +236,11 @@ def _code_name(code: object) -> str | None:
     return None
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MetricsInterceptor(HandlerWrapper):
     """Times every unary call by method and final status code; put it first (outermost)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        return self.wrap(details.method, handler)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         """The handler, timed; also used to wrap handlers once when they are registered."""

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
+from server.wrapping import HandlerWrapper
+
 if TYPE_CHECKING:
     from server.metrics import Metrics
 
@@ -63,7 +65,7 @@ async def check_deadline(context: Ctx, margin: float = 0.0) -> None:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the work started")
 
 
-class OverloadInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class OverloadInterceptor(HandlerWrapper):
     """RESOURCE_EXHAUSTED past max_inflight calls of a method; DEADLINE_EXCEEDED for expired calls."""
 
     def __init__(self, max_inflight: int, metrics: Metrics | None = None, margin: float = 0.0) -> None:
@@ -75,14 +77,6 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.expired = 0
         self._metrics = metrics
         self._margin = margin
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        return self.wrap(details.method, handler)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         """The handler, guarded; also used to wrap handlers once when they are registered."""
