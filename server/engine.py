@@ -34,6 +34,7 @@ from bandit.log import LoggedDecision, Outcome
 from bandit.model import CbModel
 from bandit.spec import CampaignSpec, PlacementSpec
 from server.budgets import BudgetKeeper
+from server.choose_checks import ChooseChecks
 from server.configure import Configurator
 from server.learner import Learner, PlacementState, Slot
 from server.metrics import Metrics
@@ -60,11 +61,19 @@ def uniform_for(salt: bytes, event_id: str) -> float:
     return int.from_bytes(h, "big") / 2.0**64
 
 
-_MAX_KNOWN_NAMES = 100_000
 _PRUNE_EVERY = 60.0  # seconds between deletions of shared impressions beyond every horizon
 # Shared impressions are kept at least this long, so that a policy applied later with a longer
 # horizon (up to this) sees the customers' past; migration 0002 starts the table with as much.
 _KEEP_CONTACTS = 31 * 86400.0
+
+
+def _shown(customer_id: str, decisions: Sequence[LoggedDecision]) -> list[ContactRow]:
+    """The impressions a Choose made now (deferred decisions count when activated)."""
+    return [
+        ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
+        for d in decisions
+        if d.arm_id is not None and d.activated
+    ]
 
 
 class Engine:
@@ -82,7 +91,7 @@ class Engine:
         self.budgets = BudgetKeeper(store, self._writer_pool, settings.budget_lease_fraction)
         self.history = ContactHistory(0.0)
         self.shared_contacts = SharedContacts(store, 1 if settings.db.startswith("sqlite") else 8) if settings.shares_contacts else None
-        self._valid_names: set[tuple[str, str]] = set()  # feature names that passed validation
+        self.checks = ChooseChecks(settings)
         self.writer: BatchWriter | None = None
         self.learner: Learner | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -214,48 +223,6 @@ class Engine:
 
     # -- Choose -----------------------------------------------------------------------------
 
-    def _validate_choose(self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature]) -> None:
-        s = self.settings
-        if placement and len(customer_id) <= s.max_id_length and len(event_id) <= s.max_id_length and len(features) <= s.max_features:
-            # The common case in one cheap pass (a fifth of a 20-arm Choose otherwise, measured);
-            # anything unusual takes the careful path below, which names the field at fault.
-            known, max_abs, max_text = self._valid_names, s.max_abs_number, s.max_text_length
-            for f in features:
-                v = f.value
-                if (f.namespace, f.name) not in known:
-                    break
-                if type(v) is float:
-                    if not abs(v) <= max_abs:  # NaN fails too
-                        break
-                elif type(v) is not str or len(v) > max_text:
-                    break
-            else:
-                return
-        self._check_choose(placement, customer_id, event_id, features)
-
-    def _check_choose(self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature]) -> None:
-        s = self.settings
-        if not placement:
-            raise InvalidInput("placement", "must not be empty")
-        if len(customer_id) > s.max_id_length:
-            raise InvalidInput("customer_id", f"longer than {s.max_id_length} characters")
-        if len(event_id) > s.max_id_length:
-            raise InvalidInput("event_id", f"longer than {s.max_id_length} characters")
-        if len(features) > s.max_features:
-            raise InvalidInput("features", f"more than {s.max_features} features")
-        check_features(features)
-        for i, f in enumerate(features):
-            if len(f.namespace) > s.max_name_length:
-                raise InvalidInput(f"features[{i}].namespace", f"longer than {s.max_name_length} characters")
-            if len(f.name) > s.max_name_length:
-                raise InvalidInput(f"features[{i}].name", f"longer than {s.max_name_length} characters")
-            if isinstance(f.value, float) and abs(f.value) > s.max_abs_number:
-                raise InvalidInput(f"features[{i}].number", f"magnitude above {s.max_abs_number:g}; scale the feature")
-            if isinstance(f.value, str) and len(f.value) > s.max_text_length:
-                raise InvalidInput(f"features[{i}].text", f"longer than {s.max_text_length} characters")
-        if len(self._valid_names) < _MAX_KNOWN_NAMES:  # a hostile stream of new names is not remembered
-            self._valid_names.update((f.namespace, f.name) for f in features)
-
     async def choose(
         self,
         placement: str,
@@ -267,9 +234,9 @@ class Engine:
         slot_features: Sequence[Sequence[Feature]] = (),
     ) -> list[LoggedDecision]:
         """Decide on the loop: one decision per slot; they join the next log batch."""
-        self._validate_choose(placement, customer_id, event_id, features)
+        self.checks.validate(placement, customer_id, event_id, features)
         for k, sf in enumerate(slot_features):
-            self._validate_choose(placement, customer_id, event_id, sf)
+            self.checks.validate(placement, customer_id, event_id, sf)
             check_features(sf, f"slot_features[{k}]")
         ps = self.states.get(placement)
         if ps is None:
@@ -284,8 +251,7 @@ class Engine:
             # No rule of this placement reads the history, but other placements' rules count
             # its impressions: record them, without waiting, after the decision.
             out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [])
-            shared.record_later([ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
-                                 for d in out if d.arm_id is not None and d.activated])
+            shared.record_later(_shown(customer_id, out))
             return out
         if customer_id and self.history.horizon > 0 and shared is not None:
             since = self.clock() - self.history.horizon
@@ -294,11 +260,7 @@ class Engine:
                     raise InvalidInput("placement", "the placement changed during the decision; retry")
                 history = [self._impression(r) for r in tx.history]
                 out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history)
-                tx.new.extend(
-                    ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
-                    for d in out
-                    if d.arm_id is not None and d.activated
-                )
+                tx.new.extend(_shown(customer_id, out))
                 return out
         return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None)
 

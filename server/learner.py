@@ -77,11 +77,13 @@ class PlacementState:
     budgeted: bool = field(init=False)  # some active arm spends from a budget or campaign
     candidates: list[Candidate] = field(init=False)  # the active arms, when none is budgeted
     arm_keys: tuple[tuple[str, int], ...] = field(init=False)  # (id, version) of the active arms
+    arm_campaigns: dict[str, str | None] = field(init=False)  # every arm's campaign
 
     def __post_init__(self) -> None:
         self.budgeted = any(a.spec is not None and (a.spec.budget is not None or a.spec.campaign is not None) for a in self.arms)
         self.candidates = [Candidate(a) for a in self.arms]
         self.arm_keys = tuple((a.id, a.version) for a in self.arms)
+        self.arm_campaigns = {a.id: a.campaign for a in self.record.spec.arms}
 
     @property
     def id(self) -> str:
@@ -91,9 +93,6 @@ class PlacementState:
     def model(self) -> CbModel:
         return self.slots[""].model
 
-    @property
-    def arm_campaigns(self) -> dict[str, str | None]:
-        return {a.id: a.campaign for a in self.record.spec.arms}
 
 
 class Learner:
