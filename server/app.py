@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import time
@@ -16,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import tls
+from server import collector, tls
 from server.auth import AuthInterceptor, load_tokens
 from server.configfile import load_apply_file
 from server.engine import Engine
@@ -54,6 +53,7 @@ class Running:
         await self.server.stop(grace)
         await self.engine.stop()
         self.engine.metrics.stop_http()
+        self.engine.metrics.gc_pauses.remove()
 
 
 async def create_server(settings: Settings, clock: Callable[[], float] = time.time) -> Running:
@@ -101,6 +101,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     await server.start()
     await engine.start()
     engine.metrics.track(engine, asyncio.get_running_loop())
+    engine.metrics.gc_pauses.install()
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
@@ -122,11 +123,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully and return (exit code 0)."""
     running = await create_server(settings)
-    # Long-lived state (models, open reward windows) need not be scanned by every full garbage
-    # collection: freezing it and collecting less often cut collector time sevenfold (measured).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 1000)
+    collector.tune()
     log.info("nextbest serving on %s:%d, database %s", settings.host, running.port, _safe_url(settings.db))
     print(f"nextbest serving on {settings.host}:{running.port}", flush=True)
     stop = asyncio.Event()

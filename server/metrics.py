@@ -28,6 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from server.collector import PauseObserver
 from server.wrapping import HandlerWrapper
 
 if TYPE_CHECKING:
@@ -70,6 +71,10 @@ class Metrics:
         self.reward_calls = Counter("nextbest_reward_calls", "Reward answers by status (learned|duplicate|late)", ["status"], registry=r)
         self.inflight = Gauge("nextbest_inflight_rpcs", "Calls being served now (nextbest services)", registry=r)
         self.shed = Counter("nextbest_shed_rpcs", "Calls refused early, by reason (overload|deadline)", ["reason"], registry=r)
+        self.gc_pauses = PauseObserver(Histogram(
+            "nextbest_gc_pause_seconds", "Garbage-collector pauses by generation: each stops the event loop",
+            ["generation"], buckets=_BUCKETS, registry=r,
+        ))
         self._collector = _EngineCollector(self)
         r.register(self._collector)
         self._http: Any = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bandit.spec import PlacementSpec
+from server import collector
 from server.logs import JsonFormatter
 from server.pb.nextbest.v1 import common_pb2, decision_pb2
 from tests.harness import ServerThread, make_settings
@@ -176,3 +178,35 @@ def test_access_log_at_debug_names_method_and_code(served: ServerThread, caplog:
     rec = next(r for r in caplog.records if getattr(r, "event", "") == "rpc")
     out = json.loads(JsonFormatter().format(rec))
     assert out["method"] == "nextbest.v1.DecisionService/Choose" and out["code"] == "OK" and out["seconds"] > 0
+
+
+def test_garbage_collector_pauses_are_observed_by_generation_until_stop(db_url: str) -> None:
+    s = ServerThread(make_settings(db_url, metrics_port=0))
+    observer = s.running.engine.metrics.gc_pauses
+    try:
+        port = s.running.metrics_port
+        assert port and observer in gc.callbacks
+        before = scrape(port)
+        gc.collect(1)
+        gc.collect(2)
+        m = scrape(port)
+        for gen in ("1", "2"):
+            count = "nextbest_gc_pause_seconds_count"
+            assert value(m, count, generation=gen) >= value(before, count, generation=gen) + 1
+            assert value(m, "nextbest_gc_pause_seconds_sum", generation=gen) > 0
+    finally:
+        s.stop()
+    assert observer not in gc.callbacks  # a stopped server leaves the process's collector alone
+
+
+def test_collector_tuning_freezes_the_start_state_and_collects_young_objects_often() -> None:
+    saved = gc.get_threshold()
+    try:
+        collector.tune()
+        assert gc.get_threshold() == collector.THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        # small young collections: the first threshold bounds a pause (see server/collector.py)
+        assert collector.THRESHOLDS[0] <= 5_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
