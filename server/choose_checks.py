@@ -25,9 +25,8 @@ class ChooseChecks:
             # The common case in one cheap pass (a fifth of a 20-arm Choose otherwise, measured);
             # anything unusual takes the careful path below, which names the field at fault.
             known, max_abs, max_text = self._known, s.max_abs_number, s.max_text_length
-            for f in features:
-                v = f.value
-                if (f.namespace, f.name) not in known:
+            for namespace, name, v in features:
+                if (namespace, name) not in known:
                     break
                 if type(v) is float:
                     if not abs(v) <= max_abs:  # NaN fails too
@@ -49,14 +48,14 @@ class ChooseChecks:
         if len(features) > s.max_features:
             raise InvalidInput("features", f"more than {s.max_features} features")
         check_features(features)
-        for i, f in enumerate(features):
-            if len(f.namespace) > s.max_name_length:
+        for i, (namespace, name, value) in enumerate(features):
+            if len(namespace) > s.max_name_length:
                 raise InvalidInput(f"features[{i}].namespace", f"longer than {s.max_name_length} characters")
-            if len(f.name) > s.max_name_length:
+            if len(name) > s.max_name_length:
                 raise InvalidInput(f"features[{i}].name", f"longer than {s.max_name_length} characters")
-            if isinstance(f.value, float) and abs(f.value) > s.max_abs_number:
+            if isinstance(value, float) and abs(value) > s.max_abs_number:
                 raise InvalidInput(f"features[{i}].number", f"magnitude above {s.max_abs_number:g}; scale the feature")
-            if isinstance(f.value, str) and len(f.value) > s.max_text_length:
+            if isinstance(value, str) and len(value) > s.max_text_length:
                 raise InvalidInput(f"features[{i}].text", f"longer than {s.max_text_length} characters")
         if len(self._known) < _MAX_KNOWN_NAMES:  # a hostile stream of new names is not remembered
-            self._known.update((f.namespace, f.name) for f in features)
+            self._known.update((namespace, name) for namespace, name, _ in features)

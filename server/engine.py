@@ -25,6 +25,7 @@ from bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
 from bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound
 from bandit.features import (
     Feature,
+    feature,
     arm_line,
     check_features,
     features_from_mapping,
@@ -313,7 +314,7 @@ class Engine:
         for k in range(spec.slots):
             feats = tuple(features)
             if spec.slots > 1:
-                feats += (Feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
+                feats += (feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
             d = self._decide_slot(
                 ps, variant, [c for c in candidates if c.arm.id not in taken] if taken else candidates, feats, customer_id,
                 event_id, k, now,

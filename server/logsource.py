@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from bandit.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from bandit.errors import InvalidInput, NotFound, Unavailable
-from bandit.features import Feature, features_from_mapping
+from bandit.features import Feature, feature, features_from_mapping
 from bandit.log import LoggedDecision, Outcome
 from bandit.replay import ReplayLog
 from server.storage import tables as t
@@ -150,7 +150,7 @@ def read_replay_log(
     features = None
     if with_features:
         features = [
-            tuple(Feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in row)
+            tuple(feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in row)
             for row in json.loads("[" + ",".join(columns[7]) + "]")
         ]
     return ReplayLog.build(

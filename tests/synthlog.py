@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sqlalchemy import inspect, text
 
-from bandit.features import Feature
+from bandit.features import Feature, feature
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import CampaignSpec, PlacementSpec
 from server.storage import Close, PlacementRecord, open_store
@@ -51,7 +51,7 @@ def write_log(
         budgets = (("campaign:xmas", "total"), ("campaign:xmas", time.strftime("%Y-%m-%d", time.gmtime(times[i])))) if chosen == 0 else ()
         eid = f"e{i:06d}"
         decisions.append(LoggedDecision(
-            eid, placement, f"c{i % 97}", float(times[i]), (Feature("customer", "segment", "youth"),),
+            eid, placement, f"c{i % 97}", float(times[i]), (feature("customer", "segment", "youth"),),
             tuple((a, 1) for a in arms), tuple(float(p) for p in pmf), chosen,
             float(pmf[chosen]) if chosen is not None else 1.0, 1, float(times[i]) + 600,
             Outcome.OPEN if chosen is not None else Outcome.NO_ARM,

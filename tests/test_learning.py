@@ -63,7 +63,7 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
 def test_learning_from_the_cache_equals_learning_from_the_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The learner reuses each Choose's VW text when it has it (learn_cache); without it, it
     rebuilds the text from the log. Same traffic, same seed: the same model either way."""
-    from bandit.features import Feature, shared_line
+    from bandit.features import Feature, feature, shared_line
 
     models = []
     for cache in (0, 20_000):
@@ -80,7 +80,7 @@ def test_learning_from_the_cache_equals_learning_from_the_log(tmp_path) -> None:
                     while ps.model.learned < i + 1:  # each Choose sees the same model in both runs
                         assert time.monotonic() < deadline
                         time.sleep(0.002)
-            probe = shared_line([Feature("customer", "segment", "family"), Feature("customer", "arpu", 15.0)])
+            probe = shared_line([feature("customer", "segment", "family"), feature("customer", "arpu", 15.0)])
             models.append(ps.model.expected_rewards(probe, [a.line for a in ps.arms]))
             assert s.engine.learner.cache_misses == (60 if cache == 0 else 0)
         finally:

@@ -7,7 +7,7 @@ import numpy as np
 from bandit.budget import DAY, Ledger
 from bandit.contact import ContactHistory, Impression
 from bandit.decider import ArmView, Candidate, decide
-from bandit.features import Feature, shared_line
+from bandit.features import Feature, feature, shared_line
 from bandit.model import CbModel
 from bandit.spec import ArmSpec, BudgetSpec, FatigueSpec, PlacementSpec
 
@@ -92,7 +92,7 @@ def fatigue_run(with_penalty: bool, seed: int = 11, days: int = 30, n_customers:
         for c in range(n_customers):
             seg = c % 2
             t = day * 86400.0 + rng.uniform(0, 86400.0)
-            shared = shared_line([Feature("customer", "segment", f"s{seg}")])
+            shared = shared_line([feature("customer", "segment", f"s{seg}")])
             h = history.impressions(f"c{c}", t)
             choice = decide(model, spec, [Candidate(v) for v in views], shared, rng.random, t, h)
             assert choice.arm_index is not None

@@ -19,7 +19,7 @@ from vowpalwabbit import Workspace
 from bandit.dsjson import from_dsjson, to_dsjson
 from bandit.errors import InvalidInput, Unavailable
 from bandit.estimators import ESTIMATORS
-from bandit.features import Feature, arm_line, features_from_mapping, shared_line
+from bandit.features import Feature, feature, arm_line, features_from_mapping, shared_line
 from bandit.log import LoggedDecision, Outcome
 from bandit.replay import (
     DEFAULT_REWARD_MODEL_ARGS,
@@ -50,7 +50,7 @@ from server.storage import Close, open_store
 def _decision(i: int, arms: str, pmf: list[float], chosen: int, reward: float, seg: str = "gold") -> LoggedDecision:
     return LoggedDecision(
         event_id=f"e{i}", placement="p", customer_id=f"c{i}", timestamp=1000.0 + i,
-        features=(Feature("customer", "segment", seg), Feature("customer", "arpu", 10.0 + i)),
+        features=(feature("customer", "segment", seg), feature("customer", "arpu", 10.0 + i)),
         arms=tuple((a, 1) for a in arms), pmf=tuple(pmf), chosen=chosen, probability=pmf[chosen],
         model_version=0, deadline=2000.0 + i, outcome=Outcome.REWARD, reward=reward, learn_seq=i + 1,
     )
@@ -148,7 +148,7 @@ ARM_FEATURES: dict[tuple[str, int], dict[str, float | str | bool]] = {
 
 def test_dsjson_round_trip_is_exact() -> None:
     d = replace(HAND[2], features=(
-        Feature("customer", "segment", "gold card"), Feature("", "tenure", 3.25), Feature("ctx", "x=y", 1.0)))
+        feature("customer", "segment", "gold card"), feature("", "tenure", 3.25), feature("ctx", "x=y", 1.0)))
     back, arms = from_dsjson(to_dsjson(d, ARM_FEATURES))
     assert back == d
     assert arms == {k: ARM_FEATURES[k] for k in d.arms}
@@ -234,7 +234,7 @@ def _hashed(exs: list[Any]) -> list[dict[str, list[tuple[int, float]]]]:
 @pytest.mark.parametrize("chain_hash", [False, True])
 def test_dsjson_features_hash_like_the_text_format(chain_hash: bool) -> None:
     d = replace(HAND[2], features=(
-        Feature("customer", "segment", "gold card"), Feature("", "123", 2.0), Feature("customer", "arpu", 12.5)))
+        feature("customer", "segment", "gold card"), feature("", "123", 2.0), feature("customer", "arpu", 12.5)))
     extra = " --chain_hash" if chain_hash else ""
     js = Workspace("--dsjson --cb_adf --quiet -q UA" + extra)
     txt = Workspace("--cb_adf --quiet -q UA" + extra)
@@ -286,7 +286,7 @@ def _write_log(url: str) -> dict[str, Any]:
         no_arm = i % 101 == 50
         decisions.append(LoggedDecision(
             event_id=f"ev{i:05d}", placement="offers", customer_id=f"c{i % 300}", timestamp=1.7e9 + i * 3.0,
-            features=(Feature("customer", "segment", SEGMENTS[s]), Feature("customer", "arpu", float(rng.uniform(5, 50)))),
+            features=(feature("customer", "segment", SEGMENTS[s]), feature("customer", "arpu", float(rng.uniform(5, 50)))),
             arms=() if no_arm else (("a", 1), ("b", 1), ("c", 1)), pmf=() if no_arm else tuple(LOGGING[s]),
             chosen=None if no_arm else c, probability=0.0 if no_arm else float(LOGGING[s, c]), model_version=i,
             deadline=1.7e9 + i * 3.0 + 600, outcome=Outcome.NO_ARM if no_arm else Outcome.OPEN,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bandit.features import Feature
+from bandit.features import Feature, feature
 from bandit.log import LoggedDecision, Outcome
 from server.placements import plan
 from server.storage import Close, Snapshot, SqlStore, open_store
@@ -39,7 +39,7 @@ def decision(event_id: str, chosen: int | None = 0, t: float = 100.0) -> LoggedD
         placement="app_home_banner",
         customer_id="c1",
         timestamp=t,
-        features=(Feature("customer", "segment", "youth"), Feature("", "arpu", 12.5)),
+        features=(feature("customer", "segment", "youth"), feature("", "arpu", 12.5)),
         arms=(("data_5gb", 1), ("voice_300", 1)),
         pmf=(0.75, 0.25),
         chosen=chosen,

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bandit.exploration import draw
-from bandit.features import Feature, arm_line, shared_line
+from bandit.features import Feature, feature, arm_line, shared_line
 from bandit.model import vw_arguments
 from bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
 
@@ -132,7 +132,7 @@ def run_direct(ds: Dataset, rows: Sequence[int], spec: PlacementSpec, seed: int,
                 ws.finish_example(ex)
                 learned += 1
             seen[t] = learned
-            shared = shared_line(Feature(NAMESPACE, k, v) for k, v in context(ds, row).items())
+            shared = shared_line(feature(NAMESPACE, k, v) for k, v in context(ds, row).items())
             ex = ws.parse("\n".join((shared, *arms)))
             pmf = np.asarray(ws.predict(ex), dtype=np.float64)
             ws.finish_example(ex)

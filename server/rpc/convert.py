@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 from pydantic import ValidationError
 
 from bandit.errors import InvalidInput
-from bandit.features import Feature
+from bandit.features import Feature, feature_key
 from bandit.spec import (
     ArmSpec,
     BudgetSpec,
@@ -55,11 +55,15 @@ def features(items: Iterable[common_pb2.Feature], field: str = "features") -> tu
     out: list[Feature] = []
     append = out.append  # a Choose converts 30 or so of these: the loop is kept tight
     for f in items:
+        text = f.text  # most features are categories: one field read tells most of them
+        if text:
+            append((f.namespace, f.name, text))
+            continue
         kind = f.WhichOneof("value")
         if kind == "number":
-            append(Feature(f.namespace, f.name, f.number))
+            append((f.namespace, f.name, f.number))
         elif kind == "text":
-            append(Feature(f.namespace, f.name, f.text))
+            append((f.namespace, f.name, text))
         else:
             raise InvalidInput(f"{field}[{len(out)}].value", "set number or text")
     return tuple(out)
@@ -119,7 +123,7 @@ def budget_pb(b: BudgetSpec | None) -> admin_pb2.Budget | None:
 def _arm_dict(arm: admin_pb2.Arm, field: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for f in features(arm.features, f"{field}.features"):
-        values[f.key] = f.value
+        values[feature_key(f)] = f[2]
     return {
         "id": arm.id,
         "features": values,
@@ -217,7 +221,7 @@ def _experiment_dict(e: admin_pb2.Experiment, field: str) -> dict[str, Any]:
             "policy": _HOLDOUT.get(h.policy, "uniform"),
             "arm": h.arm or None,
             "rules": [
-                {"when": {f.key: f.value for f in features(r.when, f"{field}.holdout.rules[{i}].when")}, "arm": r.arm}
+                {"when": {feature_key(f): f[2] for f in features(r.when, f"{field}.holdout.rules[{i}].when")}, "arm": r.arm}
                 for i, r in enumerate(h.rules)
             ],
         }

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from bandit.features import Feature
+from bandit.features import Feature, feature
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import CampaignSpec, PlacementSpec
 
@@ -155,7 +155,7 @@ class LearnRow:
 
 def features_of(triples: Sequence[Sequence[Any]]) -> tuple[Feature, ...]:
     """Features as the decision log keeps them: ``[[namespace, name, value], ...]``."""
-    return tuple(Feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in triples)
+    return tuple(feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in triples)
 
 
 @dataclass(frozen=True, slots=True)

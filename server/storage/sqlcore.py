@@ -79,7 +79,7 @@ def decision_params(d: LoggedDecision) -> tuple[Any, ...]:
     """The row of ``insert_decisions_sql`` for one decision."""
     return (
         d.event_id, d.placement, d.customer_id, d.timestamp, d.deadline,
-        _json([(f.namespace, f.name, f.value) for f in d.features]),
+        _json(d.features),
         _json(d.arms), _json(d.pmf), d.chosen, d.arm_id, d.probability, d.model_version, int(d.outcome), d.reward,
         d.learn_seq, d.cost, d.reward_cost, _json(d.budgets) if d.budgets else None,
         _json(d.ineligible) if d.ineligible else None, d.variant, d.slot, d.activated,
