@@ -101,7 +101,6 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     await server.start()
     await engine.start()
     engine.metrics.track(engine, asyncio.get_running_loop())
-    engine.metrics.gc_pauses.install()
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
@@ -117,6 +116,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         ("mTLS" if settings.tls_client_ca_file else "on") if creds is not None else "off",
         f"on port {metrics_port}" if metrics_port is not None else "off",
     )
+    engine.metrics.gc_pauses.install()  # last: a server that failed to start leaves none behind
     return Running(server, port, engine, health_servicer, metrics_port, overload)
 
 
