@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from bandit.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from bandit.errors import InvalidInput, NotFound, Unavailable
-from bandit.features import Feature, feature, features_from_mapping
+from bandit.features import feature, features_from_mapping
 from bandit.log import LoggedDecision, Outcome
 from bandit.replay import ReplayLog
 from server.storage import tables as t

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sqlalchemy import inspect, text
 
-from bandit.features import Feature, feature
+from bandit.features import feature
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import CampaignSpec, PlacementSpec
 from server.storage import Close, PlacementRecord, open_store

@@ -63,7 +63,7 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
 def test_learning_from_the_cache_equals_learning_from_the_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The learner reuses each Choose's VW text when it has it (learn_cache); without it, it
     rebuilds the text from the log. Same traffic, same seed: the same model either way."""
-    from bandit.features import Feature, feature, shared_line
+    from bandit.features import feature, shared_line
 
     models = []
     for cache in (0, 20_000):

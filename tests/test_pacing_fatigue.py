@@ -7,7 +7,7 @@ import numpy as np
 from bandit.budget import DAY, Ledger
 from bandit.contact import ContactHistory, Impression
 from bandit.decider import ArmView, Candidate, decide
-from bandit.features import Feature, feature, shared_line
+from bandit.features import feature, shared_line
 from bandit.model import CbModel
 from bandit.spec import ArmSpec, BudgetSpec, FatigueSpec, PlacementSpec
 

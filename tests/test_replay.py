@@ -19,7 +19,7 @@ from vowpalwabbit import Workspace
 from bandit.dsjson import from_dsjson, to_dsjson
 from bandit.errors import InvalidInput, Unavailable
 from bandit.estimators import ESTIMATORS
-from bandit.features import Feature, feature, arm_line, features_from_mapping, shared_line
+from bandit.features import arm_line, feature, features_from_mapping, shared_line
 from bandit.log import LoggedDecision, Outcome
 from bandit.replay import (
     DEFAULT_REWARD_MODEL_ARGS,

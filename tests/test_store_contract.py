@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bandit.features import Feature, feature
+from bandit.features import feature
 from bandit.log import LoggedDecision, Outcome
 from server.placements import plan
 from server.storage import Close, Snapshot, SqlStore, open_store

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bandit.exploration import draw
-from bandit.features import Feature, feature, arm_line, shared_line
+from bandit.features import arm_line, feature, shared_line
 from bandit.model import vw_arguments
 from bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
 
