@@ -28,6 +28,9 @@ from server.bench_report import Report
 
 PHASES = ("vw", "server_time", "echo", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay")
 LOADS = (0.5, 0.8)
+# The p99 target's point. A single run's p99 at 80 % load swings 6-60 ms here from minute to
+# minute (the machine is shared), so it is run several times and judged on the median run.
+TARGET_POINT = (20, 0.8)
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -100,7 +103,9 @@ def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim:
             if "latency" in phases:
                 for load in LOADS:
                     rate = max(1.0, load * r["rate"])
-                    rep.latency(a, load, rate, runner.paced(f"bench{a}", rate, events), echo_runner.paced("bench20", rate))
+                    runs = [(runner.paced(f"bench{a}", rate, events), echo_runner.paced("bench20", rate))
+                            for _ in range(lim.target_repeats if (a, load) == TARGET_POINT else 1)]
+                    rep.latency(a, load, rate, runs)
         if "reward" in phases or "replay" in phases:
             ph.prepare_events(runner, events, lim.reward_ids, "sq")
             _rewards(rep, runner, events.ids, lim.seconds, "sqlite")

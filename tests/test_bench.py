@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from server.bench_report import Report
 from tests.harness import ROOT
 
 PHASES = ("vw", "server_time", "reward_inproc", "echo", "choose", "latency", "reward", "memory", "replay")
@@ -61,6 +62,27 @@ def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
     # each figure with a ceiling carries its ratio to it
     assert all(set(f["ratios"]) == set(f["ceilings"]) for f in data["figures"])
     assert figures["choose.sqlite.20"]["ceilings"]["echo"] > 0
+    # the p99 target's point is run several times, each run kept
+    assert len(data["phases"]["latency"]["20@80%"]["runs"]) == 3
+    assert len(data["phases"]["latency"]["20@50%"]["runs"]) == 1
+
+
+def _paced(p50: float, p95: float, p99: float) -> dict[str, Any]:
+    return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "rate": 100.0, "dropped": 0, "errors": 0}
+
+
+def test_latency_at_the_target_point_is_judged_on_the_median_run() -> None:
+    rep = Report(smoke=True)
+    runs = [(_paced(1, 5, 12), _paced(1, 2, 3)), (_paced(1, 4, 6), _paced(1, 2, 4)), (_paced(2, 20, 61), _paced(1, 2, 5))]
+    rep.latency(20, 0.8, 100.0, runs)
+    figures = {f.key: f for f in rep.figures}
+    p99 = figures["latency.20.80%.p99"]
+    assert (p99.value, p99.ceilings, p99.met) == (12.0, {"echo": 3.0}, False)  # the median run, with its own echo
+    assert figures["latency.20.80%.p95"].value == 5.0
+    assert "median of 3 runs" in p99.label
+    assert any("12.0 / 6.0 / 61.0 ms" in n for n in rep.notes)
+    rep.latency(20, 0.8, 100.0, runs[1:2])
+    assert rep.figures[-1].value == 6.0 and rep.figures[-1].met is True
 
 
 def test_phase_names_are_checked() -> None:
