@@ -267,7 +267,7 @@ def _draws(pid: str) -> Any:
     """The local server's random number for each event (its seed is ours), so that VW run
     directly explores with the same draws; a remote server's seed is unknown."""
     from bandit.sim import bakeoff as bk
-    from server.engine import placement_salt, uniform_for
+    from server.chooser import placement_salt, uniform_for
 
     salt = placement_salt(LOCAL_SEED, pid)
     return lambda t: uniform_for(salt, bk.event_id(pid, t))

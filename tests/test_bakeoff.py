@@ -39,7 +39,7 @@ def test_direct_run_with_lag_learns_later() -> None:
 
 
 def _quick(server: ServerThread, names: tuple[str, ...], seeds: int, events: int, sync: bool) -> dict[str, dict[str, float]]:
-    from server.engine import placement_salt, uniform_for
+    from server.chooser import placement_salt, uniform_for
 
     results = []
     with NextbestClient(server.target) as nb:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from bandit.spec import PlacementSpec
-from server.engine import Engine
+from server.chooser import variant_of
 from tests import envs
 from tests.harness import ServerThread, make_settings, running_server
 
@@ -28,14 +28,14 @@ def test_split_matches_the_shares_and_is_sticky() -> None:
     spec = experiment_placement()
     counts = {"holdout": 0, "A": 0, "B": 0}
     for i in range(20_000):
-        v = Engine._variant(spec, f"cust-{i}", f"e{i}")
+        v = variant_of(spec, f"cust-{i}", f"e{i}")
         counts[v] += 1
-        assert Engine._variant(spec, f"cust-{i}", f"other-event-{i}") == v  # sticky per customer
+        assert variant_of(spec, f"cust-{i}", f"other-event-{i}") == v  # sticky per customer
     for name, share in (("holdout", 0.1), ("A", 0.45), ("B", 0.45)):
         sd = (20_000 * share * (1 - share)) ** 0.5
         assert abs(counts[name] - 20_000 * share) < 4 * sd, counts
     salted = envs.placement(experiment={**EXPERIMENT, "salt": "v2"})
-    moved = sum(Engine._variant(spec, f"cust-{i}", "") != Engine._variant(salted, f"cust-{i}", "") for i in range(2000))
+    moved = sum(variant_of(spec, f"cust-{i}", "") != variant_of(salted, f"cust-{i}", "") for i in range(2000))
     assert moved > 600  # a new salt reshuffles customers
 
 

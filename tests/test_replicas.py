@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -38,6 +39,15 @@ def until(pred, timeout: float = 30.0, every: float = 0.05) -> None:  # type: ig
     while not pred():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(every)
+
+
+def together(fn: Callable[..., None], arg_sets: Sequence[tuple[Any, ...]]) -> None:
+    """Run fn once per argument tuple, all at once, each in its own thread; wait for all."""
+    threads = [threading.Thread(target=fn, args=args) for args in arg_sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
@@ -76,11 +86,7 @@ def test_two_replicas_never_overspend_a_small_budget(pg: str) -> None:
                     with lock:
                         served["paid"] += d.arm_id == "paid"
 
-        threads = [threading.Thread(target=load, args=(t,)) for t in (a.target, b.target) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        together(load, [(t,) for t in (a.target, b.target) for _ in range(3)])
     finally:
         a.terminate()
         b.terminate()
@@ -118,11 +124,7 @@ def test_two_replicas_hold_a_contact_cap_exactly(pg: str) -> None:
                     with lock:
                         shown[customer] += bool(d.arm_id)
 
-        threads = [threading.Thread(target=load, args=(t, cu)) for t in (a.target, b.target) for cu in customers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        together(load, [(t, cu) for t in (a.target, b.target) for cu in customers])
     finally:
         a.terminate()
         b.terminate()
