@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from bandit.errors import Unavailable
 from server.storage.base import ContactRow, RecentImpression, Store
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,16 @@ class SharedContacts:
                     raise
                 # Shielded: a caller that gives up now must not leave the lock held; the
                 # commit finishes (or fails, releasing the lock) in its thread either way.
-                await asyncio.shield(
-                    asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new)
-                )
+                try:
+                    await asyncio.shield(
+                        asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new)
+                    )
+                except Unavailable as e:
+                    # What was decided inside the lock is made and logged by now: failing the
+                    # call would leave an offer logged that the customer never sees (and learned
+                    # as ignored). Answer it; its impressions are recorded without the lock.
+                    log.warning("recording the impressions of customer %s under its lock failed (%s): recording them later", customer_id, e)
+                    self.record_later(tx.new)
         finally:
             lock, users = self._locks[customer_id]
             if users <= 1:
@@ -77,6 +85,16 @@ class SharedContacts:
 
             fut.add_done_callback(release)
             raise
+
+    async def record_now(self, customer_id: str, rows: list[ContactRow]) -> None:
+        """Record impressions under the customer's lock, so that a Choose anywhere that starts
+        after this returns sees them; if the database cannot lock now, record them later."""
+        try:
+            async with self.customer(customer_id, rows[0].at) as tx:
+                tx.new.extend(rows)
+        except Unavailable as e:
+            log.warning("locking customer %s failed (%s): recording %d impressions later", customer_id, e, len(rows))
+            self.record_later(rows)
 
     def record_later(self, rows: list[ContactRow]) -> None:
         """Record impressions that no decision here waits on (their placement has no rule)."""

@@ -276,8 +276,8 @@ class RewardWindows:
                 e.budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
             if entry.customer_id and e.history.horizon > 0:
                 if e.shared_contacts is not None:  # shown now: it counts from now, on every server
-                    async with e.shared_contacts.customer(entry.customer_id, now) as tx:
-                        tx.new.append(ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, slot))
+                    row = ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, slot)
+                    await e.shared_contacts.record_now(entry.customer_id, [row])
                 else:
                     ev = event_id if slot == 0 else f"{event_id}#{slot}"
                     e.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))

@@ -9,11 +9,14 @@ the cap holds across both, exactly.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
 
+from bandit.errors import Unavailable
 from bandit.spec import PlacementSpec
 from server.storage.sql import open_store
 from tests.harness import ServerThread, make_settings, postgres_available, postgres_schema
@@ -61,6 +64,23 @@ def _hammer(servers: list[ServerThread]) -> dict[str, int]:
     return shown
 
 
+def wait_recorded(url: str, customer: str, n: int, timeout: float = 10.0) -> None:
+    """Wait until the database holds n impressions of the customer (recorded in the background)."""
+    store = open_store(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            h, seen = store.contacts_open(customer, 0.0)
+            store.contacts_abort(h)
+            if len(seen) >= n:
+                assert len(seen) == n, seen
+                return
+            assert time.monotonic() < deadline, f"{len(seen)} of {n} impressions of {customer} recorded"
+            time.sleep(0.02)
+    finally:
+        store.close()
+
+
 def _pair(url: str, store: str) -> list[ServerThread]:
     a = ServerThread(make_settings(url, contact_store=store))
     with a.client() as c:
@@ -106,8 +126,6 @@ def test_the_default_shares_history_on_postgresql_and_with_workers() -> None:
 
 
 def test_impressions_of_a_placement_without_rules_count_for_other_placements(url: str) -> None:
-    import time
-
     cap_any = PlacementSpec.model_validate(
         {"id": "capped", "contact_policies": [{"max_impressions": 1, "per": "customer", "window": "1d"}], "arms": [{"id": "a"}]}
     )
@@ -120,18 +138,7 @@ def test_impressions_of_a_placement_without_rules_count_for_other_placements(url
         try:
             with a.client() as ca, b.client() as cb:
                 assert ca.choose("free", {}, customer_id="k").arm_id == "z"  # recorded in the background
-                store = open_store(url)
-                try:
-                    deadline = time.monotonic() + 10
-                    while True:
-                        h, seen = store.contacts_open("k", 0.0)
-                        store.contacts_abort(h)
-                        if seen:
-                            break
-                        assert time.monotonic() < deadline
-                        time.sleep(0.02)
-                finally:
-                    store.close()
+                wait_recorded(url, "k", 1)
                 d = cb.choose("capped", {}, customer_id="k")  # the other server knows of it
                 assert (d.arm_id, d.reason) == ("", "no eligible arm")
                 assert cb.choose("capped", {}, customer_id="other").arm_id == "a"
@@ -178,3 +185,60 @@ def test_budgets_and_placements_without_rules_never_wait_on_a_customer_lock(url:
         s.stop()
     assert errors == []
     assert stats.decisions == 80
+
+
+def test_a_decision_whose_impression_commit_failed_is_still_answered(url: str) -> None:
+    """The commit of the customer's new impression fails after the decision was made and
+    logged: the call still answers it (an error would leave a logged offer the customer never
+    sees), and the impression is recorded without the lock, so the cap still holds."""
+    s = ServerThread(make_settings(url, contact_store="database"))
+    try:
+        store = s.engine.store
+        real_commit = store.contacts_commit
+        failures = []
+
+        def commit_fails_once(handle: Any, rows: Any) -> None:
+            if not failures:
+                failures.append(rows)
+                store.contacts_abort(handle)  # the lock goes, as with a connection lost at commit
+                raise Unavailable("database unavailable: OperationalError")
+            real_commit(handle, rows)
+
+        store.contacts_commit = commit_fails_once
+        with s.client() as c:
+            c.apply([SPEC])
+            first = c.choose("p", {"segment": "x"}, customer_id="k")
+            assert first.arm_id and len(failures) == 1
+            wait_recorded(url, "k", 1)
+            assert c.choose("p", {"segment": "x"}, customer_id="k").arm_id  # the second of CAP
+            third = c.choose("p", {"segment": "x"}, customer_id="k")
+            assert (third.arm_id, third.reason) == ("", "no eligible arm")
+            assert c.stats("p").decisions == 3
+    finally:
+        s.stop()
+
+
+def test_activate_answers_even_when_the_customer_cannot_be_locked(url: str) -> None:
+    """Activation is durable before the impression is recorded: if the customer's lock cannot
+    be taken then, Activate still says "activated" and the impression is recorded later."""
+    s = ServerThread(make_settings(url, contact_store="database"))
+    try:
+        store = s.engine.store
+        with s.client() as c:
+            c.apply([SPEC])
+            d = c.choose("p", {"segment": "x"}, customer_id="k", defer_activation=True)
+            wait_recorded(url, "k", 0)
+
+            def cannot_lock(customer_id: str, since: float) -> Any:
+                raise Unavailable("database unavailable: OperationalError")
+
+            real_open = store.contacts_open
+            store.contacts_open = cannot_lock
+            try:
+                assert c.activate(d.event_id) == "activated"
+            finally:
+                store.contacts_open = real_open
+            wait_recorded(url, "k", 1)
+            assert c.activate(d.event_id) == "already_active"
+    finally:
+        s.stop()
