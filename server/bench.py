@@ -26,7 +26,7 @@ from typing import Any
 from server.bench_load import CHOOSE
 from server.bench_report import Report
 
-PHASES = ("vw", "server_time", "echo", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay")
+PHASES = ("vw", "server_time", "echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay")
 LOADS = (0.5, 0.8)
 # The p99 target's point. A single run's p99 at 80 % load swings 6-60 ms here from minute to
 # minute (the machine is shared), so it is run several times and judged on the median run.
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> Report:
             rep.server_time(inproc.server_time(a, lim.server_rounds, lim.server_per_round, args.profile))
         rep.reward_inproc(inproc.reward_inproc(lim.server_rounds * lim.server_per_round, lim.reward_concurrency, args.profile))
 
-    needs_servers = phases & {"echo", "choose", "latency", "reward", "postgres", "replicas", "replay"}
+    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "replay"}
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
         workers = Workers(args.clients) if needs_servers else None
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> Report:
                 rep.echo("choose", er.run({"method": CHOOSE, "mode": "closed", "payloads": er.choose_file("bench20"),
                                            "event_prefix": "echo-"}))
                 rep.echo("reward", er.echo_reward())
+                if "partial" in phases:
+                    _partial_section(rep, workers, tmp, lim)
                 _sqlite_section(rep, workers, er, tmp, lim, phases)
                 if "postgres" in phases:
                     _postgres_section(args, rep, workers, tmp, lim)
@@ -81,6 +83,19 @@ def run(args: argparse.Namespace) -> Report:
     rep.meta["seconds"] = time.perf_counter() - rep.started
     rep.meta["background_busy_after"] = busy_fraction(0.2)
     return rep
+
+
+def _partial_section(rep: Report, workers: Any, tmp: Path, lim: Any) -> None:
+    """Servers doing part of a Choose's work, saturated like Choose: where its time goes."""
+    from server import bench_phases as ph
+    from server.bench_procs import start_echo
+
+    for kind in ("parse", "decode"):
+        server = start_echo(kind)
+        try:
+            rep.partial(kind, ph.LoadRunner(workers, server, tmp, lim).saturate("bench20"))
+        finally:
+            server.stop()
 
 
 def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim: Any, phases: set[str]) -> None:

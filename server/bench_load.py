@@ -1,11 +1,13 @@
 """Load generator and bare echo server for ``nextbest bench``, each run as its own process.
 
-They import only grpc and protobuf, so that the load they offer costs the same CPU against the
-echo ceiling and against nextbest: ratios then compare servers, not clients. Requests are
-pre-serialized bytes sent through identity serializers, which keeps the client as cheap as it
+The worker and the echo import only grpc and protobuf, so that the load costs the same CPU
+against the echo ceiling and against nextbest: ratios then compare servers, not clients. Requests
+are pre-serialized bytes sent through identity serializers, which keeps the client as cheap as it
 can be on a machine whose cores it shares with the server.
 
     python -m server.bench_load echo      # prints "echo serving on 127.0.0.1:PORT"
+    python -m server.bench_load parse     # a Choose that parses and answers, nothing more
+    python -m server.bench_load decode    # ... and decodes the features into VW's context line
     python -m server.bench_load worker    # reads one JSON run spec a line, answers one JSON line
 """
 
@@ -114,12 +116,37 @@ def _echo_handler(responses: dict[str, bytes]) -> Any:
     )
 
 
-async def serve_echo() -> None:
+def _partial_choose_handler(decode: bool) -> Any:
+    """A Choose that does only part of nextbest's work: parse the request and build a response
+    ("parse"), and also decode the features and write the VW context line ("decode"). Between
+    echo and nextbest, they show where a Choose's time goes."""
+    from bandit.features import shared_line
+    from server.pb.nextbest.v1 import decision_pb2
+    from server.rpc import convert
+
+    async def handle(request: Any, context: Any) -> Any:
+        if decode:
+            shared_line(convert.features(request.features))
+        return decision_pb2.ChooseResponse(
+            event_id=request.event_id or "s20-c0-000000123456", arm_id="arm_007", probability=0.8123456789, model_version=123456
+        )
+
+    method = grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=decision_pb2.ChooseRequest.FromString,
+        response_serializer=decision_pb2.ChooseResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(CHOOSE.rsplit("/", 2)[1], {"Choose": method})
+
+
+SERVERS = ("echo", "parse", "decode")  # what `python -m server.bench_load SERVER` can serve
+
+
+async def serve_echo(kind: str = "echo") -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers([_echo_handler(echo_responses())])
+    server.add_generic_rpc_handlers([_echo_handler(echo_responses()) if kind == "echo" else _partial_choose_handler(kind == "decode")])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(f"echo serving on 127.0.0.1:{port}", flush=True)
+    print(f"{kind} serving on 127.0.0.1:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -291,13 +318,13 @@ def worker() -> None:
 
 def main(argv: Sequence[str]) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    if argv[:1] == ["echo"]:
-        asyncio.run(serve_echo())
+    if argv[:1] and argv[0] in SERVERS:
+        asyncio.run(serve_echo(argv[0]))
         return 0
     if argv[:1] == ["worker"]:
         worker()
         return 0
-    print("usage: python -m server.bench_load echo|worker", file=sys.stderr)
+    print("usage: python -m server.bench_load echo|parse|decode|worker", file=sys.stderr)
     return 2
 
 

@@ -144,8 +144,9 @@ def start_nextbest(db: str, *flags: str) -> ServerProc:
     return p
 
 
-def start_echo() -> ServerProc:
-    return ServerProc([sys.executable, "-m", "server.bench_load", "echo"], "echo")
+def start_echo(kind: str = "echo") -> ServerProc:
+    """The echo ceiling, or a server doing part of a Choose's work (server.bench_load.SERVERS)."""
+    return ServerProc([sys.executable, "-m", "server.bench_load", kind], kind)
 
 
 def wait_serving(target: str, timeout: float = 60) -> None:

@@ -94,6 +94,17 @@ class Report:
         self._phase("echo")[kind] = r
         self.add(f"echo.{kind}", f"echo ceiling, {kind} sizes, saturation", r["rate"], "req/s")
         self.add(f"echo.{kind}.server_cpu", f"echo server CPU per {kind}", r["server_cpu_us"], "us")
+        if kind == "choose":
+            self.add("echo.choose.loop_cpu", "its event loop's CPU per call (echo)", r["server_threads_us"].get("main", math.nan), "us")
+
+    def partial(self, kind: str, r: dict[str, Any]) -> None:
+        """A server doing part of a 20-arm Choose's work, against the echo of the same run."""
+        self._phase("partial")[kind] = r
+        what = {"parse": "parse the request, build the response",
+                "decode": "that + decode 30 features into VW's context line"}[kind]
+        ceil = {"echo": self._echo["choose"]["rate"]} if "choose" in self._echo else {}
+        self.add(f"partial.{kind}", f"part of a Choose: {what}", r["rate"], "req/s", ceil)
+        self.add(f"partial.{kind}.loop_cpu", f"its event loop's CPU per call ({kind})", r["server_threads_us"].get("main", math.nan), "us")
 
     def choose(self, a: int, r: dict[str, Any], backend: str = "sqlite") -> None:
         self._choose[(backend, a)] = r
@@ -109,6 +120,10 @@ class Report:
                  ">= 0.6 x echo" if a == 20 else "", met)
         cpu_ceil = {"echo": self._echo["choose"]["server_cpu_us"]} if "choose" in self._echo else {}
         self.add(f"choose.{backend}.{a}.server_cpu", f"server CPU per Choose, {a} arms{sfx}", r["server_cpu_us"], "us", cpu_ceil)
+        if "choose" in self._echo:
+            self.add(f"choose.{backend}.{a}.loop_cpu", f"its event loop's CPU per call ({a} arms{sfx})",
+                     r["server_threads_us"].get("main", math.nan), "us",
+                     {"echo": self._echo["choose"]["server_threads_us"].get("main", math.nan)})
         if a in self._vw:
             besides = r["server_cpu_us"] - self._vw[a]["predict_us"]
             # gRPC's own share is in it (see the echo's): the 150 µs target is the in-process figure's

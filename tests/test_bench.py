@@ -17,7 +17,7 @@ import pytest
 from server.bench_report import Report
 from tests.harness import ROOT
 
-PHASES = ("vw", "server_time", "reward_inproc", "echo", "choose", "latency", "reward", "memory", "replay")
+PHASES = ("vw", "server_time", "reward_inproc", "echo", "partial", "choose", "latency", "reward", "memory", "replay")
 
 
 def _numbers(d: Any) -> list[float]:
@@ -54,7 +54,7 @@ def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
             continue
         assert _numbers(body), phase
     figures = {f["key"]: f for f in data["figures"]}
-    for key in ("echo.choose", "echo.reward", "choose.sqlite.5", "choose.sqlite.20", "choose.sqlite.100",
+    for key in ("echo.choose", "echo.reward", "partial.parse", "partial.decode", "choose.sqlite.20.loop_cpu", "choose.sqlite.5", "choose.sqlite.20", "choose.sqlite.100",
                 "latency.20.80%.p99", "reward.sqlite", "vw.20.predict", "vw.20.learn", "server_time.20.besides_vw",
                 "memory.default.rss_1", "memory.tuned.rss_target"):
         assert key in figures, key
@@ -62,6 +62,9 @@ def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
     # each figure with a ceiling carries its ratio to it
     assert all(set(f["ratios"]) == set(f["ceilings"]) for f in data["figures"])
     assert figures["choose.sqlite.20"]["ceilings"]["echo"] > 0
+    for kind in ("parse", "decode"):  # the partial Choose servers answer every call
+        run = data["phases"]["partial"][kind]
+        assert run["ok"] > 0 and run["errors"] == 0, run
     # the p99 target's point is run several times, each run kept
     assert len(data["phases"]["latency"]["20@80%"]["runs"]) == 3
     assert len(data["phases"]["latency"]["20@50%"]["runs"]) == 1
