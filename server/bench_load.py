@@ -277,10 +277,11 @@ async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as ch:
         stub = ch.unary_unary(spec["method"])
         nxt = 0
+        warm = Tally(spec["method"], int(spec.get("batch", 1)))
         if spec.get("warmup", 0) > 0:
             # at the run's own pace: a paced run warmed up at saturation would start with the
             # server still working off that burst, which is not the load it measures
-            nxt = await driver(stub, reqs, 0, spec, float(spec["warmup"]), Tally(spec["method"], int(spec.get("batch", 1))))
+            nxt = await driver(stub, reqs, 0, spec, float(spec["warmup"]), warm)
         tally = Tally(spec["method"], int(spec.get("batch", 1)))
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         nxt = await driver(stub, reqs, nxt, spec, float(spec["seconds"]), tally)
@@ -293,6 +294,7 @@ async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "errors": tally.errors,
         "error_codes": tally.codes,
         "dropped": tally.dropped,
+        "warmup_failed": warm.errors + warm.dropped,  # "sent" counts the warm-up's requests too
         "seconds": elapsed,
         "rate": tally.ok / elapsed if elapsed > 0 else 0.0,
         "client_cpu_us": 1e6 * (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / max(done, 1),

@@ -53,7 +53,7 @@ class Events:
     ids: list[str] = field(default_factory=list)
 
     def add(self, result: dict[str, Any]) -> None:
-        if result["errors"] or result["dropped"]:
+        if result["errors"] or result["dropped"] or result.get("warmup_failed"):
             return  # we do not know which failed: keep only runs where every request was served
         for part in result["parts"]:
             self.ids.extend(f"{part['prefix']}{i:012d}" for i in range(part["sent"]))
@@ -69,7 +69,8 @@ class LoadRunner:
 
     def payloads(self, key: str, payloads: Sequence[bytes]) -> str:
         if key not in self._files:
-            path = str(self.tmp / f"payloads-{len(self._files)}.bin")
+            # named by key: runners share the directory, and one key's payloads are the same in all
+            path = str(self.tmp / f"payloads-{key.replace(':', '-').replace('/', '-')}.bin")
             write_payloads(path, payloads)
             self._files[key] = path
         return self._files[key]

@@ -261,7 +261,7 @@ class Workers:
 def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     from server.bench_load import percentiles
 
-    out: dict[str, Any] = {k: sum(r[k] for r in results) for k in ("sent", "ok", "not_acked", "errors", "dropped")}
+    out: dict[str, Any] = {k: sum(r[k] for r in results) for k in ("sent", "ok", "not_acked", "errors", "dropped", "warmup_failed")}
     out["seconds"] = max(r["seconds"] for r in results)
     out["rate"] = sum(r["rate"] for r in results)
     out["client_cpu_us"] = sum(r["client_cpu_us"] for r in results) / len(results)

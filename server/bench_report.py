@@ -133,8 +133,8 @@ class Report:
     def latency(self, a: int, load: float, rate: float, runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
         """One paced run, or several (the target's point): the figures are the run whose p99 is
         the median, and the JSON keeps every run."""
-        ranked = sorted(runs, key=lambda run: run[0]["p99_ms"])
-        r, echo = ranked[(len(ranked) - 1) // 2]
+        ranked = sorted(runs, key=lambda run: (math.isnan(run[0]["p99_ms"]), run[0]["p99_ms"]))  # a run with no answer: last
+        r, echo = ranked[len(ranked) // 2]  # of an even number, the higher of the middle two
         pct = f"{load:.0%}"
         self._phase("latency")[f"{a}@{pct}"] = {"rate": rate, "choose": r, "echo": echo,
                                                  "runs": [{"choose": c, "echo": e} for c, e in runs]}
@@ -142,7 +142,7 @@ class Report:
             target = met = None
             if a == 20 and load == 0.8 and q == "p99":
                 target, met = "<= 10 ms", r["p99_ms"] <= 10.0
-            label = f"Choose {a} arms {q} at {pct} ({rate:,.0f}/s)" + (f", median of {len(runs)} runs" if len(runs) > 1 else "")
+            label = f"Choose {a} arms {q} at {pct} ({rate:,.0f}/s)" + (f", the run with the median p99 of {len(runs)}" if len(runs) > 1 else "")
             self.add(f"latency.{a}.{pct}.{q}", label, r[f"{q}_ms"], "ms", {"echo": echo[f"{q}_ms"]}, target or "", met)
         if len(runs) > 1:
             self.note(f"Choose {a} arms p99 at {pct}, every run: " + " / ".join(f"{c['p99_ms']:.1f}" for c, _ in runs)

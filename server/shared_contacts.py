@@ -41,37 +41,44 @@ class SharedContacts:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # customer -> (lock, users)
 
     @contextlib.asynccontextmanager
-    async def customer(self, customer_id: str, since: float) -> AsyncIterator[ContactTx]:
-        """Hold the customer across all servers; commit what was added on a clean exit."""
+    async def _held(self, customer_id: str) -> AsyncIterator[None]:
+        """This process's hold on a customer (and on one of the transactions it may open)."""
         lock, users = self._locks.get(customer_id) or (asyncio.Lock(), 0)
         self._locks[customer_id] = (lock, users + 1)
         try:
             async with lock, self._open:
-                handle, history = await self._run_abortable(customer_id, since)
-                tx = ContactTx(history)
-                try:
-                    yield tx
-                except BaseException:
-                    self._release.submit(self._store.contacts_abort, handle)
-                    raise
-                # Shielded: a caller that gives up now must not leave the lock held; the
-                # commit finishes (or fails, releasing the lock) in its thread either way.
-                try:
-                    await asyncio.shield(
-                        asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new)
-                    )
-                except Unavailable as e:
-                    # What was decided inside the lock is made and logged by now: failing the
-                    # call would leave an offer logged that the customer never sees (and learned
-                    # as ignored). Answer it; its impressions are recorded without the lock.
-                    log.warning("recording the impressions of customer %s under its lock failed (%s): recording them later", customer_id, e)
-                    self.record_later(tx.new)
+                yield
         finally:
             lock, users = self._locks[customer_id]
             if users <= 1:
                 del self._locks[customer_id]
             else:
                 self._locks[customer_id] = (lock, users - 1)
+
+    @contextlib.asynccontextmanager
+    async def customer(self, customer_id: str, since: float) -> AsyncIterator[ContactTx]:
+        """Hold the customer across all servers; commit what was added on a clean exit."""
+        async with self._held(customer_id):
+            handle, history = await self._run_abortable(customer_id, since)
+            tx = ContactTx(history)
+            try:
+                yield tx
+            except BaseException:
+                self._release.submit(self._store.contacts_abort, handle)
+                raise
+            # Shielded: a caller that gives up now must not leave the lock held; the
+            # commit finishes (or fails, releasing the lock) in its thread either way.
+            try:
+                await asyncio.shield(
+                    asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new)
+                )
+            except Unavailable as e:
+                # What was decided inside the lock is made and logged by now: failing the
+                # call would leave an offer logged that the customer never sees (and learned
+                # as ignored). Answer it, recording its impressions once more under a fresh
+                # database lock while this process still holds the customer.
+                log.warning("recording the impressions of customer %s failed (%s): retrying", customer_id, e)
+                await asyncio.shield(self._insert_locked(customer_id, tx.new))  # done even if the caller goes
 
     async def _run_abortable(self, customer_id: str, since: float) -> tuple[Any, list[RecentImpression]]:
         """Open the locked transaction; if the caller is cancelled meanwhile, release it once open."""
@@ -88,16 +95,28 @@ class SharedContacts:
 
     async def record_now(self, customer_id: str, rows: list[ContactRow]) -> None:
         """Record impressions under the customer's lock, so that a Choose anywhere that starts
-        after this returns sees them; if the database cannot lock now, record them later."""
+        after this returns sees them."""
+        if rows:
+            async with self._held(customer_id):
+                await self._insert_locked(customer_id, rows)
+
+    async def _insert_locked(self, customer_id: str, rows: list[ContactRow]) -> None:
+        """Insert under the customer's database lock (the caller holds its asyncio lock); if the
+        database cannot take it now, insert later without it, and say so: the customer's caps
+        may then miss these impressions for a moment, or for good if that write fails too."""
+        if not rows:
+            return
+        loop = asyncio.get_running_loop()
         try:
-            async with self.customer(customer_id, rows[0].at) as tx:
-                tx.new.extend(rows)
+            handle, _ = await self._run_abortable(customer_id, rows[0].at)
+            await asyncio.shield(loop.run_in_executor(self._release, self._store.contacts_commit, handle, rows))
         except Unavailable as e:
             log.warning("locking customer %s failed (%s): recording %d impressions later", customer_id, e, len(rows))
             self.record_later(rows)
 
     def record_later(self, rows: list[ContactRow]) -> None:
-        """Record impressions that no decision here waits on (their placement has no rule)."""
+        """Record impressions without the customer's lock and without waiting (placements with
+        no rule of their own, or when the lock cannot be had)."""
         if rows:
             self._release.submit(self._record, rows)
 

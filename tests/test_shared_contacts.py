@@ -190,7 +190,7 @@ def test_budgets_and_placements_without_rules_never_wait_on_a_customer_lock(url:
 def test_a_decision_whose_impression_commit_failed_is_still_answered(url: str) -> None:
     """The commit of the customer's new impression fails after the decision was made and
     logged: the call still answers it (an error would leave a logged offer the customer never
-    sees), and the impression is recorded without the lock, so the cap still holds."""
+    sees), and its impression is recorded again under a fresh lock, so the cap holds at once."""
     s = ServerThread(make_settings(url, contact_store="database"))
     try:
         store = s.engine.store
@@ -209,11 +209,12 @@ def test_a_decision_whose_impression_commit_failed_is_still_answered(url: str) -
             c.apply([SPEC])
             first = c.choose("p", {"segment": "x"}, customer_id="k")
             assert first.arm_id and len(failures) == 1
-            wait_recorded(url, "k", 1)
+            # no wait: the impression was recorded again, under the lock, before the answer
             assert c.choose("p", {"segment": "x"}, customer_id="k").arm_id  # the second of CAP
             third = c.choose("p", {"segment": "x"}, customer_id="k")
             assert (third.arm_id, third.reason) == ("", "no eligible arm")
             assert c.stats("p").decisions == 3
+        wait_recorded(url, "k", 2)
     finally:
         s.stop()
 
@@ -227,7 +228,8 @@ def test_activate_answers_even_when_the_customer_cannot_be_locked(url: str) -> N
         with s.client() as c:
             c.apply([SPEC])
             d = c.choose("p", {"segment": "x"}, customer_id="k", defer_activation=True)
-            wait_recorded(url, "k", 0)
+            time.sleep(0.2)
+            wait_recorded(url, "k", 0)  # a deferred decision is no impression yet
 
             def cannot_lock(customer_id: str, since: float) -> Any:
                 raise Unavailable("database unavailable: OperationalError")
@@ -240,5 +242,15 @@ def test_activate_answers_even_when_the_customer_cannot_be_locked(url: str) -> N
                 store.contacts_open = real_open
             wait_recorded(url, "k", 1)
             assert c.activate(d.event_id) == "already_active"
+    finally:
+        s.stop()
+
+
+def test_record_now_with_no_rows_does_nothing(tmp_path: Path) -> None:
+    s = ServerThread(make_settings(f"sqlite:///{tmp_path}/nb.db", contact_store="database"))
+    try:
+        assert s.engine.shared_contacts is not None
+        s.call(s.engine.shared_contacts.record_now("k", []))
+        wait_recorded(f"sqlite:///{tmp_path}/nb.db", "k", 0)
     finally:
         s.stop()
