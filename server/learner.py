@@ -94,7 +94,6 @@ class PlacementState:
         return self.slots[""].model
 
 
-
 class Learner:
     """Owns learning and snapshots for all placements, on the event loop that serves them."""
 

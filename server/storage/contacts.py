@@ -90,8 +90,7 @@ class ContactQueries(SqlBase):
         try:
             if handle.conn is None:  # SQLite: a short write of its own, then the file lock goes
                 if rows:
-                    with self._begin() as c:
-                        self._insert_contacts(c, rows)
+                    self.contacts_insert(rows)
                 return
             if rows:
                 self._insert_contacts(handle.conn, rows)
