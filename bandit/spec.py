@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from bandit.features import Feature, features_from_mapping
+from bandit.text import first_unstorable
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -70,6 +71,18 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _storable_document(data: Any) -> Any:
+    """A whole placement or campaign document, refused if any of its texts cannot be stored
+    (a NUL or a lone surrogate: PostgreSQL refuses them, see bandit/text.py)."""
+    where = first_unstorable(data)
+    if where is not None:
+        raise ValueError(f"{where}: contains a NUL character or a lone surrogate, which cannot be stored")
+    return data
+
+
+MAX_ABS_REWARD_LIMIT = 1e12  # VW computes in float32; far below its overflow, far above any reward in money
+
+
 class ExplorationSpec(_Spec):
     """How a placement turns model scores into probabilities."""
 
@@ -118,6 +131,11 @@ class CampaignSpec(_Spec):
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     description: str = ""
     budget: BudgetSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_document(data)
 
 
 class ArmSpec(_Spec):
@@ -295,6 +313,8 @@ class PlacementSpec(_Spec):
     exploration: ExplorationSpec = Field(default_factory=ExplorationSpec)
     reward_window: Annotated[float, Field(gt=0.0, le=90 * 86400.0)] = 600.0
     default_reward: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    # Rewards above this magnitude are refused: one Reward(1e13) used to ruin a model for good.
+    max_abs_reward: Annotated[float, Field(gt=0.0, le=MAX_ABS_REWARD_LIMIT, allow_inf_nan=False)] = 1e6
     vw_args: VwArgs = ""
     interactions: bool = True
     bits: Annotated[int, Field(ge=10, le=28)] = 18
@@ -313,6 +333,11 @@ class PlacementSpec(_Spec):
     shadows: list[ShadowSpec] = Field(default_factory=list)
     promote: str | None = None  # on stopping an experiment: the variant whose model becomes the placement's
 
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_document(data)
+
     @field_validator("reward_window", mode="before")
     @classmethod
     def _duration(cls, v: object) -> float:
@@ -320,6 +345,8 @@ class PlacementSpec(_Spec):
 
     @model_validator(mode="after")
     def _unique_arms(self) -> PlacementSpec:
+        if abs(self.default_reward) > self.max_abs_reward:
+            raise ValueError(f"default_reward: magnitude above max_abs_reward ({self.max_abs_reward:g})")
         seen: set[str] = set()
         for i, arm in enumerate(self.arms):
             if arm.id in seen:

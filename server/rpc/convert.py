@@ -265,6 +265,8 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["reward_window"] = p.reward_window_seconds
     if p.HasField("default_reward"):
         data["default_reward"] = p.default_reward
+    if p.HasField("max_abs_reward"):
+        data["max_abs_reward"] = p.max_abs_reward
     if p.HasField("interactions"):
         data["interactions"] = p.interactions
     if p.HasField("bits"):
@@ -389,6 +391,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         exploration=_exploration_pb(s.exploration),
         reward_window_seconds=s.reward_window,
         default_reward=s.default_reward,
+        max_abs_reward=s.max_abs_reward,
         vw_args=s.vw_args,
         interactions=s.interactions,
         bits=s.bits,

@@ -573,6 +573,7 @@ class Placement(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    MAX_ABS_REWARD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -603,6 +604,10 @@ class Placement(_message.Message):
     """Whether the bandit serves, imitates the caller's choice, or only logs."""
     active: _builtins.bool
     """Whether the placement serves (default true); a paused one answers no arm."""
+    max_abs_reward: _builtins.float
+    """Rewards of a larger magnitude are refused (INVALID_ARGUMENT); bounds default_reward too
+    (default 1e6).
+    """
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -661,10 +666,11 @@ class Placement(_message.Message):
         active: _builtins.bool | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        max_abs_reward: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015
@@ -678,6 +684,8 @@ class Placement(_message.Message):
     _WhichOneofArgType__default_reward: _TypeAlias = _typing.Literal["_default_reward", b"_default_reward"]  # noqa: Y015
     _WhichOneofReturnType__interactions: _TypeAlias = _typing.Literal["interactions"]  # noqa: Y015
     _WhichOneofArgType__interactions: _TypeAlias = _typing.Literal["_interactions", b"_interactions"]  # noqa: Y015
+    _WhichOneofReturnType__max_abs_reward: _TypeAlias = _typing.Literal["max_abs_reward"]  # noqa: Y015
+    _WhichOneofArgType__max_abs_reward: _TypeAlias = _typing.Literal["_max_abs_reward", b"_max_abs_reward"]  # noqa: Y015
     _WhichOneofReturnType__reward_window_seconds: _TypeAlias = _typing.Literal["reward_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__reward_window_seconds: _TypeAlias = _typing.Literal["_reward_window_seconds", b"_reward_window_seconds"]  # noqa: Y015
     _WhichOneofReturnType__slots: _TypeAlias = _typing.Literal["slots"]  # noqa: Y015
@@ -694,6 +702,8 @@ class Placement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_reward) -> _WhichOneofReturnType__default_reward | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__interactions) -> _WhichOneofReturnType__interactions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_abs_reward) -> _WhichOneofReturnType__max_abs_reward | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reward_window_seconds) -> _WhichOneofReturnType__reward_window_seconds | None: ...
     @_typing.overload
