@@ -71,6 +71,10 @@ class Metrics:
         self.reward_calls = Counter("nextbest_reward_calls", "Reward answers by status (learned|duplicate|late)", ["status"], registry=r)
         self.inflight = Gauge("nextbest_inflight_rpcs", "Calls being served now (nextbest services)", registry=r)
         self.shed = Counter("nextbest_shed_rpcs", "Calls refused early, by reason (overload|deadline)", ["reason"], registry=r)
+        self.refused_records = Counter(
+            "nextbest_refused_records", "Records the database refused to store, dropped, by kind (decision|close|activation|reward)",
+            ["kind"], registry=r,
+        )
         self.gc_pauses = PauseObserver(Histogram(
             "nextbest_gc_pause_seconds", "Garbage-collector pauses by generation: each stops the event loop",
             ["generation"], buckets=_BUCKETS, registry=r,
@@ -87,6 +91,10 @@ class Metrics:
 
     def reward(self, status: str) -> None:
         self.child(self.reward_calls, status).inc()
+
+    def refused(self, kind: str) -> None:
+        """The database refused a record (the writer's on_refused): it was not stored."""
+        self.child(self.refused_records, kind).inc()
 
     def closed(self, placement: str, arm: str, rewarded: bool) -> None:
         """A window closed durably: with a reward, or with the placement's default."""

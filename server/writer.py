@@ -5,6 +5,13 @@ Choose never waits for the database: its decision joins the next batch (written 
 ``flush_interval``). Reward waits for the batch holding its write, so an acknowledged reward is
 durable; since a batch writes decisions first, a decision is durable no later than any reward
 acknowledged for it. A crash loses at most the decisions of the last flush interval.
+
+A batch that fails because the database is away is kept and retried (its callers hear
+UNAVAILABLE). A batch the database refuses (a row it will never take: a NUL byte in text on
+PostgreSQL, a constraint, a trigger) is split in halves, each its own transaction, in order,
+until the refused records are found: everything else is stored and acknowledged; a refused
+decision is logged and dropped, a refused reward, close or activation fails its caller with
+RecordRefused (server/storage/refusal.py). One refused record costs O(log n) transactions.
 """
 
 from __future__ import annotations
@@ -13,21 +20,38 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeAlias
 
 from bandit.errors import Unavailable
 from bandit.log import LoggedDecision
-from server.storage.base import Activation, Close, RewardEvent, Store
+from server.storage.base import Activation, Close, RewardEvent, Store, WriteResult
+from server.storage.refusal import RecordRefused, is_refusal, refusal_reason
 from server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+# Refused records found in one batch before the writer stops splitting it and keeps the rest
+# for a retry (a database refusing everything would otherwise cost ~2 log n commits a record).
+MAX_REFUSED = 64
+
+# (kind, record, its caller's future): kind is decision|activation|reward|close, and a batch's
+# items are in that order, the order Store.write writes them in.
+_Item: TypeAlias = tuple[str, Any, "asyncio.Future[Any] | None"]
 
 
 class BatchWriter:
     """One background task owns all writes to the decision log, in order."""
 
-    def __init__(self, store: Store, executor: ThreadPoolExecutor, flush_interval: float, max_batch: int = 5000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        executor: ThreadPoolExecutor,
+        flush_interval: float,
+        max_batch: int = 5000,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_refused = on_refused  # called with the kind of each record the database refused
         self._executor = executor
         self._flush_interval = flush_interval
         self._max_batch = max_batch
@@ -110,6 +134,7 @@ class BatchWriter:
                 for b in barriers:
                     b.set_result(None)
                 continue
+            assign = self.assign_learn_positions()
             try:
                 result = await loop.run_in_executor(
                     self._executor,
@@ -118,21 +143,24 @@ class BatchWriter:
                     [c for c, _ in closes],
                     [a for a, _ in acts],
                     [e for e, _ in events],
-                    self.assign_learn_positions(),
+                    assign,
                 )
             except Exception as e:
-                # Decisions are kept and retried; everything a caller waits for fails now, so
-                # that its caller hears UNAVAILABLE and may retry.
-                log.warning("write of %d decisions and %d other records failed: %s", len(decisions), len(closes) + len(acts) + len(events), e)
-                self._decisions[:0] = decisions
-                self._barriers[:0] = barriers
-                err = e if isinstance(e, Unavailable) else Unavailable("cannot store now")
-                waiting: list[asyncio.Future[Any]] = [f for _, f in closes] + [f for _, f in acts] + [f for _, f in events]
-                for fut in waiting:
-                    if not fut.done():
-                        fut.set_exception(err)
-                self._retry_delay = min(max(self._retry_delay * 2, 0.05), 2.0)
-                self._wake.set()
+                items: list[_Item] = [("decision", d, None) for d in decisions]
+                items += [("activation", a, f) for a, f in acts]
+                items += [("reward", ev, f) for ev, f in events]
+                items += [("close", c, f) for c, f in closes]
+                if is_refusal(e):
+                    log.warning("the database refused a batch of %d records (%s): splitting it", len(items), refusal_reason(e))
+                    rest, away = await self._bisect(items, e, assign)
+                    if away is None:
+                        self._retry_delay = 0.0
+                        for b in barriers:
+                            if not b.done():
+                                b.set_result(None)
+                        continue
+                    items, e = rest, away
+                self._keep(items, barriers, e)
                 continue
             self._retry_delay = 0.0
             for (_, cf), ok in zip(closes, result.closed, strict=True):
@@ -147,3 +175,90 @@ class BatchWriter:
             for b in barriers:
                 if not b.done():
                     b.set_result(None)
+
+    def _keep(self, items: list[_Item], barriers: list[asyncio.Future[None]], e: Exception) -> None:
+        """The database is away: decisions are kept and retried; everything a caller waits for
+        fails now, so that its caller hears UNAVAILABLE and may retry."""
+        kept = [r for kind, r, _ in items if kind == "decision"]
+        log.warning("write of %d decisions and %d other records failed: %s", len(kept), len(items) - len(kept), e)
+        self._decisions[:0] = kept
+        self._barriers[:0] = barriers
+        err = e if isinstance(e, Unavailable) else Unavailable("cannot store now")
+        for _, _, fut in items:
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+        self._retry_delay = min(max(self._retry_delay * 2, 0.05), 2.0)
+        self._wake.set()
+
+    async def _bisect(self, items: list[_Item], error: Exception, assign: bool) -> tuple[list[_Item], Exception | None]:
+        """Write a refused batch in halves, in order, each half its own transaction, until the
+        refused records are found; store and settle everything else. Returns the items left
+        unwritten and why (the database went away, or refused too many) or ([], None)."""
+        refused = 0
+        todo: list[list[_Item]] = []  # chunks to write, the next on top
+        bad: tuple[list[_Item], Exception] | None = (items, error)
+        while True:
+            if bad is not None:
+                chunk, e = bad
+                bad = None
+                if len(chunk) > 1:
+                    mid = len(chunk) // 2
+                    todo += [chunk[mid:], chunk[:mid]]
+                elif refused < MAX_REFUSED:
+                    refused += 1
+                    self._refuse(chunk[0], e)
+                else:
+                    log.error("the database refused more than %d records of one batch: keeping the rest for a retry", MAX_REFUSED)
+                    return chunk + [x for c in reversed(todo) for x in c], e
+            if not todo:
+                return [], None
+            chunk = todo.pop()
+            try:
+                result = await self._write(chunk, assign)
+            except Exception as e:
+                if not is_refusal(e):
+                    return chunk + [x for c in reversed(todo) for x in c], e
+                bad = (chunk, e)
+                continue
+            self._settle(chunk, result)
+
+    async def _write(self, chunk: list[_Item], assign: bool) -> WriteResult:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            self._store.write,
+            [r for kind, r, _ in chunk if kind == "decision"],
+            [r for kind, r, _ in chunk if kind == "close"],
+            [r for kind, r, _ in chunk if kind == "activation"],
+            [r for kind, r, _ in chunk if kind == "reward"],
+            assign,
+        )
+
+    @staticmethod
+    def _settle(chunk: list[_Item], result: WriteResult) -> None:
+        """A chunk is durable: its closes and activations hear what they did, in order."""
+        closes = [f for kind, _, f in chunk if kind == "close"]
+        acts = [f for kind, _, f in chunk if kind == "activation"]
+        for cf, ok in zip(closes, result.closed, strict=True):
+            if cf is not None and not cf.done():
+                cf.set_result(ok)
+        for af, ok in zip(acts, result.activated, strict=True):
+            if af is not None and not af.done():
+                af.set_result(ok)
+        for kind, _, fut in chunk:
+            if kind == "reward" and fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _refuse(self, item: _Item, e: Exception) -> None:
+        kind, rec, fut = item
+        reason = refusal_reason(e)
+        if kind == "decision":
+            log.error(
+                "the database refused decision %r of placement %r; it is dropped: %s",
+                rec.event_id[:100], rec.placement[:100], reason,
+            )
+        else:
+            log.error("the database refused a %s of event %r slot %d: %s", kind, rec.event_id[:100], rec.slot, reason)
+        if self._on_refused is not None:
+            self._on_refused(kind)
+        if fut is not None and not fut.done():
+            fut.set_exception(RecordRefused(reason))
