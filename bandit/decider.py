@@ -86,8 +86,9 @@ def explore(
     """The placement's exploration algorithm applied to (adjusted) expected rewards.
 
     Softmax and SquareCB compare value gaps with a temperature or gamma tuned for rewards in
-    [0, 1]; values are divided by ``reward_scale`` (the largest reward magnitude seen, at least
-    1) so that revenue or margin rewards explore like acceptance rewards do.
+    [0, 1]; values are divided by ``reward_scale`` (a high quantile of the recent reward
+    magnitudes, at least 1: bandit/reward_scale.py) so that revenue or margin rewards explore
+    like acceptance rewards do.
     """
     if spec.algorithm == "epsilon":
         return exploration.epsilon_greedy(values, spec.epsilon)

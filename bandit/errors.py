@@ -6,6 +6,7 @@ Hierarchy::
     ├── InvalidInput      bad request or configuration; names the offending field
     ├── NotFound          unknown placement, arm or event
     ├── AlreadyExists     an id that is taken
+    ├── PermissionDenied  the caller's token may not act on this placement
     └── Unavailable       a dependency (the database) cannot do its part now; retry later
 """
 
@@ -31,6 +32,10 @@ class NotFound(NextbestError):
 
 class AlreadyExists(NextbestError):
     """An object with this id exists already."""
+
+
+class PermissionDenied(NextbestError):
+    """The caller may not act on the placement this request concerns; nothing was changed."""
 
 
 class Unavailable(NextbestError):

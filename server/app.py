@@ -76,7 +76,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     if len(tokens):
         # Outermost first: metrics see every answer, auth refuses before any work (before the
         # request is even parsed), then the limit.
-        interceptors = [engine.metrics.interceptor(), AuthInterceptor(tokens, engine.placement_of), overload]
+        interceptors = [engine.metrics.interceptor(), AuthInterceptor(tokens), overload]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         target: Any = server
     else:

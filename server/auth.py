@@ -33,8 +33,9 @@ from typing import Any, TypeAlias
 import grpc
 import yaml
 
-from bandit.errors import InvalidInput, NextbestError
-from server.rpc.errors import status_for
+from bandit import access
+from bandit.errors import InvalidInput
+from bandit.text import quote
 
 log = logging.getLogger("nextbest.auth")
 
@@ -45,8 +46,6 @@ ADMIN_SERVICE = "/nextbest.v1.AdminService/"
 _HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 
-# What Reward needs to check a placement-limited token: the placement of an event (None: unknown).
-EventPlacement = Callable[[str], Awaitable[str | None]]
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -184,9 +183,8 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """UNAUTHENTICATED without a valid token, PERMISSION_DENIED for a wrong role or placement."""
 
-    def __init__(self, tokens: TokenTable, event_placement: EventPlacement | None = None) -> None:
+    def __init__(self, tokens: TokenTable) -> None:
         self._tokens = tokens
-        self._event_placement = event_placement
 
     async def intercept_service(
         self,
@@ -215,39 +213,31 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _placement_guard(
         self, behavior: Callable[[Any, Ctx], Awaitable[Any]], principal: Principal, method: str
     ) -> Callable[[Any, Ctx], Awaitable[Any]]:
+        """Choose names its placement: checked here. Reward, RewardBatch and Activate name
+        events, whose placement the engine reads when it finds them: it checks the scope set
+        here on that same read (bandit/access.py), so no second read can disagree with it."""
+        assert principal.placements is not None
+        scope = access.Scope(principal.name, principal.placements)
+
         async def guarded(request: Any, context: Ctx) -> Any:
             if method.endswith("/Choose"):
-                placements: list[str | None] = [getattr(request, "placement", "")]
-            elif method.endswith(("/Reward", "/Activate")):
-                placements = [await self._placement_of(getattr(request, "event_id", ""), context)]
-            elif method.endswith("/RewardBatch"):
-                placements = [await self._placement_of(r.event_id, context) for r in request.rewards]
-            else:
-                placements = []
-            for placement in placements:
+                placement = getattr(request, "placement", "")
                 if placement and not principal.may_use(placement):
                     log.info(
-                        "denied %s on placement %s to token %s", method, placement, principal.name,
-                        extra={"event": "auth_denied", "method": method, "principal": principal.name, "placement": placement},
+                        "denied %s on placement %s to token %s", method, quote(placement), principal.name,
+                        extra={"event": "auth_denied", "method": method, "principal": principal.name, "placement": placement[:128]},
                     )
                     await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} may not use placement {placement!r}"
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"token {principal.name!r} may not use placement {quote(placement)}",
                     )
-            return await behavior(request, context)
+            token = access.current.set(scope)
+            try:
+                return await behavior(request, context)
+            finally:
+                access.current.reset(token)
 
         return guarded
-
-
-    async def _placement_of(self, event_id: str, context: Ctx) -> str | None:
-        """The placement of a rewarded or activated event; None when there is nothing to check
-        against (an unknown event: NOT_FOUND follows from the call itself)."""
-        if self._event_placement is None or not event_id:
-            return None
-        try:
-            return await self._event_placement(event_id)
-        except NextbestError as e:
-            await context.abort(status_for(e), str(e))
-            raise  # abort raises; this keeps the type checker informed
 
 
 class _CallDetails(

@@ -19,9 +19,10 @@ from bandit.budget import Account, Ledger
 from bandit.contact import Impression
 from bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
 from bandit.errors import AlreadyExists, InvalidInput, NotFound
-from bandit.features import Feature, check_features, feature, shared_line
+from bandit.features import Feature, feature, shared_line
 from bandit.log import LoggedDecision, Outcome
 from bandit.spec import PlacementSpec
+from bandit.text import quote
 from server.learner import PlacementState
 from server.storage.base import ContactRow, RecentImpression
 from server.windows import OpenDecision
@@ -66,11 +67,31 @@ def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
     return exp.variants[-1].id if exp.variants else "holdout"
 
 
+class RecentIds:
+    """The last ``size`` event ids callers chose themselves, so that one reused after its
+    window closed is refused (ALREADY_EXISTS) instead of answered and then not logged (the log
+    keeps the first decision of an id). Bounded: older ids, and those decided before a restart
+    or by another server, are not remembered; see README "Reliability"."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._ids: dict[str, None] = {}
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self._size:
+            del self._ids[next(iter(self._ids))]
+
+
 class Chooser:
     """The Choose path of an engine."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._recent = RecentIds()
 
     async def choose(
         self,
@@ -86,14 +107,13 @@ class Chooser:
         e = self._engine
         e.checks.validate(placement, customer_id, event_id, features)
         for k, sf in enumerate(slot_features):
-            e.checks.validate(placement, customer_id, event_id, sf)
-            check_features(sf, f"slot_features[{k}]")
+            e.checks.validate(placement, customer_id, event_id, sf, f"slot_features[{k}].features")
         ps = e.states.get(placement)
         if ps is None:
-            raise NotFound(f"placement {placement!r} does not exist")
+            raise NotFound(f"placement {quote(placement)} does not exist")
         spec = ps.record.spec
         if baseline_arm and baseline_arm not in {a.id for a in ps.arms}:
-            raise InvalidInput("baseline_arm", f"{baseline_arm!r} is not an active arm of {placement!r}")
+            raise InvalidInput("baseline_arm", f"{quote(baseline_arm)} is not an active arm of {quote(placement)}")
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
         shared = e.shared_contacts
@@ -153,8 +173,10 @@ class Chooser:
         # From here to the end nothing awaits: the decisions and their reservations are atomic.
         if not event_id:
             event_id = uuid.uuid4().hex
-        elif e.windows.slots_of(event_id):
-            raise AlreadyExists(f"event_id {event_id!r} is already used by an open decision")
+        elif e.windows.slots_of(event_id) or self._recent.seen(event_id):
+            raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
+        else:
+            self._recent.add(event_id)
         tracked = bool(customer_id) and e.history.horizon > 0
         if shared_history is not None:
             history = shared_history

@@ -65,7 +65,7 @@ class Configurator:
                     raise InvalidInput(
                         "promote", f"variant {spec.promote!r} was trained with other VW settings; give the placement its settings"
                     )
-                out[name] = Slot(name, key, winner.model, winner.cursor)
+                out[name] = Slot(name, key, winner.model, winner.cursor, scale=winner.scale)
             elif prev is not None and prev.key == key:
                 out[name] = prev
             else:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from bandit import access
 from bandit.contact import ContactHistory
 from bandit.decider import ArmView
 from bandit.errors import InvalidInput, NextbestError, NotFound
 from bandit.features import arm_line, features_from_mapping
 from bandit.model import CbModel
+from bandit.reward_scale import WINDOW, RewardScale
 from bandit.spec import CampaignSpec, PlacementSpec
+from bandit.text import quote
 from server.budgets import BudgetKeeper
 from server.chooser import Chooser, placement_salt
 from server.choose_checks import ChooseChecks
@@ -34,7 +38,7 @@ from server.shared_contacts import SharedContacts
 from server.stats import BudgetView, ModelView, Stats
 from server.storage.base import ArmTally, PlacementRecord, Store
 from server.tasks import cancel_and_wait
-from server.windows import OpenDecision, RewardWindows
+from server.windows import OpenDecision, RewardWindows, batch_quiet
 from server.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,7 @@ class Engine:
         self.clock = clock
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="nextbest-db-write")
         self.reader_pool = ThreadPoolExecutor(4, thread_name_prefix="nextbest-db-read")
+        self.server_id = uuid.uuid4().hex[:16]  # names this run in the database (servers, decisions.owner)
         self.states: dict[str, PlacementState] = {}
         self.windows = RewardWindows(self)
         self.acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
@@ -81,7 +86,7 @@ class Engine:
         records = await loop.run_in_executor(self.reader_pool, self.store.load_placements)
         features = await loop.run_in_executor(self.reader_pool, self.store.arm_features)
         for rec in records:
-            scale = await loop.run_in_executor(self.reader_pool, self.store.reward_scale, rec.spec.id)
+            recent = await loop.run_in_executor(self.reader_pool, self.store.recent_rewards, rec.spec.id, WINDOW)
             snaps = await loop.run_in_executor(self.reader_pool, self.store.load_snapshots, rec.spec.id)
             slots = {}
             for name, key in rec.spec.model_slots().items():
@@ -92,29 +97,16 @@ class Engine:
                 else:
                     slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
             for slot in slots.values():
-                slot.reward_scale = scale
+                slot.scale = RewardScale(recent, ceiling=rec.spec.max_abs_reward)
             self.states[rec.spec.id] = self.make_state(rec, slots, features)
         self.budgets.restore(
             await loop.run_in_executor(self.reader_pool, self.store.load_accounts),
             await loop.run_in_executor(self.reader_pool, self.store.load_campaigns),
         )
-        for d in await loop.run_in_executor(self.reader_pool, self.store.open_decisions):
-            ps = self.states.get(d.placement)
-            campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
-            self.windows.add(
-                d.event_id,
-                d.slot,
-                OpenDecision(
-                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost,
-                    d.budgets, d.activated,
-                ),
-            )
-        for ev in await loop.run_in_executor(self.reader_pool, self.store.open_reward_events):
-            entry = self.windows.open.get((ev.event_id, ev.slot))
-            if entry is not None:
-                self.windows.counted(entry, ev.reward, ev.reward_id or "")
+        await loop.run_in_executor(self.reader_pool, self.store.register_server, self.server_id, self.clock())
+        await self.hold_windows(starting=True)
         await self.rebuild_history()
-        self.writer = BatchWriter(self.store, self._writer_pool, self.settings.flush_interval)
+        self.writer = BatchWriter(self.store, self._writer_pool, self.settings.flush_interval, on_refused=self.metrics.refused)
         self.writer.start()
         self.learner = Learner(
             self.store,
@@ -135,6 +127,40 @@ class Engine:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="nextbest-sweeper")
         self.ready = True
         log.info("engine ready: %d placements, %d open decisions", len(self.states), len(self.windows.open))
+
+    @property
+    def live_for(self) -> float:
+        """How long a server's last heartbeat (one per replica poll) keeps it counted alive."""
+        return max(10.0, 5 * self.settings.replica_poll_interval)
+
+    async def hold_windows(self, starting: bool = False) -> int:
+        """Take over the open windows of servers that stopped (at start: also this server's own
+        before a restart), with the rewards they had gathered; a live server's stay with it.
+        Returns how many windows were taken over."""
+        loop = asyncio.get_running_loop()
+        live_since = self.clock() - self.live_for if self.settings.may_have_peers else None
+        taken = [
+            d for d in await loop.run_in_executor(self.reader_pool, self.store.adopt_open, live_since, starting)
+            if (d.event_id, d.slot) not in self.windows.open
+        ]
+        for d in taken:
+            ps = self.states.get(d.placement)
+            campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
+            self.windows.add(
+                d.event_id,
+                d.slot,
+                OpenDecision(
+                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost,
+                    d.budgets, d.activated,
+                ),
+            )
+        if taken:
+            keys = {(d.event_id, d.slot) for d in taken}
+            for ev in await loop.run_in_executor(self.reader_pool, self.store.open_reward_events):
+                entry = self.windows.open.get((ev.event_id, ev.slot))
+                if entry is not None and (ev.event_id, ev.slot) in keys:
+                    self.windows.counted(entry, ev.reward, ev.reward_id or "")
+        return len(taken)
 
     async def rebuild_history(self) -> None:
         """Contact history as far back as any placement's policies look (after start or a change)."""
@@ -170,6 +196,10 @@ class Engine:
             for slot in ps.slots.values():
                 slot.model.close()
         self._writer_pool.shutdown(wait=True)
+        try:
+            self.store.unregister_server()
+        except Exception as e:  # the database is away: the others see this server silent soon
+            log.warning("signing off failed: %s", e)
         self.reader_pool.shutdown(wait=True)
         if self.shared_contacts is not None:
             self.shared_contacts.close()
@@ -195,7 +225,7 @@ class Engine:
     def placement(self, pid: str) -> PlacementRecord:
         ps = self.states.get(pid)
         if ps is None:
-            raise NotFound(f"placement {pid!r} does not exist")
+            raise NotFound(f"placement {quote(pid)} does not exist")
         return ps.record
 
     def placements(self) -> list[PlacementRecord]:
@@ -212,7 +242,7 @@ class Engine:
     async def stats(self, pid: str) -> Stats:
         ps = self.states.get(pid)
         if ps is None:
-            raise NotFound(f"placement {pid!r} does not exist")
+            raise NotFound(f"placement {quote(pid)} does not exist")
         assert self.writer is not None
         await asyncio.wait_for(self.writer.flush(), timeout=10)
         loop = asyncio.get_running_loop()
@@ -252,12 +282,31 @@ class Engine:
             raise InvalidInput("rewards", f"more than {self.settings.max_reward_batch} rewards in one call")
         for i, (event_id, reward, slot, reward_id) in enumerate(items):
             self.windows.check(event_id, reward, slot, f"rewards[{i}].", reward_id)
-        results = await asyncio.gather(*(self.windows.reward(e, r, s, k) for e, r, s, k in items), return_exceptions=True)
+        if access.current.get() is not None:
+            # One event of a placement the caller may not use denies the whole call, before any
+            # is stored; each reward checks again on the read it acts on (bandit/access.py).
+            for event_id in dict.fromkeys(e for e, _, _, _ in items):
+                placement = await self.placement_of(event_id)
+                if placement is not None:
+                    access.require(placement)
+        quiet = batch_quiet.set(True)
+        try:
+            results = await asyncio.gather(*(self.windows.reward(e, r, s, k) for e, r, s, k in items), return_exceptions=True)
+        finally:
+            batch_quiet.reset(quiet)
         out: list[str | NextbestError] = []
-        for r in results:
+        unknown: list[str] = []
+        for (event_id, _, _, _), r in zip(items, results, strict=True):
             if isinstance(r, BaseException) and not isinstance(r, NextbestError):
                 raise r  # a bug or a cancellation: the whole call fails (INTERNAL or CANCELLED)
+            if isinstance(r, NotFound):
+                unknown.append(event_id)
             out.append(r)
+        if unknown:  # one line for the call, not one per unknown event
+            log.warning(
+                "reward batch of %d named %d unknown events, e.g. %s", len(items), len(unknown), quote(unknown[0]),
+                extra={"event": "reward_unknown_event", "event_id": unknown[0][:128], "unknown": len(unknown)},
+            )
         return out
 
     async def activate(self, event_id: str) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bandit.reward_scale import RewardScale
 from bandit.decider import ArmView, Candidate
 from bandit.features import shared_line
 from bandit.model import CbModel
@@ -46,11 +47,15 @@ class Slot:
     cursor: int  # last learn_seq this model learned
     since_snapshot: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
-    reward_scale: float = 1.0  # the largest reward magnitude learned (at least 1): scales exploration
+    scale: RewardScale = field(default_factory=RewardScale)  # of recent rewards: scales exploration
     scored: int = 0  # shadow only: decisions scored before learning them
     agreed: int = 0
     ips_sum: float = 0.0
     recent: deque[bool] = field(default_factory=lambda: deque(maxlen=500))  # agreement of the last 500
+
+    @property
+    def reward_scale(self) -> float:
+        return self.scale.value
 
     @property
     def shadow(self) -> bool:
@@ -225,7 +230,7 @@ class Learner:
             # it earned are in the log and the statistics, which evaluate it.
             imitate = ps.record.spec.mode == "apprentice" and not slot.shadow
             slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward, row.probability)
-            slot.reward_scale = max(slot.reward_scale, abs(row.reward))
+            slot.scale.add(row.reward)
             slot.since_snapshot += 1
         slot.cursor = row.learn_seq
 

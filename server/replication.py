@@ -5,6 +5,12 @@ file beside a SQLite database); when it dies the lock goes with it and another s
 over within one poll interval. The learner claims and learns every server's rewards and saves
 snapshots; the others load each newer snapshot and each configuration change within
 ``replica_poll_interval``. The learner also closes the windows that a stopped server left open.
+
+Every server signs in (the servers table) and beats once per poll; each decision names the
+server holding its window (decisions.owner). A server starting, and every server at each poll,
+takes over the open windows of servers silent for longer than ``Engine.live_for``, with the
+rewards they had gathered, and never those of a live server: a restarted replica used to load
+and sweep every open window, also those a live replica was still gathering rewards for.
 """
 
 from __future__ import annotations
@@ -71,6 +77,11 @@ class Replication:
         e = self.e
         assert e.learner is not None
         loop = asyncio.get_running_loop()
+        now = e.clock()
+        await loop.run_in_executor(e.reader_pool, e.store.heartbeat, now)
+        taken = await e.hold_windows()
+        if taken:
+            log.info("took over %d open windows of a server that stopped", taken)
         version = await loop.run_in_executor(e.reader_pool, e.store.config_version)
         if version != self._config:
             self._config = version

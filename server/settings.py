@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     learner: Literal["auto", "always", "never"] = "auto"  # auto: the first server to get the learner lock learns
     replica_poll_interval: Annotated[float, Field(gt=0, le=60)] = 2.0  # replicas reload models and config this often
     orphan_grace: Annotated[float, Field(ge=0)] = 60.0  # windows a stopped server left open are closed after this
+    # A Reward for an event not yet in the database, where other servers share it, is looked
+    # for again for up to this long (their group commit may not have run yet); 0: answer at once.
+    peer_visibility_wait: Annotated[float, Field(ge=0, le=10)] = 0.3
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # server processes sharing the port (SO_REUSEPORT)
     reuse_port: bool = False  # set for the worker processes of --workers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus metrics over HTTP; unset: off
@@ -57,11 +60,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @property
+    def may_have_peers(self) -> bool:
+        """Whether other servers may write the same database (PostgreSQL, or --workers)."""
+        return self.db.startswith("postgresql") or self.workers > 1 or self.reuse_port
+
+    @property
     def shares_contacts(self) -> bool:
         """Whether contact history lives in the database (see contact_store)."""
         if self.contact_store != "auto":
             return self.contact_store == "database"
-        return self.db.startswith("postgresql") or self.workers > 1 or self.reuse_port
+        return self.may_have_peers
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:

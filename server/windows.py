@@ -12,18 +12,27 @@ import asyncio
 import heapq
 import logging
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bandit import access
 from bandit.contact import Impression
 from bandit.errors import InvalidInput, NotFound
-from bandit.log import Outcome
+from bandit.log import LoggedDecision, Outcome
+from bandit.spec import MAX_ABS_REWARD_LIMIT
+from bandit.text import check_text, quote
 from server.storage.base import Activation, Close, ContactRow, RewardEvent
 
 if TYPE_CHECKING:
     from server.engine import Engine
 
 log = logging.getLogger(__name__)
+
+_FLUSH_WAIT = 2.0  # seconds an unknown event's Reward waits for this server's queued decisions
+
+# Set by RewardBatch, which logs one line for all its unknown events instead of one each.
+batch_quiet: ContextVar[bool] = ContextVar("nextbest_batch_quiet", default=False)
 
 
 class RewardStatus:
@@ -90,6 +99,10 @@ class RewardWindows:
         self.e = engine
         self.open: dict[tuple[str, int], OpenDecision] = {}
         self._deadlines: list[tuple[float, str, int]] = []  # heap of open windows
+        # Windows whose closing reward is being stored: a second Reward for one of them (a
+        # retry, or two at once) waits for that write and answers DUPLICATE, as it would once
+        # the write is durable, instead of looking in the database too early (NOT_FOUND).
+        self._closing: dict[tuple[str, int], tuple[str, asyncio.Future[bool]]] = {}
 
     def add(self, event_id: str, slot: int, entry: OpenDecision) -> None:
         self.open[(event_id, slot)] = entry
@@ -101,18 +114,28 @@ class RewardWindows:
     # -- Reward -------------------------------------------------------------------------------
 
     def check(self, event_id: str, reward: float, slot: int, field: str = "", reward_id: str = "") -> None:
-        """A reward's own validity (InvalidInput naming ``field`` + its part), before any work."""
-        limit = self.e.settings.max_id_length
-        if len(reward_id) > 128:
-            raise InvalidInput(f"{field}reward_id", "longer than 128 characters")
+        """A reward's own validity (InvalidInput naming ``field`` + its part), before any work.
+        The placement's own ``max_abs_reward`` is checked once the event is found."""
         if not event_id:
             raise InvalidInput(f"{field}event_id", "must not be empty")
-        if len(event_id) > limit:
-            raise InvalidInput(f"{field}event_id", f"longer than {limit} characters")
+        check_text(event_id, f"{field}event_id", self.e.settings.max_id_length)
+        if reward_id:
+            check_text(reward_id, f"{field}reward_id", 128)
         if not math.isfinite(reward):
             raise InvalidInput(f"{field}reward", f"must be finite, got {reward}")
+        if abs(reward) > MAX_ABS_REWARD_LIMIT:
+            raise InvalidInput(f"{field}reward", f"magnitude {abs(reward):g} is above {MAX_ABS_REWARD_LIMIT:g}")
         if not 0 <= slot < 10:
             raise InvalidInput(f"{field}slot", f"must be between 0 and 9, got {slot}")
+
+    def _check_magnitude(self, placement: str, reward: float) -> None:
+        """A reward larger than its placement's ``max_abs_reward``: one such outlier learned
+        would swamp the model's estimates (a 1e13 reward put a trained SquareCB placement's
+        best arm from 0.99 to uniform, for good)."""
+        ps = self.e.states.get(placement)
+        bound = ps.record.spec.max_abs_reward if ps is not None else MAX_ABS_REWARD_LIMIT
+        if abs(reward) > bound:
+            raise InvalidInput("reward", f"magnitude {abs(reward):g} is above the placement's max_abs_reward {bound:g}")
 
     async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
         """Store the reward durably, then let the learner have it; learned at most once."""
@@ -123,9 +146,17 @@ class RewardWindows:
         key = (event_id, slot)
         entry = self.open.get(key)
         if entry is None:
+            closing = self._closing.get(key)
+            if closing is not None:
+                access.require(closing[0])
+                ok = await asyncio.shield(closing[1])  # if that write fails, so does this call: retry it
+                if ok:
+                    return RewardStatus.DUPLICATE
             return await self._reward_closed(event_id, slot, reward, now, reward_id)
+        access.require(entry.placement)
+        self._check_magnitude(entry.placement, reward)
         if not entry.activated:
-            raise InvalidInput("event_id", f"event {event_id!r} is deferred and not activated; call Activate first")
+            raise InvalidInput("event_id", f"event {quote(event_id)} is deferred and not activated; call Activate first")
         if now > entry.deadline:
             return await self._late(event_id, slot, reward, now, reward_id)  # the sweeper closes it
         ps = e.states.get(entry.placement)
@@ -148,6 +179,8 @@ class RewardWindows:
         del self.open[key]
         close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
         written = e.writer.close_window(close)
+        self._closing[key] = (entry.placement, written)
+        written.add_done_callback(lambda f: self._closed_write(key, f))
         try:
             ok = await asyncio.shield(written)
         except asyncio.CancelledError:
@@ -162,6 +195,10 @@ class RewardWindows:
             return await self._reward_closed(event_id, slot, reward, now, reward_id)
         self._closed(event_id, entry, close)
         return RewardStatus.LEARNED
+
+    def _closed_write(self, key: tuple[str, int], written: asyncio.Future[bool]) -> None:
+        if key in self._closing and self._closing[key][1] is written:
+            del self._closing[key]
 
     @staticmethod
     def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str) -> None:
@@ -208,24 +245,56 @@ class RewardWindows:
         elif written.result():
             self._closed(key[0], entry, close)
 
-    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
+    async def find(self, event_id: str, slot: int) -> LoggedDecision | None:
+        """A decision from the database, once it can be there: this server's own unflushed
+        decisions are flushed first; where other servers share the database, one not yet visible
+        is looked for again for a short while (their group commit's interval), within the call's
+        deadline (gRPC cancels the call then). None: unknown."""
         e = self.e
+        assert e.writer is not None
         loop = asyncio.get_running_loop()
         d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
-        if d is None:
+        if d is not None:
+            return d
+        if e.writer.depth:  # maybe decided here a moment ago and still queued
+            try:
+                await asyncio.wait_for(e.writer.flush(), _FLUSH_WAIT)
+            except TimeoutError:  # the database is slow or away: answer from what it has
+                pass
+            d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        delay, waited = 0.01, 0.0
+        while d is None and e.settings.may_have_peers and waited < e.settings.peer_visibility_wait:
+            await asyncio.sleep(delay)
+            waited += delay
+            delay *= 2
+            d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        return d
+
+    def unknown(self, event_id: str, slot: int, reward: float, quiet: bool = False) -> NotFound:
+        """The error for a reward to an unknown event, logged (unless ``quiet``: RewardBatch
+        logs one summary line for all its unknown events) and counted."""
+        if not quiet:
             # Kept for diagnosis (a channel sending wrong ids): a structured log record and a counter.
             log.warning(
-                "reward %r for unknown event %r", reward, event_id,
-                extra={"event": "reward_unknown_event", "event_id": event_id, "reward": reward},
+                "reward %r for unknown event %s", reward, quote(event_id),
+                extra={"event": "reward_unknown_event", "event_id": event_id[:128], "reward": reward},
             )
-            e.metrics.reward("unknown")
-            raise NotFound(f"event {event_id!r}" + (f" slot {slot}" if slot else "") + " is unknown")
+        self.e.metrics.reward("unknown")
+        return NotFound(f"event {quote(event_id)}" + (f" slot {slot}" if slot else "") + " is unknown")
+
+    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
+        e = self.e
+        d = await self.find(event_id, slot)
+        if d is None:
+            raise self.unknown(event_id, slot, reward, quiet=batch_quiet.get())
+        access.require(d.placement)
+        self._check_magnitude(d.placement, reward)
         if d.outcome == Outcome.REWARD:
             return RewardStatus.DUPLICATE
         if d.outcome == Outcome.NO_ARM:
-            raise InvalidInput("event_id", f"event {event_id!r} served no arm; there is nothing to reward")
+            raise InvalidInput("event_id", f"event {quote(event_id)} served no arm; there is nothing to reward")
         if d.outcome == Outcome.NOT_ACTIVATED:
-            raise InvalidInput("event_id", f"event {event_id!r} was never activated; it is not learned")
+            raise InvalidInput("event_id", f"event {quote(event_id)} was never activated; it is not learned")
         if d.outcome == Outcome.OPEN and d.activated and now <= d.deadline:
             # Open in the database but not in this process's memory: another server owns it.
             assert e.writer is not None and e.learner is not None
@@ -248,15 +317,19 @@ class RewardWindows:
         e = self.e
         if not event_id:
             raise InvalidInput("event_id", "must not be empty")
+        check_text(event_id, "event_id", e.settings.max_id_length)
         assert e.writer is not None
         now = e.clock()
         slots = self.slots_of(event_id)
         if not slots:
-            d = await asyncio.get_running_loop().run_in_executor(e.reader_pool, e.store.find_decision, event_id, 0)
+            d = await self.find(event_id, 0)
             if d is None:
-                raise NotFound(f"event {event_id!r} is unknown")
+                raise NotFound(f"event {quote(event_id)} is unknown")
+            access.require(d.placement)
             expired = d.outcome == Outcome.NOT_ACTIVATED or not d.activated
             return ActivateStatus.EXPIRED if expired else ActivateStatus.ALREADY_ACTIVE
+        for slot in slots:
+            access.require(self.open[(event_id, slot)].placement)
         status = ActivateStatus.ALREADY_ACTIVE
         for slot in slots:
             entry = self.open[(event_id, slot)]

@@ -19,6 +19,7 @@ import grpc
 
 from server import bench_procs
 from server.app import Running, create_server
+from server.auth import BearerToken, hash_token
 from server.client import NextbestClient
 from server.settings import Settings
 
@@ -55,6 +56,24 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+# Tokens of the auth tests: a channel token, one limited to ussd_main_menu, an admin token.
+CHANNEL_TOKEN = "chan-3f9a1c77e0b24d2e"
+LIMITED_TOKEN = "ussd-only-8d0e51aa47"
+ADMIN_TOKEN = "admin-b61c0f3e9d2a44"
+TOKENS = (
+    f"app:channel:{hash_token(CHANNEL_TOKEN)}; ops:admin:{hash_token(ADMIN_TOKEN)};"
+    f" ussd:channel:{hash_token(LIMITED_TOKEN)}:ussd_main_menu"
+)
+
+
+def token_client(target: str, token: str | None = None, creds: grpc.ChannelCredentials | None = None) -> NextbestClient:
+    """A client sending ``token`` (and using TLS with ``creds``)."""
+    ch = grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)
+    if token is not None:
+        ch = grpc.intercept_channel(ch, BearerToken(token))
+    return NextbestClient(target, timeout=5, channel=ch)
 
 
 def make_settings(db: str, **kw: Any) -> Settings:

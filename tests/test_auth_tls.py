@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bandit.errors import InvalidInput
 from server.auth import (
-    BearerToken,
     hash_token,
     load_tokens,
     main,
@@ -25,35 +23,13 @@ from server.client import NextbestClient
 from server.pb.nextbest.v1 import admin_pb2, decision_pb2
 from server.tls import channel_credentials, check_settings, server_credentials
 from tests import envs
-from tests.harness import ServerThread, make_settings
-
-CHANNEL_TOKEN = "chan-3f9a1c77e0b24d2e"
-LIMITED_TOKEN = "ussd-only-8d0e51aa47"
-ADMIN_TOKEN = "admin-b61c0f3e9d2a44"
-TOKENS = (
-    f"app:channel:{hash_token(CHANNEL_TOKEN)}; ops:admin:{hash_token(ADMIN_TOKEN)};"
-    f" ussd:channel:{hash_token(LIMITED_TOKEN)}:ussd_main_menu"
-)
-
+from tests.harness import ADMIN_TOKEN, CHANNEL_TOKEN, LIMITED_TOKEN, TOKENS, ServerThread, make_settings, token_client
 
 def _code(e: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     return e.value.code()  # type: ignore[attr-defined, no-any-return]
 
 
-def client(target: str, token: str | None = None, creds: grpc.ChannelCredentials | None = None) -> NextbestClient:
-    ch = grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)
-    if token is not None:
-        ch = grpc.intercept_channel(ch, BearerToken(token))
-    return NextbestClient(target, timeout=5, channel=ch)
-
-
-@pytest.fixture
-def authed(db_url: str) -> Iterator[ServerThread]:
-    s = ServerThread(make_settings(db_url, auth_tokens=TOKENS))
-    with client(s.target, ADMIN_TOKEN) as admin:
-        admin.apply([envs.placement("app_home_banner"), envs.placement("ussd_main_menu")])
-    yield s
-    s.stop()
+client = token_client
 
 
 def test_calls_without_a_valid_token_are_unauthenticated(authed: ServerThread) -> None:
@@ -140,7 +116,7 @@ def test_tokens_are_never_logged(db_url: str, caplog: pytest.LogCaptureFixture) 
     finally:
         s.stop()
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "denied /nextbest.v1.DecisionService/Choose on placement app_home_banner to token ussd" in text
+    assert "denied /nextbest.v1.DecisionService/Choose on placement 'app_home_banner' to token ussd" in text
     for secret in (CHANNEL_TOKEN, LIMITED_TOKEN, ADMIN_TOKEN):
         assert secret not in text
 

@@ -22,7 +22,7 @@ from server.auth import parse_file
 from server.configfile import parse_apply_text
 from server.pb.nextbest.v1 import admin_pb2, common_pb2, decision_pb2
 from server.storage import tables as t
-from tests.harness import ServerThread, make_settings
+from tests.harness import ServerThread, make_settings, postgres_available, postgres_schema
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ARMS = ("paid", "capped", "free")
@@ -40,9 +40,14 @@ PLACEMENT = PlacementSpec.model_validate(
 )
 BAD_INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
 
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
-long_text = st.one_of(text, st.integers(60, 3000).map(lambda n: "x" * n))
-number = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 1e308, -1e308, 5e-324])
+# Surrogates cannot travel over gRPC (protobuf refuses to encode them); NUL bytes can, and
+# PostgreSQL refuses to store them: they are drawn often, alone and inside other text.
+nul_text = st.text(alphabet=st.sampled_from(["\x00", "a", "é", "東"]), min_size=1, max_size=12)
+text = st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80), nul_text)
+long_text = st.one_of(text, st.integers(60, 3000).map(lambda n: "x" * n), st.integers(1, 300).map(lambda n: "\x00" * n))
+number = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [0.0, -0.0, 1e308, -1e308, 5e-324, 1e13, -1e13, 1e300, 1e6, 1e12 + 1]
+)
 feature = st.one_of(
     st.builds(common_pb2.Feature, namespace=long_text, name=long_text, number=number),
     st.builds(common_pb2.Feature, namespace=long_text, name=long_text, text=long_text),
@@ -100,16 +105,22 @@ def test_any_choose_is_served_or_refused_as_bad_input(fz: ServerThread, req: dec
     event_id=st.one_of(st.sampled_from(SEEN or ["x"]), long_text, st.just("")),
     reward=number,
     slot=st.integers(-3, 12),
+    reward_id=st.one_of(st.just(""), long_text),
 )
-def test_any_reward_is_answered_or_refused_as_bad_input(fz: ServerThread, event_id: str, reward: float, slot: int) -> None:
+def test_any_reward_is_answered_or_refused_as_bad_input(
+    fz: ServerThread, event_id: str, reward: float, slot: int, reward_id: str
+) -> None:
     if SEEN and event_id == "x":
         event_id = SEEN[hash(reward) % len(SEEN)]
     with fz.client() as c:
         try:
-            c.decision.Reward(decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot), timeout=10)
+            c.decision.Reward(
+                decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot, reward_id=reward_id), timeout=10
+            )
         except grpc.RpcError as e:
             assert _code(e) in BAD_INPUT_CODES, (_code(e), e.details())  # type: ignore[attr-defined]
-            if not math.isfinite(reward) and event_id:
+            assert len(e.details()) <= 1000  # type: ignore[attr-defined]  # a bounded message
+            if (not math.isfinite(reward) or abs(reward) > 1e6) and event_id:
                 assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -241,10 +252,14 @@ def test_token_files_load_or_name_the_problem(value: object) -> None:
 
 
 def test_invariants_hold_after_the_fuzzing(fz: ServerThread) -> None:
-    """Runs last in this module: budgets within limits, every logged probability exact."""
+    """Runs last in this module: budgets within limits, every logged probability exact, and
+    ordinary traffic still learned (the writer was not wedged by anything above)."""
     with fz.client() as c:
-        assert c.choose("fz", {"segment": "youth"}).arm_id in ARMS  # still serving
+        d = c.choose("fz", {"segment": "youth"})
+        assert d.arm_id in ARMS  # still serving
+        assert c.reward(d.event_id, 1.0) == "learned"
         stats = c.stats("fz")
+    assert fz.engine.writer.depth == 0
     assert stats.decisions > 0
     for b in stats.budgets:
         assert b.spent + b.reserved <= b.limit + 1e-9, b
@@ -314,3 +329,44 @@ def test_numbers_vw_cannot_take_are_refused_and_cannot_poison_the_model(fz: Serv
             assert r.arm_id == "" or 0 < r.probability <= 1
     with pytest.raises(Exception, match="1e12"):
         PlacementSpec.model_validate({"id": "p", "arms": [{"id": "a", "features": {"price": 1e20}}]})
+
+
+@pytest.mark.postgres
+def test_hostile_text_and_magnitudes_on_postgresql_leave_ordinary_traffic_learned() -> None:
+    """PostgreSQL refuses NUL bytes: one such Choose used to wedge its writer for good."""
+    if not postgres_available():
+        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test)")
+    with postgres_schema() as url:
+        s = ServerThread(make_settings(url, max_id_length=64, max_text_length=64))
+        try:
+            with s.client() as c:
+                c.apply([PLACEMENT])
+            seen: list[str] = []
+
+            @settings(max_examples=80, deadline=None)
+            @given(req=choose_request, reward=number, reward_id=st.one_of(st.just(""), long_text))
+            def hostile(req: decision_pb2.ChooseRequest, reward: float, reward_id: str) -> None:
+                with s.client() as c:
+                    try:
+                        r = c.decision.Choose(req, timeout=10)
+                    except grpc.RpcError as e:
+                        assert _code(e) in BAD_INPUT_CODES, (_code(e), e.details())  # type: ignore[attr-defined]
+                        return
+                    if r.arm_id:
+                        seen.append(r.event_id)
+                        try:
+                            c.decision.Reward(decision_pb2.RewardRequest(event_id=r.event_id, reward=reward, reward_id=reward_id), timeout=10)
+                        except grpc.RpcError as e:
+                            assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT, (_code(e), e.details())  # type: ignore[attr-defined]
+
+            hostile()
+            with pytest.raises(InvalidInput):  # a lone surrogate, in process: refused the same
+                s.call(s.engine.choose("fz", "c\ud800", "", []))
+            with s.client() as c:
+                for _ in range(5):
+                    d = c.choose("fz", {"segment": "youth"}, customer_id="ok")
+                    assert d.arm_id in ARMS
+                    assert c.reward(d.event_id, 1.0) == "learned"
+            assert s.engine.writer.depth == 0 and seen
+        finally:
+            s.stop()

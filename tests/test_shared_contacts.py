@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from bandit.errors import Unavailable
 from bandit.spec import PlacementSpec
 from server.storage.sql import open_store
-from tests.harness import ServerThread, make_settings, postgres_available, postgres_schema
+from tests.harness import ServerThread, make_settings
 
 CAP = 2
 CUSTOMERS = [f"c{i}" for i in range(6)]
@@ -33,15 +32,9 @@ SPEC = PlacementSpec.model_validate(
 )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/nb.db"
-        return
-    if not postgres_available():
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); shared contacts not tested on it")
-    with postgres_schema() as u:
-        yield u
+@pytest.fixture
+def url(any_db: str) -> str:
+    return any_db
 
 
 def _hammer(servers: list[ServerThread]) -> dict[str, int]:

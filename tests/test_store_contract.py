@@ -201,3 +201,23 @@ def test_shared_contact_history_locks_reads_and_records(store: SqlStore) -> None
     h, seen = store.contacts_open("c1", 0.0)
     store.contacts_abort(h)
     assert seen == []
+
+
+def test_open_windows_move_only_from_servers_that_stopped(store: SqlStore) -> None:
+    """A window belongs to the server that wrote its decision; another takes it over only once
+    that server signed off or fell silent, and a starting server takes unowned ones too."""
+    store.write([decision("before")], [])  # written before owners were recorded: no owner
+    store.register_server("a", now=100.0)
+    store.write([decision("e1"), decision("e2", None)], [])
+    store.register_server("b", now=100.0)  # the same store object now speaks for server b
+    store.write([decision("e3")], [])
+    assert store.adopt_open(live_since=50.0) == []  # a is alive: nothing moves
+    assert sorted(d.event_id for d in store.adopt_open(live_since=50.0, unowned=True)) == ["before", "e3"]
+    store.heartbeat(now=120.0)  # b beats; a stays silent since 100
+    assert sorted(d.event_id for d in store.adopt_open(live_since=110.0)) == ["before", "e1", "e3"]  # e2 served no arm
+    assert store.adopt_open(live_since=110.0) == []  # a is forgotten once its windows moved
+    store.register_server("c", now=130.0)
+    store.owner = "b"
+    store.unregister_server()  # b signs off: c takes its windows at once
+    store.owner = "c"
+    assert sorted(d.event_id for d in store.adopt_open(live_since=125.0)) == ["before", "e1", "e3"]

@@ -8,6 +8,7 @@ import grpc
 
 from bandit.errors import AlreadyExists, InvalidInput, NotFound
 from bandit.spec import PlacementSpec
+from bandit.text import quote
 from server.engine import Engine
 from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc
 from server.rpc import convert
@@ -27,7 +28,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CreatePlacement(self, request: admin_pb2.CreatePlacementRequest, context: Ctx) -> admin_pb2.CreatePlacementResponse:
         spec = convert.placement_spec(request.placement)
         if spec.id in self._engine.states:
-            raise AlreadyExists(f"placement {spec.id!r} exists already")
+            raise AlreadyExists(f"placement {quote(spec.id)} exists already")
         await self._engine.apply([spec])
         return admin_pb2.CreatePlacementResponse(placement=self._placement_pb(spec.id))
 
@@ -51,9 +52,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         arm = convert.arm_spec(arm_pb)
         exists = any(a.id == arm.id for a in spec.arms)
         if create and exists:
-            raise AlreadyExists(f"arm {arm.id!r} exists already in placement {placement!r}")
+            raise AlreadyExists(f"arm {quote(arm.id)} exists already in placement {quote(placement)}")
         if not create and not exists:
-            raise NotFound(f"arm {arm.id!r} does not exist in placement {placement!r}")
+            raise NotFound(f"arm {quote(arm.id)} does not exist in placement {quote(placement)}")
         arms = [arm if a.id == arm.id else a for a in spec.arms] if exists else [*spec.arms, arm]
         await self._engine.apply([PlacementSpec.model_validate({**spec.model_dump(by_alias=True), "arms": arms})])
         return self._arm_pb(placement, arm.id)
@@ -63,7 +64,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         for a in rec.spec.arms:
             if a.id == arm_id:
                 return convert.arm_pb(a, rec.arm_versions.get(a.id, 0))
-        raise NotFound(f"arm {arm_id!r} does not exist in placement {placement!r}")
+        raise NotFound(f"arm {quote(arm_id)} does not exist in placement {quote(placement)}")
 
     @rpc
     async def CreateArm(self, request: admin_pb2.CreateArmRequest, context: Ctx) -> admin_pb2.CreateArmResponse:

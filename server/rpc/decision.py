@@ -9,7 +9,7 @@ import grpc
 from server.engine import Engine
 from server.pb.nextbest.v1 import decision_pb2, decision_pb2_grpc
 from server.rpc import convert
-from server.rpc.errors import rpc, status_for
+from server.rpc.errors import message_of, rpc, status_for
 from server.windows import ActivateStatus, RewardStatus
 
 _STATUS = {
@@ -77,7 +77,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 self._engine.metrics.reward(r)
                 out.append(decision_pb2.RewardResult(status=_STATUS[r]))
             else:
-                out.append(decision_pb2.RewardResult(code=status_for(r).value[0], message=str(r)))
+                out.append(decision_pb2.RewardResult(code=status_for(r).value[0], message=message_of(r)))
         return decision_pb2.RewardBatchResponse(results=out)
 
     @rpc

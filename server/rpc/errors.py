@@ -5,6 +5,7 @@
 | InvalidInput                 | INVALID_ARGUMENT  |
 | NotFound                     | NOT_FOUND         |
 | AlreadyExists                | ALREADY_EXISTS    |
+| PermissionDenied             | PERMISSION_DENIED |
 | Unavailable                  | UNAVAILABLE       |
 | anything else                | INTERNAL (logged, message not sent) |
 """
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound, Unavailable
+from bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound, PermissionDenied, Unavailable
+from server.storage.refusal import RecordRefused
 
 log = logging.getLogger("nextbest.rpc")
 
@@ -27,8 +29,22 @@ CATALOG: dict[type[NextbestError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    RecordRefused: grpc.StatusCode.INTERNAL,  # not UNAVAILABLE: sending it again fails again
 }
+
+
+# gRPC sends the message in a trailer: one above ~16 KB reaches the caller as RESOURCE_EXHAUSTED
+# ("metadata size exceeds hard limit"), which reads as "retry with backoff". Messages quote a
+# bounded prefix of the input (bandit.text.quote); this bound holds whatever a message says.
+MAX_MESSAGE = 1000
+
+
+def message_of(error: BaseException) -> str:
+    """The error's message, at most MAX_MESSAGE characters."""
+    text = str(error)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 15] + "... (truncated)"
 
 
 def status_for(error: NextbestError) -> grpc.StatusCode:
@@ -50,7 +66,7 @@ def rpc(handler: Handler[R]) -> Handler[R]:
         try:
             return await handler(self, request, context)
         except NextbestError as e:
-            await context.abort(status_for(e), str(e))
+            await context.abort(status_for(e), message_of(e))
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fcntl
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,7 +19,57 @@ _LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
 
 
 class Coordination(SqlBase):
-    """Budget leases and the learner lock; polled versions."""
+    """Budget leases and the learner lock; polled versions; which server holds which window."""
+
+    # -- servers and the windows they hold ------------------------------------------------
+
+    def register_server(self, server_id: str, now: float) -> None:
+        """Sign this server in: its decisions are written as held by it from now on."""
+        with self._begin() as c:
+            c.execute(t.servers.insert().values(id=server_id, heartbeat=now))
+        self.owner = server_id
+
+    def heartbeat(self, now: float) -> None:
+        """This server's sign of life (signed in again if another server took it for stopped)."""
+        s = t.servers.c
+        with self._begin() as c:
+            if c.execute(update(t.servers).where(s.id == self.owner).values(heartbeat=now)).rowcount == 0:
+                c.execute(t.servers.insert().values(id=self.owner, heartbeat=now))
+
+    def unregister_server(self) -> None:
+        """Sign off (a clean stop): this server counts as stopped at once, so that the next
+        server to poll takes over its open windows without waiting for its silence."""
+        with self._begin() as c:
+            c.execute(update(t.servers).where(t.servers.c.id == self.owner).values(heartbeat=0.0))
+
+    def adopt_open(self, live_since: float | None, unowned: bool = False) -> list[LoggedDecision]:
+        """Take over the open windows of the servers silent since ``live_since`` (signed off,
+        or killed), and forget those servers; None: of every other server and of none, for a
+        server starting on a database no other server writes. ``unowned``: also the windows
+        no server holds (written before owners were recorded). Windows of live servers stay
+        theirs. Returns every open window this server holds when it took any (the caller keeps
+        those it does not hold in memory yet), else none: a poll that finds no stopped server
+        costs one small read. Where two servers race for a stopped one's windows, the
+        conditional UPDATE gives each window to one of them."""
+        d, s = t.decisions.c, t.servers.c
+        with self._begin() as c:
+            if live_since is None:
+                held_elsewhere = or_(d.owner.is_(None), d.owner != self.owner)
+                stopped: list[str] = []
+            else:
+                stopped = list(c.execute(select(s.id).where(s.heartbeat < live_since, s.id != self.owner)).scalars())
+                if not stopped and not unowned:
+                    return []
+                held_elsewhere = or_(d.owner.in_(stopped), d.owner.is_(None)) if unowned else d.owner.in_(stopped)
+            taken = c.execute(
+                update(t.decisions).where(d.outcome == int(Outcome.OPEN), held_elsewhere).values(owner=self.owner)
+            ).rowcount
+            if stopped:
+                c.execute(delete(t.servers).where(s.id.in_(stopped)))
+            if not taken:
+                return []
+            rows = c.execute(select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.owner == self.owner)).all()
+        return [decision_from_row(r) for r in rows]
 
     def lease(self, key: str, period: str, limit: float, amount: float) -> float:
         """Grant up to ``amount`` more of a budget, never past ``limit``; returns the grant.

@@ -68,6 +68,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
         self.url = url
         self._postgres = url.startswith("postgresql")
         self._lock: Any = None  # the learner lock, while this process holds it
+        self.owner: str | None = None  # this server's id (register_server), written with its decisions
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False}
@@ -220,7 +221,8 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
         learnable: list[tuple[str, int]] = []
         with self._begin() as c:
             if decisions:
-                c.exec_driver_sql(self._insert_decisions, [decision_params(d) for d in decisions])
+                owner = self.owner
+                c.exec_driver_sql(self._insert_decisions, [decision_params(d, owner) for d in decisions])
             for act in activations:
                 res = c.execute(
                     update(t.decisions)

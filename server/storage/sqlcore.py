@@ -20,6 +20,7 @@ class SqlBase:
     engine: Engine
     _postgres: bool
     _lock: Any  # the learner lock, while this process holds it
+    owner: str | None  # this server's id once registered
 
     def _begin(self) -> _Tx:
         return _Tx(self.engine, begin=True)
@@ -59,7 +60,7 @@ class _Tx:
 _DECISION_COLUMNS = (
     "event_id", "placement_id", "customer_id", "created_at", "deadline", "features", "arms", "pmf", "chosen",
     "arm_id", "probability", "model_version", "outcome", "reward", "learn_seq", "cost", "reward_cost", "budgets",
-    "ineligible", "variant", "slot", "activated",
+    "ineligible", "variant", "slot", "activated", "owner",
 )
 
 
@@ -75,14 +76,14 @@ def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-def decision_params(d: LoggedDecision) -> tuple[Any, ...]:
-    """The row of ``insert_decisions_sql`` for one decision."""
+def decision_params(d: LoggedDecision, owner: str | None) -> tuple[Any, ...]:
+    """The row of ``insert_decisions_sql`` for one decision, whose window ``owner`` holds."""
     return (
         d.event_id, d.placement, d.customer_id, d.timestamp, d.deadline,
         _json(d.features),
         _json(d.arms), _json(d.pmf), d.chosen, d.arm_id, d.probability, d.model_version, int(d.outcome), d.reward,
         d.learn_seq, d.cost, d.reward_cost, _json(d.budgets) if d.budgets else None,
-        _json(d.ineligible) if d.ineligible else None, d.variant, d.slot, d.activated,
+        _json(d.ineligible) if d.ineligible else None, d.variant, d.slot, d.activated, owner,
     )
 
 

@@ -13,14 +13,17 @@ from server.storage.sqlcore import SqlBase
 class StatsQueries(SqlBase):
     """Aggregates over the decision log."""
 
-    def reward_scale(self, placement: str) -> float:
-        """The largest reward magnitude learned by a placement (at least 1), to scale exploration."""
+    def recent_rewards(self, placement: str, limit: int) -> list[float]:
+        """The rewards of a placement's last ``limit`` learned decisions, oldest first."""
         d = t.decisions.c
         with self._connect() as c:
-            hi = c.execute(
-                select(func.max(func.abs(d.reward))).where(d.placement_id == placement, d.learn_seq.is_not(None))
-            ).scalar()
-        return max(1.0, float(hi or 0.0))
+            rows = c.execute(
+                select(d.reward)
+                .where(d.placement_id == placement, d.learn_seq.is_not(None), d.reward.is_not(None))
+                .order_by(d.learn_seq.desc())
+                .limit(limit)
+            ).scalars().all()
+        return [float(r) for r in reversed(rows)]
 
     def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
         """Per-arm counts, the number of decisions, and how many served no arm."""

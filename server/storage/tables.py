@@ -74,10 +74,21 @@ decisions = Table(
     Column("ineligible", JSON),  # [[arm_id, reason], ...]
     Column("variant", String(64), nullable=False, server_default=""),
     Column("activated", Boolean, nullable=False, server_default="1"),
+    # The server holding the decision's open window in memory (servers.id); NULL: none known.
+    Column("owner", String(32)),
     Index("ix_decisions_learn", "placement_id", "variant", "learn_seq"),
     Index("ix_decisions_unclaimed", "placement_id", "outcome", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
     Index("ix_decisions_open", "outcome", "deadline"),
+)
+
+# The servers writing this database, each with its last sign of life: a starting server takes
+# over the open windows of servers that stopped, never those of a live one.
+servers = Table(
+    "servers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("heartbeat", Double, nullable=False),
 )
 
 campaigns = Table(
