@@ -19,6 +19,7 @@ from vowpalwabbit import Workspace
 from bandit.errors import InvalidInput
 from bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE
 from bandit.spec import PlacementSpec
+from bandit.vw_options import FILE_OPTIONS
 
 
 # VW preallocates 256 examples per workspace (about 7.6 MiB whatever the bits); we hand it one
@@ -35,9 +36,19 @@ def vw_arguments(spec: PlacementSpec) -> list[str]:
 
 
 def check_vw_arguments(spec: PlacementSpec) -> None:
-    """Build a throwaway workspace so that VW itself rejects bad arguments up front."""
+    """Build a throwaway workspace so that VW itself rejects bad arguments up front.
+
+    The workspace is finished at once, and VW writes ``-f``/``--readable_model``/... files when a
+    workspace finishes: this runs for every apply, dry runs included. ``vw_args`` is already an
+    allow list (``bandit.vw_options``), but the file options are refused once more right before
+    VW sees the arguments, so that an option slipping past validation still writes nothing."""
+    args = vw_arguments(spec)
+    for tok in args:
+        opt = tok.partition("=")[0] if tok.startswith("--") else tok[:2]
+        if tok.startswith("-") and opt in FILE_OPTIONS:
+            raise InvalidInput("vw_args", f"{opt}: reads or writes files; not allowed in vw_args")
     try:
-        ws = Workspace(arg_list=vw_arguments(spec))
+        ws = Workspace(arg_list=args)
     except Exception as e:  # VW raises RuntimeError, sometimes others, for bad options
         raise InvalidInput("vw_args", f"Vowpal Wabbit rejected the arguments: {e}") from None
     try:

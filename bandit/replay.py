@@ -10,7 +10,6 @@ has already learned it.
 from __future__ import annotations
 
 import math
-import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain
@@ -24,14 +23,13 @@ from bandit.errors import InvalidInput
 from bandit.estimators import ESTIMATORS, Estimate, estimate
 from bandit.features import Feature, arm_line, features_from_mapping, shared_line
 from bandit.log import LoggedDecision
+from bandit.vw_options import REPLAY_OPTIONS, split_vw_args
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 ArmKey = tuple[str, int]
 
 DEFAULT_REWARD_MODEL_ARGS = "-q UA"
-# Options that would make VW read or serve data itself instead of the examples we feed it.
-_REJECTED_VW_OPTIONS = frozenset(["-d", "--data", "--daemon", "--port", "--dsjson", "--json", "--passes", "-c", "--cache"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,14 +235,12 @@ class ConstantPolicy:
 
 
 def _vw_args(text: str, field_name: str) -> list[str]:
+    """The allow list of ``bandit.vw_options`` with the reductions a replay policy chooses:
+    replay feeds VW the logged examples itself, and no option may name a file."""
     try:
-        args = shlex.split(text)
+        return split_vw_args(text, REPLAY_OPTIONS)
     except ValueError as e:
-        raise InvalidInput(field_name, f"cannot split the VW arguments: {e}") from None
-    for a in args:
-        if a.split("=", 1)[0] in _REJECTED_VW_OPTIONS:
-            raise InvalidInput(field_name, f"{a} is not allowed: replay feeds VW the logged examples itself")
-    return args
+        raise InvalidInput(field_name, f"VW arguments rejected: {e}") from None
 
 
 def _workspace(args: list[str], field_name: str) -> Workspace:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -17,23 +16,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from bandit.features import Feature, features_from_mapping
 from bandit.text import first_unstorable
+from bandit.vw_options import split_vw_args
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-# VW options we own (files, data sources, the reduction stack, exploration): a placement may
-# not set them through vw_args.
-FORBIDDEN_VW_OPTIONS = frozenset(
-    """-i --initial_regressor -f --final_regressor -d --data -c --cache --cache_file
-    --daemon --port --pid_file -p --predictions -r --raw_predictions --readable_model
-    --invert_hash --save_per_pass --save_resume --audit -a --dsjson --json --ccb_explore_adf
-    --cb_explore_adf --cb_explore --cb --cb_adf --slates --csoaa --csoaa_ldf --oaa --wap_ldf
-    -b --bit_precision --passes --holdout_off --data_file --input_feature_regularizer
-    --output_feature_regularizer --predict_only_model --preserve_performance_counters
-    --testonly -t --quiet --epsilon --first --bag --cover --softmax --squarecb --regcb
-    --rnd --large_action_space --ring_size --example_queue_limit""".split()
-)
 
 
 def parse_duration(value: object) -> float:
@@ -52,16 +39,10 @@ def parse_duration(value: object) -> float:
 
 
 def check_vw_args(v: str) -> str:
-    """VW arguments a placement may add; the options nextbest owns are refused."""
-    try:
-        tokens = shlex.split(v)
-    except ValueError as e:
-        raise ValueError(f"cannot be split into arguments: {e}") from None
-    for tok in tokens:
-        opt = tok.split("=", 1)[0]
-        if opt in FORBIDDEN_VW_OPTIONS:
-            raise ValueError(f"{opt} is set by nextbest and cannot be passed in vw_args")
-    return " ".join(tokens)
+    """VW arguments a placement may add: only the learning options of ``bandit.vw_options``
+    (an allow list), each with a checked value; options that name files, or that nextbest
+    sets itself, are refused."""
+    return " ".join(split_vw_args(v))
 
 
 VwArgs = Annotated[str, AfterValidator(check_vw_args)]

@@ -136,8 +136,19 @@ def parse_apply_text(text: str, file: str = "<config>") -> ApplyFile:
 
 
 def load_apply_file(path: Path) -> ApplyFile:
+    """Read and validate an apply file: UTF-8 whatever the locale, or a ConfigFileError naming
+    the line and offset of the first byte that is not."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigFileError(str(path), 0, "", f"cannot read: {e.strerror}") from None
-    return parse_apply_text(text, str(path))
+    return parse_apply_text(decode_utf8(data, str(path)), str(path))
+
+
+def decode_utf8(data: bytes, file: str) -> str:
+    """The text of an apply file, or a ConfigFileError (not a UnicodeDecodeError traceback)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigFileError(file, line, "", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None

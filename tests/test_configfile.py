@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bandit.spec import parse_duration
-from server.configfile import ConfigFileError, parse_apply_text
+from server.configfile import ConfigFileError, load_apply_file, parse_apply_text
 
 GOOD = """placements:
   - id: app_home_banner
@@ -58,3 +60,13 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+
+def test_a_non_utf8_file_names_file_line_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "apply.yaml"
+    path.write_bytes(b"placements:\n  - id: caf\xe9\n")
+    with pytest.raises(ConfigFileError) as e:
+        load_apply_file(path)
+    assert str(e.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at offset 23)"
+    assert e.value.line == 2

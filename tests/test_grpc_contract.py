@@ -220,7 +220,7 @@ def test_admin_placements_and_arms(server: ServerThread) -> None:
     [
         (admin_pb2.Placement(id="bad id"), "placement.id"),
         (admin_pb2.Placement(id="p", arms=[admin_pb2.Arm(id="a"), admin_pb2.Arm(id="a")]), "placement.arms[1].id"),
-        (admin_pb2.Placement(id="p", vw_args="--bogus_option"), "vw_args"),
+        (admin_pb2.Placement(id="p", vw_args="--bogus_option"), "placement.vw_args"),
         (admin_pb2.Placement(id="p", vw_args="-f /tmp/model"), "placement.vw_args"),
         (admin_pb2.Placement(id="p", exploration=admin_pb2.Exploration(epsilon=1.5)), "placement.exploration.epsilon"),
         (admin_pb2.Placement(id="p", reward_window_seconds=-1), "placement.reward_window"),
