@@ -41,21 +41,24 @@ def check_vw_arguments(spec: PlacementSpec) -> None:
     The workspace is finished at once, and VW writes ``-f``/``--readable_model``/... files when a
     workspace finishes: this runs for every apply, dry runs included. ``vw_args`` is already an
     allow list (``bandit.vw_options``), but the file options are refused once more right before
-    VW sees the arguments, so that an option slipping past validation still writes nothing."""
+    VW sees the arguments, and the throwaway workspace writes its own model into a temporary
+    folder that is removed afterwards: VW refuses a second, disagreeing ``-f``, so even an
+    option slipping past both checks cannot make it write elsewhere."""
     args = vw_arguments(spec)
     for tok in args:
         opt = tok.partition("=")[0] if tok.startswith("--") else tok[:2]
         if tok.startswith("-") and opt in FILE_OPTIONS:
             raise InvalidInput("vw_args", f"{opt}: reads or writes files; not allowed in vw_args")
-    try:
-        ws = Workspace(arg_list=args)
-    except Exception as e:  # VW raises RuntimeError, sometimes others, for bad options
-        raise InvalidInput("vw_args", f"Vowpal Wabbit rejected the arguments: {e}") from None
-    try:
-        if ws.get_prediction_type() != ws.pACTION_SCORES:
-            raise InvalidInput("vw_args", "the arguments must keep a cb_adf model that scores arms")
-    finally:
-        ws.finish()
+    with tempfile.TemporaryDirectory(prefix="nextbest-vwcheck-") as scratch:
+        try:
+            ws = Workspace(arg_list=["-f", os.path.join(scratch, "check.vw"), *args])
+        except Exception as e:  # VW raises RuntimeError, sometimes others, for bad options
+            raise InvalidInput("vw_args", f"Vowpal Wabbit rejected the arguments: {e}") from None
+        try:
+            if ws.get_prediction_type() != ws.pACTION_SCORES:
+                raise InvalidInput("vw_args", "the arguments must keep a cb_adf model that scores arms")
+        finally:
+            ws.finish()
 
 
 class CbModel:

@@ -23,6 +23,8 @@ from bandit.text import quote
 # Namespace letters (interaction and namespace specs such as -q UA, --ignore A): no wildcards,
 # which would expand to every pair of namespaces.
 _SPEC = re.compile(r"^[A-Za-z0-9_]{1,8}$")
+# A number as VW reads one; Python's float() also takes spaces and "1_0", which VW does not.
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -32,18 +34,17 @@ class VwOption:
     names: tuple[str, ...]
     kind: str
     choices: frozenset[str] = frozenset()
+    maximum: int | None = None  # for int options that size the model (--nn units)
 
     def check(self, opt: str, value: str) -> None:
         if self.kind == "float":
-            try:
-                x = float(value)
-            except ValueError:
-                raise ValueError(f"{opt}: expects a number, got {quote(value)}") from None
-            if not math.isfinite(x):
+            if not _NUMBER.match(value) or not math.isfinite(float(value)):
                 raise ValueError(f"{opt}: expects a finite number, got {quote(value)}")
         elif self.kind == "int":
             if not re.fullmatch(r"[+-]?\d{1,10}", value):
                 raise ValueError(f"{opt}: expects an integer, got {quote(value)}")
+            if self.maximum is not None and not 0 <= int(value) <= self.maximum:
+                raise ValueError(f"{opt}: expects an integer from 0 to {self.maximum}, got {quote(value)}")
         elif self.kind == "choice":
             if value not in self.choices:
                 raise ValueError(f"{opt}: expects one of {', '.join(sorted(self.choices))}, got {quote(value)}")
@@ -101,7 +102,7 @@ LEARNING_OPTIONS: Mapping[str, VwOption] = _options(
     _choice("--link", "identity logistic glf1 poisson"),
     _float("--min_prediction"),
     _float("--max_prediction"),
-    VwOption(("--nn",), "int"),
+    VwOption(("--nn",), "int", maximum=64),  # hidden units: each multiplies the model's work
 )
 
 # Offline replay (``vw:ARGS`` policies, the reward model) also chooses the reduction and its
@@ -112,9 +113,9 @@ REPLAY_OPTIONS: Mapping[str, VwOption] = {
         _flag("--cb_adf"),
         _flag("--cb_explore_adf"),
         _float("--epsilon"),
-        VwOption(("--first",), "int"),
-        VwOption(("--bag",), "int"),
-        VwOption(("--cover",), "int"),
+        VwOption(("--first",), "int", maximum=1_000_000),
+        VwOption(("--bag",), "int", maximum=64),
+        VwOption(("--cover",), "int", maximum=64),
         _flag("--softmax"),
         _float("--lambda"),
         _flag("--squarecb"),
@@ -126,7 +127,7 @@ REPLAY_OPTIONS: Mapping[str, VwOption] = {
         _flag("--first_only"),
         _float("--psi"),
         _flag("--nounif"),
-        VwOption(("-b", "--bit_precision"), "int"),
+        VwOption(("-b", "--bit_precision"), "int", maximum=28),
     ),
 }
 
@@ -150,25 +151,24 @@ NEXTBEST_OPTIONS = frozenset(
 _ALLOWED_SUMMARY = "--cb_type, -l/--learning_rate, --power_t, --initial_t, --l1, --l2, -q, --interactions, --ignore, ... (see README)"
 
 
-def _refuse(opt: str) -> ValueError:
+def _refuse(opt: str, tok: str) -> ValueError:
     if opt in FILE_OPTIONS:
-        return ValueError(f"{opt}: reads or writes files; not allowed in vw_args")
+        return ValueError(f"{opt}: reads or writes files; not allowed in vw_args (got {quote(tok, 40)})")
     if opt in NEXTBEST_OPTIONS:
         return ValueError(f"{opt} is set by nextbest and cannot be passed in vw_args")
     return ValueError(f"{quote(opt)}: not an allowed learning option (allowed: {_ALLOWED_SUMMARY})")
 
 
 def _is_number(tok: str) -> bool:
-    try:
-        float(tok)
-    except ValueError:
-        return False
-    return True
+    return bool(_NUMBER.match(tok))
 
 
 def check_tokens(tokens: Sequence[str], allowed: Mapping[str, VwOption] = LEARNING_OPTIONS) -> list[str]:
     """The tokens, unchanged, when each is an allowed option with a valid value; a ValueError
     naming the first offending option (as written) otherwise."""
+    for tok in tokens:
+        if not tok or any(c.isspace() for c in tok):  # VW would split it otherwise than checked here
+            raise ValueError(f"{quote(tok)}: an argument with spaces in it; write each option and value apart")
     i = 0
     while i < len(tokens):
         tok = tokens[i]
@@ -183,7 +183,7 @@ def check_tokens(tokens: Sequence[str], allowed: Mapping[str, VwOption] = LEARNI
             raise ValueError(f"{quote(tok)}: a value without an option; vw_args takes options such as --l2 1e-6")
         spec = allowed.get(opt)
         if spec is None:
-            raise _refuse(opt)
+            raise _refuse(opt, tok)
         if spec.kind == "flag":
             if value is not None:
                 raise ValueError(f"{opt}: takes no value, got {quote(value)}")

@@ -120,8 +120,10 @@ def test_any_reward_is_answered_or_refused_as_bad_input(
         except grpc.RpcError as e:
             assert _code(e) in BAD_INPUT_CODES, (_code(e), e.details())  # type: ignore[attr-defined]
             assert len(e.details()) <= 1000  # type: ignore[attr-defined]  # a bounded message
-            if (not math.isfinite(reward) or abs(reward) > 1e6) and event_id:
-                assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
+            if (not math.isfinite(reward) or abs(reward) > 1e12) and event_id:
+                assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT  # before the event is looked up
+        else:
+            assert abs(reward) <= 1e6  # the placement's max_abs_reward
 
 
 METHODS = [

@@ -47,6 +47,9 @@ from tests.harness import ServerThread
         ("-q ::", "-q", "namespace letters"),
         ("--adaptive=1", "--adaptive", "takes no value"),
         ("--l2", "--l2", "needs a value"),
+        ("--l2=' 1 '", "1", "spaces"),  # float() takes it; VW would see other tokens than checked
+        ("--l2 1_0", "--l2", "finite number"),
+        ("--nn 100000000", "--nn", "from 0 to 64"),
     ],
 )
 def test_vw_args_outside_the_allow_list_are_refused_naming_the_option(args: str, named: str, why: str) -> None:
