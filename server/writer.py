@@ -145,7 +145,7 @@ class BatchWriter:
                     [e for e, _ in events],
                     assign,
                 )
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - away or refused: told apart below
                 items: list[_Item] = [("decision", d, None) for d in decisions]
                 items += [("activation", a, f) for a, f in acts]
                 items += [("reward", ev, f) for ev, f in events]
@@ -215,7 +215,7 @@ class BatchWriter:
             chunk = todo.pop()
             try:
                 result = await self._write(chunk, assign)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - away or refused: told apart here
                 if not is_refusal(e):
                     return chunk + [x for c in reversed(todo) for x in c], e
                 bad = (chunk, e)

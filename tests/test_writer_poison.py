@@ -24,7 +24,13 @@ from typing import Any
 import grpc
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from bandit.errors import Unavailable
 from bandit.features import feature
@@ -61,16 +67,25 @@ class Db:
 
 
 _SQLITE_TRIGGERS = (
-    "CREATE TRIGGER poison_decision BEFORE INSERT ON decisions WHEN NEW.event_id LIKE 'poison%' "
-    "BEGIN SELECT RAISE(ABORT, 'poisoned decision'); END",
-    "CREATE TRIGGER poison_event BEFORE INSERT ON reward_events WHEN NEW.reward_id = 'poison' "
-    "BEGIN SELECT RAISE(ABORT, 'poisoned reward'); END",
-    f"CREATE TRIGGER poison_close BEFORE UPDATE ON decisions WHEN NEW.reward = {POISON_REWARD} "
-    "BEGIN SELECT RAISE(ABORT, 'poisoned close'); END",
+    (
+        "CREATE TRIGGER poison_decision BEFORE INSERT ON decisions WHEN NEW.event_id LIKE 'poison%' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned decision'); END"
+    ),
+    (
+        "CREATE TRIGGER poison_event BEFORE INSERT ON reward_events WHEN NEW.reward_id = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned reward'); END"
+    ),
+    (
+        f"CREATE TRIGGER poison_close BEFORE UPDATE ON decisions WHEN NEW.reward = {POISON_REWARD} "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned close'); END"
+    ),
 )
+# PostgreSQL refuses decisions and reward rows by itself (NUL bytes); closes by this trigger.
 _PG_TRIGGERS = (
-    "CREATE FUNCTION poison_close() RETURNS trigger AS $$ BEGIN "
-    f"IF NEW.reward = {POISON_REWARD} THEN RAISE EXCEPTION 'poisoned close'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+    (
+        "CREATE FUNCTION poison_close() RETURNS trigger AS $$ BEGIN "
+        f"IF NEW.reward = {POISON_REWARD} THEN RAISE EXCEPTION 'poisoned close'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+    ),
     "CREATE TRIGGER poison_close BEFORE UPDATE ON decisions FOR EACH ROW EXECUTE FUNCTION poison_close()",
 )
 
@@ -280,25 +295,20 @@ class FlakyStore:
         return self.store.write(decisions, closes, activations, events, assign)
 
 
+def wrapped(e: Exception) -> Unavailable:
+    """What the store raises for a database error: Unavailable from it (server/storage/sqlcore.py)."""
+    u = Unavailable(f"database error: {e.__class__.__name__}")
+    u.__cause__ = e
+    return u
+
+
 def away() -> Unavailable:
-    """What the store raises when its connection is lost (server/storage/sqlcore.py)."""
-    try:
-        raise OperationalError("INSERT INTO decisions ...", {}, sqlite3.OperationalError("database is locked"))
-    except OperationalError as e:
-        try:
-            raise Unavailable("database error: OperationalError") from e
-        except Unavailable as u:
-            return u
+    """What the store raises when the database is locked or its connection lost."""
+    return wrapped(OperationalError("INSERT INTO decisions ...", {}, sqlite3.OperationalError("database is locked")))
 
 
 def refused() -> Unavailable:
-    try:
-        raise IntegrityError("INSERT INTO decisions ...", {}, sqlite3.IntegrityError("poison"))
-    except IntegrityError as e:
-        try:
-            raise Unavailable("database error: IntegrityError") from e
-        except Unavailable as u:
-            return u
+    return wrapped(IntegrityError("INSERT INTO decisions ...", {}, sqlite3.IntegrityError("poison")))
 
 
 def test_a_database_that_is_away_still_keeps_and_retries_decisions(tmp_path: Path) -> None:
@@ -340,21 +350,22 @@ def test_the_database_going_away_while_a_batch_is_split_drops_nothing(tmp_path: 
     kinds = Kinds()
 
     async def body(w: BatchWriter) -> list[Any]:
-        for i in range(4):
+        for i in range(2):
             w.add_decision(decision(f"b{i}"))
-        futs = [w.record(RewardEvent(f"b{i}", 0, 1.0, 100.0, "late", f"r{i}")) for i in range(4)]
+        futs = [w.record(RewardEvent(f"b{i % 2}", 0, 1.0, 100.0, "late", f"r{i}")) for i in range(6)]
         out = await settle(futs)
         await asyncio.wait_for(w.flush(), 20)
         return out
 
     try:
         out = with_writer(flaky, body, kinds)
-        # The first half (4 decisions) failed "away": kept; the second half (4 rewards) was
-        # never written: its callers hear Unavailable.
-        assert flaky.calls[:3] == [8, 4, 4]
+        # Refused (8 records), split: the first half (2 decisions, 2 rewards) fails "away":
+        # the decisions are kept and retried alone (2), every reward's caller hears Unavailable.
+        # (The old writer retried the 2 decisions at once: [8, 2, 2].)
+        assert flaky.calls[:3] == [8, 4, 2]
         assert all(isinstance(r, Unavailable) and not isinstance(r, RecordRefused) for r in out), out
         assert kinds.kinds == []
-        for i in range(4):
+        for i in range(2):
             assert store.find_decision(f"b{i}") is not None
     finally:
         store.close()
@@ -367,15 +378,6 @@ def test_refusals_are_told_from_a_database_that_is_away() -> None:
         def __init__(self, msg: str, sqlstate: str | None = None) -> None:
             super().__init__(msg)
             self.sqlstate = sqlstate
-
-    def wrapped(e: Exception) -> Unavailable:
-        try:
-            raise e
-        except Exception as inner:
-            try:
-                raise Unavailable(f"database error: {inner.__class__.__name__}") from inner
-            except Unavailable as u:
-                return u
 
     assert is_refusal(wrapped(DataError("s", {}, Orig("PostgreSQL text fields cannot contain NUL (0x00) bytes"))))
     assert is_refusal(wrapped(IntegrityError("s", {}, sqlite3.IntegrityError("poison"))))

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import sqlite3
 
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError, StatementError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    ProgrammingError,
+    StatementError,
+)
 
 from bandit.errors import NextbestError, Unavailable
 
