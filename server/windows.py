@@ -23,6 +23,7 @@ from bandit.log import LoggedDecision, Outcome
 from bandit.spec import MAX_ABS_REWARD_LIMIT
 from bandit.text import check_text, quote
 from server.storage.base import Activation, Close, ContactRow, RewardEvent
+from server.storage.refusal import RecordRefused
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -387,7 +388,11 @@ class RewardWindows:
         results = await asyncio.gather(*(e.writer.close_window(c) for _, _, c in closing), return_exceptions=True)
         closed = 0
         for (key, entry, close), res in zip(closing, results, strict=True):
-            if isinstance(res, BaseException):  # retry on a later sweep
+            if isinstance(res, RecordRefused):  # retrying fails again: the window is given up
+                log.error("closing the window of event %s slot %d was refused; it is dropped", quote(key[0]), key[1])
+                if entry.budgets:  # in memory only: the database refused to record anything
+                    e.budgets.settle(entry.budgets, entry.reward_cost + (0.0 if entry.activated else entry.cost), False)
+            elif isinstance(res, BaseException):  # retry on a later sweep
                 self.add(key[0], key[1], entry)
             elif res:
                 closed += 1

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import sqlite3
 import uuid
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -432,3 +433,27 @@ def test_end_to_end_a_refused_reward_answers_internal_and_the_others_are_learned
         assert row is not None and (row.outcome, row.reward) == (Outcome.REWARD, 0.5)
         later = c.choose("app_home_banner", {"segment": "youth"}, event_id=f"later-{uuid.uuid4().hex[:8]}")
         assert c.reward(later.event_id, 1.0) == "learned"
+
+
+def test_a_window_whose_close_is_refused_is_dropped_once_not_retried_forever(tmp_path: Path) -> None:
+    """The sweeper put a refused close back and retried it at every sweep, each time splitting
+    a batch and counting a refusal; now the window is given up once and its budget hold freed."""
+    url = f"sqlite:///{tmp_path}/nb.db"
+    spec = envs.placement(
+        reward_window=0.2, default_reward=POISON_REWARD,
+        arms=[{"id": "a", "cost_per_reward": 1.0, "budget": {"total": 10}}],
+    )
+    with running_server(url) as s, s.client() as c:
+        c.apply([spec])
+        with s.engine.store.engine.begin() as conn:
+            conn.execute(text(_SQLITE_TRIGGERS[2]))
+        d = c.choose("app_home_banner")
+        assert d.arm_id == "a"
+        deadline = time.monotonic() + 10
+        while (d.event_id, 0) in s.engine.windows.open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # several more sweeps
+        assert (d.event_id, 0) not in s.engine.windows.open
+        assert s.engine.metrics.registry.get_sample_value("nextbest_refused_records_total", {"kind": "close"}) == 1
+        [b] = [x for x in c.stats("app_home_banner").budgets]
+        assert b.reserved == 0.0
