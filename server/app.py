@@ -50,6 +50,8 @@ class Running:
         """Stop taking calls, drain within grace, then flush the log and snapshot models."""
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.overload is not None:
+            await self.overload.stop_probe()
         await self.server.stop(grace)
         await self.engine.stop()
         self.engine.metrics.stop_http()
@@ -72,19 +74,26 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
-    overload = OverloadInterceptor(settings.max_inflight, engine.metrics)
+    overload = OverloadInterceptor(settings.max_inflight, engine.metrics, shed_queue=settings.shed_queue_ms / 1000)
+    # grpc.aio stops taking calls past this many (it does not refuse them): a memory ceiling only
+    limits: dict[str, Any] = {"maximum_concurrent_rpcs": settings.max_concurrent_rpcs or None}
     if len(tokens):
-        # Outermost first: metrics see every answer, auth refuses before any work (before the
+        # Outermost first: the server's own queue probe is answered (it carries no token and is
+        # not counted), metrics see every other answer, auth refuses before any work (before the
         # request is even parsed), then the limit.
-        interceptors = [engine.metrics.interceptor(), AuthInterceptor(tokens), overload]
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+        gate = [overload.probe_gate()] if settings.shed_queue_ms else []
+        interceptors = [*gate, engine.metrics.interceptor(), AuthInterceptor(tokens), overload]
+        server = grpc.aio.server(options=options, interceptors=interceptors, **limits)
         target: Any = server
     else:
         # Without auth, the limit and the timing are wrapped around each handler once, when it
         # is registered: as interceptors they cost every call 60-100 µs (measured on Choose).
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, **limits)
         timing = engine.metrics.interceptor()
-        target = RegisterWrapped(server, lambda m, h: timing.wrap(m, overload.wrap(m, h)))
+        if settings.shed_queue_ms:
+            target = RegisterWrapped(server, lambda m, h: overload.bypass(m, timing.wrap(m, overload.wrap(m, h))))
+        else:
+            target = RegisterWrapped(server, lambda m, h: timing.wrap(m, overload.wrap(m, h)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     for name in ("", *SERVICES):
@@ -99,6 +108,8 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     await server.start()
+    if creds is None:  # the queue probe calls this server over loopback, in plaintext
+        await overload.start_probe(f"{_loopback(settings.host)}:{port}")
     await engine.start()
     engine.metrics.track(engine, asyncio.get_running_loop())
     metrics_port = None
@@ -134,6 +145,15 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: draining calls for up to %.1fs", settings.grace_period)
     await running.stop(settings.grace_period)
     log.info("stopped")
+
+
+def _loopback(host: str) -> str:
+    """The address this process reaches its own server at."""
+    if host in ("", "0.0.0.0", "localhost"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _safe_url(url: str) -> str:

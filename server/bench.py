@@ -26,7 +26,7 @@ from typing import Any
 from server.bench_load import CHOOSE
 from server.bench_report import TARGET_POINT, Report
 
-PHASES = ("vw", "server_time", "echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay")
+PHASES = ("vw", "server_time", "echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay", "overload")
 LOADS = (0.5, 0.8)
 # A single run's p99 at the target's point swings 6-60 ms here from minute to minute (the machine
 # is shared), so that point is run several times and judged on the run with the median p99.
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> Report:
             rep.server_time(inproc.server_time(a, lim.server_rounds, lim.server_per_round, args.profile))
         rep.reward_inproc(inproc.reward_inproc(lim.server_rounds * lim.server_per_round, lim.reward_concurrency, args.profile))
 
-    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "replay"}
+    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "replay", "overload"}
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
         workers = Workers(args.clients) if needs_servers else None
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> Report:
                 if "partial" in phases:
                     _partial_section(rep, workers, tmp, lim)
                 _sqlite_section(rep, workers, er, tmp, lim, phases)
+                if "overload" in phases:
+                    _overload_section(rep, workers, tmp, lim)
                 if "postgres" in phases:
                     _postgres_section(args, rep, workers, tmp, lim)
                 if "replicas" in phases:
@@ -130,6 +132,37 @@ def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim:
             rep.replay(ph.replay(db, "bench5"))
         else:
             rep.skip("replay", "`nextbest replay` is not available yet")
+
+
+def _overload_section(rep: Report, workers: Any, tmp: Path, lim: Any) -> None:
+    """Choose (20 arms) at 4 x its saturation rate, open loop, on a server of its own: how
+    much is shed, how fast the refusals come, and what the accepted calls' latency becomes,
+    against the same server at half its saturation rate, and against the same flood on a
+    server with shedding off, in the same run. Callers do not back off (open loop): what a
+    server gets from clients that ignore RESOURCE_EXHAUSTED."""
+    from server import bench_phases as ph
+    from server.bench_procs import start_nextbest
+
+    server = start_nextbest(f"sqlite:///{tmp / 'overload.db'}", env={"NEXTBEST_SHED_QUEUE_MS": "100"})
+    try:
+        ph.apply_bench_placements(server.target, (20,))
+        runner = ph.LoadRunner(workers, server, tmp, lim)
+        sat = runner.saturate("bench20", tag="ov")
+        unloaded = runner.paced("bench20", max(1.0, 0.5 * sat["rate"]), tag="ovu")
+        flood = runner.overload("bench20", 4.0 * sat["rate"])
+        backoff = runner.backoff_flood("bench20")
+    finally:
+        server.stop()
+    server = start_nextbest(f"sqlite:///{tmp / 'overload-off.db'}", env={"NEXTBEST_SHED_QUEUE_MS": "0"})
+    try:
+        ph.apply_bench_placements(server.target, (20,))
+        runner = ph.LoadRunner(workers, server, tmp, lim)
+        unshed = runner.overload("bench20", 4.0 * sat["rate"])
+        backoff_unshed = runner.backoff_flood("bench20")
+    finally:
+        server.stop()
+    rep.overload(sat, unloaded, flood, unshed)
+    rep.overload_backoff(backoff, backoff_unshed)
 
 
 REWARD_BATCH = 100  # rewards per RewardBatch call in the batched Reward run

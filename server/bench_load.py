@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import resource
 import signal
 import struct
@@ -192,10 +193,13 @@ class Tally:
         self.ok = self.errors = self.not_acked = self.dropped = 0
         self.codes: dict[str, int] = {}
         self.latencies: list[float] = []
+        self.shed_latencies: list[float] = []  # of RESOURCE_EXHAUSTED answers
 
     def done(self, response: bytes | None, code: grpc.StatusCode | None, latency: float) -> None:
         if response is None:
             self.errors += 1
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.shed_latencies.append(latency)
             name = code.name if code is not None else "UNKNOWN"
             self.codes[name] = self.codes.get(name, 0) + 1
             return
@@ -223,14 +227,22 @@ async def closed_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, An
     end = loop.time() + seconds
     nxt = [start]  # the next request index, shared by the callers
     timeout = float(spec.get("timeout", 10.0))
+    # seconds a caller waits after RESOURCE_EXHAUSTED, doubled at each refusal in a row (up to 32 x)
+    backoff = float(spec.get("backoff", 0.0))
 
     async def caller() -> None:
+        refused = 0
         while nxt[0] < reqs.limit and loop.time() < end:
             i = nxt[0]
             nxt[0] += 1
             t0 = loop.time()
             resp, code = await _call(stub, reqs[i], timeout)
             tally.done(resp, code, loop.time() - t0)
+            if backoff and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await asyncio.sleep(min(backoff * 2**refused, end - loop.time()) * (0.5 + random.random()))
+                refused = min(refused + 1, 5)
+            else:
+                refused = 0
 
     await asyncio.gather(*(caller() for _ in range(int(spec["concurrency"]))))
     return nxt[0]
@@ -299,9 +311,11 @@ async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "rate": tally.ok / elapsed if elapsed > 0 else 0.0,
         "client_cpu_us": 1e6 * (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / max(done, 1),
         **percentiles(tally.latencies),
+        **{f"shed_{k}": v for k, v in percentiles(tally.shed_latencies).items()},
     }
     if spec.get("return_latencies"):
         out["latencies"] = tally.latencies
+        out["shed_latencies"] = tally.shed_latencies
     return out
 
 

@@ -108,6 +108,18 @@ class LoadRunner:
             events.add(r)
         return r
 
+    def overload(self, pid: str, rate: float) -> dict[str, Any]:
+        """Open loop far past saturation (calls are not retried): what is shed, what is served."""
+        return self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "open", "rate": rate,
+                         "warmup": min(self.limits.warmup, 0.5), "event_prefix": f"ov{self._runs}-", "timeout": 5.0,
+                         "max_inflight": 4000})
+
+    def backoff_flood(self, pid: str, callers: int = 600, backoff: float = 0.2) -> dict[str, Any]:
+        """Closed loop of many callers who back off ``backoff`` s (doubled per refusal in a row) on
+        RESOURCE_EXHAUSTED: what shedding gives clients that do as they are told."""
+        return self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "closed", "concurrency": callers,
+                         "backoff": backoff, "timeout": 20.0, "warmup": 1.0, "event_prefix": f"ob{self._runs}-"})
+
     def rewards(self, ids: Sequence[str], seconds: float, batch: int = 1) -> dict[str, Any]:
         """Closed loop of Reward calls (or RewardBatch calls of ``batch`` rewards), each reward
         on a distinct open decision; counts LEARNED acks."""

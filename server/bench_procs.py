@@ -8,6 +8,7 @@ Servers and load run in separate processes so that each is measured as it runs i
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import select
@@ -135,11 +136,12 @@ class ServerProc:
         return self.proc.returncode
 
 
-def start_nextbest(db: str, *flags: str) -> ServerProc:
-    """``nextbest serve`` on a free loopback port, as deployed (default settings), logging warnings only."""
+def start_nextbest(db: str, *flags: str, env: dict[str, str] | None = None) -> ServerProc:
+    """``nextbest serve`` on a free loopback port, as deployed (default settings, or NEXTBEST_*
+    variables in ``env``), logging warnings only."""
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--db", db,
            "--log-level", "WARNING", *flags]
-    p = ServerProc(cmd, "nextbest")
+    p = ServerProc(cmd, "nextbest", env=env)
     wait_serving(p.target)
     return p
 
@@ -219,7 +221,7 @@ class Workers:
         n = len(procs)
         prefixes: list[str | None] = []
         for k, p in enumerate(procs):
-            part = dict(spec, return_latencies=n > 1 and spec.get("mode") == "open")
+            part = dict(spec, return_latencies=n > 1 and (spec.get("mode") == "open" or bool(spec.get("backoff"))))
             if "rate" in spec:
                 part["rate"] = spec["rate"] / n
             part["concurrency"] = max(1, int(spec.get("concurrency", 1)) // n)
@@ -243,6 +245,7 @@ class Workers:
             raise RuntimeError(f"load worker failed: {errors[0]}")
         out = dict(results[0]) if n == 1 else _merge(results)
         out.pop("latencies", None)
+        out.pop("shed_latencies", None)
         out["parts"] = [{"prefix": pre, "sent": r["sent"]} for pre, r in zip(prefixes, results, strict=True)]
         return out
 
@@ -272,6 +275,10 @@ def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["error_codes"] = codes
     lat = [x for r in results for x in r.get("latencies", [])]
     out.update(percentiles(lat) if lat else {k: max(r[k] for r in results) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")})
+    shed = [x for r in results for x in r.get("shed_latencies", [])]
+    keys = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
+    out.update({f"shed_{k}": v for k, v in percentiles(shed).items()} if shed
+               else {f"shed_{k}": max(r.get(f"shed_{k}", math.nan) for r in results) for k in keys})
     return out
 
 

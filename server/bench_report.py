@@ -173,6 +173,45 @@ class Report:
         if r["errors"] or r["not_acked"]:
             self.note(f"{what}: {r['errors']} errors {r['error_codes']}, {r['not_acked']} not LEARNED")
 
+    def overload(self, sat: dict[str, Any], unloaded: dict[str, Any], flood: dict[str, Any], unshed: dict[str, Any]) -> None:
+        """Choose at 4 x saturation: accepted latency against the p99 at 50 % load, share shed,
+        refusal latency, accepted throughput against saturation; and each against the same flood
+        on a server with shedding off (shed_queue_ms 0), all in one run."""
+        self.phases["overload"] = {"saturation": sat, "unloaded": unloaded, "flood": flood, "unshed": unshed}
+        answered = flood["ok"] + flood["errors"]
+        shed = flood["error_codes"].get("RESOURCE_EXHAUSTED", 0)
+        base = {"p99 at 50 % load": unloaded["p99_ms"]}
+        self.add("overload.offered", "Choose 20 arms offered at 4 x saturation (open loop)", 4.0 * sat["rate"], "req/s",
+                 {"saturation": sat["rate"]})
+        self.add("overload.accepted.p50", "accepted Choose p50 at 4 x saturation", flood["p50_ms"], "ms",
+                 {**base, "no shedding p50": unshed["p50_ms"]})
+        self.add("overload.accepted.p99", "accepted Choose p99 at 4 x saturation", flood["p99_ms"], "ms",
+                 {**base, "no shedding p99": unshed["p99_ms"]})
+        self.add("overload.shed_share", "share of Choose shed (RESOURCE_EXHAUSTED) at 4 x saturation",
+                 shed / answered if answered else math.nan, "")
+        self.add("overload.shed.p50", "RESOURCE_EXHAUSTED answer p50 at 4 x saturation", flood["shed_p50_ms"], "ms", base)
+        self.add("overload.accepted.rate", "accepted Choose throughput at 4 x saturation", flood["rate"], "req/s",
+                 {"saturation": sat["rate"], "no shedding": unshed["rate"]})
+        other = {c: k for c, k in flood["error_codes"].items() if c != "RESOURCE_EXHAUSTED"}
+        if other or flood["dropped"]:
+            self.note(f"overload: other answers {other}, {flood['dropped']} calls not sent (load generator at its limit)")
+        if unshed["errors"] or unshed["dropped"]:
+            self.note(f"overload, shedding off: refused {unshed['error_codes']} (CANCELLED: gRPC core's own queue bound),"
+                      f" {unshed['dropped']} calls not sent")
+
+    def overload_backoff(self, shed: dict[str, Any], unshed: dict[str, Any]) -> None:
+        """600 callers who back off on RESOURCE_EXHAUSTED, shedding on against off (same run)."""
+        self.phases["overload"].update(backoff=shed, backoff_unshed=unshed)
+        answered = shed["ok"] + shed["errors"]
+        self.add("overload.backoff.p50", "accepted Choose p50, 600 callers backing off", shed["p50_ms"], "ms",
+                 {"no shedding p50": unshed["p50_ms"]})
+        self.add("overload.backoff.p99", "accepted Choose p99, 600 callers backing off", shed["p99_ms"], "ms",
+                 {"no shedding p99": unshed["p99_ms"]})
+        self.add("overload.backoff.shed_share", "share shed, 600 callers backing off",
+                 shed["error_codes"].get("RESOURCE_EXHAUSTED", 0) / answered if answered else math.nan, "")
+        self.add("overload.backoff.rate", "accepted Choose throughput, 600 callers backing off", shed["rate"], "req/s",
+                 {"no shedding": unshed["rate"]})
+
     def replicas(self, one: dict[str, Any], two: dict[str, Any]) -> None:
         self.phases["replicas"] = {"one": one, "two": two}
         self.add("replicas.one", "Choose 20 arms, one server (PostgreSQL, 2 load processes)", one["rate"], "req/s")

@@ -102,3 +102,16 @@ def test_full_benchmark(tmp_path: Path) -> None:
     data = _run(tmp_path, timeout=1100)
     assert data["meta"]["mode"] == "full"
     assert {"choose", "latency", "reward", "memory"} <= set(data["phases"])
+
+
+@pytest.mark.timeout(120)
+def test_smoke_overload_phase_reports_shed_share_and_accepted_latency(tmp_path: Path) -> None:
+    """Fails on the code before the overload phase: `--phases overload` was an unknown phase."""
+    data = _run(tmp_path, "--smoke", "--phases", "overload", timeout=110)
+    body = data["phases"]["overload"]
+    assert {"saturation", "unloaded", "flood", "unshed"} <= set(body)
+    figures = {f["key"]: f for f in data["figures"]}
+    for key in ("overload.accepted.p99", "overload.shed_share", "overload.accepted.rate"):
+        assert key in figures, key
+    assert set(figures["overload.accepted.p99"]["ceilings"]) == {"p99 at 50 % load", "no shedding p99"}
+    assert 0.0 <= figures["overload.shed_share"]["value"] <= 1.0
