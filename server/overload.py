@@ -300,7 +300,7 @@ class OverloadInterceptor(HandlerWrapper):
         """The handler, guarded; also used to wrap handlers once when they are registered."""
         if handler is None or handler.unary_unary is None or not method.startswith(LIMITED_PREFIXES):
             return handler
-        if method == CHOOSE:
+        if method == CHOOSE and self.shedder.target > 0:  # the queue probe is a Choose
             return handler._replace(
                 unary_unary=self._guarded(handler.unary_unary, method),
                 request_deserializer=_lenient(handler.request_deserializer, self.probe_payload),

@@ -77,11 +77,11 @@ class Replication:
         e = self.e
         assert e.learner is not None
         loop = asyncio.get_running_loop()
-        now = e.clock()
-        await loop.run_in_executor(e.reader_pool, e.store.heartbeat, now)
-        taken = await e.hold_windows()
-        if taken:
-            log.info("took over %d open windows of a server that stopped", taken)
+        if e.settings.may_have_peers:  # alone on its database, a server took every window at start
+            await loop.run_in_executor(e.reader_pool, e.store.heartbeat, e.clock())
+            taken = await e.hold_windows()
+            if taken:
+                log.info("took over %d open windows of a server that stopped", taken)
         version = await loop.run_in_executor(e.reader_pool, e.store.config_version)
         if version != self._config:
             self._config = version
