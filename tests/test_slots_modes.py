@@ -62,7 +62,8 @@ def test_deferred_decisions_count_only_when_activated(db_url: str) -> None:
             "arms": [{"id": "promo", "cost_per_impression": 1.0, "budget": {"total": 10}}],
         }
     )
-    with running_server(db_url) as s, s.client() as c:
+    clock = FakeClock()  # the activation window passes when the test says so, not when a slow machine does
+    with running_server(db_url, clock=clock) as s, s.client() as c:
         c.apply([spec])
         never = c.choose("push", customer_id="c1", defer_activation=True)
         shown = c.choose("push", customer_id="c2", defer_activation=True)
@@ -73,7 +74,9 @@ def test_deferred_decisions_count_only_when_activated(db_url: str) -> None:
         assert c.activate(shown.event_id) == "activated"
         assert c.activate(shown.event_id) == "already_active"
         assert c.reward(shown.event_id, 1.0) == "learned"
-        wait(lambda: s.engine.windows.slots_of(never.event_id) == [])  # activation window passed
+        clock.advance(1)  # the activation window passes
+        s.call(s.engine.sweep())
+        wait(lambda: s.engine.windows.slots_of(never.event_id) == [])
         assert c.activate(never.event_id) == "expired"
         wait(lambda: s.engine.states["push"].model.learned == 1)
         time.sleep(0.2)
