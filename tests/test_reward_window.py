@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tests import envs
-from tests.harness import running_server
+from tests.harness import FakeClock, running_server
 
 
 def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -17,12 +17,15 @@ def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-de
 
 
 def test_default_reward_after_window_then_late_reward_is_not_learned(db_url: str) -> None:
-    with running_server(db_url) as s, s.client() as c:
+    clock = FakeClock()  # the answered reward lands inside its window however slow the machine
+    with running_server(db_url, clock=clock) as s, s.client() as c:
         c.apply([envs.placement(reward_window=0.3, default_reward=-0.5)])
         quiet = c.choose("app_home_banner", {"segment": "youth"})
         answered = c.choose("app_home_banner", {"segment": "youth"})
         assert c.reward(answered.event_id, 1.0) == "learned"
         ps = s.engine.states["app_home_banner"]
+        clock.advance(1)
+        s.call(s.engine.sweep())
         wait_for(lambda: ps.model.learned == 2)  # the answered one, then the default for the quiet one
         row = s.engine.store.find_decision(quiet.event_id)
         assert (row.outcome.name, row.reward) == ("DEFAULT", -0.5)

@@ -194,13 +194,16 @@ def test_multi_slot_log_exports_in_vws_ccb_form(db_url: str, tmp_path) -> None: 
 
     from server.cli import main
 
-    with running_server(db_url) as s, s.client() as c:
+    clock = FakeClock()  # every reward lands inside its window however slow the machine
+    with running_server(db_url, clock=clock) as s, s.client() as c:
         c.apply([envs.placement(slots=2, reward_window=0.2)])
         chosen = {}
         for i in range(20):
             d = c.choose("app_home_banner", {"segment": "youth"}, event_id=f"e{i}")
             chosen[d.event_id] = [a for a, _ in d.slots]
-            c.reward(d.event_id, 1.0, slot=i % 2)
+            assert c.reward(d.event_id, 1.0, slot=i % 2) == "learned"
+        clock.advance(1)
+        s.call(s.engine.sweep())
         wait(lambda: not s.engine.windows.open)  # every slot's window closed
         s.call(s.engine.writer.flush())
     out = tmp_path / "ccb.json"
