@@ -6,7 +6,7 @@ when another server decided it), so the check belongs to the code that finds the
 on it, on that same read: a check made on an earlier, separate read let a reward through when
 the event became visible between the two reads (seen across replicas, 2 of 400 tries).
 
-The edge (server/auth.py) sets the scope for the duration of one call; a context variable
+The edge (server/rpc/auth.py) sets the scope for the duration of one call; a context variable
 carries it into the engine without every signature naming it. Unset means unrestricted
 (admin tokens, no authentication, in-process callers).
 """
@@ -17,8 +17,8 @@ import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from bandit.errors import PermissionDenied
-from bandit.text import quote
+from nextbest.bandit.errors import PermissionDenied
+from nextbest.bandit.text import quote
 
 log = logging.getLogger("nextbest.auth")
 

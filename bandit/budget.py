@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bandit.spec import BudgetSpec
+from nextbest.bandit.spec import BudgetSpec
 
 DAY = 86400.0
 

@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bandit.spec import ContactRule, FatigueSpec
+from nextbest.bandit.spec import ContactRule, FatigueSpec
 
 
 @dataclass(slots=True)

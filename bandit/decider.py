@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from bandit import contact, exploration
-from bandit.budget import Account, Ledger
-from bandit.features import Feature, arm_line, feature_key
-from bandit.model import CbModel
-from bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
+from nextbest.bandit import contact
+from nextbest.bandit import exploration
+from nextbest.bandit.budget import Account, Ledger
+from nextbest.bandit.features import Feature, arm_line, feature_key
+from nextbest.bandit.model import CbModel
+from nextbest.bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
 
 NO_OFFER = "paced: no offer"
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import TypeAlias
 
-from bandit.errors import InvalidInput
+from nextbest.bandit.errors import InvalidInput
 
 SHARED_NAMESPACE = "U"
 ARM_NAMESPACE = "A"

@@ -16,10 +16,10 @@ from numpy.typing import NDArray
 import pylibvw
 from vowpalwabbit import Workspace
 
-from bandit.errors import InvalidInput
-from bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE
-from bandit.spec import PlacementSpec
-from bandit.vw_options import FILE_OPTIONS
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE
+from nextbest.bandit.spec import PlacementSpec
+from nextbest.bandit.vw_options import FILE_OPTIONS
 
 
 # VW preallocates 256 examples per workspace (about 7.6 MiB whatever the bits); we hand it one
@@ -40,7 +40,7 @@ def check_vw_arguments(spec: PlacementSpec) -> None:
 
     The workspace is finished at once, and VW writes ``-f``/``--readable_model``/... files when a
     workspace finishes: this runs for every apply, dry runs included. ``vw_args`` is already an
-    allow list (``bandit.vw_options``), but the file options are refused once more right before
+    allow list (``nextbest.bandit.vw_options``), but the file options are refused once more right before
     VW sees the arguments, and the throwaway workspace writes its own model into a temporary
     folder that is removed afterwards: VW refuses a second, disagreeing ``-f``, so even an
     option slipping past both checks cannot make it write elsewhere."""

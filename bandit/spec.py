@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from bandit.features import Feature, features_from_mapping
-from bandit.text import first_unstorable
-from bandit.vw_options import split_vw_args
+from nextbest.bandit.features import Feature, features_from_mapping
+from nextbest.bandit.text import first_unstorable
+from nextbest.bandit.vw_options import split_vw_args
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -39,7 +39,7 @@ def parse_duration(value: object) -> float:
 
 
 def check_vw_args(v: str) -> str:
-    """VW arguments a placement may add: only the learning options of ``bandit.vw_options``
+    """VW arguments a placement may add: only the learning options of ``nextbest.bandit.vw_options``
     (an allow list), each with a checked value; options that name files, or that nextbest
     sets itself, are refused."""
     return " ".join(split_vw_args(v))

@@ -12,7 +12,7 @@ the message in a trailer, and one above ~16 KB turns the answer into RESOURCE_EX
 
 from __future__ import annotations
 
-from bandit.errors import InvalidInput
+from nextbest.bandit.errors import InvalidInput
 
 QUOTE_LIMIT = 64  # characters of an input quoted back in an error message
 

@@ -18,7 +18,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from bandit.text import quote
+from nextbest.bandit.text import quote
 
 # Namespace letters (interaction and namespace specs such as -q UA, --ignore A): no wildcards,
 # which would expand to every pair of namespaces.

@@ -15,17 +15,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import collector, tls
-from server.auth import AuthInterceptor, load_tokens
-from server.configfile import load_apply_file
-from server.engine import Engine
-from server.overload import OverloadInterceptor
-from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
-from server.rpc.admin import AdminServicer
-from server.rpc.decision import DecisionServicer
-from server.settings import Settings
-from server.storage import open_store
-from server.wrapping import RegisterWrapped
+from nextbest.telemetry import gc_pauses as collector
+from nextbest.rpc import tls
+from nextbest.rpc.auth import AuthInterceptor, load_tokens
+from nextbest.config.files import load_apply_file
+from nextbest.engine.engine import Engine
+from nextbest.rpc.overload import OverloadInterceptor
+from nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from nextbest.rpc.admin import AdminServicer
+from nextbest.rpc.decision import DecisionServicer
+from nextbest.settings import Settings
+from nextbest.storage.sql import open_store
+from nextbest.rpc.wrapping import RegisterWrapped
 
 log = logging.getLogger("nextbest")
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import grpc
 
-from bandit.spec import CampaignSpec, PlacementSpec
-from server.auth import BearerToken
-from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
+from nextbest.bandit.spec import CampaignSpec, PlacementSpec
+from nextbest.rpc.auth import BearerToken
+from nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
 
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
-from server.placements import Change
-from server.rpc import convert
+from nextbest.config.plans import Change
+from nextbest.rpc import convert
 
 _REWARD_STATUS = {
     decision_pb2.REWARD_STATUS_LEARNED: "learned",
@@ -89,7 +89,7 @@ class NextbestClient:
         token on a command line is visible to every user of the machine."""
         if channel is None:
             if credentials is None and os.environ.get("NEXTBEST_CA_FILE"):
-                from server.tls import channel_credentials
+                from nextbest.rpc.tls import channel_credentials
 
                 credentials = channel_credentials(
                     os.environ["NEXTBEST_CA_FILE"], os.environ.get("NEXTBEST_CERT_FILE", ""), os.environ.get("NEXTBEST_KEY_FILE", "")
@@ -208,6 +208,6 @@ class NextbestClient:
 
 def spec_pb(spec: PlacementSpec) -> admin_pb2.Placement:
     """A placement spec as its protobuf message (arm versions are the server's business)."""
-    from server.storage.base import PlacementRecord
+    from nextbest.storage.base import PlacementRecord
 
     return convert.placement_pb(PlacementRecord(spec, {a.id: 0 for a in spec.arms}))

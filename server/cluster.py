@@ -39,7 +39,7 @@ def start(db: str) -> dict[str, int]:
     for name, args in TOPOLOGY.items():
         log = open(state / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
         p = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", *args, "--db", db],
+            [sys.executable, "-m", "nextbest.cli.main", *args, "--db", db],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         pids[name] = p.pid

@@ -52,11 +52,11 @@ class Settings(BaseSettings):
     # grpc.aio's cap on the calls it has started (health included); past it, it stops taking calls
     # (they wait in gRPC's queue, not refused): a memory ceiling far above max_inflight; 0: none
     max_concurrent_rpcs: Annotated[int, Field(ge=0)] = 4096
-    # past this wait in gRPC's queue (measured by a probe), calls are shed (server/overload.py);
+    # past this wait in gRPC's queue (measured by a probe), calls are shed (server/rpc/overload.py);
     # 0 (the default): off. Opt-in: on 2 cores it shortened waits only for callers that back off,
     # at ~40% of accepted throughput (README "Overload"); a limiting proxy does better.
     shed_queue_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0
-    auth_tokens_file: str = ""  # YAML list of token hashes and roles (server/auth.py); auth is on when any
+    auth_tokens_file: str = ""  # YAML list of token hashes and roles (server/rpc/auth.py); auth is on when any
     auth_tokens: str = ""  # name:role[+role]:sha256[:placement,...] entries separated by ";"
     tls_cert_file: str = ""  # PEM certificate (chain) of the gRPC port; with tls_key_file, TLS is on
     tls_key_file: str = ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bandit.spec import PlacementSpec
+from nextbest.bandit.spec import PlacementSpec
 
 SEGMENTS = ["youth", "family", "business", "senior", "student"]
 ARMS = ["data_5gb", "voice_300", "combo_10gb", "device_5g", "loyalty_pts"]

@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from server import bench_procs
-from server.app import Running, create_server
-from server.auth import BearerToken, hash_token
-from server.client import NextbestClient
-from server.settings import Settings
+from nextbest.bench import procs as bench_procs
+from nextbest.app import Running, create_server
+from nextbest.rpc.auth import BearerToken, hash_token
+from nextbest.client import NextbestClient
+from nextbest.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ class ServerProcess:
     """`nextbest serve` as a real process; reads the bound port from its first line."""
 
     def __init__(self, db: str, *args: str, env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--db", db, *args]
+        cmd = [sys.executable, "-m", "nextbest.cli.main", "serve", "--port", "0", "--db", db, *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "NEXTBEST_FLUSH_INTERVAL": "0.005", **(env or {})},

@@ -8,10 +8,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sqlalchemy import inspect, text
 
-from bandit.features import feature
-from bandit.log import LoggedDecision, Outcome
-from bandit.spec import CampaignSpec, PlacementSpec
-from server.storage import Close, PlacementRecord, open_store
+from nextbest.bandit.features import feature
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.spec import CampaignSpec, PlacementSpec
+from nextbest.storage.base import Close
+from nextbest.storage.base import PlacementRecord
+from nextbest.storage.sql import open_store
 
 T0 = 1_760_054_400.0  # 2025-10-10T00:00:00Z, a UTC midnight in the past (reward windows are over)
 ARMS = ("data_5gb", "voice_300", "combo_10gb")

@@ -3,5 +3,5 @@
 ``scenario`` loads and validates a telecom CVM scenario, ``telecom`` simulates its customers
 and their responses (and scores what other policies would have earned), ``bakeoff`` turns
 supervised datasets into bandit streams and runs Vowpal Wabbit directly on them. None of them
-talk to a server: ``server/simulate.py`` does that.
+talk to a server: ``server/cli/simulate.py`` does that.
 """

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from bandit.exploration import draw
-from bandit.features import arm_line, feature, shared_line
-from bandit.model import vw_arguments
-from bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
+from nextbest.bandit.exploration import draw
+from nextbest.bandit.features import arm_line, feature, shared_line
+from nextbest.bandit.model import vw_arguments
+from nextbest.bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer")
 NAMESPACE = "x"  # request namespace of the context features

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bandit.errors import InvalidInput
-from bandit.spec import ID_PATTERN, ExplorationSpec, FatigueSpec
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.spec import ID_PATTERN, ExplorationSpec, FatigueSpec
 
 CHANNELS = ("app", "web", "chatbot", "ivr", "ussd")
 PLANS = ("prepaid", "postpaid")
@@ -356,7 +356,7 @@ def _data_path(data: Any, err: Any) -> tuple[str | int, ...]:
 def load_scenario(path: str | Path | None = None) -> Scenario:
     """A scenario file, or the default one shipped with nextbest when path is None."""
     if path is None:
-        text = resources.files("bandit.sim").joinpath("default_scenario.yaml").read_text()
+        text = resources.files("nextbest.bandit.sim").joinpath("default_scenario.yaml").read_text()
         return parse_scenario(text, "default_scenario.yaml")
     try:
         text = Path(path).read_text()

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from bandit.sim.scenario import Condition, Dist, Effect, Scenario, Weights
-from bandit.spec import ArmSpec, PlacementSpec
+from nextbest.bandit.sim.scenario import Condition, Dist, Effect, Scenario, Weights
+from nextbest.bandit.spec import ArmSpec, PlacementSpec
 
 Vector = NDArray[np.float64]
 FeatureDict = dict[str, dict[str, float | str]]

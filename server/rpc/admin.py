@@ -6,13 +6,13 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from bandit.errors import AlreadyExists, InvalidInput, NotFound
-from bandit.spec import PlacementSpec
-from bandit.text import quote
-from server.engine import Engine
-from server.pb.nextbest.v1 import admin_pb2, admin_pb2_grpc
-from server.rpc import convert
-from server.rpc.errors import rpc
+from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
+from nextbest.bandit.spec import PlacementSpec
+from nextbest.bandit.text import quote
+from nextbest.engine.engine import Engine
+from nextbest.v1 import admin_pb2, admin_pb2_grpc
+from nextbest.rpc import convert
+from nextbest.rpc.errors import rpc
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 

@@ -9,23 +9,13 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from pydantic import ValidationError
 
-from bandit.errors import InvalidInput
-from bandit.features import Feature, feature_key
-from bandit.spec import (
-    ArmSpec,
-    BudgetSpec,
-    CampaignSpec,
-    ContactRule,
-    ExperimentSpec,
-    ExplorationSpec,
-    FatigueSpec,
-    PlacementSpec,
-    error_location,
-)
-from server.pb.nextbest.v1 import admin_pb2, common_pb2
-from server.placements import Change
-from server.stats import Stats
-from server.storage.base import PlacementRecord
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.features import Feature, feature_key
+from nextbest.bandit.spec import ArmSpec, BudgetSpec, CampaignSpec, ContactRule, ExperimentSpec, ExplorationSpec, FatigueSpec, PlacementSpec, error_location
+from nextbest.v1 import admin_pb2, common_pb2
+from nextbest.config.plans import Change
+from nextbest.engine.placement_stats import Stats
+from nextbest.storage.base import PlacementRecord
 
 _ALGORITHMS = {
     admin_pb2.EXPLORATION_ALGORITHM_EPSILON: "epsilon",

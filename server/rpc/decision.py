@@ -6,11 +6,11 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from server.engine import Engine
-from server.pb.nextbest.v1 import decision_pb2, decision_pb2_grpc
-from server.rpc import convert
-from server.rpc.errors import message_of, rpc, status_for
-from server.windows import ActivateStatus, RewardStatus
+from nextbest.engine.engine import Engine
+from nextbest.v1 import decision_pb2, decision_pb2_grpc
+from nextbest.rpc import convert
+from nextbest.rpc.errors import message_of, rpc, status_for
+from nextbest.engine.windows import ActivateStatus, RewardStatus
 
 _STATUS = {
     RewardStatus.LEARNED: decision_pb2.REWARD_STATUS_LEARNED,

@@ -1,6 +1,6 @@
 """The error catalog: each domain error class maps to one gRPC status code.
 
-| domain error (bandit.errors) | gRPC status       |
+| domain error (nextbest.bandit.errors) | gRPC status       |
 |------------------------------|-------------------|
 | InvalidInput                 | INVALID_ARGUMENT  |
 | NotFound                     | NOT_FOUND         |
@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound, PermissionDenied, Unavailable
-from server.storage.refusal import RecordRefused
+from nextbest.bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound, PermissionDenied, Unavailable
+from nextbest.storage.refusal import RecordRefused
 
 log = logging.getLogger("nextbest.rpc")
 
@@ -37,7 +37,7 @@ CATALOG: dict[type[NextbestError], grpc.StatusCode] = {
 
 # gRPC sends the message in a trailer: one above ~16 KB reaches the caller as RESOURCE_EXHAUSTED
 # ("metadata size exceeds hard limit"), which reads as "retry with backoff". Messages quote a
-# bounded prefix of the input (bandit.text.quote); this bound holds whatever a message says.
+# bounded prefix of the input (nextbest.bandit.text.quote); this bound holds whatever a message says.
 MAX_MESSAGE = 1000
 
 

@@ -9,9 +9,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from bandit.features import Feature, feature
-from bandit.log import LoggedDecision, Outcome
-from bandit.spec import CampaignSpec, PlacementSpec
+from nextbest.bandit.features import Feature, feature
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from bandit.errors import Unavailable
-from bandit.log import Outcome
-from server.storage.base import ContactRow, RecentImpression
-from server.storage.sqlcore import SqlBase
+from nextbest.bandit.errors import Unavailable
+from nextbest.bandit.decision_log import Outcome
+from nextbest.storage.base import ContactRow, RecentImpression
+from nextbest.storage.sqlcore import SqlBase
 
 _CONTACT_LOCK_CLASS = 0x6E62  # first key of the two-key advisory locks (apart from the learner's one-key lock)
 _READ = text(

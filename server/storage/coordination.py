@@ -10,10 +10,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from bandit.log import LoggedDecision, Outcome
-from server.storage import tables as t
-from server.storage.base import AccountRow
-from server.storage.sqlcore import SqlBase, decision_from_row
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.storage import tables as t
+from nextbest.storage.base import AccountRow
+from nextbest.storage.sqlcore import SqlBase, decision_from_row
 
 _LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
 

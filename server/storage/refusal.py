@@ -3,7 +3,7 @@
 The writer retries a batch the database could not take now (connection lost, timeout, lock,
 our own Unavailable), but retrying a batch holding a row the database refuses (a NUL byte in a
 text column on PostgreSQL, a constraint, a trigger's RAISE, a value the driver cannot bind)
-would fail forever; such a batch is split until the refused records are found (server/writer.py).
+would fail forever; such a batch is split until the refused records are found (server/engine/writer.py).
 
 The store wraps database errors in Unavailable (server/storage/sqlcore.py); what it wraps, its
 ``__cause__``, decides.
@@ -21,7 +21,7 @@ from sqlalchemy.exc import (
     StatementError,
 )
 
-from bandit.errors import NextbestError, Unavailable
+from nextbest.bandit.errors import NextbestError, Unavailable
 
 REASON_CHARS = 200
 

@@ -22,25 +22,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from bandit.errors import Unavailable
-from bandit.log import LoggedDecision, Outcome
-from bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
-from server.storage import migrate
-from server.storage import tables as t
-from server.storage.base import (
-    Activation,
-    Close,
-    LearnRow,
-    PlacementRecord,
-    RecentImpression,
-    RewardEvent,
-    Snapshot,
-    WriteResult,
-)
-from server.storage.contacts import ContactQueries
-from server.storage.coordination import Coordination
-from server.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
-from server.storage.sqlstats import StatsQueries
+from nextbest.bandit.errors import Unavailable
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
+from nextbest.storage import migrate
+from nextbest.storage import tables as t
+from nextbest.storage.base import Activation, Close, LearnRow, PlacementRecord, RecentImpression, RewardEvent, Snapshot, WriteResult
+from nextbest.storage.contacts import ContactQueries
+from nextbest.storage.coordination import Coordination
+from nextbest.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
+from nextbest.storage.tallies import StatsQueries
 
 _CLOSE_CHUNK = 400  # rows per UPDATE: 2,000 parameters, far below SQLite's and PostgreSQL's limits
 
@@ -85,7 +76,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
         )
         self._set_learn_seq = f"UPDATE decisions SET learn_seq = {mark} WHERE event_id = {mark} AND slot = {mark} AND learn_seq IS NULL"
         try:
-            migrate.upgrade(self.engine)  # creates or migrates the schema (server/migrations)
+            migrate.upgrade(self.engine)  # creates or migrates the schema (server/storage/migrations)
         except SQLAlchemyError as e:
             raise Unavailable(f"cannot open the database: {e.__class__.__name__}") from e
 

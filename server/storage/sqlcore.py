@@ -9,9 +9,9 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from bandit.errors import Unavailable
-from bandit.log import LoggedDecision, Outcome
-from server.storage.base import features_of
+from nextbest.bandit.errors import Unavailable
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.storage.base import features_of
 
 
 class SqlBase:

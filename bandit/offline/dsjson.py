@@ -1,0 +1,264 @@
+"""The decision log as VW's DSJSON: one JSON object per closed decision, one per line.
+
+``c`` is written so that ``vw --dsjson --cb_adf`` hashes exactly the features our text format
+(bandit/features.py) gives the server's models: context in namespace ``U``, arms in ``A``.
+A text feature is written as the key ``"name=value"`` with the number 1, not as the JSON
+string ``{"name": "value"}``: VW's JSON parser makes the latter the feature ``namevalue``
+(``name^value`` with ``--chain_hash``), which the text parser never produces, so a model
+trained on the file would not fit the live one. Names and values get the same character
+replacement as in the text format.
+
+What ``c`` cannot carry exactly (arm versions, the unmangled features, the customer, the exact
+epoch time) travels in a top-level ``_nb`` object, which VW ignores. Lines without it (written
+by another tool in the same U/A convention) are decoded from ``c``; there a numeric feature
+``"k=v": 1`` and the text feature ``k=v`` cannot be told apart, which VW cannot either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any
+
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE, Feature, feature, feature_key, features_from_mapping
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+
+FORMAT_VERSION = 1
+_FIELDS = frozenset(f.name for f in fields(LoggedDecision))
+
+ArmFeatures = Mapping[str, float | str | bool]
+ArmKey = tuple[str, int]
+
+# LoggedDecision fields the standard DSJSON keys or "_nb" carry by name; any other field travels
+# in "_nb.extra", so fields added to the log later survive a round trip.
+_CORE_FIELDS = frozenset(
+    ("event_id", "placement", "customer_id", "timestamp", "features", "arms", "pmf", "chosen", "probability",
+     "model_version", "deadline", "outcome", "reward", "learn_seq")
+)
+
+# The same characters nextbest.bandit.features replaces, for the same reason: VW gives them a meaning.
+_VW_SPECIAL = str.maketrans({c: "_" for c in " \t\r\n|:"})
+
+
+def _pairs(features: Iterable[Feature]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for f in features:
+        name, value = feature_key(f).translate(_VW_SPECIAL), f[2]
+        if isinstance(value, str):
+            out.append((f"{name}={value.translate(_VW_SPECIAL)}", 1))
+        else:
+            out.append((name, value))
+    return out
+
+
+def _object(pairs: Iterable[tuple[str, float]]) -> str:
+    """A JSON object written by hand: repeated names stay repeated features, as in text."""
+    return "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
+
+
+def iso_time(epoch: float) -> str:
+    """DSJSON's Timestamp: UTC, microseconds, a trailing Z."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso_time(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput("Timestamp", f"not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> str:
+    """One DSJSON line. Only a closed decision (an arm and a learned reward) has a label."""
+    if d.chosen is None or d.reward is None:
+        raise InvalidInput("decision", f"{d.event_id}: only closed decisions with a reward can be exported")
+    chosen = d.chosen
+    order = [chosen] + [i for i in range(len(d.arms)) if i != chosen]  # VW: the chosen action first
+    multi = []
+    for arm_id, version in d.arms:
+        feats = features_from_mapping(arm_features.get((arm_id, version), {}))
+        pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
+        multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
+    context = f'{{"{SHARED_NAMESPACE}":{_object(_pairs(d.features))},"_multi":[{",".join(multi)}]}}'
+    exact = {
+        "v": FORMAT_VERSION,
+        "placement": d.placement,
+        "customer_id": d.customer_id,
+        "ts": d.timestamp,
+        "deadline": d.deadline,
+        "model_version": d.model_version,
+        "outcome": int(d.outcome),
+        "learn_seq": d.learn_seq,
+        "features": [list(f) for f in d.features],
+        "arms": [[a, v, dict(arm_features.get((a, v), {}))] for a, v in d.arms],
+        "pmf_extra": list(d.pmf[len(d.arms):]),  # pacing's "no offer", which is not an action in c
+        "extra": {f.name: getattr(d, f.name) for f in fields(d) if f.name not in _CORE_FIELDS},
+    }
+    head = {
+        "_label_cost": -d.reward,
+        "_label_probability": d.probability,
+        "_label_Action": chosen + 1,
+        "_labelIndex": chosen,
+        "Timestamp": iso_time(d.timestamp),
+        "Version": "1",
+        "EventId": d.event_id,
+        "a": [i + 1 for i in order],
+        "p": [d.pmf[i] for i in order],
+    }
+    return json.dumps(head)[:-1] + f',"c":{context},"_nb":{json.dumps(exact)}}}'
+
+
+def to_ccb_dsjson(slots: Sequence[LoggedDecision], arm_features: Mapping[ArmKey, ArmFeatures]) -> str:
+    """One CCB DSJSON line (VW's ``--ccb_explore_adf --dsjson``) for the slot decisions of one event.
+
+    The actions are slot 0's eligible arms; each slot's outcome lists its chosen action first,
+    then the others it could have drawn, with the slot's own probabilities (given the earlier
+    slots) and its own reward. Slot features (``slot.*``) go to the slot, the rest is shared.
+    """
+    slots = sorted(slots, key=lambda d: d.slot)
+    first = slots[0]
+    if first.slot != 0 or any(d.chosen is None or d.reward is None for d in slots):
+        raise InvalidInput("decision", f"{first.event_id}: only events whose every slot is closed can be exported")
+    index = {arm: i for i, (arm, _) in enumerate(first.arms)}
+    multi = []
+    for arm_id, version in first.arms:
+        feats = features_from_mapping(arm_features.get((arm_id, version), {}))
+        pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
+        multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
+    shared = [f for f in first.features if f[0] != "slot"]
+    slot_objs, outcomes = [], []
+    for d in slots:
+        assert d.chosen is not None and d.reward is not None
+        own = [f for f in d.features if f[0] == "slot"]
+        slot_objs.append(f'{{"_id":"{d.slot}","{SHARED_NAMESPACE}":{_object(_pairs(own))}}}')
+        order = [d.chosen] + [i for i in range(len(d.arms)) if i != d.chosen]
+        outcomes.append(
+            {
+                "_id": str(d.slot),
+                "_label_cost": -d.reward,
+                "_a": [index[d.arms[i][0]] for i in order],
+                "_p": [d.pmf[i] for i in order],
+            }
+        )
+    context = (
+        f'{{"{SHARED_NAMESPACE}":{_object(_pairs(shared))},"_multi":[{",".join(multi)}],'
+        f'"_slots":[{",".join(slot_objs)}]}}'
+    )
+    head = {"Timestamp": iso_time(first.timestamp), "Version": "1", "EventId": first.event_id}
+    return json.dumps(head)[:-1] + f',"c":{context},"_outcomes":{json.dumps(outcomes)}}}'
+
+
+def from_dsjson(line: str) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]:
+    """A decision and the features of its arms (by id and version) from one DSJSON line."""
+    try:
+        obj = json.loads(line)
+        return _decode(obj)
+    except InvalidInput:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise InvalidInput("dsjson", f"not a nextbest DSJSON line ({e.__class__.__name__}: {e})") from None
+
+
+def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]:
+    event_id = str(obj["EventId"])
+    chosen = int(obj["_labelIndex"])
+    actions = [int(a) - 1 for a in obj["a"]]
+    probs = [float(p) for p in obj["p"]]
+    if sorted(actions) != list(range(len(actions))) or len(probs) != len(actions):
+        raise InvalidInput("a", f"{event_id}: a and p must list each action once")
+    if actions[0] != chosen:
+        raise InvalidInput("a", f"{event_id}: the chosen action must come first")
+    pmf = [0.0] * len(actions)
+    for a, p in zip(actions, probs, strict=True):
+        pmf[a] = p
+    exact = obj.get("_nb")
+    if exact is not None and exact.get("v") != FORMAT_VERSION:
+        raise InvalidInput("_nb", f"{event_id}: format version {exact.get('v')!r}, this nextbest reads {FORMAT_VERSION}")
+    if exact is not None:
+        features = tuple(feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in exact["features"])
+        arms = tuple((str(a), int(v)) for a, v, _ in exact["arms"])
+        arm_features = {(str(a), int(v)): dict(f) for a, v, f in exact["arms"]}
+        timestamp = float(exact["ts"])
+        rest: dict[str, Any] = {
+            "placement": exact["placement"],
+            "customer_id": exact["customer_id"],
+            "deadline": float(exact["deadline"]),
+            "model_version": int(exact["model_version"]),
+            "outcome": Outcome(exact["outcome"]),
+            "learn_seq": exact["learn_seq"],
+            **{k: _tuples(v) for k, v in exact.get("extra", {}).items() if k in _FIELDS},
+        }
+        pmf += [float(p) for p in exact.get("pmf_extra", ())]
+    else:
+        features, arms, arm_features = _decode_context(obj["c"], event_id)
+        timestamp = parse_iso_time(obj["Timestamp"])
+        rest = {"placement": "", "customer_id": "", "deadline": timestamp, "model_version": 0,
+                 "outcome": Outcome.REWARD, "learn_seq": None}
+    if len(arms) != len(actions):
+        raise InvalidInput("c", f"{event_id}: {len(arms)} arms in c but {len(actions)} in a")
+    reward = -float(obj["_label_cost"])
+    probability = float(obj["_label_probability"])
+    if not (math.isfinite(reward) and 0.0 < probability <= 1.0):
+        raise InvalidInput("_label_cost", f"{event_id}: need a finite cost and a probability in (0, 1]")
+    decision = LoggedDecision(
+        event_id=event_id,
+        timestamp=timestamp,
+        features=features,
+        arms=arms,
+        pmf=tuple(pmf),
+        chosen=chosen,
+        probability=probability,
+        reward=reward,
+        **rest,
+    )
+    return decision, arm_features
+
+
+def _tuples(value: Any) -> Any:
+    """JSON arrays back into the tuples the frozen log uses."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _split(key: str, value: Any) -> tuple[str, float | str]:
+    """``name=text`` with 1 is a text feature; a string value is one too (VW hashes it differently)."""
+    if isinstance(value, str):
+        return key, value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput("c", f"feature {key!r}: expected a number or a text, got {value!r}")
+    if value == 1 and "=" in key:
+        name, text = key.split("=", 1)
+        return name, text
+    return key, float(value)
+
+
+def _decode_context(
+    c: dict[str, Any], event_id: str
+) -> tuple[tuple[Feature, ...], tuple[ArmKey, ...], dict[ArmKey, dict[str, float | str | bool]]]:
+    features = []
+    for key, value in c.get(SHARED_NAMESPACE, {}).items():
+        name, v = _split(key, value)
+        ns, _, short = name.rpartition(".")
+        features.append(feature(ns, short, v))
+    arms: list[ArmKey] = []
+    arm_features: dict[ArmKey, dict[str, float | str | bool]] = {}
+    for i, action in enumerate(c["_multi"]):
+        mine: dict[str, float | str | bool] = {}
+        arm_id = None
+        for key, value in action.get(ARM_NAMESPACE, {}).items():
+            name, v = _split(key, value)
+            if name == "arm" and isinstance(v, str) and arm_id is None:
+                arm_id = v
+            else:
+                mine[name] = v
+        if arm_id is None:
+            raise InvalidInput("c._multi", f"{event_id}: action {i} has no arm=<id> feature in namespace A")
+        arms.append((arm_id, 0))  # the version is not in c
+        arm_features[(arm_id, 0)] = mine
+    return tuple(features), tuple(arms), arm_features

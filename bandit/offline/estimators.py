@@ -1,0 +1,401 @@
+"""Off-policy evaluation: what would a candidate policy have earned on the logged traffic?
+
+Inverse propensity scoring (IPS), its self-normalised variant (SNIPS) and the doubly robust
+estimator (DR), as plain vectorised numpy over one row per logged event, so the service, a
+replay job and a notebook all get the same numbers.
+
+Row ``i`` of every array describes one logged event:
+
+* ``rewards[i]``            the observed reward of the logged action;
+* ``logged_prob[i]``        the probability the logging policy drew that action, in (0, 1];
+* ``target_prob[i]``        the probability the candidate gives that same action, in [0, 1];
+* ``reward_hat_logged[i]``  the reward model's prediction for the logged action (DR only);
+* ``reward_hat_target[i]``  the model's expected reward under the candidate at that context,
+  ``sum_a pi(a|x_i) * rhat(x_i, a)`` (DR only).
+
+Confidence intervals are 95 % normal approximations; they are honest only when the weights
+are not heavy-tailed, which is why every estimate carries the effective sample size and
+support warnings that say when not to trust it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from nextbest.bandit.errors import InvalidInput
+
+FloatArray = NDArray[np.float64]
+
+ESTIMATORS: Final = ("ips", "snips", "dr")
+Z_95: Final = 1.96
+
+# Default thresholds of the support diagnostics; support_warnings() lets callers override them.
+MIN_PROB: Final = 1e-3
+MAX_TINY_SHARE: Final = 0.01
+MIN_ESS: Final = 30.0
+MIN_ESS_FRACTION: Final = 0.01
+MAX_CLIPPED_FRACTION: Final = 0.05
+
+_SMALLEST_NORMAL: Final = float(np.finfo(np.float64).tiny)
+
+
+class EstimatorInputError(InvalidInput, ValueError):
+    """Bad estimator input. A ValueError for notebook users, an InvalidInput for the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A policy value with the diagnostics needed to decide whether to believe it."""
+
+    estimator: str  # "ips" | "snips" | "dr"
+    value: float
+    ci_low: float  # 95 % confidence interval
+    ci_high: float
+    n: int  # number of logged events used
+    ess: float  # effective sample size of the importance weights, (sum w)^2 / sum w^2
+    clipped: int = 0  # how many weights were clipped
+    warnings: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _vector(x: ArrayLike, name: str) -> FloatArray:
+    """Float64 view of the input; float64 arrays pass through without a copy."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise EstimatorInputError(name, f"must be an array of numbers ({e})") from None
+    if arr.ndim != 1:
+        raise EstimatorInputError(name, f"must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _check_finite(arr: FloatArray, name: str) -> None:
+    # A finite sum proves every element finite (inf and nan propagate), so the common case
+    # costs one reduction and no n-sized temporary; the full check runs only on suspicion.
+    with np.errstate(over="ignore"):  # a sum of huge finite values may overflow; not an error
+        total = float(arr.sum())
+    if not math.isfinite(total) and not bool(np.isfinite(arr).all()):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise EstimatorInputError(name, f"has {bad} NaN or infinite value(s)")
+
+
+def _check_probabilities(arr: FloatArray, name: str, *, allow_zero: bool) -> None:
+    # min/max are cheap reductions; NaN propagates through both and fails every comparison.
+    # A logged probability must be a normal float: 1/subnormal overflows to an infinite weight.
+    floor = 0.0 if allow_zero else _SMALLEST_NORMAL
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (lo >= floor and hi <= 1.0):
+        valid = arr >= floor
+        bad = int(np.count_nonzero(~(valid & (arr <= 1.0))))
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise EstimatorInputError(
+            name, f"must lie in {interval}; {bad} value(s) do not (min={lo!r}, max={hi!r})"
+        )
+
+
+def _validate(
+    rewards: ArrayLike,
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    **extra: ArrayLike,
+) -> tuple[FloatArray, FloatArray, FloatArray, dict[str, FloatArray]]:
+    """Check every input once, up front, so a bad log fails loudly instead of biasing."""
+    r = _vector(rewards, "rewards")
+    p_log = _vector(logged_prob, "logged_prob")
+    p_tgt = _vector(target_prob, "target_prob")
+    others = {name: _vector(x, name) for name, x in extra.items()}
+    _check_rows(("rewards", r), ("logged_prob", p_log), ("target_prob", p_tgt), *others.items())
+    _check_finite(r, "rewards")
+    _check_probabilities(p_log, "logged_prob", allow_zero=False)
+    _check_probabilities(p_tgt, "target_prob", allow_zero=True)
+    for name, arr in others.items():
+        _check_finite(arr, name)
+    return r, p_log, p_tgt, others
+
+
+def _check_rows(first: tuple[str, FloatArray], *rest: tuple[str, FloatArray]) -> None:
+    """One row per logged event in every array, and at least one event."""
+    ref, n = first[0], first[1].shape[0]
+    if n == 0:
+        raise EstimatorInputError(ref, "is empty; need at least one logged event")
+    for name, arr in rest:
+        if arr.shape[0] != n:
+            raise EstimatorInputError(
+                name, f"has {arr.shape[0]} rows but {ref} has {n}; need one row per event"
+            )
+
+
+def _probabilities(logged_prob: ArrayLike, target_prob: ArrayLike) -> tuple[FloatArray, FloatArray]:
+    p_log = _vector(logged_prob, "logged_prob")
+    p_tgt = _vector(target_prob, "target_prob")
+    _check_rows(("logged_prob", p_log), ("target_prob", p_tgt))
+    _check_probabilities(p_log, "logged_prob", allow_zero=False)
+    _check_probabilities(p_tgt, "target_prob", allow_zero=True)
+    return p_log, p_tgt
+
+
+def _check_clip(clip: float | None) -> None:
+    if clip is not None and not (clip > 0.0):  # also rejects NaN
+        raise EstimatorInputError("clip", f"must be a positive number or None, got {clip!r}")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _weights(p_log: FloatArray, p_tgt: FloatArray, clip: float | None) -> tuple[FloatArray, int]:
+    """Importance weights, clipped in place; clipping trades a little bias for variance."""
+    w: FloatArray = np.divide(p_tgt, p_log)
+    clipped = 0
+    if clip is not None:
+        clipped = int(np.count_nonzero(w > clip))
+        if clipped:
+            np.minimum(w, clip, out=w)
+    return w, clipped
+
+
+def importance_weights(
+    logged_prob: ArrayLike, target_prob: ArrayLike, *, clip: float | None = None
+) -> tuple[FloatArray, int]:
+    """The weights every estimator uses, and how many were clipped, for inspection."""
+    _check_clip(clip)
+    return _weights(*_probabilities(logged_prob, target_prob), clip)
+
+
+def effective_sample_size(weights: ArrayLike) -> float:
+    """How many equally weighted events the weighted log is worth: (sum w)^2 / sum w^2."""
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore"):  # handled below
+        total = float(w.sum())
+        squares = float(np.dot(w, w))  # BLAS dot: no n-sized temporary for w**2
+    if 0.0 < squares < math.inf and total < math.inf:
+        return total * total / squares
+    if total == 0.0 or w.shape[0] == 0:
+        return 0.0
+    # w**2 under- or overflowed; the ratio is scale-invariant, so rescale (rare path).
+    scaled = w / float(np.abs(w).max())
+    return float(scaled.sum()) ** 2 / float(np.dot(scaled, scaled))
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _diagnose(
+    p_log: FloatArray,
+    p_tgt: FloatArray,
+    n: int,
+    ess: float,
+    clipped: int,
+    *,
+    min_prob: float = MIN_PROB,
+    max_tiny_share: float = MAX_TINY_SHARE,
+    min_ess: float = MIN_ESS,
+    min_ess_fraction: float = MIN_ESS_FRACTION,
+    max_clipped_fraction: float = MAX_CLIPPED_FRACTION,
+) -> tuple[str, ...]:
+    out: list[str] = []
+    # The mask is built only when some logged probability is tiny at all (rare in healthy logs).
+    if float(p_log.min()) < min_prob:
+        mass = float(p_tgt.sum())
+        if mass > 0.0:
+            share = float(p_tgt[p_log < min_prob].sum()) / mass
+            if share > max_tiny_share:
+                out.append(
+                    f"low_support: {share:.1%} of the candidate's mass falls on events the "
+                    f"logging policy chose with probability < {min_prob:g}; "
+                    "those few events dominate the estimate"
+                )
+    if ess < min_ess or ess < min_ess_fraction * n:
+        out.append(
+            f"low_ess: effective sample size {ess:.1f} of {n} events "
+            f"(want >= {min_ess:g} and >= {min_ess_fraction:.0%} of n); the CI is unreliable"
+        )
+    if clipped > max_clipped_fraction * n:
+        out.append(
+            f"many_clipped: {clipped} of {n} weights ({clipped / n:.1%}) were clipped; "
+            "clipping biases the estimate"
+        )
+    return tuple(out)
+
+
+def support_warnings(
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    *,
+    min_prob: float = MIN_PROB,
+    max_tiny_share: float = MAX_TINY_SHARE,
+    min_ess: float = MIN_ESS,
+    min_ess_fraction: float = MIN_ESS_FRACTION,
+    clip: float | None = None,
+    max_clipped_fraction: float = MAX_CLIPPED_FRACTION,
+) -> tuple[str, ...]:
+    """Reasons the log cannot support the candidate, before any reward is looked at.
+
+    Each warning starts with a stable code (``low_support``, ``low_ess``, ``many_clipped``)
+    so that callers can filter on it; the rest is for humans.
+    """
+    _check_clip(clip)
+    p_log, p_tgt = _probabilities(logged_prob, target_prob)
+    w, clipped = _weights(p_log, p_tgt, clip)
+    return _diagnose(
+        p_log,
+        p_tgt,
+        p_log.shape[0],
+        effective_sample_size(w),
+        clipped,
+        min_prob=min_prob,
+        max_tiny_share=max_tiny_share,
+        min_ess=min_ess,
+        min_ess_fraction=min_ess_fraction,
+        max_clipped_fraction=max_clipped_fraction,
+    )
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def _mean_and_ci(terms: FloatArray) -> tuple[float, float, float]:
+    """Mean of per-event terms with a normal 95 % CI; centres ``terms`` in place to save memory.
+
+    The mean is ``sum / n`` (numpy's own formula), so that IPS and SNIPS of the logging policy
+    reproduce ``np.mean(rewards)`` bit for bit.
+    """
+    n = terms.shape[0]
+    value = float(terms.sum()) / n
+    if n < 2:
+        return value, math.nan, math.nan
+    terms -= value
+    se = math.sqrt(float(np.dot(terms, terms)) / (n - 1) / n)
+    return value, value - Z_95 * se, value + Z_95 * se
+
+
+_ZERO_WEIGHT_SUM: Final = (
+    "zero_weight_sum: the candidate gives probability 0 to every logged action; SNIPS is undefined"
+)
+
+
+def _few_events(n: int) -> tuple[str, ...]:
+    return ("too_few_events: one event gives no variance estimate; the CI is NaN",) if n < 2 else ()
+
+
+def ips(
+    rewards: ArrayLike,
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    *,
+    clip: float | None = None,
+) -> Estimate:
+    """Unbiased (without clipping) but high-variance: mean of w * r."""
+    _check_clip(clip)
+    r, p_log, p_tgt, _ = _validate(rewards, logged_prob, target_prob)
+    n = r.shape[0]
+    w, clipped = _weights(p_log, p_tgt, clip)
+    ess = effective_sample_size(w)
+    warnings = _few_events(n) + _diagnose(p_log, p_tgt, n, ess, clipped)
+    terms = np.multiply(w, r, out=w)  # w is no longer needed: reuse its buffer
+    value, low, high = _mean_and_ci(terms)
+    return Estimate("ips", value, low, high, n, ess, clipped, warnings)
+
+
+def snips(
+    rewards: ArrayLike,
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    *,
+    clip: float | None = None,
+) -> Estimate:
+    """Sum(w r) / sum(w): slightly biased, but bounded by the reward range and less variable.
+
+    The CI uses the delta method: influence terms ``w_i (r_i - value) / mean(w)``, whose mean
+    is zero by construction, so se^2 = sum(phi^2) / (n (n - 1)).
+    """
+    _check_clip(clip)
+    r, p_log, p_tgt, _ = _validate(rewards, logged_prob, target_prob)
+    n = r.shape[0]
+    w, clipped = _weights(p_log, p_tgt, clip)
+    ess = effective_sample_size(w)
+    warnings = _few_events(n) + _diagnose(p_log, p_tgt, n, ess, clipped)
+    w_sum = float(w.sum())
+    if w_sum == 0.0:
+        warnings += (_ZERO_WEIGHT_SUM,)
+        return Estimate("snips", math.nan, math.nan, math.nan, n, ess, clipped, warnings)
+    if w_sum < 1e-250:  # SNIPS is scale-free; rescale so that w * r cannot underflow
+        w = w / float(w.max())
+        w_sum = float(w.sum())
+    buf = np.multiply(w, r)
+    value = float(buf.sum()) / w_sum
+    if n < 2:
+        return Estimate("snips", value, math.nan, math.nan, n, ess, clipped, warnings)
+    np.subtract(r, value, out=buf)
+    buf *= w
+    se = math.sqrt(float(np.dot(buf, buf)) / (n * (n - 1))) / (w_sum / n)
+    return Estimate("snips", value, value - Z_95 * se, value + Z_95 * se, n, ess, clipped, warnings)
+
+
+def dr(
+    rewards: ArrayLike,
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    reward_hat_logged: ArrayLike,
+    reward_hat_target: ArrayLike,
+    *,
+    clip: float | None = None,
+) -> Estimate:
+    """Model prediction plus an IPS correction of its residual on the logged action.
+
+    Unbiased (without clipping) if either the propensities or the reward model are right, and
+    the better the model, the smaller the residuals the weights multiply, so the lower the
+    variance.
+    """
+    _check_clip(clip)
+    r, p_log, p_tgt, hats = _validate(
+        rewards,
+        logged_prob,
+        target_prob,
+        reward_hat_logged=reward_hat_logged,
+        reward_hat_target=reward_hat_target,
+    )
+    n = r.shape[0]
+    w, clipped = _weights(p_log, p_tgt, clip)
+    ess = effective_sample_size(w)
+    warnings = _few_events(n) + _diagnose(p_log, p_tgt, n, ess, clipped)
+    terms = np.subtract(r, hats["reward_hat_logged"])
+    terms *= w
+    terms += hats["reward_hat_target"]
+    value, low, high = _mean_and_ci(terms)
+    return Estimate("dr", value, low, high, n, ess, clipped, warnings)
+
+
+def estimate(
+    name: str,
+    rewards: ArrayLike,
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    reward_hat_logged: ArrayLike | None = None,
+    reward_hat_target: ArrayLike | None = None,
+    *,
+    clip: float | None = None,
+) -> Estimate:
+    """Estimator chosen by name, so configs and loops can name it.
+
+    IPS and SNIPS ignore the reward-model arrays, so one call signature serves all three.
+    """
+    key = name.strip().lower() if isinstance(name, str) else ""
+    if key == "ips":
+        return ips(rewards, logged_prob, target_prob, clip=clip)
+    if key == "snips":
+        return snips(rewards, logged_prob, target_prob, clip=clip)
+    if key == "dr":
+        if reward_hat_logged is None or reward_hat_target is None:
+            missing = "reward_hat_logged" if reward_hat_logged is None else "reward_hat_target"
+            raise EstimatorInputError(missing, "is required by the dr estimator")
+        return dr(
+            rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target, clip=clip
+        )
+    raise EstimatorInputError("name", f"unknown estimator {name!r}; expected one of {ESTIMATORS}")

@@ -1,0 +1,421 @@
+"""Offline replay: what would a candidate policy have earned on the logged traffic?
+
+The log is held column-wise (one row per closed decision, one *slot* per eligible arm of it)
+so that the simple policies and the estimators are a few vectorised numpy passes. A policy
+gives, for every event in time order, a distribution over that event's own arm set; VW
+policies learn as they go (progressive validation), so no event is scored by a model that
+has already learned it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import chain
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from vowpalwabbit import Workspace
+
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.offline.estimators import ESTIMATORS, Estimate, estimate
+from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line
+from nextbest.bandit.decision_log import LoggedDecision
+from nextbest.bandit.vw_options import REPLAY_OPTIONS, split_vw_args
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+ArmKey = tuple[str, int]
+
+DEFAULT_REWARD_MODEL_ARGS = "-q UA"
+
+
+@dataclass(frozen=True, eq=False)
+class ReplayLog:
+    """Closed decisions in time order; slot ``offsets[i] + j`` is arm ``j`` of event ``i``."""
+
+    event_ids: Sequence[str]
+    timestamps: FloatArray
+    rewards: FloatArray
+    logged_prob: FloatArray
+    chosen: IntArray  # index into the event's arms; -1: pacing made no offer (reward 0)
+    offsets: IntArray  # n + 1 entries
+    arm_index: IntArray  # per slot: index into ``arms``
+    arms: Sequence[ArmKey]  # the distinct (arm id, version) pairs
+    logged_pmf: FloatArray  # per slot
+    features: Sequence[tuple[Feature, ...]] | None = None  # context; needed by VW only
+    arm_features: Mapping[ArmKey, tuple[Feature, ...]] = field(default_factory=dict)
+    no_offer: FloatArray | None = None  # per event: logged probability of pacing's "no offer"
+
+    def __post_init__(self) -> None:
+        n = len(self.event_ids)
+        counts = np.diff(self.offsets)
+        if n and (counts.min() < 1 or self.chosen.min() < -1 or bool((self.chosen >= counts).any())):
+            raise InvalidInput("log", "every event needs at least one arm and a chosen arm among them")
+        none = self.chosen < 0
+        if none.any() and (self.no_offer is None or bool((self.no_offer[none] <= 0.0).any())):
+            raise InvalidInput("log", "an event without an offer needs a logged probability of 'no offer'")
+        if self.features is not None and len(self.features) != n:
+            raise InvalidInput("log", "one feature tuple per event is required")
+
+    @property
+    def n(self) -> int:
+        return len(self.event_ids)
+
+    @property
+    def counts(self) -> IntArray:
+        return np.diff(self.offsets)
+
+    @property
+    def offered(self) -> NDArray[np.bool_]:
+        """Per event: an arm was shown (else pacing chose "no offer")."""
+        return self.chosen >= 0
+
+    @property
+    def chosen_slot(self) -> IntArray:
+        """The chosen arm's slot; for an event without an offer, its first slot (mask with ``offered``)."""
+        return self.offsets[:-1] + np.maximum(self.chosen, 0)
+
+    @classmethod
+    def build(
+        cls, event_ids: Sequence[str], timestamps: Iterable[float], rewards: Iterable[float],
+        probabilities: Iterable[float], chosen: Iterable[int], arm_lists: Sequence[Sequence[Sequence[Any]]],
+        pmfs: Sequence[Sequence[float]], features: Sequence[tuple[Feature, ...]] | None = None,
+        arm_features: Mapping[ArmKey, tuple[Feature, ...]] | None = None,
+    ) -> ReplayLog:
+        """Columns from plain rows. Identical arm lists (the same object) are coded once."""
+        n = len(event_ids)
+        counts = np.fromiter(map(len, arm_lists), np.int64, n)
+        extra = np.fromiter(map(len, pmfs), np.int64, n) - counts
+        if n and (extra.min() < 0 or extra.max() > 1):
+            raise InvalidInput("pmf", "each event needs one probability per arm, and at most one for 'no offer'")
+        no_offer = None
+        if extra.any():  # pacing's "no offer" is the PMF's last entry: keep it apart from the arms
+            no_offer = np.array([p[-1] if e else 0.0 for p, e in zip(pmfs, extra.tolist(), strict=True)])
+            pmfs = [p[:-1] if e else p for p, e in zip(pmfs, extra.tolist(), strict=True)]
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        vocab: dict[ArmKey, int] = {}
+        coded: dict[int, IntArray] = {}
+        parts = []
+        for lst in arm_lists:
+            codes = coded.get(id(lst))
+            if codes is None:
+                keys = [(str(a[0]), int(a[1])) for a in lst]
+                codes = np.fromiter((vocab.setdefault(k, len(vocab)) for k in keys), np.int64, len(keys))
+                coded[id(lst)] = codes
+            parts.append(codes)
+        return cls(
+            event_ids=event_ids,
+            timestamps=np.fromiter(timestamps, np.float64, n),
+            rewards=np.fromiter(rewards, np.float64, n),
+            logged_prob=np.fromiter(probabilities, np.float64, n),
+            chosen=np.fromiter(chosen, np.int64, n),
+            offsets=offsets,
+            arm_index=np.concatenate(parts) if parts else np.zeros(0, np.int64),
+            arms=list(vocab),
+            logged_pmf=np.fromiter(chain.from_iterable(pmfs), np.float64, int(offsets[-1])),
+            features=features,
+            arm_features=dict(arm_features or {}),
+            no_offer=no_offer,
+        )
+
+    @classmethod
+    def from_decisions(
+        cls, decisions: Iterable[LoggedDecision], arm_features: Mapping[ArmKey, Mapping[str, float | str | bool]] | None = None
+    ) -> ReplayLog:
+        """The closed decisions (an arm and a reward, or pacing's "no offer") among ``decisions``,
+        in their given order."""
+        rows = [d for d in decisions if (d.chosen is not None and d.reward is not None) or paced_no_offer(d)]
+        return cls.build(
+            [d.event_id for d in rows],
+            [d.timestamp for d in rows],
+            [d.reward or 0.0 for d in rows],
+            [d.probability for d in rows],
+            [-1 if d.chosen is None else d.chosen for d in rows],
+            [d.arms for d in rows],
+            [d.pmf for d in rows],
+            features=[d.features for d in rows],
+            arm_features={k: features_from_mapping(v) for k, v in (arm_features or {}).items()},
+        )
+
+    def arm_lines(self) -> tuple[list[str], tuple[str, ...]]:
+        """VW text of every distinct arm, and a warning if some arm version has no features."""
+        missing = [k for k in self.arms if k not in self.arm_features]
+        lines = [arm_line(a, self.arm_features.get((a, v), ())) for a, v in self.arms]
+        warn: tuple[str, ...] = ()
+        if missing:
+            names = ", ".join(f"{a} v{v}" for a, v in missing[:5])
+            warn = (
+                f"missing_arm_features: no stored features for {len(missing)} arm version(s) ({names}); "
+                + "VW saw only their ids",
+            )
+        return lines, warn
+
+    def vw_examples(self) -> tuple[list[str], tuple[str, ...]]:
+        """Every event as cb_adf text, the chosen arm labelled ``0:-reward:probability`` (events
+        without an offer are unlabelled: VW predicts on them and learns nothing)."""
+        if self.features is None:
+            raise InvalidInput("log", "VW needs the context features, and the log was read without them")
+        lines, warn = self.arm_lines()
+        offsets, codes = self.offsets.tolist(), self.arm_index.tolist()
+        chosen, rewards, probs = self.chosen.tolist(), self.rewards.tolist(), self.logged_prob.tolist()
+        out = []
+        for i, context in enumerate(self.features):
+            arms = [lines[c] for c in codes[offsets[i]:offsets[i + 1]]]
+            if chosen[i] >= 0:
+                arms[chosen[i]] = f"0:{-rewards[i]!r}:{probs[i]!r} {arms[chosen[i]]}"
+            out.append("\n".join((shared_line(context), *arms)))
+        return out, warn
+
+
+# --------------------------------------------------------------------------- policies
+
+
+class Policy(Protocol):
+    """A candidate: its distribution over each event's arms, one value per slot."""
+
+    name: str
+    needs_features: bool
+
+    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]: ...
+
+
+@dataclass
+class LoggedPolicy:
+    """The policy that served: the logged PMF, exact on the chosen arm (weights are 1)."""
+
+    name: str = "logged"
+    needs_features: bool = False
+
+    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
+        target = log.logged_pmf.copy()
+        offered = log.offered
+        target[log.chosen_slot[offered]] = log.logged_prob[offered]
+        return target, ()
+
+
+@dataclass
+class UniformPolicy:
+    name: str = "uniform"
+    needs_features: bool = False
+
+    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
+        counts = log.counts
+        return np.repeat(1.0 / counts, counts), ()
+
+
+@dataclass
+class ConstantPolicy:
+    """Always this arm where it was eligible; elsewhere what was served stands in for it."""
+
+    arm_id: str
+    name: str = ""
+    needs_features: bool = False
+
+    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
+        is_arm = np.array([a == self.arm_id for a, _ in log.arms], dtype=bool)
+        hit = is_arm[log.arm_index] if len(is_arm) else np.zeros(0, dtype=bool)
+        if not hit.any():
+            raise InvalidInput("policy", f"constant:{self.arm_id}: arm {self.arm_id!r} is not in the log")
+        target = hit.astype(np.float64)
+        eligible = np.add.reduceat(hit, log.offsets[:-1]) > 0
+        missing = int(log.n - np.count_nonzero(eligible))
+        if not missing:
+            return target, ()
+        fallback = np.repeat(~eligible, log.counts)
+        logged, _ = LoggedPolicy().distribution(log)
+        target[fallback] = logged[fallback]
+        return target, (
+            f"not_eligible: arm {self.arm_id} was not eligible in {missing} of {log.n} events; "
+            + "the logged policy stands in for them",
+        )
+
+
+def _vw_args(text: str, field_name: str) -> list[str]:
+    """The allow list of ``nextbest.bandit.vw_options`` with the reductions a replay policy chooses:
+    replay feeds VW the logged examples itself, and no option may name a file."""
+    try:
+        return split_vw_args(text, REPLAY_OPTIONS)
+    except ValueError as e:
+        raise InvalidInput(field_name, f"VW arguments rejected: {e}") from None
+
+
+def _workspace(args: list[str], field_name: str) -> Workspace:
+    try:
+        return Workspace(arg_list=["--quiet", *args])
+    except Exception as e:  # noqa: BLE001  # VW raises RuntimeError and others for bad options
+        raise InvalidInput(field_name, f"Vowpal Wabbit rejected {' '.join(args)!r}: {e}") from None
+
+
+@dataclass
+class VwPolicy:
+    """A VW cb_adf configuration (``vw:ARGS``) or a saved model (``model:PATH``).
+
+    With ``--cb_explore_adf`` the PMF is VW's own; a plain ``--cb_adf`` model is greedy (ties
+    share). ``vw:`` learns each event right after scoring it; a saved model only predicts.
+    """
+
+    name: str
+    args: list[str]
+    learn: bool
+    needs_features: bool = True
+
+    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
+        texts, warn = log.vw_examples()
+        ws = _workspace(self.args, "policy")
+        try:
+            kind = ws.get_prediction_type()
+            if kind not in (ws.pACTION_PROBS, ws.pACTION_SCORES):
+                raise InvalidInput("policy", f"{self.name}: needs a cb_adf or cb_explore_adf model, not {kind}")
+            greedy = kind == ws.pACTION_SCORES
+            target = np.empty(len(log.arm_index), np.float64)
+            offsets, chosen = log.offsets.tolist(), log.chosen.tolist()
+            for i, text in enumerate(texts):
+                lo, hi = offsets[i], offsets[i + 1]
+                ex = ws.parse(text)
+                try:
+                    out = np.asarray(ws.predict(ex), dtype=np.float64)
+                    if self.learn and chosen[i] >= 0:  # nothing to learn where no offer was made
+                        ws.learn(ex)
+                finally:
+                    ws.finish_example(ex)
+                if out.shape[0] != hi - lo:
+                    raise InvalidInput("policy", f"{self.name}: VW returned {out.shape[0]} values for {hi - lo} arms")
+                if greedy:  # scores are costs: the lowest wins
+                    out = (out == out.min()).astype(np.float64)
+                    out /= out.sum()
+                target[lo:hi] = out
+            return np.clip(target, 0.0, 1.0, out=target), warn
+        finally:
+            ws.finish()
+
+
+def paced_no_offer(d: LoggedDecision) -> bool:
+    """Pacing chose "no offer" although arms were eligible: its PMF has the extra last entry."""
+    return d.chosen is None and len(d.arms) > 0 and len(d.pmf) == len(d.arms) + 1 and d.probability > 0.0
+
+
+def parse_policy(spec: str) -> Policy:
+    """``logged``, ``uniform``, ``constant:ARM``, ``vw:ARGS`` or ``model:PATH``."""
+    text = spec.strip()
+    kind, sep, rest = text.partition(":")
+    rest = rest.strip()
+    if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "'\"":
+        rest = rest[1:-1]
+    if text in ("logged", "uniform"):
+        return LoggedPolicy() if text == "logged" else UniformPolicy()
+    if sep and kind == "constant" and rest:
+        return ConstantPolicy(rest, name=f"constant:{rest}")
+    if sep and kind == "vw" and rest:
+        return VwPolicy(f"vw:{rest}", _vw_args(rest, "policy"), learn=True)
+    if sep and kind == "model" and rest:
+        return VwPolicy(f"model:{rest}", ["-i", rest], learn=False)
+    raise InvalidInput("policy", f"{spec!r}: expected logged, uniform, constant:ARM_ID, vw:\"ARGS\" or model:PATH")
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def reward_model(log: ReplayLog, args: str = DEFAULT_REWARD_MODEL_ARGS, folds: int = 2) -> FloatArray:
+    """Predicted reward of every slot, cross-fitted: each event is scored by a model that
+    learned only the other folds, so DR's correction is not fooled by memorised rewards.
+
+    The model is VW's direct method (``--cb_adf --cb_type dm``): a regression of the chosen
+    arm's reward on the context and arm features.
+    """
+    if folds < 2:
+        raise InvalidInput("folds", f"must be at least 2, got {folds}")
+    base = ["--cb_adf", "--cb_type", "dm", *_vw_args(args, "reward_model_args")]
+    texts, _ = log.vw_examples()
+    offsets = log.offsets.tolist()
+    rhat = np.zeros(len(log.arm_index), np.float64)
+    fold_of = np.arange(log.n) % folds
+    for k in range(folds):
+        ws = _workspace(base, "reward_model_args")
+        try:
+            for i in np.flatnonzero((fold_of != k) & log.offered).tolist():
+                ex = ws.parse(texts[i])
+                ws.learn(ex)
+                ws.finish_example(ex)
+            for i in np.flatnonzero(fold_of == k).tolist():  # predict ignores the label
+                ex = ws.parse(texts[i])
+                rhat[offsets[i]:offsets[i + 1]] = ws.predict(ex)
+                ws.finish_example(ex)
+        finally:
+            ws.finish()
+    return np.negative(rhat, out=rhat)  # VW predicts costs
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEstimate:
+    """One estimator's value of one policy."""
+
+    policy: str
+    estimate: Estimate
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.estimate
+
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x  # NaN is not JSON
+
+        return {"policy": self.policy, "estimator": e.estimator, "value": num(e.value), "ci_low": num(e.ci_low),
+                "ci_high": num(e.ci_high), "n": e.n, "ess": num(e.ess), "clipped": e.clipped, "warnings": list(e.warnings)}
+
+
+def evaluate(
+    log: ReplayLog, policies: Sequence[Policy], estimators: Sequence[str] = ESTIMATORS, *,
+    clip: float | None = None, reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS, folds: int = 2,
+) -> list[PolicyEstimate]:
+    """Every estimator of every policy on the same log; the reward model is fitted once."""
+    names = [e.strip().lower() for e in estimators]
+    for e in names:
+        if e not in ESTIMATORS:
+            raise InvalidInput("estimator", f"unknown estimator {e!r}; expected one of {', '.join(ESTIMATORS)}")
+    if log.n == 0:
+        raise InvalidInput("log", "no closed decisions to evaluate")
+    # Distributions first: a bad policy fails before the (slow) reward model is fitted.
+    targets = [(p.name, *p.distribution(log)) for p in policies]
+    rhat = reward_model(log, reward_model_args, folds) if "dr" in names else None
+    slot, never, offered = log.chosen_slot, log.logged_pmf <= 0.0, log.offered
+    skipped = int(log.n - np.count_nonzero(offered))
+    if skipped:
+        paced: tuple[str, ...] = (
+            f"no_offer: in {skipped} of {log.n} events pacing made no offer; they count with reward 0, and a "
+            + "candidate makes no offer with the probability its distribution leaves over (none, for one that "
+            + "always offers)",
+        )
+    elif log.no_offer is not None:  # e.g. a DSJSON export: the events without an offer are not in it
+        paced = (
+            f"no_offer: in {np.count_nonzero(log.no_offer)} of {log.n} events pacing could also make no offer, and "
+            + "this log has no event where it made none; if they were left out (a DSJSON export leaves them out), "
+            + "IPS overstates candidates that always offer (SNIPS does not): replay from the database instead",
+        )
+    else:
+        paced = ()
+    out = []
+    for name, target, warn in targets:
+        # The probability the candidate gives the logged action: the chosen arm, or "no offer".
+        none_mass = np.clip(1.0 - np.add.reduceat(target, log.offsets[:-1]), 0.0, 1.0)
+        target_logged = np.where(offered, target[slot], none_mass)
+        warn += paced
+        unseen = float(target[never].sum()) / log.n if never.any() else 0.0
+        if unseen > 0.0:
+            warn += (
+                f"no_support: {unseen:.1%} of the candidate's mass is on arms the logging policy gave "
+                + "probability 0; IPS and SNIPS count it as zero reward, DR trusts its reward model there",
+            )
+        hat_logged = hat_target = None
+        if rhat is not None:
+            hat_logged = np.where(offered, rhat[slot], 0.0)  # "no offer" earns nothing, surely
+            hat_target = np.add.reduceat(target * rhat, log.offsets[:-1])
+        for e in names:
+            est = estimate(e, log.rewards, log.logged_prob, target_logged, hat_logged, hat_target, clip=clip)
+            out.append(PolicyEstimate(name, replace(est, warnings=est.warnings + warn) if warn else est))
+    return out

@@ -1,0 +1,1 @@
+"""The ``nextbest`` command line."""

@@ -1,0 +1,260 @@
+"""The ``nextbest`` command: serve, apply, stats, choose, reward."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from nextbest.bandit.errors import InvalidInput, NextbestError
+from nextbest.config.plans import Change
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nextbest.app import serve
+    from nextbest.telemetry.json_logs import setup_logging
+    from nextbest.settings import load_settings
+
+    settings = load_settings(
+        args.config, host=args.host, port=args.port, db=args.db, init_config=args.init_config,
+        log_level=args.log_level, workers=args.workers, learner=args.learner, metrics_port=args.metrics_port,
+    )
+    setup_logging(settings.log_level)
+    if settings.workers > 1:
+        return _serve_workers(settings.workers, settings.port, settings.metrics_port)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _serve_workers(n: int, port: int, metrics_port: int | None) -> int:
+    """Several server processes on one port (SO_REUSEPORT): every core serves. They share the
+    database like replicas do: one of them learns, the others load its models."""
+    import os
+    import signal
+    import subprocess
+
+    if port == 0:
+        raise InvalidInput("--port", "--workers needs a fixed port")
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--workers=", "--metrics-port="))]
+    for flag in ("--workers", "--metrics-port"):
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    env = {**os.environ, "NEXTBEST_WORKERS": "1", "NEXTBEST_REUSE_PORT": "true"}
+    procs = []
+    for k in range(n):  # one metrics port each: metrics_port, metrics_port + 1, ...
+        extra = {"NEXTBEST_METRICS_PORT": str(metrics_port + k)} if metrics_port else {}
+        procs.append(subprocess.Popen([sys.executable, "-m", "nextbest.cli.main", *argv], env={**env, **extra}))
+
+    def forward(sig: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(p.wait() for p in procs)
+
+
+def print_changes(changes: Sequence[Change], dry_run: bool) -> None:
+    if not changes:
+        print("no changes: the live configuration already matches")
+        return
+    verb = {"CREATE": "create", "UPDATE": "update", "RETIRE": "retire"}
+    for c in changes:
+        what = f"campaign {c.campaign}" if c.campaign else f"placement {c.placement}" + (f" arm {c.arm_id}" if c.arm_id else "")
+        print(f"{'would ' if dry_run else ''}{verb.get(c.action, c.action.lower())} {what}")
+        for d in c.details:
+            print(f"    {d}")
+    print(f"{len(changes)} change(s) {'planned (dry run, nothing applied)' if dry_run else 'applied'}")
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from nextbest.client import NextbestClient
+    from nextbest.config.files import load_apply_file
+
+    cfg = load_apply_file(Path(args.file))  # invalid files stop here, before any call
+    with NextbestClient(args.target) as nb:
+        changes = nb.apply(cfg.placements, dry_run=args.dry_run, campaigns=cfg.campaigns)
+    print_changes(changes, args.dry_run)
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from nextbest.client import NextbestClient
+
+    with NextbestClient(args.target) as nb:
+        s = nb.stats(args.placement)
+    if args.json:
+        print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
+        return 0
+    print(f"placement {s.placement}: {s.decisions} decisions, {s.pending} awaiting reward, model version {s.model_version}")
+    print(f"{'arm':<24}{'impressions':>12}{'rewards':>10}{'reward_sum':>12}{'mean':>8}{'default':>9}{'late':>6}  active")
+    for a in s.arms:
+        mean = a.reward_sum / a.impressions if a.impressions else 0.0
+        print(
+            f"{a.arm_id:<24}{a.impressions:>12}{a.rewards:>10}{a.reward_sum:>12.2f}{mean:>8.3f}"
+            f"{a.default_rewards:>9}{a.late_rewards:>6}  {'yes' if a.active else 'no'}"
+        )
+    if len(s.variants) > 1 or (s.variants and s.variants[0].variant):
+        print(f"\n{'variant':<16}{'decisions':>10}{'rewards':>9}{'closed':>8}{'mean reward':>13}")
+        for v in s.variants:
+            print(f"{v.variant or '-':<16}{v.decisions:>10}{v.rewards:>9}{v.closed:>8}{v.mean_reward:>13.4f}")
+    if len(s.models) > 1 or any(m.scored for m in s.models):
+        print(f"\n{'model':<24}{'learned':>9}{'scored':>8}{'agreement':>11}{'est. value':>12}")
+        for m in s.models:
+            print(f"{m.slot or '(placement)':<24}{m.learned:>9}{m.scored:>8}{m.agreement:>11.3f}{m.estimated_value:>12.4f}")
+    if s.budgets:
+        print(f"\n{'budget':<36}{'period':>11}{'limit':>10}{'spent':>10}{'held':>8}{'left':>10}{'price':>8}  exhausts")
+        for b in s.budgets:
+            when = b.projected_exhaustion.ToDatetime().strftime("%Y-%m-%d %H:%M") if b.HasField("projected_exhaustion") else "-"
+            price = f"{b.pacing_multiplier:.3g}" if b.paced else "-"
+            print(f"{b.budget:<36}{b.period:>11}{b.limit:>10.2f}{b.spent:>10.2f}{b.reserved:>8.2f}{b.remaining:>10.2f}{price:>8}  {when}")
+    return 0
+
+
+def _parse_feature(text: str) -> tuple[str, str, float | str]:
+    """``customer.segment=youth`` or ``customer.arpu:12.5`` (a number)."""
+    if "=" in text:
+        key, value = text.split("=", 1)
+        val: float | str = value
+    elif ":" in text:
+        key, value = text.rsplit(":", 1)
+        try:
+            val = float(value)
+        except ValueError:
+            raise InvalidInput("--feature", f"{text!r}: the value after ':' must be a number") from None
+    else:
+        raise InvalidInput("--feature", f"{text!r}: write name=text or name:number")
+    ns, _, name = key.rpartition(".")
+    return ns, name, val
+
+
+def _choose(args: argparse.Namespace) -> int:
+    from nextbest.client import NextbestClient
+    from nextbest.v1 import common_pb2
+
+    feats = []
+    for text in args.feature:
+        ns, name, val = _parse_feature(text)
+        feats.append(
+            common_pb2.Feature(namespace=ns, name=name, text=val)
+            if isinstance(val, str)
+            else common_pb2.Feature(namespace=ns, name=name, number=val)
+        )
+    with NextbestClient(args.target) as nb:
+        r = nb.choose(args.placement, feats, customer_id=args.customer, event_id=args.event_id)
+    out: dict[str, object] = {
+        "event_id": r.event_id, "arm_id": r.arm_id, "probability": r.probability,
+        "model_version": r.model_version, "reason": r.reason, "variant": r.variant,
+    }
+    if len(r.slots) > 1:
+        out["slots"] = [{"arm_id": a, "probability": p} for a, p in r.slots]
+    print(json.dumps(out))
+    return 0
+
+
+def _reward(args: argparse.Namespace) -> int:
+    from nextbest.client import NextbestClient
+
+    with NextbestClient(args.target) as nb:
+        print(nb.reward(args.event_id, args.reward, slot=args.slot, reward_id=args.reward_id))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextbest", description="Contextual-bandit next-best-offer decision service.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1; NEXTBEST_HOST)")
+    s.add_argument("--port", type=int, help="port (default 50051, 0 picks a free one; NEXTBEST_PORT)")
+    s.add_argument("--db", help="database URL (default sqlite:///nextbest.db; NEXTBEST_DB)")
+    s.add_argument("--config", help="settings file (YAML)")
+    s.add_argument("--init-config", dest="init_config", help="apply file loaded when the database has no placements")
+    s.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+    s.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this HTTP port")
+    s.add_argument("--workers", type=int, help="server processes sharing the port, one per core (NEXTBEST_WORKERS)")
+    s.add_argument(
+        "--learner", choices=["auto", "always", "never"],
+        help="auto (default): the first server to take the learner lock learns; never: serve only",
+    )
+    s.set_defaults(func=_serve)
+
+    def target(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+
+    a = sub.add_parser("apply", help="make the live configuration match an apply file")
+    a.add_argument("file")
+    a.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    target(a)
+    a.set_defaults(func=_apply)
+
+    st = sub.add_parser("stats", help="impressions and rewards of a placement, per arm")
+    st.add_argument("placement")
+    st.add_argument("--json", action="store_true")
+    target(st)
+    st.set_defaults(func=_stats)
+
+    c = sub.add_parser("choose", help="ask for a decision (for trying things out)")
+    c.add_argument("placement")
+    c.add_argument("-f", "--feature", action="append", default=[], help="ns.name=text or ns.name:number; repeatable")
+    c.add_argument("--customer", default="")
+    c.add_argument("--event-id", dest="event_id", default="")
+    target(c)
+    c.set_defaults(func=_choose)
+
+    r = sub.add_parser("reward", help="report the reward of a decision")
+    r.add_argument("event_id")
+    r.add_argument("reward", type=float)
+    r.add_argument("--slot", type=int, default=0, help="the slot rewarded (multi-slot placements)")
+    r.add_argument("--reward-id", default="", help="a key of this reward: a retry with it is a duplicate")
+    target(r)
+    r.set_defaults(func=_reward)
+
+    from nextbest.cli.replay import add_commands as replay_commands
+
+    replay_commands(sub)
+    from nextbest.cli.experiments import add_commands as experiment_commands
+
+    experiment_commands(sub)
+    from nextbest.cli.simulate import add_commands as simulation_commands
+
+    simulation_commands(sub)
+    from nextbest.bench.main import add_commands as bench_commands
+
+    bench_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InvalidInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NextbestError as e:  # NotFound, Unavailable: the command could not do its work
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:
+        code = e.code()
+        print(f"error: {code.name if code else 'UNKNOWN'}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.basicConfig()
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""``nextbest replay`` and ``nextbest export-log``: offline evaluation from the decision log.
+
+Both work on the database (or a DSJSON file) directly, without a running server, so they can
+run on a replica or a copy of the log. Exit codes: 0 done, 1 nothing to evaluate or the
+database is unavailable, 2 bad arguments. The heavy imports (numpy, VW, SQLAlchemy) happen when
+a command runs, so that adding these commands does not slow down every other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from nextbest.bandit.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from nextbest.bandit.offline.replay import Policy, PolicyEstimate, ReplayLog
+
+ESTIMATOR_NAMES = ("ips", "snips", "dr")  # nextbest.bandit.offline.estimators.ESTIMATORS, without importing numpy
+REWARD_MODEL_ARGS = "-q UA"  # nextbest.bandit.offline.replay.DEFAULT_REWARD_MODEL_ARGS
+
+POLICY_HELP = (
+    "candidate policy; repeatable: logged (what served), uniform, constant:ARM_ID, "
+    'vw:"VW ARGS" (e.g. vw:"--cb_explore_adf --epsilon 0.1 -q UA", trained on the log in time '
+    "order, each event scored before it is learned), model:PATH (a saved VW model, predict only), "
+    "snapshot:SLOT (the placement's saved model from --db: snapshot: its own, snapshot:A variant A's)"
+)
+
+
+def _fmt(x: float, width: int, digits: int = 4) -> str:
+    return f"{'nan':>{width}}" if math.isnan(x) else f"{x:>{width}.{digits}f}"
+
+
+def format_table(results: Sequence[PolicyEstimate], log: ReplayLog, source: str) -> str:
+    """The plain output: one row per policy and estimator, warnings listed below."""
+    from nextbest.bandit.offline.dsjson import iso_time
+
+    span = f"{iso_time(float(log.timestamps.min()))} .. {iso_time(float(log.timestamps.max()))}"
+    lines = [f"{log.n:,} closed decisions from {source}, {span}", ""]
+    width = max([len("policy")] + [len(r.policy) for r in results])
+    lines.append(f"{'policy':<{width}}  {'estimator':<9} {'value':>9}  {'95% CI':>20} {'ess':>11} {'n':>9}  warnings")
+    notes: list[str] = []
+    for r in results:
+        e = r.estimate
+        ci = f"[{_fmt(e.ci_low, 0)}, {_fmt(e.ci_high, 0)}]"
+        codes = ",".join(w.split(":", 1)[0] for w in e.warnings)
+        lines.append(f"{r.policy:<{width}}  {e.estimator:<9} {_fmt(e.value, 9)}  {ci:>20} {e.ess:>11.1f} {e.n:>9,}  {codes}")
+        notes.extend(f"  {r.policy} / {e.estimator}: {w}" for w in e.warnings)
+    if notes:
+        lines += ["", "warnings:", *notes]
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[PolicyEstimate], path: str) -> None:
+    """Each estimate as a point with its 95 % interval, one row per policy and estimator."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidInput("--plot", "needs matplotlib, which is not installed (pip install matplotlib)") from None
+    rows = list(reversed(results))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    colors = {"ips": "tab:blue", "snips": "tab:orange", "dr": "tab:green"}
+    for y, r in enumerate(rows):
+        e = r.estimate
+        err = None
+        if not (math.isnan(e.ci_low) or math.isnan(e.ci_high)):
+            err = [[e.value - e.ci_low], [e.ci_high - e.value]]
+        ax.errorbar([e.value], [y], xerr=err, fmt="o", capsize=3, color=colors.get(e.estimator, "black"))
+    ax.set_yticks(range(len(rows)), [f"{r.policy} / {r.estimate.estimator}" for r in rows])
+    ax.set_xlabel("estimated mean reward per decision (95 % CI)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise InvalidInput("--plot", f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+
+
+def _policy(spec: str, args: argparse.Namespace) -> Policy:
+    """``snapshot:SLOT`` is a placement's saved model (``snapshot:`` its own, ``snapshot:A`` a
+    variant's) read from --db; every other spec is nextbest.bandit.offline.replay's."""
+    from nextbest.bandit.offline.replay import VwPolicy, parse_policy
+    from nextbest.offline.log_source import read_snapshot
+
+    kind, sep, slot = spec.strip().partition(":")
+    if not (sep and kind == "snapshot"):
+        return parse_policy(spec)
+    if args.db is None or not args.placement:
+        raise InvalidInput("--policy", "snapshot:SLOT reads the saved model from --db, for --placement")
+    model = read_snapshot(args.db, args.placement, slot.strip())
+    fd, path = tempfile.mkstemp(prefix="nextbest-snapshot-", suffix=".vw")
+    with os.fdopen(fd, "wb") as f:
+        f.write(model)
+    return VwPolicy(f"snapshot:{slot.strip() or args.placement}", ["-i", path], learn=False)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from nextbest.bandit.offline.replay import evaluate, parse_policy
+    from nextbest.offline.log_source import parse_time, read_dsjson, read_replay_log
+
+    if (args.db is None) == (args.log is None):
+        raise InvalidInput("--db", "give exactly one of --db URL and --log FILE")
+    if args.db is not None and not args.placement:
+        raise InvalidInput("--placement", "is required with --db")
+    policies = [_policy(p, args) for p in args.policy]  # bad specs fail before any reading
+    estimators = args.estimator or list(ESTIMATOR_NAMES)
+    since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    if args.db is not None:
+        need = "dr" in estimators or any(p.needs_features for p in policies)
+        log = read_replay_log(args.db, args.placement, since=since, until=until, with_features=need)
+        source = f"placement {args.placement}"
+    else:
+        log = read_dsjson(args.log, args.placement, since=since, until=until)
+        source = args.log
+    results = evaluate(log, policies, estimators, clip=args.clip, reward_model_args=args.reward_model_args,
+                       folds=args.folds)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(format_table(results, log, source))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from nextbest.offline.log_source import parse_time, read_decisions, write_dsjson
+
+    since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    decisions, arm_features = read_decisions(args.db, args.placement, since=since, until=until)
+    n = write_dsjson(args.out, decisions, arm_features, ccb=args.format == "ccb-dsjson")
+    what = "multi-slot events" if args.format == "ccb-dsjson" else "decisions"
+    print(f"wrote {n} {what} of {args.placement} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``replay`` and ``export-log`` to the nextbest command."""
+    r = sub.add_parser("replay", help="estimate candidate policies offline from the decision log")
+    r.add_argument("--db", help="database URL or SQLite path (read only)")
+    r.add_argument("--log", help="a DSJSON file written by export-log, instead of --db")
+    r.add_argument("--placement", help="placement id (required with --db; filters --log)")
+    r.add_argument("--policy", action="extend", nargs="+", required=True, metavar="SPEC", help=POLICY_HELP)
+    r.add_argument("--estimator", action="extend", nargs="+", choices=ESTIMATOR_NAMES,
+                   help="ips, snips, dr; repeatable (default: all three)")
+    r.add_argument("--clip", type=_positive, help="clip importance weights at this value")
+    r.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
+    r.add_argument("--until", help="end, exclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
+    r.add_argument("--reward-model-args", dest="reward_model_args", default=REWARD_MODEL_ARGS,
+                   help=f"VW arguments of DR's reward model, written with = as they start with a dash "
+                   f"(default --reward-model-args='{REWARD_MODEL_ARGS}')")
+    r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
+    r.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    r.add_argument("--plot", metavar="FILE", help="also draw the estimates and their intervals (PNG)")
+    r.set_defaults(func=_replay)
+
+    e = sub.add_parser("export-log", help="write the closed decisions of a placement as VW DSJSON")
+    e.add_argument("--db", required=True, help="database URL or SQLite path (read only)")
+    e.add_argument("--placement", required=True)
+    e.add_argument(
+        "--format", choices=["dsjson", "ccb-dsjson"], default="dsjson",
+        help="dsjson: one cb_adf event per decision (each slot its own); ccb-dsjson: one CCB event per multi-slot choice",
+    )
+    e.add_argument("--out", required=True, help="output file, - for standard output")
+    e.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
+    e.add_argument("--until", help="end, exclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
+    e.set_defaults(func=_export)

@@ -1,0 +1,361 @@
+"""``nextbest simulate`` and ``nextbest bakeoff``: drive a real server over gRPC and say how well it learns.
+
+simulate plays a telecom customer base (bandit/sim/telecom.py) against the server's
+placements and compares what the served policy earned with what uniform random, the best
+fixed offer and an oracle would have earned on the same visits. bakeoff compares the service
+with Vowpal Wabbit run directly (bandit/sim/bakeoff.py). Progress goes to stderr, results to
+stdout, so ``--json`` output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nextbest.client import NextbestClient
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+LOCAL_SEED = "bakeoff"  # the in-process server's seed: it fixes the random draw of every event
+POLICIES = (
+    ("policy", "served policy"),
+    ("policy_expected", "  (its expected value)"),
+    ("random", "uniform random"),
+    ("best_fixed", "best fixed offer"),
+    ("oracle", "oracle"),
+)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- simulate ---------------------------------------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from nextbest.bandit.spec import FatigueSpec
+    from nextbest.bandit.sim.scenario import load_scenario
+    from nextbest.bandit.sim.telecom import Scoreboard, TelecomSim
+
+    scenario = load_scenario(args.scenario)  # an invalid file stops here, before any call
+    sim = TelecomSim(scenario, seed=args.seed, reward=args.reward)
+    specs = sim.placements()
+    if args.fatigue_penalty is not None:  # compare the service with and without its fatigue penalty
+        fatigue = (
+            FatigueSpec(kind=args.fatigue_kind, strength=args.fatigue_penalty, half_life=args.fatigue_half_life)
+            if args.fatigue_penalty > 0
+            else None
+        )
+        specs = [p.model_copy(update={"fatigue": fatigue}) for p in specs]
+    board = Scoreboard(max(len(p.arms) for p in specs))
+    prefix = args.event_prefix or f"sim{args.seed}-{uuid.uuid4().hex[:8]}"
+    _err(f"simulate: scenario {scenario.name}, {args.events} events, seed {args.seed}, reward = {sim.reward_kind}, target {args.target}")
+    start_versions: dict[str, int] = {}
+    with NextbestClient(args.target) as nb:
+        if not args.no_apply:
+            changes = nb.apply(specs)
+            _err(f"applied {len(specs)} placements ({len(changes)} changes)")
+        t0 = last = time.perf_counter()
+        for i in range(args.events):
+            v = sim.next_visit()
+            d = nb.choose(v.placement, v.features, customer_id=f"cust{v.customer}", event_id=f"{prefix}-{i}")
+            if not d.arm_id:
+                raise RuntimeError(f"{v.placement}: no offer chosen ({d.reason})")
+            if d.arm_id not in v.arms:
+                raise RuntimeError(f"{v.placement}: the server chose {d.arm_id!r}, not an offer of the scenario (use it without --no-apply?)")
+            start_versions.setdefault(v.placement, d.model_version)
+            out = sim.respond(v, d.arm_id)
+            nb.reward(d.event_id, out.reward)
+            board.add(v, d.arm_id, out)
+            done = i + 1
+            if done % args.progress_every == 0 or done == args.events or time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                _err(_progress(board, done, args.events, done / (last - t0), v.day))
+        elapsed = time.perf_counter() - t0
+    trained = {p: n for p, n in start_versions.items() if n > 0}
+    if trained:
+        _err(f"note: these placements had learned before this run: {trained}; use a fresh database for a learning curve from scratch")
+    report = _report(scenario, sim, board, args, elapsed)
+    if args.plot:
+        _plot(board, scenario, args.plot)
+        _err(f"learning curve written to {args.plot}")
+    if args.json is not None:
+        text = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+            _err(f"results written to {args.json}")
+    if args.json != "-":
+        _print_table(report)
+    return 0
+
+
+def _progress(board: Any, done: int, total: int, rate: float, day: float) -> str:
+    w = min(1000, done)
+    s = board.summary(done - w)
+    o = s["oracle"]["reward"]
+    share = s["policy"]["reward"] / o if o > 0 else 0.0
+    return (
+        f"[{done:>{len(str(total))}}/{total}] day {day:5.1f}  {rate:5.0f} ev/s | last {w}: policy {s['policy']['reward']:.3f}"
+        f" ({share:4.0%} of oracle {o:.3f})  random {s['random']['reward']:.3f}  best fixed {s['best_fixed']['reward']:.3f}"
+    )
+
+
+def _report(scenario: Any, sim: Any, board: Any, args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+    n = len(board)
+    window = min(args.window, n)
+    overall, last = board.summary(), board.summary(n - window)
+    report: dict[str, Any] = {k: overall[k]["reward"] for k, _ in POLICIES}
+    report.update(
+        scenario=scenario.name,
+        events=n,
+        seed=args.seed,
+        reward=sim.reward_kind,
+        events_per_second=n / elapsed if elapsed > 0 else 0.0,
+        overall=overall,
+        last={"events": window, **last},
+        periods=[],
+        placements={},
+    )
+    day = np.array(board.day)
+    for p in scenario.promotions:
+        idx = np.flatnonzero((day >= p.start_day) & (day < p.start_day + p.days))
+        if len(idx):
+            report["periods"].append({"name": p.name, "start_day": p.start_day, "days": p.days,
+                                      "events": len(idx), **board.summary(int(idx[0]), int(idx[-1]) + 1)})
+    per = board.per_event(n - window)
+    places = np.array(board.placement[n - window:])
+    for pid in sorted(set(board.placement)):
+        m = places == pid
+        report["placements"][pid] = {"events": int(m.sum()), **{k: float(per[k][0][m].mean()) if m.any() else 0.0 for k, _ in POLICIES}}
+    return report
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    last = r["last"]
+    print(f"\nnextbest simulate: scenario {r['scenario']}, {r['events']} events, seed {r['seed']}, reward = {r['reward']}, {r['events_per_second']:.0f} events/s")
+    head = f"{'average per event':<24}{'reward':>9}{'revenue':>10}{'% oracle':>10}   |{'last ' + str(last['events']):>11}{'revenue':>10}{'% oracle':>10}"
+    print(head)
+    print("-" * len(head))
+    o_all, o_last = r["overall"]["oracle"]["reward"], last["oracle"]["reward"]
+    for key, label in POLICIES:
+        a, b = r["overall"][key], last[key]
+        print(f"{label:<24}{a['reward']:>9.3f}{a['revenue']:>10.2f}{_pct(a['reward'], o_all):>10}   |{b['reward']:>11.3f}{b['revenue']:>10.2f}{_pct(b['reward'], o_last):>10}")
+    for p in r["periods"]:
+        o = p["oracle"]["reward"]
+        print(f"\n{p['name']} (days {p['start_day']:g}-{p['start_day'] + p['days']:g}, {p['events']} events): policy {p['policy']['reward']:.3f}"
+              f" = {_pct(p['policy']['reward'], o)} of oracle {o:.3f}; random {p['random']['reward']:.3f}, best fixed {p['best_fixed']['reward']:.3f}")
+    print(f"\nper placement, last {last['events']} events:")
+    for pid, s in r["placements"].items():
+        print(f"  {pid:<18}{s['events']:>6} events  policy {s['policy']:.3f}  oracle {s['oracle']:.3f} ({_pct(s['policy'], s['oracle'])})"
+              f"  random {s['random']:.3f}  best fixed {s['best_fixed']:.3f}")
+    print("\npolicy = what the server's choices earned; the others are expectations on the same visits, from the true response model.")
+
+
+def _pct(x: float, of: float) -> str:
+    return f"{x / of:.0%}" if of > 0 else "-"
+
+
+def _plot(board: Any, scenario: Any, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = board.per_event()
+    n = len(board)
+    w = max(50, n // 40)
+    kernel = np.ones(w) / w
+    x = np.arange(w, n + 1)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    styles = {"oracle": ("oracle", "k", "--", 1.0), "policy": ("served policy (realized)", "tab:blue", "-", 0.35),
+              "policy_expected": ("served policy (expected)", "tab:blue", "-", 1.0),
+              "best_fixed": ("best fixed offer", "tab:orange", "-.", 1.0), "random": ("uniform random", "tab:gray", ":", 1.0)}
+    for key, (label, color, ls, alpha) in styles.items():
+        if n >= w:
+            ax.plot(x, np.convolve(per[key][0], kernel, mode="valid"), label=label, color=color, linestyle=ls, alpha=alpha)
+    for p in scenario.promotions:
+        a, b = p.start_day * scenario.visits_per_day, (p.start_day + p.days) * scenario.visits_per_day
+        if a < n:
+            ax.axvspan(a, min(b, n), color="tab:red", alpha=0.1, label=p.name.replace("_", " "))
+    ax.set_xlabel("events")
+    ax.set_ylabel(f"average reward per event (moving average of {w})")
+    ax.set_title(f"nextbest learning curve: scenario {scenario.name}")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- bakeoff ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def local_server(db_dir: str | None = None) -> Iterator[str]:
+    """An in-process server on a free port with a throwaway SQLite database; yields its target."""
+    import asyncio
+    import threading
+
+    from nextbest.app import create_server
+    from nextbest.settings import Settings
+
+    with tempfile.TemporaryDirectory(prefix="nextbest-bakeoff-", dir=db_dir) as d:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="nextbest-local", daemon=True)
+        thread.start()
+        settings = Settings(db=f"sqlite:///{d}/nb.db", port=0, seed=LOCAL_SEED, flush_interval=0.005, snapshot_every=100_000)
+        running = asyncio.run_coroutine_threadsafe(create_server(settings), loop).result(60)
+        try:
+            yield f"127.0.0.1:{running.port}"
+        finally:
+            asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(60)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+
+
+def _bakeoff(args: argparse.Namespace) -> int:
+    from nextbest.bandit.sim import bakeoff as bk
+
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    for n in names:
+        if n not in bk.DATASETS:
+            raise SystemExit(f"error: unknown dataset {n!r} (expected some of {', '.join(bk.DATASETS)})")
+    with (local_server() if args.target is None else _remote(args.target)) as target, NextbestClient(target) as nb:
+        run_id = "" if args.target is None else f"{uuid.uuid4().hex[:6]}."  # fresh models on a shared server
+        results = []
+        t0 = time.perf_counter()
+        for name in names:
+            ds = bk.load(name)
+            for seed in range(args.seed, args.seed + args.seeds):
+                pid = f"bakeoff.{run_id}{name}.s{seed}"
+                wait = _waiter(nb, pid) if args.sync else None
+                r = bk.compare(nb, ds, seed, args.events, pid, args.epsilon, wait, _draws(pid) if args.target is None else None)
+                results.append(r)
+                _err(f"{name:<14} seed {seed:>3}: service {r.service:.4f}  VW direct {r.direct:.4f}  ratio {r.service / r.direct:.3f}"
+                     f"  (VW with the service's lag {r.direct_same_lag:.4f}; mean lag {r.mean_lag:.3f}, stale choices {r.stale_share:.1%})")
+        elapsed = time.perf_counter() - t0
+    summary = bk.summarize(results)
+    ok = all(s["ratio"] >= args.min_ratio for s in summary.values())
+    if args.json:
+        print(json.dumps({"events": args.events, "epsilon": args.epsilon, "sync": args.sync, "min_ratio": args.min_ratio,
+                          "passed": ok, "datasets": summary, "runs": [r.__dict__ for r in results]}, indent=2))
+    else:
+        print(f"\nbake-off: {len(names)} datasets x {args.seeds} seeds x {args.events} events, epsilon {args.epsilon},"
+              f" {'synchronous' if args.sync else 'asynchronous'} learning, {elapsed:.0f}s")
+        print(f"{'dataset':<15}{'service':>9}{'VW direct':>11}{'ratio':>8}{'VW same lag':>13}{'ratio':>8}{'mean lag':>10}{'stale':>8}")
+        for name, s in summary.items():
+            print(f"{name:<15}{s['service']:>9.4f}{s['direct']:>11.4f}{s['ratio']:>8.3f}{s['direct_same_lag']:>13.4f}"
+                  f"{s['ratio_same_lag']:>8.3f}{s['mean_lag']:>10.3f}{s['stale_share']:>8.1%}")
+        print(f"{'PASS' if ok else 'FAIL'}: every ratio service / VW direct {'>=' if ok else 'must be >='} {args.min_ratio}")
+    return 0 if ok else 1
+
+
+def _draws(pid: str) -> Any:
+    """The local server's random number for each event (its seed is ours), so that VW run
+    directly explores with the same draws; a remote server's seed is unknown."""
+    from nextbest.bandit.sim import bakeoff as bk
+    from nextbest.engine.chooser import placement_salt, uniform_for
+
+    salt = placement_salt(LOCAL_SEED, pid)
+    return lambda t: uniform_for(salt, bk.event_id(pid, t))
+
+
+@contextmanager
+def _remote(target: str) -> Iterator[str]:
+    yield target
+
+
+def _waiter(nb: NextbestClient, pid: str) -> Any:
+    def wait(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while nb.stats(pid).model_version < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pid}: the model did not learn example {n} within 10s")
+            time.sleep(0.0005)
+
+    return wait
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Adds ``simulate`` and ``bakeoff`` to the ``nextbest`` command."""
+    s = sub.add_parser("simulate", help="drive a server with a simulated telecom customer base and score its learning")
+    s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    s.add_argument("--events", type=_positive, default=20_000, help="visits to simulate (default 20000)")
+    s.add_argument("--seed", type=int, default=1, help="seed of customers, visits and responses (default 1)")
+    s.add_argument("--scenario", help="scenario YAML (default: the shipped telecom scenario)")
+    s.add_argument("--reward", choices=("margin", "revenue", "acceptance"), help="what a Reward reports (default: the scenario's)")
+    s.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write results as JSON to FILE, or to stdout instead of the table")
+    s.add_argument("--plot", metavar="FILE", help="write a learning-curve picture (PNG)")
+    s.add_argument("--no-apply", dest="no_apply", action="store_true", help="use the placements already on the server")
+    s.add_argument(
+        "--fatigue-penalty", dest="fatigue_penalty", type=float,
+        help="set every placement's fatigue penalty strength (reward units; 0 = none), overriding the scenario",
+    )
+    s.add_argument("--fatigue-half-life", dest="fatigue_half_life", default="3d", help="half-life of that penalty (default 3d)")
+    s.add_argument("--fatigue-kind", dest="fatigue_kind", choices=["subtract", "scale"], default="subtract",
+                   help="subtract the penalty from the expected reward, or scale the reward by exp(-penalty)")
+    s.add_argument("--window", type=_positive, default=5000, help="final window of the report (default 5000 events)")
+    s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
+    s.add_argument("--event-prefix", dest="event_prefix", default="", help="prefix of event ids (default: random per run)")
+    s.set_defaults(func=_simulate)
+
+    b = sub.add_parser("bakeoff", help="compare the service's learning with Vowpal Wabbit run directly")
+    b.add_argument("--target", default=None, help="server address (default: start one in-process on a temporary database)")
+    b.add_argument("--datasets", default="digits,iris,wine,breast_cancer", help="comma-separated scikit-learn datasets")
+    b.add_argument("--seeds", type=_positive, default=10, help="seeds per dataset (default 10)")
+    b.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
+    b.add_argument("--events", type=_positive, default=1500, help="events per run (default 1500)")
+    b.add_argument("--epsilon", type=float, default=0.05, help="epsilon-greedy exploration on both sides (default 0.05)")
+    b.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not wait for each reward to be learned before the next choice (measures what the learning lag costs)")
+    b.add_argument("--min-ratio", dest="min_ratio", type=float, default=0.97, help="exit 1 if a dataset's ratio is below (default 0.97)")
+    b.add_argument("--json", action="store_true", help="print results as JSON")
+    b.set_defaults(func=_bakeoff)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the two commands without the rest of the CLI: ``python -m nextbest.cli.simulate bakeoff``."""
+    import grpc
+
+    from nextbest.bandit.errors import InvalidInput
+
+    parser = argparse.ArgumentParser(prog="nextbest")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InvalidInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

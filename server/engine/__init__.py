@@ -1,0 +1,1 @@
+"""The running service: Choose, reward windows, learner, writer, budgets, contacts, replication, configuration."""

@@ -1,0 +1,112 @@
+"""The server side of budgets: accounts per arm and campaign, leases from the store, and the
+restore of spend after a restart. The arithmetic lives in nextbest.bandit.budget."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from nextbest.bandit.budget import Account, Ledger
+from nextbest.bandit.decider import Candidate
+from nextbest.bandit.spec import ArmSpec, CampaignSpec
+from nextbest.storage.base import AccountRow, Store
+
+log = logging.getLogger(__name__)
+
+
+def arm_key(placement: str, arm: str) -> str:
+    return f"arm:{placement}/{arm}"
+
+
+def campaign_key(campaign: str) -> str:
+    return f"campaign:{campaign}"
+
+
+class BudgetKeeper:
+    """Owns the ledger on the event loop; leases come from the store in a worker thread."""
+
+    def __init__(self, store: Store, executor: ThreadPoolExecutor, lease_fraction: float) -> None:
+        self._store = store
+        self._executor = executor
+        self._lease_fraction = lease_fraction
+        self.ledger = Ledger()
+        self.campaigns: dict[str, CampaignSpec] = {}
+        self._stored: dict[tuple[str, str], AccountRow] = {}
+        self._leasing: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    def restore(self, rows: Iterable[AccountRow], campaigns: Iterable[CampaignSpec]) -> None:
+        """Spend and reservations as stored; this process holds no lease yet."""
+        self._stored = {(r.key, r.period): r for r in rows}
+        self.campaigns = {c.id: c for c in campaigns}
+
+    def accounts(self, placement: str, arm: ArmSpec, now: float) -> list[Account]:
+        """Every account a choice of this arm spends from, now."""
+        out: list[Account] = []
+        if arm.budget is not None:
+            out += self._with_stored(self.ledger.accounts_for(arm_key(placement, arm.id), arm.budget, now))
+        if arm.campaign is not None and (camp := self.campaigns.get(arm.campaign)) is not None:
+            out += self._with_stored(self.ledger.accounts_for(campaign_key(camp.id), camp.budget, now))
+        return out
+
+    def _with_stored(self, accounts: list[Account]) -> list[Account]:
+        for a in accounts:
+            row = self._stored.pop((a.key, a.period), None)
+            if row is not None:  # first use since start: take over what the store knows
+                a.spent, a.reserved = row.spent, row.reserved
+        return accounts
+
+    async def ensure(self, candidates: Sequence[Candidate], now: float) -> None:
+        """Lease more where an account cannot cover a candidate's reservation but its limit can."""
+        waits = []
+        for c in candidates:
+            need = c.reservation
+            for a in c.accounts:
+                if a.available + 1e-12 < need and a.used + need <= a.limit + 1e-9 and a.active(now):
+                    waits.append(self._lease(a, need))
+        if waits:
+            # Shielded: a caller whose deadline passes must not cancel the lease itself, or the
+            # store grants budget that this process never adds to its accounts (lost until restart).
+            await asyncio.shield(asyncio.gather(*waits))
+
+    def _lease(self, a: Account, need: float) -> asyncio.Future[None]:
+        key = (a.key, a.period)
+        fut = self._leasing.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._do_lease(a, need))
+            self._leasing[key] = fut
+            fut.add_done_callback(lambda _: self._leasing.pop(key, None))
+        return fut
+
+    async def _do_lease(self, a: Account, need: float) -> None:
+        amount = max(need - a.available, self._lease_fraction * a.limit)
+        loop = asyncio.get_running_loop()
+        granted = await loop.run_in_executor(self._executor, self._store.lease, a.key, a.period, a.limit, amount)
+        a.available += granted
+
+    @staticmethod
+    def reserve(accounts: Sequence[Account], impression_cost: float, reward_cost: float) -> None:
+        Ledger.reserve(accounts, impression_cost, reward_cost)
+
+    def settle(self, keys: Iterable[tuple[str, str]], reward_cost: float, incurred: bool) -> None:
+        accounts = [self.ledger.accounts[k] for k in keys if k in self.ledger.accounts]
+        Ledger.settle(accounts, reward_cost, incurred)
+        for k in keys:  # accounts not yet touched since a restart: adjust the stored figures
+            row = self._stored.get(k)
+            if row is not None:
+                self._stored[k] = AccountRow(
+                    row.key, row.period, row.leased, row.spent + (reward_cost if incurred else 0.0),
+                    max(0.0, row.reserved - reward_cost),
+                )
+
+    async def release_all(self) -> None:
+        """Give unused leases back so that a graceful stop loses no budget."""
+        loop = asyncio.get_running_loop()
+        for a in self.ledger.accounts.values():
+            if a.available > 1e-12:
+                amount, a.available = a.available, 0.0
+                try:
+                    await loop.run_in_executor(self._executor, self._store.release, a.key, a.period, amount)
+                except Exception as e:  # the lease is lost: under-spend, never over-spend
+                    log.warning("could not return %.4g of budget %s (%s): %s", amount, a.key, a.period, e)

@@ -1,0 +1,324 @@
+"""Choose: one decision per slot, made on the event loop, with its budget reserved, its
+impression counted and its reward window opened before anything else runs.
+
+From a Choose's checks to its last decision nothing awaits but a budget lease (rarely) and, when
+contact history is shared between servers, the customer's lock: a decision and its reservations
+are atomic on the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nextbest.bandit.budget import Account, Ledger
+from nextbest.bandit.contact import Impression
+from nextbest.bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
+from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
+from nextbest.bandit.features import Feature, feature, shared_line
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.spec import PlacementSpec
+from nextbest.bandit.text import quote
+from nextbest.engine.learner import PlacementState
+from nextbest.storage.base import ContactRow, RecentImpression
+from nextbest.engine.windows import OpenDecision
+
+if TYPE_CHECKING:
+    from nextbest.engine.engine import Engine
+
+
+def placement_salt(seed: str, placement: str) -> bytes:
+    return hashlib.blake2b(f"{seed}/{placement}".encode(), digest_size=32).digest()
+
+
+def uniform_for(salt: bytes, event_id: str) -> float:
+    """A uniform draw in [0, 1) fixed by the event id: a decision can be replayed exactly."""
+    h = hashlib.blake2b(event_id.encode(), key=salt, digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0**64
+
+
+def _shown(customer_id: str, decisions: Sequence[LoggedDecision]) -> list[ContactRow]:
+    """The impressions a Choose made now (deferred decisions count when activated)."""
+    return [
+        ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
+        for d in decisions
+        if d.arm_id is not None and d.activated
+    ]
+
+
+def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
+    """Sticky per customer (a salted hash of customer_id); per event for anonymous requests."""
+    exp = spec.experiment
+    if exp is None:
+        return ""
+    salt = hashlib.blake2b(f"experiment/{spec.id}/{exp.salt}".encode(), digest_size=32).digest()
+    u = uniform_for(salt, customer_id or event_id)
+    edge = exp.holdout.share if exp.holdout is not None else 0.0
+    if u < edge:
+        return "holdout"
+    for v in exp.variants:
+        edge += v.share
+        if u < edge:
+            return v.id
+    return exp.variants[-1].id if exp.variants else "holdout"
+
+
+class RecentIds:
+    """The last ``size`` event ids callers chose themselves, so that one reused after its
+    window closed is refused (ALREADY_EXISTS) instead of answered and then not logged (the log
+    keeps the first decision of an id). Bounded: older ids, and those decided before a restart
+    or by another server, are not remembered; see README "Reliability"."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._ids: dict[str, None] = {}
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self._size:
+            del self._ids[next(iter(self._ids))]
+
+
+class Chooser:
+    """The Choose path of an engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._recent = RecentIds()
+
+    async def choose(
+        self,
+        placement: str,
+        customer_id: str,
+        event_id: str,
+        features: Sequence[Feature],
+        baseline_arm: str = "",
+        defer: bool = False,
+        slot_features: Sequence[Sequence[Feature]] = (),
+    ) -> list[LoggedDecision]:
+        """Decide on the loop: one decision per slot; they join the next log batch."""
+        e = self._engine
+        e.checks.validate(placement, customer_id, event_id, features)
+        for k, sf in enumerate(slot_features):
+            e.checks.validate(placement, customer_id, event_id, sf, f"slot_features[{k}].features")
+        ps = e.states.get(placement)
+        if ps is None:
+            raise NotFound(f"placement {quote(placement)} does not exist")
+        spec = ps.record.spec
+        if baseline_arm and baseline_arm not in {a.id for a in ps.arms}:
+            raise InvalidInput("baseline_arm", f"{quote(baseline_arm)} is not an active arm of {quote(placement)}")
+        if spec.mode == "apprentice" and not baseline_arm:
+            raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
+        shared = e.shared_contacts
+        if customer_id and e.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
+            # No rule of this placement reads the history, but other placements' rules count
+            # its impressions: record them, without waiting, after the decision.
+            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [])
+            shared.record_later(_shown(customer_id, out))
+            return out
+        if customer_id and e.history.horizon > 0 and shared is not None:
+            since = e.clock() - e.history.horizon
+            async with shared.customer(customer_id, since) as tx:
+                if e.states.get(placement) is not ps:
+                    raise InvalidInput("placement", "the placement changed during the decision; retry")
+                history = [self.impression(r) for r in tx.history]
+                out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history)
+                tx.new.extend(_shown(customer_id, out))
+                return out
+        return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None)
+
+    def impression(self, r: RecentImpression) -> Impression:
+        """A stored impression as contact rules read it (responded: None while its window is open)."""
+        e = self._engine
+        ps = e.states.get(r.placement)
+        campaign = ps.arm_campaigns.get(r.arm_id) if ps else None
+        responded = None if r.outcome == Outcome.OPEN else (r.outcome == Outcome.REWARD and (r.reward or 0) > 0)
+        return Impression(r.at, r.arm_id, campaign, r.placement, r.event_id, responded)
+
+    async def _choose(
+        self,
+        ps: PlacementState,
+        customer_id: str,
+        event_id: str,
+        features: Sequence[Feature],
+        baseline_arm: str,
+        defer: bool,
+        slot_features: Sequence[Sequence[Feature]],
+        shared_history: list[Impression] | None,
+    ) -> list[LoggedDecision]:
+        """The decisions of one Choose; ``shared_history`` is the customer's impressions from
+        the database when contact history is shared, else None (this server's memory)."""
+        e = self._engine
+        spec = ps.record.spec
+        placement = spec.id
+        now = e.clock()
+        closed = spec.closed(now)
+        if closed:
+            candidates: list[Candidate] = []
+        elif ps.budgeted:
+            candidates = [Candidate(a, self._accounts(placement, a, now), self._accepts(placement, a.id)) for a in ps.arms]
+        else:
+            candidates = ps.candidates  # shared between requests: nothing changes a Candidate
+        if ps.budgeted and any(c.accounts for c in candidates):
+            await e.budgets.ensure(candidates, now)  # the only await: a lease, rarely
+            if e.states.get(placement) is not ps:
+                raise InvalidInput("placement", "the placement changed during the decision; retry")
+        # From here to the end nothing awaits: the decisions and their reservations are atomic.
+        if not event_id:
+            event_id = uuid.uuid4().hex
+        elif e.windows.slots_of(event_id) or self._recent.seen(event_id):
+            raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
+        else:
+            self._recent.add(event_id)
+        tracked = bool(customer_id) and e.history.horizon > 0
+        if shared_history is not None:
+            history = shared_history
+        else:
+            history = e.history.impressions(customer_id, now) if tracked else []
+        variant = variant_of(spec, customer_id, event_id)
+        out: list[LoggedDecision] = []
+        taken: set[str] = set()
+        for k in range(spec.slots):
+            feats = tuple(features)
+            if spec.slots > 1:
+                feats += (feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
+            d = self._decide_slot(
+                ps, variant, [c for c in candidates if c.arm.id not in taken] if taken else candidates, feats, customer_id,
+                event_id, k, now,
+                history, baseline_arm, defer, closed,
+            )
+            if d.arm_id is None and k > 0:
+                break  # fewer arms than slots: the response is shorter
+            out.append(d)
+            if d.arm_id is None:
+                break
+            taken.add(d.arm_id)
+            if tracked and not defer:
+                campaign = ps.arm_campaigns.get(d.arm_id)
+                ev = event_id if k == 0 else f"{event_id}#{k}"
+                imp = Impression(now, d.arm_id, campaign, placement, ev)
+                if shared_history is None:  # else the caller records it in the database
+                    e.history.record(customer_id, imp)
+                history.append(imp)
+        return out
+
+    def _decide_slot(
+        self,
+        ps: PlacementState,
+        variant: str,
+        candidates: list[Candidate],
+        features: tuple[Feature, ...],
+        customer_id: str,
+        event_id: str,
+        slot: int,
+        now: float,
+        history: list[Impression],
+        baseline_arm: str,
+        defer: bool,
+        closed: str = "",
+    ) -> LoggedDecision:
+        e = self._engine
+        spec = ps.record.spec
+        salt = ps.salt
+        draw_id = event_id if slot == 0 else f"{event_id}#{slot}"
+        draw = lambda: uniform_for(salt, draw_id)  # noqa: E731
+        shared = shared_line(features)
+        model_version = 0
+        if closed:
+            choice = Choice(None, 0.0, (), reason=closed)
+        elif baseline_arm and spec.mode in ("apprentice", "logging_only") and slot == 0:
+            choice = self._baseline(ps, candidates, shared, baseline_arm)
+            model_version = ps.model.learned
+        elif variant == "holdout":
+            assert spec.experiment is not None and spec.experiment.holdout is not None
+            choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history)
+        else:
+            serving = ps.slots[variant]
+            choice = decide(
+                serving.model, spec.variant(variant), candidates, shared, draw, now, history, serving.reward_scale,
+                budgeted=ps.budgeted,
+            )
+            model_version = serving.model.learned
+        chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
+        cost = reward_cost = 0.0
+        keys: tuple[tuple[str, str], ...] = ()
+        if chosen is not None and chosen.accounts and Ledger.can_reserve(chosen.accounts, chosen.reservation, now) == "":
+            cost, reward_cost = chosen.spec.cost_per_impression, chosen.spec.cost_per_reward
+            if defer:  # nothing is spent before the customer sees it: hold the impression cost too
+                e.budgets.reserve(chosen.accounts, 0.0, cost + reward_cost)
+            else:
+                e.budgets.reserve(chosen.accounts, cost, reward_cost)
+            keys = tuple((a.key, a.period) for a in chosen.accounts)
+        deadline = now + (spec.activation_window if defer else spec.reward_window)
+        decision = LoggedDecision(
+            event_id=event_id,
+            placement=spec.id,
+            customer_id=customer_id,
+            timestamp=now,
+            features=features,
+            arms=ps.arm_keys
+            if candidates is ps.candidates and len(choice.eligible) == len(candidates)
+            else tuple((candidates[i].arm.id, candidates[i].arm.version) for i in choice.eligible),
+            pmf=choice.pmf,
+            chosen=choice.arm_index,
+            probability=choice.probability,
+            model_version=model_version,
+            deadline=deadline,
+            outcome=Outcome.OPEN if chosen is not None else Outcome.NO_ARM,
+            cost=cost,
+            reward_cost=reward_cost,
+            budgets=keys,
+            ineligible=tuple(choice.ineligible.items()),
+            reason=choice.reason,
+            variant=variant,
+            slot=slot,
+            activated=not defer,
+        )
+        assert e.writer is not None
+        e.writer.add_decision(decision)
+        e.metrics.decision(spec.id, decision.arm_id)
+        if chosen is not None:
+            assert e.learner is not None
+            e.learner.remember(event_id, slot, shared)
+            e.windows.add(
+                event_id,
+                slot,
+                OpenDecision(
+                    spec.id, deadline, chosen.arm.id, customer_id, chosen.spec.campaign, cost, reward_cost, keys,
+                    activated=not defer,
+                ),
+            )
+        return decision
+
+    def _baseline(self, ps: PlacementState, candidates: list[Candidate], shared: str, baseline: str) -> Choice:
+        """Apprentice and logging-only modes serve the caller's own choice; apprentice mode
+        also scores whether the model's greedy choice would have matched it."""
+        ids = [c.arm.id for c in candidates]
+        j = ids.index(baseline)
+        if ps.record.spec.mode == "apprentice":
+            slot = ps.slots[""]
+            greedy = int(np.argmax(slot.model.expected_rewards(shared, [c.arm.line for c in candidates])))
+            slot.scored += 1
+            slot.recent.append(greedy == j)
+            slot.agreed += greedy == j
+        pmf = tuple(1.0 if i == j else 0.0 for i in range(len(candidates)))
+        return Choice(j, 1.0, pmf, tuple(range(len(candidates))))
+
+    def _accounts(self, placement: str, arm: ArmView, now: float) -> list[Account]:
+        e = self._engine
+        a = arm.spec
+        if a is None or (a.budget is None and a.campaign is None):
+            return []
+        return e.budgets.accounts(placement, a, now)
+
+    def _accepts(self, placement: str, arm: str) -> float:
+        e = self._engine
+        accepted, closed = e.acceptance.get((placement, arm), (0, 0))
+        return (accepted + 1) / (closed + 2)

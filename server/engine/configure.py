@@ -1,0 +1,158 @@
+"""Applying configuration to a running engine: plan, validate, store, then swap in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.model import CbModel, check_vw_arguments
+from nextbest.bandit.spec import CampaignSpec, PlacementSpec
+from nextbest.engine.learner import PlacementState, Slot
+from nextbest.config.plans import Change, plan, plan_campaigns
+
+if TYPE_CHECKING:
+    from nextbest.engine.engine import Engine
+
+
+def _is_new(old: PlacementState | None, s: Slot) -> bool:
+    """A model made for this change (not one the placement already had)."""
+    return old is None or all(o.model is not s.model for o in old.slots.values())
+
+
+def _moved(old: PlacementState | None, name: str, s: Slot) -> bool:
+    """The slot holds another model than before (new or promoted): it needs a snapshot."""
+    return old is None or name not in old.slots or old.slots[name].model is not s.model
+
+log = logging.getLogger(__name__)
+
+
+class Configurator:
+    """One configuration change at a time; each is all-or-nothing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = asyncio.Lock()
+
+    def _check(self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec]) -> None:
+        for field, ids in (("placements", [s.id for s in specs]), ("campaigns", [c.id for c in campaigns])):
+            dup = next((i for i in ids if ids.count(i) > 1), None)
+            if dup is not None:
+                raise InvalidInput(field, f"{dup!r} is listed twice")
+        known = set(self._engine.budgets.campaigns) | {c.id for c in campaigns}
+        for i, s in enumerate(specs):
+            for j, a in enumerate(s.arms):
+                if a.campaign is not None and a.campaign not in known:
+                    raise InvalidInput(f"placements[{i}].arms[{j}].campaign", f"unknown campaign {a.campaign!r}")
+            if s.fallback_arm is not None:
+                fb = next(a for a in s.arms if a.id == s.fallback_arm)
+                if fb.budget is not None or fb.campaign is not None:
+                    raise InvalidInput(
+                        f"placements[{i}].fallback_arm", "the fallback arm bypasses budgets, so it cannot have one"
+                    )
+
+    def _slots(self, spec: PlacementSpec, old: PlacementState | None, since: int) -> dict[str, Slot]:
+        """The placement's models after the change: kept where their settings did not change,
+        promoted from a variant on request, new (learning from ``since`` on) otherwise."""
+        out: dict[str, Slot] = {}
+        for name, key in spec.model_slots().items():
+            prev = old.slots.get(name) if old is not None else None
+            if name == "" and spec.promote is not None and old is not None and spec.promote in old.slots:
+                winner = old.slots[spec.promote]
+                if winner.key != key:
+                    raise InvalidInput(
+                        "promote", f"variant {spec.promote!r} was trained with other VW settings; give the placement its settings"
+                    )
+                out[name] = Slot(name, key, winner.model, winner.cursor, scale=winner.scale)
+            elif prev is not None and prev.key == key:
+                out[name] = prev
+            else:
+                check_vw_arguments(spec.slot_spec(name))
+                out[name] = Slot(name, key, CbModel(spec.slot_spec(name)), since)
+        return out
+
+    async def reload(self) -> None:
+        """Adopt what another server applied: placements, arms and campaigns as stored, models
+        from their snapshots where the settings changed."""
+        e = self._engine
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            records = await loop.run_in_executor(e.reader_pool, e.store.load_placements)
+            campaigns = await loop.run_in_executor(e.reader_pool, e.store.load_campaigns)
+            features = await loop.run_in_executor(e.reader_pool, e.store.arm_features)
+            e.budgets.campaigns = {c.id: c for c in campaigns}
+            for rec in records:
+                pid = rec.spec.id
+                old = e.states.get(pid)
+                if old is not None and old.record == rec:
+                    continue
+                snaps = await loop.run_in_executor(e.reader_pool, e.store.load_snapshots, pid)
+                slots: dict[str, Slot] = {}
+                for name, key in rec.spec.model_slots().items():
+                    prev = old.slots.get(name) if old is not None else None
+                    snap = snaps.get(name)
+                    if prev is not None and prev.key == key:
+                        slots[name] = prev
+                    elif snap is not None and snap.key == key:
+                        model = CbModel(rec.spec.slot_spec(name), snap.model, learned=snap.learned)
+                        slots[name] = Slot(name, key, model, snap.learn_seq)
+                    else:
+                        slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
+                ps = e.make_state(rec, slots, features)
+                if old is not None:
+                    kept = {id(s.model) for s in slots.values()}
+                    for s in old.slots.values():
+                        if id(s.model) not in kept:
+                            s.model.close()
+                e.states[pid] = ps
+            await e.rebuild_history()
+            log.info("reloaded the configuration another server applied")
+
+    async def apply(
+        self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec], dry_run: bool
+    ) -> list[Change]:
+        e = self._engine
+        self._check(specs, campaigns)
+        async with self._lock:
+            current = {pid: ps.record for pid, ps in e.states.items()}
+            camp_changes = plan_campaigns(e.budgets.campaigns, campaigns)
+            since = e.store.max_learn_seq()
+            p = plan(current, specs, since + 1)
+            slots = {rec.spec.id: self._slots(rec.spec, e.states.get(rec.spec.id), since) for rec in p.records}
+            changes = camp_changes + p.changes
+            if dry_run or not changes:
+                for pid, made in slots.items():
+                    for s in made.values():
+                        if _is_new(e.states.get(pid), s):
+                            s.model.close()
+                return changes
+            changed_campaigns = [c for c in campaigns if any(ch.campaign == c.id for ch in camp_changes)]
+            # New and promoted models are saved with the configuration: a restart knows where each starts.
+            fresh = [
+                s.snapshot(pid)
+                for pid, made in slots.items()
+                for name, s in made.items()
+                if _moved(e.states.get(pid), name, s)
+            ]
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                e._writer_pool, e.store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
+            )
+            for c in changed_campaigns:
+                e.budgets.campaigns[c.id] = c
+            features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
+            for rec in p.records:
+                old = e.states.get(rec.spec.id)
+                ps = e.make_state(rec, slots[rec.spec.id], features)
+                if old is not None:
+                    ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
+                    kept = {id(s.model) for s in ps.slots.values()}
+                    for s in old.slots.values():
+                        if id(s.model) not in kept:
+                            s.model.close()
+                e.states[rec.spec.id] = ps
+            await e.rebuild_history()
+            log.info("applied %d changes", len(changes))
+            return changes

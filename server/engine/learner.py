@@ -1,0 +1,270 @@
+"""The learner: one task that feeds each model the rewards in learn-sequence order.
+
+Rewards are learned from the log, not from memory. The learner (one process at a time, when
+several servers share a database) gives closed windows their ``learn_seq`` (a durable claim),
+then reads rows above each model's cursor. Normal learning and recovery after a restart or a
+take-over (snapshot + rows after its ``learn_seq``) are one code path, and each row is learned
+exactly once per model, whichever server wrote its reward.
+
+A placement keeps one model per slot: "" (its own), one per experiment variant (learning only
+that variant's decisions) and one per shadow (learning every served decision, and scored on
+each before learning it: how often its greedy choice agrees with the served arm, and the IPS
+estimate of its value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nextbest.bandit.reward_scale import RewardScale
+from nextbest.bandit.decider import ArmView, Candidate
+from nextbest.bandit.features import shared_line
+from nextbest.bandit.model import CbModel
+from nextbest.storage.base import LearnRow, PlacementRecord, Snapshot, Store
+from nextbest.engine.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+# Learn this many examples between yields to the event loop, so Choose is never held up long.
+_LEARN_SLICE = 8
+
+
+@dataclass(eq=False)
+class Slot:
+    """One model of a placement and where it stands in the log."""
+
+    name: str  # "" | variant id | "shadow:<id>"
+    key: tuple[str, bool, int]
+    model: CbModel
+    cursor: int  # last learn_seq this model learned
+    since_snapshot: int = 0
+    last_snapshot: float = field(default_factory=time.monotonic)
+    scale: RewardScale = field(default_factory=RewardScale)  # of recent rewards: scales exploration
+    scored: int = 0  # shadow only: decisions scored before learning them
+    agreed: int = 0
+    ips_sum: float = 0.0
+    recent: deque[bool] = field(default_factory=lambda: deque(maxlen=500))  # agreement of the last 500
+
+    @property
+    def reward_scale(self) -> float:
+        return self.scale.value
+
+    @property
+    def shadow(self) -> bool:
+        return self.name.startswith("shadow:")
+
+    @property
+    def variant_filter(self) -> str | None:
+        """Which decisions this model learns: a shadow learns all, others their own variant's."""
+        return None if self.shadow else self.name
+
+    def snapshot(self, placement: str) -> Snapshot:
+        return Snapshot(placement, self.name, self.key, self.model.learned, self.cursor, self.model.to_bytes())
+
+
+@dataclass(eq=False)
+class PlacementState:
+    """A live placement: its record, its models and its arms' VW text."""
+
+    record: PlacementRecord
+    slots: dict[str, Slot]
+    arms: list[ArmView]  # the active arms, with their VW text
+    arm_lines: dict[tuple[str, int], str]  # every version of every arm, for learning old decisions
+    salt: bytes
+    budgeted: bool = field(init=False)  # some active arm spends from a budget or campaign
+    candidates: list[Candidate] = field(init=False)  # the active arms, when none is budgeted
+    arm_keys: tuple[tuple[str, int], ...] = field(init=False)  # (id, version) of the active arms
+    arm_campaigns: dict[str, str | None] = field(init=False)  # every arm's campaign
+
+    def __post_init__(self) -> None:
+        self.budgeted = any(a.spec is not None and (a.spec.budget is not None or a.spec.campaign is not None) for a in self.arms)
+        self.candidates = [Candidate(a) for a in self.arms]
+        self.arm_keys = tuple((a.id, a.version) for a in self.arms)
+        self.arm_campaigns = {a.id: a.campaign for a in self.record.spec.arms}
+
+    @property
+    def id(self) -> str:
+        return self.record.spec.id
+
+    @property
+    def model(self) -> CbModel:
+        return self.slots[""].model
+
+
+class Learner:
+    """Owns learning and snapshots for all placements, on the event loop that serves them."""
+
+    def __init__(
+        self,
+        store: Store,
+        states: MutableMapping[str, PlacementState],
+        reader: ThreadPoolExecutor,
+        writer: ThreadPoolExecutor,
+        batch: int,
+        snapshot_every: int,
+        snapshot_interval: float,
+        cache_size: int = 0,
+    ) -> None:
+        self._store = store
+        self._lines: dict[tuple[str, int], str] = {}  # (event, slot) -> shared VW text, oldest first
+        self._cache_size = cache_size
+        self.cache_misses = 0  # examples whose VW text was rebuilt from the log
+        self._states = states
+        self._reader = reader
+        self._writer = writer
+        self._batch = batch
+        self._snapshot_every = snapshot_every
+        self._snapshot_interval = snapshot_interval
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.active = True  # False on a replica that serves only; it loads the learner's snapshots
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="nextbest-learner")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    def remember(self, event_id: str, slot: int, shared: str) -> None:
+        """Keep a new decision's shared VW text, so that learning its reward needs neither to
+        parse its features from the log nor to build the text again (measured: 150-200 µs a
+        row at 30 features). The oldest entry goes when full; a miss reads the log as always."""
+        if self._cache_size <= 0 or not self.active:  # a serving replica never learns them
+            return
+        lines = self._lines
+        if (event_id, slot) in lines:
+            return  # a reused event id: the log keeps the first decision, and so does this
+        lines[(event_id, slot)] = shared
+        if len(lines) > self._cache_size:
+            del lines[next(iter(lines))]
+
+    def poke(self, placement: str) -> None:
+        """New rows may be learnable for this placement."""
+        self._dirty.add(placement)
+        self._wake.set()
+
+    async def catch_up_all(self) -> None:
+        for pid in list(self._states):
+            await self.catch_up(pid)
+
+    async def catch_up(self, pid: str) -> int:
+        """Learn every learnable row of every model of a placement; returns how many were learned."""
+        if not self.active:
+            return 0
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(self._writer, self._store.claim, pid, self._batch) == self._batch:
+            pass
+        total = 0
+        ps = self._states.get(pid)
+        for name in list(ps.slots) if ps else []:
+            total += await self._catch_up_slot(pid, name)
+        return total
+
+    def _slot(self, pid: str, name: str) -> tuple[PlacementState, Slot] | None:
+        ps = self._states.get(pid)
+        slot = ps.slots.get(name) if ps else None
+        return (ps, slot) if ps is not None and slot is not None else None
+
+    async def _catch_up_slot(self, pid: str, name: str) -> int:
+        loop = asyncio.get_running_loop()
+        total = 0
+        while True:
+            found = self._slot(pid, name)
+            if found is None:
+                return total
+            ps, slot = found
+            rows = await loop.run_in_executor(
+                self._reader, self._store.learn_rows, pid, slot.variant_filter, slot.cursor, self._batch
+            )
+            if self._slot(pid, name) != (ps, slot):
+                continue  # the model was replaced meanwhile; read again for the new one
+            for i, row in enumerate(rows):
+                if row.learn_seq <= slot.cursor:
+                    continue
+                self._learn_one(ps, slot, row)
+                total += 1
+                if i % _LEARN_SLICE == _LEARN_SLICE - 1:
+                    await asyncio.sleep(0)
+                    if self._slot(pid, name) != (ps, slot):
+                        break
+            if len(rows) < self._batch:
+                await self.maybe_snapshot(pid, slot)
+                return total
+
+    def _shared(self, ps: PlacementState, row: LearnRow) -> str:
+        """The example's shared VW text: from memory when the Choose was recent, else the log's."""
+        shared = self._lines.get((row.event_id, row.slot))
+        if shared is None:
+            self.cache_misses += 1
+            shared = shared_line(row.features())
+        elif len(ps.slots) == 1:
+            del self._lines[(row.event_id, row.slot)]  # no other model of the placement will want it
+        return shared
+
+    def _learn_one(self, ps: PlacementState, slot: Slot, row: LearnRow) -> None:
+        found = [ps.arm_lines.get(a) for a in row.arms]
+        lines = [x for x in found if x is not None]
+        if len(lines) != len(found):
+            log.error("event %s of %s names an unknown arm version; not learned", row.event_id, ps.id)
+        elif ps.record.spec.mode == "logging_only" and not slot.shadow:
+            pass  # logged, deliberately not learned
+        else:
+            shared = self._shared(ps, row)
+            if slot.shadow:  # progressive validation: score before learning
+                greedy = int(np.argmax(slot.model.expected_rewards(shared, lines)))
+                slot.scored += 1
+                slot.recent.append(greedy == row.chosen)
+                if greedy == row.chosen:
+                    slot.agreed += 1
+                    slot.ips_sum += row.reward / row.probability
+            # Apprentice mode learns to imitate the baseline (the caller's choice); the rewards
+            # it earned are in the log and the statistics, which evaluate it.
+            imitate = ps.record.spec.mode == "apprentice" and not slot.shadow
+            slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward, row.probability)
+            slot.scale.add(row.reward)
+            slot.since_snapshot += 1
+        slot.cursor = row.learn_seq
+
+    async def maybe_snapshot(self, pid: str, slot: Slot, force: bool = False) -> None:
+        due = slot.since_snapshot >= self._snapshot_every or (
+            slot.since_snapshot > 0 and time.monotonic() - slot.last_snapshot >= self._snapshot_interval
+        )
+        if not (due or (force and slot.since_snapshot > 0)):
+            return
+        snap = slot.snapshot(pid)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._store.save_snapshot, snap)
+        slot.since_snapshot = 0
+        slot.last_snapshot = time.monotonic()
+
+    async def snapshot_all(self) -> None:
+        if not self.active:
+            return
+        for pid, ps in list(self._states.items()):
+            for slot in list(ps.slots.values()):
+                await self.maybe_snapshot(pid, slot, force=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._snapshot_interval)
+            except TimeoutError:
+                self._dirty.update(self._states)  # periodic pass: snapshots of idle models
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            for pid in dirty:
+                try:
+                    await self.catch_up(pid)
+                except Exception as e:  # the database may be away; try again on the next pass
+                    log.warning("learning %s failed, will retry: %s", pid, e)
+                    self._dirty.add(pid)
+                    await asyncio.sleep(0.5)
+                    self._wake.set()

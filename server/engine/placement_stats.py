@@ -1,0 +1,66 @@
+"""Statistics values shared by the engine and the adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nextbest.bandit.budget import Account
+from nextbest.storage.base import ArmTally, VariantTally
+
+if TYPE_CHECKING:
+    from nextbest.engine.learner import Slot
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """One model of a placement: its slot, examples learned and, for a shadow, how it scores."""
+
+    slot: str
+    learned: int
+    scored: int
+    agreement: float
+    estimated_value: float
+
+    @classmethod
+    def of(cls, slot: Slot) -> ModelView:
+        n, recent = slot.scored, slot.recent
+        agreement = sum(recent) / len(recent) if recent else 0.0
+        return cls(slot.name, slot.model.learned, n, agreement, slot.ips_sum / n if n else 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    """One budget account as reported."""
+
+    key: str
+    period: str
+    limit: float
+    spent: float
+    reserved: float
+    remaining: float
+    paced: bool
+    multiplier: float
+    projected_exhaustion: float | None
+
+    @classmethod
+    def of(cls, a: Account, now: float) -> BudgetView:
+        return cls(
+            a.key, a.period, a.limit, a.spent, a.reserved, a.remaining, a.pacer is not None,
+            a.pacer.price if a.pacer is not None else 0.0, a.projected_exhaustion(now),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A placement's statistics, per arm in configuration order."""
+
+    placement: str
+    arms: list[tuple[ArmTally, bool]]  # (tally, active)
+    decisions: int
+    model_version: int
+    pending: int
+    budgets: list[BudgetView]
+    no_offer: int = 0
+    variants: list[VariantTally] = field(default_factory=list)
+    models: list[ModelView] = field(default_factory=list)

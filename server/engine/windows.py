@@ -1,0 +1,400 @@
+"""Reward windows: rewards, activations of deferred decisions, and the closing of windows.
+
+A decision's window opens when it is shown (at Choose, or at Activate for a deferred one) and
+closes at its deadline or, under ``earliest`` aggregation, at its first reward. A closed window
+gets a position in the learn sequence and is learned exactly once, with the reward that closed
+it (earliest), the aggregate of the rewards within it (sum, max, average) or the default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nextbest.bandit import access
+from nextbest.bandit.contact import Impression
+from nextbest.bandit.errors import InvalidInput, NotFound
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT
+from nextbest.bandit.text import check_text, quote
+from nextbest.storage.base import Activation, Close, ContactRow, RewardEvent
+from nextbest.storage.refusal import RecordRefused
+
+if TYPE_CHECKING:
+    from nextbest.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+_FLUSH_WAIT = 2.0  # seconds an unknown event's Reward waits for this server's queued decisions
+
+# Set by RewardBatch, which logs one line for all its unknown events instead of one each.
+batch_quiet: ContextVar[bool] = ContextVar("nextbest_batch_quiet", default=False)
+
+
+class RewardStatus:
+    LEARNED = "learned"  # durable; learned once (at once under earliest aggregation)
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    RECORDED = "recorded"  # durable; part of the aggregate learned when the window closes
+
+
+class ActivateStatus:
+    ACTIVATED = "activated"
+    ALREADY_ACTIVE = "already_active"
+    EXPIRED = "expired"
+
+
+@dataclass(slots=True)
+class OpenDecision:
+    """What a decision's window needs while it is open, kept in memory."""
+
+    placement: str
+    deadline: float
+    arm_id: str
+    customer_id: str = ""
+    campaign: str | None = None
+    cost: float = 0.0
+    reward_cost: float = 0.0
+    budgets: tuple[tuple[str, str], ...] = ()
+    activated: bool = True
+    # Only where a placement aggregates rewards, created on the first: an open window is one
+    # object for the garbage collector, not three (a full collection over 200,000 open windows
+    # took 180 ms with empty list and set fields, measured).
+    rewards: list[float] | None = None  # recorded for aggregation
+    reward_ids: set[str] | None = None  # the callers' keys of those rewards
+    writing: dict[str, asyncio.Future[None]] | None = None  # keys whose reward is being stored
+
+    def add_reward(self, reward: float) -> None:
+        if self.rewards is None:
+            self.rewards = []
+        self.rewards.append(reward)
+
+    def has_key(self, reward_id: str) -> bool:
+        return self.reward_ids is not None and reward_id in self.reward_ids
+
+    def add_key(self, reward_id: str) -> None:
+        if self.reward_ids is None:
+            self.reward_ids = set()
+        self.reward_ids.add(reward_id)
+
+
+def aggregate(how: str, rewards: list[float]) -> float:
+    if how == "sum":
+        return math.fsum(rewards)
+    if how == "max":
+        return max(rewards)
+    if how == "average":
+        return math.fsum(rewards) / len(rewards)
+    return rewards[0]
+
+
+class RewardWindows:
+    """Reward, Activate and window closing; a part of the Engine, on its event loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.open: dict[tuple[str, int], OpenDecision] = {}
+        self._deadlines: list[tuple[float, str, int]] = []  # heap of open windows
+        # Windows whose closing reward is being stored: a second Reward for one of them (a
+        # retry, or two at once) waits for that write and answers DUPLICATE, as it would once
+        # the write is durable, instead of looking in the database too early (NOT_FOUND).
+        self._closing: dict[tuple[str, int], tuple[str, asyncio.Future[bool]]] = {}
+
+    def add(self, event_id: str, slot: int, entry: OpenDecision) -> None:
+        self.open[(event_id, slot)] = entry
+        heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
+
+    def slots_of(self, event_id: str) -> list[int]:
+        return [s for s in range(10) if (event_id, s) in self.open]
+
+    # -- Reward -------------------------------------------------------------------------------
+
+    def check(self, event_id: str, reward: float, slot: int, field: str = "", reward_id: str = "") -> None:
+        """A reward's own validity (InvalidInput naming ``field`` + its part), before any work.
+        The placement's own ``max_abs_reward`` is checked once the event is found."""
+        if not event_id:
+            raise InvalidInput(f"{field}event_id", "must not be empty")
+        check_text(event_id, f"{field}event_id", self.e.settings.max_id_length)
+        if reward_id:
+            check_text(reward_id, f"{field}reward_id", 128)
+        if not math.isfinite(reward):
+            raise InvalidInput(f"{field}reward", f"must be finite, got {reward}")
+        if abs(reward) > MAX_ABS_REWARD_LIMIT:
+            raise InvalidInput(f"{field}reward", f"magnitude {abs(reward):g} is above {MAX_ABS_REWARD_LIMIT:g}")
+        if not 0 <= slot < 10:
+            raise InvalidInput(f"{field}slot", f"must be between 0 and 9, got {slot}")
+
+    def _check_magnitude(self, placement: str, reward: float) -> None:
+        """A reward larger than its placement's ``max_abs_reward``: one such outlier learned
+        would swamp the model's estimates (a 1e13 reward put a trained SquareCB placement's
+        best arm from 0.99 to uniform, for good)."""
+        ps = self.e.states.get(placement)
+        bound = ps.record.spec.max_abs_reward if ps is not None else MAX_ABS_REWARD_LIMIT
+        if abs(reward) > bound:
+            raise InvalidInput("reward", f"magnitude {abs(reward):g} is above the placement's max_abs_reward {bound:g}")
+
+    async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
+        """Store the reward durably, then let the learner have it; learned at most once."""
+        e = self.e
+        self.check(event_id, reward, slot, "", reward_id)
+        assert e.writer is not None
+        now = e.clock()
+        key = (event_id, slot)
+        entry = self.open.get(key)
+        if entry is None:
+            closing = self._closing.get(key)
+            if closing is not None:
+                access.require(closing[0])
+                ok = await asyncio.shield(closing[1])  # if that write fails, so does this call: retry it
+                if ok:
+                    return RewardStatus.DUPLICATE
+            return await self._reward_closed(event_id, slot, reward, now, reward_id)
+        access.require(entry.placement)
+        self._check_magnitude(entry.placement, reward)
+        if not entry.activated:
+            raise InvalidInput("event_id", f"event {quote(event_id)} is deferred and not activated; call Activate first")
+        if now > entry.deadline:
+            return await self._late(event_id, slot, reward, now, reward_id)  # the sweeper closes it
+        ps = e.states.get(entry.placement)
+        how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
+        if how != "earliest":
+            if reward_id:
+                if entry.has_key(reward_id):
+                    return RewardStatus.DUPLICATE  # a retry of a reward counted already
+                first = entry.writing.get(reward_id) if entry.writing else None
+                if first is not None:  # a retry while the first is being stored: its outcome is ours
+                    await asyncio.shield(first)  # if that write fails, so does this call: retry it
+                    return RewardStatus.DUPLICATE
+            recorded = e.writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
+            if reward_id:
+                entry.writing = entry.writing or {}
+                entry.writing[reward_id] = recorded
+            recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id))
+            await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
+            return RewardStatus.RECORDED
+        del self.open[key]
+        close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
+        written = e.writer.close_window(close)
+        self._closing[key] = (entry.placement, written)
+        written.add_done_callback(lambda f: self._closed_write(key, f))
+        try:
+            ok = await asyncio.shield(written)
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline) but the close is queued and may still land:
+            # settle the window when it does, or reopen it if the write fails.
+            written.add_done_callback(lambda f: self._after_abandoned(key, entry, close, f))
+            raise
+        except BaseException:
+            self.open[key] = entry  # not stored: the window stays open for a retry
+            raise
+        if not ok:
+            return await self._reward_closed(event_id, slot, reward, now, reward_id)
+        self._closed(event_id, entry, close)
+        return RewardStatus.LEARNED
+
+    def _closed_write(self, key: tuple[str, int], written: asyncio.Future[bool]) -> None:
+        if key in self._closing and self._closing[key][1] is written:
+            del self._closing[key]
+
+    @staticmethod
+    def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str) -> None:
+        """Count an aggregated reward once its write is durable (whether or not its caller still
+        waits); a failed one is not counted and its key is free for a retry."""
+        if reward_id and entry.writing is not None:
+            entry.writing.pop(reward_id, None)
+        if not f.cancelled() and f.exception() is None:
+            if reward_id:
+                entry.add_key(reward_id)
+            entry.add_reward(reward)
+
+    @staticmethod
+    def counted(entry: OpenDecision, reward: float, reward_id: str) -> None:
+        """A stored aggregated reward, counted once per key (rebuilding after a restart)."""
+        if reward_id:
+            if entry.has_key(reward_id):
+                return
+            entry.add_key(reward_id)
+        entry.add_reward(reward)
+
+    def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
+        """A window closed durably: settle its budget, update history, wake the learner."""
+        e = self.e
+        assert e.learner is not None
+        if entry.budgets:
+            held = entry.reward_cost + (0.0 if entry.activated else entry.cost)
+            e.budgets.settle(entry.budgets, held, close.incurred)
+        if not close.learnable:
+            return
+        e.metrics.closed(entry.placement, entry.arm_id, close.outcome == Outcome.REWARD)
+        responded = close.outcome == Outcome.REWARD and close.reward > 0
+        e.history.respond(event_id if close.slot == 0 else f"{event_id}#{close.slot}", responded)
+        tally = e.acceptance.setdefault((entry.placement, entry.arm_id), [0, 0])
+        tally[0] += responded
+        tally[1] += 1
+        e.learner.poke(entry.placement)
+
+    def _after_abandoned(
+        self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[bool]
+    ) -> None:
+        if written.cancelled() or written.exception() is not None:
+            self.add(key[0], key[1], entry)  # not stored: open again, and swept in time
+        elif written.result():
+            self._closed(key[0], entry, close)
+
+    async def find(self, event_id: str, slot: int) -> LoggedDecision | None:
+        """A decision from the database, once it can be there: this server's own unflushed
+        decisions are flushed first; where other servers share the database, one not yet visible
+        is looked for again for a short while (their group commit's interval), within the call's
+        deadline (gRPC cancels the call then). None: unknown."""
+        e = self.e
+        assert e.writer is not None
+        loop = asyncio.get_running_loop()
+        d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        if d is not None:
+            return d
+        if e.writer.depth:  # maybe decided here a moment ago and still queued
+            try:
+                await asyncio.wait_for(e.writer.flush(), _FLUSH_WAIT)
+            except TimeoutError:  # the database is slow or away: answer from what it has
+                pass
+            d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        delay, waited = 0.01, 0.0
+        while d is None and e.settings.may_have_peers and waited < e.settings.peer_visibility_wait:
+            await asyncio.sleep(delay)
+            waited += delay
+            delay *= 2
+            d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        return d
+
+    def unknown(self, event_id: str, slot: int, reward: float, quiet: bool = False) -> NotFound:
+        """The error for a reward to an unknown event, logged (unless ``quiet``: RewardBatch
+        logs one summary line for all its unknown events) and counted."""
+        if not quiet:
+            # Kept for diagnosis (a channel sending wrong ids): a structured log record and a counter.
+            log.warning(
+                "reward %r for unknown event %s", reward, quote(event_id),
+                extra={"event": "reward_unknown_event", "event_id": event_id[:128], "reward": reward},
+            )
+        self.e.metrics.reward("unknown")
+        return NotFound(f"event {quote(event_id)}" + (f" slot {slot}" if slot else "") + " is unknown")
+
+    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
+        e = self.e
+        d = await self.find(event_id, slot)
+        if d is None:
+            raise self.unknown(event_id, slot, reward, quiet=batch_quiet.get())
+        access.require(d.placement)
+        self._check_magnitude(d.placement, reward)
+        if d.outcome == Outcome.REWARD:
+            return RewardStatus.DUPLICATE
+        if d.outcome == Outcome.NO_ARM:
+            raise InvalidInput("event_id", f"event {quote(event_id)} served no arm; there is nothing to reward")
+        if d.outcome == Outcome.NOT_ACTIVATED:
+            raise InvalidInput("event_id", f"event {quote(event_id)} was never activated; it is not learned")
+        if d.outcome == Outcome.OPEN and d.activated and now <= d.deadline:
+            # Open in the database but not in this process's memory: another server owns it.
+            assert e.writer is not None and e.learner is not None
+            close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, slot, d.cost)
+            if await e.writer.close_window(close):
+                e.learner.poke(d.placement)
+                return RewardStatus.LEARNED
+            return await self._reward_closed(event_id, slot, reward, now, reward_id)
+        return await self._late(event_id, slot, reward, now, reward_id)
+
+    async def _late(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
+        assert self.e.writer is not None
+        await self.e.writer.record(RewardEvent(event_id, slot, reward, now, "late", reward_id or None))
+        return RewardStatus.LATE
+
+    # -- Activate -----------------------------------------------------------------------------
+
+    async def activate(self, event_id: str) -> str:
+        """A deferred decision was shown: count its impressions, spend, start its windows."""
+        e = self.e
+        if not event_id:
+            raise InvalidInput("event_id", "must not be empty")
+        check_text(event_id, "event_id", e.settings.max_id_length)
+        assert e.writer is not None
+        now = e.clock()
+        slots = self.slots_of(event_id)
+        if not slots:
+            d = await self.find(event_id, 0)
+            if d is None:
+                raise NotFound(f"event {quote(event_id)} is unknown")
+            access.require(d.placement)
+            expired = d.outcome == Outcome.NOT_ACTIVATED or not d.activated
+            return ActivateStatus.EXPIRED if expired else ActivateStatus.ALREADY_ACTIVE
+        for slot in slots:
+            access.require(self.open[(event_id, slot)].placement)
+        status = ActivateStatus.ALREADY_ACTIVE
+        for slot in slots:
+            entry = self.open[(event_id, slot)]
+            if entry.activated:
+                continue
+            if now > entry.deadline:
+                status = ActivateStatus.EXPIRED
+                continue
+            ps = e.states.get(entry.placement)
+            window = ps.record.spec.reward_window if ps is not None else 600.0
+            act = Activation(event_id, now, now + window, entry.cost, entry.budgets, slot)
+            if not await e.writer.activate(act):
+                continue
+            entry.activated, entry.deadline = True, now + window
+            heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
+            if entry.budgets:
+                e.budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
+            if entry.customer_id and e.history.horizon > 0:
+                if e.shared_contacts is not None:  # shown now: it counts from now, on every server
+                    row = ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, slot)
+                    await e.shared_contacts.record_now(entry.customer_id, [row])
+                else:
+                    ev = event_id if slot == 0 else f"{event_id}#{slot}"
+                    e.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
+            status = ActivateStatus.ACTIVATED
+        return status
+
+    # -- closing windows ------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Close every expired window: with the aggregate of its rewards, or the default reward;
+        a deferred decision never activated is dropped. Returns how many windows closed."""
+        e = self.e
+        assert e.writer is not None
+        now = e.clock()
+        closing: list[tuple[tuple[str, int], OpenDecision, Close]] = []
+        while self._deadlines and self._deadlines[0][0] < now:
+            deadline, event_id, slot = heapq.heappop(self._deadlines)
+            entry = self.open.get((event_id, slot))
+            if entry is None or entry.deadline != deadline:
+                continue
+            del self.open[(event_id, slot)]
+            ps = e.states.get(entry.placement)
+            spec = ps.record.spec if ps is not None else None
+            if not entry.activated:
+                outcome, value = Outcome.NOT_ACTIVATED, 0.0
+            elif entry.rewards:
+                outcome, value = Outcome.REWARD, aggregate(spec.reward_aggregation if spec else "sum", entry.rewards)
+            else:
+                outcome, value = Outcome.DEFAULT, spec.default_reward if spec is not None else 0.0
+            close = Close(event_id, outcome, value, now, entry.reward_cost, entry.budgets, slot, entry.cost)
+            closing.append(((event_id, slot), entry, close))
+        if not closing:
+            return 0
+        results = await asyncio.gather(*(e.writer.close_window(c) for _, _, c in closing), return_exceptions=True)
+        closed = 0
+        for (key, entry, close), res in zip(closing, results, strict=True):
+            if isinstance(res, RecordRefused):  # retrying fails again: the window is given up
+                log.error("closing the window of event %s slot %d was refused; it is dropped", quote(key[0]), key[1])
+                if entry.budgets:  # in memory only: the database refused to record anything
+                    e.budgets.settle(entry.budgets, entry.reward_cost + (0.0 if entry.activated else entry.cost), False)
+            elif isinstance(res, BaseException):  # retry on a later sweep
+                self.add(key[0], key[1], entry)
+            elif res:
+                closed += 1
+                self._closed(key[0], entry, close)
+        return closed

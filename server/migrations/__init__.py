@@ -1,1 +1,0 @@
-"""Alembic migrations of the SQL store schema; run by server.storage.migrate, not by hand."""

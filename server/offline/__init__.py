@@ -1,0 +1,1 @@
+"""Read-only analysis of a decision log: log and statistics sources, reports, notebook helpers."""

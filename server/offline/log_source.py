@@ -1,0 +1,235 @@
+"""Where replay gets its log: a database (read-only) or a DSJSON file.
+
+The database path reads only the columns a policy needs and decodes the JSON columns in
+bulk, because a replay of a few million events must not take longer than the evaluation;
+the context features are read only when a VW policy or the DR reward model needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from sqlalchemy import Engine, Text, and_, cast, create_engine, event, func, or_, select
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
+from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
+from nextbest.bandit.features import feature, features_from_mapping
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.offline.replay import ReplayLog
+from nextbest.storage import tables as t
+from nextbest.storage.sqlcore import decision_from_row
+
+CLOSED = (int(Outcome.REWARD), int(Outcome.DEFAULT))
+ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]
+
+
+def parse_time(text: str | None, field: str = "--since") -> float | None:
+    """Epoch seconds from a number or an ISO 8601 date or time (UTC unless it says otherwise)."""
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(field, f"{text!r}: expected epoch seconds or an ISO date such as 2024-05-01T12:00") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _sqlite_read_only(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA query_only=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+@contextmanager
+def _connect(url: str) -> Iterator[Connection]:
+    """A read-only connection: replay must never change the log it evaluates."""
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InvalidInput("--db", f"not a database URL: {url!r}") from None
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if sqlite and parsed.database and parsed.database != ":memory:" and not os.path.exists(parsed.database):
+        raise NotFound(f"no SQLite database at {parsed.database}")  # connecting would create one
+    engine: Engine | None = None
+    try:
+        engine = create_engine(url)
+        if sqlite:
+            event.listen(engine, "connect", _sqlite_read_only)
+        with engine.connect() as conn:
+            if not sqlite:
+                conn = conn.execution_options(postgresql_readonly=True)
+            yield conn
+    except SQLAlchemyError as e:
+        raise Unavailable(f"cannot read the database: {e.__class__.__name__}: {e.args[0] if e.args else ''}") from e
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def read_snapshot(url: str, placement: str, slot: str) -> bytes:
+    """A placement's saved model ("" its own, a variant id, or "shadow:<id>"), as VW model bytes."""
+    s = t.snapshots.c
+    with _connect(url) as conn:
+        row = conn.execute(select(s.model).where(s.placement_id == placement, s.slot == slot)).first()
+    if row is None:
+        raise NotFound(f"placement {placement!r} has no saved model {slot or '(its own)'!r}")
+    return bytes(row.model)
+
+
+def _where(placement: str, since: float | None, until: float | None, no_offer: bool = False) -> list[Any]:
+    """Closed decisions with an arm; with ``no_offer`` also pacing's "no offer" decisions
+    (no arm, but a positive logged probability: the replay counts them with reward 0) whose
+    reward window would have closed by now, like the shown ones beside them."""
+    d = t.decisions.c
+    shown = and_(d.outcome.in_(CLOSED), d.chosen.is_not(None), d.reward.is_not(None))
+    if no_offer:
+        none = and_(d.outcome == int(Outcome.NO_ARM), d.chosen.is_(None), d.probability > 0.0, d.activated.is_(True),
+                    d.deadline <= time.time())
+        shown = or_(shown, none)
+    out = [d.placement_id == placement, shown]
+    if since is not None:
+        out.append(d.created_at >= since)
+    if until is not None:
+        out.append(d.created_at < until)
+    return out
+
+
+def _arm_features(conn: Connection, placement: str) -> ArmFeatureRows:
+    a = t.arm_versions.c
+    rows = conn.execute(select(a.arm_id, a.version, a.features).where(a.placement_id == placement)).all()
+    return {(r.arm_id, int(r.version)): dict(r.features) for r in rows}
+
+
+def _bulk_json(texts: Sequence[str]) -> list[Any]:
+    """One json.loads over all rows; identical texts (the same arm set) share one object."""
+    distinct: dict[str, int] = {}
+    idx = [distinct.setdefault(s, len(distinct)) for s in texts]
+    values: list[Any] = json.loads("[" + ",".join(distinct) + "]")
+    return [values[i] for i in idx]
+
+
+def read_replay_log(
+    url: str, placement: str, *, since: float | None = None, until: float | None = None, with_features: bool = False
+) -> ReplayLog:
+    """The closed decisions of a placement, oldest first (ties by event id)."""
+    d = t.decisions.c
+    cols = [d.event_id, d.created_at, func.coalesce(d.reward, 0.0), d.probability, func.coalesce(d.chosen, -1),
+            cast(d.arms, Text), cast(d.pmf, Text)]
+    if with_features:
+        cols.append(cast(d.features, Text))
+    stmt = select(*cols).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id)
+    with _connect(url) as conn:
+        rows = conn.execute(stmt).all()
+        arm_rows = _arm_features(conn, placement) if with_features else {}
+    if not rows:
+        raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+    pmfs = json.loads("[" + ",".join(columns[6]) + "]")
+    arm_lists = _bulk_json(columns[5])
+    # A decision without an arm is pacing's "no offer" only if its PMF has that extra entry.
+    keep = [i for i, (c, p, a) in enumerate(zip(columns[4], pmfs, arm_lists, strict=True)) if c >= 0 or len(p) == len(a) + 1]
+    if len(keep) < len(rows):
+        columns = [[col[i] for i in keep] for col in columns]
+        pmfs, arm_lists = [pmfs[i] for i in keep], [arm_lists[i] for i in keep]
+    features = None
+    if with_features:
+        features = [
+            tuple(feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in row)
+            for row in json.loads("[" + ",".join(columns[7]) + "]")
+        ]
+    return ReplayLog.build(
+        columns[0], columns[1], columns[2], columns[3], columns[4], arm_lists, pmfs,
+        features=features,
+        arm_features={k: features_from_mapping(v) for k, v in arm_rows.items()},
+    )
+
+
+def read_decisions(
+    url: str, placement: str, *, since: float | None = None, until: float | None = None
+) -> tuple[list[LoggedDecision], ArmFeatureRows]:
+    """Whole closed decisions (for export), oldest first, and their placement's arm features."""
+    d = t.decisions.c
+    stmt = select(t.decisions).where(*_where(placement, since, until)).order_by(d.created_at, d.event_id)
+    with _connect(url) as conn:
+        decisions = [decision_from_row(r) for r in conn.execute(stmt)]
+        arm_rows = _arm_features(conn, placement)
+    if not decisions:
+        raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
+    return decisions, arm_rows
+
+
+@contextmanager
+def _open(path: str, mode: str) -> Iterator[IO[str]]:
+    if path == "-":
+        yield sys.stdout if "w" in mode else sys.stdin
+        return
+    try:
+        with open(path, mode, encoding="utf-8") as f:
+            yield f
+    except OSError as e:
+        raise InvalidInput("--out" if "w" in mode else "--log", f"cannot {'write' if 'w' in mode else 'read'} {path}: {e.strerror}") from None
+
+
+def write_dsjson(path: str, decisions: Iterable[LoggedDecision], arm_features: ArmFeatureRows, ccb: bool = False) -> int:
+    """Write one DSJSON line per decision ("-" is standard output), or with ``ccb`` one CCB line
+    per multi-slot event whose every slot is closed; returns how many lines."""
+    n = 0
+    with _open(path, "w") as f:
+        if ccb:
+            events: dict[str, list[LoggedDecision]] = {}
+            for dec in decisions:
+                events.setdefault(dec.event_id, []).append(dec)
+            for rows in events.values():
+                if any(r.slot == 0 for r in rows):
+                    f.write(to_ccb_dsjson(rows, arm_features))
+                    f.write("\n")
+                    n += 1
+            return n
+        for dec in decisions:
+            f.write(to_dsjson(dec, arm_features))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def read_dsjson(
+    path: str, placement: str | None = None, *, since: float | None = None, until: float | None = None
+) -> ReplayLog:
+    """A replay log from a DSJSON file, filtered and ordered like the database path."""
+    decisions: list[LoggedDecision] = []
+    arm_rows: ArmFeatureRows = {}
+    with _open(path, "r") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                dec, arms = from_dsjson(line)
+            except InvalidInput as e:
+                raise InvalidInput("--log", f"{path}, line {number}: {e}") from None
+            if placement and dec.placement and dec.placement != placement:
+                continue
+            if (since is not None and dec.timestamp < since) or (until is not None and dec.timestamp >= until):
+                continue
+            decisions.append(dec)
+            arm_rows.update(arms)
+    decisions.sort(key=lambda x: (x.timestamp, x.event_id))
+    log = ReplayLog.from_decisions(decisions, arm_rows)
+    if log.n == 0:
+        raise NotFound(f"{path} has no closed decisions{f' of {placement!r}' if placement else ''} in the chosen period")
+    return log

@@ -1,0 +1,1 @@
+"""Alembic migrations of the SQL store schema; run by nextbest.storage.migrate, not by hand."""

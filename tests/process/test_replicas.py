@@ -1,0 +1,194 @@
+"""Several real server processes sharing the local PostgreSQL: budgets, kills, take-over, models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+
+from nextbest.bandit.spec import PlacementSpec
+from nextbest.client import NextbestClient
+from tests import envs
+from tests.harness import ServerProcess, postgres_available, postgres_schema
+
+pytestmark = pytest.mark.postgres
+
+FAST = {
+    "NEXTBEST_SNAPSHOT_INTERVAL": "0.3",
+    "NEXTBEST_REPLICA_POLL_INTERVAL": "0.3",
+    "NEXTBEST_ORPHAN_GRACE": "0.5",
+    "NEXTBEST_SWEEP_INTERVAL": "0.1",
+}
+
+
+@pytest.fixture
+def pg() -> Iterator[str]:
+    if not postgres_available():
+        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); replica tests not run")
+    with postgres_schema() as url:
+        yield url
+
+
+def until(pred, timeout: float = 30.0, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def together(fn: Callable[..., None], arg_sets: Sequence[tuple[Any, ...]]) -> None:
+    """Run fn once per argument tuple, all at once, each in its own thread; wait for all."""
+    threads = [threading.Thread(target=fn, args=args) for args in arg_sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
+    eng = create_engine(url)
+    try:
+        with eng.connect() as c:
+            return [tuple(r) for r in c.execute(text(query)).all()]
+    finally:
+        eng.dispose()
+
+
+def test_two_replicas_never_overspend_a_small_budget(pg: str) -> None:
+    a = ServerProcess(pg, env=FAST)
+    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    try:
+        spec = PlacementSpec.model_validate(
+            {
+                "id": "p",
+                "exploration": {"algorithm": "epsilon", "epsilon": 0.5},
+                "arms": [
+                    {"id": "paid", "cost_per_impression": 1.0, "budget": {"total": 40}},
+                    {"id": "free"},
+                ],
+            }
+        )
+        with NextbestClient(a.target) as c:
+            c.apply([spec])
+        until(lambda: NextbestClient(b.target).placements() != [])  # the replica picked the placement up
+        served = {"paid": 0}
+        lock = threading.Lock()
+
+        def load(target: str) -> None:
+            with NextbestClient(target) as c:
+                for _ in range(150):
+                    d = c.choose("p", {"segment": "x"})
+                    with lock:
+                        served["paid"] += d.arm_id == "paid"
+
+        together(load, [(t,) for t in (a.target, b.target) for _ in range(3)])
+    finally:
+        a.terminate()
+        b.terminate()
+    [(spent, leased)] = sql(pg, "SELECT spent, leased FROM budget_accounts WHERE key = 'arm:p/paid'")
+    [(logged,)] = sql(pg, "SELECT count(*) FROM decisions WHERE arm_id = 'paid'")
+    assert logged == served["paid"] <= 40
+    assert spent == logged and leased <= 40
+    assert logged >= 30  # the budget was used (leases not returned by a crash are the only loss)
+
+
+def test_two_replicas_hold_a_contact_cap_exactly(pg: str) -> None:
+    """Default settings on PostgreSQL share contact history: a per-customer cap of 3 a day
+    holds across both processes under concurrent load for the same customers."""
+    a = ServerProcess(pg, env=FAST)
+    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    customers = [f"cust{i}" for i in range(5)]
+    try:
+        spec = PlacementSpec.model_validate(
+            {
+                "id": "p",
+                "contact_policies": [{"max_impressions": 3, "per": "customer", "window": "1d"}],
+                "arms": [{"id": "x"}, {"id": "y"}],
+            }
+        )
+        with NextbestClient(a.target) as c:
+            c.apply([spec])
+        until(lambda: NextbestClient(b.target).placements() != [])
+        shown = {c: 0 for c in customers}
+        lock = threading.Lock()
+
+        def load(target: str, customer: str) -> None:
+            with NextbestClient(target) as c:
+                for _ in range(6):
+                    d = c.choose("p", {"segment": "x"}, customer_id=customer)
+                    with lock:
+                        shown[customer] += bool(d.arm_id)
+
+        together(load, [(t, cu) for t in (a.target, b.target) for cu in customers])
+    finally:
+        a.terminate()
+        b.terminate()
+    assert shown == {c: 3 for c in customers}  # 12 asks each over two servers, 3 offers each
+    logged = dict(sql(pg, "SELECT customer_id, count(*) FROM decisions WHERE arm_id IS NOT NULL GROUP BY customer_id"))
+    assert logged == shown
+
+
+def test_a_killed_replica_loses_no_acknowledged_reward_and_its_learner_is_replaced(pg: str) -> None:
+    a = ServerProcess(pg, "--learner", "always", env=FAST)  # the learner
+    b = ServerProcess(pg, env=FAST)  # a replica that can take over
+    acked: list[str] = []
+    try:
+        with NextbestClient(a.target) as c:
+            c.apply([envs.placement(reward_window=1.0)])
+        until(lambda: NextbestClient(b.target).placements() != [])
+        stop = threading.Event()
+
+        def load(target: str, n: int) -> None:
+            with NextbestClient(target, timeout=2) as c:
+                for i in range(n):
+                    if stop.is_set():
+                        return
+                    try:
+                        d = c.choose("app_home_banner", {"segment": envs.SEGMENTS[i % 5]})
+                        if c.reward(d.event_id, float(i % 3 == 0)) == "learned":
+                            acked.append(d.event_id)
+                    except grpc.RpcError:
+                        return  # the server went away mid-call: that call was not acknowledged
+
+        ta = threading.Thread(target=load, args=(a.target, 10_000))
+        ta.start()
+        time.sleep(1.5)
+        a.kill()  # SIGKILL the learner mid-load
+        ta.join(10)
+        killed_acks = len(acked)
+        assert killed_acks > 20
+        load(b.target, 200)  # the replica keeps serving and takes over learning
+        with NextbestClient(b.target) as c:
+            learnable = lambda: sql(pg, "SELECT count(*) FROM decisions WHERE outcome IN (1, 2)")[0][0]  # noqa: E731
+            until(lambda: c.stats("app_home_banner").model_version == learnable() and learnable() >= len(acked), 60)
+    finally:
+        b.terminate()
+    rows = dict(sql(pg, "SELECT event_id, outcome FROM decisions WHERE outcome IN (1, 2)"))
+    assert all(rows.get(e) == 1 for e in acked)  # every acknowledged reward is stored as a reward
+    seqs = [r[0] for r in sql(pg, "SELECT learn_seq FROM decisions WHERE outcome IN (1, 2)")]
+    assert None not in seqs and len(seqs) == len(set(seqs))  # each claimed once: learned exactly once
+
+
+def test_a_replica_loads_the_learners_new_model_within_the_interval(pg: str) -> None:
+    a = ServerProcess(pg, "--learner", "always", env=FAST)
+    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    try:
+        with NextbestClient(a.target) as c:
+            c.apply([envs.placement()])
+            until(lambda: NextbestClient(b.target).placements() != [])
+            for i in range(50):
+                d = c.choose("app_home_banner", {"segment": "youth"})
+                c.reward(d.event_id, 1.0)
+            until(lambda: c.stats("app_home_banner").model_version == 50)
+            t0 = time.monotonic()
+        with NextbestClient(b.target) as r:
+            until(lambda: r.choose("app_home_banner", {"segment": "youth"}).model_version == 50, 10, 0.02)
+        assert time.monotonic() - t0 < 0.3 + 0.3 + 2.0  # snapshot interval + poll interval + slack
+    finally:
+        a.terminate()
+        b.terminate()

@@ -1,0 +1,226 @@
+"""One contract for every store: SQLite and the PostgreSQL at 127.0.0.1:5432 (database test)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nextbest.bandit.features import feature
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.config.plans import plan
+from nextbest.storage.base import Close
+from nextbest.storage.base import Snapshot
+from nextbest.storage.sql import SqlStore
+from nextbest.storage.sql import open_store
+from nextbest.storage.base import Activation, RewardEvent
+from tests import envs
+from tests.harness import postgres_available, postgres_schema
+
+_PG = postgres_available()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
+    if request.param == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path}/nb.db")
+        yield s
+        s.close()
+        return
+    if not _PG:
+        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); PostgreSQL contract not run")
+    with postgres_schema() as url:
+        s = open_store(url)
+        yield s
+        s.close()
+
+
+def decision(event_id: str, chosen: int | None = 0, t: float = 100.0) -> LoggedDecision:
+    return LoggedDecision(
+        event_id=event_id,
+        placement="app_home_banner",
+        customer_id="c1",
+        timestamp=t,
+        features=(feature("customer", "segment", "youth"), feature("", "arpu", 12.5)),
+        arms=(("data_5gb", 1), ("voice_300", 1)),
+        pmf=(0.75, 0.25),
+        chosen=chosen,
+        probability=0.75 if chosen == 0 else (0.25 if chosen == 1 else 0.0),
+        model_version=3,
+        deadline=t + 600,
+        outcome=Outcome.OPEN if chosen is not None else Outcome.NO_ARM,
+    )
+
+
+def test_placements_round_trip(store: SqlStore) -> None:
+    p = plan({}, [envs.placement()], 1)
+    store.save_placements(p.records, p.new_arm_versions)
+    [rec] = store.load_placements()
+    assert rec.spec == envs.placement()
+    assert rec.arm_versions == {a: 1 for a in envs.ARMS}
+    assert store.arm_features()[("app_home_banner", "data_5gb", 1)] == {"category": "data"}
+    changed = envs.placement(arms=[{"id": "data_5gb", "features": {"category": "data", "price": 4.99}}])
+    p2 = plan({rec.spec.id: rec}, [changed], 1)
+    store.save_placements(p2.records, p2.new_arm_versions)
+    [rec2] = store.load_placements()
+    assert rec2.arm_versions["data_5gb"] == 2
+    assert [a.id for a in rec2.spec.arms if a.active] == ["data_5gb"]
+    assert len(rec2.spec.arms) == len(envs.ARMS)  # retired arms keep their history
+
+
+def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
+    r = store.write([decision("e1"), decision("e2", 1), decision("e3", None)], [])
+    assert list(r.closed) == []
+    got = store.find_decision("e2")
+    assert got == decision("e2", 1)
+    assert store.find_decision("nope") is None
+    assert sorted((d.event_id, d.placement, d.deadline) for d in store.open_decisions()) == [
+        ("e1", "app_home_banner", 700.0),
+        ("e2", "app_home_banner", 700.0),
+    ]
+    r = store.write([], [Close("e2", Outcome.REWARD, 1.5, 101.0), Close("e1", Outcome.DEFAULT, 0.0, 701.0), Close("e2", Outcome.REWARD, 9.0, 102.0)])
+    assert list(r.closed) == [True, True, False]  # a window closes once
+    assert store.learnable("app_home_banner", None, 0, 10) == []  # not learnable before the learner claims it
+    assert store.claim("app_home_banner", 10) == 2
+    assert store.claim("app_home_banner", 10) == 0  # claimed once
+    rows = store.learnable("app_home_banner", None, 0, 10)
+    s1, s2 = (x.learn_seq for x in rows)
+    assert s1 is not None and s2 == s1 + 1
+    assert [(x.event_id, x.reward, x.outcome) for x in rows] == [("e2", 1.5, Outcome.REWARD), ("e1", 0.0, Outcome.DEFAULT)]
+    assert store.learnable("app_home_banner", "", s1, 10)[0].event_id == "e1"
+    assert store.learnable("app_home_banner", "B", 0, 10) == []
+    assert store.learnable("other", None, 0, 10) == []
+    assert store.open_decisions() == []
+    assert store.max_learn_seq() == s2
+
+
+def test_reused_event_id_does_not_fail_the_batch(store: SqlStore) -> None:
+    store.write([decision("e1")], [])
+    store.write([decision("e1", 1), decision("e9")], [])
+    assert store.find_decision("e1").chosen == 0
+    assert store.find_decision("e9") is not None
+
+
+def test_snapshots_and_late_rewards_and_tally(store: SqlStore) -> None:
+    assert store.load_snapshots("app_home_banner") == {}
+    key = ("--cb_type dr", True, 18)
+    store.save_snapshot(Snapshot("app_home_banner", "", key, 10, 12, b"model-1"))
+    store.save_snapshot(Snapshot("app_home_banner", "", key, 20, 30, b"\x00model-2"))
+    store.save_snapshot(Snapshot("app_home_banner", "A", ("", False, 16), 5, 31, b"a"))
+    snaps = store.load_snapshots("app_home_banner")
+    assert snaps[""] == Snapshot("app_home_banner", "", key, 20, 30, b"\x00model-2")
+    assert snaps["A"].key == ("", False, 16)
+    store.write([decision("e1"), decision("e2"), decision("e3", 1), decision("e4", None)], [])
+    store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
+    store.write([], [], events=[RewardEvent("e2", 0, 5.0, 2.0, "late")])
+    tallies, total, no_arm = store.tally("app_home_banner")
+    assert no_arm == 1
+    by = {t.arm_id: t for t in tallies}
+    assert total == 4
+    assert (by["data_5gb"].impressions, by["data_5gb"].rewards, by["data_5gb"].reward_sum) == (2, 1, 2.0)
+    assert (by["data_5gb"].default_rewards, by["data_5gb"].late_rewards) == (1, 1)
+    assert (by["voice_300"].impressions, by["voice_300"].pending) == (1, 1)
+
+
+def test_postgres_is_really_tested_where_it_runs() -> None:
+    """Guards against the PostgreSQL half of the contract silently skipping on CI machines."""
+    import os
+
+    if os.environ.get("CI") and not _PG:
+        pytest.fail("CI has no PostgreSQL at 127.0.0.1:5432: the storage contract would run on SQLite only")
+
+
+def test_variants_are_logged_and_tallied(store: SqlStore) -> None:
+    from dataclasses import replace
+
+    store.write([replace(decision("e1"), variant="A"), replace(decision("e2"), variant="holdout"), replace(decision("e3"), variant="A")], [])
+    store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
+    store.claim("app_home_banner", 10)
+    assert store.find_decision("e1").variant == "A"
+    by = {v.variant: v for v in store.tally_variants("app_home_banner")}
+    assert (by["A"].decisions, by["A"].rewards, by["A"].reward_sum, by["A"].closed) == (2, 1, 2.0, 1)
+    assert (by["holdout"].decisions, by["holdout"].rewards, by["holdout"].closed) == (1, 0, 1)
+    assert [r.event_id for r in store.learnable("app_home_banner", "A", 0, 10)] == ["e1"]
+
+
+def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
+    from dataclasses import replace
+
+    k = ("arm:p/a", "total")
+    store.lease(*k, 100.0, 100.0)
+    deferred = [replace(decision("e1"), slot=s, activated=False, cost=1.0, reward_cost=2.0, budgets=(k,)) for s in (0, 1)]
+    store.write(deferred, [])
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (0.0, 6.0)  # everything held until activation
+    r = store.write([], [], activations=[Activation("e1", 5.0, 605.0, 1.0, (k,), 0), Activation("e1", 5.0, 605.0, 1.0, (k,), 0)])
+    assert list(r.activated) == [True, False]  # activating twice does nothing more
+    assert store.find_decision("e1", 0).activated and not store.find_decision("e1", 1).activated
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (1.0, 5.0)
+    store.write([], [], events=[RewardEvent("e1", 0, 1.5, 6.0, "agg"), RewardEvent("e1", 0, 2.5, 7.0, "agg")])
+    assert [(e.slot, e.reward) for e in store.open_reward_events()] == [(0, 1.5), (0, 2.5)]
+    r = store.write([], [Close("e1", Outcome.REWARD, 4.0, 700.0, 2.0, (k,), 0, 1.0), Close("e1", Outcome.NOT_ACTIVATED, 0.0, 700.0, 2.0, (k,), 1, 1.0)])
+    assert list(r.closed) == [True, True]
+    assert store.claim("app_home_banner", 10) == 1  # the never-activated slot is not learned
+    assert store.open_reward_events() == []
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (3.0, 0.0)  # impression 1 + reward cost 2; slot 1 released
+    assert store.find_decision("e1", 1).outcome == Outcome.NOT_ACTIVATED
+    assert [d.slot for d in store.learnable("app_home_banner", None, 0, 10)] == [0]
+
+
+def test_the_learners_closes_get_learn_positions_in_the_same_commit(store: SqlStore) -> None:
+    store.write([decision("e1"), decision("e2"), decision("e3")], [])
+    store.write([], [Close("e1", Outcome.REWARD, 1.0, 1.0)])  # written by another server
+    store.write([], [Close("e2", Outcome.REWARD, 1.0, 2.0), Close("e3", Outcome.DEFAULT, 0.0, 3.0)], assign=True)
+    assert [r.event_id for r in store.learnable("app_home_banner", None, 0, 10)] == ["e2", "e3"]
+    assert store.claim("app_home_banner", 10) == 1  # e1, after them
+    seqs = [(r.event_id, r.learn_seq) for r in store.learnable("app_home_banner", None, 0, 10)]
+    assert [e for e, _ in seqs] == ["e2", "e3", "e1"] and len({q for _, q in seqs}) == 3
+
+
+def test_shared_contact_history_locks_reads_and_records(store: SqlStore) -> None:
+    from nextbest.storage.base import ContactRow
+
+    store.write([decision("e1", 0, t=100.0)], [])
+    store.write([], [Close("e1", Outcome.REWARD, 1.0, 110.0)])
+    h, seen = store.contacts_open("c1", 0.0)
+    assert seen == []
+    store.contacts_commit(h, [ContactRow("c1", 100.0, "app_home_banner", "data_5gb", "e1"), ContactRow("c1", 100.0, "app_home_banner", "voice_300", "e2", 1)])
+    h, seen = store.contacts_open("c1", 50.0)
+    assert [(i.arm_id, i.event_id, i.outcome, i.reward) for i in seen] == [
+        ("data_5gb", "e1", Outcome.REWARD, 1.0),  # its response comes from the decision's row
+        ("voice_300", "e2#1", Outcome.OPEN, None),  # no row yet: still open
+    ]
+    store.contacts_abort(h)  # records nothing
+    h, seen = store.contacts_open("c1", 100.5)
+    store.contacts_commit(h, [])
+    assert seen == []  # older than since
+    h, seen = store.contacts_open("c2", 0.0)
+    store.contacts_commit(h, [])
+    assert seen == []  # per customer
+    assert store.prune_contacts(100.5) == 2
+    h, seen = store.contacts_open("c1", 0.0)
+    store.contacts_abort(h)
+    assert seen == []
+
+
+def test_open_windows_move_only_from_servers_that_stopped(store: SqlStore) -> None:
+    """A window belongs to the server that wrote its decision; another takes it over only once
+    that server signed off or fell silent, and a starting server takes unowned ones too."""
+    store.write([decision("before")], [])  # written before owners were recorded: no owner
+    store.register_server("a", now=100.0)
+    store.write([decision("e1"), decision("e2", None)], [])
+    store.register_server("b", now=100.0)  # the same store object now speaks for server b
+    store.write([decision("e3")], [])
+    assert store.adopt_open(live_since=50.0) == []  # a is alive: nothing moves
+    assert sorted(d.event_id for d in store.adopt_open(live_since=50.0, unowned=True)) == ["before", "e3"]
+    store.heartbeat(now=120.0)  # b beats; a stays silent since 100
+    assert sorted(d.event_id for d in store.adopt_open(live_since=110.0)) == ["before", "e1", "e3"]  # e2 served no arm
+    assert store.adopt_open(live_since=110.0) == []  # a is forgotten once its windows moved
+    store.register_server("c", now=130.0)
+    store.owner = "b"
+    store.unregister_server()  # b signs off: c takes its windows at once
+    store.owner = "c"
+    assert sorted(d.event_id for d in store.adopt_open(live_since=125.0)) == ["before", "e1", "e3"]
