@@ -155,10 +155,6 @@ class ArmSpec(_Spec):
     def vw_features(self) -> tuple[Feature, ...]:
         return features_from_mapping(self.features)
 
-    @property
-    def costly(self) -> bool:
-        return self.cost_per_impression > 0 or self.cost_per_reward > 0
-
 
 class ContactRule(_Spec):
     """A hard contact policy. Either ``max_impressions`` per key within ``window``, or

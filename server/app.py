@@ -99,8 +99,8 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), target)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), target)
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine.chooser, engine.windows, engine.metrics), target)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), target
     )
@@ -112,13 +112,13 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     if creds is None:  # the queue probe calls this server over loopback, in plaintext
         await overload.start_probe(f"{_loopback(settings.host)}:{port}")
     await engine.start()
-    engine.metrics.track(engine, asyncio.get_running_loop())
+    engine.metrics.track(engine.reading, engine.store.learn_backlog, asyncio.get_running_loop())
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
     if settings.init_config and not engine.states:
         cfg = load_apply_file(Path(settings.init_config))
-        changes = await engine.apply(cfg.placements, campaigns=cfg.campaigns)
+        changes = await engine.config.apply(cfg.placements, campaigns=cfg.campaigns)
         log.info("empty database: applied %s (%d changes)", settings.init_config, len(changes))
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

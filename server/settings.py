@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         return self.db.startswith("postgresql") or self.workers > 1 or self.reuse_port
 
     @property
+    def live_for(self) -> float:
+        """How long a server's last heartbeat (one per replica poll) keeps it counted alive."""
+        return max(10.0, 5 * self.replica_poll_interval)
+
+    @property
     def shares_contacts(self) -> bool:
         """Whether contact history lives in the database (see contact_store)."""
         if self.contact_store != "auto":

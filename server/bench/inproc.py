@@ -119,8 +119,8 @@ def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) ->
 
     async def run(engine: Any) -> dict[str, Any]:
         pid = f"bench{arms}"
-        await engine.apply([placement(pid, arms)])
-        servicer = DecisionServicer(engine)
+        await engine.config.apply([placement(pid, arms)])
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.metrics)
         reqs = choose_pool(pid)
         ctx: Any = _NoContext()
         ps = engine.states[pid]
@@ -179,8 +179,8 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
         from nextbest.rpc.decision import DecisionServicer
 
         pid = "bench20"
-        await engine.apply([placement(pid, 20)])
-        servicer = DecisionServicer(engine)
+        await engine.config.apply([placement(pid, 20)])
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.metrics)
         ctx: Any = _NoContext()
         reqs = choose_pool(pid)
         ids = []

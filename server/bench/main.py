@@ -128,10 +128,7 @@ def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim:
     finally:
         server.stop()
     if "replay" in phases:
-        if ph.replay_available():
-            rep.replay(ph.replay(db, "bench5"))
-        else:
-            rep.skip("replay", "`nextbest replay` is not available yet")
+        rep.replay(ph.replay(db, "bench5"))
 
 
 def _overload_section(rep: Report, workers: Any, tmp: Path, lim: Any) -> None:

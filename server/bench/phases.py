@@ -227,16 +227,6 @@ def _wait_learned(nb: NextbestClient, pids: Sequence[str], timeout: float = 30) 
 # -- replay ------------------------------------------------------------------------------------------
 
 
-def replay_available() -> bool:
-    try:
-        from nextbest.cli.main import build_parser
-
-        build_parser().parse_args(["replay", "--db", "x", "--placement", "p", "--policy", "logged"])
-        return True
-    except (ImportError, SystemExit):
-        return False
-
-
 def replay(db_path: Path, pid: str, timeout: float = 120) -> dict[str, Any]:
     """``nextbest replay`` over the benchmark's own log, against the bare SELECT of its rows."""
     with sqlite3.connect(db_path) as c:

@@ -16,6 +16,12 @@ from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.config.plans import Change
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# What the "server" extra installs (pyproject.toml): a client-only install lacks these, and the
+# commands that serve, replay or simulate say so instead of a traceback.
+SERVER_DEPENDENCIES = frozenset({
+    "vowpalwabbit", "pylibvw", "sqlalchemy", "alembic", "psycopg", "numpy", "matplotlib", "prometheus_client",
+    "pydantic_settings", "grpc_health", "grpc_reflection",
+})
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -253,6 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in SERVER_DEPENDENCIES:
+            raise
+        print(f"error: `nextbest {args.command}` needs the server's dependencies ({e.name} is not installed): "
+              "pip install 'nextbest[server]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nextbest.client import NextbestClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -113,6 +111,8 @@ def _progress(board: Any, done: int, total: int, rate: float, day: float) -> str
 
 
 def _report(scenario: Any, sim: Any, board: Any, args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+    import numpy as np  # the server's dependencies: the CLI starts without them
+
     n = len(board)
     window = min(args.window, n)
     overall, last = board.summary(), board.summary(n - window)
@@ -168,6 +168,8 @@ def _pct(x: float, of: float) -> str:
 
 
 def _plot(board: Any, scenario: Any, path: str) -> None:
+    import numpy as np  # the server's dependencies: the CLI starts without them
+
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -23,12 +22,15 @@ from nextbest.bandit.features import Feature, feature, shared_line
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
-from nextbest.engine.learner import PlacementState
-from nextbest.storage.base import ContactRow, RecentImpression
-from nextbest.engine.windows import OpenDecision
+from nextbest.engine.budgets import BudgetKeeper
+from nextbest.engine.choose_checks import ChooseChecks
+from nextbest.engine.contacts import Contacts
+from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.writer import BatchWriter
+from nextbest.telemetry.metrics import Metrics
+from nextbest.storage.base import ContactRow
+from nextbest.engine.windows import OpenDecision, RewardWindows
 
-if TYPE_CHECKING:
-    from nextbest.engine.engine import Engine
 
 
 def placement_salt(seed: str, placement: str) -> bytes:
@@ -89,8 +91,29 @@ class RecentIds:
 class Chooser:
     """The Choose path of an engine."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(
+        self,
+        checks: ChooseChecks,
+        states: dict[str, PlacementState],
+        contacts: Contacts,
+        budgets: BudgetKeeper,
+        windows: RewardWindows,
+        writer: BatchWriter,
+        learner: Learner,
+        metrics: Metrics,
+        acceptance: dict[tuple[str, str], list[int]],
+        clock: Callable[[], float],
+    ) -> None:
+        self._checks = checks
+        self._states = states
+        self._contacts = contacts
+        self._budgets = budgets
+        self._windows = windows
+        self._writer = writer
+        self._learner = learner
+        self._metrics = metrics
+        self._acceptance = acceptance  # (placement, arm) -> [accepted, closed], kept by the windows
+        self._clock = clock
         self._recent = RecentIds()
 
     async def choose(
@@ -104,11 +127,10 @@ class Chooser:
         slot_features: Sequence[Sequence[Feature]] = (),
     ) -> list[LoggedDecision]:
         """Decide on the loop: one decision per slot; they join the next log batch."""
-        e = self._engine
-        e.checks.validate(placement, customer_id, event_id, features)
+        self._checks.validate(placement, customer_id, event_id, features)
         for k, sf in enumerate(slot_features):
-            e.checks.validate(placement, customer_id, event_id, sf, f"slot_features[{k}].features")
-        ps = e.states.get(placement)
+            self._checks.validate(placement, customer_id, event_id, sf, f"slot_features[{k}].features")
+        ps = self._states.get(placement)
         if ps is None:
             raise NotFound(f"placement {quote(placement)} does not exist")
         spec = ps.record.spec
@@ -116,31 +138,23 @@ class Chooser:
             raise InvalidInput("baseline_arm", f"{quote(baseline_arm)} is not an active arm of {quote(placement)}")
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
-        shared = e.shared_contacts
-        if customer_id and e.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
+        shared = self._contacts.shared
+        if customer_id and self._contacts.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
             # No rule of this placement reads the history, but other placements' rules count
             # its impressions: record them, without waiting, after the decision.
             out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [])
             shared.record_later(_shown(customer_id, out))
             return out
-        if customer_id and e.history.horizon > 0 and shared is not None:
-            since = e.clock() - e.history.horizon
+        if customer_id and self._contacts.history.horizon > 0 and shared is not None:
+            since = self._clock() - self._contacts.history.horizon
             async with shared.customer(customer_id, since) as tx:
-                if e.states.get(placement) is not ps:
+                if self._states.get(placement) is not ps:
                     raise InvalidInput("placement", "the placement changed during the decision; retry")
-                history = [self.impression(r) for r in tx.history]
+                history = [self._contacts.impression(r) for r in tx.history]
                 out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history)
                 tx.new.extend(_shown(customer_id, out))
                 return out
         return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None)
-
-    def impression(self, r: RecentImpression) -> Impression:
-        """A stored impression as contact rules read it (responded: None while its window is open)."""
-        e = self._engine
-        ps = e.states.get(r.placement)
-        campaign = ps.arm_campaigns.get(r.arm_id) if ps else None
-        responded = None if r.outcome == Outcome.OPEN else (r.outcome == Outcome.REWARD and (r.reward or 0) > 0)
-        return Impression(r.at, r.arm_id, campaign, r.placement, r.event_id, responded)
 
     async def _choose(
         self,
@@ -155,10 +169,9 @@ class Chooser:
     ) -> list[LoggedDecision]:
         """The decisions of one Choose; ``shared_history`` is the customer's impressions from
         the database when contact history is shared, else None (this server's memory)."""
-        e = self._engine
         spec = ps.record.spec
         placement = spec.id
-        now = e.clock()
+        now = self._clock()
         closed = spec.closed(now)
         if closed:
             candidates: list[Candidate] = []
@@ -167,21 +180,21 @@ class Chooser:
         else:
             candidates = ps.candidates  # shared between requests: nothing changes a Candidate
         if ps.budgeted and any(c.accounts for c in candidates):
-            await e.budgets.ensure(candidates, now)  # the only await: a lease, rarely
-            if e.states.get(placement) is not ps:
+            await self._budgets.ensure(candidates, now)  # the only await: a lease, rarely
+            if self._states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
         # From here to the end nothing awaits: the decisions and their reservations are atomic.
         if not event_id:
             event_id = uuid.uuid4().hex
-        elif e.windows.slots_of(event_id) or self._recent.seen(event_id):
+        elif self._windows.slots_of(event_id) or self._recent.seen(event_id):
             raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
         else:
             self._recent.add(event_id)
-        tracked = bool(customer_id) and e.history.horizon > 0
+        tracked = bool(customer_id) and self._contacts.history.horizon > 0
         if shared_history is not None:
             history = shared_history
         else:
-            history = e.history.impressions(customer_id, now) if tracked else []
+            history = self._contacts.history.impressions(customer_id, now) if tracked else []
         variant = variant_of(spec, customer_id, event_id)
         out: list[LoggedDecision] = []
         taken: set[str] = set()
@@ -205,7 +218,7 @@ class Chooser:
                 ev = event_id if k == 0 else f"{event_id}#{k}"
                 imp = Impression(now, d.arm_id, campaign, placement, ev)
                 if shared_history is None:  # else the caller records it in the database
-                    e.history.record(customer_id, imp)
+                    self._contacts.history.record(customer_id, imp)
                 history.append(imp)
         return out
 
@@ -224,7 +237,6 @@ class Chooser:
         defer: bool,
         closed: str = "",
     ) -> LoggedDecision:
-        e = self._engine
         spec = ps.record.spec
         salt = ps.salt
         draw_id = event_id if slot == 0 else f"{event_id}#{slot}"
@@ -252,9 +264,9 @@ class Chooser:
         if chosen is not None and chosen.accounts and Ledger.can_reserve(chosen.accounts, chosen.reservation, now) == "":
             cost, reward_cost = chosen.spec.cost_per_impression, chosen.spec.cost_per_reward
             if defer:  # nothing is spent before the customer sees it: hold the impression cost too
-                e.budgets.reserve(chosen.accounts, 0.0, cost + reward_cost)
+                self._budgets.reserve(chosen.accounts, 0.0, cost + reward_cost)
             else:
-                e.budgets.reserve(chosen.accounts, cost, reward_cost)
+                self._budgets.reserve(chosen.accounts, cost, reward_cost)
             keys = tuple((a.key, a.period) for a in chosen.accounts)
         deadline = now + (spec.activation_window if defer else spec.reward_window)
         decision = LoggedDecision(
@@ -281,13 +293,11 @@ class Chooser:
             slot=slot,
             activated=not defer,
         )
-        assert e.writer is not None
-        e.writer.add_decision(decision)
-        e.metrics.decision(spec.id, decision.arm_id)
+        self._writer.add_decision(decision)
+        self._metrics.decision(spec.id, decision.arm_id)
         if chosen is not None:
-            assert e.learner is not None
-            e.learner.remember(event_id, slot, shared)
-            e.windows.add(
+            self._learner.remember(event_id, slot, shared)
+            self._windows.add(
                 event_id,
                 slot,
                 OpenDecision(
@@ -312,13 +322,11 @@ class Chooser:
         return Choice(j, 1.0, pmf, tuple(range(len(candidates))))
 
     def _accounts(self, placement: str, arm: ArmView, now: float) -> list[Account]:
-        e = self._engine
         a = arm.spec
         if a is None or (a.budget is None and a.campaign is None):
             return []
-        return e.budgets.accounts(placement, a, now)
+        return self._budgets.accounts(placement, a, now)
 
     def _accepts(self, placement: str, arm: str) -> float:
-        e = self._engine
-        accepted, closed = e.acceptance.get((placement, arm), (0, 0))
+        accepted, closed = self._acceptance.get((placement, arm), (0, 0))
         return (accepted + 1) / (closed + 2)

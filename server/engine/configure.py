@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
 
-from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.errors import InvalidInput, NotFound
+from nextbest.bandit.text import quote
 from nextbest.bandit.model import CbModel, check_vw_arguments
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
+from nextbest.bandit.decider import ArmView
+from nextbest.bandit.features import arm_line, features_from_mapping
+from nextbest.engine.budgets import BudgetKeeper
+from nextbest.engine.chooser import placement_salt
+from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import PlacementState, Slot
+from nextbest.storage.base import PlacementRecord, Store
 from nextbest.config.plans import Change, plan, plan_campaigns
 
-if TYPE_CHECKING:
-    from nextbest.engine.engine import Engine
 
 
 def _is_new(old: PlacementState | None, s: Slot) -> bool:
@@ -29,11 +34,43 @@ def _moved(old: PlacementState | None, name: str, s: Slot) -> bool:
 log = logging.getLogger(__name__)
 
 
+def placement_state(
+    rec: PlacementRecord,
+    slots: dict[str, Slot],
+    features: dict[tuple[str, str, int], dict[str, float | str | bool]],
+    seed: str,
+) -> PlacementState:
+    """A placement as the engine serves it: its record, models, active arms and their VW lines."""
+    pid = rec.spec.id
+    lines = {
+        (arm, version): arm_line(arm, features_from_mapping(f))
+        for (p, arm, version), f in features.items()
+        if p == pid
+    }
+    arms = [ArmView.of(a, rec.arm_versions[a.id]) for a in rec.spec.active_arms()]
+    return PlacementState(rec, slots, arms, lines, placement_salt(seed, pid))
+
+
 class Configurator:
     """One configuration change at a time; each is all-or-nothing."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(
+        self,
+        states: dict[str, PlacementState],
+        budgets: BudgetKeeper,
+        contacts: Contacts,
+        store: Store,
+        reader_pool: ThreadPoolExecutor,
+        writer_pool: ThreadPoolExecutor,
+        seed: str,
+    ) -> None:
+        self._states = states
+        self._budgets = budgets
+        self._contacts = contacts
+        self._store = store
+        self._reader_pool = reader_pool
+        self._writer_pool = writer_pool  # placements are stored on the writer's thread, in order with the log
+        self._seed = seed
         self._lock = asyncio.Lock()
 
     def _check(self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec]) -> None:
@@ -41,7 +78,7 @@ class Configurator:
             dup = next((i for i in ids if ids.count(i) > 1), None)
             if dup is not None:
                 raise InvalidInput(field, f"{dup!r} is listed twice")
-        known = set(self._engine.budgets.campaigns) | {c.id for c in campaigns}
+        known = set(self._budgets.campaigns) | {c.id for c in campaigns}
         for i, s in enumerate(specs):
             for j, a in enumerate(s.arms):
                 if a.campaign is not None and a.campaign not in known:
@@ -76,19 +113,18 @@ class Configurator:
     async def reload(self) -> None:
         """Adopt what another server applied: placements, arms and campaigns as stored, models
         from their snapshots where the settings changed."""
-        e = self._engine
         loop = asyncio.get_running_loop()
         async with self._lock:
-            records = await loop.run_in_executor(e.reader_pool, e.store.load_placements)
-            campaigns = await loop.run_in_executor(e.reader_pool, e.store.load_campaigns)
-            features = await loop.run_in_executor(e.reader_pool, e.store.arm_features)
-            e.budgets.campaigns = {c.id: c for c in campaigns}
+            records = await loop.run_in_executor(self._reader_pool, self._store.load_placements)
+            campaigns = await loop.run_in_executor(self._reader_pool, self._store.load_campaigns)
+            features = await loop.run_in_executor(self._reader_pool, self._store.arm_features)
+            self._budgets.campaigns = {c.id: c for c in campaigns}
             for rec in records:
                 pid = rec.spec.id
-                old = e.states.get(pid)
+                old = self._states.get(pid)
                 if old is not None and old.record == rec:
                     continue
-                snaps = await loop.run_in_executor(e.reader_pool, e.store.load_snapshots, pid)
+                snaps = await loop.run_in_executor(self._reader_pool, self._store.load_snapshots, pid)
                 slots: dict[str, Slot] = {}
                 for name, key in rec.spec.model_slots().items():
                     prev = old.slots.get(name) if old is not None else None
@@ -100,32 +136,47 @@ class Configurator:
                         slots[name] = Slot(name, key, model, snap.learn_seq)
                     else:
                         slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
-                ps = e.make_state(rec, slots, features)
+                ps = placement_state(rec, slots, features, self._seed)
                 if old is not None:
                     kept = {id(s.model) for s in slots.values()}
                     for s in old.slots.values():
                         if id(s.model) not in kept:
                             s.model.close()
-                e.states[pid] = ps
-            await e.rebuild_history()
+                self._states[pid] = ps
+            await self._contacts.rebuild()
             log.info("reloaded the configuration another server applied")
 
+    def exists(self, pid: str) -> bool:
+        return pid in self._states
+
+    def placement(self, pid: str) -> PlacementRecord:
+        ps = self._states.get(pid)
+        if ps is None:
+            raise NotFound(f"placement {quote(pid)} does not exist")
+        return ps.record
+
+    def placements(self) -> list[PlacementRecord]:
+        return [self._states[k].record for k in sorted(self._states)]
+
+    def campaigns(self) -> list[CampaignSpec]:
+        return sorted(self._budgets.campaigns.values(), key=lambda c: c.id)
+
     async def apply(
-        self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec], dry_run: bool
+        self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec] = (), dry_run: bool = False
     ) -> list[Change]:
-        e = self._engine
+        """Make the given placements and campaigns live, atomically; returns the changes."""
         self._check(specs, campaigns)
         async with self._lock:
-            current = {pid: ps.record for pid, ps in e.states.items()}
-            camp_changes = plan_campaigns(e.budgets.campaigns, campaigns)
-            since = e.store.max_learn_seq()
+            current = {pid: ps.record for pid, ps in self._states.items()}
+            camp_changes = plan_campaigns(self._budgets.campaigns, campaigns)
+            since = self._store.max_learn_seq()
             p = plan(current, specs, since + 1)
-            slots = {rec.spec.id: self._slots(rec.spec, e.states.get(rec.spec.id), since) for rec in p.records}
+            slots = {rec.spec.id: self._slots(rec.spec, self._states.get(rec.spec.id), since) for rec in p.records}
             changes = camp_changes + p.changes
             if dry_run or not changes:
                 for pid, made in slots.items():
                     for s in made.values():
-                        if _is_new(e.states.get(pid), s):
+                        if _is_new(self._states.get(pid), s):
                             s.model.close()
                 return changes
             changed_campaigns = [c for c in campaigns if any(ch.campaign == c.id for ch in camp_changes)]
@@ -134,25 +185,25 @@ class Configurator:
                 s.snapshot(pid)
                 for pid, made in slots.items()
                 for name, s in made.items()
-                if _moved(e.states.get(pid), name, s)
+                if _moved(self._states.get(pid), name, s)
             ]
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
-                e._writer_pool, e.store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
+                self._writer_pool, self._store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
             )
             for c in changed_campaigns:
-                e.budgets.campaigns[c.id] = c
+                self._budgets.campaigns[c.id] = c
             features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
             for rec in p.records:
-                old = e.states.get(rec.spec.id)
-                ps = e.make_state(rec, slots[rec.spec.id], features)
+                old = self._states.get(rec.spec.id)
+                ps = placement_state(rec, slots[rec.spec.id], features, self._seed)
                 if old is not None:
                     ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
                     kept = {id(s.model) for s in ps.slots.values()}
                     for s in old.slots.values():
                         if id(s.model) not in kept:
                             s.model.close()
-                e.states[rec.spec.id] = ps
-            await e.rebuild_history()
+                self._states[rec.spec.id] = ps
+            await self._contacts.rebuild()
             log.info("applied %d changes", len(changes))
             return changes

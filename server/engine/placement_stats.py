@@ -1,4 +1,5 @@
-"""Statistics values shared by the engine and the adapters."""
+"""A placement's live statistics (GetStats, ``nextbest stats``) as values: what the engine
+reads (``stats_reader``) and the adapters show. Light on purpose: the client converts them."""
 
 from __future__ import annotations
 
@@ -64,3 +65,4 @@ class Stats:
     no_offer: int = 0
     variants: list[VariantTally] = field(default_factory=list)
     models: list[ModelView] = field(default_factory=list)
+

@@ -12,21 +12,26 @@ import asyncio
 import heapq
 import logging
 import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from nextbest.bandit import access
 from nextbest.bandit.contact import Impression
-from nextbest.bandit.errors import InvalidInput, NotFound
+from nextbest.bandit.errors import InvalidInput, NextbestError, NotFound
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT
 from nextbest.bandit.text import check_text, quote
-from nextbest.storage.base import Activation, Close, ContactRow, RewardEvent
+from nextbest.engine.budgets import BudgetKeeper
+from nextbest.engine.contacts import Contacts
+from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.writer import BatchWriter
+from nextbest.settings import Settings
+from nextbest.storage.base import Activation, Close, ContactRow, RewardEvent, Store
+from nextbest.telemetry.metrics import Metrics
 from nextbest.storage.refusal import RecordRefused
 
-if TYPE_CHECKING:
-    from nextbest.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +101,31 @@ def aggregate(how: str, rewards: list[float]) -> float:
 class RewardWindows:
     """Reward, Activate and window closing; a part of the Engine, on its event loop."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.e = engine
+    def __init__(
+        self,
+        states: dict[str, PlacementState],
+        writer: BatchWriter,
+        learner: Learner,
+        budgets: BudgetKeeper,
+        contacts: Contacts,
+        metrics: Metrics,
+        acceptance: dict[tuple[str, str], list[int]],
+        store: Store,
+        reader_pool: ThreadPoolExecutor,
+        settings: Settings,
+        clock: Callable[[], float],
+    ) -> None:
+        self._states = states
+        self._writer = writer
+        self._learner = learner
+        self._budgets = budgets
+        self._contacts = contacts
+        self._metrics = metrics
+        self._acceptance = acceptance  # (placement, arm) -> [accepted, closed], read by the Chooser
+        self._store = store
+        self._reader_pool = reader_pool
+        self._settings = settings
+        self._clock = clock
         self.open: dict[tuple[str, int], OpenDecision] = {}
         self._deadlines: list[tuple[float, str, int]] = []  # heap of open windows
         # Windows whose closing reward is being stored: a second Reward for one of them (a
@@ -119,7 +147,7 @@ class RewardWindows:
         The placement's own ``max_abs_reward`` is checked once the event is found."""
         if not event_id:
             raise InvalidInput(f"{field}event_id", "must not be empty")
-        check_text(event_id, f"{field}event_id", self.e.settings.max_id_length)
+        check_text(event_id, f"{field}event_id", self._settings.max_id_length)
         if reward_id:
             check_text(reward_id, f"{field}reward_id", 128)
         if not math.isfinite(reward):
@@ -133,17 +161,15 @@ class RewardWindows:
         """A reward larger than its placement's ``max_abs_reward``: one such outlier learned
         would swamp the model's estimates (a 1e13 reward put a trained SquareCB placement's
         best arm from 0.99 to uniform, for good)."""
-        ps = self.e.states.get(placement)
+        ps = self._states.get(placement)
         bound = ps.record.spec.max_abs_reward if ps is not None else MAX_ABS_REWARD_LIMIT
         if abs(reward) > bound:
             raise InvalidInput("reward", f"magnitude {abs(reward):g} is above the placement's max_abs_reward {bound:g}")
 
     async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
         """Store the reward durably, then let the learner have it; learned at most once."""
-        e = self.e
         self.check(event_id, reward, slot, "", reward_id)
-        assert e.writer is not None
-        now = e.clock()
+        now = self._clock()
         key = (event_id, slot)
         entry = self.open.get(key)
         if entry is None:
@@ -160,7 +186,7 @@ class RewardWindows:
             raise InvalidInput("event_id", f"event {quote(event_id)} is deferred and not activated; call Activate first")
         if now > entry.deadline:
             return await self._late(event_id, slot, reward, now, reward_id)  # the sweeper closes it
-        ps = e.states.get(entry.placement)
+        ps = self._states.get(entry.placement)
         how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
         if how != "earliest":
             if reward_id:
@@ -170,7 +196,7 @@ class RewardWindows:
                 if first is not None:  # a retry while the first is being stored: its outcome is ours
                     await asyncio.shield(first)  # if that write fails, so does this call: retry it
                     return RewardStatus.DUPLICATE
-            recorded = e.writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
+            recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
             if reward_id:
                 entry.writing = entry.writing or {}
                 entry.writing[reward_id] = recorded
@@ -179,7 +205,7 @@ class RewardWindows:
             return RewardStatus.RECORDED
         del self.open[key]
         close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
-        written = e.writer.close_window(close)
+        written = self._writer.close_window(close)
         self._closing[key] = (entry.placement, written)
         written.add_done_callback(lambda f: self._closed_write(key, f))
         try:
@@ -223,20 +249,18 @@ class RewardWindows:
 
     def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
         """A window closed durably: settle its budget, update history, wake the learner."""
-        e = self.e
-        assert e.learner is not None
         if entry.budgets:
             held = entry.reward_cost + (0.0 if entry.activated else entry.cost)
-            e.budgets.settle(entry.budgets, held, close.incurred)
+            self._budgets.settle(entry.budgets, held, close.incurred)
         if not close.learnable:
             return
-        e.metrics.closed(entry.placement, entry.arm_id, close.outcome == Outcome.REWARD)
+        self._metrics.closed(entry.placement, entry.arm_id, close.outcome == Outcome.REWARD)
         responded = close.outcome == Outcome.REWARD and close.reward > 0
-        e.history.respond(event_id if close.slot == 0 else f"{event_id}#{close.slot}", responded)
-        tally = e.acceptance.setdefault((entry.placement, entry.arm_id), [0, 0])
+        self._contacts.history.respond(event_id if close.slot == 0 else f"{event_id}#{close.slot}", responded)
+        tally = self._acceptance.setdefault((entry.placement, entry.arm_id), [0, 0])
         tally[0] += responded
         tally[1] += 1
-        e.learner.poke(entry.placement)
+        self._learner.poke(entry.placement)
 
     def _after_abandoned(
         self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[bool]
@@ -251,24 +275,22 @@ class RewardWindows:
         decisions are flushed first; where other servers share the database, one not yet visible
         is looked for again for a short while (their group commit's interval), within the call's
         deadline (gRPC cancels the call then). None: unknown."""
-        e = self.e
-        assert e.writer is not None
         loop = asyncio.get_running_loop()
-        d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+        d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, slot)
         if d is not None:
             return d
-        if e.writer.depth:  # maybe decided here a moment ago and still queued
+        if self._writer.depth:  # maybe decided here a moment ago and still queued
             try:
-                await asyncio.wait_for(e.writer.flush(), _FLUSH_WAIT)
+                await asyncio.wait_for(self._writer.flush(), _FLUSH_WAIT)
             except TimeoutError:  # the database is slow or away: answer from what it has
                 pass
-            d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+            d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, slot)
         delay, waited = 0.01, 0.0
-        while d is None and e.settings.may_have_peers and waited < e.settings.peer_visibility_wait:
+        while d is None and self._settings.may_have_peers and waited < self._settings.peer_visibility_wait:
             await asyncio.sleep(delay)
             waited += delay
             delay *= 2
-            d = await loop.run_in_executor(e.reader_pool, e.store.find_decision, event_id, slot)
+            d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, slot)
         return d
 
     def unknown(self, event_id: str, slot: int, reward: float, quiet: bool = False) -> NotFound:
@@ -280,11 +302,10 @@ class RewardWindows:
                 "reward %r for unknown event %s", reward, quote(event_id),
                 extra={"event": "reward_unknown_event", "event_id": event_id[:128], "reward": reward},
             )
-        self.e.metrics.reward("unknown")
+        self._metrics.reward("unknown")
         return NotFound(f"event {quote(event_id)}" + (f" slot {slot}" if slot else "") + " is unknown")
 
     async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
-        e = self.e
         d = await self.find(event_id, slot)
         if d is None:
             raise self.unknown(event_id, slot, reward, quiet=batch_quiet.get())
@@ -298,29 +319,25 @@ class RewardWindows:
             raise InvalidInput("event_id", f"event {quote(event_id)} was never activated; it is not learned")
         if d.outcome == Outcome.OPEN and d.activated and now <= d.deadline:
             # Open in the database but not in this process's memory: another server owns it.
-            assert e.writer is not None and e.learner is not None
             close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, slot, d.cost)
-            if await e.writer.close_window(close):
-                e.learner.poke(d.placement)
+            if await self._writer.close_window(close):
+                self._learner.poke(d.placement)
                 return RewardStatus.LEARNED
             return await self._reward_closed(event_id, slot, reward, now, reward_id)
         return await self._late(event_id, slot, reward, now, reward_id)
 
     async def _late(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
-        assert self.e.writer is not None
-        await self.e.writer.record(RewardEvent(event_id, slot, reward, now, "late", reward_id or None))
+        await self._writer.record(RewardEvent(event_id, slot, reward, now, "late", reward_id or None))
         return RewardStatus.LATE
 
     # -- Activate -----------------------------------------------------------------------------
 
     async def activate(self, event_id: str) -> str:
         """A deferred decision was shown: count its impressions, spend, start its windows."""
-        e = self.e
         if not event_id:
             raise InvalidInput("event_id", "must not be empty")
-        check_text(event_id, "event_id", e.settings.max_id_length)
-        assert e.writer is not None
-        now = e.clock()
+        check_text(event_id, "event_id", self._settings.max_id_length)
+        now = self._clock()
         slots = self.slots_of(event_id)
         if not slots:
             d = await self.find(event_id, 0)
@@ -339,22 +356,22 @@ class RewardWindows:
             if now > entry.deadline:
                 status = ActivateStatus.EXPIRED
                 continue
-            ps = e.states.get(entry.placement)
+            ps = self._states.get(entry.placement)
             window = ps.record.spec.reward_window if ps is not None else 600.0
             act = Activation(event_id, now, now + window, entry.cost, entry.budgets, slot)
-            if not await e.writer.activate(act):
+            if not await self._writer.activate(act):
                 continue
             entry.activated, entry.deadline = True, now + window
             heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
             if entry.budgets:
-                e.budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
-            if entry.customer_id and e.history.horizon > 0:
-                if e.shared_contacts is not None:  # shown now: it counts from now, on every server
+                self._budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
+            if entry.customer_id and self._contacts.history.horizon > 0:
+                if self._contacts.shared is not None:  # shown now: it counts from now, on every server
                     row = ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, slot)
-                    await e.shared_contacts.record_now(entry.customer_id, [row])
+                    await self._contacts.shared.record_now(entry.customer_id, [row])
                 else:
                     ev = event_id if slot == 0 else f"{event_id}#{slot}"
-                    e.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
+                    self._contacts.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
             status = ActivateStatus.ACTIVATED
         return status
 
@@ -363,9 +380,7 @@ class RewardWindows:
     async def sweep(self) -> int:
         """Close every expired window: with the aggregate of its rewards, or the default reward;
         a deferred decision never activated is dropped. Returns how many windows closed."""
-        e = self.e
-        assert e.writer is not None
-        now = e.clock()
+        now = self._clock()
         closing: list[tuple[tuple[str, int], OpenDecision, Close]] = []
         while self._deadlines and self._deadlines[0][0] < now:
             deadline, event_id, slot = heapq.heappop(self._deadlines)
@@ -373,7 +388,7 @@ class RewardWindows:
             if entry is None or entry.deadline != deadline:
                 continue
             del self.open[(event_id, slot)]
-            ps = e.states.get(entry.placement)
+            ps = self._states.get(entry.placement)
             spec = ps.record.spec if ps is not None else None
             if not entry.activated:
                 outcome, value = Outcome.NOT_ACTIVATED, 0.0
@@ -385,16 +400,90 @@ class RewardWindows:
             closing.append(((event_id, slot), entry, close))
         if not closing:
             return 0
-        results = await asyncio.gather(*(e.writer.close_window(c) for _, _, c in closing), return_exceptions=True)
+        results = await asyncio.gather(*(self._writer.close_window(c) for _, _, c in closing), return_exceptions=True)
         closed = 0
         for (key, entry, close), res in zip(closing, results, strict=True):
             if isinstance(res, RecordRefused):  # retrying fails again: the window is given up
                 log.error("closing the window of event %s slot %d was refused; it is dropped", quote(key[0]), key[1])
                 if entry.budgets:  # in memory only: the database refused to record anything
-                    e.budgets.settle(entry.budgets, entry.reward_cost + (0.0 if entry.activated else entry.cost), False)
+                    self._budgets.settle(entry.budgets, entry.reward_cost + (0.0 if entry.activated else entry.cost), False)
             elif isinstance(res, BaseException):  # retry on a later sweep
                 self.add(key[0], key[1], entry)
             elif res:
                 closed += 1
                 self._closed(key[0], entry, close)
         return closed
+
+    async def adopt(self, starting: bool = False) -> int:
+        """Take over the open windows of servers that stopped (at start: also this server's own
+        before a restart), with the rewards they had gathered; a live server's stay with it.
+        Returns how many windows were taken over."""
+        loop = asyncio.get_running_loop()
+        live_since = self._clock() - self._settings.live_for if self._settings.may_have_peers else None
+        taken = [
+            d for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
+            if (d.event_id, d.slot) not in self.open
+        ]
+        for d in taken:
+            ps = self._states.get(d.placement)
+            campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
+            self.add(
+                d.event_id,
+                d.slot,
+                OpenDecision(
+                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost,
+                    d.budgets, d.activated,
+                ),
+            )
+        if taken:
+            keys = {(d.event_id, d.slot) for d in taken}
+            for ev in await loop.run_in_executor(self._reader_pool, self._store.open_reward_events):
+                entry = self.open.get((ev.event_id, ev.slot))
+                if entry is not None and (ev.event_id, ev.slot) in keys:
+                    self.counted(entry, ev.reward, ev.reward_id or "")
+        return len(taken)
+
+    # -- RewardBatch ----------------------------------------------------------------------------
+
+    async def placement_of(self, event_id: str) -> str | None:
+        """The placement of an event (None: unknown), for placement-limited tokens."""
+        for slot in self.slots_of(event_id)[:1]:
+            return self.open[(event_id, slot)].placement
+        loop = asyncio.get_running_loop()
+        d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, 0)
+        return None if d is None else d.placement
+
+    async def reward_batch(self, items: Sequence[tuple[str, float, int, str]]) -> list[str | NextbestError]:
+        """Several rewards at once: all are checked before any is stored (InvalidInput naming
+        ``rewards[i]``), then each is handled as its own Reward; their writes share group
+        commits. Per item: its status, or the domain error it failed with."""
+        if len(items) > self._settings.max_reward_batch:
+            raise InvalidInput("rewards", f"more than {self._settings.max_reward_batch} rewards in one call")
+        for i, (event_id, reward, slot, reward_id) in enumerate(items):
+            self.check(event_id, reward, slot, f"rewards[{i}].", reward_id)
+        if access.current.get() is not None:
+            # One event of a placement the caller may not use denies the whole call, before any
+            # is stored; each reward checks again on the read it acts on (bandit/access.py).
+            for event_id in dict.fromkeys(e for e, _, _, _ in items):
+                placement = await self.placement_of(event_id)
+                if placement is not None:
+                    access.require(placement)
+        quiet = batch_quiet.set(True)
+        try:
+            results = await asyncio.gather(*(self.reward(e, r, s, k) for e, r, s, k in items), return_exceptions=True)
+        finally:
+            batch_quiet.reset(quiet)
+        out: list[str | NextbestError] = []
+        unknown: list[str] = []
+        for (event_id, _, _, _), r in zip(items, results, strict=True):
+            if isinstance(r, BaseException) and not isinstance(r, NextbestError):
+                raise r  # a bug or a cancellation: the whole call fails (INTERNAL or CANCELLED)
+            if isinstance(r, NotFound):
+                unknown.append(event_id)
+            out.append(r)
+        if unknown:  # one line for the call, not one per unknown event
+            log.warning(
+                "reward batch of %d named %d unknown events, e.g. %s", len(items), len(unknown), quote(unknown[0]),
+                extra={"event": "reward_unknown_event", "event_id": unknown[0][:128], "unknown": len(unknown)},
+            )
+        return out

@@ -70,6 +70,10 @@ class BatchWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nextbest-writer")
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Write everything pending (within timeout: the database may be away), then stop."""
         try:

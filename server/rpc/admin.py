@@ -9,7 +9,8 @@ import grpc
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
-from nextbest.engine.engine import Engine
+from nextbest.engine.configure import Configurator
+from nextbest.engine.stats_reader import StatsReader
 from nextbest.v1 import admin_pb2, admin_pb2_grpc
 from nextbest.rpc import convert
 from nextbest.rpc.errors import rpc
@@ -18,25 +19,26 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, config: Configurator, stats: StatsReader) -> None:
+        self._config = config
+        self._stats = stats
 
     def _placement_pb(self, pid: str) -> admin_pb2.Placement:
-        return convert.placement_pb(self._engine.placement(pid))
+        return convert.placement_pb(self._config.placement(pid))
 
     @rpc
     async def CreatePlacement(self, request: admin_pb2.CreatePlacementRequest, context: Ctx) -> admin_pb2.CreatePlacementResponse:
         spec = convert.placement_spec(request.placement)
-        if spec.id in self._engine.states:
+        if self._config.exists(spec.id):
             raise AlreadyExists(f"placement {quote(spec.id)} exists already")
-        await self._engine.apply([spec])
+        await self._config.apply([spec])
         return admin_pb2.CreatePlacementResponse(placement=self._placement_pb(spec.id))
 
     @rpc
     async def UpdatePlacement(self, request: admin_pb2.UpdatePlacementRequest, context: Ctx) -> admin_pb2.UpdatePlacementResponse:
         spec = convert.placement_spec(request.placement)
-        self._engine.placement(spec.id)  # NOT_FOUND before anything else
-        await self._engine.apply([spec])
+        self._config.placement(spec.id)  # NOT_FOUND before anything else
+        await self._config.apply([spec])
         return admin_pb2.UpdatePlacementResponse(placement=self._placement_pb(spec.id))
 
     @rpc
@@ -45,10 +47,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @rpc
     async def ListPlacements(self, request: admin_pb2.ListPlacementsRequest, context: Ctx) -> admin_pb2.ListPlacementsResponse:
-        return admin_pb2.ListPlacementsResponse(placements=[convert.placement_pb(r) for r in self._engine.placements()])
+        return admin_pb2.ListPlacementsResponse(placements=[convert.placement_pb(r) for r in self._config.placements()])
 
     async def _put_arm(self, placement: str, arm_pb: admin_pb2.Arm, create: bool) -> admin_pb2.Arm:
-        spec = self._engine.placement(placement).spec
+        spec = self._config.placement(placement).spec
         arm = convert.arm_spec(arm_pb)
         exists = any(a.id == arm.id for a in spec.arms)
         if create and exists:
@@ -56,11 +58,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if not create and not exists:
             raise NotFound(f"arm {quote(arm.id)} does not exist in placement {quote(placement)}")
         arms = [arm if a.id == arm.id else a for a in spec.arms] if exists else [*spec.arms, arm]
-        await self._engine.apply([PlacementSpec.model_validate({**spec.model_dump(by_alias=True), "arms": arms})])
+        await self._config.apply([PlacementSpec.model_validate({**spec.model_dump(by_alias=True), "arms": arms})])
         return self._arm_pb(placement, arm.id)
 
     def _arm_pb(self, placement: str, arm_id: str) -> admin_pb2.Arm:
-        rec = self._engine.placement(placement)
+        rec = self._config.placement(placement)
         for a in rec.spec.arms:
             if a.id == arm_id:
                 return convert.arm_pb(a, rec.arm_versions.get(a.id, 0))
@@ -80,7 +82,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @rpc
     async def ListArms(self, request: admin_pb2.ListArmsRequest, context: Ctx) -> admin_pb2.ListArmsResponse:
-        rec = self._engine.placement(request.placement)
+        rec = self._config.placement(request.placement)
         return admin_pb2.ListArmsResponse(arms=[convert.arm_pb(a, rec.arm_versions.get(a.id, 0)) for a in rec.spec.arms])
 
     @rpc
@@ -89,16 +91,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         campaigns = [convert.campaign_spec(c, f"campaigns[{i}]") for i, c in enumerate(request.campaigns)]
         if not specs and not campaigns:
             raise InvalidInput("placements", "list at least one placement or campaign")
-        changes = await self._engine.apply(specs, dry_run=request.dry_run, campaigns=campaigns)
+        changes = await self._config.apply(specs, dry_run=request.dry_run, campaigns=campaigns)
         return admin_pb2.ApplyConfigResponse(changes=convert.changes_pb(changes), applied=bool(changes) and not request.dry_run)
 
     @rpc
     async def ListCampaigns(self, request: admin_pb2.ListCampaignsRequest, context: Ctx) -> admin_pb2.ListCampaignsResponse:
-        camps = sorted(self._engine.budgets.campaigns.values(), key=lambda c: c.id)
+        camps = self._config.campaigns()
         return admin_pb2.ListCampaignsResponse(campaigns=[convert.campaign_pb(c) for c in camps])
 
     @rpc
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Ctx) -> admin_pb2.GetStatsResponse:
         if not request.placement:
             raise InvalidInput("placement", "must not be empty")
-        return convert.stats_pb(await self._engine.stats(request.placement))
+        return convert.stats_pb(await self._stats.stats(request.placement))

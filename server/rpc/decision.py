@@ -6,11 +6,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from nextbest.engine.engine import Engine
+from nextbest.engine.chooser import Chooser
 from nextbest.v1 import decision_pb2, decision_pb2_grpc
 from nextbest.rpc import convert
 from nextbest.rpc.errors import message_of, rpc, status_for
-from nextbest.engine.windows import ActivateStatus, RewardStatus
+from nextbest.engine.windows import ActivateStatus, RewardStatus, RewardWindows
+from nextbest.telemetry.metrics import Metrics
 
 _STATUS = {
     RewardStatus.LEARNED: decision_pb2.REWARD_STATUS_LEARNED,
@@ -28,15 +29,17 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, chooser: Chooser, windows: RewardWindows, metrics: Metrics) -> None:
+        self._chooser = chooser
+        self._windows = windows
+        self._metrics = metrics
 
     @rpc
     async def Choose(self, request: decision_pb2.ChooseRequest, context: Ctx) -> decision_pb2.ChooseResponse:
         slot_features = [
             convert.features(s.features, f"slot_features[{i}].features") for i, s in enumerate(request.slot_features)
         ]
-        decisions = await self._engine.choose(
+        decisions = await self._chooser.choose(
             request.placement,
             request.customer_id,
             request.event_id,
@@ -62,19 +65,19 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     @rpc
     async def Reward(self, request: decision_pb2.RewardRequest, context: Ctx) -> decision_pb2.RewardResponse:
-        status = await self._engine.reward(request.event_id, request.reward, request.slot, request.reward_id)
-        self._engine.metrics.reward(status)
+        status = await self._windows.reward(request.event_id, request.reward, request.slot, request.reward_id)
+        self._metrics.reward(status)
         return decision_pb2.RewardResponse(status=_STATUS[status])
 
     @rpc
     async def RewardBatch(
         self, request: decision_pb2.RewardBatchRequest, context: Ctx
     ) -> decision_pb2.RewardBatchResponse:
-        results = await self._engine.reward_batch([(r.event_id, r.reward, r.slot, r.reward_id) for r in request.rewards])
+        results = await self._windows.reward_batch([(r.event_id, r.reward, r.slot, r.reward_id) for r in request.rewards])
         out = []
         for r in results:
             if isinstance(r, str):
-                self._engine.metrics.reward(r)
+                self._metrics.reward(r)
                 out.append(decision_pb2.RewardResult(status=_STATUS[r]))
             else:
                 out.append(decision_pb2.RewardResult(code=status_for(r).value[0], message=message_of(r)))
@@ -82,4 +85,4 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     @rpc
     async def Activate(self, request: decision_pb2.ActivateRequest, context: Ctx) -> decision_pb2.ActivateResponse:
-        return decision_pb2.ActivateResponse(status=_ACTIVATE[await self._engine.activate(request.event_id)])
+        return decision_pb2.ActivateResponse(status=_ACTIVATE[await self._windows.activate(request.event_id)])

@@ -243,12 +243,6 @@ def deadline_passed(context: Ctx, margin: float = 0.0) -> bool:
     return remaining is not None and remaining <= margin
 
 
-async def check_deadline(context: Ctx, margin: float = 0.0) -> None:
-    """Abort with DEADLINE_EXCEEDED if the caller has given up: call before doing work."""
-    if deadline_passed(context, margin):
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the work started")
-
-
 class OverloadInterceptor(HandlerWrapper):
     """RESOURCE_EXHAUSTED past max_inflight calls of a method; DEADLINE_EXCEEDED for expired calls."""
 

@@ -93,3 +93,19 @@ class StatsQueries(SqlBase):
                 .order_by(d.variant)
             ).all()
         return [VariantTally(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
+
+    def learn_backlog(self, cursors: dict[str, int]) -> tuple[int, dict[str, int]]:
+        """The learn sequence's top and, per placement, windows closed but not yet learned: not
+        yet in the learn sequence, or in it above the placement's most advanced model (its
+        cursor). Index ranges only (ix_decisions_unclaimed, and learn_seq's unique index above
+        the cursor, which is short while the learner keeps up): read at every metrics scrape."""
+        d = t.decisions.c
+        closed = [int(Outcome.REWARD), int(Outcome.DEFAULT)]
+        out: dict[str, int] = {}
+        with self._connect() as c:
+            top = c.execute(select(t.counters.c.value).where(t.counters.c.name == "learn_seq")).scalar() or 0
+            for pid, cursor in cursors.items():
+                waiting = select(func.count()).where(d.placement_id == pid, d.outcome.in_(closed), d.learn_seq.is_(None))
+                ahead = select(func.count()).where(d.learn_seq > cursor, d.placement_id == pid)
+                out[pid] = int(c.execute(waiting).scalar_one()) + int(c.execute(ahead).scalar_one())
+        return int(top), out

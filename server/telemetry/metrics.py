@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 from prometheus_client import (
@@ -31,8 +31,6 @@ from prometheus_client.core import GaugeMetricFamily
 from nextbest.telemetry.gc_pauses import PauseObserver
 from nextbest.rpc.wrapping import HandlerWrapper
 
-if TYPE_CHECKING:
-    from nextbest.engine.engine import Engine
 
 log = logging.getLogger("nextbest.rpc")
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -111,48 +109,15 @@ class Metrics:
 
     # -- state gauges -------------------------------------------------------------------------
 
-    def track(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        """Read this engine's state, on this loop, at every scrape."""
-        self._collector.engine, self._collector.loop = engine, loop
-
-    def read(self, engine: Engine) -> EngineReading:
-        """The engine's state now; call on the engine's loop."""
-        out = EngineReading(ready=engine.ready, queue_depth=engine.queue_depth)
-        for pid, ps in engine.states.items():
-            out.model_cursor[pid] = max((s.cursor for s in ps.slots.values()), default=0)
-            for name, slot in ps.slots.items():
-                out.model_version[(pid, name)] = slot.model.learned
-        for (key, period), acc in engine.budgets.ledger.accounts.items():
-            out.budget_remaining[(key, period)] = acc.remaining
-            out.budget_limit[(key, period)] = acc.limit
-        return out
-
-    @staticmethod
-    def read_backlog(engine: Engine, cursors: dict[str, int]) -> tuple[int, dict[str, int]]:
-        """The learn sequence's top and, per placement, windows closed but not yet learned: not
-        yet in the learn sequence, or in it above the placement's most advanced model.
-
-        Not on the loop: these are database reads (index ranges: ix_decisions_unclaimed, and
-        learn_seq's unique index above the cursor, which is short when the learner keeps up).
-        """
-        from sqlalchemy import func, select
-
-        from nextbest.bandit.decision_log import Outcome
-        from nextbest.storage import tables as t
-
-        db = getattr(engine.store, "engine", None)
-        top = engine.store.max_learn_seq()
-        if db is None:
-            return top, {}
-        d = t.decisions.c
-        closed = [int(Outcome.REWARD), int(Outcome.DEFAULT)]
-        out: dict[str, int] = {}
-        with db.connect() as c:
-            for pid, cursor in cursors.items():
-                waiting = select(func.count()).where(d.placement_id == pid, d.outcome.in_(closed), d.learn_seq.is_(None))
-                ahead = select(func.count()).where(d.learn_seq > cursor, d.placement_id == pid)
-                out[pid] = int(c.execute(waiting).scalar_one()) + int(c.execute(ahead).scalar_one())
-        return top, out
+    def track(
+        self,
+        read: Callable[[], EngineReading],
+        backlog: Callable[[dict[str, int]], tuple[int, dict[str, int]]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """At every scrape: ``read`` the engine's state on its ``loop`` (its single owner), then
+        its learn ``backlog`` from the database, off the loop."""
+        self._collector.read, self._collector.backlog, self._collector.loop = read, backlog, loop
 
     # -- HTTP exporter ----------------------------------------------------------------------
 
@@ -177,7 +142,8 @@ class _EngineCollector:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self.engine: Engine | None = None
+        self.read: Callable[[], EngineReading] | None = None
+        self.backlog: Callable[[dict[str, int]], tuple[int, dict[str, int]]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last = EngineReading()
 
@@ -185,14 +151,14 @@ class _EngineCollector:
         return []
 
     def _reading(self) -> EngineReading:
-        engine, loop = self.engine, self.loop
-        if engine is None or loop is None:
+        read, backlog, loop = self.read, self.backlog, self.loop
+        if read is None or backlog is None or loop is None:
             return self._last
         fut: concurrent.futures.Future[EngineReading] = concurrent.futures.Future()
 
         def work() -> None:
             try:
-                fut.set_result(self._metrics.read(engine))
+                fut.set_result(read())
             except Exception as e:  # noqa: BLE001 - handed to the waiting thread
                 fut.set_exception(e)
 
@@ -202,7 +168,7 @@ class _EngineCollector:
         except Exception:  # noqa: BLE001 - loop busy or closed: serve the previous reading
             return self._last
         try:
-            reading.learn_seq, reading.learner_lag = self._metrics.read_backlog(engine, reading.model_cursor)
+            reading.learn_seq, reading.learner_lag = backlog(reading.model_cursor)
         except Exception:  # noqa: BLE001 - the database is away: the last known backlog
             reading.learn_seq, reading.learner_lag = self._last.learn_seq, self._last.learner_lag
         self._last = reading

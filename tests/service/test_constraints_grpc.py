@@ -97,7 +97,7 @@ def test_contact_policies_hold_over_a_simulated_month(db_url: str) -> None:
                     c.reward(d.event_id, 1.0)
                 reasons[d.reason.split(":")[0]] += 1
             clock.advance(3 * 3600)
-            s.call(s.engine.sweep())
+            s.call(s.engine.windows.sweep())
         s.call(s.engine.writer.flush())
     from nextbest.storage.sql import open_store
 

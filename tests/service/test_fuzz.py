@@ -363,7 +363,7 @@ def test_hostile_text_and_magnitudes_on_postgresql_leave_ordinary_traffic_learne
 
             hostile()
             with pytest.raises(InvalidInput):  # a lone surrogate, in process: refused the same
-                s.call(s.engine.choose("fz", "c\ud800", "", []))
+                s.call(s.engine.chooser.choose("fz", "c\ud800", "", []))
             with s.client() as c:
                 for _ in range(5):
                     d = c.choose("fz", {"segment": "youth"}, customer_id="ok")

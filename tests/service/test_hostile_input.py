@@ -77,7 +77,7 @@ def test_text_no_store_can_keep_is_invalid_argument_and_the_writer_keeps_going(a
             _refused(lambda: c.activate(NUL), "event_id")
             # A lone surrogate cannot even travel over gRPC; an in-process caller is refused too.
             with pytest.raises(InvalidInput, match="^customer_id:"):
-                s.call(s.engine.choose("p", "c\ud800", "", []))
+                s.call(s.engine.chooser.choose("p", "c\ud800", "", []))
             # Nothing was stored or wedged: the ordinary traffic is learned and durable.
             assert c.reward(d.event_id, 1.0) == "learned"
             for _ in range(5):

@@ -70,14 +70,14 @@ def small(db_url: str) -> Iterator[ServerThread]:
 
 def test_a_saturated_method_answers_resource_exhausted_at_once(small: ServerThread) -> None:
     engine = small.engine
-    original = engine.choose
+    original = engine.chooser.choose
     gate = asyncio.Event()
 
     async def stuck_choose(*args: Any, **kw: Any) -> Any:
         await gate.wait()
         return await original(*args, **kw)
 
-    engine.choose = stuck_choose
+    engine.chooser.choose = stuck_choose  # type: ignore[method-assign]
     req = decision_pb2.ChooseRequest(placement="app_home_banner")
     with small.client() as c:
         t0 = time.monotonic()

@@ -25,7 +25,7 @@ def test_default_reward_after_window_then_late_reward_is_not_learned(db_url: str
         assert c.reward(answered.event_id, 1.0) == "learned"
         ps = s.engine.states["app_home_banner"]
         clock.advance(1)
-        s.call(s.engine.sweep())
+        s.call(s.engine.windows.sweep())
         wait_for(lambda: ps.model.learned == 2)  # the answered one, then the default for the quiet one
         row = s.engine.store.find_decision(quiet.event_id)
         assert (row.outcome.name, row.reward) == ("DEFAULT", -0.5)
@@ -48,7 +48,7 @@ def test_reward_after_deadline_but_before_the_sweep_is_late(db_url: str) -> None
         d = c.choose("app_home_banner", {"segment": "youth"})
         time.sleep(0.2)
         assert c.reward(d.event_id, 1.0) == "late"
-        assert s.call(s.engine.sweep()) == 1
+        assert s.call(s.engine.windows.sweep()) == 1
         assert s.engine.store.find_decision(d.event_id).outcome.name == "DEFAULT"
 
 

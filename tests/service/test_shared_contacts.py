@@ -242,8 +242,8 @@ def test_activate_answers_even_when_the_customer_cannot_be_locked(url: str) -> N
 def test_record_now_with_no_rows_does_nothing(tmp_path: Path) -> None:
     s = ServerThread(make_settings(f"sqlite:///{tmp_path}/nb.db", contact_store="database"))
     try:
-        assert s.engine.shared_contacts is not None
-        s.call(s.engine.shared_contacts.record_now("k", []))
+        assert s.engine.contacts.shared is not None
+        s.call(s.engine.contacts.shared.record_now("k", []))
         wait_recorded(f"sqlite:///{tmp_path}/nb.db", "k", 0)
     finally:
         s.stop()

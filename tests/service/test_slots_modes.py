@@ -75,7 +75,7 @@ def test_deferred_decisions_count_only_when_activated(db_url: str) -> None:
         assert c.activate(shown.event_id) == "already_active"
         assert c.reward(shown.event_id, 1.0) == "learned"
         clock.advance(1)  # the activation window passes
-        s.call(s.engine.sweep())
+        s.call(s.engine.windows.sweep())
         wait(lambda: s.engine.windows.slots_of(never.event_id) == [])
         assert c.activate(never.event_id) == "expired"
         wait(lambda: s.engine.states["push"].model.learned == 1)
@@ -108,7 +108,7 @@ def test_reward_aggregation(db_url: str, how: str, statuses: list[str], learned:
         assert got == statuses
         clock.advance(100)
         assert c.reward(d.event_id, 7.0) == ("duplicate" if how == "earliest" else "late")
-        s.call(s.engine.sweep())
+        s.call(s.engine.windows.sweep())
         wait(lambda: s.engine.states["app_home_banner"].model.learned == 1)
         row = s.engine.store.find_decision(d.event_id)
         assert math.isclose(row.reward, learned) and row.outcome.name == "REWARD"
@@ -133,7 +133,7 @@ def test_a_retried_reward_with_its_key_counts_once_also_after_a_restart(db_url: 
     with running_server(db_url, clock=clock) as s, s.client() as c:
         assert c.reward(event_id, 3.0, reward_id="buy-1") == "duplicate"  # keys rebuilt from the log
         clock.advance(200)
-        s.call(s.engine.sweep())
+        s.call(s.engine.windows.sweep())
         wait(lambda: s.engine.states["app_home_banner"].model.learned == 1)
         assert s.engine.store.find_decision(event_id).reward == 2.0 + 3.0 + 0.5
 
@@ -203,7 +203,7 @@ def test_multi_slot_log_exports_in_vws_ccb_form(db_url: str, tmp_path) -> None: 
             chosen[d.event_id] = [a for a, _ in d.slots]
             assert c.reward(d.event_id, 1.0, slot=i % 2) == "learned"
         clock.advance(1)
-        s.call(s.engine.sweep())
+        s.call(s.engine.windows.sweep())
         wait(lambda: not s.engine.windows.open)  # every slot's window closed
         s.call(s.engine.writer.flush())
     out = tmp_path / "ccb.json"

@@ -1,0 +1,68 @@
+"""The customers' contact history, as contact rules read it.
+
+Either this server's memory (rebuilt from the decision log at start and after a change, as far
+back as any placement's rules look), or, with ``shares_contacts``, the database every server
+shares (``SharedContacts``), read inside the customer's lock at each Choose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from nextbest.bandit.contact import ContactHistory, Impression
+from nextbest.bandit.decision_log import Outcome
+from nextbest.engine.learner import PlacementState
+from nextbest.engine.shared_contacts import SharedContacts
+from nextbest.storage.base import RecentImpression, Store
+
+
+class Contacts:
+    """The contact history of one server: ``history`` in memory, ``shared`` when the servers share it."""
+
+    def __init__(
+        self,
+        store: Store,
+        reader_pool: ThreadPoolExecutor,
+        states: dict[str, PlacementState],
+        clock: Callable[[], float],
+        shared: SharedContacts | None,
+    ) -> None:
+        self._store = store
+        self._reader_pool = reader_pool
+        self._states = states
+        self._clock = clock
+        self.shared = shared
+        self.history = ContactHistory(0.0)
+
+    @property
+    def tracked(self) -> bool:
+        """Some placement's rules read contact history: impressions are counted."""
+        return self.history.horizon > 0
+
+    def impression(self, r: RecentImpression) -> Impression:
+        """A stored impression as contact rules read it (responded: None while its window is open)."""
+        ps = self._states.get(r.placement)
+        campaign = ps.arm_campaigns.get(r.arm_id) if ps else None
+        responded = None if r.outcome == Outcome.OPEN else (r.outcome == Outcome.REWARD and (r.reward or 0) > 0)
+        return Impression(r.at, r.arm_id, campaign, r.placement, r.event_id, responded)
+
+    async def rebuild(self) -> None:
+        """As far back as any placement's rules look (after start or a change). Shared history
+        is read per Choose, so only its horizon changes."""
+        horizon = max((ps.record.spec.history_horizon for ps in self._states.values()), default=0.0)
+        if horizon <= self.history.horizon or self.shared is not None:
+            self.history.horizon = horizon
+            return
+        rows = await asyncio.get_running_loop().run_in_executor(
+            self._reader_pool, self._store.recent_impressions, self._clock() - horizon
+        )
+        history = ContactHistory(horizon)
+        for r in rows:
+            history.record(r.customer_id, self.impression(r))
+        self.history = history
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()

@@ -1,0 +1,59 @@
+"""Reading a placement's live statistics: tallies from the log, budgets and models from memory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from nextbest.bandit.errors import NotFound
+from nextbest.bandit.text import quote
+from nextbest.engine.budgets import BudgetKeeper
+from nextbest.engine.learner import PlacementState
+from nextbest.engine.placement_stats import BudgetView, ModelView, Stats
+from nextbest.engine.writer import BatchWriter
+from nextbest.storage.base import ArmTally, Store
+
+
+class StatsReader:
+    """Reads a placement's statistics: tallies from the log (after this server's queued writes
+    are flushed, so a caller sees its own decisions), budgets and models from memory."""
+
+    def __init__(
+        self,
+        states: dict[str, PlacementState],
+        writer: BatchWriter,
+        budgets: BudgetKeeper,
+        store: Store,
+        reader_pool: ThreadPoolExecutor,
+        clock: Callable[[], float],
+    ) -> None:
+        self._states = states
+        self._writer = writer
+        self._budgets = budgets
+        self._store = store
+        self._reader_pool = reader_pool
+        self._clock = clock
+
+    async def stats(self, pid: str) -> Stats:
+        ps = self._states.get(pid)
+        if ps is None:
+            raise NotFound(f"placement {quote(pid)} does not exist")
+        await asyncio.wait_for(self._writer.flush(), timeout=10)
+        loop = asyncio.get_running_loop()
+        tallies, total, no_arm = await loop.run_in_executor(self._reader_pool, self._store.tally, pid)
+        by_arm = {t.arm_id: t for t in tallies}
+        rows = [(by_arm.pop(a.id, ArmTally(a.id)), a.active) for a in ps.record.spec.arms]
+        rows += [(t, False) for t in by_arm.values()]
+        pending = sum(t.pending for t, _ in rows)
+        variants = await loop.run_in_executor(self._reader_pool, self._store.tally_variants, pid)
+        now = self._clock()
+        seen: set[tuple[str, str]] = set()
+        budgets = []
+        for a in ps.record.spec.arms:
+            for acc in self._budgets.accounts(pid, a, now):
+                if (acc.key, acc.period) not in seen:
+                    seen.add((acc.key, acc.period))
+                    budgets.append(BudgetView.of(acc, now))
+        models = [ModelView.of(s) for s in ps.slots.values()]
+        return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models)
