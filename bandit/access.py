@@ -40,7 +40,9 @@ def require(placement: str) -> None:
     if scope is None or placement in scope.placements:
         return
     log.info(
-        "denied placement %s to token %s", placement, scope.name,
+        "denied placement %s to token %s",
+        placement,
+        scope.name,
         extra={"event": "auth_denied", "principal": scope.name, "placement": placement},
     )
     raise PermissionDenied(f"token {quote(scope.name)} may not use placement {quote(placement)}")

@@ -11,15 +11,13 @@ other arms were not eligible are returned for the log.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
-from nextbest.bandit import contact
-from nextbest.bandit import exploration
+from nextbest.bandit import contact, exploration
 from nextbest.bandit.budget import Account, Ledger
 from nextbest.bandit.features import Feature, arm_line, feature_key
 from nextbest.bandit.model import CbModel
@@ -81,9 +79,7 @@ class Choice:
     fallback: bool = False
 
 
-def explore(
-    values: NDArray[np.float64], spec: ExplorationSpec, learned: int, reward_scale: float = 1.0
-) -> NDArray[np.float64]:
+def explore(values: NDArray[np.float64], spec: ExplorationSpec, learned: int, reward_scale: float = 1.0) -> NDArray[np.float64]:
     """The placement's exploration algorithm applied to (adjusted) expected rewards.
 
     Softmax and SquareCB compare value gaps with a temperature or gamma tuned for rewards in

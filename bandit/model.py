@@ -12,15 +12,14 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.typing import NDArray
 import pylibvw
+from numpy.typing import NDArray
 from vowpalwabbit import Workspace
 
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.vw_options import FILE_OPTIONS
-
 
 # VW preallocates 256 examples per workspace (about 7.6 MiB whatever the bits); we hand it one
 # multi-line example at a time, so 4 suffice: 1,000 placements then fit in far less memory.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
@@ -82,7 +82,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _utc(v: datetime | None) -> datetime | None:
-    return v if v is None or v.tzinfo is not None else v.replace(tzinfo=timezone.utc)
+    return v if v is None or v.tzinfo is not None else v.replace(tzinfo=UTC)
 
 
 class BudgetSpec(_Spec):
@@ -347,7 +347,11 @@ class PlacementSpec(_Spec):
         if not vid or self.experiment is None:
             return self
         v = next(x for x in self.experiment.variants if x.id == vid)
-        update = {k: getattr(v, k) for k in ("exploration", "vw_args", "interactions", "bits", "fatigue", "contact_policies") if getattr(v, k) is not None}
+        update = {
+            k: getattr(v, k)
+            for k in ("exploration", "vw_args", "interactions", "bits", "fatigue", "contact_policies")
+            if getattr(v, k) is not None
+        }
         return self.model_copy(update=update)
 
     def slot_spec(self, slot: str) -> PlacementSpec:

@@ -8,25 +8,25 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nextbest.telemetry import gc_pauses as collector
-from nextbest.rpc import tls
-from nextbest.rpc.auth import AuthInterceptor, load_tokens
 from nextbest.config.files import load_apply_file
 from nextbest.engine.engine import Engine
-from nextbest.rpc.overload import OverloadInterceptor
-from nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from nextbest.rpc import tls
 from nextbest.rpc.admin import AdminServicer
+from nextbest.rpc.auth import AuthInterceptor, load_tokens
 from nextbest.rpc.decision import DecisionServicer
+from nextbest.rpc.overload import OverloadInterceptor
+from nextbest.rpc.wrapping import RegisterWrapped
 from nextbest.settings import Settings
 from nextbest.storage.sql import open_store
-from nextbest.rpc.wrapping import RegisterWrapped
+from nextbest.telemetry import gc_pauses as collector
+from nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 log = logging.getLogger("nextbest")
 
@@ -124,7 +124,8 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "auth %s (%d tokens), TLS %s, metrics %s",
-        "on" if len(tokens) else "off", len(tokens),
+        "on" if len(tokens) else "off",
+        len(tokens),
         ("mTLS" if settings.tls_client_ca_file else "on") if creds is not None else "off",
         f"on port {metrics_port}" if metrics_port is not None else "off",
     )

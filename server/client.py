@@ -1,8 +1,8 @@
 """A small client for channel services and experimenters, wrapping the generated stubs.
 
-    with NextbestClient("127.0.0.1:50051") as nb:
-        d = nb.choose("app_home_banner", {"customer": {"segment": "youth", "arpu": 12.5}}, customer_id="c42")
-        nb.reward(d.event_id, 1.0)
+with NextbestClient("127.0.0.1:50051") as nb:
+    d = nb.choose("app_home_banner", {"customer": {"segment": "youth", "arpu": 12.5}}, customer_id="c42")
+    nb.reward(d.event_id, 1.0)
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
+from nextbest.config.plans import Change
+from nextbest.rpc import convert
 from nextbest.rpc.auth import BearerToken
 from nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
 
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
-from nextbest.config.plans import Change
-from nextbest.rpc import convert
 
 _REWARD_STATUS = {
     decision_pb2.REWARD_STATUS_LEARNED: "learned",
@@ -145,17 +145,13 @@ class NextbestClient:
         )
         return _REWARD_STATUS.get(r.status, "unspecified")
 
-    def reward_batch(
-        self, rewards: Sequence[tuple[str, float] | tuple[str, float, int] | tuple[str, float, int, str]]
-    ) -> list[str]:
+    def reward_batch(self, rewards: Sequence[tuple[str, float] | tuple[str, float, int] | tuple[str, float, int, str]]) -> list[str]:
         """Many rewards in one call, as (event_id, reward[, slot[, reward_id]]); one result each, in order:
         a Reward status, or "error <CODE>: <message>" for an item that failed (retry those
         that say UNAVAILABLE). Every result is durable when this returns."""
         req = decision_pb2.RewardBatchRequest(
             rewards=[
-                decision_pb2.RewardRequest(
-                    event_id=r[0], reward=r[1], slot=r[2] if len(r) > 2 else 0, reward_id=r[3] if len(r) > 3 else ""
-                )
+                decision_pb2.RewardRequest(event_id=r[0], reward=r[1], slot=r[2] if len(r) > 2 else 0, reward_id=r[3] if len(r) > 3 else "")
                 for r in rewards
             ]
         )
@@ -178,9 +174,7 @@ class NextbestClient:
     ) -> list[Change]:
         """Make the server's configuration match; returns the changes (planned only if dry_run)."""
         msgs = [p if isinstance(p, admin_pb2.Placement) else spec_pb(p) for p in placements]
-        req = admin_pb2.ApplyConfigRequest(
-            placements=msgs, dry_run=dry_run, campaigns=[convert.campaign_pb(c) for c in campaigns]
-        )
+        req = admin_pb2.ApplyConfigRequest(placements=msgs, dry_run=dry_run, campaigns=[convert.campaign_pb(c) for c in campaigns])
         r = self._admin.ApplyConfig(req, timeout=self.timeout)
         return [convert.change(c) for c in r.changes]
 

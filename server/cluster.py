@@ -37,10 +37,12 @@ def start(db: str) -> dict[str, int]:
     state = _state_dir()
     pids: dict[str, int] = {}
     for name, args in TOPOLOGY.items():
-        log = open(state / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
+        log = open(state / f"{name}.log", "w")
         p = subprocess.Popen(
             [sys.executable, "-m", "nextbest.cli.main", *args, "--db", db],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         pids[name] = p.pid
         if name == "learner":

@@ -95,4 +95,3 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
     merged = {**values, **{k: getattr(env, k) for k in env.model_fields_set}}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**merged)
-

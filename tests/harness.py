@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from nextbest.bench import procs as bench_procs
 from nextbest.app import Running, create_server
-from nextbest.rpc.auth import BearerToken, hash_token
+from nextbest.bench import procs as bench_procs
 from nextbest.client import NextbestClient
+from nextbest.rpc.auth import BearerToken, hash_token
 from nextbest.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +63,7 @@ CHANNEL_TOKEN = "chan-3f9a1c77e0b24d2e"
 LIMITED_TOKEN = "ussd-only-8d0e51aa47"
 ADMIN_TOKEN = "admin-b61c0f3e9d2a44"
 TOKENS = (
-    f"app:channel:{hash_token(CHANNEL_TOKEN)}; ops:admin:{hash_token(ADMIN_TOKEN)};"
-    f" ussd:channel:{hash_token(LIMITED_TOKEN)}:ussd_main_menu"
+    f"app:channel:{hash_token(CHANNEL_TOKEN)}; ops:admin:{hash_token(ADMIN_TOKEN)}; ussd:channel:{hash_token(LIMITED_TOKEN)}:ussd_main_menu"
 )
 
 
@@ -121,7 +120,11 @@ class ServerProcess:
     def __init__(self, db: str, *args: str, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "nextbest.cli.main", "serve", "--port", "0", "--db", db, *args]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "NEXTBEST_FLUSH_INTERVAL": "0.005", **(env or {})},
         )
         assert self.proc.stdout is not None

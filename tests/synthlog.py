@@ -8,11 +8,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sqlalchemy import inspect, text
 
-from nextbest.bandit.features import feature
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.features import feature
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
-from nextbest.storage.base import Close
-from nextbest.storage.base import PlacementRecord
+from nextbest.storage.base import Close, PlacementRecord
 from nextbest.storage.sql import open_store
 
 T0 = 1_760_054_400.0  # 2025-10-10T00:00:00Z, a UTC midnight in the past (reward windows are over)
@@ -22,9 +21,17 @@ SHARES = {"holdout": 0.1, "A": 0.45, "B": 0.45}
 
 
 def write_log(
-    url: str, placement: str = "app_home_banner", n: int = 3000, hours: float = 48.0, seed: int = 7,
-    rates: Mapping[str, float] = RATES, shares: Mapping[str, float] = SHARES, arms: Sequence[str] = ARMS,
-    variants: bool = True, open_tail: int = 20, not_shown: int = 5,
+    url: str,
+    placement: str = "app_home_banner",
+    n: int = 3000,
+    hours: float = 48.0,
+    seed: int = 7,
+    rates: Mapping[str, float] = RATES,
+    shares: Mapping[str, float] = SHARES,
+    arms: Sequence[str] = ARMS,
+    variants: bool = True,
+    open_tail: int = 20,
+    not_shown: int = 5,
 ) -> None:
     """``n`` decisions spread over ``hours`` from T0: variants by share, 0/1 rewards by rate;
     the first arm costs budget (campaign xmas with an even schedule); the last ``open_tail``
@@ -52,13 +59,25 @@ def write_log(
             chosen = None  # nothing eligible
         budgets = (("campaign:xmas", "total"), ("campaign:xmas", time.strftime("%Y-%m-%d", time.gmtime(times[i])))) if chosen == 0 else ()
         eid = f"e{i:06d}"
-        decisions.append(LoggedDecision(
-            eid, placement, f"c{i % 97}", float(times[i]), (feature("customer", "segment", "youth"),),
-            tuple((a, 1) for a in arms), tuple(float(p) for p in pmf), chosen,
-            float(pmf[chosen]) if chosen is not None else 1.0, 1, float(times[i]) + 600,
-            Outcome.OPEN if chosen is not None else Outcome.NO_ARM,
-            cost=0.01 if chosen == 0 else 0.0, reward_cost=0.5 if chosen == 0 else 0.0, budgets=budgets,
-        ))
+        decisions.append(
+            LoggedDecision(
+                eid,
+                placement,
+                f"c{i % 97}",
+                float(times[i]),
+                (feature("customer", "segment", "youth"),),
+                tuple((a, 1) for a in arms),
+                tuple(float(p) for p in pmf),
+                chosen,
+                float(pmf[chosen]) if chosen is not None else 1.0,
+                1,
+                float(times[i]) + 600,
+                Outcome.OPEN if chosen is not None else Outcome.NO_ARM,
+                cost=0.01 if chosen == 0 else 0.0,
+                reward_cost=0.5 if chosen == 0 else 0.0,
+                budgets=budgets,
+            )
+        )
         tags.append(v)
         if chosen is not None and i < n - open_tail:
             won = bool(rng.random() < rates[v])
@@ -69,11 +88,15 @@ def write_log(
         if variants:
             if "variant" not in columns:
                 c.execute(text("ALTER TABLE decisions ADD COLUMN variant VARCHAR(64)"))
-            c.execute(text("UPDATE decisions SET variant = :v WHERE event_id = :e"),
-                      [{"v": v, "e": d.event_id} for v, d in zip(tags, decisions, strict=True)])
+            c.execute(
+                text("UPDATE decisions SET variant = :v WHERE event_id = :e"),
+                [{"v": v, "e": d.event_id} for v, d in zip(tags, decisions, strict=True)],
+            )
         if "activated" in columns and not_shown:
-            c.execute(text("UPDATE decisions SET activated = :f WHERE event_id = :e"),
-                      [{"f": False, "e": d.event_id} for d in decisions[-not_shown:]])
+            c.execute(
+                text("UPDATE decisions SET activated = :f WHERE event_id = :e"),
+                [{"f": False, "e": d.event_id} for d in decisions[-not_shown:]],
+            )
     store.close()
 
 

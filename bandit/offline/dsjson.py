@@ -23,9 +23,9 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE, Feature, feature, feature_key, features_from_mapping
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
 
 FORMAT_VERSION = 1
 _FIELDS = frozenset(f.name for f in fields(LoggedDecision))
@@ -36,8 +36,22 @@ ArmKey = tuple[str, int]
 # LoggedDecision fields the standard DSJSON keys or "_nb" carry by name; any other field travels
 # in "_nb.extra", so fields added to the log later survive a round trip.
 _CORE_FIELDS = frozenset(
-    ("event_id", "placement", "customer_id", "timestamp", "features", "arms", "pmf", "chosen", "probability",
-     "model_version", "deadline", "outcome", "reward", "learn_seq")
+    (
+        "event_id",
+        "placement",
+        "customer_id",
+        "timestamp",
+        "features",
+        "arms",
+        "pmf",
+        "chosen",
+        "probability",
+        "model_version",
+        "deadline",
+        "outcome",
+        "reward",
+        "learn_seq",
+    )
 )
 
 # The same characters nextbest.bandit.features replaces, for the same reason: VW gives them a meaning.
@@ -98,7 +112,7 @@ def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> 
         "learn_seq": d.learn_seq,
         "features": [list(f) for f in d.features],
         "arms": [[a, v, dict(arm_features.get((a, v), {}))] for a, v in d.arms],
-        "pmf_extra": list(d.pmf[len(d.arms):]),  # pacing's "no offer", which is not an action in c
+        "pmf_extra": list(d.pmf[len(d.arms) :]),  # pacing's "no offer", which is not an action in c
         "extra": {f.name: getattr(d, f.name) for f in fields(d) if f.name not in _CORE_FIELDS},
     }
     head = {
@@ -147,10 +161,7 @@ def to_ccb_dsjson(slots: Sequence[LoggedDecision], arm_features: Mapping[ArmKey,
                 "_p": [d.pmf[i] for i in order],
             }
         )
-    context = (
-        f'{{"{SHARED_NAMESPACE}":{_object(_pairs(shared))},"_multi":[{",".join(multi)}],'
-        f'"_slots":[{",".join(slot_objs)}]}}'
-    )
+    context = f'{{"{SHARED_NAMESPACE}":{_object(_pairs(shared))},"_multi":[{",".join(multi)}],"_slots":[{",".join(slot_objs)}]}}'
     head = {"Timestamp": iso_time(first.timestamp), "Version": "1", "EventId": first.event_id}
     return json.dumps(head)[:-1] + f',"c":{context},"_outcomes":{json.dumps(outcomes)}}}'
 
@@ -199,8 +210,7 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
     else:
         features, arms, arm_features = _decode_context(obj["c"], event_id)
         timestamp = parse_iso_time(obj["Timestamp"])
-        rest = {"placement": "", "customer_id": "", "deadline": timestamp, "model_version": 0,
-                 "outcome": Outcome.REWARD, "learn_seq": None}
+        rest = {"placement": "", "customer_id": "", "deadline": timestamp, "model_version": 0, "outcome": Outcome.REWARD, "learn_seq": None}
     if len(arms) != len(actions):
         raise InvalidInput("c", f"{event_id}: {len(arms)} arms in c but {len(actions)} in a")
     reward = -float(obj["_label_cost"])

@@ -95,9 +95,7 @@ def _check_probabilities(arr: FloatArray, name: str, *, allow_zero: bool) -> Non
         valid = arr >= floor
         bad = int(np.count_nonzero(~(valid & (arr <= 1.0))))
         interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise EstimatorInputError(
-            name, f"must lie in {interval}; {bad} value(s) do not (min={lo!r}, max={hi!r})"
-        )
+        raise EstimatorInputError(name, f"must lie in {interval}; {bad} value(s) do not (min={lo!r}, max={hi!r})")
 
 
 def _validate(
@@ -127,9 +125,7 @@ def _check_rows(first: tuple[str, FloatArray], *rest: tuple[str, FloatArray]) ->
         raise EstimatorInputError(ref, "is empty; need at least one logged event")
     for name, arr in rest:
         if arr.shape[0] != n:
-            raise EstimatorInputError(
-                name, f"has {arr.shape[0]} rows but {ref} has {n}; need one row per event"
-            )
+            raise EstimatorInputError(name, f"has {arr.shape[0]} rows but {ref} has {n}; need one row per event")
 
 
 def _probabilities(logged_prob: ArrayLike, target_prob: ArrayLike) -> tuple[FloatArray, FloatArray]:
@@ -160,9 +156,7 @@ def _weights(p_log: FloatArray, p_tgt: FloatArray, clip: float | None) -> tuple[
     return w, clipped
 
 
-def importance_weights(
-    logged_prob: ArrayLike, target_prob: ArrayLike, *, clip: float | None = None
-) -> tuple[FloatArray, int]:
+def importance_weights(logged_prob: ArrayLike, target_prob: ArrayLike, *, clip: float | None = None) -> tuple[FloatArray, int]:
     """The weights every estimator uses, and how many were clipped, for inspection."""
     _check_clip(clip)
     return _weights(*_probabilities(logged_prob, target_prob), clip)
@@ -217,10 +211,7 @@ def _diagnose(
             f"(want >= {min_ess:g} and >= {min_ess_fraction:.0%} of n); the CI is unreliable"
         )
     if clipped > max_clipped_fraction * n:
-        out.append(
-            f"many_clipped: {clipped} of {n} weights ({clipped / n:.1%}) were clipped; "
-            "clipping biases the estimate"
-        )
+        out.append(f"many_clipped: {clipped} of {n} weights ({clipped / n:.1%}) were clipped; clipping biases the estimate")
     return tuple(out)
 
 
@@ -275,9 +266,7 @@ def _mean_and_ci(terms: FloatArray) -> tuple[float, float, float]:
     return value, value - Z_95 * se, value + Z_95 * se
 
 
-_ZERO_WEIGHT_SUM: Final = (
-    "zero_weight_sum: the candidate gives probability 0 to every logged action; SNIPS is undefined"
-)
+_ZERO_WEIGHT_SUM: Final = "zero_weight_sum: the candidate gives probability 0 to every logged action; SNIPS is undefined"
 
 
 def _few_events(n: int) -> tuple[str, ...]:
@@ -395,7 +384,5 @@ def estimate(
         if reward_hat_logged is None or reward_hat_target is None:
             missing = "reward_hat_logged" if reward_hat_logged is None else "reward_hat_target"
             raise EstimatorInputError(missing, "is required by the dr estimator")
-        return dr(
-            rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target, clip=clip
-        )
+        return dr(rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target, clip=clip)
     raise EstimatorInputError("name", f"unknown estimator {name!r}; expected one of {ESTIMATORS}")

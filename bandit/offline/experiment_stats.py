@@ -85,9 +85,7 @@ def mean_interval(total: float, total_sq: float, n: int, z: float = Z95) -> Inte
     return Interval(mean, mean - half, mean + half)
 
 
-def difference(
-    mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int, z: float = Z95
-) -> Interval:
+def difference(mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int, z: float = Z95) -> Interval:
     """a − b with a normal interval: se = √(var_a/n_a + var_b/n_b) (independent samples)."""
     if n_a <= 0 or n_b <= 0:
         return NAN_INTERVAL
@@ -209,12 +207,22 @@ class GroupStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "variant": self.variant, "arm": self.arm, "bucket": iso(self.bucket), "decisions": self.decisions,
-            "impressions": self.impressions, "no_offer": self.no_offer, "not_shown": self.not_shown,
+            "variant": self.variant,
+            "arm": self.arm,
+            "bucket": iso(self.bucket),
+            "decisions": self.decisions,
+            "impressions": self.impressions,
+            "no_offer": self.no_offer,
+            "not_shown": self.not_shown,
             "pending": self.pending,
-            "measured": self.measured, "rewards": self.rewards, "reward_sum": self.reward_sum,
-            "mean": _num(self.mean.estimate), "ci_low": _num(self.mean.low), "ci_high": _num(self.mean.high),
-            "spend": self.spend, "exploration_share": _num(self.exploration_share),
+            "measured": self.measured,
+            "rewards": self.rewards,
+            "reward_sum": self.reward_sum,
+            "mean": _num(self.mean.estimate),
+            "ci_low": _num(self.mean.low),
+            "ci_high": _num(self.mean.high),
+            "spend": self.spend,
+            "exploration_share": _num(self.exploration_share),
         }
 
 
@@ -229,8 +237,14 @@ class Lift:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.difference
-        return {"variant": self.variant, "control": self.control, "difference": _num(d.estimate),
-                "ci_low": _num(d.low), "ci_high": _num(d.high), "relative": _num(self.relative)}
+        return {
+            "variant": self.variant,
+            "control": self.control,
+            "difference": _num(d.estimate),
+            "ci_low": _num(d.low),
+            "ci_high": _num(d.high),
+            "relative": _num(self.relative),
+        }
 
 
 def _num(x: float) -> float | None:
@@ -245,7 +259,11 @@ def _factorize(values: Sequence[Any]) -> tuple[list[Any], IntArray]:
 
 
 def group(
-    cols: LogColumns, *, by_variant: bool = True, by_arm: bool = True, bucket: Bucket | None = None,
+    cols: LogColumns,
+    *,
+    by_variant: bool = True,
+    by_arm: bool = True,
+    bucket: Bucket | None = None,
     binary: bool | None = None,
 ) -> list[GroupStats]:
     """Aggregate the log by the chosen keys (bincount over one combined key, so millions of
@@ -282,9 +300,13 @@ def group(
     has_arm = np.array([a is not None for a in cols.arm], dtype=np.bool_)
     shown = cols.shown
     sums = {
-        "decisions": count(np.ones(n, dtype=np.bool_)), "impressions": count(shown), "no_offer": count(~has_arm),
-        "not_shown": count(has_arm & ~shown), "pending": count(shown & ~measured),
-        "measured": count(measured), "rewards": count(measured & (cols.outcome == REWARD)),
+        "decisions": count(np.ones(n, dtype=np.bool_)),
+        "impressions": count(shown),
+        "no_offer": count(~has_arm),
+        "not_shown": count(has_arm & ~shown),
+        "pending": count(shown & ~measured),
+        "measured": count(measured),
+        "rewards": count(measured & (cols.outcome == REWARD)),
         "explored": count(shown & cols.explored),
     }
     reward_sum, reward_sq, spend = total(reward), total(reward * reward), total(cols.spend)
@@ -301,11 +323,25 @@ def group(
         start = float(next(it)) if bucket is not None else None
         k_meas = int(sums["measured"][g])
         mean = wilson(float(reward_sum[g]), k_meas) if binary else mean_interval(float(reward_sum[g]), float(reward_sq[g]), k_meas)
-        out.append(GroupStats(
-            variant, arm, start, int(sums["decisions"][g]), int(sums["impressions"][g]), int(sums["no_offer"][g]),
-            int(sums["not_shown"][g]), int(sums["pending"][g]), k_meas, int(sums["rewards"][g]), float(reward_sum[g]), float(reward_sq[g]),
-            mean, float(spend[g]), int(sums["explored"][g]),
-        ))
+        out.append(
+            GroupStats(
+                variant,
+                arm,
+                start,
+                int(sums["decisions"][g]),
+                int(sums["impressions"][g]),
+                int(sums["no_offer"][g]),
+                int(sums["not_shown"][g]),
+                int(sums["pending"][g]),
+                k_meas,
+                int(sums["rewards"][g]),
+                float(reward_sum[g]),
+                float(reward_sq[g]),
+                mean,
+                float(spend[g]),
+                int(sums["explored"][g]),
+            )
+        )
     out.sort(key=lambda s: (s.variant or "", s.bucket or 0.0, s.arm or ""))
     return out
 
@@ -343,10 +379,17 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "placement": self.placement, "decisions": self.n, "first": iso(self.first), "last": iso(self.last),
-            "binary": self.binary, "bucket": self.bucket, "interval": "wilson" if self.binary else "normal",
-            "variants": [g.to_dict() for g in self.variants], "arms": [g.to_dict() for g in self.arms],
-            "buckets": [g.to_dict() for g in self.buckets], "lifts": [x.to_dict() for x in self.lifts],
+            "placement": self.placement,
+            "decisions": self.n,
+            "first": iso(self.first),
+            "last": iso(self.last),
+            "binary": self.binary,
+            "bucket": self.bucket,
+            "interval": "wilson" if self.binary else "normal",
+            "variants": [g.to_dict() for g in self.variants],
+            "arms": [g.to_dict() for g in self.arms],
+            "buckets": [g.to_dict() for g in self.buckets],
+            "lifts": [x.to_dict() for x in self.lifts],
             "variant_buckets": [g.to_dict() for g in self.variant_buckets],
         }
 
@@ -355,10 +398,15 @@ def summarize(placement: str, cols: LogColumns, bucket: Bucket | None = None) ->
     binary = cols.is_binary()
     variants = group(cols, by_arm=False, binary=binary)
     return Summary(
-        placement, cols.n,
-        float(cols.created_at.min()) if cols.n else None, float(cols.created_at.max()) if cols.n else None,
-        binary, variants, group(cols, binary=binary),
+        placement,
+        cols.n,
+        float(cols.created_at.min()) if cols.n else None,
+        float(cols.created_at.max()) if cols.n else None,
+        binary,
+        variants,
+        group(cols, binary=binary),
         group(cols, bucket=bucket, binary=binary) if bucket else [],
-        lifts(variants, binary), bucket,
+        lifts(variants, binary),
+        bucket,
         group(cols, by_arm=False, bucket=bucket, binary=binary) if bucket else [],
     )

@@ -19,10 +19,10 @@ import numpy as np
 from numpy.typing import NDArray
 from vowpalwabbit import Workspace
 
-from nextbest.bandit.errors import InvalidInput
-from nextbest.bandit.offline.estimators import ESTIMATORS, Estimate, estimate
-from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line
 from nextbest.bandit.decision_log import LoggedDecision
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line
+from nextbest.bandit.offline.estimators import ESTIMATORS, Estimate, estimate
 from nextbest.bandit.vw_options import REPLAY_OPTIONS, split_vw_args
 
 FloatArray = NDArray[np.float64]
@@ -80,9 +80,15 @@ class ReplayLog:
 
     @classmethod
     def build(
-        cls, event_ids: Sequence[str], timestamps: Iterable[float], rewards: Iterable[float],
-        probabilities: Iterable[float], chosen: Iterable[int], arm_lists: Sequence[Sequence[Sequence[Any]]],
-        pmfs: Sequence[Sequence[float]], features: Sequence[tuple[Feature, ...]] | None = None,
+        cls,
+        event_ids: Sequence[str],
+        timestamps: Iterable[float],
+        rewards: Iterable[float],
+        probabilities: Iterable[float],
+        chosen: Iterable[int],
+        arm_lists: Sequence[Sequence[Sequence[Any]]],
+        pmfs: Sequence[Sequence[float]],
+        features: Sequence[tuple[Feature, ...]] | None = None,
         arm_features: Mapping[ArmKey, tuple[Feature, ...]] | None = None,
     ) -> ReplayLog:
         """Columns from plain rows. Identical arm lists (the same object) are coded once."""
@@ -148,10 +154,7 @@ class ReplayLog:
         warn: tuple[str, ...] = ()
         if missing:
             names = ", ".join(f"{a} v{v}" for a, v in missing[:5])
-            warn = (
-                f"missing_arm_features: no stored features for {len(missing)} arm version(s) ({names}); "
-                + "VW saw only their ids",
-            )
+            warn = (f"missing_arm_features: no stored features for {len(missing)} arm version(s) ({names}); " + "VW saw only their ids",)
         return lines, warn
 
     def vw_examples(self) -> tuple[list[str], tuple[str, ...]]:
@@ -164,7 +167,7 @@ class ReplayLog:
         chosen, rewards, probs = self.chosen.tolist(), self.rewards.tolist(), self.logged_prob.tolist()
         out = []
         for i, context in enumerate(self.features):
-            arms = [lines[c] for c in codes[offsets[i]:offsets[i + 1]]]
+            arms = [lines[c] for c in codes[offsets[i] : offsets[i + 1]]]
             if chosen[i] >= 0:
                 arms[chosen[i]] = f"0:{-rewards[i]!r}:{probs[i]!r} {arms[chosen[i]]}"
             out.append("\n".join((shared_line(context), *arms)))
@@ -229,8 +232,7 @@ class ConstantPolicy:
         logged, _ = LoggedPolicy().distribution(log)
         target[fallback] = logged[fallback]
         return target, (
-            f"not_eligible: arm {self.arm_id} was not eligible in {missing} of {log.n} events; "
-            + "the logged policy stands in for them",
+            f"not_eligible: arm {self.arm_id} was not eligible in {missing} of {log.n} events; " + "the logged policy stands in for them",
         )
 
 
@@ -246,7 +248,7 @@ def _vw_args(text: str, field_name: str) -> list[str]:
 def _workspace(args: list[str], field_name: str) -> Workspace:
     try:
         return Workspace(arg_list=["--quiet", *args])
-    except Exception as e:  # noqa: BLE001  # VW raises RuntimeError and others for bad options
+    except Exception as e:  # VW raises RuntimeError and others for bad options
         raise InvalidInput(field_name, f"Vowpal Wabbit rejected {' '.join(args)!r}: {e}") from None
 
 
@@ -313,7 +315,7 @@ def parse_policy(spec: str) -> Policy:
         return VwPolicy(f"vw:{rest}", _vw_args(rest, "policy"), learn=True)
     if sep and kind == "model" and rest:
         return VwPolicy(f"model:{rest}", ["-i", rest], learn=False)
-    raise InvalidInput("policy", f"{spec!r}: expected logged, uniform, constant:ARM_ID, vw:\"ARGS\" or model:PATH")
+    raise InvalidInput("policy", f'{spec!r}: expected logged, uniform, constant:ARM_ID, vw:"ARGS" or model:PATH')
 
 
 # --------------------------------------------------------------------------- reward model
@@ -342,7 +344,7 @@ def reward_model(log: ReplayLog, args: str = DEFAULT_REWARD_MODEL_ARGS, folds: i
                 ws.finish_example(ex)
             for i in np.flatnonzero(fold_of == k).tolist():  # predict ignores the label
                 ex = ws.parse(texts[i])
-                rhat[offsets[i]:offsets[i + 1]] = ws.predict(ex)
+                rhat[offsets[i] : offsets[i + 1]] = ws.predict(ex)
                 ws.finish_example(ex)
         finally:
             ws.finish()
@@ -365,13 +367,27 @@ class PolicyEstimate:
         def num(x: float) -> float | None:
             return None if math.isnan(x) else x  # NaN is not JSON
 
-        return {"policy": self.policy, "estimator": e.estimator, "value": num(e.value), "ci_low": num(e.ci_low),
-                "ci_high": num(e.ci_high), "n": e.n, "ess": num(e.ess), "clipped": e.clipped, "warnings": list(e.warnings)}
+        return {
+            "policy": self.policy,
+            "estimator": e.estimator,
+            "value": num(e.value),
+            "ci_low": num(e.ci_low),
+            "ci_high": num(e.ci_high),
+            "n": e.n,
+            "ess": num(e.ess),
+            "clipped": e.clipped,
+            "warnings": list(e.warnings),
+        }
 
 
 def evaluate(
-    log: ReplayLog, policies: Sequence[Policy], estimators: Sequence[str] = ESTIMATORS, *,
-    clip: float | None = None, reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS, folds: int = 2,
+    log: ReplayLog,
+    policies: Sequence[Policy],
+    estimators: Sequence[str] = ESTIMATORS,
+    *,
+    clip: float | None = None,
+    reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS,
+    folds: int = 2,
 ) -> list[PolicyEstimate]:
     """Every estimator of every policy on the same log; the reward model is fitted once."""
     names = [e.strip().lower() for e in estimators]

@@ -107,8 +107,9 @@ class Run:
 Uniform = Callable[[int], float]  # the uniform draw that picks the arm of event t
 
 
-def run_direct(ds: Dataset, rows: Sequence[int], spec: PlacementSpec, seed: int,
-               versions: Sequence[int] | None = None, uniform: Uniform | None = None) -> Run:
+def run_direct(
+    ds: Dataset, rows: Sequence[int], spec: PlacementSpec, seed: int, versions: Sequence[int] | None = None, uniform: Uniform | None = None
+) -> Run:
     """VW ``--cb_explore_adf`` on the stream. With ``versions`` it learns each example only
     once the service had (same staleness at every choice), to measure what lag costs. With
     ``uniform`` it draws arms with the service's own random numbers: where both models agree
@@ -170,9 +171,7 @@ class Service(Protocol):
     def apply(self, placements: Sequence[PlacementSpec]) -> object: ...
 
 
-def run_service(
-    svc: Service, ds: Dataset, rows: Sequence[int], pid: str, wait_learned: Callable[[int], None] | None = None
-) -> Run:
+def run_service(svc: Service, ds: Dataset, rows: Sequence[int], pid: str, wait_learned: Callable[[int], None] | None = None) -> Run:
     """Choose then Reward, one event at a time; ``wait_learned(n)`` (optional) returns once the
     placement's model has learned n examples, which removes the learning lag altogether."""
     rewards = np.zeros(len(rows))
@@ -198,8 +197,16 @@ class SeedResult:
     stale_share: float  # share of choices made by a model that had not learned everything sent
 
 
-def compare(svc: Service, ds: Dataset, seed: int, events: int, pid: str, epsilon: float = 0.05,
-            wait_learned: Callable[[int], None] | None = None, uniform: Uniform | None = None) -> SeedResult:
+def compare(
+    svc: Service,
+    ds: Dataset,
+    seed: int,
+    events: int,
+    pid: str,
+    epsilon: float = 0.05,
+    wait_learned: Callable[[int], None] | None = None,
+    uniform: Uniform | None = None,
+) -> SeedResult:
     """One dataset and seed on both sides: a fresh placement on the service, then VW directly
     (learning every example at once, and again with the staleness the service had)."""
     rows = list(stream(ds, seed, events))

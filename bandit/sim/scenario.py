@@ -343,7 +343,7 @@ def _data_path(data: Any, err: Any) -> tuple[str | int, ...]:
     out: list[str | int] = []
     cur = data
     for i, part in enumerate(loc):
-        if isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):  # noqa: SIM114 (mypy narrows each)
+        if isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
             cur = cur[part]
         elif isinstance(cur, dict) and part in cur:
             cur = cur[part]

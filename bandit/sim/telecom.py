@@ -151,8 +151,7 @@ class TelecomSim:
                 self.recharge_every[idx] = every
                 self.recharge_phase[idx] = rng.uniform(0, every)
         self._seg_channels = [
-            (np.array([self._channels.index(c) for c in s.channels]), np.array(list(s.channels.values()), dtype=np.float64))
-            for s in segs
+            (np.array([self._channels.index(c) for c in s.channels]), np.array(list(s.channels.values()), dtype=np.float64)) for s in segs
         ]
 
     def days_since_recharge(self, c: int, day: float) -> float:
@@ -210,7 +209,9 @@ class TelecomSim:
         p = self.acceptance(values, arms, day, seen)
         feats = self._features(values, seen)
         ids = tuple(self.offer_ids[a] for a in arms)
-        return Visit(i, day, c, channel, self.scenario.channels[channel].placement, ids, feats, p, p * self._value[arms], p * self._price[arms], u)
+        return Visit(
+            i, day, c, channel, self.scenario.channels[channel].placement, ids, feats, p, p * self._value[arms], p * self._price[arms], u
+        )
 
     def truth(self, c: int, channel: str, day: float) -> Vector:
         """True acceptance of each offer of a channel for customer c at a day, given the
@@ -271,8 +272,13 @@ class TelecomSim:
                 arms.append(ArmSpec(id=oid, features=feats))
             out.append(
                 PlacementSpec(
-                    id=c.placement, description=c.description, arms=arms, exploration=c.exploration,
-                    vw_args=c.vw_args, reward_window=600.0, fatigue=c.fatigue,
+                    id=c.placement,
+                    description=c.description,
+                    arms=arms,
+                    exploration=c.exploration,
+                    vw_args=c.vw_args,
+                    reward_window=600.0,
+                    fatigue=c.fatigue,
                 )
             )
         return out

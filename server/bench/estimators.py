@@ -109,10 +109,7 @@ def run(n: int, repeats: int, clip: float | None) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    title = (
-        f"{report['events']:,} events, best of {report['repeats']}, clip={report['clip']}, "
-        f"numpy {report['numpy']}"
-    )
+    title = f"{report['events']:,} events, best of {report['repeats']}, clip={report['clip']}, numpy {report['numpy']}"
     lines = [
         title,
         f"{'estimator':<10} {'ms/call':>9} {'events/s':>14} {'vs ref':>7} {'target':>10}  ok",
@@ -135,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed repeats, best kept (default 7; 3 smoke)")
     parser.add_argument("--clip", type=float, default=None, help="weight clip for all estimators")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 1 if a target is missed (not with --smoke)"
-    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed (not with --smoke)")
     args = parser.parse_args(argv)
     n = args.events or (SMOKE_EVENTS if args.smoke else FULL_EVENTS)
     repeats = args.repeats or (3 if args.smoke else 7)

@@ -148,11 +148,18 @@ def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) ->
         # minimum is the best estimate of what the code costs (medians are kept beside it).
         h, v = min(handler), min(vw)
         hm, vm = statistics.median(handler), statistics.median(vw)
-        out: dict[str, Any] = {"arms": arms, "choose_us": 1e6 * h, "vw_predict_us": 1e6 * v, "besides_vw_us": 1e6 * (h - v),
-                               "median_choose_us": 1e6 * hm, "median_vw_predict_us": 1e6 * vm,
-                               "median_besides_vw_us": 1e6 * (hm - vm),
-                               "choose_wall_us": 1e6 * statistics.median(walls), "calls": rounds * per_round,
-                               **writes.summary()}
+        out: dict[str, Any] = {
+            "arms": arms,
+            "choose_us": 1e6 * h,
+            "vw_predict_us": 1e6 * v,
+            "besides_vw_us": 1e6 * (h - v),
+            "median_choose_us": 1e6 * hm,
+            "median_vw_predict_us": 1e6 * vm,
+            "median_besides_vw_us": 1e6 * (hm - vm),
+            "choose_wall_us": 1e6 * statistics.median(walls),
+            "calls": rounds * per_round,
+            **writes.summary(),
+        }
         if profile_top:  # a separate pass: the profiler's overhead must not reach the figures
             prof, pwrites = cProfile.Profile(time.thread_time), _WriteMeter(engine.store, True)
             prof.enable()
@@ -175,8 +182,8 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
     ceiling as the server drives them. With profile_top, profiles the loop and the writer thread apart."""
 
     async def run(engine: Any) -> dict[str, Any]:
-        from nextbest.v1 import decision_pb2
         from nextbest.rpc.decision import DecisionServicer
+        from nextbest.v1 import decision_pb2
 
         pid = "bench20"
         await engine.config.apply([placement(pid, 20)])
@@ -187,6 +194,7 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
         for i in range(events * (2 if profile_top else 1)):
             ids.append((await servicer.Choose(reqs[i % len(reqs)], ctx)).event_id)
         await asyncio.wait_for(engine.writer.flush(), 60)
+
         async def rewards(batch: list[str], profile: bool) -> dict[str, Any]:
             writes = _WriteMeter(engine.store, profile)
             loop_prof = cProfile.Profile(time.thread_time) if profile else None
@@ -208,8 +216,14 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
             if loop_prof is not None:
                 loop_prof.disable()
             writes.restore()
-            out: dict[str, Any] = {"events": len(batch), "acked": acked, "seconds": dt, "acks_per_s": acked / dt,
-                                   "cpu_us_per_ack": 1e6 * cpu / max(acked, 1), **writes.summary()}
+            out: dict[str, Any] = {
+                "events": len(batch),
+                "acked": acked,
+                "seconds": dt,
+                "acks_per_s": acked / dt,
+                "cpu_us_per_ack": 1e6 * cpu / max(acked, 1),
+                **writes.summary(),
+            }
             if loop_prof is not None and writes.prof is not None:
                 out = {"profile_loop": _top(loop_prof, profile_top), "profile_writer": _top(writes.prof, profile_top)}
             return out
@@ -253,8 +267,12 @@ class _WriteMeter:
 
     def summary(self) -> dict[str, float]:
         rows = max(self.rows, 1)
-        return {"write_batches": self.calls, "write_rows": self.rows, "write_wall_us_per_row": 1e6 * self.wall / rows,
-                "write_cpu_us_per_row": 1e6 * self.cpu / rows}
+        return {
+            "write_batches": self.calls,
+            "write_rows": self.rows,
+            "write_wall_us_per_row": 1e6 * self.wall / rows,
+            "write_cpu_us_per_row": 1e6 * self.cpu / rows,
+        }
 
 
 def _top(prof: cProfile.Profile, n: int) -> str:
@@ -283,5 +301,5 @@ def _short(line: str) -> str:
         i = line.find(marker)
         if i >= 0:
             j = line.rfind(" ", 0, i) + 1
-            line = line[:j] + line[i + len(marker):]
+            line = line[:j] + line[i + len(marker) :]
     return line

@@ -96,9 +96,7 @@ def echo_responses() -> dict[str, bytes]:
     """A typical ChooseResponse and RewardResponse, byte for byte the sizes nextbest answers."""
     from nextbest.v1 import decision_pb2
 
-    choose = decision_pb2.ChooseResponse(
-        event_id="s20-c0-000000123456", arm_id="arm_007", probability=0.8123456789, model_version=123456
-    )
+    choose = decision_pb2.ChooseResponse(event_id="s20-c0-000000123456", arm_id="arm_007", probability=0.8123456789, model_version=123456)
     return {CHOOSE: choose.SerializeToString(), REWARD: LEARNED}
 
 
@@ -122,8 +120,8 @@ def _partial_choose_handler(decode: bool) -> Any:
     ("parse"), and also decode the features and write the VW context line ("decode"). Between
     echo and nextbest, they show where a Choose's time goes."""
     from nextbest.bandit.features import shared_line
-    from nextbest.v1 import decision_pb2
     from nextbest.rpc import convert
+    from nextbest.v1 import decision_pb2
 
     async def handle(request: Any, context: Any) -> Any:
         if decode:
@@ -133,7 +131,8 @@ def _partial_choose_handler(decode: bool) -> Any:
         )
 
     method = grpc.unary_unary_rpc_method_handler(
-        handle, request_deserializer=decision_pb2.ChooseRequest.FromString,
+        handle,
+        request_deserializer=decision_pb2.ChooseRequest.FromString,
         response_serializer=decision_pb2.ChooseResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(CHOOSE.rsplit("/", 2)[1], {"Choose": method})

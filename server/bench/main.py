@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> Report:
         try:
             if workers is not None and echo is not None:
                 er = ph.LoadRunner(workers, echo, tmp, lim)
-                rep.echo("choose", er.run({"method": CHOOSE, "mode": "closed", "payloads": er.choose_file("bench20"),
-                                           "event_prefix": "echo-"}))
+                rep.echo(
+                    "choose", er.run({"method": CHOOSE, "mode": "closed", "payloads": er.choose_file("bench20"), "event_prefix": "echo-"})
+                )
                 rep.echo("reward", er.echo_reward())
                 if "partial" in phases:
                     _partial_section(rep, workers, tmp, lim)
@@ -119,8 +120,10 @@ def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim:
             if "latency" in phases:
                 for load in LOADS:
                     rate = max(1.0, load * r["rate"])
-                    runs = [(runner.paced(f"bench{a}", rate, events), echo_runner.paced("bench20", rate))
-                            for _ in range(lim.target_repeats if (a, load) == TARGET_POINT else 1)]
+                    runs = [
+                        (runner.paced(f"bench{a}", rate, events), echo_runner.paced("bench20", rate))
+                        for _ in range(lim.target_repeats if (a, load) == TARGET_POINT else 1)
+                    ]
                     rep.latency(a, load, rate, runs)
         if "reward" in phases or "replay" in phases:
             ph.prepare_events(runner, events, lim.reward_ids, "sq")
@@ -169,7 +172,7 @@ def _rewards(rep: Report, runner: Any, ids: list[str], seconds: float, backend: 
     """Reward one call per reward, then RewardBatch on the events left over."""
     single = runner.rewards(ids, seconds)
     rep.reward(backend, single)
-    rest = ids[single["ids_used"]:]
+    rest = ids[single["ids_used"] :]
     if len(rest) >= REWARD_BATCH:
         rep.reward(backend, runner.rewards(rest, seconds, REWARD_BATCH))
     else:
@@ -217,12 +220,18 @@ def _replicas_section(args: argparse.Namespace, rep: Report, tmp: Path, lim: Any
             try:
                 ph.apply_bench_placements(a.target, (20,))
                 runner = ph.LoadRunner(clients, a, tmp, lim)
-                one = runner.run({"method": CHOOSE, "payloads": runner.choose_file("bench20"), "mode": "closed",
-                                  "event_prefix": "one-"})
+                one = runner.run({"method": CHOOSE, "payloads": runner.choose_file("bench20"), "mode": "closed", "event_prefix": "one-"})
                 b = start_nextbest(url, "--learner", "never")
                 ph.wait_placements(b.target, ["bench20"])
-                two = runner.run({"method": CHOOSE, "payloads": runner.choose_file("bench20"), "mode": "closed",
-                                  "event_prefix": "two-", "targets": [a.target, b.target]})
+                two = runner.run(
+                    {
+                        "method": CHOOSE,
+                        "payloads": runner.choose_file("bench20"),
+                        "mode": "closed",
+                        "event_prefix": "two-",
+                        "targets": [a.target, b.target],
+                    }
+                )
                 rep.replicas(one, two)
             finally:
                 a.stop()
@@ -252,8 +261,14 @@ def machine_meta() -> dict[str, Any]:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     except OSError:
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "grpc": grpc.__version__,
-            "vowpalwabbit": getattr(vowpalwabbit, "__version__", "?"), "platform": platform.platform()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "vowpalwabbit": getattr(vowpalwabbit, "__version__", "?"),
+        "platform": platform.platform(),
+    }
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -271,13 +286,24 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="every phase tiny (seconds in all): keeps the benchmark working")
     p.add_argument("--json", metavar="FILE", help="also write every figure and raw measurement as JSON")
     p.add_argument("--no-postgres", dest="no_postgres", action="store_true", help="skip PostgreSQL even if it answers")
-    p.add_argument("--phases", type=_phases, default=list(PHASES), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(PHASES)} (default all)")
+    p.add_argument(
+        "--phases", type=_phases, default=list(PHASES), metavar="LIST", help=f"comma-separated subset of {','.join(PHASES)} (default all)"
+    )
     p.add_argument("--clients", type=int, default=1, help="load generator processes (default 1: the machine has few cores)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="profile the in-process Choose and Reward paths (cProfile) and print the top N entries")
-    p.add_argument("--memory-bits", dest="memory_bits", type=int, default=14,
-                   help="VW -b of the tuned memory variant (default 14: 1,000 placements x 20 arms in < 2 GiB)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile the in-process Choose and Reward paths (cProfile) and print the top N entries",
+    )
+    p.add_argument(
+        "--memory-bits",
+        dest="memory_bits",
+        type=int,
+        default=14,
+        help="VW -b of the tuned memory variant (default 14: 1,000 placements x 20 arms in < 2 GiB)",
+    )
     p.set_defaults(func=_bench)
 
 

@@ -80,59 +80,101 @@ class LoadRunner:
 
     def run(self, spec: dict[str, Any], workers: int | None = None) -> dict[str, Any]:
         self._runs += 1
-        full = {"target": self.server.target, "warmup": self.limits.warmup, "seconds": self.limits.seconds,
-                "concurrency": self.limits.concurrency, "max_requests": 10**9, **spec}
+        full = {
+            "target": self.server.target,
+            "warmup": self.limits.warmup,
+            "seconds": self.limits.seconds,
+            "concurrency": self.limits.concurrency,
+            "max_requests": 10**9,
+            **spec,
+        }
         cpu0, threads0 = self.server.cpu(), self.server.threads()
         result = self.workers.run(full, workers)
         cpu1, threads1 = self.server.cpu(), self.server.threads()
         n = max(result["sent"], result["ok"] + result["not_acked"] + result["errors"], 1)
         result["server_cpu_us"] = 1e6 * (cpu1 - cpu0) / n
         # by thread: the event loop ("main") holds the GIL for Python work; gRPC's C threads do not
-        result["server_threads_us"] = {k: 1e6 * (v - threads0.get(k, 0.0)) / n for k, v in threads1.items()
-                                       if v - threads0.get(k, 0.0) > 0}
+        result["server_threads_us"] = {k: 1e6 * (v - threads0.get(k, 0.0)) / n for k, v in threads1.items() if v - threads0.get(k, 0.0) > 0}
         return result
 
     def saturate(self, pid: str, events: Events | None = None, tag: str = "") -> dict[str, Any]:
         """Closed loop at fixed concurrency: the most Choose calls per second the server gives."""
-        r = self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "closed",
-                      "event_prefix": f"{tag}r{self._runs}-"})
+        r = self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "closed", "event_prefix": f"{tag}r{self._runs}-"})
         if events is not None:
             events.add(r)
         return r
 
     def paced(self, pid: str, rate: float, events: Events | None = None, tag: str = "") -> dict[str, Any]:
         """Open loop at a fixed rate: latency percentiles at that load."""
-        r = self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "open", "rate": rate,
-                      "warmup": min(self.limits.warmup, 0.5), "event_prefix": f"{tag}r{self._runs}-"})
+        r = self.run(
+            {
+                "method": CHOOSE,
+                "payloads": self.choose_file(pid),
+                "mode": "open",
+                "rate": rate,
+                "warmup": min(self.limits.warmup, 0.5),
+                "event_prefix": f"{tag}r{self._runs}-",
+            }
+        )
         if events is not None:
             events.add(r)
         return r
 
     def overload(self, pid: str, rate: float) -> dict[str, Any]:
         """Open loop far past saturation (calls are not retried): what is shed, what is served."""
-        return self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "open", "rate": rate,
-                         "warmup": min(self.limits.warmup, 0.5), "event_prefix": f"ov{self._runs}-", "timeout": 5.0,
-                         "max_inflight": 4000})
+        return self.run(
+            {
+                "method": CHOOSE,
+                "payloads": self.choose_file(pid),
+                "mode": "open",
+                "rate": rate,
+                "warmup": min(self.limits.warmup, 0.5),
+                "event_prefix": f"ov{self._runs}-",
+                "timeout": 5.0,
+                "max_inflight": 4000,
+            }
+        )
 
     def backoff_flood(self, pid: str, callers: int = 600, backoff: float = 0.2) -> dict[str, Any]:
         """Closed loop of many callers who back off ``backoff`` s (doubled per refusal in a row) on
         RESOURCE_EXHAUSTED: what shedding gives clients that do as they are told."""
-        return self.run({"method": CHOOSE, "payloads": self.choose_file(pid), "mode": "closed", "concurrency": callers,
-                         "backoff": backoff, "timeout": 20.0, "warmup": 1.0, "event_prefix": f"ob{self._runs}-"})
+        return self.run(
+            {
+                "method": CHOOSE,
+                "payloads": self.choose_file(pid),
+                "mode": "closed",
+                "concurrency": callers,
+                "backoff": backoff,
+                "timeout": 20.0,
+                "warmup": 1.0,
+                "event_prefix": f"ob{self._runs}-",
+            }
+        )
 
     def rewards(self, ids: Sequence[str], seconds: float, batch: int = 1) -> dict[str, Any]:
         """Closed loop of Reward calls (or RewardBatch calls of ``batch`` rewards), each reward
         on a distinct open decision; counts LEARNED acks."""
         path = str(self.tmp / f"rewards-{self._runs}.bin")
         if batch > 1:
-            calls = [reward_batch_request([(e, 1.0) for e in ids[i:i + batch]]) for i in range(0, len(ids) - batch + 1, batch)]
+            calls = [reward_batch_request([(e, 1.0) for e in ids[i : i + batch]]) for i in range(0, len(ids) - batch + 1, batch)]
             method, concurrency = REWARD_BATCH, max(2, 4 * self.limits.reward_concurrency // batch)
         else:
             calls, method, concurrency = [reward_request(e, 1.0) for e in ids], REWARD, self.limits.reward_concurrency
         write_payloads(path, calls)
-        r = self.run({"method": method, "payloads": path, "mode": "closed", "exhaust": True, "warmup": 0.0, "batch": batch,
-                      "seconds": seconds, "concurrency": concurrency, "max_requests": len(calls)},
-                     workers=1)
+        r = self.run(
+            {
+                "method": method,
+                "payloads": path,
+                "mode": "closed",
+                "exhaust": True,
+                "warmup": 0.0,
+                "batch": batch,
+                "seconds": seconds,
+                "concurrency": concurrency,
+                "max_requests": len(calls),
+            },
+            workers=1,
+        )
         r["batch"] = batch
         r["ids_available"] = len(ids)
         r["ran_out_of_ids"] = r["sent"] >= len(calls)
@@ -141,8 +183,7 @@ class LoadRunner:
 
     def echo_reward(self) -> dict[str, Any]:
         path = self.payloads("reward-echo", [reward_request(f"e{i:015d}", 1.0) for i in range(256)])
-        return self.run({"method": REWARD, "payloads": path, "mode": "closed", "concurrency": self.limits.reward_concurrency},
-                        workers=1)
+        return self.run({"method": REWARD, "payloads": path, "mode": "closed", "concurrency": self.limits.reward_concurrency}, workers=1)
 
 
 def apply_bench_placements(target: str, arm_counts: Sequence[int] = ARM_COUNTS) -> None:
@@ -165,9 +206,19 @@ def prepare_events(runner: LoadRunner, events: Events, want: int, tag: str) -> N
     deadline = time.monotonic() + runner.limits.prepare_seconds
     while len(events.ids) < want and (left := deadline - time.monotonic()) > 0.1:
         before = len(events.ids)
-        events.add(runner.run({"method": CHOOSE, "payloads": runner.choose_file(f"bench{ARM_COUNTS[0]}"), "mode": "closed",
-                               "warmup": 0.0, "seconds": left, "max_requests": want - before,
-                               "event_prefix": f"{tag}p{before}-"}))
+        events.add(
+            runner.run(
+                {
+                    "method": CHOOSE,
+                    "payloads": runner.choose_file(f"bench{ARM_COUNTS[0]}"),
+                    "mode": "closed",
+                    "warmup": 0.0,
+                    "seconds": left,
+                    "max_requests": want - before,
+                    "event_prefix": f"{tag}p{before}-",
+                }
+            )
+        )
         if len(events.ids) == before:
             break
 
@@ -234,18 +285,40 @@ def replay(db_path: Path, pid: str, timeout: float = 120) -> dict[str, Any]:
         t0 = time.perf_counter()
         rows = c.execute("SELECT * FROM decisions WHERE placement_id = ? AND outcome IN (1, 2)", (pid,)).fetchall()
         select_s = time.perf_counter() - t0
-    cmd = [sys.executable, "-m", "nextbest.cli.main", "replay", "--db", f"sqlite:///{db_path}", "--placement", pid,
-           "--policy", "logged", "uniform", "--estimator", "ips", "snips", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nextbest.cli.main",
+        "replay",
+        "--db",
+        f"sqlite:///{db_path}",
+        "--placement",
+        pid,
+        "--policy",
+        "logged",
+        "uniform",
+        "--estimator",
+        "ips",
+        "snips",
+        "--json",
+    ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import nextbest.cli.main, nextbest.cli.replay"], cwd=ROOT, capture_output=True, timeout=timeout)
     startup = time.perf_counter() - t0
-    return {"events": n, "rows_selected": len(rows), "returncode": r.returncode, "stderr": r.stderr[-500:],
-            "seconds": wall, "startup_seconds": startup, "events_per_s": n / wall if wall > 0 else 0.0,
-            "events_per_s_after_startup": n / max(wall - startup, 1e-9),
-            "select_rows_per_s": len(rows) / select_s if select_s > 0 else 0.0}
+    return {
+        "events": n,
+        "rows_selected": len(rows),
+        "returncode": r.returncode,
+        "stderr": r.stderr[-500:],
+        "seconds": wall,
+        "startup_seconds": startup,
+        "events_per_s": n / wall if wall > 0 else 0.0,
+        "events_per_s_after_startup": n / max(wall - startup, 1e-9),
+        "select_rows_per_s": len(rows) / select_s if select_s > 0 else 0.0,
+    }
 
 
 def temp_dir() -> tempfile.TemporaryDirectory[str]:

@@ -97,7 +97,12 @@ class ServerProc:
         self.name = name
         self._log: IO[bytes] = tempfile.TemporaryFile(prefix=f"nextbest-bench-{name}-")
         self.proc = subprocess.Popen(
-            list(cmd), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            list(cmd),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
             env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(env or {})},
         )
         assert self.proc.stdout is not None
@@ -139,8 +144,21 @@ class ServerProc:
 def start_nextbest(db: str, *flags: str, env: dict[str, str] | None = None) -> ServerProc:
     """``nextbest serve`` on a free loopback port, as deployed (default settings, or NEXTBEST_*
     variables in ``env``), logging warnings only."""
-    cmd = [sys.executable, "-m", "nextbest.cli.main", "serve", "--host", "127.0.0.1", "--port", "0", "--db", db,
-           "--log-level", "WARNING", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nextbest.cli.main",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db",
+        db,
+        "--log-level",
+        "WARNING",
+        *flags,
+    ]
     p = ServerProc(cmd, "nextbest", env=env)
     wait_serving(p.target)
     return p
@@ -205,8 +223,12 @@ class Workers:
     def __init__(self, n: int = 1) -> None:
         self._procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "nextbest.bench.load", "worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, text=True, env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+                [sys.executable, "-m", "nextbest.bench.load", "worker"],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
             )
             for _ in range(n)
         ]
@@ -277,8 +299,11 @@ def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     out.update(percentiles(lat) if lat else {k: max(r[k] for r in results) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")})
     shed = [x for r in results for x in r.get("shed_latencies", [])]
     keys = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
-    out.update({f"shed_{k}": v for k, v in percentiles(shed).items()} if shed
-               else {f"shed_{k}": max(r.get(f"shed_{k}", math.nan) for r in results) for k in keys})
+    out.update(
+        {f"shed_{k}": v for k, v in percentiles(shed).items()}
+        if shed
+        else {f"shed_{k}": max(r.get(f"shed_{k}", math.nan) for r in results) for k in keys}
+    )
     return out
 
 
@@ -290,23 +315,25 @@ _SEGMENTS = ("youth", "family", "business", "senior", "student", "premium")
 
 def placement(pid: str, arms: int, bits: int = 18) -> PlacementSpec:
     """A placement of ``arms`` offers with five features each; every other setting the default."""
-    return PlacementSpec.model_validate({
-        "id": pid,
-        "bits": bits,
-        "arms": [
-            {
-                "id": f"arm_{j:03d}",
-                "features": {
-                    "category": _CATEGORIES[j % len(_CATEGORIES)],
-                    "price": round(1.99 + 0.75 * j, 2),
-                    "validity_days": (7, 14, 30)[j % 3],
-                    "tier": f"t{j % 4}",
-                    "digital": j % 2 == 0,
-                },
-            }
-            for j in range(arms)
-        ],
-    })
+    return PlacementSpec.model_validate(
+        {
+            "id": pid,
+            "bits": bits,
+            "arms": [
+                {
+                    "id": f"arm_{j:03d}",
+                    "features": {
+                        "category": _CATEGORIES[j % len(_CATEGORIES)],
+                        "price": round(1.99 + 0.75 * j, 2),
+                        "validity_days": (7, 14, 30)[j % 3],
+                        "tier": f"t{j % 4}",
+                        "digital": j % 2 == 0,
+                    },
+                }
+                for j in range(arms)
+            ],
+        }
+    )
 
 
 def choose_request(placement_id: str, rnd: random.Random) -> decision_pb2.ChooseRequest:

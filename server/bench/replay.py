@@ -35,10 +35,10 @@ import numpy as np
 
 from nextbest.bandit.offline.replay import evaluate, parse_policy
 from nextbest.bandit.spec import PlacementSpec
-from nextbest.offline.log_source import read_replay_log
 from nextbest.config.plans import plan
-from nextbest.storage.sql import open_store
+from nextbest.offline.log_source import read_replay_log
 from nextbest.storage import tables as t
+from nextbest.storage.sql import open_store
 
 FULL_EVENTS = 200_000
 SMOKE_EVENTS = 3_000
@@ -72,20 +72,29 @@ def make_database(path: Path, n: int, seed: int = 0) -> str:
         closed = i < n
         j = i % n
         s, c = int(seg[j]), int(chosen[j])
-        rows.append({
-            "event_id": f"e{i:08d}", "placement_id": PLACEMENT, "customer_id": f"c{j % 1000}",
-            "created_at": t0 + i * 0.5, "deadline": t0 + i * 0.5 + 600,
-            "features": [["customer", "segment", SEGMENTS[s]], ["customer", "arpu", float(arpu[j])]],
-            "arms": arms if i % 97 else [], "pmf": [float(x) for x in LOGGING_PMF[s]] if i % 97 else [],
-            "chosen": c if i % 97 else None, "arm_id": ids[c] if i % 97 else None,
-            "probability": float(LOGGING_PMF[s, c]), "model_version": i,
-            "outcome": (1 if reward[j] else 2) if closed and i % 97 else (3 if closed else 0),
-            "reward": float(reward[j]) if closed and i % 97 else None,
-            "rewarded_at": None, "learn_seq": i + 1 if closed and i % 97 else None,
-        })
+        rows.append(
+            {
+                "event_id": f"e{i:08d}",
+                "placement_id": PLACEMENT,
+                "customer_id": f"c{j % 1000}",
+                "created_at": t0 + i * 0.5,
+                "deadline": t0 + i * 0.5 + 600,
+                "features": [["customer", "segment", SEGMENTS[s]], ["customer", "arpu", float(arpu[j])]],
+                "arms": arms if i % 97 else [],
+                "pmf": [float(x) for x in LOGGING_PMF[s]] if i % 97 else [],
+                "chosen": c if i % 97 else None,
+                "arm_id": ids[c] if i % 97 else None,
+                "probability": float(LOGGING_PMF[s, c]),
+                "model_version": i,
+                "outcome": (1 if reward[j] else 2) if closed and i % 97 else (3 if closed else 0),
+                "reward": float(reward[j]) if closed and i % 97 else None,
+                "rewarded_at": None,
+                "learn_seq": i + 1 if closed and i % 97 else None,
+            }
+        )
     with store.engine.begin() as conn:
         for k in range(0, len(rows), 20_000):
-            conn.execute(t.decisions.insert(), rows[k:k + 20_000])
+            conn.execute(t.decisions.insert(), rows[k : k + 20_000])
     store.close()
     return url
 
@@ -96,7 +105,8 @@ def _reference(path: Path) -> int:
         rows = conn.execute(
             "SELECT event_id, created_at, reward, probability, chosen, arms, pmf FROM decisions "
             "WHERE placement_id = ? AND outcome IN (1, 2) AND chosen IS NOT NULL AND reward IS NOT NULL "
-            "ORDER BY created_at, event_id", (PLACEMENT,)
+            "ORDER BY created_at, event_id",
+            (PLACEMENT,),
         ).fetchall()
     finally:
         conn.close()
@@ -110,6 +120,7 @@ def _replay(url: str, policies: Sequence[str], estimators: Sequence[str]) -> Cal
         log = read_replay_log(url, PLACEMENT, with_features=need)
         evaluate(log, pols, estimators)
         return log.n
+
     return run
 
 
@@ -148,9 +159,10 @@ def run(n: int, repeats: int) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     closed = report["scenarios"]["simple_ips_snips"]["events"]
     rows = report["events"] + report["events"] // 50
-    lines = [f"{closed:,} closed decisions replayed of {rows:,} logged (others open or without an arm), "
-             + f"best of {report['repeats']}",
-             f"{'scenario':<22}{'seconds':>10}{'events/s':>14}{'vs SELECT':>11}"]
+    lines = [
+        f"{closed:,} closed decisions replayed of {rows:,} logged (others open or without an arm), " + f"best of {report['repeats']}",
+        f"{'scenario':<22}{'seconds':>10}{'events/s':>14}{'vs SELECT':>11}",
+    ]
     for name, v in report["scenarios"].items():
         lines.append(f"{name:<22}{v['seconds']:>10.3f}{v['events_per_s']:>14,.0f}{v['ratio_to_reference']:>10.2f}x")
     return "\n".join(lines)
@@ -165,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.events or (SMOKE_EVENTS if args.smoke else FULL_EVENTS)
     report = run(n, args.repeats)
-    report.update(smoke=args.smoke, repeats=args.repeats, target_events_per_s=TARGET,
-                  python=platform.python_version(), machine=platform.machine())
+    report.update(
+        smoke=args.smoke, repeats=args.repeats, target_events_per_s=TARGET, python=platform.python_version(), machine=platform.machine()
+    )
     simple = report["scenarios"]["simple_ips_snips"]["events_per_s"]
     report["target_met"] = bool(simple >= TARGET)
     print(format_table(report))

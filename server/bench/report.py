@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MIB = 1 << 20
@@ -57,8 +57,16 @@ class Report:
         self.phases[phase] = {"skipped": why}
         self.note(f"{phase} skipped: {why}")
 
-    def add(self, key: str, label: str, value: float, unit: str, ceilings: dict[str, float] | None = None,
-            target: str = "", met: bool | None = None) -> Figure:
+    def add(
+        self,
+        key: str,
+        label: str,
+        value: float,
+        unit: str,
+        ceilings: dict[str, float] | None = None,
+        target: str = "",
+        met: bool | None = None,
+    ) -> Figure:
         f = Figure(key, label, float(value), unit, ceilings or {}, target, met)
         self.figures.append(f)
         return f
@@ -74,22 +82,43 @@ class Report:
         self._phase("vw")[str(a)] = r
         self.add(f"vw.{a}.predict", f"raw VW predict, {a} arms (CbModel)", r["predict_per_s"], "/s")
         self.add(f"vw.{a}.learn", f"raw VW learn, {a} arms (CbModel)", r["learn_per_s"], "/s")
-        self.add(f"vw.{a}.binding_predict", f"raw VW predict, {a} arms (pylibvw direct)", r["binding_predict_per_s"], "/s",
-                 {"CbModel": r["predict_per_s"]})
-        self.add(f"vw.{a}.binding_learn", f"raw VW learn, {a} arms (pylibvw direct)", r["binding_learn_per_s"], "/s",
-                 {"CbModel": r["learn_per_s"]})
+        self.add(
+            f"vw.{a}.binding_predict",
+            f"raw VW predict, {a} arms (pylibvw direct)",
+            r["binding_predict_per_s"],
+            "/s",
+            {"CbModel": r["predict_per_s"]},
+        )
+        self.add(
+            f"vw.{a}.binding_learn",
+            f"raw VW learn, {a} arms (pylibvw direct)",
+            r["binding_learn_per_s"],
+            "/s",
+            {"CbModel": r["learn_per_s"]},
+        )
 
     def server_time(self, r: dict[str, Any]) -> None:
         a = int(r["arms"])
         self._phase("server_time")[str(a)] = r
         ok = r["besides_vw_us"] <= 150.0
         self.add(f"server_time.{a}.choose", f"in-process Choose CPU (no gRPC), {a} arms, fastest round", r["choose_us"], "us")
-        self.add(f"server_time.{a}.besides_vw", f"in-process Choose CPU besides VW, {a} arms, fastest round", r["besides_vw_us"], "us",
-                 {"VW predict": r["vw_predict_us"]}, "<= 150 us" if a == 20 else "", ok if a == 20 else None)
+        self.add(
+            f"server_time.{a}.besides_vw",
+            f"in-process Choose CPU besides VW, {a} arms, fastest round",
+            r["besides_vw_us"],
+            "us",
+            {"VW predict": r["vw_predict_us"]},
+            "<= 150 us" if a == 20 else "",
+            ok if a == 20 else None,
+        )
 
         if "median_besides_vw_us" in r:
-            self.add(f"server_time.{a}.besides_vw_median", f"in-process Choose CPU besides VW, {a} arms, median round",
-                     r["median_besides_vw_us"], "us")
+            self.add(
+                f"server_time.{a}.besides_vw_median",
+                f"in-process Choose CPU besides VW, {a} arms, median round",
+                r["median_besides_vw_us"],
+                "us",
+            )
 
     def reward_inproc(self, r: dict[str, Any]) -> None:
         self.phases["reward_inproc"] = r
@@ -107,8 +136,7 @@ class Report:
     def partial(self, kind: str, r: dict[str, Any]) -> None:
         """A server doing part of a 20-arm Choose's work, against the echo of the same run."""
         self._phase("partial")[kind] = r
-        what = {"parse": "parse the request, build the response",
-                "decode": "that + decode 30 features into VW's context line"}[kind]
+        what = {"parse": "parse the request, build the response", "decode": "that + decode 30 features into VW's context line"}[kind]
         ceil = {"echo": self._echo["choose"]["rate"]} if "choose" in self._echo else {}
         self.add(f"partial.{kind}", f"part of a Choose: {what}", r["rate"], "req/s", ceil)
         self.add(f"partial.{kind}.loop_cpu", f"its event loop's CPU per call ({kind})", _loop_us(r), "us")
@@ -123,18 +151,29 @@ class Report:
         if a == 20 and "echo" in ceil:
             met = r["rate"] >= 0.6 * ceil["echo"]
         sfx = "" if backend == "sqlite" else f" ({backend})"
-        self.add(f"choose.{backend}.{a}", f"Choose {a} arms, saturation{sfx}", r["rate"], "req/s", ceil,
-                 ">= 0.6 x echo" if a == 20 else "", met)
+        self.add(
+            f"choose.{backend}.{a}", f"Choose {a} arms, saturation{sfx}", r["rate"], "req/s", ceil, ">= 0.6 x echo" if a == 20 else "", met
+        )
         cpu_ceil = {"echo": self._echo["choose"]["server_cpu_us"]} if "choose" in self._echo else {}
         self.add(f"choose.{backend}.{a}.server_cpu", f"server CPU per Choose, {a} arms{sfx}", r["server_cpu_us"], "us", cpu_ceil)
         if "choose" in self._echo:
-            self.add(f"choose.{backend}.{a}.loop_cpu", f"its event loop's CPU per call ({a} arms{sfx})", _loop_us(r), "us",
-                     {"echo": _loop_us(self._echo["choose"])})
+            self.add(
+                f"choose.{backend}.{a}.loop_cpu",
+                f"its event loop's CPU per call ({a} arms{sfx})",
+                _loop_us(r),
+                "us",
+                {"echo": _loop_us(self._echo["choose"])},
+            )
         if a in self._vw:
             besides = r["server_cpu_us"] - self._vw[a]["predict_us"]
             # gRPC's own share is in it (see the echo's): the 150 µs target is the in-process figure's
-            self.add(f"choose.{backend}.{a}.server_cpu_besides_vw", f"server CPU per Choose besides VW, {a} arms, gRPC included{sfx}",
-                     besides, "us", cpu_ceil)
+            self.add(
+                f"choose.{backend}.{a}.server_cpu_besides_vw",
+                f"server CPU per Choose besides VW, {a} arms, gRPC included{sfx}",
+                besides,
+                "us",
+                cpu_ceil,
+            )
 
     def latency(self, a: int, load: float, rate: float, runs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
         """One paced run, or several (the target's point): the figures are the run whose p99 is
@@ -142,21 +181,34 @@ class Report:
         ranked = sorted(runs, key=lambda run: (math.isnan(run[0]["p99_ms"]), run[0]["p99_ms"]))  # a run with no answer: last
         r, echo = ranked[len(ranked) // 2]  # of an even number, the higher of the middle two
         pct = f"{load:.0%}"
-        self._phase("latency")[f"{a}@{pct}"] = {"rate": rate, "choose": r, "echo": echo,
-                                                 "runs": [{"choose": c, "echo": e} for c, e in runs]}
+        self._phase("latency")[f"{a}@{pct}"] = {
+            "rate": rate,
+            "choose": r,
+            "echo": echo,
+            "runs": [{"choose": c, "echo": e} for c, e in runs],
+        }
         for q in ("p50", "p95", "p99"):
             target = met = None
             if (a, load) == TARGET_POINT and q == "p99":
                 target, met = "<= 10 ms", r["p99_ms"] <= 10.0
-            label = f"Choose {a} arms {q} at {pct} ({rate:,.0f}/s)" + (f", the run with the median p99 of {len(runs)}" if len(runs) > 1 else "")
+            label = f"Choose {a} arms {q} at {pct} ({rate:,.0f}/s)" + (
+                f", the run with the median p99 of {len(runs)}" if len(runs) > 1 else ""
+            )
             self.add(f"latency.{a}.{pct}.{q}", label, r[f"{q}_ms"], "ms", {"echo": echo[f"{q}_ms"]}, target or "", met)
         if len(runs) > 1:
-            self.note(f"Choose {a} arms p99 at {pct}, every run: " + " / ".join(f"{c['p99_ms']:.1f}" for c, _ in runs)
-                      + " ms (echo: " + " / ".join(f"{e['p99_ms']:.1f}" for _, e in runs) + " ms)")
+            self.note(
+                f"Choose {a} arms p99 at {pct}, every run: "
+                + " / ".join(f"{c['p99_ms']:.1f}" for c, _ in runs)
+                + " ms (echo: "
+                + " / ".join(f"{e['p99_ms']:.1f}" for _, e in runs)
+                + " ms)"
+            )
         for c, _ in runs:
             if c["rate"] < 0.95 * rate or c["dropped"] or c["errors"]:
-                self.note(f"Choose {a} arms at {pct}: asked for {rate:,.0f}/s, served {c['rate']:,.0f}/s "
-                          f"({c['errors']} errors, {c['dropped']} not sent)")
+                self.note(
+                    f"Choose {a} arms at {pct}: asked for {rate:,.0f}/s, served {c['rate']:,.0f}/s "
+                    f"({c['errors']} errors, {c['dropped']} not sent)"
+                )
 
     def reward(self, backend: str, r: dict[str, Any]) -> None:
         batch = int(r.get("batch", 1))
@@ -166,8 +218,13 @@ class Report:
         goal = 5000.0 if backend == "sqlite" else 3000.0
         ceil = {"echo": self._echo["reward"]["rate"]} if "reward" in self._echo else {}
         self.add(key, what, r["rate"], "acks/s", ceil, f">= {goal:,.0f}/s", r["rate"] >= goal)
-        self.add(f"{key}.server_cpu", f"server CPU per reward ({what.split(',')[0].split(' durable')[0]}, {backend})",
-                 r["server_cpu_us"], "us", {"echo": self._echo["reward"]["server_cpu_us"]} if "reward" in self._echo else {})
+        self.add(
+            f"{key}.server_cpu",
+            f"server CPU per reward ({what.split(',')[0].split(' durable')[0]}, {backend})",
+            r["server_cpu_us"],
+            "us",
+            {"echo": self._echo["reward"]["server_cpu_us"]} if "reward" in self._echo else {},
+        )
         if r.get("ran_out_of_ids"):
             self.note(f"{what} used all {r['ids_available']} prepared events before its time was up")
         if r["errors"] or r["not_acked"]:
@@ -181,42 +238,88 @@ class Report:
         answered = flood["ok"] + flood["errors"]
         shed = flood["error_codes"].get("RESOURCE_EXHAUSTED", 0)
         base = {"p99 at 50 % load": unloaded["p99_ms"]}
-        self.add("overload.offered", "Choose 20 arms offered at 4 x saturation (open loop)", 4.0 * sat["rate"], "req/s",
-                 {"saturation": sat["rate"]})
-        self.add("overload.accepted.p50", "accepted Choose p50 at 4 x saturation", flood["p50_ms"], "ms",
-                 {**base, "no shedding p50": unshed["p50_ms"]})
-        self.add("overload.accepted.p99", "accepted Choose p99 at 4 x saturation", flood["p99_ms"], "ms",
-                 {**base, "no shedding p99": unshed["p99_ms"]})
-        self.add("overload.shed_share", "share of Choose shed (RESOURCE_EXHAUSTED) at 4 x saturation",
-                 shed / answered if answered else math.nan, "")
+        self.add(
+            "overload.offered",
+            "Choose 20 arms offered at 4 x saturation (open loop)",
+            4.0 * sat["rate"],
+            "req/s",
+            {"saturation": sat["rate"]},
+        )
+        self.add(
+            "overload.accepted.p50",
+            "accepted Choose p50 at 4 x saturation",
+            flood["p50_ms"],
+            "ms",
+            {**base, "no shedding p50": unshed["p50_ms"]},
+        )
+        self.add(
+            "overload.accepted.p99",
+            "accepted Choose p99 at 4 x saturation",
+            flood["p99_ms"],
+            "ms",
+            {**base, "no shedding p99": unshed["p99_ms"]},
+        )
+        self.add(
+            "overload.shed_share",
+            "share of Choose shed (RESOURCE_EXHAUSTED) at 4 x saturation",
+            shed / answered if answered else math.nan,
+            "",
+        )
         self.add("overload.shed.p50", "RESOURCE_EXHAUSTED answer p50 at 4 x saturation", flood["shed_p50_ms"], "ms", base)
-        self.add("overload.accepted.rate", "accepted Choose throughput at 4 x saturation", flood["rate"], "req/s",
-                 {"saturation": sat["rate"], "no shedding": unshed["rate"]})
+        self.add(
+            "overload.accepted.rate",
+            "accepted Choose throughput at 4 x saturation",
+            flood["rate"],
+            "req/s",
+            {"saturation": sat["rate"], "no shedding": unshed["rate"]},
+        )
         other = {c: k for c, k in flood["error_codes"].items() if c != "RESOURCE_EXHAUSTED"}
         if other or flood["dropped"]:
             self.note(f"overload: other answers {other}, {flood['dropped']} calls not sent (load generator at its limit)")
         if unshed["errors"] or unshed["dropped"]:
-            self.note(f"overload, shedding off: refused {unshed['error_codes']} (CANCELLED: gRPC core's own queue bound),"
-                      f" {unshed['dropped']} calls not sent")
+            self.note(
+                f"overload, shedding off: refused {unshed['error_codes']} (CANCELLED: gRPC core's own queue bound),"
+                f" {unshed['dropped']} calls not sent"
+            )
 
     def overload_backoff(self, shed: dict[str, Any], unshed: dict[str, Any]) -> None:
         """600 callers who back off on RESOURCE_EXHAUSTED, shedding on against off (same run)."""
         self.phases["overload"].update(backoff=shed, backoff_unshed=unshed)
         answered = shed["ok"] + shed["errors"]
-        self.add("overload.backoff.p50", "accepted Choose p50, 600 callers backing off", shed["p50_ms"], "ms",
-                 {"no shedding p50": unshed["p50_ms"]})
-        self.add("overload.backoff.p99", "accepted Choose p99, 600 callers backing off", shed["p99_ms"], "ms",
-                 {"no shedding p99": unshed["p99_ms"]})
-        self.add("overload.backoff.shed_share", "share shed, 600 callers backing off",
-                 shed["error_codes"].get("RESOURCE_EXHAUSTED", 0) / answered if answered else math.nan, "")
-        self.add("overload.backoff.rate", "accepted Choose throughput, 600 callers backing off", shed["rate"], "req/s",
-                 {"no shedding": unshed["rate"]})
+        self.add(
+            "overload.backoff.p50",
+            "accepted Choose p50, 600 callers backing off",
+            shed["p50_ms"],
+            "ms",
+            {"no shedding p50": unshed["p50_ms"]},
+        )
+        self.add(
+            "overload.backoff.p99",
+            "accepted Choose p99, 600 callers backing off",
+            shed["p99_ms"],
+            "ms",
+            {"no shedding p99": unshed["p99_ms"]},
+        )
+        self.add(
+            "overload.backoff.shed_share",
+            "share shed, 600 callers backing off",
+            shed["error_codes"].get("RESOURCE_EXHAUSTED", 0) / answered if answered else math.nan,
+            "",
+        )
+        self.add(
+            "overload.backoff.rate",
+            "accepted Choose throughput, 600 callers backing off",
+            shed["rate"],
+            "req/s",
+            {"no shedding": unshed["rate"]},
+        )
 
     def replicas(self, one: dict[str, Any], two: dict[str, Any]) -> None:
         self.phases["replicas"] = {"one": one, "two": two}
         self.add("replicas.one", "Choose 20 arms, one server (PostgreSQL, 2 load processes)", one["rate"], "req/s")
-        self.add("replicas.two", "Choose 20 arms, two servers (PostgreSQL, 2 load processes)", two["rate"], "req/s",
-                 {"one server": one["rate"]})
+        self.add(
+            "replicas.two", "Choose 20 arms, two servers (PostgreSQL, 2 load processes)", two["rate"], "req/s", {"one server": one["rate"]}
+        )
         for name, r in (("one server", one), ("two servers", two)):
             if r["errors"]:
                 self.note(f"replicas, {name}: {r['errors']} errors {r['error_codes']}")
@@ -229,15 +332,27 @@ class Report:
         self.add(f"memory.{variant}.per_placement", f"RSS per placement x 20 arms ({what})", r["per_placement"] / MIB, "MiB")
         t = r["target_placements"]
         label = f"RSS, {t:,} placements x 20 arms ({what})" + (f", extrapolated from {n:,}" if r["extrapolated"] else "")
-        self.add(f"memory.{variant}.rss_target", label, r["rss_at_target"] / MIB, "MiB", {"2 GiB target": 2048.0},
-                 "<= 2048 MiB", r["rss_at_target"] <= 2 * GIB)
+        self.add(
+            f"memory.{variant}.rss_target",
+            label,
+            r["rss_at_target"] / MIB,
+            "MiB",
+            {"2 GiB target": 2048.0},
+            "<= 2048 MiB",
+            r["rss_at_target"] <= 2 * GIB,
+        )
 
     def replay(self, r: dict[str, Any]) -> None:
         self.phases["replay"] = r
         if r["returncode"] != 0:
             self.note(f"replay exited {r['returncode']}: {r['stderr'][-200:]}")
-        self.add("replay", f"nextbest replay over {r['events']:,} logged events (process start included)", r["events_per_s"],
-                 "events/s", {"bare SELECT": r["select_rows_per_s"]})
+        self.add(
+            "replay",
+            f"nextbest replay over {r['events']:,} logged events (process start included)",
+            r["events_per_s"],
+            "events/s",
+            {"bare SELECT": r["select_rows_per_s"]},
+        )
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -248,12 +363,15 @@ class Report:
             met = "" if f.met is None else ("yes" if f.met else "NO")
             rows.append((f.label, _num(f.value), f.unit, ratio, f.target, met))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-                 for r in rows]
+        lines = [
+            "  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
         m = self.meta
-        head = (f"nextbest bench ({m['mode']}), {m.get('cores')} cores, {m.get('cpu', '')}; "
-                f"machine {m.get('background_busy', 0):.0%} busy before the run; {m.get('seconds', 0):.0f} s")
+        head = (
+            f"nextbest bench ({m['mode']}), {m.get('cores')} cores, {m.get('cpu', '')}; "
+            f"machine {m.get('background_busy', 0):.0%} busy before the run; {m.get('seconds', 0):.0f} s"
+        )
         return "\n".join([head, "", *lines, *(["", "notes:", *(f"  - {n}" for n in self.notes)] if self.notes else [])])
 
     def profiles(self) -> str:

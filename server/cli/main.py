@@ -18,20 +18,38 @@ from nextbest.config.plans import Change
 DEFAULT_TARGET = "127.0.0.1:50051"
 # What the "server" extra installs (pyproject.toml): a client-only install lacks these, and the
 # commands that serve, replay or simulate say so instead of a traceback.
-SERVER_DEPENDENCIES = frozenset({
-    "vowpalwabbit", "pylibvw", "sqlalchemy", "alembic", "psycopg", "numpy", "matplotlib", "prometheus_client",
-    "pydantic_settings", "grpc_health", "grpc_reflection",
-})
+SERVER_DEPENDENCIES = frozenset(
+    {
+        "vowpalwabbit",
+        "pylibvw",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "numpy",
+        "matplotlib",
+        "prometheus_client",
+        "pydantic_settings",
+        "grpc_health",
+        "grpc_reflection",
+    }
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from nextbest.app import serve
-    from nextbest.telemetry.json_logs import setup_logging
     from nextbest.settings import load_settings
+    from nextbest.telemetry.json_logs import setup_logging
 
     settings = load_settings(
-        args.config, host=args.host, port=args.port, db=args.db, init_config=args.init_config,
-        log_level=args.log_level, workers=args.workers, learner=args.learner, metrics_port=args.metrics_port,
+        args.config,
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        init_config=args.init_config,
+        log_level=args.log_level,
+        workers=args.workers,
+        learner=args.learner,
+        metrics_port=args.metrics_port,
     )
     setup_logging(settings.log_level)
     if settings.workers > 1:
@@ -161,8 +179,12 @@ def _choose(args: argparse.Namespace) -> int:
     with NextbestClient(args.target) as nb:
         r = nb.choose(args.placement, feats, customer_id=args.customer, event_id=args.event_id)
     out: dict[str, object] = {
-        "event_id": r.event_id, "arm_id": r.arm_id, "probability": r.probability,
-        "model_version": r.model_version, "reason": r.reason, "variant": r.variant,
+        "event_id": r.event_id,
+        "arm_id": r.arm_id,
+        "probability": r.probability,
+        "model_version": r.model_version,
+        "reason": r.reason,
+        "variant": r.variant,
     }
     if len(r.slots) > 1:
         out["slots"] = [{"arm_id": a, "probability": p} for a, p in r.slots]
@@ -192,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this HTTP port")
     s.add_argument("--workers", type=int, help="server processes sharing the port, one per core (NEXTBEST_WORKERS)")
     s.add_argument(
-        "--learner", choices=["auto", "always", "never"],
+        "--learner",
+        choices=["auto", "always", "never"],
         help="auto (default): the first server to take the learner lock learns; never: serve only",
     )
     s.set_defaults(func=_serve)
@@ -262,8 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in SERVER_DEPENDENCIES:
             raise
-        print(f"error: `nextbest {args.command}` needs the server's dependencies ({e.name} is not installed): "
-              "pip install 'nextbest[server]'", file=sys.stderr)
+        print(
+            f"error: `nextbest {args.command}` needs the server's dependencies ({e.name} is not installed): pip install 'nextbest[server]'",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -106,7 +106,7 @@ def _policy(spec: str, args: argparse.Namespace) -> Policy:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from nextbest.bandit.offline.replay import evaluate, parse_policy
+    from nextbest.bandit.offline.replay import evaluate
     from nextbest.offline.log_source import parse_time, read_dsjson, read_replay_log
 
     if (args.db is None) == (args.log is None):
@@ -123,8 +123,7 @@ def _replay(args: argparse.Namespace) -> int:
     else:
         log = read_dsjson(args.log, args.placement, since=since, until=until)
         source = args.log
-    results = evaluate(log, policies, estimators, clip=args.clip, reward_model_args=args.reward_model_args,
-                       folds=args.folds)
+    results = evaluate(log, policies, estimators, clip=args.clip, reward_model_args=args.reward_model_args, folds=args.folds)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -159,14 +158,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     r.add_argument("--log", help="a DSJSON file written by export-log, instead of --db")
     r.add_argument("--placement", help="placement id (required with --db; filters --log)")
     r.add_argument("--policy", action="extend", nargs="+", required=True, metavar="SPEC", help=POLICY_HELP)
-    r.add_argument("--estimator", action="extend", nargs="+", choices=ESTIMATOR_NAMES,
-                   help="ips, snips, dr; repeatable (default: all three)")
+    r.add_argument(
+        "--estimator", action="extend", nargs="+", choices=ESTIMATOR_NAMES, help="ips, snips, dr; repeatable (default: all three)"
+    )
     r.add_argument("--clip", type=_positive, help="clip importance weights at this value")
     r.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
     r.add_argument("--until", help="end, exclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
-    r.add_argument("--reward-model-args", dest="reward_model_args", default=REWARD_MODEL_ARGS,
-                   help=f"VW arguments of DR's reward model, written with = as they start with a dash "
-                   f"(default --reward-model-args='{REWARD_MODEL_ARGS}')")
+    r.add_argument(
+        "--reward-model-args",
+        dest="reward_model_args",
+        default=REWARD_MODEL_ARGS,
+        help=f"VW arguments of DR's reward model, written with = as they start with a dash "
+        f"(default --reward-model-args='{REWARD_MODEL_ARGS}')",
+    )
     r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
     r.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     r.add_argument("--plot", metavar="FILE", help="also draw the estimates and their intervals (PNG)")
@@ -176,7 +180,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     e.add_argument("--db", required=True, help="database URL or SQLite path (read only)")
     e.add_argument("--placement", required=True)
     e.add_argument(
-        "--format", choices=["dsjson", "ccb-dsjson"], default="dsjson",
+        "--format",
+        choices=["dsjson", "ccb-dsjson"],
+        default="dsjson",
         help="dsjson: one cb_adf event per decision (each slot its own); ccb-dsjson: one CCB event per multi-slot choice",
     )
     e.add_argument("--out", required=True, help="output file, - for standard output")

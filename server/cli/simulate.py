@@ -41,9 +41,9 @@ def _err(msg: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from nextbest.bandit.spec import FatigueSpec
     from nextbest.bandit.sim.scenario import load_scenario
     from nextbest.bandit.sim.telecom import Scoreboard, TelecomSim
+    from nextbest.bandit.spec import FatigueSpec
 
     scenario = load_scenario(args.scenario)  # an invalid file stops here, before any call
     sim = TelecomSim(scenario, seed=args.seed, reward=args.reward)
@@ -70,7 +70,9 @@ def _simulate(args: argparse.Namespace) -> int:
             if not d.arm_id:
                 raise RuntimeError(f"{v.placement}: no offer chosen ({d.reason})")
             if d.arm_id not in v.arms:
-                raise RuntimeError(f"{v.placement}: the server chose {d.arm_id!r}, not an offer of the scenario (use it without --no-apply?)")
+                raise RuntimeError(
+                    f"{v.placement}: the server chose {d.arm_id!r}, not an offer of the scenario (use it without --no-apply?)"
+                )
             start_versions.setdefault(v.placement, d.model_version)
             out = sim.respond(v, d.arm_id)
             nb.reward(d.event_id, out.reward)
@@ -132,10 +134,17 @@ def _report(scenario: Any, sim: Any, board: Any, args: argparse.Namespace, elaps
     for p in scenario.promotions:
         idx = np.flatnonzero((day >= p.start_day) & (day < p.start_day + p.days))
         if len(idx):
-            report["periods"].append({"name": p.name, "start_day": p.start_day, "days": p.days,
-                                      "events": len(idx), **board.summary(int(idx[0]), int(idx[-1]) + 1)})
+            report["periods"].append(
+                {
+                    "name": p.name,
+                    "start_day": p.start_day,
+                    "days": p.days,
+                    "events": len(idx),
+                    **board.summary(int(idx[0]), int(idx[-1]) + 1),
+                }
+            )
     per = board.per_event(n - window)
-    places = np.array(board.placement[n - window:])
+    places = np.array(board.placement[n - window :])
     for pid in sorted(set(board.placement)):
         m = places == pid
         report["placements"][pid] = {"events": int(m.sum()), **{k: float(per[k][0][m].mean()) if m.any() else 0.0 for k, _ in POLICIES}}
@@ -144,22 +153,36 @@ def _report(scenario: Any, sim: Any, board: Any, args: argparse.Namespace, elaps
 
 def _print_table(r: dict[str, Any]) -> None:
     last = r["last"]
-    print(f"\nnextbest simulate: scenario {r['scenario']}, {r['events']} events, seed {r['seed']}, reward = {r['reward']}, {r['events_per_second']:.0f} events/s")
-    head = f"{'average per event':<24}{'reward':>9}{'revenue':>10}{'% oracle':>10}   |{'last ' + str(last['events']):>11}{'revenue':>10}{'% oracle':>10}"
+    print(
+        f"\nnextbest simulate: scenario {r['scenario']}, {r['events']} events, seed {r['seed']}, "
+        f"reward = {r['reward']}, {r['events_per_second']:.0f} events/s"
+    )
+    head = (
+        f"{'average per event':<24}{'reward':>9}{'revenue':>10}{'% oracle':>10}   "
+        f"|{'last ' + str(last['events']):>11}{'revenue':>10}{'% oracle':>10}"
+    )
     print(head)
     print("-" * len(head))
     o_all, o_last = r["overall"]["oracle"]["reward"], last["oracle"]["reward"]
     for key, label in POLICIES:
         a, b = r["overall"][key], last[key]
-        print(f"{label:<24}{a['reward']:>9.3f}{a['revenue']:>10.2f}{_pct(a['reward'], o_all):>10}   |{b['reward']:>11.3f}{b['revenue']:>10.2f}{_pct(b['reward'], o_last):>10}")
+        print(
+            f"{label:<24}{a['reward']:>9.3f}{a['revenue']:>10.2f}{_pct(a['reward'], o_all):>10}   "
+            f"|{b['reward']:>11.3f}{b['revenue']:>10.2f}{_pct(b['reward'], o_last):>10}"
+        )
     for p in r["periods"]:
         o = p["oracle"]["reward"]
-        print(f"\n{p['name']} (days {p['start_day']:g}-{p['start_day'] + p['days']:g}, {p['events']} events): policy {p['policy']['reward']:.3f}"
-              f" = {_pct(p['policy']['reward'], o)} of oracle {o:.3f}; random {p['random']['reward']:.3f}, best fixed {p['best_fixed']['reward']:.3f}")
+        print(
+            f"\n{p['name']} (days {p['start_day']:g}-{p['start_day'] + p['days']:g}, {p['events']} events): "
+            f"policy {p['policy']['reward']:.3f} = {_pct(p['policy']['reward'], o)} of oracle {o:.3f}; "
+            f"random {p['random']['reward']:.3f}, best fixed {p['best_fixed']['reward']:.3f}"
+        )
     print(f"\nper placement, last {last['events']} events:")
     for pid, s in r["placements"].items():
-        print(f"  {pid:<18}{s['events']:>6} events  policy {s['policy']:.3f}  oracle {s['oracle']:.3f} ({_pct(s['policy'], s['oracle'])})"
-              f"  random {s['random']:.3f}  best fixed {s['best_fixed']:.3f}")
+        print(
+            f"  {pid:<18}{s['events']:>6} events  policy {s['policy']:.3f}  oracle {s['oracle']:.3f} ({_pct(s['policy'], s['oracle'])})"
+            f"  random {s['random']:.3f}  best fixed {s['best_fixed']:.3f}"
+        )
     print("\npolicy = what the server's choices earned; the others are expectations on the same visits, from the true response model.")
 
 
@@ -168,9 +191,8 @@ def _pct(x: float, of: float) -> str:
 
 
 def _plot(board: Any, scenario: Any, path: str) -> None:
-    import numpy as np  # the server's dependencies: the CLI starts without them
-
     import matplotlib
+    import numpy as np  # the server's dependencies: the CLI starts without them
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -181,9 +203,13 @@ def _plot(board: Any, scenario: Any, path: str) -> None:
     kernel = np.ones(w) / w
     x = np.arange(w, n + 1)
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
-    styles = {"oracle": ("oracle", "k", "--", 1.0), "policy": ("served policy (realized)", "tab:blue", "-", 0.35),
-              "policy_expected": ("served policy (expected)", "tab:blue", "-", 1.0),
-              "best_fixed": ("best fixed offer", "tab:orange", "-.", 1.0), "random": ("uniform random", "tab:gray", ":", 1.0)}
+    styles = {
+        "oracle": ("oracle", "k", "--", 1.0),
+        "policy": ("served policy (realized)", "tab:blue", "-", 0.35),
+        "policy_expected": ("served policy (expected)", "tab:blue", "-", 1.0),
+        "best_fixed": ("best fixed offer", "tab:orange", "-.", 1.0),
+        "random": ("uniform random", "tab:gray", ":", 1.0),
+    }
     for key, (label, color, ls, alpha) in styles.items():
         if n >= w:
             ax.plot(x, np.convolve(per[key][0], kernel, mode="valid"), label=label, color=color, linestyle=ls, alpha=alpha)
@@ -235,7 +261,7 @@ def _bakeoff(args: argparse.Namespace) -> int:
     for n in names:
         if n not in bk.DATASETS:
             raise SystemExit(f"error: unknown dataset {n!r} (expected some of {', '.join(bk.DATASETS)})")
-    with (local_server() if args.target is None else _remote(args.target)) as target, NextbestClient(target) as nb:
+    with local_server() if args.target is None else _remote(args.target) as target, NextbestClient(target) as nb:
         run_id = "" if args.target is None else f"{uuid.uuid4().hex[:6]}."  # fresh models on a shared server
         results = []
         t0 = time.perf_counter()
@@ -246,21 +272,39 @@ def _bakeoff(args: argparse.Namespace) -> int:
                 wait = _waiter(nb, pid) if args.sync else None
                 r = bk.compare(nb, ds, seed, args.events, pid, args.epsilon, wait, _draws(pid) if args.target is None else None)
                 results.append(r)
-                _err(f"{name:<14} seed {seed:>3}: service {r.service:.4f}  VW direct {r.direct:.4f}  ratio {r.service / r.direct:.3f}"
-                     f"  (VW with the service's lag {r.direct_same_lag:.4f}; mean lag {r.mean_lag:.3f}, stale choices {r.stale_share:.1%})")
+                _err(
+                    f"{name:<14} seed {seed:>3}: service {r.service:.4f}  VW direct {r.direct:.4f}  ratio {r.service / r.direct:.3f}"
+                    f"  (VW with the service's lag {r.direct_same_lag:.4f}; mean lag {r.mean_lag:.3f}, stale choices {r.stale_share:.1%})"
+                )
         elapsed = time.perf_counter() - t0
     summary = bk.summarize(results)
     ok = all(s["ratio"] >= args.min_ratio for s in summary.values())
     if args.json:
-        print(json.dumps({"events": args.events, "epsilon": args.epsilon, "sync": args.sync, "min_ratio": args.min_ratio,
-                          "passed": ok, "datasets": summary, "runs": [r.__dict__ for r in results]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "events": args.events,
+                    "epsilon": args.epsilon,
+                    "sync": args.sync,
+                    "min_ratio": args.min_ratio,
+                    "passed": ok,
+                    "datasets": summary,
+                    "runs": [r.__dict__ for r in results],
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"\nbake-off: {len(names)} datasets x {args.seeds} seeds x {args.events} events, epsilon {args.epsilon},"
-              f" {'synchronous' if args.sync else 'asynchronous'} learning, {elapsed:.0f}s")
+        print(
+            f"\nbake-off: {len(names)} datasets x {args.seeds} seeds x {args.events} events, epsilon {args.epsilon},"
+            f" {'synchronous' if args.sync else 'asynchronous'} learning, {elapsed:.0f}s"
+        )
         print(f"{'dataset':<15}{'service':>9}{'VW direct':>11}{'ratio':>8}{'VW same lag':>13}{'ratio':>8}{'mean lag':>10}{'stale':>8}")
         for name, s in summary.items():
-            print(f"{name:<15}{s['service']:>9.4f}{s['direct']:>11.4f}{s['ratio']:>8.3f}{s['direct_same_lag']:>13.4f}"
-                  f"{s['ratio_same_lag']:>8.3f}{s['mean_lag']:>10.3f}{s['stale_share']:>8.1%}")
+            print(
+                f"{name:<15}{s['service']:>9.4f}{s['direct']:>11.4f}{s['ratio']:>8.3f}{s['direct_same_lag']:>13.4f}"
+                f"{s['ratio_same_lag']:>8.3f}{s['mean_lag']:>10.3f}{s['stale_share']:>8.1%}"
+            )
         print(f"{'PASS' if ok else 'FAIL'}: every ratio service / VW direct {'>=' if ok else 'must be >='} {args.min_ratio}")
     return 0 if ok else 1
 
@@ -306,12 +350,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     s.add_argument("--plot", metavar="FILE", help="write a learning-curve picture (PNG)")
     s.add_argument("--no-apply", dest="no_apply", action="store_true", help="use the placements already on the server")
     s.add_argument(
-        "--fatigue-penalty", dest="fatigue_penalty", type=float,
+        "--fatigue-penalty",
+        dest="fatigue_penalty",
+        type=float,
         help="set every placement's fatigue penalty strength (reward units; 0 = none), overriding the scenario",
     )
     s.add_argument("--fatigue-half-life", dest="fatigue_half_life", default="3d", help="half-life of that penalty (default 3d)")
-    s.add_argument("--fatigue-kind", dest="fatigue_kind", choices=["subtract", "scale"], default="subtract",
-                   help="subtract the penalty from the expected reward, or scale the reward by exp(-penalty)")
+    s.add_argument(
+        "--fatigue-kind",
+        dest="fatigue_kind",
+        choices=["subtract", "scale"],
+        default="subtract",
+        help="subtract the penalty from the expected reward, or scale the reward by exp(-penalty)",
+    )
     s.add_argument("--window", type=_positive, default=5000, help="final window of the report (default 5000 events)")
     s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
     s.add_argument("--event-prefix", dest="event_prefix", default="", help="prefix of event ids (default: random per run)")
@@ -324,8 +375,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     b.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
     b.add_argument("--events", type=_positive, default=1500, help="events per run (default 1500)")
     b.add_argument("--epsilon", type=float, default=0.05, help="epsilon-greedy exploration on both sides (default 0.05)")
-    b.add_argument("--no-sync", dest="sync", action="store_false",
-                   help="do not wait for each reward to be learned before the next choice (measures what the learning lag costs)")
+    b.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="do not wait for each reward to be learned before the next choice (measures what the learning lag costs)",
+    )
     b.add_argument("--min-ratio", dest="min_ratio", type=float, default=0.97, help="exit 1 if a dataset's ratio is below (default 0.97)")
     b.add_argument("--json", action="store_true", help="print results as JSON")
     b.set_defaults(func=_bakeoff)

@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel
 
 from nextbest.bandit.spec import CampaignSpec, ExplorationSpec, PlacementSpec
-from nextbest.v1 import admin_pb2
 from nextbest.rpc import convert
+from nextbest.v1 import admin_pb2
 
 HEADER = "# nextbest apply file, exported from the live configuration (retired arms are active: false)\n"
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))

@@ -22,6 +22,7 @@ class ApplyFile:
     placements: list[PlacementSpec] = field(default_factory=list)
     campaigns: list[CampaignSpec] = field(default_factory=list)
 
+
 Path_ = tuple[str | int, ...]
 
 

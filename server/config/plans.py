@@ -79,7 +79,9 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             out.changes.append(Change(spec.id, "", "CREATE", _diff({}, created)))
             versions = {a.id: 1 for a in spec.arms}
             for a in spec.arms:
-                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True))))
+                out.changes.append(
+                    Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True)))
+                )
                 out.new_arm_versions.append((spec.id, a.id, 1, dict(a.features)))
             out.records.append(PlacementRecord(spec, versions, 1, next_seq - 1))
             continue
@@ -96,14 +98,21 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             if prev is None:
                 versions[a.id] = versions.get(a.id, 0) + 1
                 out.new_arm_versions.append((spec.id, a.id, versions[a.id], dict(a.features)))
-                out.changes.append(Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True))))
+                out.changes.append(
+                    Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True)))
+                )
                 changed = True
             elif prev != a:
                 if prev.features != a.features:
                     versions[a.id] += 1
                     out.new_arm_versions.append((spec.id, a.id, versions[a.id], dict(a.features)))
                 out.changes.append(
-                    Change(spec.id, a.id, "UPDATE", _diff(prev.model_dump(mode="json", exclude={"id"}), a.model_dump(mode="json", exclude={"id"})))
+                    Change(
+                        spec.id,
+                        a.id,
+                        "UPDATE",
+                        _diff(prev.model_dump(mode="json", exclude={"id"}), a.model_dump(mode="json", exclude={"id"})),
+                    )
                 )
                 changed = True
             arms.append(a)

@@ -96,7 +96,10 @@ class BudgetKeeper:
             row = self._stored.get(k)
             if row is not None:
                 self._stored[k] = AccountRow(
-                    row.key, row.period, row.leased, row.spent + (reward_cost if incurred else 0.0),
+                    row.key,
+                    row.period,
+                    row.leased,
+                    row.spent + (reward_cost if incurred else 0.0),
                     max(0.0, row.reserved - reward_cost),
                 )
 

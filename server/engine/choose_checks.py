@@ -22,9 +22,7 @@ class ChooseChecks:
         self._settings = settings
         self._known: set[tuple[str, str]] = set()  # feature names that passed validation
 
-    def validate(
-        self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature], field: str = "features"
-    ) -> None:
+    def validate(self, placement: str, customer_id: str, event_id: str, features: Sequence[Feature], field: str = "features") -> None:
         s = self._settings
         limit = s.max_id_length
         if (
@@ -71,4 +69,3 @@ class ChooseChecks:
                 check_text(value, f"{field}[{i}].text", s.max_text_length)
         if len(self._known) < _MAX_KNOWN_NAMES:  # a hostile stream of new names is not remembered
             self._known.update((namespace, name) for namespace, name, _ in features)
-

@@ -17,20 +17,19 @@ import numpy as np
 from nextbest.bandit.budget import Account, Ledger
 from nextbest.bandit.contact import Impression
 from nextbest.bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
 from nextbest.bandit.features import Feature, feature, shared_line
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.choose_checks import ChooseChecks
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
-from nextbest.engine.writer import BatchWriter
-from nextbest.telemetry.metrics import Metrics
-from nextbest.storage.base import ContactRow
 from nextbest.engine.windows import OpenDecision, RewardWindows
-
+from nextbest.engine.writer import BatchWriter
+from nextbest.storage.base import ContactRow
+from nextbest.telemetry.metrics import Metrics
 
 
 def placement_salt(seed: str, placement: str) -> bytes:
@@ -203,9 +202,18 @@ class Chooser:
             if spec.slots > 1:
                 feats += (feature("slot", "position", str(k)), *(slot_features[k] if k < len(slot_features) else ()))
             d = self._decide_slot(
-                ps, variant, [c for c in candidates if c.arm.id not in taken] if taken else candidates, feats, customer_id,
-                event_id, k, now,
-                history, baseline_arm, defer, closed,
+                ps,
+                variant,
+                [c for c in candidates if c.arm.id not in taken] if taken else candidates,
+                feats,
+                customer_id,
+                event_id,
+                k,
+                now,
+                history,
+                baseline_arm,
+                defer,
+                closed,
             )
             if d.arm_id is None and k > 0:
                 break  # fewer arms than slots: the response is shorter
@@ -254,7 +262,14 @@ class Chooser:
         else:
             serving = ps.slots[variant]
             choice = decide(
-                serving.model, spec.variant(variant), candidates, shared, draw, now, history, serving.reward_scale,
+                serving.model,
+                spec.variant(variant),
+                candidates,
+                shared,
+                draw,
+                now,
+                history,
+                serving.reward_scale,
                 budgeted=ps.budgeted,
             )
             model_version = serving.model.learned
@@ -301,7 +316,14 @@ class Chooser:
                 event_id,
                 slot,
                 OpenDecision(
-                    spec.id, deadline, chosen.arm.id, customer_id, chosen.spec.campaign, cost, reward_cost, keys,
+                    spec.id,
+                    deadline,
+                    chosen.arm.id,
+                    customer_id,
+                    chosen.spec.campaign,
+                    cost,
+                    reward_cost,
+                    keys,
                     activated=not defer,
                 ),
             )

@@ -7,19 +7,18 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from nextbest.bandit.decider import ArmView
 from nextbest.bandit.errors import InvalidInput, NotFound
-from nextbest.bandit.text import quote
+from nextbest.bandit.features import arm_line, features_from_mapping
 from nextbest.bandit.model import CbModel, check_vw_arguments
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
-from nextbest.bandit.decider import ArmView
-from nextbest.bandit.features import arm_line, features_from_mapping
+from nextbest.bandit.text import quote
+from nextbest.config.plans import Change, plan, plan_campaigns
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.chooser import placement_salt
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import PlacementState, Slot
 from nextbest.storage.base import PlacementRecord, Store
-from nextbest.config.plans import Change, plan, plan_campaigns
-
 
 
 def _is_new(old: PlacementState | None, s: Slot) -> bool:
@@ -30,6 +29,7 @@ def _is_new(old: PlacementState | None, s: Slot) -> bool:
 def _moved(old: PlacementState | None, name: str, s: Slot) -> bool:
     """The slot holds another model than before (new or promoted): it needs a snapshot."""
     return old is None or name not in old.slots or old.slots[name].model is not s.model
+
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,7 @@ def placement_state(
 ) -> PlacementState:
     """A placement as the engine serves it: its record, models, active arms and their VW lines."""
     pid = rec.spec.id
-    lines = {
-        (arm, version): arm_line(arm, features_from_mapping(f))
-        for (p, arm, version), f in features.items()
-        if p == pid
-    }
+    lines = {(arm, version): arm_line(arm, features_from_mapping(f)) for (p, arm, version), f in features.items() if p == pid}
     arms = [ArmView.of(a, rec.arm_versions[a.id]) for a in rec.spec.active_arms()]
     return PlacementState(rec, slots, arms, lines, placement_salt(seed, pid))
 
@@ -86,9 +82,7 @@ class Configurator:
             if s.fallback_arm is not None:
                 fb = next(a for a in s.arms if a.id == s.fallback_arm)
                 if fb.budget is not None or fb.campaign is not None:
-                    raise InvalidInput(
-                        f"placements[{i}].fallback_arm", "the fallback arm bypasses budgets, so it cannot have one"
-                    )
+                    raise InvalidInput(f"placements[{i}].fallback_arm", "the fallback arm bypasses budgets, so it cannot have one")
 
     def _slots(self, spec: PlacementSpec, old: PlacementState | None, since: int) -> dict[str, Slot]:
         """The placement's models after the change: kept where their settings did not change,
@@ -161,9 +155,7 @@ class Configurator:
     def campaigns(self) -> list[CampaignSpec]:
         return sorted(self._budgets.campaigns.values(), key=lambda c: c.id)
 
-    async def apply(
-        self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec] = (), dry_run: bool = False
-    ) -> list[Change]:
+    async def apply(self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec] = (), dry_run: bool = False) -> list[Change]:
         """Make the given placements and campaigns live, atomically; returns the changes."""
         self._check(specs, campaigns)
         async with self._lock:
@@ -181,12 +173,7 @@ class Configurator:
                 return changes
             changed_campaigns = [c for c in campaigns if any(ch.campaign == c.id for ch in camp_changes)]
             # New and promoted models are saved with the configuration: a restart knows where each starts.
-            fresh = [
-                s.snapshot(pid)
-                for pid, made in slots.items()
-                for name, s in made.items()
-                if _moved(self._states.get(pid), name, s)
-            ]
+            fresh = [s.snapshot(pid) for pid, made in slots.items() for name, s in made.items() if _moved(self._states.get(pid), name, s)]
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
                 self._writer_pool, self._store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh

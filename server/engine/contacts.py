@@ -55,9 +55,7 @@ class Contacts:
         if horizon <= self.history.horizon or self.shared is not None:
             self.history.horizon = horizon
             return
-        rows = await asyncio.get_running_loop().run_in_executor(
-            self._reader_pool, self._store.recent_impressions, self._clock() - horizon
-        )
+        rows = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.recent_impressions, self._clock() - horizon)
         history = ContactHistory(horizon)
         for r in rows:
             history.record(r.customer_id, self.impression(r))

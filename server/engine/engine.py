@@ -28,9 +28,9 @@ from nextbest.engine.chooser import Chooser
 from nextbest.engine.configure import Configurator, placement_state
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState, Slot
-from nextbest.engine.stats_reader import StatsReader
 from nextbest.engine.replication import Replication
 from nextbest.engine.shared_contacts import SharedContacts
+from nextbest.engine.stats_reader import StatsReader
 from nextbest.engine.tasks import cancel_and_wait
 from nextbest.engine.windows import RewardWindows
 from nextbest.engine.writer import BatchWriter
@@ -77,16 +77,31 @@ class Engine:
         )
         self.writer.assign_learn_positions = lambda: self.learner.active
         self.windows = RewardWindows(
-            self.states, self.writer, self.learner, self.budgets, self.contacts, self.metrics, acceptance,
-            store, self.reader_pool, settings, clock,
+            self.states,
+            self.writer,
+            self.learner,
+            self.budgets,
+            self.contacts,
+            self.metrics,
+            acceptance,
+            store,
+            self.reader_pool,
+            settings,
+            clock,
         )
         self.chooser = Chooser(
-            ChooseChecks(settings), self.states, self.contacts, self.budgets, self.windows, self.writer,
-            self.learner, self.metrics, acceptance, clock,
+            ChooseChecks(settings),
+            self.states,
+            self.contacts,
+            self.budgets,
+            self.windows,
+            self.writer,
+            self.learner,
+            self.metrics,
+            acceptance,
+            clock,
         )
-        self.config = Configurator(
-            self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, settings.seed
-        )
+        self.config = Configurator(self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, settings.seed)
         self.stats = StatsReader(self.states, self.writer, self.budgets, store, self.reader_pool, clock)
         self.replication = Replication(
             self.states, self.writer, self.learner, self.windows, self.config, store, self.reader_pool, settings, clock

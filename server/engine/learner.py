@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextbest.bandit.reward_scale import RewardScale
 from nextbest.bandit.decider import ArmView, Candidate
 from nextbest.bandit.features import shared_line
 from nextbest.bandit.model import CbModel
-from nextbest.storage.base import LearnRow, PlacementRecord, Snapshot, Store
+from nextbest.bandit.reward_scale import RewardScale
 from nextbest.engine.tasks import cancel_and_wait
+from nextbest.storage.base import LearnRow, PlacementRecord, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,7 @@ class Learner:
             if found is None:
                 return total
             ps, slot = found
-            rows = await loop.run_in_executor(
-                self._reader, self._store.learn_rows, pid, slot.variant_filter, slot.cursor, self._batch
-            )
+            rows = await loop.run_in_executor(self._reader, self._store.learn_rows, pid, slot.variant_filter, slot.cursor, self._batch)
             if self._slot(pid, name) != (ps, slot):
                 continue  # the model was replaced meanwhile; read again for the new one
             for i, row in enumerate(rows):

@@ -47,8 +47,15 @@ class BudgetView:
     @classmethod
     def of(cls, a: Account, now: float) -> BudgetView:
         return cls(
-            a.key, a.period, a.limit, a.spent, a.reserved, a.remaining, a.pacer is not None,
-            a.pacer.price if a.pacer is not None else 0.0, a.projected_exhaustion(now),
+            a.key,
+            a.period,
+            a.limit,
+            a.spent,
+            a.reserved,
+            a.remaining,
+            a.pacer is not None,
+            a.pacer.price if a.pacer is not None else 0.0,
+            a.projected_exhaustion(now),
         )
 
 
@@ -65,4 +72,3 @@ class Stats:
     no_offer: int = 0
     variants: list[VariantTally] = field(default_factory=list)
     models: list[ModelView] = field(default_factory=list)
-

@@ -69,9 +69,7 @@ class SharedContacts:
             # Shielded: a caller that gives up now must not leave the lock held; the
             # commit finishes (or fails, releasing the lock) in its thread either way.
             try:
-                await asyncio.shield(
-                    asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new)
-                )
+                await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._release, self._store.contacts_commit, handle, tx.new))
             except Unavailable as e:
                 # What was decided inside the lock is made and logged by now: failing the
                 # call would leave an offer logged that the customer never sees (and learned
@@ -86,6 +84,7 @@ class SharedContacts:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+
             def release(f: asyncio.Future[tuple[Any, list[RecentImpression]]]) -> None:
                 if not f.cancelled() and f.exception() is None:
                     self._release.submit(self._store.contacts_abort, f.result()[0])

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from nextbest.bandit import access
 from nextbest.bandit.contact import Impression
-from nextbest.bandit.errors import InvalidInput, NextbestError, NotFound
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.errors import InvalidInput, NextbestError, NotFound
 from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT
 from nextbest.bandit.text import check_text, quote
 from nextbest.engine.budgets import BudgetKeeper
@@ -29,9 +29,8 @@ from nextbest.engine.learner import Learner, PlacementState
 from nextbest.engine.writer import BatchWriter
 from nextbest.settings import Settings
 from nextbest.storage.base import Activation, Close, ContactRow, RewardEvent, Store
-from nextbest.telemetry.metrics import Metrics
 from nextbest.storage.refusal import RecordRefused
-
+from nextbest.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +261,7 @@ class RewardWindows:
         tally[1] += 1
         self._learner.poke(entry.placement)
 
-    def _after_abandoned(
-        self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[bool]
-    ) -> None:
+    def _after_abandoned(self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[bool]) -> None:
         if written.cancelled() or written.exception() is not None:
             self.add(key[0], key[1], entry)  # not stored: open again, and swept in time
         elif written.result():
@@ -299,7 +296,9 @@ class RewardWindows:
         if not quiet:
             # Kept for diagnosis (a channel sending wrong ids): a structured log record and a counter.
             log.warning(
-                "reward %r for unknown event %s", reward, quote(event_id),
+                "reward %r for unknown event %s",
+                reward,
+                quote(event_id),
                 extra={"event": "reward_unknown_event", "event_id": event_id[:128], "reward": reward},
             )
         self._metrics.reward("unknown")
@@ -421,7 +420,8 @@ class RewardWindows:
         loop = asyncio.get_running_loop()
         live_since = self._clock() - self._settings.live_for if self._settings.may_have_peers else None
         taken = [
-            d for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
+            d
+            for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
             if (d.event_id, d.slot) not in self.open
         ]
         for d in taken:
@@ -431,8 +431,15 @@ class RewardWindows:
                 d.event_id,
                 d.slot,
                 OpenDecision(
-                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost,
-                    d.budgets, d.activated,
+                    d.placement,
+                    d.deadline,
+                    d.arm_id or "",
+                    d.customer_id,
+                    campaign,
+                    d.cost,
+                    d.reward_cost,
+                    d.budgets,
+                    d.activated,
                 ),
             )
         if taken:
@@ -483,7 +490,10 @@ class RewardWindows:
             out.append(r)
         if unknown:  # one line for the call, not one per unknown event
             log.warning(
-                "reward batch of %d named %d unknown events, e.g. %s", len(items), len(unknown), quote(unknown[0]),
+                "reward batch of %d named %d unknown events, e.g. %s",
+                len(items),
+                len(unknown),
+                quote(unknown[0]),
                 extra={"event": "reward_unknown_event", "event_id": unknown[0][:128], "unknown": len(unknown)},
             )
         return out

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
-from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.decision_log import LoggedDecision
+from nextbest.bandit.errors import Unavailable
+from nextbest.engine.tasks import cancel_and_wait
 from nextbest.storage.base import Activation, Close, RewardEvent, Store, WriteResult
 from nextbest.storage.refusal import RecordRefused, is_refusal, refusal_reason
-from nextbest.engine.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class BatchWriter:
                     [e for e, _ in events],
                     assign,
                 )
-            except Exception as e:  # noqa: BLE001 - away or refused: told apart below
+            except Exception as e:
                 items: list[_Item] = [("decision", d, None) for d in decisions]
                 items += [("activation", a, f) for a, f in acts]
                 items += [("reward", ev, f) for ev, f in events]
@@ -219,7 +219,7 @@ class BatchWriter:
             chunk = todo.pop()
             try:
                 result = await self._write(chunk, assign)
-            except Exception as e:  # noqa: BLE001 - away or refused: told apart here
+            except Exception as e:
                 if not is_refusal(e):
                     return chunk + [x for c in reversed(todo) for x in c], e
                 bad = (chunk, e)
@@ -258,7 +258,9 @@ class BatchWriter:
         if kind == "decision":
             log.error(
                 "the database refused decision %r of placement %r; it is dropped: %s",
-                rec.event_id[:100], rec.placement[:100], reason,
+                rec.event_id[:100],
+                rec.placement[:100],
+                reason,
             )
         else:
             log.error("the database refused a %s of event %r slot %d: %s", kind, rec.event_id[:100], rec.slot, reason)

@@ -20,10 +20,10 @@ from sqlalchemy import Engine, Text, and_, cast, create_engine, event, func, or_
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import feature, features_from_mapping
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from nextbest.bandit.offline.replay import ReplayLog
 from nextbest.storage import tables as t
 from nextbest.storage.sqlcore import decision_from_row
@@ -99,8 +99,9 @@ def _where(placement: str, since: float | None, until: float | None, no_offer: b
     d = t.decisions.c
     shown = and_(d.outcome.in_(CLOSED), d.chosen.is_not(None), d.reward.is_not(None))
     if no_offer:
-        none = and_(d.outcome == int(Outcome.NO_ARM), d.chosen.is_(None), d.probability > 0.0, d.activated.is_(True),
-                    d.deadline <= time.time())
+        none = and_(
+            d.outcome == int(Outcome.NO_ARM), d.chosen.is_(None), d.probability > 0.0, d.activated.is_(True), d.deadline <= time.time()
+        )
         shown = or_(shown, none)
     out = [d.placement_id == placement, shown]
     if since is not None:
@@ -129,8 +130,15 @@ def read_replay_log(
 ) -> ReplayLog:
     """The closed decisions of a placement, oldest first (ties by event id)."""
     d = t.decisions.c
-    cols = [d.event_id, d.created_at, func.coalesce(d.reward, 0.0), d.probability, func.coalesce(d.chosen, -1),
-            cast(d.arms, Text), cast(d.pmf, Text)]
+    cols = [
+        d.event_id,
+        d.created_at,
+        func.coalesce(d.reward, 0.0),
+        d.probability,
+        func.coalesce(d.chosen, -1),
+        cast(d.arms, Text),
+        cast(d.pmf, Text),
+    ]
     if with_features:
         cols.append(cast(d.features, Text))
     stmt = select(*cols).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id)
@@ -154,7 +162,13 @@ def read_replay_log(
             for row in json.loads("[" + ",".join(columns[7]) + "]")
         ]
     return ReplayLog.build(
-        columns[0], columns[1], columns[2], columns[3], columns[4], arm_lists, pmfs,
+        columns[0],
+        columns[1],
+        columns[2],
+        columns[3],
+        columns[4],
+        arm_lists,
+        pmfs,
         features=features,
         arm_features={k: features_from_mapping(v) for k, v in arm_rows.items()},
     )
@@ -183,7 +197,9 @@ def _open(path: str, mode: str) -> Iterator[IO[str]]:
         with open(path, mode, encoding="utf-8") as f:
             yield f
     except OSError as e:
-        raise InvalidInput("--out" if "w" in mode else "--log", f"cannot {'write' if 'w' in mode else 'read'} {path}: {e.strerror}") from None
+        raise InvalidInput(
+            "--out" if "w" in mode else "--log", f"cannot {'write' if 'w' in mode else 'read'} {path}: {e.strerror}"
+        ) from None
 
 
 def write_dsjson(path: str, decisions: Iterable[LoggedDecision], arm_features: ArmFeatureRows, ccb: bool = False) -> int:
@@ -208,9 +224,7 @@ def write_dsjson(path: str, decisions: Iterable[LoggedDecision], arm_features: A
     return n
 
 
-def read_dsjson(
-    path: str, placement: str | None = None, *, since: float | None = None, until: float | None = None
-) -> ReplayLog:
+def read_dsjson(path: str, placement: str | None = None, *, since: float | None = None, until: float | None = None) -> ReplayLog:
     """A replay log from a DSJSON file, filtered and ordered like the database path."""
     decisions: list[LoggedDecision] = []
     arm_rows: ArmFeatureRows = {}

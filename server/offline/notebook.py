@@ -65,8 +65,14 @@ def _frame(rows: list[dict[str, Any]], as_frame: bool | None) -> Any:
 
 
 def stats(
-    placement: str, db: str = DEFAULT_DB, bucket: str | None = None, *, by: str = "arm",
-    since: float | str | None = None, until: float | str | None = None, as_frame: bool | None = None,
+    placement: str,
+    db: str = DEFAULT_DB,
+    bucket: str | None = None,
+    *,
+    by: str = "arm",
+    since: float | str | None = None,
+    until: float | str | None = None,
+    as_frame: bool | None = None,
 ) -> Any:
     """Rows of statistics with 95 % intervals: ``by="arm"`` (per variant and arm, and per
     bucket when one is given), ``"variant"`` (per variant, and bucket) or ``"lift"`` (each
@@ -75,8 +81,11 @@ def stats(
     from nextbest.offline.stats_source import placement_stats
 
     s = placement_stats(
-        db, placement, bucket=bucket,
-        since=parse_time(None if since is None else str(since)), until=parse_time(None if until is None else str(until), "until"),
+        db,
+        placement,
+        bucket=bucket,
+        since=parse_time(None if since is None else str(since)),
+        until=parse_time(None if until is None else str(until), "until"),
     )
     if by == "lift":
         rows = [x.to_dict() for x in s.lifts]
@@ -97,8 +106,12 @@ def summary(placement: str, db: str = DEFAULT_DB, bucket: str | None = None) -> 
 
 
 def report(
-    placement: str, db: str = DEFAULT_DB, out: str | Path | None = None, bucket: str | None = None,
-    config: str | Path | None = None, specs: Sequence[Any] = (),
+    placement: str,
+    db: str = DEFAULT_DB,
+    out: str | Path | None = None,
+    bucket: str | None = None,
+    config: str | Path | None = None,
+    specs: Sequence[Any] = (),
 ) -> str:
     """The HTML report; written to ``out`` when given. ``config`` (an apply file) or ``specs``
     give arm budget limits for the budget plot."""

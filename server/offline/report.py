@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from nextbest.bandit.spec import BudgetSpec, PlacementSpec
 from nextbest.bandit.offline.experiment_stats import BUCKET_SECONDS, Bucket, GroupStats, Summary, group, iso, rolling_mean, summarize
+from nextbest.bandit.spec import BudgetSpec, PlacementSpec
 from nextbest.offline.stats_source import LogData, arm_budget_specs, read_log
 
 DAY = 86400.0
@@ -199,8 +199,17 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) ->
 
 def _stats_rows(groups: Sequence[GroupStats], with_arm: bool) -> list[list[Any]]:
     return [
-        [_label(g.variant), *([g.arm] if with_arm else []), g.impressions, g.measured, g.rewards, _f(g.mean.estimate),
-         f"[{_f(g.mean.low)}, {_f(g.mean.high)}]", _f(g.spend, 2), _f(g.exploration_share, 3)]
+        [
+            _label(g.variant),
+            *([g.arm] if with_arm else []),
+            g.impressions,
+            g.measured,
+            g.rewards,
+            _f(g.mean.estimate),
+            f"[{_f(g.mean.low)}, {_f(g.mean.high)}]",
+            _f(g.spend, 2),
+            _f(g.exploration_share, 3),
+        ]
         for g in groups
     ]
 
@@ -214,15 +223,26 @@ def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
         f"<style>{CSS}</style></head><body>",
         f"<h1>Placement {html.escape(summary.placement)}</h1>",
         f"<p>{summary.n:,} decisions from {iso(summary.first)} to {iso(summary.last)}; {html.escape(measure)}.</p>",
-        "<h2>Variants</h2>", _table(head, _stats_rows(summary.variants, False)),
+        "<h2>Variants</h2>",
+        _table(head, _stats_rows(summary.variants, False)),
     ]
     if summary.lifts:
-        parts.append(_table(
-            ["variant", "vs", "difference", "95 % CI", "relative"],
-            [[x.variant, x.control, _f(x.difference.estimate), f"[{_f(x.difference.low)}, {_f(x.difference.high)}]",
-              "–" if math.isnan(x.relative) else f"{x.relative:+.1%}"] for x in summary.lifts],
-            left=2,
-        ))
+        parts.append(
+            _table(
+                ["variant", "vs", "difference", "95 % CI", "relative"],
+                [
+                    [
+                        x.variant,
+                        x.control,
+                        _f(x.difference.estimate),
+                        f"[{_f(x.difference.low)}, {_f(x.difference.high)}]",
+                        "–" if math.isnan(x.relative) else f"{x.relative:+.1%}",
+                    ]
+                    for x in summary.lifts
+                ],
+                left=2,
+            )
+        )
     elif data.cols.variant is None:
         parts.append('<p class="note">This log records no variants: one row for all decisions, no lift.</p>')
     parts += ["<h2>Reward over time</h2>", plot_reward_over_time(data, bucket, summary.binary)]
@@ -237,11 +257,20 @@ def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
         for (key, period), (_, spent) in burn.items():
             plan = plan_for(period, data.budget_specs.get(key), 0.0)
             limit = plan[2] if plan else (data.budget_specs[key].total if key in data.budget_specs and period == "total" else None)
-            rows.append([key, period, _f(float(spent[-1]), 2), "–" if limit is None else _f(limit, 2),
-                         "–" if not limit else f"{spent[-1] / limit:.1%}"])
+            rows.append(
+                [
+                    key,
+                    period,
+                    _f(float(spent[-1]), 2),
+                    "–" if limit is None else _f(limit, 2),
+                    "–" if not limit else f"{spent[-1] / limit:.1%}",
+                ]
+            )
         parts.append(_table(["budget", "period", "spent", "limit", "used"], rows, left=2))
-        parts.append('<p class="note">Spend from the decision log; dashed: an even schedule over the budget\'s period '
-                     '(limits known for campaigns, and for arms when given with --config).</p>')
+        parts.append(
+            '<p class="note">Spend from the decision log; dashed: an even schedule over the budget\'s period '
+            "(limits known for campaigns, and for arms when given with --config).</p>"
+        )
     else:
         parts.append('<p class="note">No decision of this placement spent from a budget.</p>')
     parts.append("</body></html>\n")
@@ -249,7 +278,12 @@ def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
 
 
 def build_report(
-    url: str, placement: str, *, bucket: str | None = None, since: float | None = None, until: float | None = None,
+    url: str,
+    placement: str,
+    *,
+    bucket: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
     specs: Sequence[PlacementSpec] = (),
 ) -> str:
     """Read the log (read-only) and render the report. ``specs`` (e.g. from an apply file) give

@@ -19,8 +19,8 @@ from sqlalchemy import Text, cast, column, inspect, select
 from sqlalchemy.engine import Connection
 
 from nextbest.bandit.errors import InvalidInput, NotFound
-from nextbest.bandit.spec import BudgetSpec, PlacementSpec
 from nextbest.bandit.offline.experiment_stats import DEFAULT, Bucket, LogColumns, Summary, explored, summarize
+from nextbest.bandit.spec import BudgetSpec, PlacementSpec
 from nextbest.offline.log_source import _bulk_json, _connect
 from nextbest.storage import tables as t
 
@@ -75,7 +75,12 @@ def _as_of(outcomes: Sequence[int], closed_at: Sequence[float | None]) -> float:
 
 
 def read_log(
-    url: str, placement: str, *, since: float | None = None, until: float | None = None, with_budgets: bool = False,
+    url: str,
+    placement: str,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    with_budgets: bool = False,
     as_of: float | None = None,
 ) -> LogData:
     """Every decision of a placement in the period (open ones too), oldest first. Rewards are
@@ -84,8 +89,18 @@ def read_log(
     with _connect(url) as conn:
         variant = has_column(conn, "decisions", "variant")
         activated = has_column(conn, "decisions", "activated")
-        cols: list[Any] = [d.created_at, d.arm_id, d.chosen, cast(d.pmf, Text), d.outcome, d.reward, d.cost,
-                           d.reward_cost, d.rewarded_at, d.deadline]
+        cols: list[Any] = [
+            d.created_at,
+            d.arm_id,
+            d.chosen,
+            cast(d.pmf, Text),
+            d.outcome,
+            d.reward,
+            d.cost,
+            d.reward_cost,
+            d.rewarded_at,
+            d.deadline,
+        ]
         if with_budgets:
             cols.append(cast(d.budgets, Text))
         if activated:
@@ -127,7 +142,12 @@ def read_log(
 
 
 def placement_stats(
-    url: str, placement: str, *, bucket: str | None = None, since: float | None = None, until: float | None = None,
+    url: str,
+    placement: str,
+    *,
+    bucket: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
     as_of: float | None = None,
 ) -> Summary:
     """Statistics of a placement's decisions: per variant, per arm and, with a bucket, over time."""

@@ -11,9 +11,9 @@ from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
 from nextbest.engine.configure import Configurator
 from nextbest.engine.stats_reader import StatsReader
-from nextbest.v1 import admin_pb2, admin_pb2_grpc
 from nextbest.rpc import convert
 from nextbest.rpc.errors import rpc
+from nextbest.v1 import admin_pb2, admin_pb2_grpc
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 

@@ -108,9 +108,7 @@ def _entry(raw: object, where: str) -> tuple[str, Principal]:
     if not isinstance(roles, list) or not roles or not all(isinstance(r, str) and r in ROLES for r in roles):
         raise InvalidInput(f"{where}.roles", f"list one or more of {sorted(ROLES)}")
     places = raw.get("placements")
-    if places is not None and (
-        not isinstance(places, list) or not places or not all(isinstance(p, str) and p for p in places)
-    ):
+    if places is not None and (not isinstance(places, list) or not places or not all(isinstance(p, str) and p for p in places)):
         raise InvalidInput(f"{where}.placements", "a non-empty list of placement ids")
     return digest.lower(), Principal(name, frozenset(roles), frozenset(places) if places is not None else None)
 
@@ -201,7 +199,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return _deny(grpc.StatusCode.UNAUTHENTICATED, "send a valid token as 'authorization: Bearer <token>'")
         if role not in principal.roles:
             log.info(
-                "denied %s to token %s: needs role %s", method, principal.name, role,
+                "denied %s to token %s: needs role %s",
+                method,
+                principal.name,
+                role,
                 extra={"event": "auth_denied", "method": method, "principal": principal.name},
             )
             return _deny(grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} lacks role {role!r}")
@@ -224,7 +225,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 placement = getattr(request, "placement", "")
                 if placement and not principal.may_use(placement):
                     log.info(
-                        "denied %s on placement %s to token %s", method, quote(placement), principal.name,
+                        "denied %s on placement %s to token %s",
+                        method,
+                        quote(placement),
+                        principal.name,
                         extra={"event": "auth_denied", "method": method, "principal": principal.name, "placement": placement[:128]},
                     )
                     await context.abort(
@@ -256,8 +260,12 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         metadata = [*(details.metadata or ()), self._header]
         new = _CallDetails(
-            details.method, details.timeout, metadata, details.credentials,
-            getattr(details, "wait_for_ready", None), getattr(details, "compression", None),
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
         )
         return continuation(new, request)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -11,11 +11,21 @@ from pydantic import ValidationError
 
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, feature_key
-from nextbest.bandit.spec import ArmSpec, BudgetSpec, CampaignSpec, ContactRule, ExperimentSpec, ExplorationSpec, FatigueSpec, PlacementSpec, error_location
-from nextbest.v1 import admin_pb2, common_pb2
+from nextbest.bandit.spec import (
+    ArmSpec,
+    BudgetSpec,
+    CampaignSpec,
+    ContactRule,
+    ExperimentSpec,
+    ExplorationSpec,
+    FatigueSpec,
+    PlacementSpec,
+    error_location,
+)
 from nextbest.config.plans import Change
 from nextbest.engine.placement_stats import Stats
 from nextbest.storage.base import PlacementRecord
+from nextbest.v1 import admin_pb2, common_pb2
 
 _ALGORITHMS = {
     admin_pb2.EXPLORATION_ALGORITHM_EPSILON: "epsilon",
@@ -82,7 +92,7 @@ _SHAPES = {admin_pb2.FATIGUE_SHAPE_LINEAR: "linear"}
 
 
 def _time(ts: timestamp_pb2.Timestamp, has: bool) -> datetime | None:
-    return ts.ToDatetime(tzinfo=timezone.utc) if has else None
+    return ts.ToDatetime(tzinfo=UTC) if has else None
 
 
 def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -187,7 +197,11 @@ _MODES = {
 }
 _MODES_PB = {v: k for k, v in _MODES.items()}
 _HOLDOUT = {admin_pb2.HOLDOUT_POLICY_FIXED: "fixed", admin_pb2.HOLDOUT_POLICY_RULES: "rules"}
-_HOLDOUT_PB = {"uniform": admin_pb2.HOLDOUT_POLICY_UNIFORM, "fixed": admin_pb2.HOLDOUT_POLICY_FIXED, "rules": admin_pb2.HOLDOUT_POLICY_RULES}
+_HOLDOUT_PB = {
+    "uniform": admin_pb2.HOLDOUT_POLICY_UNIFORM,
+    "fixed": admin_pb2.HOLDOUT_POLICY_FIXED,
+    "rules": admin_pb2.HOLDOUT_POLICY_RULES,
+}
 
 
 def _exploration_dict(ex: admin_pb2.Exploration, field: str) -> dict[str, Any]:
@@ -404,9 +418,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
 
 def changes_pb(changes: Sequence[Change]) -> list[admin_pb2.ConfigChange]:
     return [
-        admin_pb2.ConfigChange(
-            placement=c.placement, arm_id=c.arm_id, action=_ACTIONS[c.action], details=c.details, campaign=c.campaign
-        )
+        admin_pb2.ConfigChange(placement=c.placement, arm_id=c.arm_id, action=_ACTIONS[c.action], details=c.details, campaign=c.campaign)
         for c in changes
     ]
 
@@ -444,9 +456,7 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 remaining=b.remaining,
                 paced=b.paced,
                 pacing_multiplier=b.multiplier,
-                projected_exhaustion=_ts(
-                    datetime.fromtimestamp(b.projected_exhaustion, timezone.utc) if b.projected_exhaustion else None
-                ),
+                projected_exhaustion=_ts(datetime.fromtimestamp(b.projected_exhaustion, UTC) if b.projected_exhaustion else None),
             )
             for b in s.budgets
         ],
@@ -464,9 +474,7 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
             for v in s.variants
         ],
         models=[
-            admin_pb2.ModelStats(
-                slot=m.slot, learned=m.learned, scored=m.scored, agreement=m.agreement, estimated_value=m.estimated_value
-            )
+            admin_pb2.ModelStats(slot=m.slot, learned=m.learned, scored=m.scored, agreement=m.agreement, estimated_value=m.estimated_value)
             for m in s.models
         ],
     )

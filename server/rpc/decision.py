@@ -7,11 +7,11 @@ from typing import Any, TypeAlias
 import grpc
 
 from nextbest.engine.chooser import Chooser
-from nextbest.v1 import decision_pb2, decision_pb2_grpc
+from nextbest.engine.windows import ActivateStatus, RewardStatus, RewardWindows
 from nextbest.rpc import convert
 from nextbest.rpc.errors import message_of, rpc, status_for
-from nextbest.engine.windows import ActivateStatus, RewardStatus, RewardWindows
 from nextbest.telemetry.metrics import Metrics
+from nextbest.v1 import decision_pb2, decision_pb2_grpc
 
 _STATUS = {
     RewardStatus.LEARNED: decision_pb2.REWARD_STATUS_LEARNED,
@@ -36,9 +36,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     @rpc
     async def Choose(self, request: decision_pb2.ChooseRequest, context: Ctx) -> decision_pb2.ChooseResponse:
-        slot_features = [
-            convert.features(s.features, f"slot_features[{i}].features") for i, s in enumerate(request.slot_features)
-        ]
+        slot_features = [convert.features(s.features, f"slot_features[{i}].features") for i, s in enumerate(request.slot_features)]
         decisions = await self._chooser.choose(
             request.placement,
             request.customer_id,
@@ -56,11 +54,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             model_version=d.model_version,
             reason=d.reason,
             variant=d.variant,
-            slots=[
-                decision_pb2.SlotChoice(slot=x.slot, arm_id=x.arm_id or "", probability=x.probability)
-                for x in decisions
-                if x.arm_id
-            ],
+            slots=[decision_pb2.SlotChoice(slot=x.slot, arm_id=x.arm_id or "", probability=x.probability) for x in decisions if x.arm_id],
         )
 
     @rpc
@@ -70,9 +64,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         return decision_pb2.RewardResponse(status=_STATUS[status])
 
     @rpc
-    async def RewardBatch(
-        self, request: decision_pb2.RewardBatchRequest, context: Ctx
-    ) -> decision_pb2.RewardBatchResponse:
+    async def RewardBatch(self, request: decision_pb2.RewardBatchRequest, context: Ctx) -> decision_pb2.RewardBatchResponse:
         results = await self._windows.reward_batch([(r.event_id, r.reward, r.slot, r.reward_id) for r in request.rewards])
         out = []
         for r in results:

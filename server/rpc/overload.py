@@ -135,7 +135,7 @@ def _lenient(parse: Callable[[bytes], Any] | None, probe: bytes | None = None) -
             return PROBE
         try:
             return parse(data)
-        except Exception:  # noqa: BLE001 - any parse failure is bad input
+        except Exception:
             return MALFORMED
 
     return lenient
@@ -182,8 +182,9 @@ class QueueProbe:
     """Sends this server a probe Choose every PROBE_INTERVAL while the loop is busy, and feeds
     its round trip (so far, while it is out) to a QueueShedder. Runs on the server's loop."""
 
-    def __init__(self, target: str, payload: bytes, shedder: QueueShedder, interval: float = PROBE_INTERVAL,
-                 busy: float = PROBE_BUSY) -> None:
+    def __init__(
+        self, target: str, payload: bytes, shedder: QueueShedder, interval: float = PROBE_INTERVAL, busy: float = PROBE_BUSY
+    ) -> None:
         self.target, self.payload, self.shedder = target, payload, shedder
         self.metadata = ((PROBE_KEY, payload.hex()),)  # lets the probe past authentication (ProbeGate)
         self.interval, self.busy = interval, busy
@@ -246,8 +247,7 @@ def deadline_passed(context: Ctx, margin: float = 0.0) -> bool:
 class OverloadInterceptor(HandlerWrapper):
     """RESOURCE_EXHAUSTED past max_inflight calls of a method; DEADLINE_EXCEEDED for expired calls."""
 
-    def __init__(self, max_inflight: int, metrics: Metrics | None = None, margin: float = 0.0,
-                 shed_queue: float = 0.0) -> None:
+    def __init__(self, max_inflight: int, metrics: Metrics | None = None, margin: float = 0.0, shed_queue: float = 0.0) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.max_inflight = max_inflight

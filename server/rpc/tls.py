@@ -33,9 +33,7 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str = "") 
     if b"PRIVATE KEY-----" not in key:
         raise InvalidInput("tls_key_file", f"{key_file} holds no private key")
     ca = _read(client_ca_file, "tls_client_ca_file") if client_ca_file else None
-    creds: grpc.ServerCredentials = grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
+    creds: grpc.ServerCredentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
     return creds
 
 

@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from nextbest.bandit.features import Feature, feature
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.features import Feature, feature
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 
 
@@ -69,6 +69,7 @@ class RewardEvent:
     at: float
     kind: str
     reward_id: str | None = None  # the caller's key: one row per (event, slot, key)
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -180,11 +181,22 @@ class WriteResult:
 
 
 class Store(Protocol):
-    """What the engine needs from storage."""
+    """The one storage interface of the engine, with one implementation: the SQL store
+    (server/storage/sql.py) on SQLite and on PostgreSQL. tests/storage/test_store_contract.py
+    checks each implementation on both databases; a method naming a test there is checked by it.
+    "Unavailable" is nextbest.bandit.errors.Unavailable: the database away or failing (for a
+    refused record too; its ``__cause__`` tells which, see storage/refusal.py)."""
 
-    def load_placements(self) -> list[PlacementRecord]: ...
+    def load_placements(self) -> list[PlacementRecord]:
+        """MUST return every stored placement by id, its arms (retired ones too) in stored order,
+        with arm versions, generation and model_since_seq (test_placements_round_trip).
+        Database errors raise SQLAlchemyError here, not Unavailable."""
+        ...
 
-    def arm_features(self) -> dict[tuple[str, str, int], dict[str, float | str | bool]]: ...
+    def arm_features(self) -> dict[tuple[str, str, int], dict[str, float | str | bool]]:
+        """MUST return the features of every stored arm version by (placement, arm, version)
+        (test_placements_round_trip). Database errors raise SQLAlchemyError here, not Unavailable."""
+        ...
 
     def save_placements(
         self,
@@ -192,17 +204,36 @@ class Store(Protocol):
         new_arm_versions: Sequence[tuple[str, str, int, dict[str, float | str | bool]]],
         campaigns: Sequence[CampaignSpec] = (),
         snapshots: Sequence[Snapshot] = (),
-    ) -> None: ...
+    ) -> None:
+        """MUST write snapshots, campaigns, new arm versions and placements (their arms replaced)
+        in one transaction, all or nothing, committed on return (test_placements_round_trip);
+        an arm version already stored fails the whole call. Raises Unavailable."""
+        ...
 
-    def load_campaigns(self) -> list[CampaignSpec]: ...
+    def load_campaigns(self) -> list[CampaignSpec]:
+        """MUST return every stored campaign, by id. Raises Unavailable."""
+        ...
 
-    def lease(self, key: str, period: str, limit: float, amount: float) -> float: ...
+    def lease(self, key: str, period: str, limit: float, amount: float) -> float:
+        """MUST grant at most ``amount`` and never let all processes' leases pass ``limit`` (a
+        conditional UPDATE); creates a missing account; returns the grant, 0.0 when nothing is
+        left or its UPDATE kept losing races. Committed on return. Raises Unavailable."""
+        ...
 
-    def release(self, key: str, period: str, amount: float) -> None: ...
+    def release(self, key: str, period: str, amount: float) -> None:
+        """MUST give ``amount`` of a lease back, committed on return; an unknown account stays
+        unknown (nothing written). Raises Unavailable."""
+        ...
 
-    def load_accounts(self) -> list[AccountRow]: ...
+    def load_accounts(self) -> list[AccountRow]:
+        """MUST return every budget account as committed, in no set order
+        (test_slots_activation_and_aggregation_events). Raises Unavailable."""
+        ...
 
-    def recent_impressions(self, since: float) -> list[RecentImpression]: ...
+    def recent_impressions(self, since: float) -> list[RecentImpression]:
+        """MUST return the decisions created at or after ``since`` that served an arm to a known
+        customer, oldest first, with their outcome and reward. Raises Unavailable."""
+        ...
 
     def write(
         self,
@@ -211,58 +242,151 @@ class Store(Protocol):
         activations: Sequence[Activation] = (),
         events: Sequence[RewardEvent] = (),
         assign: bool = False,
-    ) -> WriteResult: ...
+    ) -> WriteResult:
+        """MUST write all in one transaction, all or nothing, durable on return, decisions first;
+        a reused (event_id, slot) keeps its first decision (test_reused_event_id_does_not_fail_the_batch);
+        a close or activation is True once, for an open window, else False, unknown ids too
+        (test_decisions_closes_and_learn_order, test_slots_activation_and_aggregation_events); ``assign``
+        claims in that commit (test_the_learners_closes_get_learn_positions_in_the_same_commit). Unavailable."""
+        ...
 
-    def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None: ...
+    def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:
+        """MUST return the decision as committed, with its outcome, reward, learn_seq and
+        activation, or None for an unknown (event_id, slot) (test_decisions_closes_and_learn_order).
+        Raises Unavailable."""
+        ...
 
-    def open_reward_events(self) -> list[RewardEvent]: ...
+    def open_reward_events(self) -> list[RewardEvent]:
+        """MUST return the "agg" reward events of windows still open, in the order stored, none of
+        closed windows (test_slots_activation_and_aggregation_events). Raises Unavailable."""
+        ...
 
-    def open_decisions(self) -> list[LoggedDecision]: ...
+    def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
+        """MUST return at most ``limit`` decisions of the placement (and variant, unless None)
+        with a learn position above ``after_seq``, in learn order, none closed but not yet claimed
+        (test_decisions_closes_and_learn_order, test_variants_are_logged_and_tallied). Raises Unavailable."""
+        ...
 
-    def learnable(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LoggedDecision]: ...
+    def max_learn_seq(self) -> int:
+        """MUST return the highest learn position handed out, 0 before any
+        (test_decisions_closes_and_learn_order). Raises Unavailable."""
+        ...
 
-    def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]: ...
+    def contacts_open(self, customer_id: str, since: float) -> tuple[Any, list[RecentImpression]]:
+        """MUST wait for a lock on the customer that every server respects (SQLite: one for all),
+        then return a handle and their impressions at or after ``since``, oldest first, the outcome
+        from the decision, OPEN without one (test_shared_contact_history_locks_reads_and_records).
+        The caller passes the handle once to contacts_commit or contacts_abort, any thread. Unavailable."""
+        ...
 
-    def max_learn_seq(self) -> int: ...
+    def contacts_commit(self, handle: Any, rows: Sequence[ContactRow]) -> None:
+        """MUST record the rows and release the lock, the lock even when it raises (PostgreSQL:
+        rows commit in the lock's transaction; SQLite: in a short one after)
+        (test_shared_contact_history_locks_reads_and_records). Raises Unavailable."""
+        ...
 
-    def contacts_open(self, customer_id: str, since: float) -> tuple[Any, list[RecentImpression]]: ...
+    def contacts_abort(self, handle: Any) -> None:
+        """MUST release the lock and record nothing (test_shared_contact_history_locks_reads_and_records);
+        never raises for the database."""
+        ...
 
-    def contacts_commit(self, handle: Any, rows: Sequence[ContactRow]) -> None: ...
+    def contacts_insert(self, rows: Sequence[ContactRow]) -> None:
+        """MUST record the impressions in one transaction, committed on return, without taking
+        any customer's lock. Raises Unavailable."""
+        ...
 
-    def contacts_abort(self, handle: Any) -> None: ...
+    def prune_contacts(self, before: float) -> int:
+        """MUST delete the impressions older than ``before`` and return how many
+        (test_shared_contact_history_locks_reads_and_records). Raises Unavailable."""
+        ...
 
-    def contacts_insert(self, rows: Sequence[ContactRow]) -> None: ...
+    def claim(self, placement: str, limit: int) -> int:
+        """MUST give the next learn positions to at most ``limit`` closed, learnable decisions of
+        the placement without one, in the order their windows closed, in one transaction; returns
+        how many; none twice, never a window closed unactivated (test_decisions_closes_and_learn_order,
+        test_slots_activation_and_aggregation_events). Only the learner-lock holder calls it. Unavailable."""
+        ...
 
-    def prune_contacts(self, before: float) -> int: ...
+    def recent_rewards(self, placement: str, limit: int) -> list[float]:
+        """MUST return the rewards of the placement's last ``limit`` learned decisions (by learn
+        position), oldest first. Raises Unavailable."""
+        ...
 
-    def claim(self, placement: str, limit: int) -> int: ...
+    def config_version(self) -> tuple[float, int, float, int]:
+        """MUST return (latest updated_at, count) of placements and of campaigns: it changes when
+        save_placements adds one or stamps one with a later clock. Raises Unavailable."""
+        ...
 
-    def recent_rewards(self, placement: str, limit: int) -> list[float]: ...
+    def snapshot_versions(self, placement: str) -> dict[str, tuple[int, int]]:
+        """MUST return (learned, learn_seq) of each saved model of the placement, by slot, without
+        the model bytes; {} when none. Raises Unavailable."""
+        ...
 
-    def config_version(self) -> tuple[float, int, float, int]: ...
+    def expired_open(self, cutoff: float, limit: int) -> list[LoggedDecision]:
+        """MUST return at most ``limit`` open decisions of any server whose deadline is before
+        ``cutoff``, in no set order, none once closed (test_decisions_closes_and_learn_order).
+        Raises Unavailable."""
+        ...
 
-    def snapshot_versions(self, placement: str) -> dict[str, tuple[int, int]]: ...
+    def register_server(self, server_id: str, now: float) -> None:
+        """MUST sign in a new server id, committed on return; decisions written after it are held
+        by it (test_open_windows_move_only_from_servers_that_stopped). An id already signed in
+        fails. Raises Unavailable."""
+        ...
 
-    def expired_open(self, cutoff: float, limit: int) -> list[LoggedDecision]: ...
+    def heartbeat(self, now: float) -> None:
+        """MUST record this registered server's sign of life, signing it in again if another
+        server forgot it (test_open_windows_move_only_from_servers_that_stopped). Raises Unavailable."""
+        ...
 
-    def register_server(self, server_id: str, now: float) -> None: ...
+    def unregister_server(self) -> None:
+        """MUST mark this server stopped at once: another server's next adopt_open takes its
+        windows (test_open_windows_move_only_from_servers_that_stopped). Raises Unavailable."""
+        ...
 
-    def heartbeat(self, now: float) -> None: ...
+    def adopt_open(self, live_since: float | None, unowned: bool = False) -> list[LoggedDecision]:
+        """MUST in one transaction take the open windows of servers silent since ``live_since`` and
+        forget them (None: of every other server), with ``unowned`` those no server holds, never a
+        live server's; returns every window this server holds if it took any, else []
+        (test_open_windows_move_only_from_servers_that_stopped). Racers get each window once. Unavailable."""
+        ...
 
-    def unregister_server(self) -> None: ...
+    def try_learner_lock(self) -> bool:
+        """MUST make at most one process per database the learner, without waiting; True while
+        held (a second call too), until close or the process ends. Database errors raise
+        SQLAlchemyError (PostgreSQL), not Unavailable."""
+        ...
 
-    def adopt_open(self, live_since: float | None, unowned: bool = False) -> list[LoggedDecision]: ...
+    def holds_learner_lock(self) -> bool:
+        """MUST say whether this process still holds the learner lock: False once its PostgreSQL
+        session is lost (the lock is dropped); never raises for the database."""
+        ...
 
-    def try_learner_lock(self) -> bool: ...
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        """MUST replace the saved model of (placement, slot), committed on return
+        (test_snapshots_and_late_rewards_and_tally). Raises Unavailable."""
+        ...
 
-    def holds_learner_lock(self) -> bool: ...
+    def load_snapshots(self, placement: str) -> dict[str, Snapshot]:
+        """MUST return the last saved model of each slot of the placement, bytes intact, {} when
+        none (test_snapshots_and_late_rewards_and_tally). Raises Unavailable."""
+        ...
 
-    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+    def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
+        """MUST return per-arm counts (a deferred decision counts once activated), the number of
+        decisions and how many served no arm (test_snapshots_and_late_rewards_and_tally). Unavailable."""
+        ...
 
-    def load_snapshots(self, placement: str) -> dict[str, Snapshot]: ...
+    def tally_variants(self, placement: str) -> list[VariantTally]:
+        """MUST return per-variant counts of the placement, by variant name
+        (test_variants_are_logged_and_tallied). Raises Unavailable."""
+        ...
 
-    def tally(self, placement: str) -> tuple[list[ArmTally], int, int]: ...
+    def learn_backlog(self, cursors: dict[str, int]) -> tuple[int, dict[str, int]]:
+        """MUST return max_learn_seq and, per placement of ``cursors``, its closed windows not yet
+        claimed plus those claimed above its cursor; reads only. Raises Unavailable."""
+        ...
 
-    def tally_variants(self, placement: str) -> list[VariantTally]: ...
-
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """MUST release the learner lock and the connection pool; the store is not used after it."""
+        ...

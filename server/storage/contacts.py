@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.decision_log import Outcome
+from nextbest.bandit.errors import Unavailable
 from nextbest.storage.base import ContactRow, RecentImpression
 from nextbest.storage.sqlcore import SqlBase
 
@@ -34,8 +34,13 @@ _READ = text(
 def _impressions(customer_id: str, rows: Sequence[Any]) -> list[RecentImpression]:
     return [
         RecentImpression(
-            customer_id, arm, placement, event_id if not slot else f"{event_id}#{slot}", at,
-            Outcome(outcome) if outcome is not None else Outcome.OPEN, reward,
+            customer_id,
+            arm,
+            placement,
+            event_id if not slot else f"{event_id}#{slot}",
+            at,
+            Outcome(outcome) if outcome is not None else Outcome.OPEN,
+            reward,
         )
         for arm, placement, event_id, slot, at, outcome, reward in rows
     ]
@@ -60,7 +65,7 @@ class ContactQueries(SqlBase):
         """Lock the customer and read their impressions since ``since`` (oldest first)."""
         if not self._postgres:
             path = (self.engine.url.database or "nextbest") + ".contacts.lock"
-            f = open(path, "a+")  # noqa: SIM115 - held until commit or abort
+            f = open(path, "a+")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 with self._connect() as c:
@@ -119,8 +124,7 @@ class ContactQueries(SqlBase):
     def _insert_contacts(self, c: Any, rows: Sequence[ContactRow]) -> None:
         mark = "%s" if self._postgres else "?"
         c.exec_driver_sql(
-            "INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) "
-            f"VALUES ({', '.join([mark] * 6)})",
+            f"INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) VALUES ({', '.join([mark] * 6)})",
             [(r.customer_id, r.at, r.placement, r.arm_id, r.event_id, r.slot) for r in rows],
         )
 

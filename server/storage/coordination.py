@@ -61,9 +61,7 @@ class Coordination(SqlBase):
                 if not stopped and not unowned:
                     return []
                 held_elsewhere = or_(d.owner.in_(stopped), d.owner.is_(None)) if unowned else d.owner.in_(stopped)
-            taken = c.execute(
-                update(t.decisions).where(d.outcome == int(Outcome.OPEN), held_elsewhere).values(owner=self.owner)
-            ).rowcount
+            taken = c.execute(update(t.decisions).where(d.outcome == int(Outcome.OPEN), held_elsewhere).values(owner=self.owner)).rowcount
             if stopped:
                 c.execute(delete(t.servers).where(s.id.in_(stopped)))
             if not taken:
@@ -90,9 +88,7 @@ class Coordination(SqlBase):
                 if grant <= 1e-12:
                     return 0.0
                 res = c.execute(
-                    update(t.budget_accounts)
-                    .where(a.key == key, a.period == period, a.leased == leased)
-                    .values(leased=leased + grant)
+                    update(t.budget_accounts).where(a.key == key, a.period == period, a.leased == leased).values(leased=leased + grant)
                 )
                 if res.rowcount == 1:
                     return grant
@@ -101,9 +97,7 @@ class Coordination(SqlBase):
     def release(self, key: str, period: str, amount: float) -> None:
         a = t.budget_accounts.c
         with self._begin() as c:
-            c.execute(
-                update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount)
-            )
+            c.execute(update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount))
 
     def load_accounts(self) -> list[AccountRow]:
         with self._connect() as c:
@@ -129,9 +123,7 @@ class Coordination(SqlBase):
         """Open decisions whose window ended before ``cutoff``: a server that stopped left them."""
         d = t.decisions.c
         with self._connect() as c:
-            rows = c.execute(
-                select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.deadline < cutoff).limit(limit)
-            ).all()
+            rows = c.execute(select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.deadline < cutoff).limit(limit)).all()
         return [decision_from_row(r) for r in rows]
 
     # -- one learner at a time ------------------------------------------------------------
@@ -150,7 +142,7 @@ class Coordination(SqlBase):
                 conn.close()
             return got
         path = (self.engine.url.database or "nextbest") + ".learner.lock"
-        f = open(path, "a+")  # noqa: SIM115 - kept open while the lock is held
+        f = open(path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -22,8 +22,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from nextbest.storage import migrate
 from nextbest.storage import tables as t
@@ -85,9 +85,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
     def load_placements(self) -> list[PlacementRecord]:
         with self.engine.connect() as c:
             arm_rows = c.execute(select(t.arms).order_by(t.arms.c.placement_id, t.arms.c.position)).all()
-            features = {
-                (r.placement_id, r.arm_id, r.version): r.features for r in c.execute(select(t.arm_versions)).all()
-            }
+            features = {(r.placement_id, r.arm_id, r.version): r.features for r in c.execute(select(t.arm_versions)).all()}
             out = []
             for p in c.execute(select(t.placements).order_by(t.placements.c.id)).all():
                 mine = [a for a in arm_rows if a.placement_id == p.id]
@@ -105,9 +103,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
                     for a in mine
                 ]
                 spec = PlacementSpec.model_validate({**raw, "id": p.id, "arms": arms})
-                out.append(
-                    PlacementRecord(spec, {a.arm_id: a.version for a in mine}, p.generation, p.model_since_seq)
-                )
+                out.append(PlacementRecord(spec, {a.arm_id: a.version for a in mine}, p.generation, p.model_since_seq))
             return out
 
     def arm_features(self) -> dict[tuple[str, str, int], dict[str, float | str | bool]]:
@@ -229,9 +225,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
                 if res.rowcount > 0:
                     add(act.budgets, act.cost, -act.cost)
             if events:
-                c.exec_driver_sql(
-                    self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in events]
-                )
+                c.exec_driver_sql(self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in events])
             done = self._close_all(c, closes)
             for close in closes:
                 ok = done.pop((close.event_id, close.slot), False)  # a second close of one window fails
@@ -249,9 +243,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             a = t.budget_accounts.c
             for (key, period), (ds, dr) in spend.items():
                 c.execute(
-                    update(t.budget_accounts)
-                    .where(a.key == key, a.period == period)
-                    .values(spent=a.spent + ds, reserved=a.reserved + dr)
+                    update(t.budget_accounts).where(a.key == key, a.period == period).values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
         return WriteResult(closed, activated)
 
@@ -264,7 +256,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             first.setdefault((cl.event_id, cl.slot), cl)
         unique = list(first.values())
         for start in range(0, len(unique), _CLOSE_CHUNK):
-            chunk = unique[start:start + _CLOSE_CHUNK]
+            chunk = unique[start : start + _CLOSE_CHUNK]
             params: list[Any] = []
             for cl in chunk:
                 params += (cl.event_id, cl.slot, int(cl.outcome), cl.reward if cl.learnable else None, cl.at)
@@ -328,11 +320,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
     def _assign(self, c: Connection, keys: Sequence[tuple[str, int]]) -> None:
         """Hand out the next learn positions, in order, within the caller's transaction."""
         k = t.counters.c
-        c.execute(
-            (pg_insert if self._postgres else sqlite_insert)(t.counters)
-            .values(name="learn_seq", value=0)
-            .on_conflict_do_nothing()
-        )
+        c.execute((pg_insert if self._postgres else sqlite_insert)(t.counters).values(name="learn_seq", value=0).on_conflict_do_nothing())
         c.execute(update(t.counters).where(k.name == "learn_seq").values(value=k.value + len(keys)))
         first = int(c.execute(select(k.value).where(k.name == "learn_seq")).scalar_one()) - len(keys) + 1
         c.exec_driver_sql(self._set_learn_seq, [(first + i, e, s) for i, (e, s) in enumerate(keys)])
@@ -343,23 +331,9 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             row = c.execute(select(t.decisions).where(d.event_id == event_id, d.slot == slot)).first()
         return None if row is None else decision_from_row(row)
 
-    def open_decisions(self) -> list[LoggedDecision]:
-        with self._connect() as c:
-            rows = c.execute(select(t.decisions).where(t.decisions.c.outcome == int(Outcome.OPEN))).all()
-        return [decision_from_row(r) for r in rows]
-
-    def learnable(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LoggedDecision]:
-        """Closed decisions after a learn position, in learn order; of one variant, or all (None)."""
-        d = t.decisions.c
-        cond = [d.placement_id == placement, d.learn_seq > after_seq]
-        if variant is not None:
-            cond.append(d.variant == variant)
-        with self._connect() as c:
-            rows = c.execute(select(t.decisions).where(*cond).order_by(d.learn_seq).limit(limit)).all()
-        return [decision_from_row(r) for r in rows]
-
     def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
-        """``learnable`` for the learner: the columns it needs, through the driver, JSON unparsed."""
+        """Closed decisions after a learn position, in learn order, of one variant or all (None):
+        the columns the learner needs, through the driver, JSON unparsed."""
         mark = "%s" if self._postgres else "?"
         features = "features::text" if self._postgres else "features"
         arms = "arms::text" if self._postgres else "arms"
@@ -403,12 +377,12 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
         with self._connect() as c:
             rows = c.execute(select(t.snapshots).where(t.snapshots.c.placement_id == placement)).all()
         return {
-            r.slot: Snapshot(placement, r.slot, (r.model_key[0], bool(r.model_key[1]), int(r.model_key[2])), r.learned, r.learn_seq, bytes(r.model))
+            r.slot: Snapshot(
+                placement, r.slot, (r.model_key[0], bool(r.model_key[1]), int(r.model_key[2])), r.learned, r.learn_seq, bytes(r.model)
+            )
             for r in rows
         }
 
     def close(self) -> None:
         self._drop_lock()
         self.engine.dispose()
-
-

@@ -9,8 +9,8 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.errors import Unavailable
 from nextbest.storage.base import features_of
 
 
@@ -58,9 +58,29 @@ class _Tx:
 # through SQLAlchemy's JSON type it cost 90-140 µs a row at 20 arms, this about a fifth (measured
 # by `nextbest bench --phases server_time`). ``decision_from_row`` reads it back.
 _DECISION_COLUMNS = (
-    "event_id", "placement_id", "customer_id", "created_at", "deadline", "features", "arms", "pmf", "chosen",
-    "arm_id", "probability", "model_version", "outcome", "reward", "learn_seq", "cost", "reward_cost", "budgets",
-    "ineligible", "variant", "slot", "activated", "owner",
+    "event_id",
+    "placement_id",
+    "customer_id",
+    "created_at",
+    "deadline",
+    "features",
+    "arms",
+    "pmf",
+    "chosen",
+    "arm_id",
+    "probability",
+    "model_version",
+    "outcome",
+    "reward",
+    "learn_seq",
+    "cost",
+    "reward_cost",
+    "budgets",
+    "ineligible",
+    "variant",
+    "slot",
+    "activated",
+    "owner",
 )
 
 
@@ -79,11 +99,29 @@ def _json(value: Any) -> str:
 def decision_params(d: LoggedDecision, owner: str | None) -> tuple[Any, ...]:
     """The row of ``insert_decisions_sql`` for one decision, whose window ``owner`` holds."""
     return (
-        d.event_id, d.placement, d.customer_id, d.timestamp, d.deadline,
+        d.event_id,
+        d.placement,
+        d.customer_id,
+        d.timestamp,
+        d.deadline,
         _json(d.features),
-        _json(d.arms), _json(d.pmf), d.chosen, d.arm_id, d.probability, d.model_version, int(d.outcome), d.reward,
-        d.learn_seq, d.cost, d.reward_cost, _json(d.budgets) if d.budgets else None,
-        _json(d.ineligible) if d.ineligible else None, d.variant, d.slot, d.activated, owner,
+        _json(d.arms),
+        _json(d.pmf),
+        d.chosen,
+        d.arm_id,
+        d.probability,
+        d.model_version,
+        int(d.outcome),
+        d.reward,
+        d.learn_seq,
+        d.cost,
+        d.reward_cost,
+        _json(d.budgets) if d.budgets else None,
+        _json(d.ineligible) if d.ineligible else None,
+        d.variant,
+        d.slot,
+        d.activated,
+        owner,
     )
 
 

@@ -166,6 +166,14 @@ snapshots = Table(
 )
 
 __all__ = [
-    "metadata", "placements", "arms", "arm_versions", "decisions", "campaigns", "budget_accounts", "reward_events", "counters",
+    "metadata",
+    "placements",
+    "arms",
+    "arm_versions",
+    "decisions",
+    "campaigns",
+    "budget_accounts",
+    "reward_events",
+    "counters",
     "snapshots",
 ]

@@ -17,12 +17,16 @@ class StatsQueries(SqlBase):
         """The rewards of a placement's last ``limit`` learned decisions, oldest first."""
         d = t.decisions.c
         with self._connect() as c:
-            rows = c.execute(
-                select(d.reward)
-                .where(d.placement_id == placement, d.learn_seq.is_not(None), d.reward.is_not(None))
-                .order_by(d.learn_seq.desc())
-                .limit(limit)
-            ).scalars().all()
+            rows = (
+                c.execute(
+                    select(d.reward)
+                    .where(d.placement_id == placement, d.learn_seq.is_not(None), d.reward.is_not(None))
+                    .order_by(d.learn_seq.desc())
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
         return [float(r) for r in reversed(rows)]
 
     def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:

@@ -7,7 +7,6 @@ import logging
 import sys
 import time
 
-
 # What a record may carry besides its message; "event" names the kind of event for log queries.
 FIELDS = ("event", "event_id", "placement", "method", "code", "seconds", "principal", "reward")
 

@@ -28,9 +28,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from nextbest.telemetry.gc_pauses import PauseObserver
 from nextbest.rpc.wrapping import HandlerWrapper
-
+from nextbest.telemetry.gc_pauses import PauseObserver
 
 log = logging.getLogger("nextbest.rpc")
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -58,25 +57,39 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.rpc_seconds = Histogram(
-            "nextbest_rpc_duration_seconds", "RPC latency by method and status code (its _count counts RPCs)",
-            ["method", "code"], buckets=_BUCKETS, registry=r,
+            "nextbest_rpc_duration_seconds",
+            "RPC latency by method and status code (its _count counts RPCs)",
+            ["method", "code"],
+            buckets=_BUCKETS,
+            registry=r,
         )
-        self.decisions = Counter("nextbest_decisions", "Decisions served, by placement and arm ('' = none)", ["placement", "arm"], registry=r)
+        self.decisions = Counter(
+            "nextbest_decisions", "Decisions served, by placement and arm ('' = none)", ["placement", "arm"], registry=r
+        )
         self.rewards = Counter(
-            "nextbest_rewards", "Reward windows closed durably, by placement, arm and outcome (reward|default)",
-            ["placement", "arm", "outcome"], registry=r,
+            "nextbest_rewards",
+            "Reward windows closed durably, by placement, arm and outcome (reward|default)",
+            ["placement", "arm", "outcome"],
+            registry=r,
         )
         self.reward_calls = Counter("nextbest_reward_calls", "Reward answers by status (learned|duplicate|late)", ["status"], registry=r)
         self.inflight = Gauge("nextbest_inflight_rpcs", "Calls being served now (nextbest services)", registry=r)
         self.shed = Counter("nextbest_shed_rpcs", "Calls refused early, by reason (overload|deadline|queue)", ["reason"], registry=r)
         self.refused_records = Counter(
-            "nextbest_refused_records", "Records the database refused to store, dropped, by kind (decision|close|activation|reward)",
-            ["kind"], registry=r,
+            "nextbest_refused_records",
+            "Records the database refused to store, dropped, by kind (decision|close|activation|reward)",
+            ["kind"],
+            registry=r,
         )
-        self.gc_pauses = PauseObserver(Histogram(
-            "nextbest_gc_pause_seconds", "Garbage-collector pauses by generation: each stops the event loop",
-            ["generation"], buckets=_BUCKETS, registry=r,
-        ))
+        self.gc_pauses = PauseObserver(
+            Histogram(
+                "nextbest_gc_pause_seconds",
+                "Garbage-collector pauses by generation: each stops the event loop",
+                ["generation"],
+                buckets=_BUCKETS,
+                registry=r,
+            )
+        )
         self._collector = _EngineCollector(self)
         r.register(self._collector)
         self._http: Any = None
@@ -159,17 +172,17 @@ class _EngineCollector:
         def work() -> None:
             try:
                 fut.set_result(read())
-            except Exception as e:  # noqa: BLE001 - handed to the waiting thread
+            except Exception as e:
                 fut.set_exception(e)
 
         try:
             loop.call_soon_threadsafe(work)
             reading = fut.result(timeout=1.0)
-        except Exception:  # noqa: BLE001 - loop busy or closed: serve the previous reading
+        except Exception:
             return self._last
         try:
             reading.learn_seq, reading.learner_lag = backlog(reading.model_cursor)
-        except Exception:  # noqa: BLE001 - the database is away: the last known backlog
+        except Exception:
             reading.learn_seq, reading.learner_lag = self._last.learn_seq, self._last.learner_lag
         self._last = reading
         return reading
@@ -179,9 +192,7 @@ class _EngineCollector:
         yield GaugeMetricFamily("nextbest_ready", "1 once every model is loaded and calls are served", value=float(r.ready))
         yield GaugeMetricFamily("nextbest_writer_queue_depth", "Decisions and reward closes waiting to be written", value=r.queue_depth)
         yield GaugeMetricFamily("nextbest_learn_seq", "Highest learn_seq given to a closed reward window", value=r.learn_seq)
-        lag = GaugeMetricFamily(
-            "nextbest_learner_lag", "Reward windows closed durably but not yet learned", labels=["placement"]
-        )
+        lag = GaugeMetricFamily("nextbest_learner_lag", "Reward windows closed durably but not yet learned", labels=["placement"])
         for pid, v in sorted(r.learner_lag.items()):
             lag.add_metric([pid], v)
         yield lag
@@ -248,6 +259,8 @@ class MetricsInterceptor(HandlerWrapper):
                 seconds = time.perf_counter() - start
                 self._metrics.child(histogram, method, code).observe(seconds)
                 if log.isEnabledFor(logging.DEBUG):  # an access log, when asked for
-                    log.debug("%s %s %.4fs", method, code, seconds, extra={"event": "rpc", "method": method, "code": code, "seconds": seconds})
+                    log.debug(
+                        "%s %s %.4fs", method, code, seconds, extra={"event": "rpc", "method": method, "code": code, "seconds": seconds}
+                    )
 
         return timed

@@ -11,8 +11,6 @@ from nextbest.bandit.sim import bakeoff as bk
 from nextbest.client import NextbestClient
 from tests.harness import ServerThread
 
-pytest.importorskip("sklearn")
-
 
 def test_streams_and_direct_runs_are_reproducible() -> None:
     ds = bk.load("iris")
@@ -48,12 +46,17 @@ def _quick(server: ServerThread, names: tuple[str, ...], seeds: int, events: int
             for seed in range(1, seeds + 1):
                 pid = f"bk.{name}.s{seed}.{'sync' if sync else 'async'}"
                 salt = placement_salt(server.settings.seed, pid)
-                draws = lambda t, salt=salt, pid=pid: uniform_for(salt, bk.event_id(pid, t))
+
+                def draws(t: int, salt: bytes = salt, pid: str = pid) -> float:
+                    return uniform_for(salt, bk.event_id(pid, t))
+
                 wait = None
                 if sync:
+
                     def wait(n: int, pid: str = pid) -> None:
                         while nb.stats(pid).model_version < n:
                             time.sleep(0.0005)
+
                 results.append(bk.compare(nb, ds, seed, events, pid, wait_learned=wait, uniform=draws))
     return bk.summarize(results)
 

@@ -15,7 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nextbest.bandit.errors import InvalidInput
-from nextbest.bandit.offline.estimators import ESTIMATORS, Estimate, dr, effective_sample_size, estimate, importance_weights, ips, snips, support_warnings
+from nextbest.bandit.offline.estimators import (
+    ESTIMATORS,
+    Estimate,
+    dr,
+    effective_sample_size,
+    estimate,
+    importance_weights,
+    ips,
+    snips,
+    support_warnings,
+)
 
 Z = 1.96
 
@@ -161,9 +171,7 @@ def test_logged_policy_reproduces_the_observed_mean(rows: list[tuple[float, floa
     rows=st.lists(st.tuples(rewards_st, prob_st, st.floats(0.0, 1.0)), min_size=1, max_size=100),
     clip=st.one_of(st.none(), st.floats(0.5, 50.0)),
 )
-def test_snips_is_a_weighted_average_of_rewards(
-    rows: list[tuple[float, float, float]], clip: float | None
-) -> None:
+def test_snips_is_a_weighted_average_of_rewards(rows: list[tuple[float, float, float]], clip: float | None) -> None:
     r, p, t = (np.array(col) for col in zip(*rows, strict=True))
     e = snips(r, p, t, clip=clip)
     w, clipped = importance_weights(p, t, clip=clip)
@@ -195,9 +203,7 @@ def _world() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     return p_true, logging, target, value
 
 
-def _simulate(
-    seed: int, p_true: np.ndarray, logging: np.ndarray, target: np.ndarray
-) -> dict[str, Estimate]:
+def _simulate(seed: int, p_true: np.ndarray, logging: np.ndarray, target: np.ndarray) -> dict[str, Estimate]:
     rng = np.random.default_rng(seed)
     x = rng.integers(0, C, EVENTS)
     a = np.minimum((rng.random(EVENTS)[:, None] > logging.cumsum(axis=1)[x]).sum(axis=1), K - 1)
@@ -226,9 +232,7 @@ def test_confidence_intervals_cover_the_true_value() -> None:
     ips_values = np.array([run["ips"].value for run in runs])
     dr_values = np.array([run["dr"].value for run in runs])
     assert dr_values.var() < 0.8 * ips_values.var()  # measured ratio ~0.5
-    assert np.mean([r["dr"].ci_high - r["dr"].ci_low for r in runs]) < np.mean(
-        [r["ips"].ci_high - r["ips"].ci_low for r in runs]
-    )
+    assert np.mean([r["dr"].ci_high - r["dr"].ci_low for r in runs]) < np.mean([r["ips"].ci_high - r["ips"].ci_low for r in runs])
 
 
 # ------------------------------------------------------------------ support warnings
@@ -253,10 +257,7 @@ def test_mass_on_tiny_logged_probabilities_is_flagged() -> None:
     assert support_warnings(logged, target) == ()
     # Thresholds are the caller's to choose.
     target[:200] = 1.0
-    assert not any(
-        w.startswith("low_support")
-        for w in support_warnings(logged, target, min_prob=1e-5, min_ess=0, min_ess_fraction=0)
-    )
+    assert not any(w.startswith("low_support") for w in support_warnings(logged, target, min_prob=1e-5, min_ess=0, min_ess_fraction=0))
 
 
 def test_low_ess_clipping_and_tiny_logs_are_flagged() -> None:

@@ -16,16 +16,16 @@ import pytest
 from sqlalchemy import text
 from vowpalwabbit import Workspace
 
-from nextbest.bandit.offline.dsjson import from_dsjson, to_dsjson
-from nextbest.bandit.errors import InvalidInput, Unavailable
-from nextbest.bandit.offline.estimators import ESTIMATORS
-from nextbest.bandit.features import arm_line, feature, features_from_mapping, shared_line
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.errors import InvalidInput, Unavailable
+from nextbest.bandit.features import arm_line, feature, features_from_mapping, shared_line
+from nextbest.bandit.offline.dsjson import from_dsjson, to_dsjson
+from nextbest.bandit.offline.estimators import ESTIMATORS
 from nextbest.bandit.offline.replay import DEFAULT_REWARD_MODEL_ARGS, ReplayLog, evaluate, parse_policy, reward_model
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.cli.replay import ESTIMATOR_NAMES, REWARD_MODEL_ARGS
-from nextbest.offline.log_source import _connect
 from nextbest.config.plans import plan
+from nextbest.offline.log_source import _connect
 from nextbest.storage.base import Close
 from nextbest.storage.sql import open_store
 
@@ -44,10 +44,20 @@ from nextbest.storage.sql import open_store
 
 def _decision(i: int, arms: str, pmf: list[float], chosen: int, reward: float, seg: str = "gold") -> LoggedDecision:
     return LoggedDecision(
-        event_id=f"e{i}", placement="p", customer_id=f"c{i}", timestamp=1000.0 + i,
+        event_id=f"e{i}",
+        placement="p",
+        customer_id=f"c{i}",
+        timestamp=1000.0 + i,
         features=(feature("customer", "segment", seg), feature("customer", "arpu", 10.0 + i)),
-        arms=tuple((a, 1) for a in arms), pmf=tuple(pmf), chosen=chosen, probability=pmf[chosen],
-        model_version=0, deadline=2000.0 + i, outcome=Outcome.REWARD, reward=reward, learn_seq=i + 1,
+        arms=tuple((a, 1) for a in arms),
+        pmf=tuple(pmf),
+        chosen=chosen,
+        probability=pmf[chosen],
+        model_version=0,
+        deadline=2000.0 + i,
+        outcome=Outcome.REWARD,
+        reward=reward,
+        learn_seq=i + 1,
     )
 
 
@@ -142,8 +152,7 @@ ARM_FEATURES: dict[tuple[str, int], dict[str, float | str | bool]] = {
 
 
 def test_dsjson_round_trip_is_exact() -> None:
-    d = replace(HAND[2], features=(
-        feature("customer", "segment", "gold card"), feature("", "tenure", 3.25), feature("ctx", "x=y", 1.0)))
+    d = replace(HAND[2], features=(feature("customer", "segment", "gold card"), feature("", "tenure", 3.25), feature("ctx", "x=y", 1.0)))
     back, arms = from_dsjson(to_dsjson(d, ARM_FEATURES))
     assert back == d
     assert arms == {k: ARM_FEATURES[k] for k in d.arms}
@@ -228,8 +237,7 @@ def _hashed(exs: list[Any]) -> list[dict[str, list[tuple[int, float]]]]:
 
 @pytest.mark.parametrize("chain_hash", [False, True])
 def test_dsjson_features_hash_like_the_text_format(chain_hash: bool) -> None:
-    d = replace(HAND[2], features=(
-        feature("customer", "segment", "gold card"), feature("", "123", 2.0), feature("customer", "arpu", 12.5)))
+    d = replace(HAND[2], features=(feature("customer", "segment", "gold card"), feature("", "123", 2.0), feature("customer", "arpu", 12.5)))
     extra = " --chain_hash" if chain_hash else ""
     js = Workspace("--dsjson --cb_adf --quiet -q UA" + extra)
     txt = Workspace("--cb_adf --quiet -q UA" + extra)
@@ -267,9 +275,7 @@ N_EVENTS = 3000
 def _write_log(url: str) -> dict[str, Any]:
     """A placement's log written through the store: closed, open and no-arm decisions."""
     store = open_store(url)
-    spec = PlacementSpec.model_validate(
-        {"id": "offers", "arms": [{"id": a, "features": ARM_FEATURES[(a, 1)]} for a in "abc"]}
-    )
+    spec = PlacementSpec.model_validate({"id": "offers", "arms": [{"id": a, "features": ARM_FEATURES[(a, 1)]} for a in "abc"]})
     p = plan({}, [spec], 1)
     store.save_placements(p.records, p.new_arm_versions)
     rng = np.random.default_rng(7)
@@ -279,13 +285,22 @@ def _write_log(url: str) -> dict[str, Any]:
         c = int(rng.choice(3, p=LOGGING[s]))
         r = float(rng.random() < TRUE_P[s, c])
         no_arm = i % 101 == 50
-        decisions.append(LoggedDecision(
-            event_id=f"ev{i:05d}", placement="offers", customer_id=f"c{i % 300}", timestamp=1.7e9 + i * 3.0,
-            features=(feature("customer", "segment", SEGMENTS[s]), feature("customer", "arpu", float(rng.uniform(5, 50)))),
-            arms=() if no_arm else (("a", 1), ("b", 1), ("c", 1)), pmf=() if no_arm else tuple(LOGGING[s]),
-            chosen=None if no_arm else c, probability=0.0 if no_arm else float(LOGGING[s, c]), model_version=i,
-            deadline=1.7e9 + i * 3.0 + 600, outcome=Outcome.NO_ARM if no_arm else Outcome.OPEN,
-        ))
+        decisions.append(
+            LoggedDecision(
+                event_id=f"ev{i:05d}",
+                placement="offers",
+                customer_id=f"c{i % 300}",
+                timestamp=1.7e9 + i * 3.0,
+                features=(feature("customer", "segment", SEGMENTS[s]), feature("customer", "arpu", float(rng.uniform(5, 50)))),
+                arms=() if no_arm else (("a", 1), ("b", 1), ("c", 1)),
+                pmf=() if no_arm else tuple(LOGGING[s]),
+                chosen=None if no_arm else c,
+                probability=0.0 if no_arm else float(LOGGING[s, c]),
+                model_version=i,
+                deadline=1.7e9 + i * 3.0 + 600,
+                outcome=Outcome.NO_ARM if no_arm else Outcome.OPEN,
+            )
+        )
         if not no_arm and i < N_EVENTS:  # the last 40 stay open
             closes.append(Close(f"ev{i:05d}", Outcome.REWARD if r else Outcome.DEFAULT, r, 1.7e9 + i * 3.0 + 5))
             rewards.append(r)
@@ -325,8 +340,18 @@ def test_logged_policy_reproduces_the_observed_mean(db: tuple[str, dict[str, Any
 
 def test_estimates_cover_the_truth_and_vw_learns_the_best_arm(db: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     url, _ = db
-    rows = _json(capsys, "replay", "--db", url, "--placement", "offers", "--policy", "uniform", "constant:a",
-                 "vw:--cb_explore_adf --epsilon 0.1 -q UA")
+    rows = _json(
+        capsys,
+        "replay",
+        "--db",
+        url,
+        "--placement",
+        "offers",
+        "--policy",
+        "uniform",
+        "constant:a",
+        "vw:--cb_explore_adf --epsilon 0.1 -q UA",
+    )
     est = {(r["policy"], r["estimator"]): r for r in rows}
     truth = {"uniform": float(TRUE_P.mean()), "constant:a": float(TRUE_P[:, 0].mean())}
     for (policy, _name), r in est.items():
@@ -337,7 +362,9 @@ def test_estimates_cover_the_truth_and_vw_learns_the_best_arm(db: tuple[str, dic
         assert vw["ci_low"] > uni["ci_high"], (vw, uni)
 
 
-def test_export_is_read_by_vw_and_replays_identically(db: tuple[str, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_is_read_by_vw_and_replays_identically(
+    db: tuple[str, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     url, info = db
     out = tmp_path / "log.dsjson"
     assert cli("export-log", "--db", url, "--placement", "offers", "--format", "dsjson", "--out", str(out)) == 0
@@ -370,8 +397,24 @@ def test_postgres_gives_the_same_estimates(db: tuple[str, dict[str, Any]], capsy
 
 def test_since_until_clip_and_table(db: tuple[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     url, _ = db
-    rows = _json(capsys, "replay", "--db", url, "--placement", "offers", "--policy", "constant:c", "--estimator", "ips",
-                 "--since", str(1.7e9 + 300), "--until", "2023-11-14T22:21:00", "--clip", "2")
+    rows = _json(
+        capsys,
+        "replay",
+        "--db",
+        url,
+        "--placement",
+        "offers",
+        "--policy",
+        "constant:c",
+        "--estimator",
+        "ips",
+        "--since",
+        str(1.7e9 + 300),
+        "--until",
+        "2023-11-14T22:21:00",
+        "--clip",
+        "2",
+    )
     assert rows[0]["n"] == len([i for i in range(100, 154) if i % 101 != 50])
     assert rows[0]["clipped"] > 0
     assert cli("replay", "--db", url, "--placement", "offers", "--policy", "logged", "uniform", "--estimator", "ips") == 0
@@ -400,20 +443,38 @@ def test_reward_model_is_cross_fitted_and_needs_two_folds() -> None:
 
 
 def test_plot_writes_a_png(db: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed; --plot cannot be tested")
     url, _ = db
     png = tmp_path / "estimates.png"
-    assert cli("replay", "--db", url, "--placement", "offers", "--policy", "logged", "uniform",
-               "--estimator", "ips", "snips", "--plot", str(png)) == 0
+    assert (
+        cli(
+            "replay",
+            "--db",
+            url,
+            "--placement",
+            "offers",
+            "--policy",
+            "logged",
+            "uniform",
+            "--estimator",
+            "ips",
+            "snips",
+            "--plot",
+            str(png),
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_says_so(db: tuple[str, dict[str, Any]], tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_without_matplotlib_says_so(
+    db: tuple[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     url, _ = db
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert cli("replay", "--db", url, "--placement", "offers", "--policy", "logged", "--estimator", "ips",
-               "--plot", str(tmp_path / "x.png")) == 2
+    assert (
+        cli("replay", "--db", url, "--placement", "offers", "--policy", "logged", "--estimator", "ips", "--plot", str(tmp_path / "x.png"))
+        == 2
+    )
     assert "needs matplotlib" in capsys.readouterr().err
 
 

@@ -20,8 +20,23 @@ DEFAULT = load_scenario()
 
 def test_short_simulation_through_a_real_server(server: ServerThread, tmp_path: Path) -> None:
     out, png = tmp_path / "result.json", tmp_path / "curve.png"
-    rc = main(["simulate", "--target", server.target, "--events", "2000", "--seed", "3",
-               "--json", str(out), "--plot", str(png), "--window", "1000"])
+    rc = main(
+        [
+            "simulate",
+            "--target",
+            server.target,
+            "--events",
+            "2000",
+            "--seed",
+            "3",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--window",
+            "1000",
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     for key in ("policy", "random", "best_fixed", "oracle"):

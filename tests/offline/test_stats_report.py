@@ -12,7 +12,21 @@ import numpy as np
 import pytest
 
 from nextbest.bandit.errors import InvalidInput, NotFound
-from nextbest.bandit.offline.experiment_stats import GroupStats, Interval, LogColumns, bucket_starts, difference, even_schedule, explored, group, lifts, mean_interval, rolling_mean, summarize, wilson
+from nextbest.bandit.offline.experiment_stats import (
+    GroupStats,
+    Interval,
+    LogColumns,
+    bucket_starts,
+    difference,
+    even_schedule,
+    explored,
+    group,
+    lifts,
+    mean_interval,
+    rolling_mean,
+    summarize,
+    wilson,
+)
 from nextbest.offline import notebook as sdk
 from nextbest.offline.stats_source import placement_stats
 from tests.synthlog import T0, write_log
@@ -106,8 +120,7 @@ def test_grouping_counts_by_hand() -> None:
     h = by_variant["holdout"]
     assert (h.measured, h.rewards, h.reward_sum) == (2, 2, 1.0) and h.spend == pytest.approx(0.3)
     rows = {(g.variant, g.arm, g.bucket): g for g in group(cols, bucket="hour")}
-    assert set(rows) == {("A", "a", T0), ("A", "b", T0), ("A", "a", T0 + 3600), ("holdout", "a", T0 + 3600),
-                         ("holdout", "b", T0 + 3600)}
+    assert set(rows) == {("A", "a", T0), ("A", "b", T0), ("A", "a", T0 + 3600), ("holdout", "a", T0 + 3600), ("holdout", "b", T0 + 3600)}
     assert rows[("A", "a", T0 + 3600)].pending == 1
     s = summarize("p", cols, "hour")
     assert [x.variant for x in s.lifts] == ["A"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 from nextbest.client import NextbestClient
@@ -145,7 +145,10 @@ def test_workers_share_one_port(tmp_path: Path) -> None:
     with postgres_schema() as url:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nextbest.cli.main", "serve", "--port", str(port), "--db", url, "--workers", "2"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             target = f"127.0.0.1:{port}"

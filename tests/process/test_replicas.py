@@ -181,7 +181,7 @@ def test_a_replica_loads_the_learners_new_model_within_the_interval(pg: str) -> 
         with NextbestClient(a.target) as c:
             c.apply([envs.placement()])
             until(lambda: NextbestClient(b.target).placements() != [])
-            for i in range(50):
+            for _ in range(50):
                 d = c.choose("app_home_banner", {"segment": "youth"})
                 c.reward(d.event_id, 1.0)
             until(lambda: c.stats("app_home_banner").model_version == 50)

@@ -12,12 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nextbest.bandit.errors import InvalidInput
-from nextbest.rpc.auth import hash_token, load_tokens, main, parse_env, parse_file
 from nextbest.client import NextbestClient
-from nextbest.v1 import admin_pb2, decision_pb2
+from nextbest.rpc.auth import hash_token, load_tokens, main, parse_env, parse_file
 from nextbest.rpc.tls import channel_credentials, check_settings, server_credentials
+from nextbest.v1 import admin_pb2, decision_pb2
 from tests import envs
 from tests.harness import ADMIN_TOKEN, CHANNEL_TOKEN, LIMITED_TOKEN, TOKENS, ServerThread, make_settings, token_client
+
 
 def _code(e: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     return e.value.code()  # type: ignore[attr-defined, no-any-return]
@@ -167,9 +168,7 @@ def test_hash_helper(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
 
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
     assert main([]) == 0
-    assert capsys.readouterr().out.strip() == hash_token("s3cret") == (
-        "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0"
-    )
+    assert capsys.readouterr().out.strip() == hash_token("s3cret") == ("1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0")
     assert main(["--new"]) == 0
     token, digest = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
     assert len(token) >= 40 and digest == hash_token(token)
@@ -193,8 +192,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for who in ("server", "client"):
         _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=d)
         _openssl(
-            "x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d,
+            "x509",
+            "-req",
+            "-in",
+            f"{who}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{who}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{who}.ext",
+            cwd=d,
         )
     _openssl("req", "-x509", *ec, "-keyout", "other.key", "-out", "other.pem", "-days", "2", "-subj", "/CN=other", cwd=d)
     return d
@@ -267,8 +280,11 @@ def test_denied_calls_are_refused_before_their_request_is_parsed(authed: ServerT
             raw(b"\xff\xff\xff garbage", timeout=5)
         assert _code(e) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as e:
-            raw(admin_pb2.GetStatsRequest(placement="app_home_banner").SerializeToString(), timeout=5,
-                metadata=[("authorization", f"Bearer {CHANNEL_TOKEN}")])
+            raw(
+                admin_pb2.GetStatsRequest(placement="app_home_banner").SerializeToString(),
+                timeout=5,
+                metadata=[("authorization", f"Bearer {CHANNEL_TOKEN}")],
+            )
         assert _code(e) == grpc.StatusCode.PERMISSION_DENIED
 
 

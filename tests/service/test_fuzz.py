@@ -18,10 +18,10 @@ from sqlalchemy import select
 
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.spec import PlacementSpec
-from nextbest.rpc.auth import parse_file
 from nextbest.config.files import parse_apply_text
-from nextbest.v1 import admin_pb2, common_pb2, decision_pb2
+from nextbest.rpc.auth import parse_file
 from nextbest.storage import tables as t
+from nextbest.v1 import admin_pb2, common_pb2, decision_pb2
 from tests.harness import ServerThread, make_settings, postgres_available, postgres_schema
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -107,16 +107,12 @@ def test_any_choose_is_served_or_refused_as_bad_input(fz: ServerThread, req: dec
     slot=st.integers(-3, 12),
     reward_id=st.one_of(st.just(""), long_text),
 )
-def test_any_reward_is_answered_or_refused_as_bad_input(
-    fz: ServerThread, event_id: str, reward: float, slot: int, reward_id: str
-) -> None:
+def test_any_reward_is_answered_or_refused_as_bad_input(fz: ServerThread, event_id: str, reward: float, slot: int, reward_id: str) -> None:
     if SEEN and event_id == "x":
         event_id = SEEN[hash(reward) % len(SEEN)]
     with fz.client() as c:
         try:
-            c.decision.Reward(
-                decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot, reward_id=reward_id), timeout=10
-            )
+            c.decision.Reward(decision_pb2.RewardRequest(event_id=event_id, reward=reward, slot=slot, reward_id=reward_id), timeout=10)
         except grpc.RpcError as e:
             assert _code(e) in BAD_INPUT_CODES, (_code(e), e.details())  # type: ignore[attr-defined]
             assert len(e.details()) <= 1000  # type: ignore[attr-defined]  # a bounded message
@@ -146,7 +142,9 @@ def test_raw_bytes_never_get_internal_or_unknown(fz: ServerThread, method: str, 
             assert _code(e) not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (_code(e), e.details())  # type: ignore[attr-defined]
 
 
-vw_args = st.sampled_from(["", "--cb_type mtr", "--bogus", "-f /tmp/x", "-d /etc/passwd", "--bits 40", "-q ::", "--l2 nan", "'", "--cb_type dr --power_t 0"])
+vw_args = st.sampled_from(
+    ["", "--cb_type mtr", "--bogus", "-f /tmp/x", "-d /etc/passwd", "--bits 40", "-q ::", "--l2 nan", "'", "--cb_type dr --power_t 0"]
+)
 arm_pb = st.builds(
     admin_pb2.Arm,
     id=st.one_of(st.sampled_from(["a", "b", "c"]), long_text),
@@ -226,9 +224,8 @@ def test_config_files_load_or_name_the_problem(path: list[int], value: object, r
         "[" * 5000,
         "placements: " + "[" * 5000,
         "placements: &a [*a]",
-        "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)
-        ),  # a billion laughs
+        "a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)),  # a billion laughs
         "x: !!python/object/apply:os.system [ls]",
         "\x1f",
         "placements: *undefined",
@@ -287,9 +284,7 @@ def test_invariants_hold_after_the_fuzzing(fz: ServerThread) -> None:
         ([common_pb2.Feature(name="x", number=float("-inf"))], "features[0].number"),
     ],
 )
-def test_configured_limits_name_the_field_and_change_nothing(
-    fz: ServerThread, features: list[common_pb2.Feature], field: str
-) -> None:
+def test_configured_limits_name_the_field_and_change_nothing(fz: ServerThread, features: list[common_pb2.Feature], field: str) -> None:
     with fz.client() as c:
         before = c.stats("fz").decisions
         with pytest.raises(grpc.RpcError) as e:
@@ -357,7 +352,9 @@ def test_hostile_text_and_magnitudes_on_postgresql_leave_ordinary_traffic_learne
                     if r.arm_id:
                         seen.append(r.event_id)
                         try:
-                            c.decision.Reward(decision_pb2.RewardRequest(event_id=r.event_id, reward=reward, reward_id=reward_id), timeout=10)
+                            c.decision.Reward(
+                                decision_pb2.RewardRequest(event_id=r.event_id, reward=reward, reward_id=reward_id), timeout=10
+                            )
                         except grpc.RpcError as e:
                             assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT, (_code(e), e.details())  # type: ignore[attr-defined]
 

@@ -76,15 +76,11 @@ def test_reward_statuses_and_duplicates_change_nothing(placed: ServerThread) -> 
     [
         (decision_pb2.ChooseRequest(placement=""), "placement"),
         (
-            decision_pb2.ChooseRequest(
-                placement="app_home_banner", features=[common_pb2.Feature(name="arpu", number=float("nan"))]
-            ),
+            decision_pb2.ChooseRequest(placement="app_home_banner", features=[common_pb2.Feature(name="arpu", number=float("nan"))]),
             "features[0].number",
         ),
         (
-            decision_pb2.ChooseRequest(
-                placement="app_home_banner", features=[common_pb2.Feature(name="arpu", number=float("inf"))]
-            ),
+            decision_pb2.ChooseRequest(placement="app_home_banner", features=[common_pb2.Feature(name="arpu", number=float("inf"))]),
             "features[0].number",
         ),
         (decision_pb2.ChooseRequest(placement="app_home_banner", features=[common_pb2.Feature(name="x")]), "features[0].value"),
@@ -224,7 +220,10 @@ def test_admin_placements_and_arms(server: ServerThread) -> None:
         (admin_pb2.Placement(id="p", vw_args="-f /tmp/model"), "placement.vw_args"),
         (admin_pb2.Placement(id="p", exploration=admin_pb2.Exploration(epsilon=1.5)), "placement.exploration.epsilon"),
         (admin_pb2.Placement(id="p", reward_window_seconds=-1), "placement.reward_window"),
-        (admin_pb2.Placement(id="p", arms=[admin_pb2.Arm(id="a", features=[common_pb2.Feature(name="x", number=math.nan)])]), "placement.arms[0].features"),
+        (
+            admin_pb2.Placement(id="p", arms=[admin_pb2.Arm(id="a", features=[common_pb2.Feature(name="x", number=math.nan)])]),
+            "placement.arms[0].features",
+        ),
     ],
 )
 def test_invalid_placement_is_rejected_and_nothing_changes(server: ServerThread, placement: admin_pb2.Placement, field: str) -> None:

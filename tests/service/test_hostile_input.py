@@ -34,6 +34,7 @@ from tests.harness import (
     token_client,
 )
 
+
 def _code(e: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
     return e.value.code()  # type: ignore[attr-defined, no-any-return]
 
@@ -68,9 +69,17 @@ def test_text_no_store_can_keep_is_invalid_argument_and_the_writer_keeps_going(a
             _refused(lambda: c.choose("p", customer_id=NUL), "customer_id")
             _refused(lambda: c.choose("p", event_id=NUL), "event_id")
             _refused(lambda: c.choose("p" + NUL), "placement")
-            _refused(lambda: stub.Choose(decision_pb2.ChooseRequest(placement="p", features=[feat(name=NUL, number=1.0)])), "features[0].name")
-            _refused(lambda: stub.Choose(decision_pb2.ChooseRequest(placement="p", features=[feat(namespace=NUL, name="n", number=1.0)])), "features[0].namespace")
-            _refused(lambda: stub.Choose(decision_pb2.ChooseRequest(placement="p", features=[feat(name="segment", text=NUL)])), "features[0].text")
+            _refused(
+                lambda: stub.Choose(decision_pb2.ChooseRequest(placement="p", features=[feat(name=NUL, number=1.0)])), "features[0].name"
+            )
+            _refused(
+                lambda: stub.Choose(decision_pb2.ChooseRequest(placement="p", features=[feat(namespace=NUL, name="n", number=1.0)])),
+                "features[0].namespace",
+            )
+            _refused(
+                lambda: stub.Choose(decision_pb2.ChooseRequest(placement="p", features=[feat(name="segment", text=NUL)])),
+                "features[0].text",
+            )
             _refused(lambda: c.reward(d.event_id, 1.0, reward_id=NUL), "reward_id")
             _refused(lambda: c.reward(NUL, 1.0), "event_id")
             _refused(lambda: c.reward_batch([(NUL, 1.0)]), "rewards[0].event_id")
@@ -99,7 +108,11 @@ def test_error_messages_quote_a_bounded_prefix_of_the_input(server: ServerThread
             (lambda: c.choose(huge), grpc.StatusCode.INVALID_ARGUMENT, "placement:"),
             (lambda: c.activate(huge), grpc.StatusCode.INVALID_ARGUMENT, "event_id:"),
             (lambda: c.admin.GetStats(admin_pb2.GetStatsRequest(placement=huge), timeout=5), grpc.StatusCode.NOT_FOUND, "placement 'x"),
-            (lambda: c.admin.GetPlacement(admin_pb2.GetPlacementRequest(placement=huge), timeout=5), grpc.StatusCode.NOT_FOUND, "placement 'x"),
+            (
+                lambda: c.admin.GetPlacement(admin_pb2.GetPlacementRequest(placement=huge), timeout=5),
+                grpc.StatusCode.NOT_FOUND,
+                "placement 'x",
+            ),
             (lambda: c.admin.GetArm(admin_pb2.GetArmRequest(placement="p", arm_id=huge), timeout=5), grpc.StatusCode.NOT_FOUND, "arm 'x"),
         ]
         for call, code, start in calls:
@@ -115,7 +128,7 @@ def test_rewards_beyond_max_abs_reward_are_refused_and_the_window_stays_open(ser
         c.apply([envs.placement("p"), envs.placement("capped", max_abs_reward=100)])
         d = c.choose("p")
         for big in (1e13, -1e300):
-            _refused(lambda: c.reward(d.event_id, big), "reward")
+            _refused(lambda big=big: c.reward(d.event_id, big), "reward")
         e = c.choose("capped")
         _refused(lambda: c.reward(e.event_id, 101.0), "reward")
         results = c.reward_batch([(e.event_id, -1000.0)])
@@ -195,7 +208,8 @@ def test_a_second_reward_at_once_or_a_retry_before_the_flush_is_duplicate(any_db
                 req = decision_pb2.RewardRequest(event_id=d.event_id, reward=1.0)
                 a, b = c.decision.Reward.future(req, timeout=10), c.decision.Reward.future(req, timeout=10)
                 assert sorted([a.result().status, b.result().status]) == [
-                    decision_pb2.REWARD_STATUS_LEARNED, decision_pb2.REWARD_STATUS_DUPLICATE,
+                    decision_pb2.REWARD_STATUS_LEARNED,
+                    decision_pb2.REWARD_STATUS_DUPLICATE,
                 ]
             d = c.choose("p")
             assert c.reward_batch([(d.event_id, 1.0), (d.event_id, 1.0)]) == ["learned", "duplicate"]
@@ -270,9 +284,11 @@ def test_replicas_decide_authorisation_and_reward_on_the_same_read() -> None:
             with client(b.target, ADMIN_TOKEN) as admin:
                 admin.apply([envs.placement("app_home_banner"), envs.placement("ussd_main_menu")])
             a.call(a.engine.config.reload())
-            with client(b.target, CHANNEL_TOKEN) as app_b, client(a.target, LIMITED_TOKEN) as ussd_a, client(
-                a.target, CHANNEL_TOKEN
-            ) as app_a:
+            with (
+                client(b.target, CHANNEL_TOKEN) as app_b,
+                client(a.target, LIMITED_TOKEN) as ussd_a,
+                client(a.target, CHANNEL_TOKEN) as app_a,
+            ):
                 for _ in range(3):
                     theirs = app_b.choose("app_home_banner")
                     with pytest.raises(grpc.RpcError) as e:

@@ -121,9 +121,7 @@ def test_rewards_stuck_on_a_locked_database_do_not_starve_choose(small: ServerTh
 
 
 def test_a_choose_whose_deadline_passes_while_leasing_budget_leaves_no_trace(db_url: str) -> None:
-    spec = PlacementSpec.model_validate(
-        {"id": "p", "arms": [{"id": "paid", "cost_per_impression": 1.0, "budget": {"total": 10}}]}
-    )
+    spec = PlacementSpec.model_validate({"id": "p", "arms": [{"id": "paid", "cost_per_impression": 1.0, "budget": {"total": 10}}]})
     s = ServerThread(make_settings(db_url))
     try:
         with s.client() as c:
@@ -239,8 +237,7 @@ def test_the_shed_decision_follows_the_measured_queue_wait_and_does_not_latch() 
 
     q = QueueShedder(target=0.1)
     # the wait is the smaller of the last two estimates
-    for wait, p in ((0.0, 0.0), (0.05, 0.0), (0.1, 0.0), (0.15, 0.0), (0.15, 0.5), (0.5, 0.5), (0.5, SHED_MAX),
-                    (0.12, 0.2), (0.01, 0.0)):
+    for wait, p in ((0.0, 0.0), (0.05, 0.0), (0.1, 0.0), (0.15, 0.0), (0.15, 0.5), (0.5, 0.5), (0.5, SHED_MAX), (0.12, 0.2), (0.01, 0.0)):
         q.observe(wait)
         assert q.shed_p == pytest.approx(p), wait
     q.observe(0.0)
@@ -290,8 +287,9 @@ def test_the_guard_sheds_at_the_shedders_rate_and_answers_its_own_probe_without_
     assert ran == ["c1", "c3"] and guard.busy_shed == 2
 
 
-def _overload_run(db_url: str, tmp_path: Path, name: str, concurrency: int, seconds: float, backoff: float = 0.05,
-                  **settings: Any) -> dict[str, Any]:
+def _overload_run(
+    db_url: str, tmp_path: Path, name: str, concurrency: int, seconds: float, backoff: float = 0.05, **settings: Any
+) -> dict[str, Any]:
     """A server in this process, Choose from two load processes (closed loop; callers back off
     ``backoff`` seconds, doubled at each refusal in a row, on RESOURCE_EXHAUSTED, as told),
     health checked during the load, then one Choose."""
@@ -305,14 +303,22 @@ def _overload_run(db_url: str, tmp_path: Path, name: str, concurrency: int, seco
             c.apply([bench_procs.placement("bench20", 20)])
         path = str(tmp_path / f"choose-{name}.bin")
         write_payloads(path, [r.SerializeToString() for r in bench_procs.choose_pool("bench20", 64)])
-        spec = {"target": s.target, "method": CHOOSE, "payloads": path, "mode": "closed", "warmup": 0.0,
-                "max_requests": 10**9, "event_prefix": f"{name}-"}
+        spec = {
+            "target": s.target,
+            "method": CHOOSE,
+            "payloads": path,
+            "mode": "closed",
+            "warmup": 0.0,
+            "max_requests": 10**9,
+            "event_prefix": f"{name}-",
+        }
         base = workers.run({**spec, "concurrency": 2, "seconds": 1.0, "event_prefix": f"{name}-base-"})  # unloaded: one caller per process
         health: list[Any] = []
         with ThreadPoolExecutor(2) as pool:
             # the first second (600 calls arriving at once, before any wait has been measured) is warm-up
-            loaded = pool.submit(workers.run, {**spec, "concurrency": concurrency, "seconds": seconds, "backoff": backoff,
-                                               "timeout": 20.0, "warmup": 1.0})
+            loaded = pool.submit(
+                workers.run, {**spec, "concurrency": concurrency, "seconds": seconds, "backoff": backoff, "timeout": 20.0, "warmup": 1.0}
+            )
 
             def check() -> None:
                 time.sleep(1.0 + seconds / 2)
@@ -328,8 +334,13 @@ def _overload_run(db_url: str, tmp_path: Path, name: str, concurrency: int, seco
         with s.client() as c:  # the load has stopped: a Choose is served again
             after = c.choose("bench20")
         overload = s.running.overload
-        return {"base": base, "loaded": result, "health": health, "after": after.arm_id,
-                "probes": overload.probe.sent if overload and overload.probe else 0}
+        return {
+            "base": base,
+            "loaded": result,
+            "health": health,
+            "after": after.arm_id,
+            "probes": overload.probe.sent if overload and overload.probe else 0,
+        }
     finally:
         workers.close()
         s.stop()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from nextbest.v1 import decision_pb2
 from nextbest.storage.sql import open_store
+from nextbest.v1 import decision_pb2
 from tests import envs
 from tests.harness import ServerThread
 

@@ -39,7 +39,7 @@ def test_three_slots_never_repeat_an_arm_and_learn_where_position_matters(db_url
                 assert c.reward(d.event_id, r, slot=k) == "learned"
                 total += r
             totals.append(total)
-            wait(lambda: model.learned == 3 * (i + 1))  # in step with the learner: reproducible
+            wait(lambda i=i: model.learned == 3 * (i + 1))  # in step with the learner: reproducible
         s.call(s.engine.writer.flush())
         rows = [s.engine.store.find_decision("e1499", k) for k in range(3)]
     # Each slot's probability is its own: a distribution over the arms left for it.
@@ -128,6 +128,7 @@ def test_a_retried_reward_with_its_key_counts_once_also_after_a_restart(db_url: 
         s.call(s.engine.writer.flush())
         # the database dedupes too: a key written again (a retry after an unacknowledged commit) is stored once
         from nextbest.storage.base import RewardEvent
+
         s.engine.store.write([], [], [], [RewardEvent(d.event_id, 0, 2.0, clock(), "agg", "click-1")])
         event_id = d.event_id
     with running_server(db_url, clock=clock) as s, s.client() as c:
@@ -159,7 +160,7 @@ def test_apprentice_serves_the_baseline_and_learns_to_match_it(db_url: str) -> N
     rng = np.random.default_rng(4)
     with running_server(db_url) as s, s.client() as c:
         c.apply([envs.placement(mode="apprentice")])
-        for i in range(1200):
+        for _ in range(1200):
             seg = int(rng.integers(5))
             name = envs.SEGMENTS[seg]
             d = c.choose("app_home_banner", {"customer": {"segment": name}}, baseline_arm=rule[name])

@@ -17,12 +17,12 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
-from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.decision_log import Outcome
+from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
-from nextbest.v1 import decision_pb2
 from nextbest.storage import tables as t
+from nextbest.v1 import decision_pb2
 from tests import envs
 from tests.harness import ServerThread, make_settings, postgres_available
 
@@ -93,7 +93,7 @@ class Load:
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
         self._threads.append(threading.Thread(target=self._choose_only, daemon=True))
 
-    def __enter__(self) -> Load:  # noqa: PYI034
+    def __enter__(self) -> Load:
         for th in self._threads:
             th.start()
         return self
@@ -347,9 +347,7 @@ def test_a_commit_whose_answer_was_lost_does_not_wedge_the_writer(db_url: str) -
 def test_a_reward_whose_caller_gave_up_during_an_outage_still_settles_its_budget(db_url: str) -> None:
     """The close was queued when the caller's deadline passed: it lands later, and the window's
     held reward cost must be settled then, not stay reserved in memory until a restart."""
-    spec = PlacementSpec.model_validate(
-        {"id": "p", "arms": [{"id": "paid", "cost_per_reward": 1.0, "budget": {"total": 100}}]}
-    )
+    spec = PlacementSpec.model_validate({"id": "p", "arms": [{"id": "paid", "cost_per_reward": 1.0, "budget": {"total": 100}}]})
     s = ServerThread(make_settings(db_url))
     try:
         with s.client() as c:

@@ -36,8 +36,7 @@ from sqlalchemy import (
     text,
 )
 
-from nextbest.storage import migrate
-from nextbest.storage import tables
+from nextbest.storage import migrate, tables
 from tests.harness import ROOT, postgres_available, postgres_schema
 
 _PG = postgres_available()
@@ -148,13 +147,13 @@ def test_processes_starting_at_once_all_upgrade(engine: Engine, url: str) -> Non
         if pg:  # wait until all four queue on the advisory lock
             deadline = time.monotonic() + 30
             with engine.connect() as c:
-                while c.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-                        "AND classid = :hi AND objid = :lo"
-                    ),
-                    {"hi": migrate.LOCK_KEY >> 32, "lo": migrate.LOCK_KEY & 0xFFFFFFFF},
-                ).scalar_one() < n:
+                while (
+                    c.execute(
+                        text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = :hi AND objid = :lo"),
+                        {"hi": migrate.LOCK_KEY >> 32, "lo": migrate.LOCK_KEY & 0xFFFFFFFF},
+                    ).scalar_one()
+                    < n
+                ):
                     assert time.monotonic() < deadline, "the processes never queued on the advisory lock"
                     time.sleep(0.05)
                     c.rollback()
@@ -184,7 +183,7 @@ def test_threads_with_their_own_engines_upgrade_at_once(url: str) -> None:
         try:
             barrier.wait()
             migrate.upgrade(e)
-        except BaseException as ex:  # noqa: BLE001 - collected and asserted below
+        except BaseException as ex:
             errors.append(ex)
         finally:
             e.dispose()
@@ -260,7 +259,11 @@ def test_scripts_db_revision_writes_a_revision_that_applies(engine: Engine, tmp_
     shutil.copytree(migrate.SCRIPT_LOCATION, loc, ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run(
         ["bash", str(ROOT / "scripts" / "db-revision"), "no changes", "--script-location", str(loc)],
-        cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "PYTHON": sys.executable},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert r.returncode == 0, r.stderr
     empty = Path(r.stdout.strip().splitlines()[-1])
@@ -323,7 +326,10 @@ def test_the_upgrade_sql_can_be_printed_for_a_dba(capsys: pytest.CaptureFixture[
 def test_0002_starts_the_shared_contact_history_from_recent_shown_decisions(engine: Engine) -> None:
     with engine.begin() as c:
         command.upgrade(migrate.config(c), "0001")
-    cols = "(event_id, slot, placement_id, customer_id, created_at, deadline, features, arms, pmf, chosen, arm_id, probability, model_version, outcome, activated)"
+    cols = (
+        "(event_id, slot, placement_id, customer_id, created_at, deadline, features, arms, pmf, chosen, arm_id, "
+        "probability, model_version, outcome, activated)"
+    )
     rows = [  # (event, customer, created_at, arm, activated)
         ("old", "c1", 1_000.0, "a", True),  # beyond 31 days before the newest decision
         ("new", "c1", 3_000_000.0, "a", True),

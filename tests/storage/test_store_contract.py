@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from nextbest.bandit.features import feature
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.features import feature
 from nextbest.config.plans import plan
-from nextbest.storage.base import Close
-from nextbest.storage.base import Snapshot
-from nextbest.storage.sql import SqlStore
-from nextbest.storage.sql import open_store
-from nextbest.storage.base import Activation, RewardEvent
+from nextbest.storage.base import Activation, Close, RewardEvent, Snapshot
+from nextbest.storage.sql import SqlStore, open_store
 from tests import envs
 from tests.harness import postgres_available, postgres_schema
 
@@ -75,23 +72,37 @@ def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
     got = store.find_decision("e2")
     assert got == decision("e2", 1)
     assert store.find_decision("nope") is None
-    assert sorted((d.event_id, d.placement, d.deadline) for d in store.open_decisions()) == [
+    everything = 1e18  # a cutoff past every deadline: expired_open lists every open window
+    assert sorted((d.event_id, d.placement, d.deadline) for d in store.expired_open(everything, 10)) == [
         ("e1", "app_home_banner", 700.0),
         ("e2", "app_home_banner", 700.0),
-    ]
-    r = store.write([], [Close("e2", Outcome.REWARD, 1.5, 101.0), Close("e1", Outcome.DEFAULT, 0.0, 701.0), Close("e2", Outcome.REWARD, 9.0, 102.0)])
+    ]  # e3 served no arm: no window
+    assert store.expired_open(700.0, 10) == []  # a window is expired only once its deadline is before the cutoff
+    assert len(store.expired_open(everything, 1)) == 1  # at most limit
+    r = store.write(
+        [], [Close("e2", Outcome.REWARD, 1.5, 101.0), Close("e1", Outcome.DEFAULT, 0.0, 701.0), Close("e2", Outcome.REWARD, 9.0, 102.0)]
+    )
     assert list(r.closed) == [True, True, False]  # a window closes once
-    assert store.learnable("app_home_banner", None, 0, 10) == []  # not learnable before the learner claims it
+    assert [(store.find_decision(e).outcome, store.find_decision(e).reward) for e in ("e2", "e1")] == [
+        (Outcome.REWARD, 1.5),  # the first close of the batch is the one
+        (Outcome.DEFAULT, 0.0),
+    ]
+    assert store.learn_rows("app_home_banner", None, 0, 10) == []  # not learnable before the learner claims it
     assert store.claim("app_home_banner", 10) == 2
     assert store.claim("app_home_banner", 10) == 0  # claimed once
-    rows = store.learnable("app_home_banner", None, 0, 10)
+    rows = store.learn_rows("app_home_banner", None, 0, 10)
     s1, s2 = (x.learn_seq for x in rows)
-    assert s1 is not None and s2 == s1 + 1
-    assert [(x.event_id, x.reward, x.outcome) for x in rows] == [("e2", 1.5, Outcome.REWARD), ("e1", 0.0, Outcome.DEFAULT)]
-    assert store.learnable("app_home_banner", "", s1, 10)[0].event_id == "e1"
-    assert store.learnable("app_home_banner", "B", 0, 10) == []
-    assert store.learnable("other", None, 0, 10) == []
-    assert store.open_decisions() == []
+    assert s1 > 0 and s2 == s1 + 1
+    assert [(x.event_id, x.slot, x.reward, x.chosen, x.probability) for x in rows] == [
+        ("e2", 0, 1.5, 1, 0.25),  # in the order the windows closed
+        ("e1", 0, 0.0, 0, 0.75),
+    ]
+    assert all(x.arms == decision("e1").arms and x.features() == decision("e1").features for x in rows)
+    assert [x.event_id for x in store.learn_rows("app_home_banner", "", s1, 10)] == ["e1"]
+    assert len(store.learn_rows("app_home_banner", None, 0, 1)) == 1  # at most limit
+    assert store.learn_rows("app_home_banner", "B", 0, 10) == []
+    assert store.learn_rows("other", None, 0, 10) == []
+    assert store.expired_open(everything, 10) == []  # no window open any more
     assert store.max_learn_seq() == s2
 
 
@@ -134,14 +145,16 @@ def test_postgres_is_really_tested_where_it_runs() -> None:
 def test_variants_are_logged_and_tallied(store: SqlStore) -> None:
     from dataclasses import replace
 
-    store.write([replace(decision("e1"), variant="A"), replace(decision("e2"), variant="holdout"), replace(decision("e3"), variant="A")], [])
+    store.write(
+        [replace(decision("e1"), variant="A"), replace(decision("e2"), variant="holdout"), replace(decision("e3"), variant="A")], []
+    )
     store.write([], [Close("e1", Outcome.REWARD, 2.0, 1.0), Close("e2", Outcome.DEFAULT, 0.0, 1.0)])
     store.claim("app_home_banner", 10)
     assert store.find_decision("e1").variant == "A"
     by = {v.variant: v for v in store.tally_variants("app_home_banner")}
     assert (by["A"].decisions, by["A"].rewards, by["A"].reward_sum, by["A"].closed) == (2, 1, 2.0, 1)
     assert (by["holdout"].decisions, by["holdout"].rewards, by["holdout"].closed) == (1, 0, 1)
-    assert [r.event_id for r in store.learnable("app_home_banner", "A", 0, 10)] == ["e1"]
+    assert [r.event_id for r in store.learn_rows("app_home_banner", "A", 0, 10)] == ["e1"]  # of variant A, closed
 
 
 def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
@@ -160,23 +173,25 @@ def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
     assert (acc.spent, acc.reserved) == (1.0, 5.0)
     store.write([], [], events=[RewardEvent("e1", 0, 1.5, 6.0, "agg"), RewardEvent("e1", 0, 2.5, 7.0, "agg")])
     assert [(e.slot, e.reward) for e in store.open_reward_events()] == [(0, 1.5), (0, 2.5)]
-    r = store.write([], [Close("e1", Outcome.REWARD, 4.0, 700.0, 2.0, (k,), 0, 1.0), Close("e1", Outcome.NOT_ACTIVATED, 0.0, 700.0, 2.0, (k,), 1, 1.0)])
+    r = store.write(
+        [], [Close("e1", Outcome.REWARD, 4.0, 700.0, 2.0, (k,), 0, 1.0), Close("e1", Outcome.NOT_ACTIVATED, 0.0, 700.0, 2.0, (k,), 1, 1.0)]
+    )
     assert list(r.closed) == [True, True]
     assert store.claim("app_home_banner", 10) == 1  # the never-activated slot is not learned
     assert store.open_reward_events() == []
     [acc] = store.load_accounts()
     assert (acc.spent, acc.reserved) == (3.0, 0.0)  # impression 1 + reward cost 2; slot 1 released
     assert store.find_decision("e1", 1).outcome == Outcome.NOT_ACTIVATED
-    assert [d.slot for d in store.learnable("app_home_banner", None, 0, 10)] == [0]
+    assert [(r.event_id, r.slot, r.reward) for r in store.learn_rows("app_home_banner", None, 0, 10)] == [("e1", 0, 4.0)]
 
 
 def test_the_learners_closes_get_learn_positions_in_the_same_commit(store: SqlStore) -> None:
     store.write([decision("e1"), decision("e2"), decision("e3")], [])
     store.write([], [Close("e1", Outcome.REWARD, 1.0, 1.0)])  # written by another server
     store.write([], [Close("e2", Outcome.REWARD, 1.0, 2.0), Close("e3", Outcome.DEFAULT, 0.0, 3.0)], assign=True)
-    assert [r.event_id for r in store.learnable("app_home_banner", None, 0, 10)] == ["e2", "e3"]
+    assert [r.event_id for r in store.learn_rows("app_home_banner", None, 0, 10)] == ["e2", "e3"]
     assert store.claim("app_home_banner", 10) == 1  # e1, after them
-    seqs = [(r.event_id, r.learn_seq) for r in store.learnable("app_home_banner", None, 0, 10)]
+    seqs = [(r.event_id, r.learn_seq) for r in store.learn_rows("app_home_banner", None, 0, 10)]
     assert [e for e, _ in seqs] == ["e2", "e3", "e1"] and len({q for _, q in seqs}) == 3
 
 
@@ -187,7 +202,9 @@ def test_shared_contact_history_locks_reads_and_records(store: SqlStore) -> None
     store.write([], [Close("e1", Outcome.REWARD, 1.0, 110.0)])
     h, seen = store.contacts_open("c1", 0.0)
     assert seen == []
-    store.contacts_commit(h, [ContactRow("c1", 100.0, "app_home_banner", "data_5gb", "e1"), ContactRow("c1", 100.0, "app_home_banner", "voice_300", "e2", 1)])
+    store.contacts_commit(
+        h, [ContactRow("c1", 100.0, "app_home_banner", "data_5gb", "e1"), ContactRow("c1", 100.0, "app_home_banner", "voice_300", "e2", 1)]
+    )
     h, seen = store.contacts_open("c1", 50.0)
     assert [(i.arm_id, i.event_id, i.outcome, i.reward) for i in seen] == [
         ("data_5gb", "e1", Outcome.REWARD, 1.0),  # its response comes from the decision's row

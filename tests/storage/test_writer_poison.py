@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import uuid
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -33,17 +33,15 @@ from sqlalchemy.exc import (
     ProgrammingError,
 )
 
+from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.features import feature
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
-from nextbest.telemetry.metrics import Metrics
-from nextbest.rpc.errors import status_for
-from nextbest.storage.base import Close
-from nextbest.storage.sql import SqlStore
-from nextbest.storage.sql import open_store
-from nextbest.storage.base import Activation, RewardEvent, WriteResult
-from nextbest.storage.refusal import RecordRefused, is_refusal, refusal_reason
 from nextbest.engine.writer import BatchWriter
+from nextbest.rpc.errors import status_for
+from nextbest.storage.base import Activation, Close, RewardEvent, WriteResult
+from nextbest.storage.refusal import RecordRefused, is_refusal, refusal_reason
+from nextbest.storage.sql import SqlStore, open_store
+from nextbest.telemetry.metrics import Metrics
 from tests import envs
 from tests.harness import postgres_available, postgres_schema, running_server
 
@@ -156,8 +154,9 @@ async def settle(futs: Sequence[asyncio.Future[Any]], timeout: float = 20.0) -> 
     return list(await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), timeout))
 
 
-def with_writer(store: Any, body: Callable[[BatchWriter], Any], on_refused: Callable[[str], None] | None = None,
-                assign: bool = False) -> Any:
+def with_writer(
+    store: Any, body: Callable[[BatchWriter], Any], on_refused: Callable[[str], None] | None = None, assign: bool = False
+) -> Any:
     async def main() -> Any:
         with ThreadPoolExecutor(1) as pool:
             w = BatchWriter(store, pool, flush_interval=0.01, on_refused=on_refused)
@@ -171,9 +170,7 @@ def with_writer(store: Any, body: Callable[[BatchWriter], Any], on_refused: Call
     return asyncio.run(main())
 
 
-def test_a_poisoned_decision_and_reward_are_refused_and_the_rest_of_the_batch_is_stored(
-    db: Db, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_poisoned_decision_and_reward_are_refused_and_the_rest_of_the_batch_is_stored(db: Db, caplog: pytest.LogCaptureFixture) -> None:
     """One batch from many callers, holding one decision and one reward row the database
     refuses: the others' closes, activation and rewards are acknowledged and stored; the
     refused reward's caller hears RecordRefused; the decision is logged by event id, counted
@@ -290,8 +287,14 @@ class FlakyStore:
         self.errors = errors
         self.calls: list[int] = []  # records per write call
 
-    def write(self, decisions: Sequence[LoggedDecision], closes: Sequence[Close], activations: Sequence[Activation] = (),
-              events: Sequence[RewardEvent] = (), assign: bool = False) -> WriteResult:
+    def write(
+        self,
+        decisions: Sequence[LoggedDecision],
+        closes: Sequence[Close],
+        activations: Sequence[Activation] = (),
+        events: Sequence[RewardEvent] = (),
+        assign: bool = False,
+    ) -> WriteResult:
         self.calls.append(len(decisions) + len(closes) + len(activations) + len(events))
         if self.errors:
             raise self.errors.pop(0)
@@ -442,7 +445,8 @@ def test_a_window_whose_close_is_refused_is_dropped_once_not_retried_forever(tmp
     a batch and counting a refusal; now the window is given up once and its budget hold freed."""
     url = f"sqlite:///{tmp_path}/nb.db"
     spec = envs.placement(
-        reward_window=0.2, default_reward=POISON_REWARD,
+        reward_window=0.2,
+        default_reward=POISON_REWARD,
         arms=[{"id": "a", "cost_per_reward": 1.0, "budget": {"total": 10}}],
     )
     with running_server(url) as s, s.client() as c:

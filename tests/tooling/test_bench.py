@@ -34,8 +34,9 @@ def _numbers(d: Any) -> list[float]:
 
 def _run(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "nextbest.bench.main", *args, "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "nextbest.bench.main", *args, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "figure" in r.stdout and "ratio to ceiling" in r.stdout
     data: dict[str, Any] = json.loads(out.read_text())
@@ -54,9 +55,23 @@ def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
             continue
         assert _numbers(body), phase
     figures = {f["key"]: f for f in data["figures"]}
-    for key in ("echo.choose", "echo.reward", "partial.parse", "partial.decode", "choose.sqlite.20.loop_cpu", "choose.sqlite.5", "choose.sqlite.20", "choose.sqlite.100",
-                "latency.20.80%.p99", "reward.sqlite", "vw.20.predict", "vw.20.learn", "server_time.20.besides_vw",
-                "memory.default.rss_1", "memory.tuned.rss_target"):
+    for key in (
+        "echo.choose",
+        "echo.reward",
+        "partial.parse",
+        "partial.decode",
+        "choose.sqlite.20.loop_cpu",
+        "choose.sqlite.5",
+        "choose.sqlite.20",
+        "choose.sqlite.100",
+        "latency.20.80%.p99",
+        "reward.sqlite",
+        "vw.20.predict",
+        "vw.20.learn",
+        "server_time.20.besides_vw",
+        "memory.default.rss_1",
+        "memory.tuned.rss_target",
+    ):
         assert key in figures, key
         assert math.isfinite(figures[key]["value"]), key
     # each figure with a ceiling carries its ratio to it
@@ -91,8 +106,9 @@ def test_latency_at_the_target_point_is_judged_on_the_median_run() -> None:
 
 
 def test_phase_names_are_checked() -> None:
-    r = subprocess.run([sys.executable, "-m", "nextbest.bench.main", "--phases", "vw,nope"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "nextbest.bench.main", "--phases", "vw,nope"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "nope" in r.stderr
 
 

@@ -62,7 +62,6 @@ def test_bad_durations(text: object) -> None:
         parse_duration(text)
 
 
-
 def test_a_non_utf8_file_names_file_line_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "apply.yaml"
     path.write_bytes(b"placements:\n  - id: caf\xe9\n")

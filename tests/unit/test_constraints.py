@@ -26,7 +26,11 @@ class FixedModel:
 
 
 algorithms = st.sampled_from(
-    [ExplorationSpec(algorithm="epsilon", epsilon=0.2), ExplorationSpec(algorithm="softmax", lam=3.0), ExplorationSpec(algorithm="squarecb")]
+    [
+        ExplorationSpec(algorithm="epsilon", epsilon=0.2),
+        ExplorationSpec(algorithm="softmax", lam=3.0),
+        ExplorationSpec(algorithm="squarecb"),
+    ]
 )
 
 
@@ -48,11 +52,16 @@ def scenario(draw: st.DrawFn) -> tuple[PlacementSpec, list[Candidate], FixedMode
         candidates.append(Candidate(ArmView.of(spec, 1), accounts, acceptance=0.3))
         values[spec.id] = draw(st.floats(-1, 2))
     rules = [ContactRule(max_impressions=draw(st.integers(1, 3)), per="customer_arm", window=86400.0)]
-    placement = PlacementSpec(
-        id="p", arms=arms, exploration=draw(algorithms), contact_policies=rules, fatigue=FatigueSpec(strength=0.3)
-    )
+    placement = PlacementSpec(id="p", arms=arms, exploration=draw(algorithms), contact_policies=rules, fatigue=FatigueSpec(strength=0.3))
     history = [
-        Impression(1000.0 - draw(st.floats(0, 5000)), f"a{draw(st.integers(0, n - 1))}", None, "p", f"e{j}", draw(st.sampled_from([None, False, True])))
+        Impression(
+            1000.0 - draw(st.floats(0, 5000)),
+            f"a{draw(st.integers(0, n - 1))}",
+            None,
+            "p",
+            f"e{j}",
+            draw(st.sampled_from([None, False, True])),
+        )
         for j in range(draw(st.integers(0, 10)))
     ]
     return placement, candidates, FixedModel(values), history
@@ -80,7 +89,9 @@ def test_probabilities_sum_to_one_and_ineligible_arms_are_never_drawn(s, u: floa
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(-3, 3), min_size=1, max_size=10), st.data(), algorithms, st.floats(0.001, 5))
-def test_a_penalty_never_raises_the_penalised_arms_probability(values: list[float], data: st.DataObject, spec: ExplorationSpec, pen: float) -> None:
+def test_a_penalty_never_raises_the_penalised_arms_probability(
+    values: list[float], data: st.DataObject, spec: ExplorationSpec, pen: float
+) -> None:
     v = np.array(values)
     k = data.draw(st.integers(0, len(values) - 1))
     before = explore(v, spec, 100)

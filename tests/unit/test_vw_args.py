@@ -61,7 +61,8 @@ def test_vw_args_outside_the_allow_list_are_refused_naming_the_option(args: str,
 
 
 @pytest.mark.parametrize(
-    "args", ["--cb_type dr -l 0.5", "-l0.5", "--learning_rate=0.1 --l2 1e-6", "-q UA", "--power_t 0", "--cb_type mtr", "-qUA --min_prediction -1"]
+    "args",
+    ["--cb_type dr -l 0.5", "-l0.5", "--learning_rate=0.1 --l2 1e-6", "-q UA", "--power_t 0", "--cb_type mtr", "-qUA --min_prediction -1"],
 )
 def test_allowed_learning_options_build_a_model_that_scores_arms(args: str) -> None:
     spec = envs.placement(vw_args=args)
@@ -129,7 +130,11 @@ def test_apply_cli_refuses_a_file_option_before_any_call(tmp_path: Path, capsys:
 
 def test_replay_policies_use_the_same_allow_list() -> None:
     parse_policy("vw:--cb_explore_adf --epsilon 0.1 -q UA")
-    for spec, named in [("vw:--cb_adf -f/tmp/x", "-f"), ("vw:--cb_adf --extra_metrics /tmp/m", "--extra_metrics"), ("vw:-i/etc/passwd", "-i")]:
+    for spec, named in [
+        ("vw:--cb_adf -f/tmp/x", "-f"),
+        ("vw:--cb_adf --extra_metrics /tmp/m", "--extra_metrics"),
+        ("vw:-i/etc/passwd", "-i"),
+    ]:
         with pytest.raises(InvalidInput, match=f"{named}: reads or writes files") as e:
             parse_policy(spec)
         assert e.value.field == "policy"

@@ -12,8 +12,7 @@ from alembic import context
 from sqlalchemy import MetaData, create_engine, pool
 from sqlalchemy.engine import Connection
 
-from nextbest.storage import migrate
-from nextbest.storage import tables
+from nextbest.storage import migrate, tables
 
 config = context.config
 # Tests may pass another MetaData to autogenerate against; the store always uses tables.metadata.

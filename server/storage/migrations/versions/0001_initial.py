@@ -129,7 +129,14 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Dropping a table drops its indexes and constraints with it.
     for name in (
-        "snapshots", "counters", "reward_events", "budget_accounts", "campaigns", "decisions", "arm_versions", "arms",
+        "snapshots",
+        "counters",
+        "reward_events",
+        "budget_accounts",
+        "campaigns",
+        "decisions",
+        "arm_versions",
+        "arms",
         "placements",
     ):
         op.drop_table(name)
