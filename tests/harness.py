@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 
 from nextbest.app import Running, create_server
-from nextbest.bench import procs as bench_procs
 from nextbest.client import NextbestClient
 from nextbest.rpc.auth import BearerToken, hash_token
 from nextbest.settings import Settings
+from nextbest.storage import scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,13 +104,13 @@ def running_server(db: str, clock: Callable[[], float] = time.time, **kw: Any) -
 
 
 def postgres_available() -> bool:
-    return bench_procs.postgres_available()
+    return scratch.postgres_available()
 
 
 @contextmanager
 def postgres_schema() -> Iterator[str]:
     """A fresh schema in database test; yields a SQLAlchemy URL whose search_path is it."""
-    with bench_procs.postgres_schema("nbtest") as url:
+    with scratch.postgres_schema("nbtest") as url:
         yield url
 
 

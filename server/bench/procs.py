@@ -17,20 +17,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
 
 from nextbest.bandit.spec import PlacementSpec
+from nextbest.storage import scratch
+from nextbest.storage.scratch import postgres_available as postgres_available  # re-exported for the bench phases
 from nextbest.v1 import common_pb2, decision_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=2"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SHARED_FEATURES = 30
 ARM_FEATURES = 5
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -188,30 +187,9 @@ def wait_serving(target: str, timeout: float = 60) -> None:
 # -- PostgreSQL --------------------------------------------------------------------------------------
 
 
-def postgres_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_DSN):
-            return True
-    except Exception:
-        return False
-
-
-@contextmanager
-def postgres_schema(prefix: str = "nbbench") -> Iterator[str]:
-    """A fresh schema, dropped afterwards; yields a SQLAlchemy URL whose search_path is it.
-    The test suite uses it too (prefix "nbtest")."""
-    import psycopg
-
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as c:
-        c.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{name}"
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as c:
-            c.execute(f"DROP SCHEMA {name} CASCADE")
+def postgres_schema(prefix: str = "nbbench") -> AbstractContextManager[str]:
+    """A fresh schema of the machine's PostgreSQL for one benchmark phase."""
+    return scratch.postgres_schema(prefix)
 
 
 # -- load workers ------------------------------------------------------------------------------------

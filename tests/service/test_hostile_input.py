@@ -379,7 +379,8 @@ def test_a_live_replica_takes_over_the_windows_of_one_that_stopped() -> None:
         b = ServerThread(make_settings(url, replica_poll_interval=0.1))
         try:
             with a.client() as c:
-                c.apply([envs.placement("p", **SUMMED)])
+                # A window long enough to outlast a's stop and b's takeover on a slow machine.
+                c.apply([envs.placement("p", **{**SUMMED, "reward_window": 6.0})])
                 d = c.choose("p")
                 assert c.reward(d.event_id, 3.0) == "recorded"
             a.stop()
