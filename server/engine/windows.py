@@ -424,30 +424,30 @@ class RewardWindows:
             for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
             if (d.event_id, d.slot) not in self.open
         ]
+        if not taken:
+            return 0
+        # Their gathered rewards are read before any of them opens here, so that from the moment
+        # a window is open on this server (no await in between) it holds them: a Reward or a
+        # sweep never sees it half taken over.
+        keys = {(d.event_id, d.slot) for d in taken}
+        events = await loop.run_in_executor(self._reader_pool, self._store.open_reward_events)
         for d in taken:
+            if (d.event_id, d.slot) in self.open:  # decided here meanwhile (a reused id): keep ours
+                keys.discard((d.event_id, d.slot))
+                continue
             ps = self._states.get(d.placement)
             campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
             self.add(
                 d.event_id,
                 d.slot,
                 OpenDecision(
-                    d.placement,
-                    d.deadline,
-                    d.arm_id or "",
-                    d.customer_id,
-                    campaign,
-                    d.cost,
-                    d.reward_cost,
-                    d.budgets,
-                    d.activated,
+                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost, d.budgets, d.activated
                 ),
             )
-        if taken:
-            keys = {(d.event_id, d.slot) for d in taken}
-            for ev in await loop.run_in_executor(self._reader_pool, self._store.open_reward_events):
-                entry = self.open.get((ev.event_id, ev.slot))
-                if entry is not None and (ev.event_id, ev.slot) in keys:
-                    self.counted(entry, ev.reward, ev.reward_id or "")
+        for ev in events:
+            entry = self.open.get((ev.event_id, ev.slot))
+            if entry is not None and (ev.event_id, ev.slot) in keys:
+                self.counted(entry, ev.reward, ev.reward_id or "")
         return len(taken)
 
     # -- RewardBatch ----------------------------------------------------------------------------

@@ -78,8 +78,12 @@ def test_rpc_counts_and_latency_by_method_and_code(served: ServerThread) -> None
         for call in (lambda: c.choose(""), lambda: c.reward("nope", 1.0), lambda: c.choose("nope")):
             with pytest.raises(grpc.RpcError):
                 call()
-    m = scrape(port)
     choose = "nextbest.v1.DecisionService/Choose"
+    # A failed call's status reaches the client before the server has counted it: wait for the last.
+    deadline = time.monotonic() + 10
+    while value(m := scrape(port), "nextbest_rpc_duration_seconds_count", method=choose, code="NOT_FOUND") < 1:
+        assert time.monotonic() < deadline, "the last failed Choose was never counted"
+        time.sleep(0.05)
     assert value(m, "nextbest_rpc_duration_seconds_count", method=choose, code="OK") == 7
     assert value(m, "nextbest_rpc_duration_seconds_count", method=choose, code="INVALID_ARGUMENT") == 1
     assert value(m, "nextbest_rpc_duration_seconds_count", method=choose, code="NOT_FOUND") == 1
