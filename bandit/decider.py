@@ -1,7 +1,8 @@
 """The decision pipeline of one placement:
 
-eligible arms (active, dates, budget, contact policy) → VW scores → adjusted by business value,
-pacing price × expected cost and fatigue penalty → exploration → draw.
+eligible arms (the caller's exclusions, active, dates, eligibility rules, budget, contact
+policy) → VW scores → adjusted by business value, pacing price × expected cost and fatigue
+penalty → exploration → draw.
 
 The logged probability is the final probability of the drawn arm among the eligible ones (and
 the "no offer" option that pacing adds), so offline evaluation stays unbiased; the reasons why
@@ -11,7 +12,7 @@ other arms were not eligible are returned for the log.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,11 +20,33 @@ from numpy.typing import NDArray
 
 from nextbest.bandit import contact, exploration
 from nextbest.bandit.budget import Account, Ledger
+from nextbest.bandit.eligibility import Value
 from nextbest.bandit.features import Feature, arm_line, feature_key
 from nextbest.bandit.model import CbModel
 from nextbest.bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
 
 NO_OFFER = "paced: no offer"
+EXCLUDED = "excluded by caller"
+NO_CONTEXT: Mapping[str, Value] = {}
+NOTHING_EXCLUDED: frozenset[str] = frozenset()
+
+
+def context_of(features: Sequence[Feature]) -> dict[str, Value]:
+    """A request's features by ``namespace.name``, as eligibility rules read them."""
+    return {feature_key(f): f[2] for f in features}
+
+
+def ruled_out(spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Value], excluded: frozenset[str]) -> str:
+    """Why the caller's exclusions or an eligibility rule (the placement's, then the arm's) keep
+    this arm from this request; "" when they do not. Unknown (a missing feature) rules it out."""
+    if arm.id in excluded:
+        return EXCLUDED
+    for rule in (spec.eligible, arm.eligible):
+        if rule is not None:
+            verdict, reason = rule(context)
+            if not verdict:
+                return reason
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,21 +125,33 @@ def eligibility(
     history: list[contact.Impression],
     now: float,
     budgeted: bool = True,
+    context: Mapping[str, Value] = NO_CONTEXT,
+    excluded: frozenset[str] = NOTHING_EXCLUDED,
 ) -> tuple[list[int], dict[str, str]]:
     """Indices of the eligible candidates, and the reason for each one that is not.
-    ``budgeted=False`` promises that no candidate spends from a budget."""
-    if spec.unconstrained and not (budgeted and any(c.accounts for c in candidates)):
+    ``budgeted=False`` promises that no candidate spends from a budget; ``context`` is the
+    request's features for eligibility rules (``context_of``), ``excluded`` the caller's exclusions."""
+    if spec.unconstrained and not excluded and not (budgeted and any(c.accounts for c in candidates)):
         return list(range(len(candidates))), {}
     ok: list[int] = []
     why: dict[str, str] = {}
+    placement_rule = ""
+    if spec.eligible is not None:  # once per request, not per arm
+        verdict, placement_rule = spec.eligible(context)
     for i, c in enumerate(candidates):
         a = c.spec
-        if not a.active:
+        if a.id in excluded:
+            why[a.id] = EXCLUDED
+        elif not a.active:
             why[a.id] = "retired or paused"
         elif a.start is not None and now < a.start.timestamp():
             why[a.id] = "not started"
         elif a.end is not None and now >= a.end.timestamp():
             why[a.id] = "ended"
+        elif placement_rule:
+            why[a.id] = placement_rule
+        elif a.eligible is not None and (reason := a.eligible(context)[1]):
+            why[a.id] = reason
         elif c.accounts and (reason := Ledger.can_reserve(c.accounts, c.reservation, now)):
             why[a.id] = reason
         elif (spec.contact_policies or spec.cooldown) and (
@@ -160,9 +195,11 @@ def serve_holdout(
     uniform: Callable[[], float],
     now: float = 0.0,
     history: list[contact.Impression] | None = None,
+    context: Mapping[str, Value] = NO_CONTEXT,
+    excluded: frozenset[str] = NOTHING_EXCLUDED,
 ) -> Choice:
     """The control group's policy, under the same constraints as the bandit's."""
-    ok, why = eligibility(spec, candidates, history or [], now)
+    ok, why = eligibility(spec, candidates, history or [], now, context=context, excluded=excluded)
     if not ok:
         return _nothing(spec, candidates, why)
     if holdout.policy == "uniform":
@@ -192,10 +229,12 @@ def decide(
     history: list[contact.Impression] | None = None,
     reward_scale: float = 1.0,
     budgeted: bool = True,
+    context: Mapping[str, Value] = NO_CONTEXT,
+    excluded: frozenset[str] = NOTHING_EXCLUDED,
 ) -> Choice:
     """Run the whole pipeline for one request (``budgeted=False``: no candidate has a budget)."""
     history = history or []
-    ok, why = eligibility(spec, candidates, history, now, budgeted)
+    ok, why = eligibility(spec, candidates, history, now, budgeted, context, excluded)
     if not ok:
         return _nothing(spec, candidates, why)
     eligible = [candidates[i] for i in ok]

@@ -121,6 +121,7 @@ class NextbestClient:
         baseline_arm: str = "",
         defer_activation: bool = False,
         slot_features: Sequence[FeaturesLike] = (),
+        exclude_arms: Sequence[str] = (),
     ) -> ChooseResult:
         r = self._decision.Choose(
             decision_pb2.ChooseRequest(
@@ -131,6 +132,7 @@ class NextbestClient:
                 baseline_arm=baseline_arm,
                 defer_activation=defer_activation,
                 slot_features=[decision_pb2.SlotFeatures(features=to_features(f)) for f in slot_features],
+                exclude_arms=list(exclude_arms),
             ),
             timeout=self.timeout,
         )

@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from nextbest.bandit.budget import Account, Ledger
 from nextbest.bandit.contact import Impression
-from nextbest.bandit.decider import ArmView, Candidate, Choice, decide, serve_holdout
+from nextbest.bandit.decider import (
+    NO_CONTEXT,
+    NOTHING_EXCLUDED,
+    ArmView,
+    Candidate,
+    Choice,
+    context_of,
+    decide,
+    ruled_out,
+    serve_holdout,
+)
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.eligibility import Value
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
 from nextbest.bandit.features import Feature, feature, shared_line
 from nextbest.bandit.spec import PlacementSpec
@@ -66,6 +77,22 @@ def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
         if u < edge:
             return v.id
     return exp.variants[-1].id if exp.variants else "holdout"
+
+
+MAX_EXCLUDED = 1000  # ids in one ChooseRequest.exclude_arms
+
+
+def _exclusions(spec: PlacementSpec, ids: Sequence[str]) -> frozenset[str]:
+    """The caller's exclusions, each an arm of the placement (INVALID_ARGUMENT naming the entry)."""
+    if not ids:
+        return NOTHING_EXCLUDED
+    if len(ids) > MAX_EXCLUDED:
+        raise InvalidInput("exclude_arms", f"at most {MAX_EXCLUDED} arms, got {len(ids)}")
+    known = {a.id for a in spec.arms}
+    for i, arm in enumerate(ids):
+        if arm not in known:
+            raise InvalidInput(f"exclude_arms[{i}]", f"unknown arm {quote(arm)}")
+    return frozenset(ids)
 
 
 class RecentIds:
@@ -124,8 +151,10 @@ class Chooser:
         baseline_arm: str = "",
         defer: bool = False,
         slot_features: Sequence[Sequence[Feature]] = (),
+        exclude_arms: Sequence[str] = (),
     ) -> list[LoggedDecision]:
-        """Decide on the loop: one decision per slot; they join the next log batch."""
+        """Decide on the loop: one decision per slot; they join the next log batch.
+        ``exclude_arms``: arms the caller knows are wrong now (owned, out of stock)."""
         self._checks.validate(placement, customer_id, event_id, features)
         for k, sf in enumerate(slot_features):
             self._checks.validate(placement, customer_id, event_id, sf, f"slot_features[{k}].features")
@@ -137,11 +166,12 @@ class Chooser:
             raise InvalidInput("baseline_arm", f"{quote(baseline_arm)} is not an active arm of {quote(placement)}")
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
+        excluded = _exclusions(spec, exclude_arms)
         shared = self._contacts.shared
         if customer_id and self._contacts.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
             # No rule of this placement reads the history, but other placements' rules count
             # its impressions: record them, without waiting, after the decision.
-            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [])
+            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [], excluded)
             shared.record_later(_shown(customer_id, out))
             return out
         if customer_id and self._contacts.history.horizon > 0 and shared is not None:
@@ -150,10 +180,10 @@ class Chooser:
                 if self._states.get(placement) is not ps:
                     raise InvalidInput("placement", "the placement changed during the decision; retry")
                 history = [self._contacts.impression(r) for r in tx.history]
-                out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history)
+                out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history, excluded)
                 tx.new.extend(_shown(customer_id, out))
                 return out
-        return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None)
+        return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None, excluded)
 
     async def _choose(
         self,
@@ -165,6 +195,7 @@ class Chooser:
         defer: bool,
         slot_features: Sequence[Sequence[Feature]],
         shared_history: list[Impression] | None,
+        excluded: frozenset[str] = NOTHING_EXCLUDED,
     ) -> list[LoggedDecision]:
         """The decisions of one Choose; ``shared_history`` is the customer's impressions from
         the database when contact history is shared, else None (this server's memory)."""
@@ -214,6 +245,7 @@ class Chooser:
                 baseline_arm,
                 defer,
                 closed,
+                excluded,
             )
             if d.arm_id is None and k > 0:
                 break  # fewer arms than slots: the response is shorter
@@ -244,21 +276,23 @@ class Chooser:
         baseline_arm: str,
         defer: bool,
         closed: str = "",
+        excluded: frozenset[str] = NOTHING_EXCLUDED,
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
         draw_id = event_id if slot == 0 else f"{event_id}#{slot}"
         draw = lambda: uniform_for(salt, draw_id)  # noqa: E731
         shared = shared_line(features)
+        context = context_of(features) if spec.has_rules else NO_CONTEXT  # slot features included
         model_version = 0
         if closed:
             choice = Choice(None, 0.0, (), reason=closed)
         elif baseline_arm and spec.mode in ("apprentice", "logging_only") and slot == 0:
-            choice = self._baseline(ps, candidates, shared, baseline_arm)
+            choice = self._baseline(ps, candidates, shared, baseline_arm, context, excluded)
             model_version = ps.model.learned
         elif variant == "holdout":
             assert spec.experiment is not None and spec.experiment.holdout is not None
-            choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history)
+            choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history, context, excluded)
         else:
             serving = ps.slots[variant]
             choice = decide(
@@ -271,6 +305,8 @@ class Chooser:
                 history,
                 serving.reward_scale,
                 budgeted=ps.budgeted,
+                context=context,
+                excluded=excluded,
             )
             model_version = serving.model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
@@ -329,19 +365,33 @@ class Chooser:
             )
         return decision
 
-    def _baseline(self, ps: PlacementState, candidates: list[Candidate], shared: str, baseline: str) -> Choice:
-        """Apprentice and logging-only modes serve the caller's own choice; apprentice mode
-        also scores whether the model's greedy choice would have matched it."""
-        ids = [c.arm.id for c in candidates]
-        j = ids.index(baseline)
-        if ps.record.spec.mode == "apprentice":
+    def _baseline(
+        self,
+        ps: PlacementState,
+        candidates: list[Candidate],
+        shared: str,
+        baseline: str,
+        context: Mapping[str, Value],
+        excluded: frozenset[str],
+    ) -> Choice:
+        """Apprentice and logging-only modes serve the caller's own choice, unless an eligibility
+        rule or the caller's own exclusions rule it out (then nothing is served: an ineligible
+        offer is never shown); apprentice mode also scores whether the model's greedy choice
+        among the eligible arms would have matched it."""
+        spec = ps.record.spec
+        why = {c.arm.id: r for c in candidates if (r := ruled_out(spec, c.spec, context, excluded))}
+        if baseline in why:
+            return Choice(None, 0.0, (), (), why, reason=f"baseline arm {quote(baseline)} is not eligible: {why[baseline]}")
+        ok = [i for i, c in enumerate(candidates) if c.arm.id not in why]
+        j = [candidates[i].arm.id for i in ok].index(baseline)
+        if spec.mode == "apprentice":
             slot = ps.slots[""]
-            greedy = int(np.argmax(slot.model.expected_rewards(shared, [c.arm.line for c in candidates])))
+            greedy = int(np.argmax(slot.model.expected_rewards(shared, [candidates[i].arm.line for i in ok])))
             slot.scored += 1
             slot.recent.append(greedy == j)
             slot.agreed += greedy == j
-        pmf = tuple(1.0 if i == j else 0.0 for i in range(len(candidates)))
-        return Choice(j, 1.0, pmf, tuple(range(len(candidates))))
+        pmf = tuple(1.0 if i == j else 0.0 for i in range(len(ok)))
+        return Choice(j, 1.0, pmf, tuple(ok), why)
 
     def _accounts(self, placement: str, arm: ArmView, now: float) -> list[Account]:
         a = arm.spec

@@ -6,9 +6,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from google.protobuf import timestamp_pb2
 from pydantic import ValidationError
 
+from nextbest.bandit.eligibility import EligibilityRule
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, feature_key
 from nextbest.bandit.spec import (
@@ -135,7 +137,22 @@ def _arm_dict(arm: admin_pb2.Arm, field: str) -> dict[str, Any]:
         "business_value": arm.business_value,
         "start": _time(arm.start_time, arm.HasField("start_time")),
         "end": _time(arm.end_time, arm.HasField("end_time")),
+        "eligible": _rule_json(arm.eligible, f"{field}.eligible"),
     }
+
+
+def _rule_json(text: str, field: str) -> Any:
+    """An eligibility rule sent as JSON text (the apply file's form); empty: none."""
+    if not text:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(field, f"not a JSON rule: {str(e)[:200]}") from None
+
+
+def _rule_text(rule: EligibilityRule | None) -> str:
+    return "" if rule is None else orjson.dumps(rule.model_dump(by_alias=True, exclude_none=True)).decode()
 
 
 def campaign_spec(c: admin_pb2.Campaign, field: str = "campaign") -> CampaignSpec:
@@ -271,6 +288,8 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["default_reward"] = p.default_reward
     if p.HasField("max_abs_reward"):
         data["max_abs_reward"] = p.max_abs_reward
+    if p.eligible:
+        data["eligible"] = _rule_json(p.eligible, f"{field}.eligible")
     if p.HasField("interactions"):
         data["interactions"] = p.interactions
     if p.HasField("bits"):
@@ -318,6 +337,7 @@ def arm_pb(arm: ArmSpec, version: int) -> admin_pb2.Arm:
         business_value=arm.business_value,
         start_time=_ts(arm.start),
         end_time=_ts(arm.end),
+        eligible=_rule_text(arm.eligible),
     )
 
 
@@ -396,6 +416,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         reward_window_seconds=s.reward_window,
         default_reward=s.default_reward,
         max_abs_reward=s.max_abs_reward,
+        eligible=_rule_text(s.eligible),
         vw_args=s.vw_args,
         interactions=s.interactions,
         bits=s.bits,

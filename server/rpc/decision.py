@@ -45,6 +45,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             baseline_arm=request.baseline_arm,
             defer=request.defer_activation,
             slot_features=slot_features,
+            exclude_arms=request.exclude_arms,
         )
         d = decisions[0]
         return decision_pb2.ChooseResponse(

@@ -489,6 +489,7 @@ class Arm(_message.Message):
     BUSINESS_VALUE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Arm id, unique within its placement, e.g. "data_5gb_7d"."""
     active: _builtins.bool
@@ -503,6 +504,10 @@ class Arm(_message.Message):
     """Campaign whose budget the arm also spends from."""
     business_value: _builtins.float
     """Added to the arm's expected reward when choosing (business priority), in reward units."""
+    eligible: _builtins.str
+    """Eligibility rule, as JSON in the apply file's form (e.g. {"feature": "customer.plan", "in":
+    ["postpaid"]}); empty: none. The arm is shown only to requests whose features satisfy it.
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Feature]:
         """The offer's own features, e.g. category=data, price=4.99. The arm id is always a feature too."""
@@ -533,10 +538,11 @@ class Arm(_message.Message):
         business_value: _builtins.float = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        eligible: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "business_value", b"business_value", "campaign", b"campaign", "cost_per_impression", b"cost_per_impression", "cost_per_reward", b"cost_per_reward", "end_time", b"end_time", "features", b"features", "id", b"id", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "business_value", b"business_value", "campaign", b"campaign", "cost_per_impression", b"cost_per_impression", "cost_per_reward", b"cost_per_reward", "eligible", b"eligible", "end_time", b"end_time", "features", b"features", "id", b"id", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
     _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
@@ -574,6 +580,7 @@ class Placement(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     MAX_ABS_REWARD_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -608,6 +615,8 @@ class Placement(_message.Message):
     """Rewards of a larger magnitude are refused (INVALID_ARGUMENT); bounds default_reward too
     (default 1e6).
     """
+    eligible: _builtins.str
+    """Eligibility rule every arm must also satisfy, as JSON in the apply file's form; empty: none."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -667,10 +676,11 @@ class Placement(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         max_abs_reward: _builtins.float | None = ...,
+        eligible: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015

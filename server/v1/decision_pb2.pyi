@@ -151,6 +151,7 @@ class ChooseRequest(_message.Message):
     BASELINE_ARM_FIELD_NUMBER: _builtins.int
     DEFER_ACTIVATION_FIELD_NUMBER: _builtins.int
     SLOT_FEATURES_FIELD_NUMBER: _builtins.int
+    EXCLUDE_ARMS_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id, e.g. "app_home_banner". Required."""
     customer_id: _builtins.str
@@ -171,6 +172,12 @@ class ChooseRequest(_message.Message):
     def slot_features(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotFeatures]:
         """Features of each slot of a multi-slot placement, in slot order (optional)."""
 
+    @_builtins.property
+    def exclude_arms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Arms the caller knows are wrong for this customer now (already owned, out of stock): never
+        served, logged as "excluded by caller". Each must be an arm of the placement.
+        """
+
     def __init__(
         self,
         *,
@@ -181,10 +188,11 @@ class ChooseRequest(_message.Message):
         baseline_arm: _builtins.str = ...,
         defer_activation: _builtins.bool = ...,
         slot_features: _abc.Iterable[Global___SlotFeatures] | None = ...,
+        exclude_arms: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_arm", b"baseline_arm", "customer_id", b"customer_id", "defer_activation", b"defer_activation", "event_id", b"event_id", "features", b"features", "placement", b"placement", "slot_features", b"slot_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_arm", b"baseline_arm", "customer_id", b"customer_id", "defer_activation", b"defer_activation", "event_id", b"event_id", "exclude_arms", b"exclude_arms", "features", b"features", "placement", b"placement", "slot_features", b"slot_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

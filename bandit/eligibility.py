@@ -1,0 +1,320 @@
+"""Eligibility rules: which offers may be shown to this customer, decided from the request's own
+features before anything is scored.
+
+A rule is a tree: conditions on one feature (``eq, ne, in, not_in, lt, lte, gt, gte``),
+``exists: NAME``, combined by ``all``, ``any`` and ``not``. Features are named as the channel
+sends them, ``namespace.name`` (the name alone in the default namespace). A feature the request
+does not carry makes its condition *unknown*, and unknown follows SQL's three-valued logic:
+``not`` of unknown is unknown; ``all`` is false if any part is false, else unknown if any part is
+unknown; ``any`` is true if any part is true, else unknown if any part is unknown; ``exists`` is
+never unknown. An arm whose rule ends unknown is not eligible (fail closed), so a channel that
+forgets a feature shows fewer offers, never a wrong one; its reason names the missing feature.
+
+Values compare by type: a number with a number (``5`` and ``5.0`` are equal), a text with a text;
+``true``/``false`` in a rule match the texts "true"/"false" (what channels send for flags).
+A number condition (``lt`` ...) on a text feature is false with a reason that says so.
+
+Rules are checked when a placement is applied (the limits below) and compiled once per spec into
+closures, so a Choose only calls them over a dict of its features; evaluating never raises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_DEPTH = 8  # nesting of all/any/not
+MAX_NODES = 64  # conditions and combinators in one rule
+MAX_LIST = 1000  # values of one in / not_in, parts of one all / any
+MAX_TEXT = 256  # a text value or a feature name
+MAX_NUMBER = 1e12  # what VW and the rest of the spec accept
+
+Scalar = float | str | bool
+Value = float | str  # a request feature's value
+Verdict = bool | None  # None: unknown (a feature it reads is missing)
+Check = Callable[[Mapping[str, Value]], tuple[Verdict, str]]
+
+_OPS = ("eq", "ne", "in", "not_in", "lt", "lte", "gt", "gte")
+_COMBINATORS = ("all", "any", "not")
+_NEGATED = {"eq": "!=", "ne": "=", "in": "not in", "not_in": "in", "lt": ">=", "lte": ">", "gt": "<=", "gte": "<"}
+_MAX_REASON = 300
+
+
+def _shape_error(raw: Any) -> str | None:
+    """Depth and size limits, checked on the raw document before it is parsed (iteratively, so a
+    hostile nesting cannot exhaust the parser's recursion first)."""
+    nodes, stack = 0, [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        nodes += 1
+        if nodes > MAX_NODES:
+            return f"a rule may have at most {MAX_NODES} conditions and combinators"
+        for key in _COMBINATORS:
+            part = node.get(key)
+            if part is None:
+                continue
+            if depth >= MAX_DEPTH:
+                return f"rules may nest all/any/not at most {MAX_DEPTH} deep"
+            parts = part if isinstance(part, list) else [part]
+            if len(parts) > MAX_LIST:
+                return f"{key} may have at most {MAX_LIST} parts"
+            stack.extend((p, depth + 1) for p in parts)
+    return None
+
+
+def _scalar(v: Any, where: str) -> Scalar:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float):
+        x = float(v)
+        if not math.isfinite(x) or abs(x) > MAX_NUMBER:
+            raise ValueError(f"{where}: numbers must be finite and at most {MAX_NUMBER:g} in magnitude")
+        return x
+    if isinstance(v, str):
+        if len(v) > MAX_TEXT:
+            raise ValueError(f"{where}: texts may have at most {MAX_TEXT} characters")
+        return v
+    raise ValueError(f"{where}: must be a number, a text or true/false, got {type(v).__name__}")
+
+
+def _as_value(v: Scalar) -> Value:
+    """A rule's value as request features carry it: flags are the texts "true"/"false"."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v
+
+
+def _show(v: Value) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return v if len(v) <= 40 else v[:37] + "..."
+
+
+def _show_list(vs: tuple[Value, ...]) -> str:
+    shown = ", ".join(_show(v) for v in vs[:5])
+    return f"[{shown}{', ...' if len(vs) > 5 else ''}]"
+
+
+FeatureName = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+
+
+class EligibilityRule(BaseModel):
+    """One node of an eligibility rule: a condition on ``feature``, ``exists``, or a combinator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    feature: FeatureName | None = None
+    eq: Scalar | None = None
+    ne: Scalar | None = None
+    in_: list[Scalar] | None = Field(default=None, alias="in")
+    not_in: list[Scalar] | None = None
+    lt: float | None = None
+    lte: float | None = None
+    gt: float | None = None
+    gte: float | None = None
+    exists: FeatureName | None = None
+    all: list[EligibilityRule] | None = None
+    any: list[EligibilityRule] | None = None
+    not_: EligibilityRule | None = Field(default=None, alias="not")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limits(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            unknown = [k for k in raw if k not in (*_OPS, *_COMBINATORS, "feature", "exists", "in_", "not_")]
+            if unknown:
+                raise ValueError(f"unknown operator {str(unknown[0])[:40]!r}; use one of {', '.join(_OPS)}, exists, all, any, not")
+            for key in ("in", "not_in"):
+                values = raw.get(key)
+                if isinstance(values, list):
+                    if not values or len(values) > MAX_LIST:
+                        raise ValueError(f"{key} must list 1 to {MAX_LIST} values")
+                    for i, v in enumerate(values):
+                        _scalar(v, f"{key}[{i}]")
+            for key in ("eq", "ne"):
+                if key in raw and raw[key] is not None:
+                    _scalar(raw[key], key)
+            for key in ("lt", "lte", "gt", "gte"):
+                v = raw.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                    raise ValueError(f"{key} compares numbers: give a number, got {type(v).__name__}")
+                if v is not None:
+                    _scalar(v, key)
+        return raw
+
+    @model_validator(mode="after")
+    def _one_thing(self) -> EligibilityRule:
+        ops = [k for k in _OPS if self._op(k) is not None]
+        combinators = [k for k in _COMBINATORS if self._part(k) is not None]
+        if self.feature is not None:
+            if len(ops) != 1 or combinators or self.exists is not None:
+                raise ValueError(f"a condition on feature {self.feature!r} needs exactly one of {', '.join(_OPS)}")
+        elif ops:
+            raise ValueError(f"{ops[0]} needs a feature: {{feature: NAME, {ops[0]}: ...}}")
+        elif self.exists is not None:
+            if combinators:
+                raise ValueError("exists stands alone: combine it with all/any/not around it")
+        elif len(combinators) != 1:
+            raise ValueError("a rule is one of: {feature: NAME, OP: VALUE}, {exists: NAME}, {all: [...]}, {any: [...]}, {not: {...}}")
+        for key in ("all", "any"):
+            part = getattr(self, key)
+            if part is not None and not part:
+                raise ValueError(f"{key} needs at least one rule")
+        return self
+
+    def _op(self, name: str) -> Any:
+        return getattr(self, {"in": "in_"}.get(name, name))
+
+    def _part(self, name: str) -> Any:
+        return getattr(self, {"not": "not_"}.get(name, name))
+
+    def features(self) -> Iterator[str]:
+        """Every feature name the rule reads."""
+        if self.feature is not None:
+            yield self.feature
+        if self.exists is not None:
+            yield self.exists
+        for part in (*(self.all or ()), *(self.any or ()), *((self.not_,) if self.not_ else ())):
+            yield from part.features()
+
+    @cached_property
+    def check(self) -> Check:
+        """The rule compiled (once per spec): values by ``namespace.name`` → (verdict, reason when not true)."""
+        return _compile(self)
+
+    def __call__(self, values: Mapping[str, Value]) -> tuple[Verdict, str]:
+        try:
+            verdict, reason = self.check(values)
+        except Exception:
+            return None, "rule: could not be evaluated"
+        return verdict, "" if verdict else ("rule: " + reason)[:_MAX_REASON]
+
+
+def _compile(r: EligibilityRule) -> Check:
+    if r.exists is not None:
+        name = r.exists
+
+        def exists(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+            return (True, "") if name in values else (False, f"{name} missing")
+
+        return exists
+    if r.feature is not None:
+        return _condition(r)
+    if r.not_ is not None:
+        inner = r.not_.check
+        held = f"not ({_describe(r.not_)})"
+
+        def not_(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+            verdict, reason = inner(values)
+            if verdict is None:
+                return None, reason
+            return (not verdict), ("" if verdict is False else held)
+
+        return not_
+    parts = tuple(p.check for p in (r.all or r.any or ()))
+    if r.all is not None:
+
+        def all_(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+            unknown = ""
+            for part in parts:
+                verdict, reason = part(values)
+                if verdict is False:
+                    return False, reason
+                if verdict is None and not unknown:
+                    unknown = reason
+            return (None, unknown) if unknown else (True, "")
+
+        return all_
+
+    def any_(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+        reasons: list[str] = []
+        unknown = False
+        for part in parts:
+            verdict, reason = part(values)
+            if verdict:
+                return True, ""
+            unknown = unknown or verdict is None
+            reasons.append(reason)
+        return (None if unknown else False), " and ".join(reasons)
+
+    return any_
+
+
+def _condition(r: EligibilityRule) -> Check:
+    name = r.feature
+    assert name is not None
+    op = next(k for k in _OPS if r._op(k) is not None)
+    raw = r._op(op)
+    if op in ("in", "not_in"):
+        wanted = tuple(_as_value(v) for v in raw)
+        members = frozenset(wanted)
+        inside = op == "in"
+        failed = f"{name} {_NEGATED[op]} {_show_list(wanted)}"
+
+        def member(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+            have = values.get(name)
+            if have is None:
+                return None, f"{name} missing"
+            return ((have in members) == inside), failed
+
+        return member
+    if op in ("eq", "ne"):
+        want = _as_value(raw)
+        equal = op == "eq"
+        failed = f"{name} {_NEGATED[op]} {_show(want)}"
+
+        def compare(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+            have = values.get(name)
+            if have is None:
+                return None, f"{name} missing"
+            return ((have == want and type(have) is type(want)) == equal), failed
+
+        return compare
+    bound = float(raw)
+    test: Callable[[float], bool] = {
+        "lt": lambda x: x < bound,
+        "lte": lambda x: x <= bound,
+        "gt": lambda x: x > bound,
+        "gte": lambda x: x >= bound,
+    }[op]
+    failed = f"{name} {_NEGATED[op]} {bound:g}"
+
+    def order(values: Mapping[str, Value]) -> tuple[Verdict, str]:
+        have = values.get(name)
+        if have is None:
+            return None, f"{name} missing"
+        if not isinstance(have, float):
+            return False, f"{name} is not a number"
+        return test(have), failed
+
+    return order
+
+
+def _describe(r: EligibilityRule) -> str:
+    """A rule as a short text, for the reason of a ``not`` whose inner rule held."""
+    if r.exists is not None:
+        return f"{r.exists} exists"
+    if r.feature is not None:
+        op = next(k for k in _OPS if r._op(k) is not None)
+        raw = r._op(op)
+        shown = _show_list(tuple(_as_value(v) for v in raw)) if op in ("in", "not_in") else _show(_as_value(raw))
+        symbol = {"eq": "=", "ne": "!=", "in": "in", "not_in": "not in", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}[op]
+        return f"{r.feature} {symbol} {shown}"
+    if r.not_ is not None:
+        return f"not ({_describe(r.not_)})"
+    key: Literal["all", "any"] = "all" if r.all is not None else "any"
+    return f"{key} of {len(r.all or r.any or ())}"
+
+
+def check_shape(raw: Any) -> Any:
+    """Before-validator of an ``eligible`` field: the limits, before the rule is parsed."""
+    problem = _shape_error(raw)
+    if problem:
+        raise ValueError(problem)
+    return raw
