@@ -177,7 +177,7 @@ def _choose(args: argparse.Namespace) -> int:
             else common_pb2.Feature(namespace=ns, name=name, number=val)
         )
     with NextbestClient(args.target) as nb:
-        r = nb.choose(args.placement, feats, customer_id=args.customer, event_id=args.event_id)
+        r = nb.choose(args.placement, feats, customer_id=args.customer, event_id=args.event_id, exclude_arms=args.exclude)
     out: dict[str, object] = {
         "event_id": r.event_id,
         "arm_id": r.arm_id,
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-f", "--feature", action="append", default=[], help="ns.name=text or ns.name:number; repeatable")
     c.add_argument("--customer", default="")
     c.add_argument("--event-id", dest="event_id", default="")
+    c.add_argument(
+        "--exclude", action="append", default=[], metavar="ARM", help="an arm not to offer now (owned, out of stock); repeatable"
+    )
     target(c)
     c.set_defaults(func=_choose)
 
