@@ -33,7 +33,7 @@ NOTHING_EXCLUDED: frozenset[str] = frozenset()
 
 def context_of(features: Sequence[Feature]) -> dict[str, Value]:
     """A request's features by ``namespace.name``, as eligibility rules read them."""
-    return {feature_key(f): f[2] for f in features}
+    return {(f"{ns}.{name}" if ns else name): value for ns, name, value in features}  # feature_key, inlined
 
 
 def ruled_out(spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Value], excluded: frozenset[str]) -> str:
@@ -131,13 +131,13 @@ def eligibility(
     """Indices of the eligible candidates, and the reason for each one that is not.
     ``budgeted=False`` promises that no candidate spends from a budget; ``context`` is the
     request's features for eligibility rules (``context_of``), ``excluded`` the caller's exclusions."""
-    if spec.unconstrained and not excluded and not (budgeted and any(c.accounts for c in candidates)):
-        return list(range(len(candidates))), {}
+    if spec.unconstrained and not (budgeted and any(c.accounts for c in candidates)):
+        if not spec.has_rules and not excluded:
+            return list(range(len(candidates))), {}
+        return _by_rules(spec, candidates, context, excluded)
     ok: list[int] = []
     why: dict[str, str] = {}
-    placement_rule = ""
-    if spec.eligible is not None:  # once per request, not per arm
-        verdict, placement_rule = spec.eligible(context)
+    placement_rule = spec.eligible(context)[1] if spec.eligible is not None else ""  # once per request
     for i, c in enumerate(candidates):
         a = c.spec
         if a.id in excluded:
@@ -157,6 +157,26 @@ def eligibility(
         elif (spec.contact_policies or spec.cooldown) and (
             reason := contact.blocked(spec.contact_policies, spec.cooldown, spec.id, history, a.id, a.campaign, now)
         ):
+            why[a.id] = reason
+        else:
+            ok.append(i)
+    return ok, why
+
+
+def _by_rules(
+    spec: PlacementSpec, candidates: Sequence[Candidate], context: Mapping[str, Value], excluded: frozenset[str]
+) -> tuple[list[int], dict[str, str]]:
+    """``eligibility`` of a placement whose only constraints are rules and exclusions."""
+    ok: list[int] = []
+    why: dict[str, str] = {}
+    placement_rule = spec.eligible(context)[1] if spec.eligible is not None else ""
+    for i, c in enumerate(candidates):
+        a = c.spec
+        if a.id in excluded:
+            why[a.id] = EXCLUDED
+        elif placement_rule:
+            why[a.id] = placement_rule
+        elif a.eligible is not None and (reason := a.eligible(context)[1]):
             why[a.id] = reason
         else:
             ok.append(i)

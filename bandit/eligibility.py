@@ -42,6 +42,7 @@ _OPS = ("eq", "ne", "in", "not_in", "lt", "lte", "gt", "gte")
 _COMBINATORS = ("all", "any", "not")
 _NEGATED = {"eq": "!=", "ne": "=", "in": "not in", "not_in": "in", "lt": ">=", "lte": ">", "gt": "<=", "gte": "<"}
 _MAX_REASON = 300
+_HOLDS: tuple[Verdict, str] = (True, "")
 
 
 def _shape_error(raw: Any) -> str | None:
@@ -191,9 +192,11 @@ class EligibilityRule(BaseModel):
     def __call__(self, values: Mapping[str, Value]) -> tuple[Verdict, str]:
         try:
             verdict, reason = self.check(values)
-        except Exception:
+        except Exception:  # a rule never fails a Choose: it fails closed
             return None, "rule: could not be evaluated"
-        return verdict, "" if verdict else ("rule: " + reason)[:_MAX_REASON]
+        if verdict:
+            return _HOLDS
+        return verdict, ("rule: " + reason)[:_MAX_REASON]
 
 
 def _compile(r: EligibilityRule) -> Check:

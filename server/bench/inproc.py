@@ -110,6 +110,54 @@ async def _with_server(fn: Callable[[Any], Awaitable[dict[str, Any]]]) -> dict[s
             await running.stop(0)
 
 
+def rule(j: int) -> dict[str, Any]:
+    """Arm j's rule: three conditions, different for each arm, that hold for the benchmark's
+    requests, so that every arm stays eligible and the rest of the work is the same."""
+    return {
+        "all": [
+            {"feature": "customer.n0", "gte": -float(j)},
+            {"feature": "device.c1", "in": ["youth", "family", "business", "senior", "student", "premium", f"s{j}"]},
+            {"exists": ("channel.c2", "time.n3")[j % 2]},
+        ]
+    }
+
+
+def rules_cost(arms: int, rounds: int, per_round: int) -> dict[str, Any]:
+    """Per Choose through the servicer (no gRPC): a placement whose every arm carries a
+    3-condition eligibility rule against the same placement without rules, in alternating
+    rounds in one engine; the fastest round of each."""
+    from nextbest.bandit.spec import PlacementSpec
+    from nextbest.rpc.decision import DecisionServicer
+
+    async def run(engine: Any) -> dict[str, Any]:
+        plain = placement("plain", arms)
+        doc = plain.model_dump(by_alias=True, exclude_none=True)
+        doc["id"] = "ruled"
+        for j, a in enumerate(doc["arms"]):
+            a["eligible"] = rule(j)
+        await engine.config.apply([plain, PlacementSpec.model_validate(doc)])
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.metrics)
+        ctx: Any = _NoContext()
+        pools = {pid: choose_pool(pid) for pid in ("plain", "ruled")}
+        times: dict[str, list[float]] = {"plain": [], "ruled": []}
+        k = 0
+        for rnd in range(rounds + 1):  # round 0 warms up
+            for pid in ("plain", "ruled") if rnd % 2 else ("ruled", "plain"):
+                reqs = pools[pid]
+                t0 = time.process_time()
+                for _ in range(per_round):
+                    d = await servicer.Choose(reqs[k % len(reqs)], ctx)
+                    assert d.arm_id, d.reason  # the rule holds: the same work as without it
+                    k += 1
+                await asyncio.wait_for(engine.writer.flush(), 60)
+                if rnd:
+                    times[pid].append((time.process_time() - t0) / per_round)
+        plain_us, ruled_us = 1e6 * min(times["plain"]), 1e6 * min(times["ruled"])
+        return {"arms": arms, "plain_us": plain_us, "ruled_us": ruled_us, "speed_ratio": plain_us / ruled_us}
+
+    return asyncio.run(_with_server(run))
+
+
 def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) -> dict[str, Any]:
     """Per Choose: the servicer's CPU time (decode features, engine, response, and the decision's
     share of the group-committed log write, which runs in the writer thread) and VW's own

@@ -26,7 +26,21 @@ from typing import Any
 from nextbest.bench.load import CHOOSE
 from nextbest.bench.report import TARGET_POINT, Report
 
-PHASES = ("vw", "server_time", "echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "memory", "replay", "overload")
+PHASES = (
+    "vw",
+    "server_time",
+    "rules",
+    "echo",
+    "partial",
+    "choose",
+    "latency",
+    "reward",
+    "postgres",
+    "replicas",
+    "memory",
+    "replay",
+    "overload",
+)
 LOADS = (0.5, 0.8)
 # A single run's p99 at the target's point swings 6-60 ms here from minute to minute (the machine
 # is shared), so that point is run several times and judged on the run with the median p99.
@@ -52,6 +66,8 @@ def run(args: argparse.Namespace) -> Report:
         for a in ph.ARM_COUNTS:
             rep.server_time(inproc.server_time(a, lim.server_rounds, lim.server_per_round, args.profile))
         rep.reward_inproc(inproc.reward_inproc(lim.server_rounds * lim.server_per_round, lim.reward_concurrency, args.profile))
+    if "rules" in phases:
+        rep.rules(inproc.rules_cost(20, lim.server_rounds, lim.server_per_round))
 
     needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "replay", "overload"}
     with ph.temp_dir() as tmp_name:

@@ -120,6 +120,20 @@ class Report:
                 "us",
             )
 
+    def rules(self, r: dict[str, Any]) -> None:
+        a = int(r["arms"])
+        self._phase("rules")[str(a)] = r
+        self.add(f"rules.{a}.plain", f"in-process Choose CPU, {a} arms without rules, fastest round", r["plain_us"], "us")
+        self.add(
+            f"rules.{a}.ruled",
+            f"in-process Choose CPU, {a} arms with a 3-condition rule each",
+            r["ruled_us"],
+            "us",
+            target=">= 0.9 x speed without rules",
+            met=r["speed_ratio"] >= 0.9,
+        )
+        self.add(f"rules.{a}.ratio", f"speed with rules / without, {a} arms", r["speed_ratio"], "x")
+
     def reward_inproc(self, r: dict[str, Any]) -> None:
         self.phases["reward_inproc"] = r
         self.add("reward.inproc", "Reward through the servicer, no gRPC (SQLite)", r["acks_per_s"], "acks/s")

@@ -155,7 +155,7 @@ def test_a_placement_rule_applies_to_every_arm_and_exclusions_come_first() -> No
             "arms": [{"id": "a"}, {"id": "b", "eligible": {"feature": "device.tier", "eq": "5g"}}, {"id": "c"}],
         }
     )
-    assert not spec.unconstrained and spec.has_rules
+    assert spec.unconstrained and spec.has_rules  # rules alone keep the fast path: _by_rules
     cands = [Candidate(ArmView.of(a, 1)) for a in spec.arms]
     ctx = context_of([feature("customer", "plan", "prepaid"), feature("device", "tier", "4g")])
     ok, why = eligibility(spec, cands, [], 0.0, context=ctx, excluded=frozenset({"c"}))
