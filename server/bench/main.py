@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> Report:
             rep.server_time(inproc.server_time(a, lim.server_rounds, lim.server_per_round, args.profile))
         rep.reward_inproc(inproc.reward_inproc(lim.server_rounds * lim.server_per_round, lim.reward_concurrency, args.profile))
     if "rules" in phases:
-        rep.rules(inproc.rules_cost(20, lim.server_rounds, lim.server_per_round))
+        rep.rules(inproc.rules_cost(20, 3 * lim.server_rounds, lim.server_per_round // 2))
 
     needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "replay", "overload"}
     with ph.temp_dir() as tmp_name:

@@ -132,7 +132,7 @@ class Report:
             target=">= 0.9 x speed without rules",
             met=r["speed_ratio"] >= 0.9,
         )
-        self.add(f"rules.{a}.ratio", f"speed with rules / without, {a} arms", r["speed_ratio"], "x")
+        self.add(f"rules.{a}.ratio", f"speed with rules / without, {a} arms, median of paired rounds", r["speed_ratio"], "x")
 
     def reward_inproc(self, r: dict[str, Any]) -> None:
         self.phases["reward_inproc"] = r
