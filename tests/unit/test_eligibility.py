@@ -188,3 +188,12 @@ def test_the_pmf_is_over_the_eligible_arms_only() -> None:
         assert seen == {"a", "c"}
     finally:
         model.close()
+
+
+def test_feature_names_are_data_in_the_generated_code() -> None:
+    """Rules compile to generated Python; a hostile name stays a dict key, never code."""
+    name = "x'); import os; os._exit(3); ('\n\"\\"
+    r = rule({"all": [{"feature": name, "eq": "v"}, {"exists": name + "2"}]})
+    assert r({name: "v", name + "2": "w"}) == (True, "")
+    assert r({name: "w", name + "2": "w"})[0] is False
+    assert r({})[1].startswith("rule: x'); import os")
