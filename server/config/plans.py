@@ -80,7 +80,9 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
             versions = {a.id: 1 for a in spec.arms}
             for a in spec.arms:
                 out.changes.append(
-                    Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True)))
+                    Change(
+                        spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", by_alias=True, exclude={"id"}, exclude_defaults=True))
+                    )
                 )
                 out.new_arm_versions.append((spec.id, a.id, 1, dict(a.features)))
             out.records.append(PlacementRecord(spec, versions, 1, next_seq - 1))
@@ -99,7 +101,9 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
                 versions[a.id] = versions.get(a.id, 0) + 1
                 out.new_arm_versions.append((spec.id, a.id, versions[a.id], dict(a.features)))
                 out.changes.append(
-                    Change(spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", exclude={"id"}, exclude_defaults=True)))
+                    Change(
+                        spec.id, a.id, "CREATE", _diff({}, a.model_dump(mode="json", by_alias=True, exclude={"id"}, exclude_defaults=True))
+                    )
                 )
                 changed = True
             elif prev != a:
@@ -111,7 +115,10 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
                         spec.id,
                         a.id,
                         "UPDATE",
-                        _diff(prev.model_dump(mode="json", exclude={"id"}), a.model_dump(mode="json", exclude={"id"})),
+                        _diff(
+                            prev.model_dump(mode="json", by_alias=True, exclude={"id"}),
+                            a.model_dump(mode="json", by_alias=True, exclude={"id"}),
+                        ),
                     )
                 )
                 changed = True

@@ -197,3 +197,14 @@ def test_feature_names_are_data_in_the_generated_code() -> None:
     assert r({name: "v", name + "2": "w"}) == (True, "")
     assert r({name: "w", name + "2": "w"})[0] is False
     assert r({})[1].startswith("rule: x'); import os")
+
+
+def test_a_rule_change_shows_in_the_plan_as_the_file_writes_it() -> None:
+    from nextbest.config.plans import plan
+    from nextbest.storage.base import PlacementRecord
+
+    before = PlacementSpec.model_validate({"id": "p", "arms": [{"id": "x"}]})
+    after = PlacementSpec.model_validate({"id": "p", "arms": [{"id": "x", "eligible": {"feature": "customer.plan", "in": ["postpaid"]}}]})
+    (change,) = plan({"p": PlacementRecord(before, {"x": 1})}, [after], 1).changes
+    assert (change.arm_id, change.action) == ("x", "UPDATE")
+    assert change.details == ("eligible.feature: None -> 'customer.plan'", "eligible.in: None -> ['postpaid']")
