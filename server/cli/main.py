@@ -130,6 +130,12 @@ def _stats(args: argparse.Namespace) -> int:
             f"{a.arm_id:<24}{a.impressions:>12}{a.rewards:>10}{a.reward_sum:>12.2f}{mean:>8.3f}"
             f"{a.default_rewards:>9}{a.late_rewards:>6}  {'yes' if a.active else 'no'}"
         )
+    if any(a.ineligible for a in s.arms):  # "why does this offer never show?"
+        print(f"\n{'not eligible':<24}{'decisions':>10}  most frequent reasons")
+        for a in s.arms:
+            if a.ineligible:
+                reasons = "; ".join(f"{r.reason} ({r.decisions})" for r in a.ineligible_reasons[:3])
+                print(f"{a.arm_id:<24}{a.ineligible:>10}  {reasons}")
     if len(s.variants) > 1 or (s.variants and s.variants[0].variant):
         print(f"\n{'variant':<16}{'decisions':>10}{'rewards':>9}{'closed':>8}{'mean reward':>13}")
         for v in s.variants:

@@ -72,3 +72,6 @@ class Stats:
     no_offer: int = 0
     variants: list[VariantTally] = field(default_factory=list)
     models: list[ModelView] = field(default_factory=list)
+    # Why arms were left out: per arm, the decisions that found it ineligible, by reason, most
+    # frequent first ("why does X never show").
+    ineligible: dict[str, list[tuple[str, int]]] = field(default_factory=dict)

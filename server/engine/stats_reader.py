@@ -56,4 +56,7 @@ class StatsReader:
                     seen.add((acc.key, acc.period))
                     budgets.append(BudgetView.of(acc, now))
         models = [ModelView.of(s) for s in ps.slots.values()]
-        return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models)
+        ineligible: dict[str, list[tuple[str, int]]] = {}
+        for t in await loop.run_in_executor(self._reader_pool, self._store.tally_ineligible, pid):
+            ineligible.setdefault(t.arm_id, []).append((t.reason, t.decisions))
+        return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models, ineligible)

@@ -82,7 +82,9 @@ def plot_reward_over_time(data: LogData, bucket: Bucket, binary: bool) -> str:
 
 def plot_arm_share(data: LogData, bucket: Bucket) -> str:
     plt = _plt()
-    rows = group(data.cols, by_variant=False, bucket=bucket)
+    rows = [g for g in group(data.cols, by_variant=False, bucket=bucket) if g.impressions]
+    if not rows:  # every decision served no arm (nothing eligible): nothing to stack
+        return '<p class="note">No decision of this placement served an arm.</p>'
     starts = sorted({g.bucket or 0.0 for g in rows})
     arms = sorted({g.arm or "" for g in rows})
     counts = np.zeros((len(arms), len(starts)))
@@ -248,6 +250,13 @@ def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
     parts += ["<h2>Reward over time</h2>", plot_reward_over_time(data, bucket, summary.binary)]
     parts += ["<h2>Arms</h2>", plot_arm_share(data, bucket)]
     parts.append(_table(["variant", "arm", *head[1:]], _stats_rows(summary.arms, True), left=2))
+    if data.ineligible:  # "why does this offer never show?"
+        parts.append("<h2>Why arms were not eligible</h2>")
+        rows = []
+        for arm, reasons in sorted(data.ineligible.items(), key=lambda kv: -sum(kv[1].values())):
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            rows.append([arm, "; ".join(f"{r} ({n})" for r, n in top), sum(reasons.values())])
+        parts.append(_table(["arm", "most frequent reasons", "decisions"], rows, left=2))
     parts += ["<h2>Learning curve</h2>", plot_learning_curve(data)]
     parts.append("<h2>Budgets</h2>")
     burn = budget_burn(data)

@@ -36,6 +36,8 @@ class LogData:
     rewarded_at: np.ndarray[Any, np.dtype[np.float64]]  # nan while open
     budgets: list[list[tuple[str, str]]]  # per decision: the (key, period) accounts it spent from
     budget_specs: dict[str, BudgetSpec] = field(default_factory=dict)  # budget key -> its spec, when known
+    # arm -> reason -> decisions that left the arm out for it (read with the budgets, for the report)
+    ineligible: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def has_column(conn: Connection, table: str, name: str) -> bool:
@@ -103,6 +105,7 @@ def read_log(
         ]
         if with_budgets:
             cols.append(cast(d.budgets, Text))
+            cols.append(cast(d.ineligible, Text))
         if activated:
             cols.append(column("activated"))
         if variant:
@@ -136,9 +139,14 @@ def read_log(
         as_of=_as_of(c[4], c[8]) if as_of is None else as_of,
     )
     budgets: list[list[tuple[str, str]]] = []
+    ineligible: dict[str, dict[str, int]] = {}
     if with_budgets:
         budgets = [[(k, p) for k, p in (b or [])] for b in (json.loads(x) if x else None for x in c[10])]
-    return LogData(placement, log, floats(c[8]), budgets, specs)
+        for x in c[11]:
+            for arm, reason in json.loads(x) if x else ():
+                by_reason = ineligible.setdefault(arm, {})
+                by_reason[reason] = by_reason.get(reason, 0) + 1
+    return LogData(placement, log, floats(c[8]), budgets, specs, ineligible)
 
 
 def placement_stats(

@@ -448,6 +448,9 @@ def change(c: admin_pb2.ConfigChange) -> Change:
     return Change(c.placement, c.arm_id, _ACTION_NAMES.get(c.action, "UNSPECIFIED"), tuple(c.details), c.campaign)
 
 
+TOP_REASONS = 5  # reasons per arm in GetStats, most frequent first
+
+
 def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
     return admin_pb2.GetStatsResponse(
         placement=s.placement,
@@ -461,6 +464,10 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 late_rewards=t.late_rewards,
                 active=active,
                 spend=t.spend,
+                ineligible=sum(n for _, n in s.ineligible.get(t.arm_id, ())),
+                ineligible_reasons=[
+                    admin_pb2.IneligibleReason(reason=r, decisions=n) for r, n in s.ineligible.get(t.arm_id, ())[:TOP_REASONS]
+                ],
             )
             for t, active in s.arms
         ],

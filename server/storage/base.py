@@ -99,6 +99,15 @@ class ArmTally:
     spend: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class IneligibleTally:
+    """How many decisions of a placement left an arm out for one reason ("why does X never show")."""
+
+    arm_id: str
+    reason: str
+    decisions: int
+
+
 @dataclass(slots=True)
 class VariantTally:
     """Counts of one experiment variant's decisions."""
@@ -380,6 +389,13 @@ class Store(Protocol):
     def tally_variants(self, placement: str) -> list[VariantTally]:
         """MUST return per-variant counts of the placement, by variant name
         (test_variants_are_logged_and_tallied). Raises Unavailable."""
+        ...
+
+    def tally_ineligible(self, placement: str) -> list[IneligibleTally]:
+        """MUST return, per arm and reason, how many of the placement's logged decisions (every
+        slot's) recorded the arm as ineligible for that reason, most frequent first, from the
+        database (the same on every server) (test_ineligible_arms_are_tallied_by_reason).
+        Raises Unavailable."""
         ...
 
     def learn_backlog(self, cursors: dict[str, int]) -> tuple[int, dict[str, int]]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, select, text
 
 from nextbest.bandit.decision_log import Outcome
 from nextbest.storage import tables as t
-from nextbest.storage.base import ArmTally, VariantTally
+from nextbest.storage.base import ArmTally, IneligibleTally, VariantTally
 from nextbest.storage.sqlcore import SqlBase
 
 
@@ -113,3 +113,22 @@ class StatsQueries(SqlBase):
                 ahead = select(func.count()).where(d.learn_seq > cursor, d.placement_id == pid)
                 out[pid] = int(c.execute(waiting).scalar_one()) + int(c.execute(ahead).scalar_one())
         return int(top), out
+
+    def tally_ineligible(self, placement: str) -> list[IneligibleTally]:
+        """The ``ineligible`` column ([[arm, reason], ...]) unnested by the database itself:
+        json_each on SQLite, json_array_elements on PostgreSQL; one pass over the placement's
+        decisions, like ``tally``."""
+        if self.engine.dialect.name == "postgresql":
+            sql = (
+                "SELECT e->>0 AS arm, e->>1 AS reason, count(*) AS n FROM decisions, json_array_elements(decisions.ineligible) AS e"
+                " WHERE decisions.placement_id = :p GROUP BY 1, 2 ORDER BY n DESC, arm, reason"
+            )
+        else:
+            sql = (
+                "SELECT json_extract(e.value, '$[0]') AS arm, json_extract(e.value, '$[1]') AS reason, count(*) AS n"
+                " FROM decisions, json_each(decisions.ineligible) AS e WHERE decisions.placement_id = :p"
+                " GROUP BY 1, 2 ORDER BY n DESC, arm, reason"
+            )
+        with self._connect() as c:
+            rows = c.execute(text(sql), {"p": placement}).all()
+        return [IneligibleTally(str(r.arm), str(r.reason), int(r.n)) for r in rows]

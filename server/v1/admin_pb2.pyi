@@ -1472,6 +1472,8 @@ class ArmStats(_message.Message):
     LATE_REWARDS_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
     SPEND_FIELD_NUMBER: _builtins.int
+    INELIGIBLE_FIELD_NUMBER: _builtins.int
+    INELIGIBLE_REASONS_FIELD_NUMBER: _builtins.int
     arm_id: _builtins.str
     """Arm id."""
     impressions: _builtins.int
@@ -1488,6 +1490,12 @@ class ArmStats(_message.Message):
     """Whether the arm can be chosen now."""
     spend: _builtins.float
     """Budget units spent on the arm: impression costs plus reward costs of positive rewards."""
+    ineligible: _builtins.int
+    """Decisions that found this arm ineligible (all reasons), and the most frequent reasons, so
+    that "why does this offer never show?" answers itself.
+    """
+    @_builtins.property
+    def ineligible_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___IneligibleReason]: ...
     def __init__(
         self,
         *,
@@ -1499,14 +1507,41 @@ class ArmStats(_message.Message):
         late_rewards: _builtins.int = ...,
         active: _builtins.bool = ...,
         spend: _builtins.float = ...,
+        ineligible: _builtins.int = ...,
+        ineligible_reasons: _abc.Iterable[Global___IneligibleReason] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "arm_id", b"arm_id", "default_rewards", b"default_rewards", "impressions", b"impressions", "late_rewards", b"late_rewards", "reward_sum", b"reward_sum", "rewards", b"rewards", "spend", b"spend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "arm_id", b"arm_id", "default_rewards", b"default_rewards", "impressions", b"impressions", "ineligible", b"ineligible", "ineligible_reasons", b"ineligible_reasons", "late_rewards", b"late_rewards", "reward_sum", b"reward_sum", "rewards", b"rewards", "spend", b"spend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArmStats: _TypeAlias = ArmStats  # noqa: Y015
+
+@_typing.final
+class IneligibleReason(_message.Message):
+    """IneligibleReason counts the decisions that left an arm out for one reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """E.g. "rule: customer.plan not in [postpaid]", "excluded by caller", "budget exhausted"."""
+    decisions: _builtins.int
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        decisions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IneligibleReason: _TypeAlias = IneligibleReason  # noqa: Y015
 
 @_typing.final
 class BudgetStats(_message.Message):

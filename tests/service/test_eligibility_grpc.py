@@ -213,3 +213,45 @@ def test_rules_round_trip_through_grpc_and_a_restart(tmp_path: Any) -> None:
             assert c.choose("p", {"device": {"tier": "5g"}}).arm_id == ""  # the placement's rule: plan missing
     finally:
         s.stop()
+
+
+def test_stats_answer_why_an_offer_never_shows(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    from nextbest.cli.main import main as cli_main
+
+    with server.client() as c:
+        c.apply([placement()])
+        for _ in range(10):
+            c.choose("p", {"customer": {"plan": "prepaid", "arpu": 30.0}, "device": {"tier": "5g"}})
+        for _ in range(5):
+            c.choose("p", {"device": {"tier": "4g"}}, exclude_arms=["data_1gb"])
+        arms = {a.arm_id: a for a in c.stats("p").arms}
+    upgrade = arms["postpaid_upgrade"]
+    assert upgrade.ineligible == 15
+    assert [(r.reason, r.decisions) for r in upgrade.ineligible_reasons] == [
+        ("rule: customer.plan not in [postpaid]", 10),
+        ("rule: customer.plan missing", 5),
+    ]
+    assert [(r.reason, r.decisions) for r in arms["data_1gb"].ineligible_reasons] == [("excluded by caller", 5)]
+    assert arms["bundle_5g"].ineligible == 5 and arms["loyalty_reward"].ineligible == 5  # 4g; arpu and tenure missing
+    assert cli_main(["stats", "p", "--target", server.target]) == 0
+    out = capsys.readouterr().out
+    assert "postpaid_upgrade                15  rule: customer.plan not in [postpaid] (10); rule: customer.plan missing (5)" in out
+
+
+def test_the_report_shows_why_arms_were_not_eligible(tmp_path: Any) -> None:
+    from nextbest.offline.report import build_report
+
+    url = f"sqlite:///{tmp_path}/nb.db"
+    s = ServerThread(make_settings(url))
+    try:
+        with s.client() as c:
+            c.apply([placement()])
+            for _ in range(4):
+                c.choose("p", {"customer": {"plan": "prepaid"}}, exclude_arms=["data_1gb"])
+        s.call(s.engine.writer.flush())
+        page = build_report(url, "p")
+    finally:
+        s.stop()
+    assert "<h2>Why arms were not eligible</h2>" in page
+    assert "<td class=t>data_1gb</td><td class=t>excluded by caller (4)</td><td>4</td>" in page
+    assert "rule: customer.plan not in [postpaid] (4)" in page

@@ -157,6 +157,26 @@ def test_variants_are_logged_and_tallied(store: SqlStore) -> None:
     assert [r.event_id for r in store.learn_rows("app_home_banner", "A", 0, 10)] == ["e1"]  # of variant A, closed
 
 
+def test_ineligible_arms_are_tallied_by_reason(store: SqlStore) -> None:
+    from dataclasses import replace
+
+    rule = "rule: customer.plan not in [postpaid]"
+    store.write(
+        [
+            replace(decision("e1"), ineligible=(("upgrade", rule), ("roaming", "excluded by caller"))),
+            replace(decision("e2"), ineligible=(("upgrade", rule),)),
+            replace(decision("e3"), ineligible=(("upgrade", "rule: customer.plan missing"),)),
+            replace(decision("e3"), slot=1, ineligible=(("upgrade", rule),)),  # every slot's decision counts
+            decision("e4"),  # nothing left out
+            replace(decision("other"), placement="elsewhere", ineligible=(("upgrade", rule),)),
+        ],
+        [],
+    )
+    got = [(t.arm_id, t.reason, t.decisions) for t in store.tally_ineligible("app_home_banner")]
+    assert got == [("upgrade", rule, 3), ("roaming", "excluded by caller", 1), ("upgrade", "rule: customer.plan missing", 1)]
+    assert store.tally_ineligible("nowhere") == []
+
+
 def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
     from dataclasses import replace
 
