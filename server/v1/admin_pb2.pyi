@@ -1491,11 +1491,11 @@ class ArmStats(_message.Message):
     spend: _builtins.float
     """Budget units spent on the arm: impression costs plus reward costs of positive rewards."""
     ineligible: _builtins.int
-    """Decisions that found this arm ineligible (all reasons), and the most frequent reasons, so
-    that "why does this offer never show?" answers itself.
-    """
+    """Decisions that found this arm ineligible, for any reason: "why does this offer never show?" """
     @_builtins.property
-    def ineligible_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___IneligibleReason]: ...
+    def ineligible_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___IneligibleReason]:
+        """The most frequent reasons among them (at most five), most frequent first."""
+
     def __init__(
         self,
         *,
@@ -1529,6 +1529,7 @@ class IneligibleReason(_message.Message):
     reason: _builtins.str
     """E.g. "rule: customer.plan not in [postpaid]", "excluded by caller", "budget exhausted"."""
     decisions: _builtins.int
+    """How many of the placement's logged decisions (every slot's) gave this reason."""
     def __init__(
         self,
         *,

@@ -98,7 +98,9 @@ def test_deferred_decisions_count_only_when_activated(db_url: str) -> None:
 )
 def test_reward_aggregation(db_url: str, how: str, statuses: list[str], learned: float) -> None:
     clock = FakeClock()
-    with running_server(db_url, clock=clock) as s, s.client() as c:
+    # The test sweeps itself: a background sweep between advancing the clock and the late reward
+    # would close the window first (then the reward finds it closed: "duplicate").
+    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
         c.apply([envs.placement(reward_aggregation=how, reward_window=100)])
         d = c.choose("app_home_banner", {"segment": "youth"})
         got = []
