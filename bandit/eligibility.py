@@ -21,7 +21,7 @@ closures, so a Choose only calls them over a dict of its features; evaluating ne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
@@ -43,6 +43,7 @@ _COMBINATORS = ("all", "any", "not")
 _NEGATED = {"eq": "!=", "ne": "=", "in": "not in", "not_in": "in", "lt": ">=", "lte": ">", "gt": "<=", "gte": "<"}
 _MAX_REASON = 300
 _HOLDS: tuple[Verdict, str] = (True, "")
+_UNEVALUATED = "rule: could not be evaluated"
 
 
 def _shape_error(raw: Any) -> str | None:
@@ -175,15 +176,6 @@ class EligibilityRule(BaseModel):
     def _part(self, name: str) -> Any:
         return getattr(self, {"not": "not_"}.get(name, name))
 
-    def features(self) -> Iterator[str]:
-        """Every feature name the rule reads."""
-        if self.feature is not None:
-            yield self.feature
-        if self.exists is not None:
-            yield self.exists
-        for part in (*(self.all or ()), *(self.any or ()), *((self.not_,) if self.not_ else ())):
-            yield from part.features()
-
     @cached_property
     def check(self) -> Check:
         """The rule compiled (once per spec): values by ``namespace.name`` → (verdict, reason when not true)."""
@@ -193,21 +185,27 @@ class EligibilityRule(BaseModel):
         try:
             verdict, reason = self.check(values)
         except Exception:  # a rule never fails a Choose: it fails closed
-            return None, "rule: could not be evaluated"
+            return None, _UNEVALUATED
         if verdict:
             return _HOLDS
         return verdict, because(reason)
 
 
+def reason_against(rule: EligibilityRule | None, values: Mapping[str, Value]) -> str:
+    """Why ``rule`` keeps an arm from this request (the logged reason); "" when it holds or
+    there is none. Never raises: a rule that cannot be evaluated fails closed. The decider's
+    per-arm loops call this rather than ``__call__``, whose verdict they do not need."""
+    if rule is None:
+        return ""
+    try:
+        verdict, reason = rule.check(values)
+    except Exception:  # a rule never fails a Choose: it fails closed
+        return _UNEVALUATED
+    return "" if verdict else because(reason)
+
+
 def _compile(r: EligibilityRule) -> Check:
-    if r.exists is not None:
-        name = r.exists
-
-        def exists(values: Mapping[str, Value]) -> tuple[Verdict, str]:
-            return (True, "") if name in values else (False, f"{name} missing")
-
-        return exists
-    if r.feature is not None:
+    if r.feature is not None or r.exists is not None:  # one condition: all of one
         return _all_of_conditions((_leaf(r),))
     if r.not_ is not None:
         inner = r.not_.check

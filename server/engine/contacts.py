@@ -36,11 +36,6 @@ class Contacts:
         self.shared = shared
         self.history = ContactHistory(0.0)
 
-    @property
-    def tracked(self) -> bool:
-        """Some placement's rules read contact history: impressions are counted."""
-        return self.history.horizon > 0
-
     def impression(self, r: RecentImpression) -> Impression:
         """A stored impression as contact rules read it (responded: None while its window is open)."""
         ps = self._states.get(r.placement)

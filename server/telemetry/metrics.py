@@ -90,7 +90,7 @@ class Metrics:
                 registry=r,
             )
         )
-        self._collector = _EngineCollector(self)
+        self._collector = _EngineCollector()
         r.register(self._collector)
         self._http: Any = None
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -153,8 +153,7 @@ class Metrics:
 class _EngineCollector:
     """Gauges of engine state, read on the event loop when Prometheus scrapes."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+    def __init__(self) -> None:
         self.read: Callable[[], EngineReading] | None = None
         self.backlog: Callable[[dict[str, int]], tuple[int, dict[str, int]]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
