@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from nextbest.bandit import contact, exploration
 from nextbest.bandit.budget import Account, Ledger
+from nextbest.bandit.decision_log import Explanation
 from nextbest.bandit.eligibility import Value, reason_against
 from nextbest.bandit.features import Feature, arm_line, feature_key
 from nextbest.bandit.model import CbModel
@@ -95,6 +96,16 @@ class Choice:
     ineligible: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     fallback: bool = False
+    explanation: Explanation | None = None  # how the pmf came about, for the log (Explain)
+
+
+def exploration_parameter(spec: ExplorationSpec, learned: int) -> float:
+    """Epsilon, softmax's lambda or SquareCB's gamma at ``learned`` examples."""
+    if spec.algorithm == "epsilon":
+        return spec.epsilon
+    if spec.algorithm == "softmax":
+        return spec.lam
+    return exploration.squarecb_gamma(spec.gamma_scale, spec.gamma_exponent, learned)
 
 
 def explore(values: NDArray[np.float64], spec: ExplorationSpec, learned: int, reward_scale: float = 1.0) -> NDArray[np.float64]:
@@ -105,13 +116,13 @@ def explore(values: NDArray[np.float64], spec: ExplorationSpec, learned: int, re
     magnitudes, at least 1: bandit/reward_scale.py) so that revenue or margin rewards explore
     like acceptance rewards do.
     """
+    parameter = exploration_parameter(spec, learned)
     if spec.algorithm == "epsilon":
-        return exploration.epsilon_greedy(values, spec.epsilon)
+        return exploration.epsilon_greedy(values, parameter)
     values = values / max(reward_scale, 1.0)
     if spec.algorithm == "softmax":
-        return exploration.softmax(values, spec.lam)
-    gamma = exploration.squarecb_gamma(spec.gamma_scale, spec.gamma_exponent, learned)
-    return exploration.squarecb(values, gamma)
+        return exploration.softmax(values, parameter)
+    return exploration.squarecb(values, parameter)
 
 
 def eligibility(
@@ -178,12 +189,16 @@ def _by_rules(
     return ok, why
 
 
+_FALLBACK = Explanation("fallback")
+_HOLDOUT = {p: Explanation(f"holdout: {p}") for p in ("uniform", "fixed", "rules")}
+
+
 def _nothing(spec: PlacementSpec, candidates: Sequence[Candidate], why: dict[str, str], reason: str = "") -> Choice:
     """Nothing could be chosen: serve the fallback arm with certainty, or no arm with a reason."""
     reason = reason or ("no eligible arm" if candidates else "no active arm")
     fb = next((i for i, c in enumerate(candidates) if c.arm.id == spec.fallback_arm), None)
     if fb is not None:
-        return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True)
+        return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True, explanation=_FALLBACK)
     return Choice(None, 0.0, (), (), why, reason=reason)
 
 
@@ -220,7 +235,7 @@ def serve_holdout(
     if holdout.policy == "uniform":
         pmf = np.full(len(ok), 1.0 / len(ok))
         i = exploration.draw(pmf, uniform())
-        return Choice(i, float(pmf[i]), tuple(float(p) for p in pmf), tuple(ok), why)
+        return Choice(i, float(pmf[i]), tuple(float(p) for p in pmf), tuple(ok), why, explanation=_HOLDOUT["uniform"])
     target = holdout.arm
     for rule in holdout.rules:
         if _matches(rule.when, features):
@@ -231,7 +246,7 @@ def serve_holdout(
         return _nothing(spec, candidates, why, reason=f"holdout arm {target} not eligible" if target else "no rule matched")
     j = ids.index(target)
     pmf_t = tuple(1.0 if k == j else 0.0 for k in range(len(ok)))
-    return Choice(j, 1.0, pmf_t, tuple(ok), why)
+    return Choice(j, 1.0, pmf_t, tuple(ok), why, explanation=_HOLDOUT[holdout.policy])
 
 
 def decide(
@@ -258,10 +273,13 @@ def decide(
     # every value is finite; one sum costs a third of isfinite + all on 20 arms, measured.)
     if not math.isfinite(float(values.sum())):
         values = np.where(np.isfinite(values), values, 0.0)
+    expected = tuple(values.tolist())  # recorded for Explain; a 20-arm tolist is about a microsecond
     prices = np.zeros(len(eligible))
     budgeted = budgeted and any(c.accounts for c in eligible)
     raw = values.copy() if budgeted else values
-    for j, c in enumerate(eligible if budgeted or not spec.unconstrained else ()):
+    adjusted = budgeted or not spec.unconstrained
+    penalties = np.zeros(len(eligible)) if adjusted and spec.fatigue is not None else None
+    for j, c in enumerate(eligible if adjusted else ()):
         a = c.spec
         values[j] += a.business_value
         if c.accounts:
@@ -274,12 +292,23 @@ def decide(
             if spec.fatigue.kind == "scale":  # lowers the value whatever its sign
                 pen = abs(values[j]) * -math.expm1(-pen)
             values[j] -= pen
+            assert penalties is not None
+            penalties[j] = pen
     paced = budgeted and bool(np.any(prices > 0))
     if paced:
         values = np.append(values - prices, 0.0)  # "no offer": what a priced-out budget buys instead
     pmf = explore(values, spec.exploration, model.learned, reward_scale)
     i = exploration.draw(pmf, uniform())
     pmf_t = tuple(pmf.tolist())
+    explanation = Explanation(
+        spec.exploration.algorithm,
+        exploration_parameter(spec.exploration, model.learned),
+        max(reward_scale, 1.0),
+        expected,
+        tuple(c.spec.business_value for c in eligible) if adjusted and any(c.spec.business_value for c in eligible) else (),
+        tuple(prices.tolist()) if paced else (),
+        tuple(penalties.tolist()) if penalties is not None and penalties.any() else (),
+    )
     if paced and i == len(eligible):
-        return Choice(None, pmf_t[i], pmf_t, tuple(ok), why, reason=NO_OFFER)
-    return Choice(i, pmf_t[i], pmf_t, tuple(ok), why)
+        return Choice(None, pmf_t[i], pmf_t, tuple(ok), why, reason=NO_OFFER, explanation=explanation)
+    return Choice(i, pmf_t[i], pmf_t, tuple(ok), why, explanation=explanation)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nextbest.bandit.features import Feature
 
@@ -16,6 +18,70 @@ class Outcome(enum.IntEnum):
     DEFAULT = 2  # no reward within the window: the placement's default reward
     NO_ARM = 3  # nothing was eligible; nothing to learn
     NOT_ACTIVATED = 4  # a deferred decision never activated: never shown, never learned
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """How a decision's probabilities came about, recorded when it was made: "why this offer"
+    then reads what was true at decision time, not what today's model would say.
+
+    The per-arm tuples follow the decision's eligible arms in scoring order; a part that was
+    zero for every arm is stored as ``()``. ``policy`` names what made the pmf: an exploration
+    algorithm over ``values()`` ("epsilon", "softmax", "squarecb", whose ``parameter`` is
+    epsilon, lambda or gamma), or a policy without scores ("holdout: uniform", "holdout: rule",
+    "baseline", "fallback"), whose tuples are empty. Softmax and SquareCB divide the values by
+    ``reward_scale`` (bandit/reward_scale.py); epsilon-greedy ignores it.
+    """
+
+    policy: str
+    parameter: float = 0.0
+    reward_scale: float = 1.0
+    expected_reward: tuple[float, ...] = ()  # the model's (VW's) estimate
+    business_value: tuple[float, ...] = ()
+    pacing_cost: tuple[float, ...] = ()  # the budgets' pacing price x the arm's expected cost
+    fatigue_penalty: tuple[float, ...] = ()
+
+    @property
+    def scored(self) -> bool:
+        """The policy explored over model scores (values are recorded)."""
+        return bool(self.expected_reward)
+
+    def part(self, values: tuple[float, ...], j: int) -> float:
+        return values[j] if values else 0.0
+
+    def value(self, j: int) -> float:
+        """The adjusted value of eligible arm ``j`` that exploration saw, computed in the
+        decider's own order, so it is bit for bit the figure explored over."""
+        v = self.expected_reward[j] + self.part(self.business_value, j)
+        return (v - self.part(self.fatigue_penalty, j)) - self.part(self.pacing_cost, j)
+
+    def values(self) -> tuple[float, ...]:
+        return tuple(self.value(j) for j in range(len(self.expected_reward)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The compact form stored in the log (omits what is zero)."""
+        out: dict[str, Any] = {"policy": self.policy}
+        if self.scored:
+            out.update(parameter=self.parameter, reward_scale=self.reward_scale, expected_reward=self.expected_reward)
+        for name in ("business_value", "pacing_cost", "fatigue_penalty"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Explanation:
+        def floats(name: str) -> tuple[float, ...]:
+            return tuple(float(x) for x in raw.get(name) or ())
+
+        return cls(
+            str(raw.get("policy", "")),
+            float(raw.get("parameter", 0.0)),
+            float(raw.get("reward_scale", 1.0)),
+            floats("expected_reward"),
+            floats("business_value"),
+            floats("pacing_cost"),
+            floats("fatigue_penalty"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +106,11 @@ class LoggedDecision:
     reward_cost: float = 0.0  # reserved; spent if the reward is positive
     budgets: tuple[tuple[str, str], ...] = ()  # (budget key, period) of every account spent from
     ineligible: tuple[tuple[str, str], ...] = ()  # (arm id, reason) of arms that could not be chosen
-    reason: str = ""  # why no arm, or why the fallback, was served (not stored)
+    reason: str = ""  # why no arm, or why the fallback, was served
     variant: str = ""  # the experiment variant that served ("holdout" for the control group)
     slot: int = 0  # position in a multi-slot response; each slot is its own decision
     activated: bool = True  # False while a deferred decision waits for Activate
+    explanation: Explanation | None = None  # how the pmf came about (None: not recorded, older logs)
 
     @property
     def arm_id(self) -> str | None:

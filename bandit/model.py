@@ -82,7 +82,7 @@ class CbModel:
             scores = ex[0].get_action_scores()
         finally:
             pylibvw.vw._finish_example_multi_ex(ws, ex)
-        return -np.asarray(scores, dtype=np.float64)
+        return 0.0 - np.asarray(scores, dtype=np.float64)  # not -x: a cost of 0 is a reward of 0.0, not -0.0
 
     def learn(self, shared: str, arms: Sequence[str], chosen: int, reward: float, probability: float) -> None:
         """Learn one logged decision: context, arm set, chosen arm, its probability, cost = -reward."""

@@ -1,0 +1,71 @@
+"""Why this offer: a logged decision read out arm by arm.
+
+Everything comes from the decision as logged: the eligible arms with the parts of their values
+and their probabilities (``Explanation``, recorded at decision time), and the reason each other
+arm could not be chosen. Nothing is recomputed with the model as it is today.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nextbest.bandit.decision_log import LoggedDecision
+
+
+@dataclass(frozen=True, slots=True)
+class ArmPart:
+    """One arm's part in a decision; the numbers are 0 for an arm that was not scored."""
+
+    arm_id: str
+    eligible: bool
+    reason: str = ""
+    expected_reward: float = 0.0
+    business_value: float = 0.0
+    pacing_cost: float = 0.0
+    fatigue_penalty: float = 0.0
+    value: float = 0.0
+    probability: float = 0.0
+
+
+def arm_parts(decision: LoggedDecision, earlier_slots: Mapping[str, int] | None = None) -> list[ArmPart]:
+    """Every arm the decision knew of: the eligible ones in scoring order, then the ineligible
+    ones with their logged reasons, then (``earlier_slots``: arm id -> slot) the arms an earlier
+    slot of the same Choose had already taken, which this slot could not repeat."""
+    e = decision.explanation
+    scored = e is not None and e.scored and len(e.expected_reward) == len(decision.arms)
+    out: list[ArmPart] = []
+    for j, (arm, _version) in enumerate(decision.arms):
+        p = decision.pmf[j] if j < len(decision.pmf) else 0.0
+        if scored:
+            assert e is not None
+            out.append(
+                ArmPart(
+                    arm,
+                    True,
+                    "",
+                    e.expected_reward[j],
+                    e.part(e.business_value, j),
+                    e.part(e.pacing_cost, j),
+                    e.part(e.fatigue_penalty, j),
+                    e.value(j),
+                    p,
+                )
+            )
+        else:
+            out.append(ArmPart(arm, True, probability=p))
+    known = {a.arm_id for a in out}
+    for arm, why in decision.ineligible:
+        if arm not in known:
+            out.append(ArmPart(arm, False, why))
+            known.add(arm)
+    for arm, slot in (earlier_slots or {}).items():
+        if arm not in known:
+            out.append(ArmPart(arm, False, f"shown in slot {slot} of the same response"))
+            known.add(arm)
+    return out
+
+
+def no_offer_probability(decision: LoggedDecision) -> float:
+    """The probability pacing gave to making no offer (its last pmf entry), else 0."""
+    return decision.pmf[-1] if len(decision.pmf) == len(decision.arms) + 1 else 0.0
