@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.errors import Unavailable
 from nextbest.storage.base import features_of
 
@@ -81,6 +81,7 @@ _DECISION_COLUMNS = (
     "slot",
     "activated",
     "owner",
+    "explain",
 )
 
 
@@ -122,7 +123,19 @@ def decision_params(d: LoggedDecision, owner: str | None) -> tuple[Any, ...]:
         d.slot,
         d.activated,
         owner,
+        _explain(d),
     )
+
+
+def _explain(d: LoggedDecision) -> str | None:
+    """The ``explain`` column: the explanation, and the reason when no arm or the fallback was
+    served (which the rest of the row does not say)."""
+    if d.explanation is None and not d.reason:
+        return None
+    out = d.explanation.to_json() if d.explanation is not None else {}
+    if d.reason:
+        out["reason"] = d.reason
+    return _json(out)
 
 
 def decision_from_row(r: Any) -> LoggedDecision:
@@ -148,4 +161,6 @@ def decision_from_row(r: Any) -> LoggedDecision:
         variant=r.variant,
         slot=r.slot,
         activated=bool(r.activated),
+        reason=(r.explain or {}).get("reason", ""),
+        explanation=Explanation.from_json(r.explain) if r.explain and r.explain.get("policy") else None,
     )

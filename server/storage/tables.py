@@ -76,6 +76,8 @@ decisions = Table(
     Column("activated", Boolean, nullable=False, server_default="1"),
     # The server holding the decision's open window in memory (servers.id); NULL: none known.
     Column("owner", String(32)),
+    # How the pmf came about (bandit.decision_log.Explanation.to_json); NULL before 0005.
+    Column("explain", JSON),
     Index("ix_decisions_learn", "placement_id", "variant", "learn_seq"),
     Index("ix_decisions_unclaimed", "placement_id", "outcome", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),

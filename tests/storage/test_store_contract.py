@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.features import feature
 from nextbest.config.plans import plan
 from nextbest.storage.base import Activation, Close, RewardEvent, Snapshot
@@ -48,6 +48,23 @@ def decision(event_id: str, chosen: int | None = 0, t: float = 100.0) -> LoggedD
         deadline=t + 600,
         outcome=Outcome.OPEN if chosen is not None else Outcome.NO_ARM,
     )
+
+
+def test_explanations_and_reasons_round_trip(store: SqlStore) -> None:
+    """What Explain reads: the explanation exactly (floats bit for bit), parts that were zero
+    for every arm left out, and the reason of a decision that served no arm."""
+    import dataclasses
+
+    e = Explanation("squarecb", 31.622776601683793, 2.5, (0.1 + 0.2, -1e-300), (0.3, 0.0), (), (1 / 3, 0.0))
+    scored = dataclasses.replace(decision("x1"), explanation=e, ineligible=(("roam", "rule: customer.roaming_barred missing"),))
+    paced = dataclasses.replace(decision("x2", None), reason="paced: no offer", explanation=Explanation("softmax", 10.0, 1.0, (0.5, 0.25)))
+    closed = dataclasses.replace(decision("x3", None), pmf=(), arms=(), reason="placement paused")
+    store.write([scored, paced, closed, decision("x4")], [])
+    assert store.find_decision("x1") == scored
+    assert store.find_decision("x2") == paced
+    assert store.find_decision("x3") == closed
+    assert store.find_decision("x4").explanation is None and store.find_decision("x4").reason == ""
+    assert e.values() == (((0.1 + 0.2) + 0.3) - 1 / 3, -1e-300)
 
 
 def test_placements_round_trip(store: SqlStore) -> None:
