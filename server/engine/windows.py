@@ -276,7 +276,7 @@ class RewardWindows:
         d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, slot)
         if d is not None:
             return d
-        if self._writer.depth:  # maybe decided here a moment ago and still queued
+        if self._writer.pending:  # maybe decided here a moment ago, still queued or being written
             try:
                 await asyncio.wait_for(self._writer.flush(), _FLUSH_WAIT)
             except TimeoutError:  # the database is slow or away: answer from what it has

@@ -63,6 +63,7 @@ class BatchWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._retry_delay = 0.0
+        self._writing = 0  # records in the batch being written
         # The learner's own closes get their learn positions in the commit that closes them
         # (one commit per reward instead of two); other servers' are claimed by the learner.
         self.assign_learn_positions: Callable[[], bool] = lambda: False
@@ -85,6 +86,12 @@ class BatchWriter:
     @property
     def depth(self) -> int:
         return len(self._decisions) + len(self._closes) + len(self._activations) + len(self._events)
+
+    @property
+    def pending(self) -> int:
+        """Records not yet durable: queued, or in the batch being written (``depth`` counts only
+        the queued ones: a reader that found nothing while a batch is in flight must flush too)."""
+        return self.depth + self._writing
 
     def add_decision(self, decision: LoggedDecision) -> None:
         self._decisions.append(decision)
@@ -139,6 +146,7 @@ class BatchWriter:
                     b.set_result(None)
                 continue
             assign = self.assign_learn_positions()
+            self._writing = len(decisions) + len(closes) + len(acts) + len(events)
             try:
                 result = await loop.run_in_executor(
                     self._executor,
@@ -156,16 +164,19 @@ class BatchWriter:
                 items += [("close", c, f) for c, f in closes]
                 if is_refusal(e):
                     log.warning("the database refused a batch of %d records (%s): splitting it", len(items), refusal_reason(e))
-                    rest, away = await self._bisect(items, e, assign)
+                    rest, away = await self._bisect(items, e, assign)  # still counted as being written
                     if away is None:
+                        self._writing = 0
                         self._retry_delay = 0.0
                         for b in barriers:
                             if not b.done():
                                 b.set_result(None)
                         continue
                     items, e = rest, away
+                self._writing = 0
                 self._keep(items, barriers, e)
                 continue
+            self._writing = 0
             self._retry_delay = 0.0
             for (_, cf), ok in zip(closes, result.closed, strict=True):
                 if not cf.done():
