@@ -99,7 +99,9 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine.chooser, engine.windows, engine.metrics), target)
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+        DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics), target
+    )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), target

@@ -168,6 +168,14 @@ class NextbestClient:
         r = self._decision.Activate(decision_pb2.ActivateRequest(event_id=event_id), timeout=self.timeout)
         return _ACTIVATE_STATUS.get(r.status, "unspecified")
 
+    def explain(self, event_id: str, slot: int = 0) -> decision_pb2.ExplainResponse:
+        """Why a decision served what it served: every arm with its reason or its value parts
+        and probability, as recorded at decision time."""
+        r: decision_pb2.ExplainResponse = self._decision.Explain(
+            decision_pb2.ExplainRequest(event_id=event_id, slot=slot), timeout=self.timeout
+        )
+        return r
+
     def apply(
         self,
         placements: Sequence[PlacementSpec | admin_pb2.Placement],

@@ -1,4 +1,4 @@
-"""The ``nextbest`` command: serve, apply, stats, choose, reward."""
+"""The ``nextbest`` command: serve, apply, stats, choose, reward, explain."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.config.plans import Change
+from nextbest.v1 import decision_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # What the "server" extra installs (pyproject.toml): a client-only install lacks these, and the
@@ -198,6 +200,62 @@ def _choose(args: argparse.Namespace) -> int:
     return 0
 
 
+def explain_json(r: decision_pb2.ExplainResponse) -> dict[str, object]:
+    """An ExplainResponse as plain JSON: field names and order as in the proto, defaults included."""
+    from google.protobuf.json_format import MessageToDict
+
+    def ordered(msg: Any, d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for f in msg.DESCRIPTOR.fields:
+            if f.name in d:
+                value = d[f.name]
+                out[f.name] = [ordered(m, x) for m, x in zip(getattr(msg, f.name), value, strict=True)] if f.name == "arms" else value
+        return out
+
+    return ordered(r, MessageToDict(r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+
+
+def explain_table(r: decision_pb2.ExplainResponse) -> str:
+    """The readable form: the decision, then one line per arm."""
+    lines = [
+        f"event {r.event_id} (slot {r.slot}) on {r.placement}, {r.decided_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC",
+        f"served: {r.arm_id or '(no arm)'} with probability {r.probability:.4g}" + (f"  ({r.reason})" if r.reason else ""),
+    ]
+    how = r.policy or "not recorded (logged before explanations were)"
+    if r.policy in ("epsilon", "softmax", "squarecb"):
+        name = {"epsilon": "epsilon", "softmax": "lambda", "squarecb": "gamma"}[r.policy]
+        how += f" ({name} {r.exploration_parameter:.4g}" + (f", reward scale {r.reward_scale:.4g})" if r.policy != "epsilon" else ")")
+    lines.append(f"policy: {how}; model version {r.model_version}" + (f"; variant {r.variant}" if r.variant else ""))
+    if r.no_offer_probability:
+        lines.append(f"no offer (pacing): probability {r.no_offer_probability:.4g}")
+    lines.append("")
+    if r.scored:
+        lines.append(f"  {'arm':<24}{'p':>8}{'value':>10}{'= model':>10}{'+ bvalue':>10}{'- fatigue':>11}{'- pacing':>10}")
+    else:
+        lines.append(f"  {'arm':<24}{'p':>8}")
+    for a in r.arms:
+        mark = "*" if a.arm_id == r.arm_id and a.eligible else " "
+        if not a.eligible:
+            lines.append(f"{mark} {a.arm_id:<24}{'-':>8}  not eligible: {a.reason}")
+        elif r.scored:
+            lines.append(
+                f"{mark} {a.arm_id:<24}{a.probability:>8.4f}{a.value:>10.4f}{a.expected_reward:>10.4f}"
+                f"{a.business_value:>10.4f}{a.fatigue_penalty:>11.4f}{a.pacing_cost:>10.4f}"
+            )
+        else:
+            lines.append(f"{mark} {a.arm_id:<24}{a.probability:>8.4f}")
+    return "\n".join(lines)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from nextbest.client import NextbestClient
+
+    with NextbestClient(args.target) as nb:
+        r = nb.explain(args.event_id, slot=args.slot)
+    print(json.dumps(explain_json(r)) if args.json else explain_table(r))
+    return 0
+
+
 def _reward(args: argparse.Namespace) -> int:
     from nextbest.client import NextbestClient
 
@@ -259,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reward-id", default="", help="a key of this reward: a retry with it is a duplicate")
     target(r)
     r.set_defaults(func=_reward)
+
+    x = sub.add_parser("explain", help="why a decision served what it served, arm by arm")
+    x.add_argument("event_id")
+    x.add_argument("--slot", type=int, default=0, help="the slot (multi-slot placements)")
+    x.add_argument("--json", action="store_true")
+    target(x)
+    x.set_defaults(func=_explain)
 
     from nextbest.cli.replay import add_commands as replay_commands
 

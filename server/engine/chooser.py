@@ -27,7 +27,7 @@ from nextbest.bandit.decider import (
     ruled_out,
     serve_holdout,
 )
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.eligibility import Value
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
 from nextbest.bandit.features import Feature, feature, shared_line
@@ -79,6 +79,7 @@ def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
     return exp.variants[-1].id if exp.variants else "holdout"
 
 
+_BASELINE = Explanation("baseline")  # the caller's own choice (apprentice, logging-only modes)
 MAX_EXCLUDED = 1000  # ids in one ChooseRequest.exclude_arms
 
 
@@ -343,6 +344,7 @@ class Chooser:
             variant=variant,
             slot=slot,
             activated=not defer,
+            explanation=choice.explanation,
         )
         self._writer.add_decision(decision)
         self._metrics.decision(spec.id, decision.arm_id)
@@ -391,7 +393,7 @@ class Chooser:
             slot.recent.append(greedy == j)
             slot.agreed += greedy == j
         pmf = tuple(1.0 if i == j else 0.0 for i in range(len(ok)))
-        return Choice(j, 1.0, pmf, tuple(ok), why)
+        return Choice(j, 1.0, pmf, tuple(ok), why, explanation=_BASELINE)
 
     def _accounts(self, placement: str, arm: ArmView, now: float) -> list[Account]:
         a = arm.spec

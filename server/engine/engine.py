@@ -8,7 +8,7 @@ the loop never waits on the database except to lease budget.
 
 Each part takes the collaborators it uses (the store, the writer, the budgets, the clock, ...),
 never the engine; the servicers call the parts: ``chooser`` (Choose), ``windows`` (Reward,
-RewardBatch, Activate, closing windows), ``config`` (apply, placements), ``stats`` (GetStats).
+RewardBatch, Activate, closing windows), ``explainer`` (Explain), ``config`` (apply, placements), ``stats`` (GetStats).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from nextbest.engine.choose_checks import ChooseChecks
 from nextbest.engine.chooser import Chooser
 from nextbest.engine.configure import Configurator, placement_state
 from nextbest.engine.contacts import Contacts
+from nextbest.engine.explainer import Explainer
 from nextbest.engine.learner import Learner, PlacementState, Slot
 from nextbest.engine.replication import Replication
 from nextbest.engine.shared_contacts import SharedContacts
@@ -101,6 +102,7 @@ class Engine:
             acceptance,
             clock,
         )
+        self.explainer = Explainer(self.windows.find, self.states, settings.max_id_length)
         self.config = Configurator(self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, settings.seed)
         self.stats = StatsReader(self.states, self.writer, self.budgets, store, self.reader_pool, clock)
         self.replication = Replication(

@@ -10,7 +10,7 @@ File (``auth_tokens_file``)::
     tokens:
       - name: mobile-app                    # appears in logs
         sha256: 5e8848...                   # sha256 hex of the token
-        roles: [channel]                    # channel: Choose, Reward; admin: AdminService
+        roles: [channel]                    # channel: DecisionService; admin: AdminService, Explain
         placements: [app_home_banner]       # optional: a channel token limited to these
 
 Variable: ``name:role[+role]:sha256[:placement,placement]`` entries separated by ``;``.
@@ -162,12 +162,20 @@ def load_tokens(file: str = "", env_value: str = "") -> TokenTable:
     return TokenTable({**table, **more})
 
 
-def required_role(method: str) -> str | None:
-    """The role a method needs; None for the open services (health, reflection)."""
+# Methods open to more than one role. Explain reads a decision back: the channel that made it
+# may ask why (for its own placements), and so may an operator with an admin token.
+_ROLES_OF: dict[str, frozenset[str]] = {DECISION_SERVICE + "Explain": frozenset({CHANNEL, ADMIN})}
+
+
+def allowed_roles(method: str) -> frozenset[str] | None:
+    """The roles that may call a method (any one suffices); None for the open services (health,
+    reflection)."""
+    if method in _ROLES_OF:
+        return _ROLES_OF[method]
     if method.startswith(DECISION_SERVICE):
-        return CHANNEL
+        return frozenset({CHANNEL})
     if method.startswith(ADMIN_SERVICE):
-        return ADMIN
+        return frozenset({ADMIN})
     return None
 
 
@@ -190,32 +198,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method
-        role = required_role(method)
-        if role is None or not self._tokens:
+        roles = allowed_roles(method)
+        if roles is None or not self._tokens:
             return await continuation(details)
         principal = self._tokens.authenticate(details.invocation_metadata)
         if principal is None:
             log.info("unauthenticated call to %s", method, extra={"event": "auth_unauthenticated", "method": method})
             return _deny(grpc.StatusCode.UNAUTHENTICATED, "send a valid token as 'authorization: Bearer <token>'")
-        if role not in principal.roles:
+        if not roles & principal.roles:
+            need = " or ".join(repr(r) for r in sorted(roles))
             log.info(
                 "denied %s to token %s: needs role %s",
                 method,
                 principal.name,
-                role,
+                need,
                 extra={"event": "auth_denied", "method": method, "principal": principal.name},
             )
-            return _deny(grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} lacks role {role!r}")
+            return _deny(grpc.StatusCode.PERMISSION_DENIED, f"token {principal.name!r} lacks role {need}")
         handler = await continuation(details)
-        if role != CHANNEL or principal.placements is None or handler is None or handler.unary_unary is None:
+        # An admin token acts on every placement; a placement list limits a channel token.
+        if ADMIN in roles & principal.roles or principal.placements is None or handler is None or handler.unary_unary is None:
             return handler
         return handler._replace(unary_unary=self._placement_guard(handler.unary_unary, principal, method))
 
     def _placement_guard(
         self, behavior: Callable[[Any, Ctx], Awaitable[Any]], principal: Principal, method: str
     ) -> Callable[[Any, Ctx], Awaitable[Any]]:
-        """Choose names its placement: checked here. Reward, RewardBatch and Activate name
-        events, whose placement the engine reads when it finds them: it checks the scope set
+        """Choose names its placement: checked here. Reward, RewardBatch, Activate and Explain
+        name events, whose placement the engine reads when it finds them: it checks the scope set
         here on that same read (bandit/access.py), so no second read can disagree with it."""
         assert principal.placements is not None
         scope = access.Scope(principal.name, principal.placements)

@@ -1,4 +1,4 @@
-"""DecisionService: Choose, Reward and Activate, translated to the engine."""
+"""DecisionService: Choose, Reward, Activate and Explain, translated to the engine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from nextbest.engine.chooser import Chooser
+from nextbest.engine.explainer import Explained, Explainer
 from nextbest.engine.windows import ActivateStatus, RewardStatus, RewardWindows
 from nextbest.rpc import convert
 from nextbest.rpc.errors import message_of, rpc, status_for
@@ -29,9 +30,10 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
-    def __init__(self, chooser: Chooser, windows: RewardWindows, metrics: Metrics) -> None:
+    def __init__(self, chooser: Chooser, windows: RewardWindows, explainer: Explainer, metrics: Metrics) -> None:
         self._chooser = chooser
         self._windows = windows
+        self._explainer = explainer
         self._metrics = metrics
 
     @rpc
@@ -79,3 +81,42 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     @rpc
     async def Activate(self, request: decision_pb2.ActivateRequest, context: Ctx) -> decision_pb2.ActivateResponse:
         return decision_pb2.ActivateResponse(status=_ACTIVATE[await self._windows.activate(request.event_id)])
+
+    @rpc
+    async def Explain(self, request: decision_pb2.ExplainRequest, context: Ctx) -> decision_pb2.ExplainResponse:
+        return explain_pb(await self._explainer.explain(request.event_id, request.slot))
+
+
+def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
+    d, e = x.decision, x.decision.explanation
+    r = decision_pb2.ExplainResponse(
+        event_id=d.event_id,
+        placement=d.placement,
+        arm_id=d.arm_id or "",
+        variant=d.variant,
+        model_version=d.model_version,
+        slot=d.slot,
+        policy=e.policy if e is not None else "",
+        exploration_parameter=e.parameter if e is not None else 0.0,
+        reward_scale=e.reward_scale if e is not None else 0.0,
+        no_offer_probability=x.no_offer_probability,
+        probability=d.probability,
+        reason=d.reason,
+        scored=e is not None and e.scored,
+        arms=[
+            decision_pb2.ArmExplanation(
+                arm_id=a.arm_id,
+                eligible=a.eligible,
+                reason=a.reason,
+                expected_reward=a.expected_reward,
+                business_value=a.business_value,
+                pacing_cost=a.pacing_cost,
+                fatigue_penalty=a.fatigue_penalty,
+                value=a.value,
+                probability=a.probability,
+            )
+            for a in x.arms
+        ],
+    )
+    r.decided_at.FromNanoseconds(int(d.timestamp * 1e9))
+    return r

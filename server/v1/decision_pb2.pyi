@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from nextbest.v1 import common_pb2 as _common_pb2
@@ -428,3 +429,171 @@ class RewardBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardBatchResponse: _TypeAlias = RewardBatchResponse  # noqa: Y015
+
+@_typing.final
+class ExplainRequest(_message.Message):
+    """ExplainRequest names one logged decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Event id returned by Choose (or given to it). Required."""
+    slot: _builtins.int
+    """The slot, for multi-slot placements (default 0)."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        slot: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
+
+@_typing.final
+class ArmExplanation(_message.Message):
+    """ArmExplanation is one arm's part in a decision. value = expected_reward + business_value
+    - fatigue_penalty - pacing_cost; the policy explored over the values of the eligible arms.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARM_ID_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_REWARD_FIELD_NUMBER: _builtins.int
+    BUSINESS_VALUE_FIELD_NUMBER: _builtins.int
+    PACING_COST_FIELD_NUMBER: _builtins.int
+    FATIGUE_PENALTY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    arm_id: _builtins.str
+    """The arm."""
+    eligible: _builtins.bool
+    """Whether the arm could be chosen."""
+    reason: _builtins.str
+    """Why it could not (a rule, a budget, a contact policy, "excluded by caller"); empty if eligible."""
+    expected_reward: _builtins.float
+    """The model's expected reward of the arm for this customer (0 when not scored)."""
+    business_value: _builtins.float
+    """The arm's configured business value, added to the expected reward."""
+    pacing_cost: _builtins.float
+    """The budgets' pacing price times the arm's expected cost, subtracted."""
+    fatigue_penalty: _builtins.float
+    """The fatigue penalty for this customer's recent impressions, subtracted."""
+    value: _builtins.float
+    """The adjusted value exploration saw (before dividing by reward_scale)."""
+    probability: _builtins.float
+    """The final probability of the arm; 0 for ineligible arms."""
+    def __init__(
+        self,
+        *,
+        arm_id: _builtins.str = ...,
+        eligible: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        expected_reward: _builtins.float = ...,
+        business_value: _builtins.float = ...,
+        pacing_cost: _builtins.float = ...,
+        fatigue_penalty: _builtins.float = ...,
+        value: _builtins.float = ...,
+        probability: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "business_value", b"business_value", "eligible", b"eligible", "expected_reward", b"expected_reward", "fatigue_penalty", b"fatigue_penalty", "pacing_cost", b"pacing_cost", "probability", b"probability", "reason", b"reason", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArmExplanation: _TypeAlias = ArmExplanation  # noqa: Y015
+
+@_typing.final
+class ExplainResponse(_message.Message):
+    """ExplainResponse is what was true when the decision was made, not what today's model says."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    ARM_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    EXPLORATION_PARAMETER_FIELD_NUMBER: _builtins.int
+    REWARD_SCALE_FIELD_NUMBER: _builtins.int
+    NO_OFFER_PROBABILITY_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    SCORED_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The decision's event id."""
+    placement: _builtins.str
+    """Its placement."""
+    arm_id: _builtins.str
+    """The arm served; empty when none was (see reason)."""
+    variant: _builtins.str
+    """The experiment variant that served ("holdout" for the control group)."""
+    model_version: _builtins.int
+    """Version of the model that scored the arms (examples learned)."""
+    slot: _builtins.int
+    """The slot explained."""
+    policy: _builtins.str
+    """What made the probabilities: "epsilon", "softmax" or "squarecb" over the values;
+    "holdout: uniform", "holdout: fixed", "holdout: rules", "baseline" (the caller's choice)
+    or "fallback" without scores; empty when it was not recorded (decisions logged before
+    explanations were).
+    """
+    exploration_parameter: _builtins.float
+    """Epsilon, softmax's lambda or SquareCB's gamma, as used."""
+    reward_scale: _builtins.float
+    """Softmax and SquareCB explore over value / reward_scale (at least 1): the size of recent rewards."""
+    no_offer_probability: _builtins.float
+    """The probability of "no offer", which pacing adds when a budget's price is above zero."""
+    probability: _builtins.float
+    """The probability with which arm_id was served (or no offer was made)."""
+    reason: _builtins.str
+    """Why no arm was served, or why the fallback arm was."""
+    scored: _builtins.bool
+    """Whether the values were recorded (false for unscored policies and older decisions)."""
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmExplanation]:
+        """Every arm of the placement: the eligible ones in scoring order, then the others."""
+
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """When the decision was made."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        placement: _builtins.str = ...,
+        arm_id: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        arms: _abc.Iterable[Global___ArmExplanation] | None = ...,
+        slot: _builtins.int = ...,
+        policy: _builtins.str = ...,
+        exploration_parameter: _builtins.float = ...,
+        reward_scale: _builtins.float = ...,
+        no_offer_probability: _builtins.float = ...,
+        probability: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        scored: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "arms", b"arms", "decided_at", b"decided_at", "event_id", b"event_id", "exploration_parameter", b"exploration_parameter", "model_version", b"model_version", "no_offer_probability", b"no_offer_probability", "placement", b"placement", "policy", b"policy", "probability", b"probability", "reason", b"reason", "reward_scale", b"reward_scale", "scored", b"scored", "slot", b"slot", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015

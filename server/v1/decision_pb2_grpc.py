@@ -56,6 +56,11 @@ class DecisionServiceStub:
                 request_serializer=nextbest_dot_v1_dot_decision__pb2.ActivateRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_decision__pb2.ActivateResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/nextbest.v1.DecisionService/Explain',
+                request_serializer=nextbest_dot_v1_dot_decision__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_decision__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -97,6 +102,16 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Explain tells why a decision served what it served: every arm of the placement, eligible
+        or with the reason it was not, and for the eligible ones the parts of the value explored
+        over and the final probability, as recorded when the decision was made. Allowed to admin
+        tokens and to channel tokens for their own placements.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +134,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.Activate,
                     request_deserializer=nextbest_dot_v1_dot_decision__pb2.ActivateRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_decision__pb2.ActivateResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=nextbest_dot_v1_dot_decision__pb2.ExplainRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_decision__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +251,33 @@ class DecisionService:
             '/nextbest.v1.DecisionService/Activate',
             nextbest_dot_v1_dot_decision__pb2.ActivateRequest.SerializeToString,
             nextbest_dot_v1_dot_decision__pb2.ActivateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.DecisionService/Explain',
+            nextbest_dot_v1_dot_decision__pb2.ExplainRequest.SerializeToString,
+            nextbest_dot_v1_dot_decision__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

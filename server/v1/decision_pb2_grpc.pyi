@@ -53,6 +53,12 @@ class DecisionServiceStub:
     """Activate tells that a decision made with defer_activation was shown to the customer:
     only then do its impressions count, its budget get spent and its reward window start.
     """
+    Explain: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ExplainRequest, _decision_pb2.ExplainResponse]
+    """Explain tells why a decision served what it served: every arm of the placement, eligible
+    or with the reason it was not, and for the eligible ones the parts of the value explored
+    over and the final probability, as recorded when the decision was made. Allowed to admin
+    tokens and to channel tokens for their own placements.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -78,6 +84,12 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     Activate: _aio.UnaryUnaryMultiCallable[_decision_pb2.ActivateRequest, _decision_pb2.ActivateResponse]  # type: ignore[assignment]
     """Activate tells that a decision made with defer_activation was shown to the customer:
     only then do its impressions count, its budget get spent and its reward window start.
+    """
+    Explain: _aio.UnaryUnaryMultiCallable[_decision_pb2.ExplainRequest, _decision_pb2.ExplainResponse]  # type: ignore[assignment]
+    """Explain tells why a decision served what it served: every arm of the placement, eligible
+    or with the reason it was not, and for the eligible ones the parts of the value explored
+    over and the final probability, as recorded when the decision was made. Allowed to admin
+    tokens and to channel tokens for their own placements.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +137,18 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_decision_pb2.ActivateResponse, _abc.Awaitable[_decision_pb2.ActivateResponse]]:
         """Activate tells that a decision made with defer_activation was shown to the customer:
         only then do its impressions count, its budget get spent and its reward window start.
+        """
+
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _decision_pb2.ExplainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.ExplainResponse, _abc.Awaitable[_decision_pb2.ExplainResponse]]:
+        """Explain tells why a decision served what it served: every arm of the placement, eligible
+        or with the reason it was not, and for the eligible ones the parts of the value explored
+        over and the final probability, as recorded when the decision was made. Allowed to admin
+        tokens and to channel tokens for their own placements.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
