@@ -23,7 +23,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE, Feature, feature, feature_key, features_from_mapping
 
@@ -113,7 +113,7 @@ def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> 
         "features": [list(f) for f in d.features],
         "arms": [[a, v, dict(arm_features.get((a, v), {}))] for a, v in d.arms],
         "pmf_extra": list(d.pmf[len(d.arms) :]),  # pacing's "no offer", which is not an action in c
-        "extra": {f.name: getattr(d, f.name) for f in fields(d) if f.name not in _CORE_FIELDS},
+        "extra": {f.name: _plain(getattr(d, f.name)) for f in fields(d) if f.name not in _CORE_FIELDS},
     }
     head = {
         "_label_cost": -d.reward,
@@ -204,7 +204,7 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
             "model_version": int(exact["model_version"]),
             "outcome": Outcome(exact["outcome"]),
             "learn_seq": exact["learn_seq"],
-            **{k: _tuples(v) for k, v in exact.get("extra", {}).items() if k in _FIELDS},
+            **{k: _from_plain(k, v) for k, v in exact.get("extra", {}).items() if k in _FIELDS},
         }
         pmf += [float(p) for p in exact.get("pmf_extra", ())]
     else:
@@ -229,6 +229,17 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
         **rest,
     )
     return decision, arm_features
+
+
+def _plain(value: Any) -> Any:
+    """A log field as JSON: the explanation in its stored form, anything else as it is."""
+    return value.to_json() if isinstance(value, Explanation) else value
+
+
+def _from_plain(name: str, value: Any) -> Any:
+    if name == "explanation":
+        return Explanation.from_json(value) if isinstance(value, dict) else None
+    return _tuples(value)
 
 
 def _tuples(value: Any) -> Any:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 from vowpalwabbit import Workspace
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput, Unavailable
 from nextbest.bandit.features import arm_line, feature, features_from_mapping, shared_line
 from nextbest.bandit.offline.dsjson import from_dsjson, to_dsjson
@@ -162,6 +162,8 @@ def test_dsjson_round_trip_is_exact() -> None:
     paced = replace(d, pmf=(0.1, 0.2, 0.3, 0.4), probability=0.3)  # pacing's "no offer" last
     assert from_dsjson(to_dsjson(paced, ARM_FEATURES))[0] == paced
     assert json.loads(to_dsjson(paced, ARM_FEATURES))["p"] == [0.3, 0.1, 0.2]
+    explained = replace(d, explanation=Explanation("squarecb", 10.0, 2.0, (0.1, 0.2, 0.3), (0.0, 0.5, 0.0)))
+    assert from_dsjson(to_dsjson(explained, ARM_FEATURES))[0] == explained  # "why this offer" survives export
 
 
 def test_paced_logs_keep_no_offer_apart_and_say_so() -> None:
