@@ -10,6 +10,9 @@ Semantics (also in the README):
 - A process spends only budget it has leased from the store (an atomic increment that never
   passes the limit), so several processes or replicas can share one budget. A crash loses the
   unused part of a lease (under-spend, never over-spend); a graceful stop returns it.
+- A pacer prices the spend of every server sharing the budget (``Account.used_by_all``: the
+  database's figures, re-read every replica poll, plus this process's spend since), so that
+  N servers keep to one even schedule instead of each spending as if alone.
 """
 
 from __future__ import annotations
@@ -76,17 +79,37 @@ class Account:
     start: float | None
     end: float | None
     available: float = 0.0  # leased to this process and free
-    reserved: float = 0.0  # held for reward costs of open decisions
-    spent: float = 0.0  # spent (by every process, as far as this one knows)
+    reserved: float = 0.0  # held for reward costs of this process's open decisions (and restored ones)
+    spent: float = 0.0  # spent by this process (and, restored at start, by all before it)
     pacer: Pacer | None = None
+    # What every server sharing the budget had spent and reserved at the last read of the
+    # database (None: never read, e.g. a server alone on its database), and this process's own
+    # ``used`` just before that read, so that its spend since is added without counting twice.
+    shared: tuple[float, float] | None = None
+    used_at_share: float = 0.0
 
     @property
     def used(self) -> float:
+        """Spent and reserved by this process: what its leases must cover (the hard limit)."""
         return self.spent + self.reserved
 
     @property
+    def used_by_all(self) -> float:
+        """Spent and reserved by every server: the last shared read plus this process's use
+        since, never below its own figure. Pacing and the reported remainder follow this, so
+        N servers pace a budget like one."""
+        if self.shared is None:
+            return self.used
+        return max(self.used, self.shared[0] + self.shared[1] + self.used - self.used_at_share)
+
+    def share(self, spent: float, reserved: float, used_before_read: float) -> None:
+        """Take the database's figures for every server, read after ``used_before_read``."""
+        self.shared = (spent, reserved)
+        self.used_at_share = used_before_read
+
+    @property
     def remaining(self) -> float:
-        return max(0.0, self.limit - self.used)
+        return max(0.0, self.limit - self.used_by_all)
 
     def active(self, now: float) -> bool:
         return (self.start is None or now >= self.start) and (self.end is None or now < self.end)
@@ -95,9 +118,10 @@ class Account:
         """When the limit will be reached at the average spend rate so far (None: not spending,
         or not before the account's period ends)."""
         begin = self.start
-        if begin is None or now <= begin or self.used <= 0:
+        used = self.used_by_all
+        if begin is None or now <= begin or used <= 0:
             return None
-        rate = self.used / (now - begin)
+        rate = used / (now - begin)
         at = now + self.remaining / rate
         return None if self.end is not None and at >= self.end else at
 
@@ -173,5 +197,5 @@ class Ledger:
         total = 0.0
         for a in accounts:
             if a.pacer is not None:
-                total += a.pacer.update(now, a.used, a.limit)
+                total += a.pacer.update(now, a.used_by_all, a.limit)
         return total

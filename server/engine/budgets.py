@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from nextbest.bandit.budget import Account, Ledger
@@ -27,9 +27,10 @@ def campaign_key(campaign: str) -> str:
 class BudgetKeeper:
     """Owns the ledger on the event loop; leases come from the store in a worker thread."""
 
-    def __init__(self, store: Store, executor: ThreadPoolExecutor, lease_fraction: float) -> None:
+    def __init__(self, store: Store, executor: ThreadPoolExecutor, lease_fraction: float, reader: ThreadPoolExecutor | None = None) -> None:
         self._store = store
         self._executor = executor
+        self._reader = reader or executor
         self._lease_fraction = lease_fraction
         self.ledger = Ledger()
         self.campaigns: dict[str, CampaignSpec] = {}
@@ -84,6 +85,26 @@ class BudgetKeeper:
         loop = asyncio.get_running_loop()
         granted = await loop.run_in_executor(self._executor, self._store.lease, a.key, a.period, a.limit, amount)
         a.available += granted
+
+    async def share(self, now: float, keys: Collection[tuple[str, str]] | None = None) -> dict[tuple[str, str], AccountRow]:
+        """Read every server's spend of this process's current accounts (or of ``keys``) from
+        the store and give it to their pacers; returns the rows read.
+
+        Called every replica poll when other servers may share the database, and by GetStats:
+        one SELECT of the accounts in their period, never per Choose. The other servers' part of
+        the figure is as old as the last poll and as their last flush; this process's spend
+        since the read is added as it happens."""
+        if keys is None:
+            keys = [k for k, a in self.ledger.accounts.items() if a.end is None or now < a.end]
+        if not keys:
+            return {}
+        before = {k: a.used for k in keys if (a := self.ledger.accounts.get(k)) is not None}
+        loop = asyncio.get_running_loop()
+        rows = {(r.key, r.period): r for r in await loop.run_in_executor(self._reader, self._store.load_accounts, keys)}
+        for k, used in before.items():
+            if (row := rows.get(k)) is not None:
+                self.ledger.accounts[k].share(row.spent, row.reserved, used)
+        return rows
 
     @staticmethod
     def reserve(accounts: Sequence[Account], impression_cost: float, reward_cost: float) -> None:

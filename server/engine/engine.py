@@ -62,7 +62,7 @@ class Engine:
         self.states: dict[str, PlacementState] = {}  # swapped entry by entry by config, never rebound
         acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
         self.metrics = Metrics()
-        self.budgets = BudgetKeeper(store, self._writer_pool, settings.budget_lease_fraction)
+        self.budgets = BudgetKeeper(store, self._writer_pool, settings.budget_lease_fraction, self.reader_pool)
         shared = SharedContacts(store, 1 if settings.db.startswith("sqlite") else 8) if settings.shares_contacts else None
         self.contacts = Contacts(store, self.reader_pool, self.states, clock, shared)
         self.writer = BatchWriter(store, self._writer_pool, settings.flush_interval, on_refused=self.metrics.refused)
@@ -106,7 +106,7 @@ class Engine:
         self.config = Configurator(self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, settings.seed)
         self.stats = StatsReader(self.states, self.writer, self.budgets, store, self.reader_pool, clock)
         self.replication = Replication(
-            self.states, self.writer, self.learner, self.windows, self.config, store, self.reader_pool, settings, clock
+            self.states, self.writer, self.learner, self.windows, self.config, self.budgets, store, self.reader_pool, settings, clock
         )
         self._sweeper: asyncio.Task[None] | None = None
 

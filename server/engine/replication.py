@@ -5,6 +5,8 @@ file beside a SQLite database); when it dies the lock goes with it and another s
 over within one poll interval. The learner claims and learns every server's rewards and saves
 snapshots; the others load each newer snapshot and each configuration change within
 ``replica_poll_interval``. The learner also closes the windows that a stopped server left open.
+At each poll every server also reads the spend of the budgets it uses, so pacing follows the
+spend of all servers (nextbest.bandit.budget).
 
 Every server signs in (the servers table) and beats once per poll; each decision names the
 server holding its window (decisions.owner). A server starting, and every server at each poll,
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nextbest.bandit.decision_log import Outcome
 from nextbest.bandit.model import CbModel
+from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.configure import Configurator
 from nextbest.engine.learner import Learner, PlacementState
 from nextbest.engine.tasks import cancel_and_wait
@@ -43,6 +46,7 @@ class Replication:
         learner: Learner,
         windows: RewardWindows,
         config: Configurator,
+        budgets: BudgetKeeper,
         store: Store,
         reader_pool: ThreadPoolExecutor,
         settings: Settings,
@@ -53,6 +57,7 @@ class Replication:
         self._learner = learner
         self._windows = windows
         self._config = config
+        self._budgets = budgets
         self._store = store
         self._reader_pool = reader_pool
         self._settings = settings
@@ -106,6 +111,7 @@ class Replication:
             taken = await self._windows.adopt()
             if taken:
                 log.info("took over %d open windows of a server that stopped", taken)
+            await self._budgets.share(self._clock())  # pace on every server's spend
         if self.learning:
             if not await loop.run_in_executor(self._reader_pool, self._store.holds_learner_lock):
                 log.warning("lost the learner lock: serving only")

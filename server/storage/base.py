@@ -3,7 +3,7 @@ them from worker threads so that the event loop never waits on the database."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -234,9 +234,11 @@ class Store(Protocol):
         unknown (nothing written). Raises Unavailable."""
         ...
 
-    def load_accounts(self) -> list[AccountRow]:
-        """MUST return every budget account as committed, in no set order
-        (test_slots_activation_and_aggregation_events). Raises Unavailable."""
+    def load_accounts(self, keys: Collection[tuple[str, str]] | None = None) -> list[AccountRow]:
+        """MUST return every budget account as committed (or, given ``keys``, those of the
+        (key, period) pairs named that exist), in no set order, as of one read, so that every
+        server reads the same figures (test_slots_activation_and_aggregation_events,
+        test_accounts_read_by_key). Raises Unavailable."""
         ...
 
     def recent_impressions(self, since: float) -> list[RecentImpression]:

@@ -4,6 +4,7 @@ replicas poll (configuration and model versions, windows a stopped server left o
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Collection
 
 from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -99,10 +100,19 @@ class Coordination(SqlBase):
         with self._begin() as c:
             c.execute(update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount))
 
-    def load_accounts(self) -> list[AccountRow]:
+    def load_accounts(self, keys: Collection[tuple[str, str]] | None = None) -> list[AccountRow]:
+        a = t.budget_accounts.c
+        query = select(t.budget_accounts)
+        if keys is not None:
+            if not keys:
+                return []
+            # Key and period separately: a row-value IN is not portable; the few extra rows
+            # (another period of a wanted key) are dropped below.
+            query = query.where(a.key.in_({k for k, _ in keys}), a.period.in_({p for _, p in keys}))
         with self._connect() as c:
-            rows = c.execute(select(t.budget_accounts)).all()
-        return [AccountRow(r.key, r.period, r.leased, r.spent, r.reserved) for r in rows]
+            rows = c.execute(query).all()
+        wanted = None if keys is None else set(keys)
+        return [AccountRow(r.key, r.period, r.leased, r.spent, r.reserved) for r in rows if wanted is None or (r.key, r.period) in wanted]
 
     def config_version(self) -> tuple[float, int, float, int]:
         """Changes whenever any server applies a configuration: replicas poll it."""

@@ -222,6 +222,16 @@ def test_slots_activation_and_aggregation_events(store: SqlStore) -> None:
     assert [(r.event_id, r.slot, r.reward) for r in store.learn_rows("app_home_banner", None, 0, 10)] == [("e1", 0, 4.0)]
 
 
+def test_accounts_read_by_key(store: SqlStore) -> None:
+    """Pacing on the shared spend reads only the accounts a server prices, by (key, period)."""
+    for key, period, grant in [("arm:p/a", "total", 5.0), ("arm:p/a", "2026-12-01", 2.0), ("arm:p/b", "2026-12-01", 3.0)]:
+        assert store.lease(key, period, 100.0, grant) == grant
+    got = store.load_accounts([("arm:p/a", "2026-12-01"), ("arm:p/b", "2026-12-01"), ("arm:p/c", "total")])
+    assert sorted((a.key, a.period, a.leased) for a in got) == [("arm:p/a", "2026-12-01", 2.0), ("arm:p/b", "2026-12-01", 3.0)]
+    assert store.load_accounts([]) == []
+    assert len(store.load_accounts()) == 3
+
+
 def test_the_learners_closes_get_learn_positions_in_the_same_commit(store: SqlStore) -> None:
     store.write([decision("e1"), decision("e2"), decision("e3")], [])
     store.write([], [Close("e1", Outcome.REWARD, 1.0, 1.0)])  # written by another server

@@ -111,3 +111,21 @@ def test_fatigue_penalty_earns_more_when_response_falls_with_repeated_impression
     with_p = np.mean([fatigue_run(True, s) for s in (1, 2, 3)])
     without = np.mean([fatigue_run(False, s) for s in (1, 2, 3)])
     assert with_p > 1.1 * without, (with_p, without)  # measured: 704 against 595 (+18 %)
+
+
+def test_the_shared_figure_adds_this_processs_spend_since_the_read_without_counting_twice() -> None:
+    from nextbest.bandit.budget import Account, Pacer
+
+    a = Account("arm:p/x", "total", 100.0, 0.0, 100.0, spent=10.0)
+    assert a.used_by_all == 10.0  # alone: its own figure
+    a.share(spent=35.0, reserved=5.0, used_before_read=10.0)  # the database: 40, ours included
+    assert a.used_by_all == 40.0 and a.remaining == 60.0
+    a.spent += 3.0  # this process spends after the read
+    assert a.used_by_all == 43.0
+    a.share(spent=5.0, reserved=0.0, used_before_read=13.0)  # a read that lags our own flushes
+    assert a.used_by_all == 13.0  # never below what this process itself has used
+    ahead = Account("arm:p/x", "total", 100.0, 0.0, 100.0, spent=10.0, pacer=Pacer(0.0, 100.0))
+    ahead.pacer.observe_value(1.0)  # type: ignore[union-attr]
+    alone = Ledger.price([ahead], 20.0)
+    ahead.share(spent=30.0, reserved=0.0, used_before_read=10.0)  # others spent 20 more
+    assert Ledger.price([ahead], 20.0) > alone  # the price follows everyone's spend
