@@ -147,11 +147,15 @@ def _stats(args: argparse.Namespace) -> int:
         for m in s.models:
             print(f"{m.slot or '(placement)':<24}{m.learned:>9}{m.scored:>8}{m.agreement:>11.3f}{m.estimated_value:>12.4f}")
     if s.budgets:
-        print(f"\n{'budget':<36}{'period':>11}{'limit':>10}{'spent':>10}{'held':>8}{'left':>10}{'price':>8}  exhausts")
+        print(f"\n{'budget':<36}{'period':>11}{'limit':>10}{'spent':>10}{'held':>8}{'left':>10}{'leased':>8}{'price':>8}  exhausts")
         for b in s.budgets:
             when = b.projected_exhaustion.ToDatetime().strftime("%Y-%m-%d %H:%M") if b.HasField("projected_exhaustion") else "-"
             price = f"{b.pacing_multiplier:.3g}" if b.paced else "-"
-            print(f"{b.budget:<36}{b.period:>11}{b.limit:>10.2f}{b.spent:>10.2f}{b.reserved:>8.2f}{b.remaining:>10.2f}{price:>8}  {when}")
+            print(
+                f"{b.budget:<36}{b.period:>11}{b.limit:>10.2f}{b.spent:>10.2f}{b.reserved:>8.2f}{b.remaining:>10.2f}"
+                f"{b.leased_unused:>8.2f}{price:>8}  {when}"
+            )
+        print("(every server's figures, as the database has them; leased: held by a server, not yet used)")
     return 0
 
 

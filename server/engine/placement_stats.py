@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nextbest.bandit.budget import Account
-from nextbest.storage.base import ArmTally, VariantTally
+from nextbest.storage.base import AccountRow, ArmTally, VariantTally
 
 if TYPE_CHECKING:
     from nextbest.engine.learner import Slot
@@ -44,18 +44,24 @@ class BudgetView:
     multiplier: float
     projected_exhaustion: float | None
 
+    leased_unused: float = 0.0  # leased by servers, neither spent nor reserved (or lost in a crash)
+
     @classmethod
-    def of(cls, a: Account, now: float) -> BudgetView:
+    def of(cls, a: Account, now: float, row: AccountRow | None = None) -> BudgetView:
+        """The account as the database has it (``row``: every server's figures), else as this
+        process knows it (nothing stored yet)."""
+        spent, reserved = (row.spent, row.reserved) if row is not None else (a.spent, a.reserved)
         return cls(
             a.key,
             a.period,
             a.limit,
-            a.spent,
-            a.reserved,
-            a.remaining,
+            spent,
+            reserved,
+            max(0.0, a.limit - spent - reserved),
             a.pacer is not None,
             a.pacer.price if a.pacer is not None else 0.0,
             a.projected_exhaustion(now),
+            max(0.0, row.leased - spent - reserved) if row is not None else a.available,
         )
 
 

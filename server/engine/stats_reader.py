@@ -1,4 +1,4 @@
-"""Reading a placement's live statistics: tallies from the log, budgets and models from memory."""
+"""Reading a placement's live statistics: tallies and budgets from the database, models from memory."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from nextbest.bandit.budget import Account
 from nextbest.bandit.errors import NotFound
 from nextbest.bandit.text import quote
 from nextbest.engine.budgets import BudgetKeeper
@@ -16,8 +17,9 @@ from nextbest.storage.base import ArmTally, Store
 
 
 class StatsReader:
-    """Reads a placement's statistics: tallies from the log (after this server's queued writes
-    are flushed, so a caller sees its own decisions), budgets and models from memory."""
+    """Reads a placement's statistics: tallies from the log and budgets from the accounts (after
+    this server's queued writes are flushed, so a caller sees its own decisions, and every server
+    reports the same figures), models from memory."""
 
     def __init__(
         self,
@@ -48,13 +50,14 @@ class StatsReader:
         pending = sum(t.pending for t, _ in rows)
         variants = await loop.run_in_executor(self._reader_pool, self._store.tally_variants, pid)
         now = self._clock()
-        seen: set[tuple[str, str]] = set()
-        budgets = []
+        accounts: dict[tuple[str, str], Account] = {}
         for a in ps.record.spec.arms:
             for acc in self._budgets.accounts(pid, a, now):
-                if (acc.key, acc.period) not in seen:
-                    seen.add((acc.key, acc.period))
-                    budgets.append(BudgetView.of(acc, now))
+                accounts.setdefault((acc.key, acc.period), acc)
+        # The database's figures (every server's, after this one's flush), so that each server
+        # reports the same spent and remaining; reading them also refreshes this one's pacers.
+        shared = await self._budgets.share(now, list(accounts))
+        budgets = [BudgetView.of(acc, now, shared.get(k)) for k, acc in accounts.items()]
         models = [ModelView.of(s) for s in ps.slots.values()]
         ineligible: dict[str, list[tuple[str, int]]] = {}
         for t in await loop.run_in_executor(self._reader_pool, self._store.tally_ineligible, pid):

@@ -485,6 +485,7 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 paced=b.paced,
                 pacing_multiplier=b.multiplier,
                 projected_exhaustion=_ts(datetime.fromtimestamp(b.projected_exhaustion, UTC) if b.projected_exhaustion else None),
+                leased_unused=b.leased_unused,
             )
             for b in s.budgets
         ],

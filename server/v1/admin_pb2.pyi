@@ -1559,6 +1559,7 @@ class BudgetStats(_message.Message):
     PACED_FIELD_NUMBER: _builtins.int
     PACING_MULTIPLIER_FIELD_NUMBER: _builtins.int
     PROJECTED_EXHAUSTION_FIELD_NUMBER: _builtins.int
+    LEASED_UNUSED_FIELD_NUMBER: _builtins.int
     budget: _builtins.str
     """"arm:<placement>/<arm>" or "campaign:<id>"."""
     period: _builtins.str
@@ -1575,6 +1576,10 @@ class BudgetStats(_message.Message):
     """Whether the budget is paced (a daily budget, or a total one with an end time)."""
     pacing_multiplier: _builtins.float
     """The pacing price on spend: 0 when on or behind schedule, higher the further ahead."""
+    leased_unused: _builtins.float
+    """Leased by servers and neither spent nor reserved yet: part of remaining that only the
+    server holding it can spend until it returns it (at a graceful stop; lost in a crash).
+    """
     @_builtins.property
     def projected_exhaustion(self) -> _timestamp_pb2.Timestamp:
         """When the budget runs out at the average spend rate so far; unset if not spending."""
@@ -1591,10 +1596,11 @@ class BudgetStats(_message.Message):
         paced: _builtins.bool = ...,
         pacing_multiplier: _builtins.float = ...,
         projected_exhaustion: _timestamp_pb2.Timestamp | None = ...,
+        leased_unused: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["projected_exhaustion", b"projected_exhaustion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "limit", b"limit", "paced", b"paced", "pacing_multiplier", b"pacing_multiplier", "period", b"period", "projected_exhaustion", b"projected_exhaustion", "remaining", b"remaining", "reserved", b"reserved", "spent", b"spent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "leased_unused", b"leased_unused", "limit", b"limit", "paced", b"paced", "pacing_multiplier", b"pacing_multiplier", "period", b"period", "projected_exhaustion", b"projected_exhaustion", "remaining", b"remaining", "reserved", b"reserved", "spent", b"spent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1631,7 +1637,9 @@ class GetStatsResponse(_message.Message):
 
     @_builtins.property
     def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetStats]:
-        """Budgets of the placement's arms and of their campaigns, as this server sees them."""
+        """Budgets of the placement's arms and of their campaigns, as the database has them
+        (every server's spend), the same on every server.
+        """
 
     @_builtins.property
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantStats]:
