@@ -34,6 +34,20 @@ def vw_arguments(spec: PlacementSpec) -> list[str]:
     return args + shlex.split(spec.vw_args)
 
 
+def learn_label(reward: float) -> str:
+    """The cb_adf label of the served arm: cost = -reward, at probability 1.
+
+    Unweighted: the model is a regression of reward on (context, arm) trained on what was
+    served, as VW's own SquareCB trains its regression oracle. Weighting each update by
+    1/probability (what the logged probability in the label would do) makes one outcome of a
+    rarely served arm count for up to a few hundred examples: after 200 examples of a 0.2-arm
+    one lucky success at probability 0.02 moved its estimate from 0.13 to 0.91, above the best
+    arm. Learned at once the next failures undo that within a few decisions; learned at the
+    close of a window the model serves the wrong arm for a whole window first (README,
+    "Learning order and weighting"). Offline estimators still use the logged probability."""
+    return f"0:{-reward!r}:1.0"
+
+
 def check_vw_arguments(spec: PlacementSpec) -> None:
     """Build a throwaway workspace so that VW itself rejects bad arguments up front.
 
@@ -84,10 +98,10 @@ class CbModel:
             pylibvw.vw._finish_example_multi_ex(ws, ex)
         return 0.0 - np.asarray(scores, dtype=np.float64)  # not -x: a cost of 0 is a reward of 0.0, not -0.0
 
-    def learn(self, shared: str, arms: Sequence[str], chosen: int, reward: float, probability: float) -> None:
-        """Learn one logged decision: context, arm set, chosen arm, its probability, cost = -reward."""
+    def learn(self, shared: str, arms: Sequence[str], chosen: int, reward: float) -> None:
+        """Learn one logged decision: context, arm set, the chosen arm and its reward."""
         lines = [shared, *arms]
-        lines[chosen + 1] = f"0:{-reward!r}:{probability!r} {arms[chosen]}"
+        lines[chosen + 1] = f"{learn_label(reward)} {arms[chosen]}"
         ws = self._ws
         ex = pylibvw.vw._parse(ws, "\n".join(lines))
         try:

@@ -2,7 +2,8 @@
 
 A classification dataset becomes a contextual bandit (each class an arm, reward 1 for the
 right class). The same seeded stream is fed to the service over gRPC and to a VW
-``--cb_explore_adf`` workspace run directly with the same arguments, the same exploration and
+``--cb_explore_adf`` workspace run directly with the same arguments, the same exploration, the
+same (unweighted, nextbest.bandit.model.learn_label) update and
 the very same example text; the ratio of their average rewards is the service's learning loss
 (none, if it is 1 up to exploration noise). The datasets ship with scikit-learn: no network.
 """
@@ -19,7 +20,7 @@ from numpy.typing import NDArray
 
 from nextbest.bandit.exploration import draw
 from nextbest.bandit.features import arm_line, feature, shared_line
-from nextbest.bandit.model import vw_arguments
+from nextbest.bandit.model import learn_label, vw_arguments
 from nextbest.bandit.spec import ArmSpec, ExplorationSpec, PlacementSpec
 
 DATASETS = ("digits", "iris", "wine", "breast_cancer")
@@ -77,6 +78,7 @@ def placement(ds: Dataset, pid: str, epsilon: float = 0.05, bits: int = 18) -> P
         arms=[ArmSpec(id=f"c{k}") for k in range(ds.classes)],
         exploration=ExplorationSpec(algorithm="epsilon", epsilon=epsilon),
         bits=bits,
+        learn_at="reward",  # every outcome is reported at once, as VW learns it directly
     )
 
 
@@ -141,7 +143,7 @@ def run_direct(
             r = 1.0 if a == ds.y[row] else 0.0
             rewards[t] = r
             lines = [shared, *arms]
-            lines[a + 1] = f"0:{-r!r}:{float(pmf[a])!r} {arms[a]}"
+            lines[a + 1] = f"{learn_label(r)} {arms[a]}"  # the service's own update
             pending.append("\n".join(lines))
     finally:
         ws.finish()

@@ -59,7 +59,7 @@ def vw_raw(arms: int, seconds: float, max_n: int) -> dict[str, float]:
         model.expected_rewards(shared[i % len(shared)], lines)
 
     def learn(i: int) -> None:
-        model.learn(shared[i % len(shared)], lines, i % arms, float(i % 2), 0.5)
+        model.learn(shared[i % len(shared)], lines, i % arms, float(i % 2))
 
     def predict_binding(i: int) -> None:
         ex = pylibvw.vw._parse(ws, "\n".join((shared[i % len(shared)], *lines)))

@@ -227,7 +227,7 @@ class Learner:
             # Apprentice mode learns to imitate the baseline (the caller's choice); the rewards
             # it earned are in the log and the statistics, which evaluate it.
             imitate = ps.record.spec.mode == "apprentice" and not slot.shadow
-            slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward, row.probability)
+            slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward)  # unweighted: model.learn_label
             slot.scale.add(row.reward)
             slot.since_snapshot += 1
         slot.cursor = row.learn_seq

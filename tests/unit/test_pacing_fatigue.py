@@ -102,7 +102,7 @@ def fatigue_run(with_penalty: bool, seed: int = 11, days: int = 30, n_customers:
             ev = f"c{c}-{day}"
             history.record(f"c{c}", Impression(t, views[i].id, None, "p", ev))
             history.respond(ev, r > 0)
-            model.learn(shared, [v.line for v in views], i, r, choice.probability)
+            model.learn(shared, [v.line for v in views], i, r)
             total += r
     return total
 

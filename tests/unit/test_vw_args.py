@@ -71,7 +71,7 @@ def test_allowed_learning_options_build_a_model_that_scores_arms(args: str) -> N
     try:
         shared = shared_line([feature("customer", "segment", "youth")])
         arms = [arm_line(a.id, a.vw_features()) for a in spec.arms]
-        model.learn(shared, arms, 0, 1.0, 0.5)
+        model.learn(shared, arms, 0, 1.0)
         scores = model.expected_rewards(shared, arms)
         assert scores.shape == (len(arms),) and np.isfinite(scores).all()
     finally:
