@@ -309,6 +309,11 @@ class PlacementSpec(_Spec):
     slots: Annotated[int, Field(ge=1, le=10)] = 1  # arms returned per Choose, distinct, in order
     activation_window: Duration = 3600.0  # a deferred decision not activated within this is dropped
     reward_aggregation: Literal["earliest", "sum", "max", "average"] = "earliest"
+    # When a decision is learned: once its window closes, in decision order, with its first reward
+    # (or the aggregate, or the default reward); or at its first reward, at once. Closing first
+    # is what keeps channels that report only successes from teaching the model fresh successes
+    # without their failures (README, "Reward windows").
+    learn_at: Literal["window_close", "reward"] = "window_close"
     mode: Literal["online", "apprentice", "logging_only"] = "online"
     experiment: ExperimentSpec | None = None
     shadows: list[ShadowSpec] = Field(default_factory=list)

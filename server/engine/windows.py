@@ -1,15 +1,19 @@
 """Reward windows: rewards, activations of deferred decisions, and the closing of windows.
 
 A decision's window opens when it is shown (at Choose, or at Activate for a deferred one) and
-closes at its deadline or, under ``earliest`` aggregation, at its first reward. A closed window
-gets a position in the learn sequence and is learned exactly once, with the reward that closed
-it (earliest), the aggregate of the rewards within it (sum, max, average) or the default.
+closes at its deadline or, under ``earliest`` aggregation with ``learn_at: reward``, at its first
+reward. A closed window gets a position in the learn sequence and is learned exactly once, with
+its first reward (earliest), the aggregate of the rewards within it (sum, max, average) or the
+default. With ``learn_at: window_close`` (the default) the first reward is stored at once and
+learned at the deadline, so windows are learned in the order their decisions were made, the
+successes with the failures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -97,6 +101,11 @@ def aggregate(how: str, rewards: list[float]) -> float:
     return rewards[0]
 
 
+# The in-flight key of a first reward under ``learn_at: window_close`` (a NUL never comes
+# from a caller: ids are checked for it at the edge).
+_FIRST = "\x00first"
+
+
 class RewardWindows:
     """Reward, Activate and window closing; a part of the Engine, on its event loop."""
 
@@ -126,7 +135,10 @@ class RewardWindows:
         self._settings = settings
         self._clock = clock
         self.open: dict[tuple[str, int], OpenDecision] = {}
-        self._deadlines: list[tuple[float, str, int]] = []  # heap of open windows
+        # Heap of open windows by deadline, then by the order they opened (a counter), so that
+        # windows closing in one sweep are learned in decision order even when deadlines tie.
+        self._deadlines: list[tuple[float, int, str, int]] = []
+        self._opened = itertools.count()
         # Windows whose closing reward is being stored: a second Reward for one of them (a
         # retry, or two at once) waits for that write and answers DUPLICATE, as it would once
         # the write is durable, instead of looking in the database too early (NOT_FOUND).
@@ -134,7 +146,7 @@ class RewardWindows:
 
     def add(self, event_id: str, slot: int, entry: OpenDecision) -> None:
         self.open[(event_id, slot)] = entry
-        heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
+        heapq.heappush(self._deadlines, (entry.deadline, next(self._opened), event_id, slot))
 
     def slots_of(self, event_id: str) -> list[int]:
         return [s for s in range(10) if (event_id, s) in self.open]
@@ -187,6 +199,10 @@ class RewardWindows:
             return await self._late(event_id, slot, reward, now, reward_id)  # the sweeper closes it
         ps = self._states.get(entry.placement)
         how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
+        if how == "earliest" and (
+            (ps is not None and ps.record.spec.learn_at == "window_close") or entry.rewards or (entry.writing and _FIRST in entry.writing)
+        ):  # (a window holding a first reward from before a change to learn_at: reward keeps it)
+            return await self._first_reward(event_id, slot, entry, reward, now)
         if how != "earliest":
             if reward_id:
                 if entry.has_key(reward_id):
@@ -220,6 +236,31 @@ class RewardWindows:
         if not ok:
             return await self._reward_closed(event_id, slot, reward, now, reward_id)
         self._closed(event_id, entry, close)
+        return RewardStatus.LEARNED
+
+    async def _first_reward(self, event_id: str, slot: int, entry: OpenDecision, reward: float, now: float) -> str:
+        """``learn_at: window_close``: the first reward is stored durably now and learned when the
+        window closes, in decision order with the failures; any later one is a duplicate."""
+        if entry.rewards:
+            return RewardStatus.DUPLICATE
+        first = entry.writing.get(_FIRST) if entry.writing else None
+        if first is not None:  # the first is being stored: its outcome is ours
+            await asyncio.shield(first)  # if that write fails, so does this call: retry it
+            return RewardStatus.DUPLICATE
+        recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, "agg", None))
+        entry.writing = entry.writing or {}
+        entry.writing[_FIRST] = recorded
+
+        def settle(f: asyncio.Future[None]) -> None:
+            if entry.writing is not None:
+                entry.writing.pop(_FIRST, None)
+            if not f.cancelled() and f.exception() is None:
+                entry.add_reward(reward)
+                # Fatigue and contact history know of the response now, not at the close.
+                self._contacts.history.respond(event_id if slot == 0 else f"{event_id}#{slot}", reward > 0)
+
+        recorded.add_done_callback(settle)
+        await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
         return RewardStatus.LEARNED
 
     def _closed_write(self, key: tuple[str, int], written: asyncio.Future[bool]) -> None:
@@ -361,7 +402,7 @@ class RewardWindows:
             if not await self._writer.activate(act):
                 continue
             entry.activated, entry.deadline = True, now + window
-            heapq.heappush(self._deadlines, (entry.deadline, event_id, slot))
+            heapq.heappush(self._deadlines, (entry.deadline, next(self._opened), event_id, slot))
             if entry.budgets:
                 self._budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
             if entry.customer_id and self._contacts.history.horizon > 0:
@@ -382,7 +423,7 @@ class RewardWindows:
         now = self._clock()
         closing: list[tuple[tuple[str, int], OpenDecision, Close]] = []
         while self._deadlines and self._deadlines[0][0] < now:
-            deadline, event_id, slot = heapq.heappop(self._deadlines)
+            deadline, _, event_id, slot = heapq.heappop(self._deadlines)
             entry = self.open.get((event_id, slot))
             if entry is None or entry.deadline != deadline:
                 continue
@@ -419,11 +460,14 @@ class RewardWindows:
         Returns how many windows were taken over."""
         loop = asyncio.get_running_loop()
         live_since = self._clock() - self._settings.live_for if self._settings.may_have_peers else None
-        taken = [
-            d
-            for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
-            if (d.event_id, d.slot) not in self.open
-        ]
+        taken = sorted(  # opened in decision order, so that they close (and are learned) in it
+            (
+                d
+                for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
+                if (d.event_id, d.slot) not in self.open
+            ),
+            key=lambda d: (d.timestamp, d.slot),
+        )
         if not taken:
             return 0
         # Their gathered rewards are read before any of them opens here, so that from the moment

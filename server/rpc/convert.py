@@ -207,6 +207,8 @@ _AGGREGATION = {
     admin_pb2.REWARD_AGGREGATION_AVERAGE: "average",
 }
 _AGGREGATION_PB = {v: k for k, v in _AGGREGATION.items()}
+_LEARN_AT = {admin_pb2.LEARN_AT_WINDOW_CLOSE: "window_close", admin_pb2.LEARN_AT_REWARD: "reward"}
+_LEARN_AT_PB = {v: k for k, v in _LEARN_AT.items()}
 _MODES = {
     admin_pb2.LEARNING_MODE_ONLINE: "online",
     admin_pb2.LEARNING_MODE_APPRENTICE: "apprentice",
@@ -310,6 +312,8 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["activation_window"] = p.activation_window_seconds
     if p.reward_aggregation in _AGGREGATION:
         data["reward_aggregation"] = _AGGREGATION[p.reward_aggregation]
+    if p.learn_at in _LEARN_AT:
+        data["learn_at"] = _LEARN_AT[p.learn_at]
     if p.mode in _MODES:
         data["mode"] = _MODES[p.mode]
     if p.HasField("active"):
@@ -430,6 +434,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         slots=s.slots,
         activation_window_seconds=s.activation_window,
         reward_aggregation=_AGGREGATION_PB[s.reward_aggregation],
+        learn_at=_LEARN_AT_PB[s.learn_at],
         mode=_MODES_PB[s.mode],
         active=s.active,
         start_time=_ts(s.start),

@@ -125,6 +125,36 @@ EXPLORATION_ALGORITHM_SQUARECB: ExplorationAlgorithm.ValueType  # 3
 """SquareCB: inverse-gap weighting, exploring less as the model learns."""
 Global___ExplorationAlgorithm: _TypeAlias = ExplorationAlgorithm  # noqa: Y015
 
+class _LearnAt:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LearnAtEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LearnAt.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEARN_AT_UNSPECIFIED: _LearnAt.ValueType  # 0
+    """WINDOW_CLOSE (the default)."""
+    LEARN_AT_WINDOW_CLOSE: _LearnAt.ValueType  # 1
+    """Once, when the window closes, with its first reward (or the aggregate, or the default
+    reward), in the order the decisions were made: successes and failures alike wait, so
+    channels that report only successes learn without bias.
+    """
+    LEARN_AT_REWARD: _LearnAt.ValueType  # 2
+    """The first reward at once (for channels that report every outcome, zeros included, quickly)."""
+
+class LearnAt(_LearnAt, metaclass=_LearnAtEnumTypeWrapper):
+    """LearnAt is when a decision's outcome is learned."""
+
+LEARN_AT_UNSPECIFIED: LearnAt.ValueType  # 0
+"""WINDOW_CLOSE (the default)."""
+LEARN_AT_WINDOW_CLOSE: LearnAt.ValueType  # 1
+"""Once, when the window closes, with its first reward (or the aggregate, or the default
+reward), in the order the decisions were made: successes and failures alike wait, so
+channels that report only successes learn without bias.
+"""
+LEARN_AT_REWARD: LearnAt.ValueType  # 2
+"""The first reward at once (for channels that report every outcome, zeros included, quickly)."""
+Global___LearnAt: _TypeAlias = LearnAt  # noqa: Y015
+
 class _RewardAggregation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -134,7 +164,7 @@ class _RewardAggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rew
     REWARD_AGGREGATION_UNSPECIFIED: _RewardAggregation.ValueType  # 0
     """EARLIEST (the default)."""
     REWARD_AGGREGATION_EARLIEST: _RewardAggregation.ValueType  # 1
-    """The first reward is learned at once; later ones are duplicates. Lowest latency to learning."""
+    """The first reward is the learned one; later ones are duplicates."""
     REWARD_AGGREGATION_SUM: _RewardAggregation.ValueType  # 2
     """The sum of the rewards, learned when the window closes."""
     REWARD_AGGREGATION_MAX: _RewardAggregation.ValueType  # 3
@@ -148,7 +178,7 @@ class RewardAggregation(_RewardAggregation, metaclass=_RewardAggregationEnumType
 REWARD_AGGREGATION_UNSPECIFIED: RewardAggregation.ValueType  # 0
 """EARLIEST (the default)."""
 REWARD_AGGREGATION_EARLIEST: RewardAggregation.ValueType  # 1
-"""The first reward is learned at once; later ones are duplicates. Lowest latency to learning."""
+"""The first reward is the learned one; later ones are duplicates."""
 REWARD_AGGREGATION_SUM: RewardAggregation.ValueType  # 2
 """The sum of the rewards, learned when the window closes."""
 REWARD_AGGREGATION_MAX: RewardAggregation.ValueType  # 3
@@ -581,6 +611,7 @@ class Placement(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     MAX_ABS_REWARD_FIELD_NUMBER: _builtins.int
     ELIGIBLE_FIELD_NUMBER: _builtins.int
+    LEARN_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -617,6 +648,10 @@ class Placement(_message.Message):
     """
     eligible: _builtins.str
     """Eligibility rule every arm must also satisfy, as JSON in the apply file's form; empty: none."""
+    learn_at: Global___LearnAt.ValueType
+    """When a decision is learned: at the close of its window, in decision order (the default),
+    or at its first reward.
+    """
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
         """The placement's arms."""
@@ -677,10 +712,11 @@ class Placement(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         max_abs_reward: _builtins.float | None = ...,
         eligible: _builtins.str = ...,
+        learn_at: Global___LearnAt.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015

@@ -14,6 +14,7 @@ from tests.harness import ROOT, ServerProcess
 APPLY = """placements:
   - id: app_home_banner
     exploration: {algorithm: squarecb}
+    learn_at: reward
     arms:
       - {id: data_5gb_7d, features: {category: data, price: 4.99, validity_days: 7}}
       - {id: data_20gb_30d, features: {category: data, price: 14.99, validity_days: 30}}
@@ -72,7 +73,7 @@ def test_invalid_apply_file_names_line_and_field_and_applies_nothing(tmp_path: P
     try:
         r = cli("apply", str(bad), "--target", p.target)
         assert r.returncode == 2
-        assert f"{bad}:7: placements[0].arms[2].features: price must be a finite number" in r.stderr
+        assert f"{bad}:8: placements[0].arms[2].features: price must be a finite number" in r.stderr
         with NextbestClient(p.target) as c:
             assert c.placements() == []
     finally:
@@ -127,6 +128,62 @@ def test_kill_9_mid_traffic_loses_no_acknowledged_reward_and_learns_none_twice(t
             assert s.model_version == sum(a.rewards for a in s.arms) >= len(acked)  # snapshot + log, once each
     finally:
         p.terminate()
+
+
+def test_kill_9_under_learn_at_window_close_keeps_every_first_reward_for_the_close(tmp_path: Path) -> None:
+    """The default learn_at: an acknowledged first reward waits for its window's close; after a
+    kill -9 the restarted server takes the windows over with their stored rewards and learns
+    each decision once, with that reward, in decision order."""
+    import threading
+
+    import grpc
+    from sqlalchemy import create_engine, text
+
+    from tests import envs
+
+    db = f"sqlite:///{tmp_path}/nb.db"
+    p = ServerProcess(db, env={"NEXTBEST_SWEEP_INTERVAL": "0.1"})
+    acked: dict[str, float] = {}
+    with NextbestClient(p.target) as c:
+        c.apply([envs.placement(reward_window=4, learn_at="window_close")])
+
+    def load() -> None:
+        with NextbestClient(p.target, timeout=2) as c:
+            for i in range(100_000):
+                try:
+                    d = c.choose("app_home_banner", {"segment": envs.SEGMENTS[i % 5]})
+                    if i % 3 and c.reward(d.event_id, float(i % 3 == 1)) == "learned":
+                        acked[d.event_id] = float(i % 3 == 1)
+                except grpc.RpcError:
+                    return
+
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(1.5)
+    p.kill()  # SIGKILL: no flush, no snapshot
+    t.join(10)
+    assert len(acked) > 30
+    p = ServerProcess(db, env={"NEXTBEST_SWEEP_INTERVAL": "0.1"})
+    try:
+        with NextbestClient(p.target) as c:
+            deadline = time.monotonic() + 30
+            while c.stats("app_home_banner").pending and time.monotonic() < deadline:
+                time.sleep(0.2)
+            s = c.stats("app_home_banner")
+            assert s.pending == 0
+            for e in list(acked)[:20]:
+                assert c.reward(e, 5.0) == "duplicate"
+    finally:
+        p.terminate()
+    eng = create_engine(db)
+    with eng.connect() as conn:
+        rows = conn.execute(text("SELECT event_id, outcome, reward, learn_seq, created_at FROM decisions")).all()
+    eng.dispose()
+    by_id = {r[0]: r for r in rows}
+    assert all(by_id[e][1] == 1 and by_id[e][2] == r for e, r in acked.items())  # REWARD, the acknowledged value
+    seqs = [r[3] for r in rows if r[1] in (1, 2)]
+    assert None not in seqs and len(seqs) == len(set(seqs))  # each learned once
+    assert s.model_version == len(seqs)
 
 
 def test_workers_share_one_port(tmp_path: Path) -> None:

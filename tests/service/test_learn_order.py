@@ -1,0 +1,101 @@
+"""learn_at: a decision is learned once its window closes, in decision order (the default), or at
+its first reward; channels that report only successes then learn as well as those that report
+every outcome."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from nextbest.bandit.spec import PlacementSpec
+from tests.harness import FakeClock, running_server
+
+SEGMENTS = ("s0", "s1", "s2")
+ARMS = ("a0", "a1", "a2", "a3", "a4")
+P = np.full((3, 5), 0.2)  # the oracle earns 0.7, a uniform policy 0.3
+P[0, 0] = P[1, 2] = P[2, 4] = 0.7
+
+
+def wait_for(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def spec(pid: str, **kw: object) -> PlacementSpec:
+    return PlacementSpec.model_validate({"id": pid, "arms": [{"id": a} for a in ARMS], **kw})
+
+
+def test_window_close_learns_each_decision_once_at_its_close_in_decision_order(db_url: str) -> None:
+    clock = FakeClock()
+    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
+        c.apply([spec("p", reward_window=10, default_reward=0)])
+        ps = s.engine.states["p"]
+        ids = [c.choose("p", {"customer": {"segment": "s0"}}).event_id for _ in range(4)]
+        assert c.reward(ids[2], 1.0) == "learned"  # durable, and it will be learned exactly once
+        assert c.reward(ids[2], 5.0) == "duplicate"  # the first reward is the one learned
+        assert c.reward(ids[0], 0.5) == "learned"
+        time.sleep(0.2)
+        assert ps.model.learned == 0  # nothing is learned before the windows close
+        assert c.stats("p").pending == 4
+        clock.advance(11)
+        assert s.call(s.engine.windows.sweep()) == 4
+        wait_for(lambda: ps.model.learned == 4)
+        rows = [s.engine.store.find_decision(e) for e in ids]
+        assert [(r.outcome.name, r.reward) for r in rows] == [("REWARD", 0.5), ("DEFAULT", 0.0), ("REWARD", 1.0), ("DEFAULT", 0.0)]
+        seqs = [r.learn_seq for r in rows]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4  # learned in the order decided
+        assert c.reward(ids[1], 1.0) == "late"
+
+
+def test_window_close_keeps_a_first_reward_over_a_restart_and_a_change_of_learn_at(db_url: str) -> None:
+    clock = FakeClock()
+    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
+        c.apply([spec("p", reward_window=10)])
+        d = c.choose("p", {"customer": {"segment": "s1"}})
+        assert c.reward(d.event_id, 2.0) == "learned"
+    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
+        c.apply([spec("p", reward_window=10, learn_at="reward")])  # the model is kept
+        assert c.reward(d.event_id, 3.0) == "duplicate"  # the stored first reward still holds
+        fresh = c.choose("p", {"customer": {"segment": "s1"}})
+        assert c.reward(fresh.event_id, 1.0) == "learned"
+        wait_for(lambda: s.engine.states["p"].model.learned == 1)  # learn_at: reward learns at once
+        clock.advance(11)
+        s.call(s.engine.windows.sweep())
+        wait_for(lambda: s.engine.states["p"].model.learned == 2)
+        assert s.engine.store.find_decision(d.event_id).reward == 2.0
+
+
+def run(s, c, pid: str, successes_only: bool, clock: FakeClock, seed: int, rounds: int = 4000) -> float:  # type: ignore[no-untyped-def]
+    """Rounds of one customer each; 1 ms of the fake clock per round, windows of 150 rounds,
+    swept every 10 rounds. Returns the mean reward over rounds 1001 to the end."""
+    rng = np.random.default_rng(seed)
+    earned = []
+    for i in range(rounds):
+        seg = int(rng.integers(3))
+        d = c.choose(pid, {"customer": {"segment": SEGMENTS[seg]}})
+        r = float(rng.random() < P[seg, ARMS.index(d.arm_id)])
+        earned.append(r)
+        if r > 0 or not successes_only:
+            c.reward(d.event_id, r)
+        clock.advance(0.001)
+        if i % 10 == 9:
+            s.call(s.engine.windows.sweep())
+    return float(np.mean(earned[1000:]))
+
+
+def test_success_only_reporting_learns_as_well_as_reporting_every_outcome_at_once(db_url: str) -> None:
+    """Through gRPC, SquareCB (the default): reporting only successes with the default settings
+    (learn_at: window_close) against every outcome learned at its reward. Before, learning each
+    success at once and each failure at the close (and every update weighted by 1/probability)
+    reached about 0.64 in these rounds."""
+    clock = FakeClock()
+    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
+        c.apply([spec("every", reward_window=0.15, learn_at="reward"), spec("successes", reward_window=0.15)])
+        every = run(s, c, "every", successes_only=False, clock=clock, seed=3)
+        successes = run(s, c, "successes", successes_only=True, clock=clock, seed=3)
+    print(f"mean reward, rounds 1001-4000: every outcome at once {every:.3f}, successes only at the close {successes:.3f}")
+    assert every > 0.6 and successes > 0.6  # both learned (uniform 0.3, oracle 0.7)
+    assert successes >= 0.95 * every
