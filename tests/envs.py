@@ -25,6 +25,9 @@ def placement(pid: str = "app_home_banner", **kw: object) -> PlacementSpec:
     data: dict[str, object] = {
         "id": pid,
         "arms": [{"id": a, "features": {"category": CATEGORY[a]}} for a in ARMS],
+        # These tests report every outcome and look at the model right after: learn at once.
+        # learn_at: window_close, the default, has its own tests (tests/service/test_learn_order.py).
+        "learn_at": "reward",
     }
     data.update(kw)
     return PlacementSpec.model_validate(data)

@@ -278,6 +278,7 @@ class TelecomSim:
                     exploration=c.exploration,
                     vw_args=c.vw_args,
                     reward_window=600.0,
+                    learn_at="reward",  # the simulated channels report every outcome at once
                     fatigue=c.fatigue,
                 )
             )

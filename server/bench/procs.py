@@ -292,11 +292,15 @@ _SEGMENTS = ("youth", "family", "business", "senior", "student", "premium")
 
 
 def placement(pid: str, arms: int, bits: int = 18) -> PlacementSpec:
-    """A placement of ``arms`` offers with five features each; every other setting the default."""
+    """A placement of ``arms`` offers with five features each; every other setting the default
+    but ``learn_at: reward``, so that a Reward's cost includes its close and the learner keeps
+    up within the run (under window_close a Reward stores the reward and the close comes at the
+    deadline: one more row written per rewarded decision)."""
     return PlacementSpec.model_validate(
         {
             "id": pid,
             "bits": bits,
+            "learn_at": "reward",
             "arms": [
                 {
                     "id": f"arm_{j:03d}",

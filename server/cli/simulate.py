@@ -55,6 +55,10 @@ def _simulate(args: argparse.Namespace) -> int:
             else None
         )
         specs = [p.model_copy(update={"fatigue": fatigue}) for p in specs]
+    if args.learn_at is not None:  # compare learning at the first reward with learning at the close
+        specs = [p.model_copy(update={"learn_at": args.learn_at}) for p in specs]
+    if args.reward_window is not None:
+        specs = [p.model_copy(update={"reward_window": args.reward_window}) for p in specs]
     board = Scoreboard(max(len(p.arms) for p in specs))
     prefix = args.event_prefix or f"sim{args.seed}-{uuid.uuid4().hex[:8]}"
     _err(f"simulate: scenario {scenario.name}, {args.events} events, seed {args.seed}, reward = {sim.reward_kind}, target {args.target}")
@@ -75,7 +79,8 @@ def _simulate(args: argparse.Namespace) -> int:
                 )
             start_versions.setdefault(v.placement, d.model_version)
             out = sim.respond(v, d.arm_id)
-            nb.reward(d.event_id, out.reward)
+            if out.reward > 0 or not args.successes_only:
+                nb.reward(d.event_id, out.reward)
             board.add(v, d.arm_id, out)
             done = i + 1
             if done % args.progress_every == 0 or done == args.events or time.perf_counter() - last > 10:
@@ -364,6 +369,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="subtract the penalty from the expected reward, or scale the reward by exp(-penalty)",
     )
     s.add_argument("--window", type=_positive, default=5000, help="final window of the report (default 5000 events)")
+    s.add_argument(
+        "--learn-at",
+        dest="learn_at",
+        choices=["window_close", "reward"],
+        help="set every placement's learn_at, overriding the scenario (default: the scenario's, else window_close)",
+    )
+    s.add_argument(
+        "--reward-window",
+        dest="reward_window",
+        type=float,
+        help="every placement's reward window in seconds (default 600; with window_close, learning waits this long)",
+    )
+    s.add_argument(
+        "--successes-only",
+        dest="successes_only",
+        action="store_true",
+        help="report only positive rewards, as channels that know only conversions do; the rest get the default reward",
+    )
     s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
     s.add_argument("--event-prefix", dest="event_prefix", default="", help="prefix of event ids (default: random per run)")
     s.set_defaults(func=_simulate)

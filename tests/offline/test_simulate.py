@@ -18,6 +18,19 @@ from tests.harness import ServerThread
 DEFAULT = load_scenario()
 
 
+def test_simulate_can_report_only_successes_and_learn_at_the_close(server: ServerThread, tmp_path: Path) -> None:
+    args = ["simulate", "--target", server.target, "--events", "120", "--seed", "4", "--window", "100"]
+    assert main([*args, "--successes-only", "--reward-window", "30", "--learn-at", "window_close", "--json", str(tmp_path / "r.json")]) == 0
+    engine = server.engine
+    specs = [ps.record.spec for ps in engine.states.values()]
+    assert specs and all(p.learn_at == "window_close" and p.reward_window == 30 for p in specs)
+    stats = {pid: server.call(engine.stats.stats(pid)) for pid in engine.states}
+    assert sum(s.pending for s in stats.values()) == 120  # every window still open: nothing learned yet
+    assert all(ps.model.learned == 0 for ps in engine.states.values())
+    recorded = engine.store.open_reward_events()
+    assert recorded and all(e.reward > 0 for e in recorded)  # only the successes were reported
+
+
 def test_short_simulation_through_a_real_server(server: ServerThread, tmp_path: Path) -> None:
     out, png = tmp_path / "result.json", tmp_path / "curve.png"
     rc = main(

@@ -48,6 +48,7 @@ PLACEMENT = PlacementSpec.model_validate(
     {
         "id": "app_home_banner",
         "exploration": {"algorithm": "epsilon", "epsilon": 0.5},
+        "learn_at": "reward",  # the metrics show a reward learned as soon as it is acknowledged
         "arms": [
             {"id": "paid", "cost_per_impression": 1.0, "cost_per_reward": 2.0, "budget": {"total": 100}},
             {"id": "free"},

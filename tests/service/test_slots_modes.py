@@ -59,6 +59,7 @@ def test_deferred_decisions_count_only_when_activated(db_url: str) -> None:
             "id": "push",
             "activation_window": 0.3,
             "reward_window": 60,
+            "learn_at": "reward",
             "arms": [{"id": "promo", "cost_per_impression": 1.0, "budget": {"total": 10}}],
         }
     )

@@ -347,7 +347,9 @@ def test_a_commit_whose_answer_was_lost_does_not_wedge_the_writer(db_url: str) -
 def test_a_reward_whose_caller_gave_up_during_an_outage_still_settles_its_budget(db_url: str) -> None:
     """The close was queued when the caller's deadline passed: it lands later, and the window's
     held reward cost must be settled then, not stay reserved in memory until a restart."""
-    spec = PlacementSpec.model_validate({"id": "p", "arms": [{"id": "paid", "cost_per_reward": 1.0, "budget": {"total": 100}}]})
+    spec = PlacementSpec.model_validate(
+        {"id": "p", "learn_at": "reward", "arms": [{"id": "paid", "cost_per_reward": 1.0, "budget": {"total": 100}}]}
+    )
     s = ServerThread(make_settings(db_url))
     try:
         with s.client() as c:
