@@ -212,10 +212,12 @@ class RewardWindows:
                     await asyncio.shield(first)  # if that write fails, so does this call: retry it
                     return RewardStatus.DUPLICATE
             recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
-            if reward_id:
-                entry.writing = entry.writing or {}
-                entry.writing[reward_id] = recorded
-            recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id))
+            # Every write in flight is tracked (under the caller's key, else one of its own), so
+            # that the sweep never closes the window before the reward is counted in it.
+            writing_key = reward_id or f"\x00{next(self._opened)}"
+            entry.writing = entry.writing or {}
+            entry.writing[writing_key] = recorded
+            recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id, writing_key))
             await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
             return RewardStatus.RECORDED
         del self.open[key]
@@ -268,11 +270,11 @@ class RewardWindows:
             del self._closing[key]
 
     @staticmethod
-    def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str) -> None:
+    def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str, writing_key: str) -> None:
         """Count an aggregated reward once its write is durable (whether or not its caller still
         waits); a failed one is not counted and its key is free for a retry."""
-        if reward_id and entry.writing is not None:
-            entry.writing.pop(reward_id, None)
+        if entry.writing is not None:
+            entry.writing.pop(writing_key, None)
         if not f.cancelled() and f.exception() is None:
             if reward_id:
                 entry.add_key(reward_id)
@@ -422,10 +424,15 @@ class RewardWindows:
         a deferred decision never activated is dropped. Returns how many windows closed."""
         now = self._clock()
         closing: list[tuple[tuple[str, int], OpenDecision, Close]] = []
+        later: list[tuple[float, int, str, int]] = []
         while self._deadlines and self._deadlines[0][0] < now:
-            deadline, _, event_id, slot = heapq.heappop(self._deadlines)
+            item = heapq.heappop(self._deadlines)
+            deadline, _, event_id, slot = item
             entry = self.open.get((event_id, slot))
             if entry is None or entry.deadline != deadline:
+                continue
+            if entry.writing:  # a reward accepted in time is still being stored: close it next sweep, with it
+                later.append(item)
                 continue
             del self.open[(event_id, slot)]
             ps = self._states.get(entry.placement)
@@ -438,6 +445,8 @@ class RewardWindows:
                 outcome, value = Outcome.DEFAULT, spec.default_reward if spec is not None else 0.0
             close = Close(event_id, outcome, value, now, entry.reward_cost, entry.budgets, slot, entry.cost)
             closing.append(((event_id, slot), entry, close))
+        for item in later:
+            heapq.heappush(self._deadlines, item)
         if not closing:
             return 0
         results = await asyncio.gather(*(self._writer.close_window(c) for _, _, c in closing), return_exceptions=True)

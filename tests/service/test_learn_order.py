@@ -57,7 +57,9 @@ def test_window_close_keeps_a_first_reward_over_a_restart_and_a_change_of_learn_
         d = c.choose("p", {"customer": {"segment": "s1"}})
         assert c.reward(d.event_id, 2.0) == "learned"
     with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
-        c.apply([spec("p", reward_window=10, learn_at="reward")])  # the model is kept
+        model = s.engine.states["p"].model
+        c.apply([spec("p", reward_window=10, learn_at="reward")])
+        assert s.engine.states["p"].model is model  # changing learn_at keeps the model
         assert c.reward(d.event_id, 3.0) == "duplicate"  # the stored first reward still holds
         fresh = c.choose("p", {"customer": {"segment": "s1"}})
         assert c.reward(fresh.event_id, 1.0) == "learned"
@@ -99,3 +101,32 @@ def test_success_only_reporting_learns_as_well_as_reporting_every_outcome_at_onc
     print(f"mean reward, rounds 1001-4000: every outcome at once {every:.3f}, successes only at the close {successes:.3f}")
     assert every > 0.6 and successes > 0.6  # both learned (uniform 0.3, oracle 0.7)
     assert successes >= 0.95 * every
+
+
+def test_a_first_reward_still_being_stored_at_the_deadline_is_the_one_learned(db_url: str) -> None:
+    """The sweep used to close a window whose accepted reward was still being written with the
+    default reward: acknowledged, stored, and never learned. Now it waits for the write."""
+    import sqlite3
+    import threading
+
+    clock = FakeClock()
+    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
+        c.apply([spec("p", reward_window=10, default_reward=0)])
+        d = c.choose("p", {"customer": {"segment": "s0"}})
+        time.sleep(0.1)  # the decision is committed
+        lock = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=10, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # the reward's write waits for this
+        answers: list[str] = []
+        t = threading.Thread(target=lambda: answers.append(c.reward(d.event_id, 1.0)))
+        t.start()
+        wait_for(lambda: bool(s.engine.windows.open[(d.event_id, 0)].writing))
+        clock.advance(11)  # the deadline passes while the reward is being stored
+        assert s.call(s.engine.windows.sweep()) == 0  # not closed under it
+        lock.execute("ROLLBACK")
+        lock.close()
+        t.join(10)
+        assert answers == ["learned"]
+        assert s.call(s.engine.windows.sweep()) == 1
+        wait_for(lambda: s.engine.states["p"].model.learned == 1)
+        row = s.engine.store.find_decision(d.event_id)
+        assert (row.outcome.name, row.reward) == ("REWARD", 1.0)
