@@ -58,8 +58,10 @@ class StatsReader:
         # reports the same spent and remaining; reading them also refreshes this one's pacers.
         shared = await self._budgets.share(now, list(accounts))
         budgets = [BudgetView.of(acc, now, shared.get(k)) for k, acc in accounts.items()]
-        models = [ModelView.of(s) for s in ps.slots.values()]
         ineligible: dict[str, list[tuple[str, int]]] = {}
         for t in await loop.run_in_executor(self._reader_pool, self._store.tally_ineligible, pid):
             ineligible.setdefault(t.arm_id, []).append((t.reason, t.decisions))
+        # The models last, after every await, together: the learner runs between awaits, and a
+        # version read apart from the models' counts disagreed with them by one.
+        models = [ModelView.of(s) for s in ps.slots.values()]
         return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models, ineligible)
