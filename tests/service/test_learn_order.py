@@ -4,12 +4,15 @@ every outcome."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from nextbest.bandit.spec import PlacementSpec
-from tests.harness import FakeClock, running_server
+from tests.harness import ROOT, FakeClock, running_server
 
 SEGMENTS = ("s0", "s1", "s2")
 ARMS = ("a0", "a1", "a2", "a3", "a4")
@@ -88,16 +91,31 @@ def run(s, c, pid: str, successes_only: bool, clock: FakeClock, seed: int, round
     return float(np.mean(earned[1000:]))
 
 
-def test_success_only_reporting_learns_as_well_as_reporting_every_outcome_at_once(db_url: str) -> None:
+def one_run(db: str, successes_only: bool, seed: int = 3) -> float:
+    """One run on its own in-process server and fake clock."""
+    clock = FakeClock()
+    with running_server(db, clock=clock, sweep_interval=60) as s, s.client() as c:
+        kw = {} if successes_only else {"learn_at": "reward"}
+        c.apply([spec("p", reward_window=0.15, **kw)])
+        return run(s, c, "p", successes_only, clock, seed)
+
+
+def test_success_only_reporting_learns_as_well_as_reporting_every_outcome_at_once(tmp_path: Path) -> None:
     """Through gRPC, SquareCB (the default): reporting only successes with the default settings
     (learn_at: window_close) against every outcome learned at its reward. Before, learning each
     success at once and each failure at the close (and every update weighted by 1/probability)
-    reached about 0.64 in these rounds."""
-    clock = FakeClock()
-    with running_server(db_url, clock=clock, sweep_interval=60) as s, s.client() as c:
-        c.apply([spec("every", reward_window=0.15, learn_at="reward"), spec("successes", reward_window=0.15)])
-        every = run(s, c, "every", successes_only=False, clock=clock, seed=3)
-        successes = run(s, c, "successes", successes_only=True, clock=clock, seed=3)
+    reached about 0.64 in these rounds. The every-outcome run goes in a second process, so the
+    two use both cores (each is one process's client and server sharing its GIL)."""
+    other = subprocess.Popen(
+        [sys.executable, "-m", "tests.service.test_learn_order", f"sqlite:///{tmp_path / 'every.db'}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    successes = one_run(f"sqlite:///{tmp_path / 'successes.db'}", successes_only=True)
+    out, _ = other.communicate(timeout=240)
+    assert other.returncode == 0
+    every = float(out.strip().splitlines()[-1])
     print(f"mean reward, rounds 1001-4000: every outcome at once {every:.3f}, successes only at the close {successes:.3f}")
     assert every > 0.6 and successes > 0.6  # both learned (uniform 0.3, oracle 0.7)
     assert successes >= 0.95 * every
@@ -130,3 +148,7 @@ def test_a_first_reward_still_being_stored_at_the_deadline_is_the_one_learned(db
         wait_for(lambda: s.engine.states["p"].model.learned == 1)
         row = s.engine.store.find_decision(d.event_id)
         assert (row.outcome.name, row.reward) == ("REWARD", 1.0)
+
+
+if __name__ == "__main__":  # the every-outcome run of the test above, in its own process
+    print(one_run(sys.argv[1], successes_only=False))
