@@ -134,9 +134,16 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from nextbest.offline.log_source import parse_time, read_decisions, write_dsjson
+    from nextbest.offline.log_source import iter_decisions, parse_time, read_decisions, write_dsjson
 
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    if args.format == "parquet":
+        from nextbest.offline.parquet_log import write_parquet
+
+        rows, _ = iter_decisions(args.db, args.placement, since=since, until=until)
+        n = write_parquet(args.out, rows)
+        print(f"wrote {n} decisions of {args.placement} to {args.out} (Parquet)", file=sys.stderr)
+        return 0
     decisions, arm_features = read_decisions(args.db, args.placement, since=since, until=until)
     n = write_dsjson(args.out, decisions, arm_features, ccb=args.format == "ccb-dsjson")
     what = "multi-slot events" if args.format == "ccb-dsjson" else "decisions"
@@ -181,9 +188,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     e.add_argument("--placement", required=True)
     e.add_argument(
         "--format",
-        choices=["dsjson", "ccb-dsjson"],
+        choices=["dsjson", "ccb-dsjson", "parquet"],
         default="dsjson",
-        help="dsjson: one cb_adf event per decision (each slot its own); ccb-dsjson: one CCB event per multi-slot choice",
+        help="dsjson: one cb_adf event per decision (each slot its own); ccb-dsjson: one CCB event per multi-slot choice; "
+        "parquet: one row per decision and slot, pacing's no-offer events included, in row groups (DuckDB, pandas, Spark)",
     )
     e.add_argument("--out", required=True, help="output file, - for standard output")
     e.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")

@@ -188,6 +188,28 @@ def read_decisions(
     return decisions, arm_rows
 
 
+def iter_decisions(
+    url: str, placement: str, *, since: float | None = None, until: float | None = None, chunk: int = 10_000
+) -> tuple[Iterator[LoggedDecision], ArmFeatureRows]:
+    """Closed decisions oldest first, pacing's "no offer" ones included (as the replay reads
+    them), fetched ``chunk`` rows at a time (a server-side cursor on PostgreSQL), so that an
+    export holds one chunk, not the log; and the placement's arm features. Raises NotFound for
+    an empty period before anything is written."""
+    d = t.decisions.c
+    stmt = select(t.decisions).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id, d.slot)
+    with _connect(url) as conn:
+        arm_rows = _arm_features(conn, placement)
+        if conn.execute(stmt.limit(1)).first() is None:
+            raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
+
+    def rows() -> Iterator[LoggedDecision]:
+        with _connect(url) as conn:
+            for r in conn.execution_options(yield_per=chunk).execute(stmt):
+                yield decision_from_row(r)
+
+    return rows(), arm_rows
+
+
 @contextmanager
 def _open(path: str, mode: str) -> Iterator[IO[str]]:
     if path == "-":
