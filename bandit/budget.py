@@ -103,7 +103,11 @@ class Account:
         return max(self.used, self.shared[0] + self.shared[1] + self.used - self.used_at_share)
 
     def share(self, spent: float, reserved: float, used_before_read: float) -> None:
-        """Take the database's figures for every server, read after ``used_before_read``."""
+        """Take the database's figures for every server, read after ``used_before_read``.
+
+        Approximate by this process's own spend in flight: what it flushed between that figure
+        and the read counts twice, what was still queued at the read not at all, each a flush
+        interval's worth at most, until the next read; the hard limit never depends on it."""
         self.shared = (spent, reserved)
         self.used_at_share = used_before_read
 

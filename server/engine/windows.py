@@ -32,7 +32,7 @@ from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
 from nextbest.engine.writer import BatchWriter
 from nextbest.settings import Settings
-from nextbest.storage.base import Activation, Close, ContactRow, RewardEvent, Store
+from nextbest.storage.base import FIRST, Activation, Close, ContactRow, RewardEvent, Store
 from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
@@ -75,7 +75,7 @@ class OpenDecision:
     # took 180 ms with empty list and set fields, measured).
     rewards: list[float] | None = None  # recorded for aggregation
     reward_ids: set[str] | None = None  # the callers' keys of those rewards
-    writing: dict[str, asyncio.Future[None]] | None = None  # keys whose reward is being stored
+    writing: dict[str, asyncio.Future[bool]] | None = None  # keys whose reward is being stored
 
     def add_reward(self, reward: float) -> None:
         if self.rewards is None:
@@ -142,7 +142,7 @@ class RewardWindows:
         # Windows whose closing reward is being stored: a second Reward for one of them (a
         # retry, or two at once) waits for that write and answers DUPLICATE, as it would once
         # the write is durable, instead of looking in the database too early (NOT_FOUND).
-        self._closing: dict[tuple[str, int], tuple[str, asyncio.Future[bool]]] = {}
+        self._closing: dict[tuple[str, int], tuple[str, asyncio.Future[Close | None]]] = {}
 
     def add(self, event_id: str, slot: int, entry: OpenDecision) -> None:
         self.open[(event_id, slot)] = entry
@@ -235,10 +235,12 @@ class RewardWindows:
         except BaseException:
             self.open[key] = entry  # not stored: the window stays open for a retry
             raise
-        if not ok:
+        if ok is None:
             return await self._reward_closed(event_id, slot, reward, now, reward_id)
-        self._closed(event_id, entry, close)
-        return RewardStatus.LEARNED
+        self._closed(event_id, entry, ok)
+        # The row held a first reward (stored under learn_at: window_close before a change):
+        # that one was learned, and this one is a duplicate.
+        return RewardStatus.LEARNED if ok.reward == reward else RewardStatus.DUPLICATE
 
     async def _first_reward(self, event_id: str, slot: int, entry: OpenDecision, reward: float, now: float) -> str:
         """``learn_at: window_close``: the first reward is stored durably now and learned when the
@@ -249,28 +251,41 @@ class RewardWindows:
         if first is not None:  # the first is being stored: its outcome is ours
             await asyncio.shield(first)  # if that write fails, so does this call: retry it
             return RewardStatus.DUPLICATE
-        recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, "agg", None))
+        # Stored on the decision's row, where a first reward sent to another server lands too:
+        # whichever comes first is the one, and the close at the deadline takes it from the row.
+        recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, FIRST, None))
         entry.writing = entry.writing or {}
         entry.writing[_FIRST] = recorded
 
-        def settle(f: asyncio.Future[None]) -> None:
+        def settle(f: asyncio.Future[bool]) -> None:
             if entry.writing is not None:
                 entry.writing.pop(_FIRST, None)
-            if not f.cancelled() and f.exception() is None:
+            if not f.cancelled() and f.exception() is None and f.result():
                 entry.add_reward(reward)
                 # Fatigue and contact history know of the response now, not at the close.
                 self._contacts.history.respond(event_id if slot == 0 else f"{event_id}#{slot}", reward > 0)
 
         recorded.add_done_callback(settle)
-        await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
-        return RewardStatus.LEARNED
+        if await asyncio.shield(recorded):  # a caller that gives up leaves the reward to the callback
+            return RewardStatus.LEARNED
+        return await self._first_refused(event_id, slot, reward, now)
 
-    def _closed_write(self, key: tuple[str, int], written: asyncio.Future[bool]) -> None:
+    async def _first_refused(self, event_id: str, slot: int, reward: float, now: float) -> str:
+        """A first reward the row did not take: it has one already (another server's: DUPLICATE),
+        or the window closed meanwhile (learned: DUPLICATE; with the default: LATE)."""
+        d = await self.find(event_id, slot)
+        if d is None:
+            raise self.unknown(event_id, slot, reward, quiet=batch_quiet.get())
+        if d.outcome in (Outcome.OPEN, Outcome.REWARD):
+            return RewardStatus.DUPLICATE
+        return await self._late(event_id, slot, reward, now)
+
+    def _closed_write(self, key: tuple[str, int], written: asyncio.Future[Close | None]) -> None:
         if key in self._closing and self._closing[key][1] is written:
             del self._closing[key]
 
     @staticmethod
-    def _settle_recorded(f: asyncio.Future[None], entry: OpenDecision, reward: float, reward_id: str, writing_key: str) -> None:
+    def _settle_recorded(f: asyncio.Future[bool], entry: OpenDecision, reward: float, reward_id: str, writing_key: str) -> None:
         """Count an aggregated reward once its write is durable (whether or not its caller still
         waits); a failed one is not counted and its key is free for a retry."""
         if entry.writing is not None:
@@ -304,11 +319,11 @@ class RewardWindows:
         tally[1] += 1
         self._learner.poke(entry.placement)
 
-    def _after_abandoned(self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[bool]) -> None:
+    def _after_abandoned(self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[Close | None]) -> None:
         if written.cancelled() or written.exception() is not None:
             self.add(key[0], key[1], entry)  # not stored: open again, and swept in time
-        elif written.result():
-            self._closed(key[0], entry, close)
+        elif (as_stored := written.result()) is not None:
+            self._closed(key[0], entry, as_stored)
 
     async def find(self, event_id: str, slot: int) -> LoggedDecision | None:
         """A decision from the database, once it can be there: this server's own unflushed
@@ -361,10 +376,17 @@ class RewardWindows:
             raise InvalidInput("event_id", f"event {quote(event_id)} was never activated; it is not learned")
         if d.outcome == Outcome.OPEN and d.activated and now <= d.deadline:
             # Open in the database but not in this process's memory: another server owns it.
+            ps = self._states.get(d.placement)
+            spec = ps.record.spec if ps is not None else None
+            if spec is not None and spec.learn_at == "window_close" and spec.reward_aggregation == "earliest":
+                # On the row, for the owner's close at the deadline (it takes it from there).
+                if await self._writer.record(RewardEvent(event_id, slot, reward, now, FIRST, None)):
+                    return RewardStatus.LEARNED
+                return await self._first_refused(event_id, slot, reward, now)
             close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, slot, d.cost)
-            if await self._writer.close_window(close):
+            if (as_stored := await self._writer.close_window(close)) is not None:
                 self._learner.poke(d.placement)
-                return RewardStatus.LEARNED
+                return RewardStatus.LEARNED if as_stored.reward == reward else RewardStatus.DUPLICATE
             return await self._reward_closed(event_id, slot, reward, now, reward_id)
         return await self._late(event_id, slot, reward, now, reward_id)
 
@@ -451,16 +473,16 @@ class RewardWindows:
             return 0
         results = await asyncio.gather(*(self._writer.close_window(c) for _, _, c in closing), return_exceptions=True)
         closed = 0
-        for (key, entry, close), res in zip(closing, results, strict=True):
+        for (key, entry, _), res in zip(closing, results, strict=True):
             if isinstance(res, RecordRefused):  # retrying fails again: the window is given up
                 log.error("closing the window of event %s slot %d was refused; it is dropped", quote(key[0]), key[1])
                 if entry.budgets:  # in memory only: the database refused to record anything
                     self._budgets.settle(entry.budgets, entry.reward_cost + (0.0 if entry.activated else entry.cost), False)
             elif isinstance(res, BaseException):  # retry on a later sweep
                 self.add(key[0], key[1], entry)
-            elif res:
+            elif res is not None:  # as stored: a DEFAULT close may have taken a first reward from the row
                 closed += 1
-                self._closed(key[0], entry, close)
+                self._closed(key[0], entry, res)
         return closed
 
     async def adopt(self, starting: bool = False) -> int:
@@ -490,17 +512,16 @@ class RewardWindows:
                 continue
             ps = self._states.get(d.placement)
             campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
-            self.add(
-                d.event_id,
-                d.slot,
-                OpenDecision(
-                    d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost, d.budgets, d.activated
-                ),
+            entry = OpenDecision(
+                d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost, d.budgets, d.activated
             )
+            if d.reward is not None:  # a first reward on the row (learn_at: window_close)
+                entry.add_reward(d.reward)
+            self.add(d.event_id, d.slot, entry)
         for ev in events:
-            entry = self.open.get((ev.event_id, ev.slot))
-            if entry is not None and (ev.event_id, ev.slot) in keys:
-                self.counted(entry, ev.reward, ev.reward_id or "")
+            held = self.open.get((ev.event_id, ev.slot))
+            if held is not None and (ev.event_id, ev.slot) in keys:
+                self.counted(held, ev.reward, ev.reward_id or "")
         return len(taken)
 
     # -- RewardBatch ----------------------------------------------------------------------------

@@ -56,9 +56,9 @@ class BatchWriter:
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._decisions: list[LoggedDecision] = []
-        self._closes: list[tuple[Close, asyncio.Future[bool]]] = []
+        self._closes: list[tuple[Close, asyncio.Future[Close | None]]] = []
         self._activations: list[tuple[Activation, asyncio.Future[bool]]] = []
-        self._events: list[tuple[RewardEvent, asyncio.Future[None]]] = []
+        self._events: list[tuple[RewardEvent, asyncio.Future[bool]]] = []
         self._barriers: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,9 +102,10 @@ class BatchWriter:
         self._wake.set()
         return asyncio.get_running_loop().create_future()
 
-    def close_window(self, close: Close) -> asyncio.Future[bool]:
-        """Queue a close; the future tells, once durable, whether it closed an open window."""
-        fut: asyncio.Future[bool] = self._future()
+    def close_window(self, close: Close) -> asyncio.Future[Close | None]:
+        """Queue a close; the future gives, once durable, the close as stored (a DEFAULT one of a
+        window holding a first reward is that REWARD), or None if it closed no open window."""
+        fut: asyncio.Future[Close | None] = self._future()
         self._closes.append((close, fut))
         return fut
 
@@ -114,9 +115,10 @@ class BatchWriter:
         self._activations.append((activation, fut))
         return fut
 
-    def record(self, event: RewardEvent) -> asyncio.Future[None]:
-        """Queue a reward event; the future resolves once it is durable."""
-        fut: asyncio.Future[None] = self._future()
+    def record(self, event: RewardEvent) -> asyncio.Future[bool]:
+        """Queue a reward event; the future tells, once durable, whether it was stored (a FIRST
+        one: whether it became the window's first reward)."""
+        fut: asyncio.Future[bool] = self._future()
         self._events.append((event, fut))
         return fut
 
@@ -178,15 +180,15 @@ class BatchWriter:
                 continue
             self._writing = 0
             self._retry_delay = 0.0
-            for (_, cf), ok in zip(closes, result.closed, strict=True):
+            for (_, cf), as_stored in zip(closes, result.stored, strict=True):
                 if not cf.done():
-                    cf.set_result(ok)
+                    cf.set_result(as_stored)
             for (_, af), ok in zip(acts, result.activated, strict=True):
                 if not af.done():
                     af.set_result(ok)
-            for _, ef in events:
+            for (_, ef), ok in zip(events, result.recorded, strict=True):
                 if not ef.done():
-                    ef.set_result(None)
+                    ef.set_result(ok)
             for b in barriers:
                 if not b.done():
                     b.set_result(None)
@@ -253,15 +255,16 @@ class BatchWriter:
         """A chunk is durable: its closes and activations hear what they did, in order."""
         closes = [f for kind, _, f in chunk if kind == "close"]
         acts = [f for kind, _, f in chunk if kind == "activation"]
-        for cf, ok in zip(closes, result.closed, strict=True):
+        events = [f for kind, _, f in chunk if kind == "reward"]
+        for cf, as_stored in zip(closes, result.stored, strict=True):
             if cf is not None and not cf.done():
-                cf.set_result(ok)
+                cf.set_result(as_stored)
         for af, ok in zip(acts, result.activated, strict=True):
             if af is not None and not af.done():
                 af.set_result(ok)
-        for kind, _, fut in chunk:
-            if kind == "reward" and fut is not None and not fut.done():
-                fut.set_result(None)
+        for ef, recorded in zip(events, result.recorded, strict=True):
+            if ef is not None and not ef.done():
+                ef.set_result(recorded)
 
     def _refuse(self, item: _Item, e: Exception) -> None:
         kind, rec, fut = item

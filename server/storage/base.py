@@ -59,9 +59,15 @@ class Activation:
     slot: int = 0
 
 
+# The kind of a RewardEvent that is a window's first reward under learn_at: window_close: it is
+# stored on the decision's row (not in reward_events), where every server and every close see it.
+FIRST = "first"
+
+
 @dataclass(frozen=True, slots=True)
 class RewardEvent:
-    """A reward kept beside the learned one: "late" or one of several to aggregate ("agg")."""
+    """A reward kept beside the learned one: "late", one of several to aggregate ("agg"), or a
+    window's first reward, learned when it closes (FIRST)."""
 
     event_id: str
     slot: int
@@ -182,11 +188,15 @@ class ContactRow:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Per close in a batch: whether it closed an open window; per activation: whether it
-    activated an open decision."""
+    """Per close in a batch: whether it closed an open window, and the close as stored (None if
+    it closed nothing: a DEFAULT close of a window holding a first reward is stored as that
+    REWARD); per activation: whether it activated an open decision; per reward event: whether
+    it was stored (a "first" one only where the window was open and had no first reward)."""
 
     closed: Sequence[bool] = field(default_factory=tuple)
     activated: Sequence[bool] = field(default_factory=tuple)
+    stored: Sequence[Close | None] = field(default_factory=tuple)
+    recorded: Sequence[bool] = field(default_factory=tuple)
 
 
 class Store(Protocol):
@@ -258,7 +268,11 @@ class Store(Protocol):
         a reused (event_id, slot) keeps its first decision (test_reused_event_id_does_not_fail_the_batch);
         a close or activation is True once, for an open window, else False, unknown ids too
         (test_decisions_closes_and_learn_order, test_slots_activation_and_aggregation_events); ``assign``
-        claims in that commit (test_the_learners_closes_get_learn_positions_in_the_same_commit). Unavailable."""
+        claims in that commit (test_the_learners_closes_get_learn_positions_in_the_same_commit); a FIRST
+        event sets the first reward of an open, activated decision that has none (recorded True,
+        else False), and a DEFAULT or REWARD close of a decision holding one stores it as REWARD, decided on
+        the row as it is updated, so that no server's first reward is lost or replaced
+        (test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close). Unavailable."""
         ...
 
     def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from nextbest.storage import migrate
 from nextbest.storage import tables as t
-from nextbest.storage.base import Activation, Close, LearnRow, PlacementRecord, RecentImpression, RewardEvent, Snapshot, WriteResult
+from nextbest.storage.base import FIRST, Activation, Close, LearnRow, PlacementRecord, RecentImpression, RewardEvent, Snapshot, WriteResult
 from nextbest.storage.contacts import ContactQueries
 from nextbest.storage.coordination import Coordination
 from nextbest.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
@@ -204,6 +205,8 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             else:
                 add(d.budgets, 0.0, d.cost + d.reward_cost)
         closed: list[bool] = []
+        stored: list[Close | None] = []
+        recorded: list[bool] = []
         activated: list[bool] = []
         learnable: list[tuple[str, int]] = []
         with self._begin() as c:
@@ -224,13 +227,35 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
                 activated.append(res.rowcount > 0)
                 if res.rowcount > 0:
                     add(act.budgets, act.cost, -act.cost)
-            if events:
-                c.exec_driver_sql(self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in events])
+            kept = [e for e in events if e.kind != FIRST]
+            if kept:
+                c.exec_driver_sql(self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in kept])
+            for e in events:
+                if e.kind != FIRST:
+                    recorded.append(True)
+                    continue
+                # The first reward goes on the decision's row, once, while it is open: every
+                # server's first reward and every close see the same row (the close below takes it).
+                res = c.execute(
+                    update(t.decisions)
+                    .where(
+                        d_.event_id == e.event_id,
+                        d_.slot == e.slot,
+                        d_.outcome == int(Outcome.OPEN),
+                        d_.activated.is_(True),
+                        d_.reward.is_(None),
+                    )
+                    .values(reward=e.reward, rewarded_at=e.at)
+                )
+                recorded.append(res.rowcount > 0)
             done = self._close_all(c, closes)
             for close in closes:
-                ok = done.pop((close.event_id, close.slot), False)  # a second close of one window fails
-                closed.append(ok)
-                if not ok:
+                got = done.pop((close.event_id, close.slot), None)  # a second close of one window fails
+                if got is not None and got != (close.outcome, close.reward if close.learnable else None):
+                    close = replace(close, outcome=got[0], reward=got[1] if got[1] is not None else close.reward)
+                closed.append(got is not None)
+                stored.append(close if got is not None else None)
+                if got is None:
                     continue
                 if close.learnable:
                     add(close.budgets, close.reward_cost if close.incurred else 0.0, -close.reward_cost)
@@ -245,12 +270,15 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
                 c.execute(
                     update(t.budget_accounts).where(a.key == key, a.period == period).values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
-        return WriteResult(closed, activated)
+        return WriteResult(closed, activated, stored, recorded)
 
-    def _close_all(self, c: Connection, closes: Sequence[Close]) -> dict[tuple[str, int], bool]:
+    def _close_all(self, c: Connection, closes: Sequence[Close]) -> dict[tuple[str, int], tuple[Outcome, float | None]]:
         """Close windows still open, one UPDATE ... FROM (VALUES ...) RETURNING per chunk
-        instead of a statement per close; returns the (event, slot) pairs it closed."""
-        done: dict[tuple[str, int], bool] = {}
+        instead of a statement per close; returns the (event, slot) pairs it closed, with the
+        outcome and reward stored. A close of a row holding a first reward (learn_at:
+        window_close) stores that reward, as REWARD, whatever the close brought: decided in the
+        UPDATE itself, on the row as it is when it is updated."""
+        done: dict[tuple[str, int], tuple[Outcome, float | None]] = {}
         first: dict[tuple[str, int], Close] = {}
         for cl in closes:  # a window closes once: the first close of it in the batch is the one
             first.setdefault((cl.event_id, cl.slot), cl)
@@ -260,23 +288,29 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             params: list[Any] = []
             for cl in chunk:
                 params += (cl.event_id, cl.slot, int(cl.outcome), cl.reward if cl.learnable else None, cl.at)
-            for event_id, slot in c.exec_driver_sql(self._close_sql(len(chunk)), tuple(params)).all():
-                done[(event_id, int(slot))] = True
+            for event_id, slot, outcome, reward in c.exec_driver_sql(self._close_sql(len(chunk)), tuple(params)).all():
+                done[(event_id, int(slot))] = (Outcome(int(outcome)), None if reward is None else float(reward))
         return done
 
     def _close_sql(self, n: int) -> str:
         if self._postgres:
             row = "(%s::varchar, %s::int, %s::smallint, %s::float8, %s::float8)"
+            taken = f"v.o IN ({int(Outcome.DEFAULT)}, {int(Outcome.REWARD)}) AND d.reward IS NOT NULL"
             return (
-                "UPDATE decisions AS d SET outcome = v.o, reward = v.r, rewarded_at = v.a "
+                f"UPDATE decisions AS d SET outcome = CASE WHEN {taken} THEN {int(Outcome.REWARD)} ELSE v.o END, "
+                f"reward = CASE WHEN {taken} THEN d.reward ELSE v.r END, rewarded_at = v.a "
                 f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, o, r, a) "
-                f"WHERE d.event_id = v.e AND d.slot = v.s AND d.outcome = {int(Outcome.OPEN)} RETURNING d.event_id, d.slot"
+                f"WHERE d.event_id = v.e AND d.slot = v.s AND d.outcome = {int(Outcome.OPEN)} "
+                "RETURNING d.event_id, d.slot, d.outcome, d.reward"
             )
+        taken = f"v.column3 IN ({int(Outcome.DEFAULT)}, {int(Outcome.REWARD)}) AND decisions.reward IS NOT NULL"
         return (
-            "UPDATE decisions SET outcome = v.column3, reward = v.column4, rewarded_at = v.column5 "
+            f"UPDATE decisions SET outcome = CASE WHEN {taken} THEN {int(Outcome.REWARD)} ELSE v.column3 END, "
+            f"reward = CASE WHEN {taken} THEN decisions.reward ELSE v.column4 END, rewarded_at = v.column5 "
             f"FROM (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * n)}) AS v "
             "WHERE decisions.event_id = v.column1 AND decisions.slot = v.column2 "
-            f"AND decisions.outcome = {int(Outcome.OPEN)} RETURNING decisions.event_id, decisions.slot"
+            f"AND decisions.outcome = {int(Outcome.OPEN)} "
+            "RETURNING decisions.event_id, decisions.slot, decisions.outcome, decisions.reward"
         )
 
     def open_reward_events(self) -> list[RewardEvent]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nextbest.bandit.spec import PlacementSpec
 from tests.harness import ROOT, FakeClock, running_server
@@ -152,3 +153,39 @@ def test_a_first_reward_still_being_stored_at_the_deadline_is_the_one_learned(db
 
 if __name__ == "__main__":  # the every-outcome run of the test above, in its own process
     print(one_run(sys.argv[1], successes_only=False))
+
+
+@pytest.mark.postgres
+def test_across_replicas_the_first_reward_is_the_one_learned_whichever_server_gets_it() -> None:
+    """Under window_close the first reward is on the decision's row: a reward to the server that
+    did not decide used to close the window at once with its own value (the owner's stored first
+    reward replaced), or was acknowledged and then lost to the owner's close."""
+    from tests.harness import ServerThread, make_settings, postgres_available, postgres_schema
+
+    if not postgres_available():
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    with postgres_schema() as url:
+        a = ServerThread(make_settings(url))
+        b = ServerThread(make_settings(url, learner="never"))
+        try:
+            with a.client() as ca, b.client() as cb:
+                arms = [{"id": x, "cost_per_reward": 1.0, "budget": {"total": 100}} for x in ARMS]
+                ca.apply([PlacementSpec.model_validate({"id": "p", "arms": arms, "reward_window": 1.0})])
+                b.call(b.engine.config.reload())
+                one, two = (ca.choose("p", {"customer": {"segment": "s0"}}) for _ in range(2))
+                time.sleep(0.1)  # both committed, so the other server finds them
+                assert ca.reward(one.event_id, 1.0) == "learned"  # the owner first
+                assert cb.reward(one.event_id, 0.0) == "duplicate"
+                assert cb.reward(two.event_id, 1.0) == "learned"  # the other server first
+                assert ca.reward(two.event_id, 0.0) == "duplicate"
+                wait_for(lambda: ca.stats("p").pending == 0)
+                rows = [a.engine.store.find_decision(d.event_id) for d in (one, two)]
+                assert [(r.outcome.name, r.reward) for r in rows] == [("REWARD", 1.0), ("REWARD", 1.0)]
+                wait_for(lambda: a.engine.states["p"].model.learned == 2)
+                held = [acc.reserved for acc in a.engine.budgets.ledger.accounts.values()]
+                assert held and all(h == 0.0 for h in held)  # both reward costs settled on the owner
+                spent = sum(v.spent for v in ca.stats("p").budgets)
+                assert spent == 2.0  # each positive reward spent its cost once
+        finally:
+            a.stop()
+            b.stop()

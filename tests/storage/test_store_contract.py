@@ -288,3 +288,25 @@ def test_open_windows_move_only_from_servers_that_stopped(store: SqlStore) -> No
     store.unregister_server()  # b signs off: c takes its windows at once
     store.owner = "c"
     assert sorted(d.event_id for d in store.adopt_open(live_since=125.0)) == ["before", "e1", "e3"]
+
+
+def test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close(store: SqlStore) -> None:
+    """learn_at: window_close: a FIRST reward is set once on an open decision; a DEFAULT (or a
+    later REWARD) close stores it; a closed window takes no first reward."""
+    from nextbest.storage.base import FIRST
+
+    store.write([decision("e1"), decision("e2"), decision("e3")], [])
+    r = store.write([], [], events=[RewardEvent("e1", 0, 2.0, 101.0, FIRST), RewardEvent("e1", 0, 5.0, 101.5, FIRST)])
+    assert list(r.recorded) == [True, False]  # the second is not the first
+    row = store.find_decision("e1")
+    assert row is not None and (row.outcome, row.reward) == (Outcome.OPEN, 2.0)
+    r = store.write([], [Close("e1", Outcome.DEFAULT, 0.0, 700.0), Close("e2", Outcome.DEFAULT, -1.0, 700.0)])
+    assert list(r.closed) == [True, True]
+    assert [(c.outcome, c.reward) for c in r.stored if c is not None] == [(Outcome.REWARD, 2.0), (Outcome.DEFAULT, -1.0)]
+    assert (store.find_decision("e1").outcome, store.find_decision("e1").reward) == (Outcome.REWARD, 2.0)  # type: ignore[union-attr]
+    store.write([], [], events=[RewardEvent("e3", 0, 1.5, 102.0, FIRST)])
+    r = store.write([], [Close("e3", Outcome.REWARD, 9.0, 103.0)])  # a later explicit close keeps the first
+    assert [(c.outcome, c.reward) for c in r.stored if c is not None] == [(Outcome.REWARD, 1.5)]
+    r = store.write([], [], events=[RewardEvent("e2", 0, 1.0, 800.0, FIRST)])
+    assert list(r.recorded) == [False]  # closed: no first reward any more
+    assert store.open_reward_events() == []  # FIRST rewards are on the rows, not events
