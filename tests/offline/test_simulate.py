@@ -27,8 +27,14 @@ def test_simulate_can_report_only_successes_and_learn_at_the_close(server: Serve
     stats = {pid: server.call(engine.stats.stats(pid)) for pid in engine.states}
     assert sum(s.pending for s in stats.values()) == 120  # every window still open: nothing learned yet
     assert all(ps.model.learned == 0 for ps in engine.states.values())
-    recorded = engine.store.open_reward_events()
-    assert recorded and all(e.reward > 0 for e in recorded)  # only the successes were reported
+    from sqlalchemy import text
+
+    from nextbest.bandit.decision_log import Outcome
+
+    with engine.store.engine.connect() as conn:  # first rewards wait on the open decisions' rows
+        query = f"SELECT reward FROM decisions WHERE outcome = {int(Outcome.OPEN)} AND reward IS NOT NULL"
+        recorded = [r for (r,) in conn.execute(text(query))]
+    assert recorded and all(r > 0 for r in recorded)  # only the successes were reported
 
 
 def test_short_simulation_through_a_real_server(server: ServerThread, tmp_path: Path) -> None:
