@@ -206,7 +206,6 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
                 add(d.budgets, 0.0, d.cost + d.reward_cost)
         closed: list[bool] = []
         stored: list[Close | None] = []
-        recorded: list[bool] = []
         activated: list[bool] = []
         learnable: list[tuple[str, int]] = []
         with self._begin() as c:
@@ -230,24 +229,8 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             kept = [e for e in events if e.kind != FIRST]
             if kept:
                 c.exec_driver_sql(self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in kept])
-            for e in events:
-                if e.kind != FIRST:
-                    recorded.append(True)
-                    continue
-                # The first reward goes on the decision's row, once, while it is open: every
-                # server's first reward and every close see the same row (the close below takes it).
-                res = c.execute(
-                    update(t.decisions)
-                    .where(
-                        d_.event_id == e.event_id,
-                        d_.slot == e.slot,
-                        d_.outcome == int(Outcome.OPEN),
-                        d_.activated.is_(True),
-                        d_.reward.is_(None),
-                    )
-                    .values(reward=e.reward, rewarded_at=e.at)
-                )
-                recorded.append(res.rowcount > 0)
+            firsts = self._set_firsts(c, [e for e in events if e.kind == FIRST])
+            recorded = [e.kind != FIRST or firsts.pop((e.event_id, e.slot), False) for e in events]  # later twins: False
             done = self._close_all(c, closes)
             for close in closes:
                 got = done.pop((close.event_id, close.slot), None)  # a second close of one window fails
@@ -291,6 +274,42 @@ class SqlStore(Coordination, StatsQueries, ContactQueries):
             for event_id, slot, outcome, reward in c.exec_driver_sql(self._close_sql(len(chunk)), tuple(params)).all():
                 done[(event_id, int(slot))] = (Outcome(int(outcome)), None if reward is None else float(reward))
         return done
+
+    def _set_firsts(self, c: Connection, events: Sequence[RewardEvent]) -> dict[tuple[str, int], bool]:
+        """Put first rewards on the rows of open, activated decisions that have none, one
+        UPDATE ... FROM (VALUES ...) RETURNING per chunk like the closes; returns the (event,
+        slot) pairs that took theirs. Within a batch the first of a pair's events is the one.
+        On the row, every server's first reward and every close see the same value (the close
+        takes it: _close_all)."""
+        done: dict[tuple[str, int], bool] = {}
+        first: dict[tuple[str, int], RewardEvent] = {}
+        for e in events:
+            first.setdefault((e.event_id, e.slot), e)
+        unique = list(first.values())
+        for start in range(0, len(unique), _CLOSE_CHUNK):
+            chunk = unique[start : start + _CLOSE_CHUNK]
+            params: list[Any] = []
+            for e in chunk:
+                params += (e.event_id, e.slot, e.reward, e.at)
+            for event_id, slot in c.exec_driver_sql(self._first_sql(len(chunk)), tuple(params)).all():
+                done[(event_id, int(slot))] = True
+        return done
+
+    def _first_sql(self, n: int) -> str:
+        open_without = f"outcome = {int(Outcome.OPEN)} AND {{t}}.activated AND {{t}}.reward IS NULL"
+        if self._postgres:
+            row = "(%s::varchar, %s::int, %s::float8, %s::float8)"
+            return (
+                "UPDATE decisions AS d SET reward = v.r, rewarded_at = v.a "
+                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, r, a) "
+                f"WHERE d.event_id = v.e AND d.slot = v.s AND d.{open_without.format(t='d')} RETURNING d.event_id, d.slot"
+            )
+        return (
+            "UPDATE decisions SET reward = v.column3, rewarded_at = v.column4 "
+            f"FROM (VALUES {', '.join(['(?, ?, ?, ?)'] * n)}) AS v "
+            "WHERE decisions.event_id = v.column1 AND decisions.slot = v.column2 "
+            f"AND decisions.{open_without.format(t='decisions')} RETURNING decisions.event_id, decisions.slot"
+        )
 
     def _close_sql(self, n: int) -> str:
         if self._postgres:
