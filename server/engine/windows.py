@@ -258,10 +258,7 @@ class RewardWindows:
         entry.writing[_FIRST] = recorded
 
         def settle(f: asyncio.Future[bool]) -> None:
-            if entry.writing is not None:
-                entry.writing.pop(_FIRST, None)
-            if not f.cancelled() and f.exception() is None and f.result():
-                entry.add_reward(reward)
+            if self._settle_recorded(f, entry, reward, "", _FIRST):
                 # Fatigue and contact history know of the response now, not at the close.
                 self._contacts.history.respond(event_id if slot == 0 else f"{event_id}#{slot}", reward > 0)
 
@@ -285,15 +282,18 @@ class RewardWindows:
             del self._closing[key]
 
     @staticmethod
-    def _settle_recorded(f: asyncio.Future[bool], entry: OpenDecision, reward: float, reward_id: str, writing_key: str) -> None:
-        """Count an aggregated reward once its write is durable (whether or not its caller still
-        waits); a failed one is not counted and its key is free for a retry."""
+    def _settle_recorded(f: asyncio.Future[bool], entry: OpenDecision, reward: float, reward_id: str, writing_key: str) -> bool:
+        """Count a recorded reward (aggregated, or a window's first) once its write is durable,
+        whether or not its caller still waits; a failed one, or a first the row did not take,
+        is not counted and its key is free again. Returns whether it was counted."""
         if entry.writing is not None:
             entry.writing.pop(writing_key, None)
-        if not f.cancelled() and f.exception() is None:
-            if reward_id:
-                entry.add_key(reward_id)
-            entry.add_reward(reward)
+        if f.cancelled() or f.exception() is not None or not f.result():
+            return False
+        if reward_id:
+            entry.add_key(reward_id)
+        entry.add_reward(reward)
+        return True
 
     @staticmethod
     def counted(entry: OpenDecision, reward: float, reward_id: str) -> None:
