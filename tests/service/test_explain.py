@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ def placement(algorithm: str, pid: str = "p", **kw: Any) -> PlacementSpec:
             "id": pid,
             "exploration": {"algorithm": algorithm, "epsilon": 0.2, "lambda": 4.0, "gamma_scale": 5.0},
             "reward_window": 600,
+            "learn_at": "reward",  # the rewards move the model (and its reward scale) as the run goes
             "fatigue": {"strength": 0.15, "half_life": "1d"},
             "arms": [
                 {"id": "data_1gb", "business_value": 0.3, "cost_per_impression": 1.0, "budget": {"daily": 12}},
@@ -65,6 +67,13 @@ def recompute(r: decision_pb2.ExplainResponse) -> list[float]:
     return list(p)
 
 
+def wait(pred: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
 def contexts(n: int, seed: int) -> list[dict[str, dict[str, Any]]]:
     rng = np.random.default_rng(seed)
     out: list[dict[str, dict[str, Any]]] = []
@@ -86,12 +95,17 @@ def test_explain_gives_back_the_logged_probabilities(tmp_path: Any, algorithm: s
         with s.client() as c:
             c.apply([placement(algorithm)])
             served: list[tuple[str, str, float]] = []
+            rewarded = 0
             for i, feats in enumerate(contexts(120, seed=7)):
                 clock.advance(30)
                 r = c.choose("p", feats, customer_id=f"c{i % 6}", exclude_arms=["loyalty"] if i % 5 == 0 else [])
                 served.append((r.event_id, r.arm_id, r.probability))
                 if r.arm_id and i % 3 == 0:
-                    c.reward(r.event_id, 3.0 if r.arm_id == "voice_100" else 0.5)  # rewards above 1: a reward scale > 1
+                    # Rewards above 1 (every ninth, whatever the arm): a reward scale > 1.
+                    c.reward(r.event_id, 3.0 if r.arm_id == "voice_100" or i % 9 == 0 else 0.5)
+                    rewarded += 1
+                    # Learned before the next Choose, so that the run does not depend on the learner's timing.
+                    wait(lambda n=rewarded: s.engine.states["p"].model.learned >= n)  # type: ignore[misc]
             s.call(s.engine.writer.flush())
             first = c.explain(served[0][0])
             kinds: dict[str, int] = {"paced": 0, "fatigued": 0, "excluded": 0, "ruled": 0, "scaled": 0}
