@@ -74,7 +74,11 @@ def test_quick_bakeoff_with_learning_lag(server: ServerThread) -> None:
     summary = _quick(server, ("iris",), seeds=2, events=300, sync=False)
     s = summary["iris"]
     assert s["mean_lag"] < 2.0, s  # rewards are learned within a couple of events
-    assert 0.9 <= s["ratio"] <= 1.1, s
+    # Lag may cost a little, never much. With 2 seeds x 300 events the no-lag run's own noise
+    # is about +-10 %, and a lagged service beat it by 10.2 % in one clean run of four: an upper
+    # bound tested that noise, not the service. What the service must match is VW given the
+    # same staleness (next line), which removes the noise by replaying the same choices.
+    assert s["ratio"] >= 0.9, s
     assert 0.95 <= s["ratio_same_lag"] <= 1.05, s  # VW given the same staleness matches again
 
 
