@@ -21,6 +21,7 @@ support warnings that say when not to trust it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -181,8 +182,9 @@ def effective_sample_size(weights: ArrayLike) -> float:
 
 
 def _diagnose(
-    p_log: FloatArray,
-    p_tgt: FloatArray,
+    min_logged: float,
+    mass: float,
+    tiny_mass: float,
     n: int,
     ess: float,
     clipped: int,
@@ -193,18 +195,17 @@ def _diagnose(
     min_ess_fraction: float = MIN_ESS_FRACTION,
     max_clipped_fraction: float = MAX_CLIPPED_FRACTION,
 ) -> tuple[str, ...]:
+    """The warnings, from running figures: the smallest logged probability, the candidate's
+    probability mass in all and on events logged with probability < ``min_prob``."""
     out: list[str] = []
-    # The mask is built only when some logged probability is tiny at all (rare in healthy logs).
-    if float(p_log.min()) < min_prob:
-        mass = float(p_tgt.sum())
-        if mass > 0.0:
-            share = float(p_tgt[p_log < min_prob].sum()) / mass
-            if share > max_tiny_share:
-                out.append(
-                    f"low_support: {share:.1%} of the candidate's mass falls on events the "
-                    f"logging policy chose with probability < {min_prob:g}; "
-                    "those few events dominate the estimate"
-                )
+    if min_logged < min_prob and mass > 0.0:
+        share = tiny_mass / mass
+        if share > max_tiny_share:
+            out.append(
+                f"low_support: {share:.1%} of the candidate's mass falls on events the "
+                f"logging policy chose with probability < {min_prob:g}; "
+                "those few events dominate the estimate"
+            )
     if ess < min_ess or ess < min_ess_fraction * n:
         out.append(
             f"low_ess: effective sample size {ess:.1f} of {n} events "
@@ -213,6 +214,11 @@ def _diagnose(
     if clipped > max_clipped_fraction * n:
         out.append(f"many_clipped: {clipped} of {n} weights ({clipped / n:.1%}) were clipped; clipping biases the estimate")
     return tuple(out)
+
+
+def _tiny_mass(p_log: FloatArray, p_tgt: FloatArray, min_prob: float) -> float:
+    # The mask is built only when some logged probability is tiny at all (rare in healthy logs).
+    return float(p_tgt[p_log < min_prob].sum()) if float(p_log.min()) < min_prob else 0.0
 
 
 def support_warnings(
@@ -235,8 +241,9 @@ def support_warnings(
     p_log, p_tgt = _probabilities(logged_prob, target_prob)
     w, clipped = _weights(p_log, p_tgt, clip)
     return _diagnose(
-        p_log,
-        p_tgt,
+        float(p_log.min()),
+        float(p_tgt.sum()),
+        _tiny_mass(p_log, p_tgt, min_prob),
         p_log.shape[0],
         effective_sample_size(w),
         clipped,
@@ -251,19 +258,41 @@ def support_warnings(
 # --------------------------------------------------------------------------- estimators
 
 
-def _mean_and_ci(terms: FloatArray) -> tuple[float, float, float]:
-    """Mean of per-event terms with a normal 95 % CI; centres ``terms`` in place to save memory.
+class _Moments:
+    """Count, sum and squared deviations of per-event terms, merged chunk by chunk (Chan, Golub
+    and LeVeque's pairwise update), so that a log read in pieces gives the mean and CI of the log
+    read whole; with one chunk, bit for bit the same arithmetic."""
 
-    The mean is ``sum / n`` (numpy's own formula), so that IPS and SNIPS of the logging policy
-    reproduce ``np.mean(rewards)`` bit for bit.
-    """
-    n = terms.shape[0]
-    value = float(terms.sum()) / n
-    if n < 2:
-        return value, math.nan, math.nan
-    terms -= value
-    se = math.sqrt(float(np.dot(terms, terms)) / (n - 1) / n)
-    return value, value - Z_95 * se, value + Z_95 * se
+    __slots__ = ("m2", "mean", "n", "total")
+
+    def __init__(self) -> None:
+        self.n, self.total, self.mean, self.m2 = 0, 0.0, 0.0, 0.0
+
+    def add(self, terms: FloatArray) -> None:
+        """Merge a chunk's terms (centred in place: the caller's buffer is reused)."""
+        k = terms.shape[0]
+        s = float(terms.sum())
+        mu = s / k
+        terms -= mu
+        m2 = float(np.dot(terms, terms))
+        if self.n == 0:
+            self.n, self.total, self.mean, self.m2 = k, s, mu, m2
+            return
+        n = self.n + k
+        delta = mu - self.mean
+        self.m2 += m2 + delta * delta * (self.n * k / n)
+        self.mean += delta * (k / n)
+        self.total += s
+        self.n = n
+
+    def mean_and_ci(self) -> tuple[float, float, float]:
+        """Mean with a normal 95 % CI. The mean is ``sum / n`` (numpy's own formula), so that
+        IPS and SNIPS of the logging policy reproduce ``np.mean(rewards)`` bit for bit."""
+        value = self.total / self.n
+        if self.n < 2:
+            return value, math.nan, math.nan
+        se = math.sqrt(self.m2 / (self.n - 1) / self.n)
+        return value, value - Z_95 * se, value + Z_95 * se
 
 
 _ZERO_WEIGHT_SUM: Final = "zero_weight_sum: the candidate gives probability 0 to every logged action; SNIPS is undefined"
@@ -271,6 +300,154 @@ _ZERO_WEIGHT_SUM: Final = "zero_weight_sum: the candidate gives probability 0 to
 
 def _few_events(n: int) -> tuple[str, ...]:
     return ("too_few_events: one event gives no variance estimate; the CI is NaN",) if n < 2 else ()
+
+
+class Accumulator:
+    """IPS, SNIPS and DR of one candidate over a log read in chunks, in memory that does not grow
+    with the log: each estimator keeps a few running sums, not the events.
+
+    ``add`` takes one chunk of the per-event arrays (the module docstring names them; DR's two
+    reward-model arrays only if DR is asked for), ``estimates`` gives one Estimate per estimator,
+    in the order asked. The result equals the one of the log read whole up to rounding:
+
+    * IPS and DR are means of per-event terms, merged by ``_Moments``;
+    * SNIPS and the effective sample size use the weights' sums, kept scaled by a power of two
+      (exact: it only moves the exponent) so that neither the sum nor the sum of squares can
+      overflow or underflow; SNIPS's squared deviations from its final value are recovered from
+      deviations around the first chunk's value, which avoids the cancellation of
+      ``sum(w^2 r^2) - value * ...``.
+
+    :func:`ips`, :func:`snips` and :func:`dr` are this with a single chunk.
+    """
+
+    def __init__(self, estimators: Sequence[str] = ESTIMATORS, *, clip: float | None = None) -> None:
+        _check_clip(clip)
+        names = tuple(e.strip().lower() if isinstance(e, str) else "" for e in estimators)
+        for given, e in zip(estimators, names, strict=True):
+            if e not in ESTIMATORS:
+                raise EstimatorInputError("estimator", f"unknown estimator {given!r}; expected one of {', '.join(ESTIMATORS)}")
+        self.estimators = names
+        self.clip = clip
+        self.n = 0
+        self.clipped = 0
+        self._min_logged = math.inf
+        self._mass = 0.0  # sum of target_prob
+        self._tiny_mass = 0.0  # ... on events logged with probability < MIN_PROB
+        self._exp: int | None = None  # the weight sums below are scaled by 2 ** -_exp
+        self._w = 0.0
+        self._w2 = 0.0
+        self._wr = 0.0
+        self._shift: float | None = None  # SNIPS: deviations are taken around this value
+        self._dev2 = 0.0  # sum (w (r - shift))^2, scaled
+        self._dev = 0.0  # sum w^2 (r - shift), scaled
+        self._ips = _Moments()
+        self._dr = _Moments()
+
+    def add(
+        self,
+        rewards: ArrayLike,
+        logged_prob: ArrayLike,
+        target_prob: ArrayLike,
+        reward_hat_logged: ArrayLike | None = None,
+        reward_hat_target: ArrayLike | None = None,
+    ) -> None:
+        """Fold one chunk of events in; every array is checked as the one-shot estimators do."""
+        if _vector(rewards, "rewards").shape[0] == 0:
+            return
+        hats: dict[str, ArrayLike] = {}
+        if "dr" in self.estimators:
+            if reward_hat_logged is None or reward_hat_target is None:
+                missing = "reward_hat_logged" if reward_hat_logged is None else "reward_hat_target"
+                raise EstimatorInputError(missing, "is required by the dr estimator")
+            hats = {"reward_hat_logged": reward_hat_logged, "reward_hat_target": reward_hat_target}
+        r, p_log, p_tgt, checked = _validate(rewards, logged_prob, target_prob, **hats)
+        w, clipped = _weights(p_log, p_tgt, self.clip)
+        self.n += r.shape[0]
+        self.clipped += clipped
+        self._min_logged = min(self._min_logged, float(p_log.min()))
+        self._mass += float(p_tgt.sum())
+        self._tiny_mass += _tiny_mass(p_log, p_tgt, MIN_PROB)
+        self._add_weight_sums(w, r)
+        if "dr" in self.estimators:
+            terms = np.subtract(r, checked["reward_hat_logged"])
+            terms *= w
+            terms += checked["reward_hat_target"]
+            self._dr.add(terms)
+        if "ips" in self.estimators:
+            self._ips.add(np.multiply(w, r, out=w))  # w is no longer needed: reuse its buffer
+
+    def _add_weight_sums(self, w: FloatArray, r: FloatArray) -> None:
+        top = float(w.max())
+        if top == 0.0:
+            return  # adds nothing to any weight sum
+        exp = math.frexp(top)[1]
+        if self._exp is None or exp > self._exp:
+            if self._exp is not None:  # a larger weight: bring what was summed to the new scale
+                f = math.ldexp(1.0, self._exp - exp)
+                self._w, self._wr, self._dev = self._w * f, self._wr * f, self._dev * f * f
+                self._w2, self._dev2 = self._w2 * f * f, self._dev2 * f * f
+            self._exp = exp
+        ws = np.ldexp(w, -self._exp)
+        self._w += float(ws.sum())
+        self._w2 += float(np.dot(ws, ws))
+        if "snips" not in self.estimators:
+            return
+        wr = np.multiply(ws, r)
+        sum_wr = float(wr.sum())
+        self._wr += sum_wr
+        if self._shift is None:
+            self._shift = sum_wr / float(ws.sum())  # this chunk's own SNIPS value
+        dev = np.subtract(r, self._shift, out=wr)
+        dev *= ws
+        self._dev2 += float(np.dot(dev, dev))
+        self._dev += float(np.dot(dev, ws))
+
+    @property
+    def ess(self) -> float:
+        """Effective sample size of the weights so far, (sum w)^2 / sum w^2."""
+        return self._w * self._w / self._w2 if self._w2 > 0.0 else 0.0
+
+    def estimates(self) -> list[Estimate]:
+        if self.n == 0:
+            raise EstimatorInputError("rewards", "is empty; need at least one logged event")
+        n, ess = self.n, self.ess
+        warnings = _few_events(n) + _diagnose(self._min_logged, self._mass, self._tiny_mass, n, ess, self.clipped)
+        out = []
+        for e in self.estimators:
+            if e == "snips":
+                out.append(self._snips(warnings))
+                continue
+            value, low, high = (self._ips if e == "ips" else self._dr).mean_and_ci()
+            out.append(Estimate(e, value, low, high, n, ess, self.clipped, warnings))
+        return out
+
+    def _snips(self, warnings: tuple[str, ...]) -> Estimate:
+        """Sum(w r) / sum(w), with the delta method's CI: influence terms ``w_i (r_i - value) /
+        mean(w)``, whose mean is zero by construction, so se^2 = sum(phi^2) / (n (n - 1))."""
+        n, ess = self.n, self.ess
+        if self._shift is None:
+            return Estimate("snips", math.nan, math.nan, math.nan, n, ess, self.clipped, (*warnings, _ZERO_WEIGHT_SUM))
+        value = self._wr / self._w
+        if n < 2:
+            return Estimate("snips", value, math.nan, math.nan, n, ess, self.clipped, warnings)
+        d = value - self._shift
+        squares = max(self._dev2 - 2.0 * d * self._dev + d * d * self._w2, 0.0) if d else self._dev2
+        se = math.sqrt(squares / (n * (n - 1))) / (self._w / n)
+        return Estimate("snips", value, value - Z_95 * se, value + Z_95 * se, n, ess, self.clipped, warnings)
+
+
+def _one_shot(
+    name: str,
+    clip: float | None,
+    rewards: ArrayLike,
+    logged_prob: ArrayLike,
+    target_prob: ArrayLike,
+    reward_hat_logged: ArrayLike | None = None,
+    reward_hat_target: ArrayLike | None = None,
+) -> Estimate:
+    acc = Accumulator((name,), clip=clip)
+    acc.add(rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target)
+    return acc.estimates()[0]
 
 
 def ips(
@@ -281,15 +458,7 @@ def ips(
     clip: float | None = None,
 ) -> Estimate:
     """Unbiased (without clipping) but high-variance: mean of w * r."""
-    _check_clip(clip)
-    r, p_log, p_tgt, _ = _validate(rewards, logged_prob, target_prob)
-    n = r.shape[0]
-    w, clipped = _weights(p_log, p_tgt, clip)
-    ess = effective_sample_size(w)
-    warnings = _few_events(n) + _diagnose(p_log, p_tgt, n, ess, clipped)
-    terms = np.multiply(w, r, out=w)  # w is no longer needed: reuse its buffer
-    value, low, high = _mean_and_ci(terms)
-    return Estimate("ips", value, low, high, n, ess, clipped, warnings)
+    return _one_shot("ips", clip, rewards, logged_prob, target_prob)
 
 
 def snips(
@@ -299,32 +468,8 @@ def snips(
     *,
     clip: float | None = None,
 ) -> Estimate:
-    """Sum(w r) / sum(w): slightly biased, but bounded by the reward range and less variable.
-
-    The CI uses the delta method: influence terms ``w_i (r_i - value) / mean(w)``, whose mean
-    is zero by construction, so se^2 = sum(phi^2) / (n (n - 1)).
-    """
-    _check_clip(clip)
-    r, p_log, p_tgt, _ = _validate(rewards, logged_prob, target_prob)
-    n = r.shape[0]
-    w, clipped = _weights(p_log, p_tgt, clip)
-    ess = effective_sample_size(w)
-    warnings = _few_events(n) + _diagnose(p_log, p_tgt, n, ess, clipped)
-    w_sum = float(w.sum())
-    if w_sum == 0.0:
-        warnings += (_ZERO_WEIGHT_SUM,)
-        return Estimate("snips", math.nan, math.nan, math.nan, n, ess, clipped, warnings)
-    if w_sum < 1e-250:  # SNIPS is scale-free; rescale so that w * r cannot underflow
-        w = w / float(w.max())
-        w_sum = float(w.sum())
-    buf = np.multiply(w, r)
-    value = float(buf.sum()) / w_sum
-    if n < 2:
-        return Estimate("snips", value, math.nan, math.nan, n, ess, clipped, warnings)
-    np.subtract(r, value, out=buf)
-    buf *= w
-    se = math.sqrt(float(np.dot(buf, buf)) / (n * (n - 1))) / (w_sum / n)
-    return Estimate("snips", value, value - Z_95 * se, value + Z_95 * se, n, ess, clipped, warnings)
+    """Sum(w r) / sum(w): slightly biased, but bounded by the reward range and less variable."""
+    return _one_shot("snips", clip, rewards, logged_prob, target_prob)
 
 
 def dr(
@@ -342,23 +487,7 @@ def dr(
     the better the model, the smaller the residuals the weights multiply, so the lower the
     variance.
     """
-    _check_clip(clip)
-    r, p_log, p_tgt, hats = _validate(
-        rewards,
-        logged_prob,
-        target_prob,
-        reward_hat_logged=reward_hat_logged,
-        reward_hat_target=reward_hat_target,
-    )
-    n = r.shape[0]
-    w, clipped = _weights(p_log, p_tgt, clip)
-    ess = effective_sample_size(w)
-    warnings = _few_events(n) + _diagnose(p_log, p_tgt, n, ess, clipped)
-    terms = np.subtract(r, hats["reward_hat_logged"])
-    terms *= w
-    terms += hats["reward_hat_target"]
-    value, low, high = _mean_and_ci(terms)
-    return Estimate("dr", value, low, high, n, ess, clipped, warnings)
+    return _one_shot("dr", clip, rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target)
 
 
 def estimate(

@@ -10,7 +10,7 @@ has already learned it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ from vowpalwabbit import Workspace
 from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line
-from nextbest.bandit.offline.estimators import ESTIMATORS, Estimate, estimate
+from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, Estimate
 from nextbest.bandit.vw_options import REPLAY_OPTIONS, split_vw_args
 
 FloatArray = NDArray[np.float64]
@@ -147,22 +147,16 @@ class ReplayLog:
             arm_features={k: features_from_mapping(v) for k, v in (arm_features or {}).items()},
         )
 
-    def arm_lines(self) -> tuple[list[str], tuple[str, ...]]:
-        """VW text of every distinct arm, and a warning if some arm version has no features."""
-        missing = [k for k in self.arms if k not in self.arm_features]
-        lines = [arm_line(a, self.arm_features.get((a, v), ())) for a, v in self.arms]
-        warn: tuple[str, ...] = ()
-        if missing:
-            names = ", ".join(f"{a} v{v}" for a, v in missing[:5])
-            warn = (f"missing_arm_features: no stored features for {len(missing)} arm version(s) ({names}); " + "VW saw only their ids",)
-        return lines, warn
+    def missing_arm_features(self) -> list[ArmKey]:
+        """The arm versions of this log without stored features (VW sees only their ids)."""
+        return [k for k in self.arms if k not in self.arm_features]
 
-    def vw_examples(self) -> tuple[list[str], tuple[str, ...]]:
+    def vw_examples(self) -> list[str]:
         """Every event as cb_adf text, the chosen arm labelled ``0:-reward:probability`` (events
         without an offer are unlabelled: VW predicts on them and learns nothing)."""
         if self.features is None:
             raise InvalidInput("log", "VW needs the context features, and the log was read without them")
-        lines, warn = self.arm_lines()
+        lines = [arm_line(a, self.arm_features.get((a, v), ())) for a, v in self.arms]
         offsets, codes = self.offsets.tolist(), self.arm_index.tolist()
         chosen, rewards, probs = self.chosen.tolist(), self.rewards.tolist(), self.logged_prob.tolist()
         out = []
@@ -171,19 +165,58 @@ class ReplayLog:
             if chosen[i] >= 0:
                 arms[chosen[i]] = f"0:{-rewards[i]!r}:{probs[i]!r} {arms[chosen[i]]}"
             out.append("\n".join((shared_line(context), *arms)))
-        return out, warn
+        return out
+
+
+def missing_arm_features_warning(missing: Iterable[ArmKey]) -> tuple[str, ...]:
+    keys = sorted(set(missing))
+    if not keys:
+        return ()
+    names = ", ".join(f"{a} v{v}" for a, v in keys[:5])
+    return (f"missing_arm_features: no stored features for {len(keys)} arm version(s) ({names}); " + "VW saw only their ids",)
 
 
 # --------------------------------------------------------------------------- policies
 
 
+class Scorer(Protocol):
+    """One run of a policy over a log read in chunks, in time order: state (a VW model that
+    learns as it goes, counts behind a warning) lives here, not in the policy."""
+
+    def distribution(self, chunk: ReplayLog) -> FloatArray:
+        """The candidate's distribution over each event's arms, one value per slot of ``chunk``."""
+        ...
+
+    def finish(self) -> tuple[str, ...]:
+        """The warnings about the whole run; frees what the run holds. Called once, also after an error."""
+        ...
+
+
 class Policy(Protocol):
-    """A candidate: its distribution over each event's arms, one value per slot."""
+    """A candidate policy: ``scorer()`` starts a run over a log (and fails fast on a bad policy)."""
 
     name: str
     needs_features: bool
 
-    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]: ...
+    def scorer(self) -> Scorer: ...
+
+
+def distribution(policy: Policy, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
+    """A policy's distribution over a whole log at once, and its warnings (a notebook's view)."""
+    run = policy.scorer()
+    try:
+        target = run.distribution(log)
+    except BaseException:
+        run.finish()
+        raise
+    return target, run.finish()
+
+
+def _logged(log: ReplayLog) -> FloatArray:
+    target = log.logged_pmf.copy()
+    offered = log.offered
+    target[log.chosen_slot[offered]] = log.logged_prob[offered]
+    return target
 
 
 @dataclass
@@ -193,11 +226,14 @@ class LoggedPolicy:
     name: str = "logged"
     needs_features: bool = False
 
-    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
-        target = log.logged_pmf.copy()
-        offered = log.offered
-        target[log.chosen_slot[offered]] = log.logged_prob[offered]
-        return target, ()
+    def scorer(self) -> Scorer:
+        return self
+
+    def distribution(self, chunk: ReplayLog) -> FloatArray:
+        return _logged(chunk)
+
+    def finish(self) -> tuple[str, ...]:
+        return ()
 
 
 @dataclass
@@ -205,9 +241,15 @@ class UniformPolicy:
     name: str = "uniform"
     needs_features: bool = False
 
-    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
-        counts = log.counts
-        return np.repeat(1.0 / counts, counts), ()
+    def scorer(self) -> Scorer:
+        return self
+
+    def distribution(self, chunk: ReplayLog) -> FloatArray:
+        counts = chunk.counts
+        return np.repeat(1.0 / counts, counts)
+
+    def finish(self) -> tuple[str, ...]:
+        return ()
 
 
 @dataclass
@@ -218,21 +260,37 @@ class ConstantPolicy:
     name: str = ""
     needs_features: bool = False
 
-    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
-        is_arm = np.array([a == self.arm_id for a, _ in log.arms], dtype=bool)
-        hit = is_arm[log.arm_index] if len(is_arm) else np.zeros(0, dtype=bool)
-        if not hit.any():
-            raise InvalidInput("policy", f"constant:{self.arm_id}: arm {self.arm_id!r} is not in the log")
+    def scorer(self) -> Scorer:
+        return _ConstantRun(self.arm_id)
+
+
+@dataclass
+class _ConstantRun:
+    arm_id: str
+    events: int = 0
+    missing: int = 0  # events where the arm was not eligible
+
+    def distribution(self, chunk: ReplayLog) -> FloatArray:
+        is_arm = np.array([a == self.arm_id for a, _ in chunk.arms], dtype=bool)
+        hit = is_arm[chunk.arm_index] if len(is_arm) else np.zeros(len(chunk.arm_index), dtype=bool)
         target = hit.astype(np.float64)
-        eligible = np.add.reduceat(hit, log.offsets[:-1]) > 0
-        missing = int(log.n - np.count_nonzero(eligible))
-        if not missing:
-            return target, ()
-        fallback = np.repeat(~eligible, log.counts)
-        logged, _ = LoggedPolicy().distribution(log)
-        target[fallback] = logged[fallback]
-        return target, (
-            f"not_eligible: arm {self.arm_id} was not eligible in {missing} of {log.n} events; " + "the logged policy stands in for them",
+        eligible = np.add.reduceat(hit, chunk.offsets[:-1]) > 0 if chunk.n else np.zeros(0, dtype=bool)
+        missing = int(chunk.n - np.count_nonzero(eligible))
+        self.events += chunk.n
+        self.missing += missing
+        if missing:
+            fallback = np.repeat(~eligible, chunk.counts)
+            target[fallback] = _logged(chunk)[fallback]
+        return target
+
+    def finish(self) -> tuple[str, ...]:
+        if self.events and self.missing == self.events:
+            raise InvalidInput("policy", f"constant:{self.arm_id}: arm {self.arm_id!r} is not in the log")
+        if not self.missing:
+            return ()
+        return (
+            f"not_eligible: arm {self.arm_id} was not eligible in {self.missing} of {self.events} events; "
+            + "the logged policy stands in for them",
         )
 
 
@@ -265,34 +323,48 @@ class VwPolicy:
     learn: bool
     needs_features: bool = True
 
-    def distribution(self, log: ReplayLog) -> tuple[FloatArray, tuple[str, ...]]:
-        texts, warn = log.vw_examples()
-        ws = _workspace(self.args, "policy")
-        try:
-            kind = ws.get_prediction_type()
-            if kind not in (ws.pACTION_PROBS, ws.pACTION_SCORES):
-                raise InvalidInput("policy", f"{self.name}: needs a cb_adf or cb_explore_adf model, not {kind}")
-            greedy = kind == ws.pACTION_SCORES
-            target = np.empty(len(log.arm_index), np.float64)
-            offsets, chosen = log.offsets.tolist(), log.chosen.tolist()
-            for i, text in enumerate(texts):
-                lo, hi = offsets[i], offsets[i + 1]
-                ex = ws.parse(text)
-                try:
-                    out = np.asarray(ws.predict(ex), dtype=np.float64)
-                    if self.learn and chosen[i] >= 0:  # nothing to learn where no offer was made
-                        ws.learn(ex)
-                finally:
-                    ws.finish_example(ex)
-                if out.shape[0] != hi - lo:
-                    raise InvalidInput("policy", f"{self.name}: VW returned {out.shape[0]} values for {hi - lo} arms")
-                if greedy:  # scores are costs: the lowest wins
-                    out = (out == out.min()).astype(np.float64)
-                    out /= out.sum()
-                target[lo:hi] = out
-            return np.clip(target, 0.0, 1.0, out=target), warn
-        finally:
+    def scorer(self) -> Scorer:
+        return _VwRun(self.name, _workspace(self.args, "policy"), self.learn)
+
+
+class _VwRun:
+    """A workspace over the whole run: the model scores each event, then learns it."""
+
+    def __init__(self, name: str, ws: Workspace, learn: bool) -> None:
+        self.name, self.ws, self.learn = name, ws, learn
+        self.missing: set[ArmKey] = set()
+        kind = ws.get_prediction_type()
+        if kind not in (ws.pACTION_PROBS, ws.pACTION_SCORES):
             ws.finish()
+            raise InvalidInput("policy", f"{name}: needs a cb_adf or cb_explore_adf model, not {kind}")
+        self.greedy = kind == ws.pACTION_SCORES
+
+    def distribution(self, chunk: ReplayLog) -> FloatArray:
+        texts = chunk.vw_examples()
+        self.missing.update(chunk.missing_arm_features())
+        ws, learn = self.ws, self.learn
+        target = np.empty(len(chunk.arm_index), np.float64)
+        offsets, chosen = chunk.offsets.tolist(), chunk.chosen.tolist()
+        for i, text in enumerate(texts):
+            lo, hi = offsets[i], offsets[i + 1]
+            ex = ws.parse(text)
+            try:
+                out = np.asarray(ws.predict(ex), dtype=np.float64)
+                if learn and chosen[i] >= 0:  # nothing to learn where no offer was made
+                    ws.learn(ex)
+            finally:
+                ws.finish_example(ex)
+            if out.shape[0] != hi - lo:
+                raise InvalidInput("policy", f"{self.name}: VW returned {out.shape[0]} values for {hi - lo} arms")
+            if self.greedy:  # scores are costs: the lowest wins
+                out = (out == out.min()).astype(np.float64)
+                out /= out.sum()
+            target[lo:hi] = out
+        return np.clip(target, 0.0, 1.0, out=target)
+
+    def finish(self) -> tuple[str, ...]:
+        self.ws.finish()
+        return missing_arm_features_warning(self.missing)
 
 
 def paced_no_offer(d: LoggedDecision) -> bool:
@@ -321,34 +393,68 @@ def parse_policy(spec: str) -> Policy:
 # --------------------------------------------------------------------------- reward model
 
 
-def reward_model(log: ReplayLog, args: str = DEFAULT_REWARD_MODEL_ARGS, folds: int = 2) -> FloatArray:
-    """Predicted reward of every slot, cross-fitted: each event is scored by a model that
-    learned only the other folds, so DR's correction is not fooled by memorised rewards.
+class RewardModel:
+    """DR's reward model, cross-fitted: event ``i`` (counted from the start of the log) falls in
+    fold ``i % folds`` and is scored by the model that learned only the other folds, so DR's
+    correction is not fooled by memorised rewards.
 
-    The model is VW's direct method (``--cb_adf --cb_type dm``): a regression of the chosen
-    arm's reward on the context and arm features.
+    Each model is VW's direct method (``--cb_adf --cb_type dm``): a regression of the chosen
+    arm's reward on the context and arm features. ``learn`` takes the log's chunks in order (a
+    first pass), then ``predict`` scores them (a second pass over the same chunks); memory holds
+    the models, not the log.
     """
-    if folds < 2:
-        raise InvalidInput("folds", f"must be at least 2, got {folds}")
-    base = ["--cb_adf", "--cb_type", "dm", *_vw_args(args, "reward_model_args")]
-    texts, _ = log.vw_examples()
-    offsets = log.offsets.tolist()
-    rhat = np.zeros(len(log.arm_index), np.float64)
-    fold_of = np.arange(log.n) % folds
-    for k in range(folds):
-        ws = _workspace(base, "reward_model_args")
+
+    def __init__(self, args: str = DEFAULT_REWARD_MODEL_ARGS, folds: int = 2) -> None:
+        if folds < 2:
+            raise InvalidInput("folds", f"must be at least 2, got {folds}")
+        base = ["--cb_adf", "--cb_type", "dm", *_vw_args(args, "reward_model_args")]
+        self.folds = folds
+        self.models: list[Workspace] = []
         try:
-            for i in np.flatnonzero((fold_of != k) & log.offered).tolist():
-                ex = ws.parse(texts[i])
-                ws.learn(ex)
-                ws.finish_example(ex)
-            for i in np.flatnonzero(fold_of == k).tolist():  # predict ignores the label
-                ex = ws.parse(texts[i])
-                rhat[offsets[i] : offsets[i + 1]] = ws.predict(ex)
-                ws.finish_example(ex)
-        finally:
+            for _ in range(folds):
+                self.models.append(_workspace(base, "reward_model_args"))
+        except BaseException:
+            self.close()
+            raise
+
+    def learn(self, chunk: ReplayLog, start: int) -> None:
+        """Learn the chunk's events (the ``start``-th of the log first) in every other fold's model."""
+        texts = chunk.vw_examples()
+        folds = self.folds
+        for i in np.flatnonzero(chunk.offered).tolist():
+            own = (start + i) % folds
+            for k, ws in enumerate(self.models):
+                if k != own:
+                    ex = ws.parse(texts[i])
+                    ws.learn(ex)
+                    ws.finish_example(ex)
+
+    def predict(self, chunk: ReplayLog, start: int) -> FloatArray:
+        """The predicted reward of every slot of the chunk, by its own fold's model."""
+        texts = chunk.vw_examples()
+        offsets = chunk.offsets.tolist()
+        rhat = np.zeros(len(chunk.arm_index), np.float64)
+        for i, text in enumerate(texts):  # predict ignores the label
+            ws = self.models[(start + i) % self.folds]
+            ex = ws.parse(text)
+            rhat[offsets[i] : offsets[i + 1]] = ws.predict(ex)
+            ws.finish_example(ex)
+        return np.negative(rhat, out=rhat)  # VW predicts costs
+
+    def close(self) -> None:
+        for ws in self.models:
             ws.finish()
-    return np.negative(rhat, out=rhat)  # VW predicts costs
+        self.models = []
+
+
+def reward_model(log: ReplayLog, args: str = DEFAULT_REWARD_MODEL_ARGS, folds: int = 2) -> FloatArray:
+    """Predicted reward of every slot of a whole log, cross-fitted (see RewardModel)."""
+    model = RewardModel(args, folds)
+    try:
+        model.learn(log, 0)
+        return model.predict(log, 0)
+    finally:
+        model.close()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -380,6 +486,19 @@ class PolicyEstimate:
         }
 
 
+Chunks = Callable[[], Iterator[ReplayLog]]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a replay found: the estimates, and the span of the log they came from."""
+
+    results: list[PolicyEstimate]
+    n: int
+    first: float  # timestamp of the first event replayed
+    last: float
+
+
 def evaluate(
     log: ReplayLog,
     policies: Sequence[Policy],
@@ -389,49 +508,115 @@ def evaluate(
     reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS,
     folds: int = 2,
 ) -> list[PolicyEstimate]:
-    """Every estimator of every policy on the same log; the reward model is fitted once."""
-    names = [e.strip().lower() for e in estimators]
+    """Every estimator of every policy on a log held in memory (see ``replay``)."""
+    return replay(lambda: iter((log,)), policies, estimators, clip=clip, reward_model_args=reward_model_args, folds=folds).results
+
+
+@dataclass
+class _Candidate:
+    policy: Policy
+    run: Scorer
+    acc: Accumulator
+    unseen: float = 0.0  # the candidate's mass on arms the logging policy gave probability 0
+
+
+def replay(
+    chunks: Chunks,
+    policies: Sequence[Policy],
+    estimators: Sequence[str] = ESTIMATORS,
+    *,
+    clip: float | None = None,
+    reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS,
+    folds: int = 2,
+    progress: Callable[[str, int], None] | None = None,
+) -> Replay:
+    """Every estimator of every policy over a log read in chunks, in bounded memory.
+
+    ``chunks()`` gives the log's chunks in time order, afresh at each call: DR's reward model
+    learns the whole log in a first pass, then one pass scores every candidate and feeds the
+    estimators' running sums, so memory holds a chunk, the models and a few sums per estimate,
+    whatever the length of the log. ``progress(stage, events)`` hears after each chunk.
+    """
+    names = tuple(e.strip().lower() for e in estimators)
     for e in names:
         if e not in ESTIMATORS:
             raise InvalidInput("estimator", f"unknown estimator {e!r}; expected one of {', '.join(ESTIMATORS)}")
-    if log.n == 0:
+    model = RewardModel(reward_model_args, folds) if "dr" in names else None
+    candidates: list[_Candidate] = []
+    running = candidates  # what the finally clause must still finish
+    try:
+        # Every policy starts before anything is read: a bad one fails before the (slow) reward model.
+        for p in policies:
+            candidates.append(_Candidate(p, p.scorer(), Accumulator(names, clip=clip)))
+        if model is not None:
+            start = 0
+            for chunk in chunks():
+                model.learn(chunk, start)
+                start += chunk.n
+                if progress is not None:
+                    progress("reward model", start)
+        n = skipped = may_skip = 0
+        paced_log = False
+        first = last = math.nan
+        for chunk in chunks():
+            if not chunk.n:
+                continue
+            rhat = model.predict(chunk, n) if model is not None else None
+            slot, never, offered, starts = chunk.chosen_slot, chunk.logged_pmf <= 0.0, chunk.offered, chunk.offsets[:-1]
+            for c in candidates:
+                target = c.run.distribution(chunk)
+                # The probability the candidate gives the logged action: the chosen arm, or "no offer".
+                none_mass = np.clip(1.0 - np.add.reduceat(target, starts), 0.0, 1.0)
+                target_logged = np.where(offered, target[slot], none_mass)
+                if never.any():
+                    c.unseen += float(target[never].sum())
+                hat_logged = hat_target = None
+                if rhat is not None:
+                    hat_logged = np.where(offered, rhat[slot], 0.0)  # "no offer" earns nothing, surely
+                    hat_target = np.add.reduceat(target * rhat, starts)
+                c.acc.add(chunk.rewards, chunk.logged_prob, target_logged, hat_logged, hat_target)
+            skipped += int(chunk.n - np.count_nonzero(offered))
+            if chunk.no_offer is not None:
+                paced_log = True
+                may_skip += int(np.count_nonzero(chunk.no_offer))
+            first = float(chunk.timestamps[0]) if n == 0 else first
+            last = float(chunk.timestamps[-1])
+            n += chunk.n
+            if progress is not None:
+                progress("replay", n)
+        done, running = [(c, c.run.finish()) for c in candidates], []
+    finally:
+        for c in running:
+            c.run.finish()
+        if model is not None:
+            model.close()
+    if n == 0:
         raise InvalidInput("log", "no closed decisions to evaluate")
-    # Distributions first: a bad policy fails before the (slow) reward model is fitted.
-    targets = [(p.name, *p.distribution(log)) for p in policies]
-    rhat = reward_model(log, reward_model_args, folds) if "dr" in names else None
-    slot, never, offered = log.chosen_slot, log.logged_pmf <= 0.0, log.offered
-    skipped = int(log.n - np.count_nonzero(offered))
+    paced = _no_offer_warning(n, skipped, may_skip, paced_log)
+    out = []
+    for c, warn in done:
+        warn += paced
+        if c.unseen > 0.0:
+            warn += (
+                f"no_support: {c.unseen / n:.1%} of the candidate's mass is on arms the logging policy gave "
+                + "probability 0; IPS and SNIPS count it as zero reward, DR trusts its reward model there",
+            )
+        for est in c.acc.estimates():
+            out.append(PolicyEstimate(c.policy.name, replace(est, warnings=est.warnings + warn) if warn else est))
+    return Replay(out, n, first, last)
+
+
+def _no_offer_warning(n: int, skipped: int, may_skip: int, paced_log: bool) -> tuple[str, ...]:
     if skipped:
-        paced: tuple[str, ...] = (
-            f"no_offer: in {skipped} of {log.n} events pacing made no offer; they count with reward 0, and a "
+        return (
+            f"no_offer: in {skipped} of {n} events pacing made no offer; they count with reward 0, and a "
             + "candidate makes no offer with the probability its distribution leaves over (none, for one that "
             + "always offers)",
         )
-    elif log.no_offer is not None:  # e.g. a DSJSON export: the events without an offer are not in it
-        paced = (
-            f"no_offer: in {np.count_nonzero(log.no_offer)} of {log.n} events pacing could also make no offer, and "
+    if paced_log:  # e.g. a DSJSON export: the events without an offer are not in it
+        return (
+            f"no_offer: in {may_skip} of {n} events pacing could also make no offer, and "
             + "this log has no event where it made none; if they were left out (a DSJSON export leaves them out), "
             + "IPS overstates candidates that always offer (SNIPS does not): replay from the database instead",
         )
-    else:
-        paced = ()
-    out = []
-    for name, target, warn in targets:
-        # The probability the candidate gives the logged action: the chosen arm, or "no offer".
-        none_mass = np.clip(1.0 - np.add.reduceat(target, log.offsets[:-1]), 0.0, 1.0)
-        target_logged = np.where(offered, target[slot], none_mass)
-        warn += paced
-        unseen = float(target[never].sum()) / log.n if never.any() else 0.0
-        if unseen > 0.0:
-            warn += (
-                f"no_support: {unseen:.1%} of the candidate's mass is on arms the logging policy gave "
-                + "probability 0; IPS and SNIPS count it as zero reward, DR trusts its reward model there",
-            )
-        hat_logged = hat_target = None
-        if rhat is not None:
-            hat_logged = np.where(offered, rhat[slot], 0.0)  # "no offer" earns nothing, surely
-            hat_target = np.add.reduceat(target * rhat, log.offsets[:-1])
-        for e in names:
-            est = estimate(e, log.rewards, log.logged_prob, target_logged, hat_logged, hat_target, clip=clip)
-            out.append(PolicyEstimate(name, replace(est, warnings=est.warnings + warn) if warn else est))
-    return out
+    return ()

@@ -14,8 +14,9 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 from nextbest.bandit.errors import InvalidInput
 
@@ -37,12 +38,11 @@ def _fmt(x: float, width: int, digits: int = 4) -> str:
     return f"{'nan':>{width}}" if math.isnan(x) else f"{x:>{width}.{digits}f}"
 
 
-def format_table(results: Sequence[PolicyEstimate], log: ReplayLog, source: str) -> str:
+def format_table(results: Sequence[PolicyEstimate], n: int, first: float, last: float, source: str) -> str:
     """The plain output: one row per policy and estimator, warnings listed below."""
     from nextbest.bandit.offline.dsjson import iso_time
 
-    span = f"{iso_time(float(log.timestamps.min()))} .. {iso_time(float(log.timestamps.max()))}"
-    lines = [f"{log.n:,} closed decisions from {source}, {span}", ""]
+    lines = [f"{n:,} closed decisions from {source}, {iso_time(first)} .. {iso_time(last)}", ""]
     width = max([len("policy")] + [len(r.policy) for r in results])
     lines.append(f"{'policy':<{width}}  {'estimator':<9} {'value':>9}  {'95% CI':>20} {'ess':>11} {'n':>9}  warnings")
     notes: list[str] = []
@@ -55,6 +55,36 @@ def format_table(results: Sequence[PolicyEstimate], log: ReplayLog, source: str)
     if notes:
         lines += ["", "warnings:", *notes]
     return "\n".join(lines)
+
+
+class Progress:
+    """A progress bar on standard error while a long replay runs, when that is a terminal:
+    events read, their rate and, where the total is known, the share done."""
+
+    def __init__(self, total: int | None, stream: TextIO = sys.stderr, every: float = 0.2) -> None:
+        self.total, self.stream, self.every = total, stream, every
+        self.started = self.shown = time.monotonic()
+        self.stage = ""
+
+    def __call__(self, stage: str, events: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            self.stage, self.started = stage, now
+        if now - self.shown < self.every:
+            return
+        self.shown = now
+        rate = events / max(now - self.started, 1e-9)
+        bar = ""
+        if self.total:
+            done = min(events / self.total, 1.0)
+            filled = int(done * 30)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done:4.0%} "
+        self.stream.write(f"\r{stage:<12} {bar}{events:,} events, {rate:,.0f}/s ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
 
 
 def plot(results: Sequence[PolicyEstimate], path: str) -> None:
@@ -106,8 +136,8 @@ def _policy(spec: str, args: argparse.Namespace) -> Policy:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from nextbest.bandit.offline.replay import evaluate
-    from nextbest.offline.log_source import parse_time, read_dsjson, read_replay_log
+    from nextbest.bandit.offline.replay import Replay, replay
+    from nextbest.offline.log_source import LogOutOfOrder, count_replay_events, dsjson_chunks, parse_time, read_dsjson, replay_chunks
 
     if (args.db is None) == (args.log is None):
         raise InvalidInput("--db", "give exactly one of --db URL and --log FILE")
@@ -116,20 +146,46 @@ def _replay(args: argparse.Namespace) -> int:
     policies = [_policy(p, args) for p in args.policy]  # bad specs fail before any reading
     estimators = args.estimator or list(ESTIMATOR_NAMES)
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    progress = None
     if args.db is not None:
         need = "dr" in estimators or any(p.needs_features for p in policies)
-        log = read_replay_log(args.db, args.placement, since=since, until=until, with_features=need)
+        chunks = replay_chunks(args.db, args.placement, since=since, until=until, with_features=need, chunk=args.chunk)
         source = f"placement {args.placement}"
+        if sys.stderr.isatty():
+            progress = Progress(count_replay_events(args.db, args.placement, since=since, until=until))
     else:
-        log = read_dsjson(args.log, args.placement, since=since, until=until)
+        chunks = dsjson_chunks(args.log, args.placement, since=since, until=until, chunk=args.chunk)
         source = args.log
-    results = evaluate(log, policies, estimators, clip=args.clip, reward_model_args=args.reward_model_args, folds=args.folds)
+        if sys.stderr.isatty():
+            progress = Progress(None)
+
+    def run(chunks: Callable[[], Iterator[ReplayLog]]) -> Replay:
+        return replay(
+            chunks,
+            policies,
+            estimators,
+            clip=args.clip,
+            reward_model_args=args.reward_model_args,
+            folds=args.folds,
+            progress=progress,
+        )
+
+    try:
+        try:
+            done = run(chunks)
+        except LogOutOfOrder as e:
+            print(f"note: {e.message}; reading the whole file to sort it", file=sys.stderr)
+            log = read_dsjson(args.log, args.placement, since=since, until=until)
+            done = run(lambda: iter((log,)))
+    finally:
+        if progress is not None:
+            progress.close()
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        print(json.dumps([r.to_dict() for r in done.results], indent=2))
     else:
-        print(format_table(results, log, source))
+        print(format_table(done.results, done.n, done.first, done.last, source))
     if args.plot:
-        plot(results, args.plot)
+        plot(done.results, args.plot)
     return 0
 
 
@@ -158,6 +214,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return value
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``replay`` and ``export-log`` to the nextbest command."""
     r = sub.add_parser("replay", help="estimate candidate policies offline from the decision log")
@@ -179,6 +242,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         f"(default --reward-model-args='{REWARD_MODEL_ARGS}')",
     )
     r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
+    r.add_argument(
+        "--chunk", type=_positive_int, default=50_000, help="events read and scored at a time: memory holds one chunk (default 50000)"
+    )
     r.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     r.add_argument("--plot", metavar="FILE", help="also draw the estimates and their intervals (PNG)")
     r.set_defaults(func=_replay)

@@ -7,11 +7,14 @@ the context features are read only when a VW policy or the DR reward model needs
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -22,7 +25,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
-from nextbest.bandit.features import feature, features_from_mapping
+from nextbest.bandit.features import Feature, feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from nextbest.bandit.offline.replay import ReplayLog
 from nextbest.storage import tables as t
@@ -125,10 +128,9 @@ def _bulk_json(texts: Sequence[str]) -> list[Any]:
     return [values[i] for i in idx]
 
 
-def read_replay_log(
-    url: str, placement: str, *, since: float | None = None, until: float | None = None, with_features: bool = False
-) -> ReplayLog:
-    """The closed decisions of a placement, oldest first (ties by event id)."""
+def _replay_query(placement: str, since: float | None, until: float | None, with_features: bool) -> Any:
+    """The columns the replay reads, of the closed decisions of a placement, oldest first (ties
+    by event id, then slot)."""
     d = t.decisions.c
     cols = [
         d.event_id,
@@ -141,12 +143,11 @@ def read_replay_log(
     ]
     if with_features:
         cols.append(cast(d.features, Text))
-    stmt = select(*cols).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id)
-    with _connect(url) as conn:
-        rows = conn.execute(stmt).all()
-        arm_rows = _arm_features(conn, placement) if with_features else {}
-    if not rows:
-        raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
+    return select(*cols).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id, d.slot)
+
+
+def _replay_chunk(rows: Sequence[Any], arm_features: Mapping[ArmKey, tuple[Feature, ...]], with_features: bool) -> ReplayLog:
+    """Rows of ``_replay_query`` as a ReplayLog; the JSON columns decoded in bulk."""
     columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
     pmfs = json.loads("[" + ",".join(columns[6]) + "]")
     arm_lists = _bulk_json(columns[5])
@@ -162,16 +163,61 @@ def read_replay_log(
             for row in json.loads("[" + ",".join(columns[7]) + "]")
         ]
     return ReplayLog.build(
-        columns[0],
-        columns[1],
-        columns[2],
-        columns[3],
-        columns[4],
-        arm_lists,
-        pmfs,
-        features=features,
-        arm_features={k: features_from_mapping(v) for k, v in arm_rows.items()},
+        columns[0], columns[1], columns[2], columns[3], columns[4], arm_lists, pmfs, features=features, arm_features=arm_features
     )
+
+
+def replay_chunks(
+    url: str,
+    placement: str,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    with_features: bool = False,
+    chunk: int = 50_000,
+) -> Callable[[], Iterator[ReplayLog]]:
+    """The closed decisions of a placement as ReplayLog chunks of ``chunk`` rows, oldest first,
+    read afresh at each call through a cursor (server-side on PostgreSQL), so that a replay
+    holds one chunk, not the log. The first call raises NotFound for an empty period."""
+    stmt = _replay_query(placement, since, until, with_features)
+    arm_features: dict[ArmKey, tuple[Feature, ...]] = {}
+    if with_features:
+        with _connect(url) as conn:
+            arm_features = {k: features_from_mapping(v) for k, v in _arm_features(conn, placement).items()}
+
+    def chunks() -> Iterator[ReplayLog]:
+        empty = True
+        with _connect(url) as conn:
+            result = conn.execution_options(yield_per=chunk).execute(stmt)
+            for rows in result.partitions():
+                log = _replay_chunk(rows, arm_features, with_features)
+                if log.n:
+                    empty = False
+                    yield log
+        if empty:
+            raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
+
+    return chunks
+
+
+def count_replay_events(url: str, placement: str, *, since: float | None = None, until: float | None = None) -> int:
+    """How many rows ``replay_chunks`` will read (for a progress bar)."""
+    with _connect(url) as conn:
+        return int(
+            conn.execute(select(func.count()).select_from(t.decisions).where(*_where(placement, since, until, no_offer=True))).scalar_one()
+        )
+
+
+def read_replay_log(
+    url: str, placement: str, *, since: float | None = None, until: float | None = None, with_features: bool = False
+) -> ReplayLog:
+    """The closed decisions of a placement, oldest first, as one ReplayLog in memory (a notebook's view)."""
+    with _connect(url) as conn:
+        rows = conn.execute(_replay_query(placement, since, until, with_features)).all()
+        arm_rows = _arm_features(conn, placement) if with_features else {}
+    if not rows:
+        raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
+    return _replay_chunk(rows, {k: features_from_mapping(v) for k, v in arm_rows.items()}, with_features)
 
 
 def read_decisions(
@@ -179,7 +225,7 @@ def read_decisions(
 ) -> tuple[list[LoggedDecision], ArmFeatureRows]:
     """Whole closed decisions (for export), oldest first, and their placement's arm features."""
     d = t.decisions.c
-    stmt = select(t.decisions).where(*_where(placement, since, until)).order_by(d.created_at, d.event_id)
+    stmt = select(t.decisions).where(*_where(placement, since, until)).order_by(d.created_at, d.event_id, d.slot)
     with _connect(url) as conn:
         decisions = [decision_from_row(r) for r in conn.execute(stmt)]
         arm_rows = _arm_features(conn, placement)
@@ -246,10 +292,15 @@ def write_dsjson(path: str, decisions: Iterable[LoggedDecision], arm_features: A
     return n
 
 
-def read_dsjson(path: str, placement: str | None = None, *, since: float | None = None, until: float | None = None) -> ReplayLog:
-    """A replay log from a DSJSON file, filtered and ordered like the database path."""
-    decisions: list[LoggedDecision] = []
-    arm_rows: ArmFeatureRows = {}
+class LogOutOfOrder(InvalidInput):
+    """A DSJSON file whose events are not in time order cannot be streamed: VW candidates and
+    DR's folds follow the order. The replay then reads it whole and sorts it."""
+
+
+def _dsjson_lines(
+    path: str, placement: str | None, since: float | None, until: float | None
+) -> Iterator[tuple[int, LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]]:
+    """The file's decisions of ``placement`` in the period, with their line numbers."""
     with _open(path, "r") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -262,10 +313,61 @@ def read_dsjson(path: str, placement: str | None = None, *, since: float | None 
                 continue
             if (since is not None and dec.timestamp < since) or (until is not None and dec.timestamp >= until):
                 continue
-            decisions.append(dec)
-            arm_rows.update(arms)
+            yield number, dec, arms
+
+
+def _no_events(path: str, placement: str | None) -> NotFound:
+    return NotFound(f"{path} has no closed decisions{f' of {placement!r}' if placement else ''} in the chosen period")
+
+
+def read_dsjson(path: str, placement: str | None = None, *, since: float | None = None, until: float | None = None) -> ReplayLog:
+    """A replay log from a DSJSON file, whole in memory, ordered like the database path."""
+    decisions: list[LoggedDecision] = []
+    arm_rows: ArmFeatureRows = {}
+    for _, dec, arms in _dsjson_lines(path, placement, since, until):
+        decisions.append(dec)
+        arm_rows.update(arms)
     decisions.sort(key=lambda x: (x.timestamp, x.event_id))
     log = ReplayLog.from_decisions(decisions, arm_rows)
     if log.n == 0:
-        raise NotFound(f"{path} has no closed decisions{f' of {placement!r}' if placement else ''} in the chosen period")
+        raise _no_events(path, placement)
     return log
+
+
+def dsjson_chunks(
+    path: str, placement: str | None = None, *, since: float | None = None, until: float | None = None, chunk: int = 50_000
+) -> Callable[[], Iterator[ReplayLog]]:
+    """A DSJSON file (as export-log writes it: in time order) as ReplayLog chunks, read afresh
+    at each call, so that a replay holds one chunk. Standard input ("-") is first copied to a
+    temporary file, as DR reads the log twice. Raises LogOutOfOrder at the first event older than
+    the one before it, NotFound after a pass that found nothing."""
+    if path == "-":
+        spool = tempfile.NamedTemporaryFile("w", encoding="utf-8", prefix="nextbest-replay-", suffix=".json", delete=False)
+        with spool:
+            shutil.copyfileobj(sys.stdin, spool)
+        atexit.register(os.unlink, spool.name)
+        path = spool.name
+
+    def chunks() -> Iterator[ReplayLog]:
+        batch: list[LoggedDecision] = []
+        arm_rows: ArmFeatureRows = {}
+        last: tuple[float, str] | None = None
+        empty = True
+        for number, dec, arms in _dsjson_lines(path, placement, since, until):
+            key = (dec.timestamp, dec.event_id)
+            if last is not None and key < last:
+                raise LogOutOfOrder("--log", f"{path}, line {number}: event {dec.event_id} is older than the one before it")
+            last = key
+            batch.append(dec)
+            arm_rows.update(arms)
+            if len(batch) >= chunk:
+                empty = False
+                yield ReplayLog.from_decisions(batch, arm_rows)
+                batch = []
+        if batch:
+            empty = False
+            yield ReplayLog.from_decisions(batch, arm_rows)
+        if empty:
+            raise _no_events(path, placement)
+
+    return chunks

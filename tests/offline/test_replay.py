@@ -21,7 +21,7 @@ from nextbest.bandit.errors import InvalidInput, Unavailable
 from nextbest.bandit.features import arm_line, feature, features_from_mapping, shared_line
 from nextbest.bandit.offline.dsjson import from_dsjson, to_dsjson
 from nextbest.bandit.offline.estimators import ESTIMATORS
-from nextbest.bandit.offline.replay import DEFAULT_REWARD_MODEL_ARGS, ReplayLog, evaluate, parse_policy, reward_model
+from nextbest.bandit.offline.replay import DEFAULT_REWARD_MODEL_ARGS, ReplayLog, distribution, evaluate, parse_policy, reward_model
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.cli.replay import ESTIMATOR_NAMES, REWARD_MODEL_ARGS
 from nextbest.config.plans import plan
@@ -122,12 +122,12 @@ def test_saved_model_policy_predicts_only_and_cb_adf_is_greedy(tmp_path: Path) -
     log = ReplayLog.from_decisions(HAND)
     path = tmp_path / "model.vw"
     ws = Workspace(f"--cb_adf -q UA --quiet -f {path}")
-    for example in log.vw_examples()[0] * 20:
+    for example in log.vw_examples() * 20:
         ws.learn(example)
     ws.finish()  # saves the model
     policy = parse_policy(f"model:{path}")
-    first, _ = policy.distribution(log)
-    again, _ = policy.distribution(log)
+    first, _ = distribution(policy, log)
+    again, _ = distribution(policy, log)
     assert np.array_equal(first, again)  # nothing was learned in between
     assert set(first.tolist()) <= {0.0, 0.5, 1.0} and np.allclose(np.add.reduceat(first, log.offsets[:-1]), 1.0)
     assert first[log.chosen_slot][1] == 0.0  # it learned that b paid nothing in e1
@@ -135,7 +135,7 @@ def test_saved_model_policy_predicts_only_and_cb_adf_is_greedy(tmp_path: Path) -
 
 def test_vw_policy_is_progressive_and_gives_distributions() -> None:
     log = ReplayLog.from_decisions(HAND)
-    target, _ = parse_policy("vw:--cb_explore_adf --epsilon 0.2").distribution(log)
+    target, _ = distribution(parse_policy("vw:--cb_explore_adf --epsilon 0.2"), log)
     sums = np.add.reduceat(target, log.offsets[:-1])
     assert np.allclose(sums, 1.0, atol=1e-6)
     # The first event is scored before anything was learned: VW's untrained model is uniform.
