@@ -9,8 +9,8 @@ prefix of the feature name (``customer.segment=gold``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import TypeAlias
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 from nextbest.bandit.errors import InvalidInput
 
@@ -91,6 +91,22 @@ def shared_line(features: Iterable[Feature]) -> str:
         else:
             safe = names.get((namespace, name))
             parts.append(f"{safe}:{v!r}" if safe is not None else _token(f))
+    return f"shared |{SHARED_NAMESPACE} " + " ".join(parts)
+
+
+def shared_line_of_rows(rows: Iterable[Sequence[Any]]) -> str:
+    """``shared_line`` of features as the log stores them (``[namespace, name, value]`` lists,
+    a number or a text), without making Feature tuples first: a replay reads millions."""
+    names, categories = _NAMES, _CATEGORIES
+    parts = []
+    for namespace, name, v in rows:
+        if isinstance(v, str):
+            f = (namespace, name, v)
+            token = categories.get(f)
+            parts.append(token if token is not None else _token(f))
+        else:
+            safe = names.get((namespace, name))
+            parts.append(f"{safe}:{float(v)!r}" if safe is not None else _token((namespace, name, float(v))))
     return f"shared |{SHARED_NAMESPACE} " + " ".join(parts)
 
 

@@ -313,9 +313,9 @@ class Accumulator:
     * IPS and DR are means of per-event terms, merged by ``_Moments``;
     * SNIPS and the effective sample size use the weights' sums, kept scaled by a power of two
       (exact: it only moves the exponent) so that neither the sum nor the sum of squares can
-      overflow or underflow; SNIPS's squared deviations from its final value are recovered from
-      deviations around the first chunk's value, which avoids the cancellation of
-      ``sum(w^2 r^2) - value * ...``.
+      overflow or underflow; SNIPS's squared deviations from its final value are the squares
+      around the w^2-weighted mean of r (merged like IPS's) plus one non-negative term, which
+      avoids the cancellation of ``sum(w^2 r^2) - value * ...``.
 
     :func:`ips`, :func:`snips` and :func:`dr` are this with a single chunk.
     """
@@ -337,9 +337,10 @@ class Accumulator:
         self._w = 0.0
         self._w2 = 0.0
         self._wr = 0.0
-        self._shift: float | None = None  # SNIPS: deviations are taken around this value
-        self._dev2 = 0.0  # sum (w (r - shift))^2, scaled
-        self._dev = 0.0  # sum w^2 (r - shift), scaled
+        self._chunks = 0  # SNIPS: chunks with a positive weight
+        self._mean2 = 0.0  # w^2-weighted mean of r
+        self._dev2 = 0.0  # sum w^2 (r - _mean2)^2, scaled
+        self._first_dev2 = 0.0  # sum (w (r - value_1))^2 of the first chunk around its own value
         self._ips = _Moments()
         self._dr = _Moments()
 
@@ -384,23 +385,36 @@ class Accumulator:
         if self._exp is None or exp > self._exp:
             if self._exp is not None:  # a larger weight: bring what was summed to the new scale
                 f = math.ldexp(1.0, self._exp - exp)
-                self._w, self._wr, self._dev = self._w * f, self._wr * f, self._dev * f * f
-                self._w2, self._dev2 = self._w2 * f * f, self._dev2 * f * f
+                self._w, self._wr = self._w * f, self._wr * f
+                self._w2, self._dev2, self._first_dev2 = self._w2 * f * f, self._dev2 * f * f, self._first_dev2 * f * f
             self._exp = exp
         ws = np.ldexp(w, -self._exp)
         self._w += float(ws.sum())
-        self._w2 += float(np.dot(ws, ws))
         if "snips" not in self.estimators:
+            self._w2 += float(np.dot(ws, ws))
             return
-        wr = np.multiply(ws, r)
-        sum_wr = float(wr.sum())
+        sum_wr = float(np.multiply(ws, r).sum())  # numpy's pairwise sum, as np.mean's
         self._wr += sum_wr
-        if self._shift is None:
-            self._shift = sum_wr / float(ws.sum())  # this chunk's own SNIPS value
-        dev = np.subtract(r, self._shift, out=wr)
-        dev *= ws
-        self._dev2 += float(np.dot(dev, dev))
-        self._dev += float(np.dot(dev, ws))
+        # SNIPS's squares sum (w (r - value))^2 around the final value, unknown until the end:
+        # kept as the w^2-weighted mean of r and the squares around it, merged like _Moments,
+        # so that sum = squares + sum(w^2) (mean - value)^2 cancels nothing.
+        w2 = np.multiply(ws, ws)
+        chunk_w2 = float(np.dot(ws, ws))  # as without SNIPS, so that the ESS is the same
+        self._chunks += 1
+        if self._chunks == 1:  # one chunk only: the squares around its own value, as ever
+            dev = np.subtract(r, sum_wr / float(ws.sum()))
+            dev *= ws
+            self._first_dev2 = float(np.dot(dev, dev))
+        if chunk_w2 == 0.0:  # every weight underflowed in the square: nothing to merge
+            return
+        mean = float(np.dot(w2, r)) / chunk_w2
+        dev = np.subtract(r, mean)
+        squares = float(np.dot(w2, np.multiply(dev, dev, out=dev)))
+        total = self._w2 + chunk_w2
+        delta = mean - self._mean2
+        self._dev2 += squares + delta * delta * (self._w2 * chunk_w2 / total)
+        self._mean2 += delta * (chunk_w2 / total)
+        self._w2 = total
 
     @property
     def ess(self) -> float:
@@ -425,13 +439,13 @@ class Accumulator:
         """Sum(w r) / sum(w), with the delta method's CI: influence terms ``w_i (r_i - value) /
         mean(w)``, whose mean is zero by construction, so se^2 = sum(phi^2) / (n (n - 1))."""
         n, ess = self.n, self.ess
-        if self._shift is None:
+        if self._chunks == 0:
             return Estimate("snips", math.nan, math.nan, math.nan, n, ess, self.clipped, (*warnings, _ZERO_WEIGHT_SUM))
         value = self._wr / self._w
         if n < 2:
             return Estimate("snips", value, math.nan, math.nan, n, ess, self.clipped, warnings)
-        d = value - self._shift
-        squares = max(self._dev2 - 2.0 * d * self._dev + d * d * self._w2, 0.0) if d else self._dev2
+        d = self._mean2 - value
+        squares = self._first_dev2 if self._chunks == 1 else self._dev2 + self._w2 * d * d
         se = math.sqrt(squares / (n * (n - 1))) / (self._w / n)
         return Estimate("snips", value, value - Z_95 * se, value + Z_95 * se, n, ess, self.clipped, warnings)
 

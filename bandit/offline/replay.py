@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from itertools import chain
 from typing import Any, Protocol
 
 import numpy as np
+import pylibvw
 from numpy.typing import NDArray
 from vowpalwabbit import Workspace
 
 from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import InvalidInput
-from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line
+from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line, shared_line_of_rows
 from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, Estimate
 from nextbest.bandit.vw_options import REPLAY_OPTIONS, split_vw_args
 
@@ -48,6 +51,9 @@ class ReplayLog:
     features: Sequence[tuple[Feature, ...]] | None = None  # context; needed by VW only
     arm_features: Mapping[ArmKey, tuple[Feature, ...]] = field(default_factory=dict)
     no_offer: FloatArray | None = None  # per event: logged probability of pacing's "no offer"
+    contexts: Sequence[Sequence[Sequence[Any]]] | None = None  # the context as logged ([ns, name, value] lists), or features
+    set_ids: IntArray | None = None  # per event: which of ``sets`` its arms are (a log has few arm sets)
+    sets: Sequence[Sequence[int]] = ()  # arm sets, as indices into ``arms``
 
     def __post_init__(self) -> None:
         n = len(self.event_ids)
@@ -59,6 +65,8 @@ class ReplayLog:
             raise InvalidInput("log", "an event without an offer needs a logged probability of 'no offer'")
         if self.features is not None and len(self.features) != n:
             raise InvalidInput("log", "one feature tuple per event is required")
+        if self.contexts is not None and len(self.contexts) != n:
+            raise InvalidInput("log", "one context line per event is required")
 
     @property
     def n(self) -> int:
@@ -92,40 +100,89 @@ class ReplayLog:
         arm_features: Mapping[ArmKey, tuple[Feature, ...]] | None = None,
     ) -> ReplayLog:
         """Columns from plain rows. Identical arm lists (the same object) are coded once."""
+        distinct: dict[int, int] = {}
+        lists: list[Sequence[Sequence[Any]]] = []
+        ids = []
+        for lst in arm_lists:
+            j = distinct.get(id(lst))
+            if j is None:
+                j = distinct[id(lst)] = len(lists)
+                lists.append(lst)
+            ids.append(j)
         n = len(event_ids)
-        counts = np.fromiter(map(len, arm_lists), np.int64, n)
-        extra = np.fromiter(map(len, pmfs), np.int64, n) - counts
-        if n and (extra.min() < 0 or extra.max() > 1):
-            raise InvalidInput("pmf", "each event needs one probability per arm, and at most one for 'no offer'")
-        no_offer = None
-        if extra.any():  # pacing's "no offer" is the PMF's last entry: keep it apart from the arms
-            no_offer = np.array([p[-1] if e else 0.0 for p, e in zip(pmfs, extra.tolist(), strict=True)])
-            pmfs = [p[:-1] if e else p for p, e in zip(pmfs, extra.tolist(), strict=True)]
+        return cls.from_columns(
+            event_ids,
+            np.fromiter(timestamps, np.float64, n),
+            np.fromiter(rewards, np.float64, n),
+            np.fromiter(probabilities, np.float64, n),
+            np.fromiter(chosen, np.int64, n),
+            np.array(ids, dtype=np.int64),
+            lists,
+            np.fromiter(chain.from_iterable(pmfs), np.float64),
+            np.fromiter(map(len, pmfs), np.int64, n),
+            features=features,
+            arm_features=arm_features,
+        )
+
+    @classmethod
+    def from_columns(
+        cls,
+        event_ids: Sequence[str],
+        timestamps: FloatArray,
+        rewards: FloatArray,
+        probabilities: FloatArray,
+        chosen: IntArray,
+        list_ids: IntArray,
+        lists: Sequence[Sequence[Sequence[Any]]],
+        pmf_flat: FloatArray,
+        pmf_sizes: IntArray,
+        features: Sequence[tuple[Feature, ...]] | None = None,
+        arm_features: Mapping[ArmKey, tuple[Feature, ...]] | None = None,
+        contexts: Sequence[Sequence[Sequence[Any]]] | None = None,
+    ) -> ReplayLog:
+        """Columns in bulk: event ``i``'s arms are ``lists[list_ids[i]]`` (the few distinct arm
+        sets of a log, each ``(arm id, version)`` pairs), its PMF the next ``pmf_sizes[i]``
+        values of ``pmf_flat``. Everything per slot is computed by numpy, not per event, because
+        a replay reads millions of them."""
+        n = len(event_ids)
+        vocab: dict[ArmKey, int] = {}
+        coded = [[vocab.setdefault((str(a[0]), int(a[1])), len(vocab)) for a in lst] for lst in lists]
+        sizes = np.fromiter(map(len, coded), np.int64, len(coded))
+        table = np.fromiter(chain.from_iterable(coded), np.int64, int(sizes.sum()))
+        table_start = np.zeros(len(coded), np.int64)
+        np.cumsum(sizes[:-1], out=table_start[1:])
+        counts = sizes[list_ids] if n else np.zeros(0, np.int64)
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
-        vocab: dict[ArmKey, int] = {}
-        coded: dict[int, IntArray] = {}
-        parts = []
-        for lst in arm_lists:
-            codes = coded.get(id(lst))
-            if codes is None:
-                keys = [(str(a[0]), int(a[1])) for a in lst]
-                codes = np.fromiter((vocab.setdefault(k, len(vocab)) for k in keys), np.int64, len(keys))
-                coded[id(lst)] = codes
-            parts.append(codes)
+        slots = int(offsets[-1])
+        arm_index = table[np.repeat(table_start[list_ids] - offsets[:-1], counts) + np.arange(slots)]
+        extra = pmf_sizes - counts
+        if n and (int(extra.min()) < 0 or int(extra.max()) > 1) or len(pmf_flat) != int(pmf_sizes.sum()):
+            raise InvalidInput("pmf", "each event needs one probability per arm, and at most one for 'no offer'")
+        flat = pmf_flat
+        no_offer = None
+        if extra.any():  # pacing's "no offer" is the PMF's last entry: keep it apart from the arms
+            last = np.cumsum(pmf_sizes) - 1
+            paced = extra == 1
+            no_offer = np.zeros(n, np.float64)
+            no_offer[paced] = flat[last[paced]]
+            flat = np.delete(flat, last[paced])
         return cls(
             event_ids=event_ids,
-            timestamps=np.fromiter(timestamps, np.float64, n),
-            rewards=np.fromiter(rewards, np.float64, n),
-            logged_prob=np.fromiter(probabilities, np.float64, n),
-            chosen=np.fromiter(chosen, np.int64, n),
+            timestamps=timestamps,
+            rewards=rewards,
+            logged_prob=probabilities,
+            chosen=chosen,
             offsets=offsets,
-            arm_index=np.concatenate(parts) if parts else np.zeros(0, np.int64),
+            arm_index=arm_index,
             arms=list(vocab),
-            logged_pmf=np.fromiter(chain.from_iterable(pmfs), np.float64, int(offsets[-1])),
+            logged_pmf=flat,
             features=features,
             arm_features=dict(arm_features or {}),
             no_offer=no_offer,
+            contexts=contexts,
+            set_ids=list_ids,
+            sets=coded,
         )
 
     @classmethod
@@ -152,19 +209,45 @@ class ReplayLog:
         return [k for k in self.arms if k not in self.arm_features]
 
     def vw_examples(self) -> list[str]:
+        """``vw_texts``: made once per chunk, as DR's reward model and VW candidates all read it."""
+        return self.vw_texts
+
+    @cached_property
+    def vw_texts(self) -> list[str]:
         """Every event as cb_adf text, the chosen arm labelled ``0:-reward:probability`` (events
-        without an offer are unlabelled: VW predicts on them and learns nothing)."""
-        if self.features is None:
+        without an offer are unlabelled: VW predicts on them and learns nothing).
+
+        The arm lines around the chosen one are joined once per arm set and chosen position, not
+        per event: only the context and the label differ from one event to the next."""
+        if self.contexts is not None:  # made only here: a VW candidate reading DSJSON needs none
+            contexts = list(map(shared_line_of_rows, self.contexts))
+        elif self.features is not None:
+            contexts = [shared_line(f) for f in self.features]
+        else:
             raise InvalidInput("log", "VW needs the context features, and the log was read without them")
         lines = [arm_line(a, self.arm_features.get((a, v), ())) for a, v in self.arms]
-        offsets, codes = self.offsets.tolist(), self.arm_index.tolist()
+        if self.set_ids is not None:
+            set_ids, sets = self.set_ids.tolist(), self.sets
+        else:  # each event its own set
+            offsets, codes = self.offsets.tolist(), self.arm_index.tolist()
+            set_ids, sets = list(range(self.n)), [codes[offsets[i] : offsets[i + 1]] for i in range(self.n)]
+        blocks: dict[tuple[int, int], tuple[str, str]] = {}
         chosen, rewards, probs = self.chosen.tolist(), self.rewards.tolist(), self.logged_prob.tolist()
         out = []
-        for i, context in enumerate(self.features):
-            arms = [lines[c] for c in codes[offsets[i] : offsets[i + 1]]]
-            if chosen[i] >= 0:
-                arms[chosen[i]] = f"0:{-rewards[i]!r}:{probs[i]!r} {arms[chosen[i]]}"
-            out.append("\n".join((shared_line(context), *arms)))
+        for i, context in enumerate(contexts):
+            c = chosen[i]
+            block = blocks.get((set_ids[i], c))
+            if block is None:
+                arms = [lines[k] for k in sets[set_ids[i]]]
+                if c < 0:
+                    block = ("\n".join(arms), "")
+                else:
+                    block = ("".join(a + "\n" for a in arms[:c]), "\n".join(arms[c:]))
+                blocks[(set_ids[i], c)] = block
+            if c < 0:
+                out.append(f"{context}\n{block[0]}")
+            else:
+                out.append(f"{context}\n{block[0]}0:{-rewards[i]!r}:{probs[i]!r} {block[1]}")
         return out
 
 
@@ -310,6 +393,15 @@ def _workspace(args: list[str], field_name: str) -> Workspace:
         raise InvalidInput(field_name, f"Vowpal Wabbit rejected {' '.join(args)!r}: {e}") from None
 
 
+class _VW:
+    """VW's binding, called directly (the Python wrapper's checks cost a fifth of a replay)."""
+
+    parse = pylibvw.vw._parse
+    learn_multi = pylibvw.vw.learn_multi
+    predict_multi = pylibvw.vw.predict_multi
+    finish_example_multi_ex = pylibvw.vw._finish_example_multi_ex
+
+
 @dataclass
 class VwPolicy:
     """A VW cb_adf configuration (``vw:ARGS``) or a saved model (``model:PATH``).
@@ -324,42 +416,52 @@ class VwPolicy:
     needs_features: bool = True
 
     def scorer(self) -> Scorer:
-        return _VwRun(self.name, _workspace(self.args, "policy"), self.learn)
+        return _VwRun(self.name, self.args, self.learn)
 
 
 class _VwRun:
     """A workspace over the whole run: the model scores each event, then learns it."""
 
-    def __init__(self, name: str, ws: Workspace, learn: bool) -> None:
-        self.name, self.ws, self.learn = name, ws, learn
+    def __init__(self, name: str, args: list[str], learn: bool) -> None:
+        self.name, self.ws, self.learn = name, _workspace(args, "policy"), learn
         self.missing: set[ArmKey] = set()
-        kind = ws.get_prediction_type()
-        if kind not in (ws.pACTION_PROBS, ws.pACTION_SCORES):
-            ws.finish()
+        kind = self.ws.get_prediction_type()
+        if kind not in (self.ws.pACTION_PROBS, self.ws.pACTION_SCORES):
+            self.ws.finish()
             raise InvalidInput("policy", f"{name}: needs a cb_adf or cb_explore_adf model, not {kind}")
-        self.greedy = kind == ws.pACTION_SCORES
+        self.greedy = kind == self.ws.pACTION_SCORES
 
     def distribution(self, chunk: ReplayLog) -> FloatArray:
+        """Each event scored, then learned. VW's own learn scores an example before it updates
+        (the score it leaves on the example is the one progressive validation wants), so one
+        call does both: the replay runs at VW's learn rate, not at predict plus learn. Called
+        through VW's binding directly, as the server does."""
         texts = chunk.vw_examples()
         self.missing.update(chunk.missing_arm_features())
-        ws, learn = self.ws, self.learn
+        ws, learn, greedy = self.ws, self.learn, self.greedy
+        parse, learn_multi, predict_multi, finish = _VW.parse, _VW.learn_multi, _VW.predict_multi, _VW.finish_example_multi_ex
         target = np.empty(len(chunk.arm_index), np.float64)
         offsets, chosen = chunk.offsets.tolist(), chunk.chosen.tolist()
         for i, text in enumerate(texts):
             lo, hi = offsets[i], offsets[i + 1]
-            ex = ws.parse(text)
+            ex = parse(ws, text)
             try:
-                out = np.asarray(ws.predict(ex), dtype=np.float64)
                 if learn and chosen[i] >= 0:  # nothing to learn where no offer was made
-                    ws.learn(ex)
+                    learn_multi(ws, ex)
+                else:
+                    predict_multi(ws, ex)
+                out = ex[0].get_action_scores()
             finally:
-                ws.finish_example(ex)
-            if out.shape[0] != hi - lo:
-                raise InvalidInput("policy", f"{self.name}: VW returned {out.shape[0]} values for {hi - lo} arms")
-            if self.greedy:  # scores are costs: the lowest wins
-                out = (out == out.min()).astype(np.float64)
-                out /= out.sum()
-            target[lo:hi] = out
+                finish(ws, ex)
+            if len(out) != hi - lo:
+                raise InvalidInput("policy", f"{self.name}: VW returned {len(out)} values for {hi - lo} arms")
+            if greedy:  # scores are costs: the lowest wins, ties share
+                low = min(out)
+                best = [float(x == low) for x in out]
+                share = sum(best)
+                target[lo:hi] = [b / share for b in best]
+            else:
+                target[lo:hi] = out
         return np.clip(target, 0.0, 1.0, out=target)
 
     def finish(self) -> tuple[str, ...]:
@@ -543,7 +645,7 @@ def replay(
             raise InvalidInput("estimator", f"unknown estimator {e!r}; expected one of {', '.join(ESTIMATORS)}")
     model = RewardModel(reward_model_args, folds) if "dr" in names else None
     candidates: list[_Candidate] = []
-    running = candidates  # what the finally clause must still finish
+    running = candidates  # the runs still to finish (the same list until the end)
     try:
         # Every policy starts before anything is read: a bad one fails before the (slow) reward model.
         for p in policies:
@@ -584,10 +686,14 @@ def replay(
             n += chunk.n
             if progress is not None:
                 progress("replay", n)
-        done, running = [(c, c.run.finish()) for c in candidates], []
+        done = []
+        while running:  # each run finished once: one that raises is not finished again below
+            c = running.pop(0)
+            done.append((c, c.run.finish()))
     finally:
         for c in running:
-            c.run.finish()
+            with suppress(Exception):  # the error that got here is the one to report
+                c.run.finish()
         if model is not None:
             model.close()
     if n == 0:

@@ -69,7 +69,11 @@ def run(args: argparse.Namespace) -> Report:
     if "rules" in phases:
         rep.rules(inproc.rules_cost(20, 3 * lim.server_rounds, lim.server_per_round // 2))
 
-    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "replay", "overload"}
+    if "replay" in phases:  # no server: the replay reads a log it writes itself
+        from nextbest.bench import replay as rp
+
+        rep.replay(rp.run(rp.SMOKE if args.smoke else rp.FULL))
+    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload"}
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
         workers = Workers(args.clients) if needs_servers else None
@@ -117,11 +121,11 @@ def _partial_section(rep: Report, workers: Any, tmp: Path, lim: Any) -> None:
 
 
 def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim: Any, phases: set[str]) -> None:
-    """Choose, latency and Reward on one SQLite server; then replay over the log it wrote."""
+    """Choose, latency and Reward on one SQLite server."""
     from nextbest.bench import phases as ph
     from nextbest.bench.procs import start_nextbest
 
-    if not phases & {"choose", "latency", "reward", "replay"}:
+    if not phases & {"choose", "latency", "reward"}:
         return
     db = tmp / "bench.db"
     server = start_nextbest(f"sqlite:///{db}")
@@ -141,13 +145,11 @@ def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim:
                         for _ in range(lim.target_repeats if (a, load) == TARGET_POINT else 1)
                     ]
                     rep.latency(a, load, rate, runs)
-        if "reward" in phases or "replay" in phases:
+        if "reward" in phases:
             ph.prepare_events(runner, events, lim.reward_ids, "sq")
             _rewards(rep, runner, events.ids, lim.seconds, "sqlite")
     finally:
         server.stop()
-    if "replay" in phases:
-        rep.replay(ph.replay(db, "bench5"))
 
 
 def _overload_section(rep: Report, workers: Any, tmp: Path, lim: Any) -> None:

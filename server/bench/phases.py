@@ -7,9 +7,6 @@ the server in all: gRPC, Python, VW and the share of the group-committed log wri
 
 from __future__ import annotations
 
-import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -18,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nextbest.bench.load import CHOOSE, REWARD, REWARD_BATCH, reward_batch_request, reward_request, write_payloads
-from nextbest.bench.procs import ROOT, ServerProc, Workers, choose_pool, placement, start_nextbest
+from nextbest.bench.procs import ServerProc, Workers, choose_pool, placement, start_nextbest
 from nextbest.client import NextbestClient
 
 ARM_COUNTS = (5, 20, 100)
@@ -273,52 +270,6 @@ def _wait_learned(nb: NextbestClient, pids: Sequence[str], timeout: float = 30) 
         if all(nb.stats(p).model_version >= 1 for p in pids):
             return
         time.sleep(0.05)
-
-
-# -- replay ------------------------------------------------------------------------------------------
-
-
-def replay(db_path: Path, pid: str, timeout: float = 120) -> dict[str, Any]:
-    """``nextbest replay`` over the benchmark's own log, against the bare SELECT of its rows."""
-    with sqlite3.connect(db_path) as c:
-        n = c.execute("SELECT count(*) FROM decisions WHERE placement_id = ? AND outcome IN (1, 2)", (pid,)).fetchone()[0]
-        t0 = time.perf_counter()
-        rows = c.execute("SELECT * FROM decisions WHERE placement_id = ? AND outcome IN (1, 2)", (pid,)).fetchall()
-        select_s = time.perf_counter() - t0
-    cmd = [
-        sys.executable,
-        "-m",
-        "nextbest.cli.main",
-        "replay",
-        "--db",
-        f"sqlite:///{db_path}",
-        "--placement",
-        pid,
-        "--policy",
-        "logged",
-        "uniform",
-        "--estimator",
-        "ips",
-        "snips",
-        "--json",
-    ]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import nextbest.cli.main, nextbest.cli.replay"], cwd=ROOT, capture_output=True, timeout=timeout)
-    startup = time.perf_counter() - t0
-    return {
-        "events": n,
-        "rows_selected": len(rows),
-        "returncode": r.returncode,
-        "stderr": r.stderr[-500:],
-        "seconds": wall,
-        "startup_seconds": startup,
-        "events_per_s": n / wall if wall > 0 else 0.0,
-        "events_per_s_after_startup": n / max(wall - startup, 1e-9),
-        "select_rows_per_s": len(rows) / select_s if select_s > 0 else 0.0,
-    }
 
 
 def temp_dir() -> tempfile.TemporaryDirectory[str]:

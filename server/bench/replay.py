@@ -1,130 +1,178 @@
 #!/usr/bin/env python3
-"""Throughput of a whole ``nextbest replay`` from the database, in events/s.
+"""Offline replay at the scale of a real log: speed as ratios to floors measured in the same
+run, and peak memory as the log grows.
 
-A synthetic placement (3 arms, 3 customer segments, a logging policy that explores) is written
-into a temporary SQLite database; then each scenario runs end to end as the CLI does (read the
-log, compute the policies' distributions, estimate) and is reported as events/s and as a ratio
-against a plain reference measured in the same run: the bare ``sqlite3`` SELECT of the same
-rows, with no decoding. No replay can beat it, so the ratio does not depend on the machine.
+A synthetic placement's log is written into a temporary SQLite database (every PMF its own
+softmax, so no two events share one; pacing's "no offer" in one event of 97; 2 % still open).
+Then, each as ``nextbest replay`` runs it:
 
-Scenarios: logged + uniform + constant with IPS and SNIPS (pure numpy, target >= 100,000
-events/s); the same with DR (its reward model is VW, cross-fitted); one ``vw:`` candidate
-(progressive validation, bounded by VW).
+* ``db``: logged, uniform and constant:a with IPS and SNIPS, streamed from the database, against
+  the bare ``sqlite3`` SELECT of the same rows in the same order (no replay can beat it);
+* ``dsjson``: the same from the log's DSJSON export, against parsing that file with orjson alone;
+* ``rss``: peak resident memory of the ``nextbest replay`` process (``wait4``'s maxrss) at two
+  sizes of the log, 1 M and 10 M events in the full run: flat if the replay streams;
+* ``vw``: a ``vw:`` candidate (it learns every event in time order) on a placement of realistic
+  size, against VW learning the same examples alone (VW's binding, parse + learn + finish: what
+  VW does without any replay around it).
 
 Usage::
 
-    python -m nextbest.bench.replay                  # 200,000 events
-    python -m nextbest.bench.replay --smoke          # 3,000 events, quick
+    python -m nextbest.bench.replay                  # full: 1 M / 10 M events, a few minutes
+    python -m nextbest.bench.replay --smoke          # small, quick
     python -m nextbest.bench.replay --json out.json
+    nextbest bench --phases replay                   # the same, in the benchmark's report
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
-from nextbest.bandit.offline.replay import evaluate, parse_policy
-from nextbest.bandit.spec import PlacementSpec
-from nextbest.config.plans import plan
-from nextbest.offline.log_source import read_replay_log
-from nextbest.storage import tables as t
-from nextbest.storage.sql import open_store
-
-FULL_EVENTS = 200_000
-SMOKE_EVENTS = 3_000
-TARGET = 100_000.0  # events/s of the numpy-only scenario
 PLACEMENT = "offers"
-ARMS = {"a": {"category": "data", "price": 4.99}, "b": {"category": "voice", "price": 2.5}, "c": {"category": "tv", "price": 9.0}}
-SEGMENTS = ("gold", "silver", "bronze")
-# Reward probability per segment (rows) and arm (columns): arm a is best everywhere.
-TRUE_P = np.array([[0.8, 0.2, 0.1], [0.7, 0.3, 0.2], [0.6, 0.1, 0.3]])
-LOGGING_PMF = np.array([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.1, 0.6, 0.3]])
+MIB = 1024 * 1024
 
 
-def make_database(path: Path, n: int, seed: int = 0) -> str:
-    """A SQLite log of ``n`` decisions (every 97th without an arm) plus ``n / 50`` open ones."""
+@dataclass(frozen=True)
+class Sizes:
+    db_events: int  # the db and dsjson speed scenarios
+    dsjson_events: int
+    rss_events: tuple[int, int]  # peak memory at these two sizes of the log
+    vw_events: int
+    repeats: int
+
+
+FULL = Sizes(db_events=1_000_000, dsjson_events=300_000, rss_events=(1_000_000, 10_000_000), vw_events=50_000, repeats=3)
+SMOKE = Sizes(db_events=5_000, dsjson_events=3_000, rss_events=(2_000, 8_000), vw_events=1_000, repeats=1)
+
+TARGETS = {"db_events_per_s": 300_000.0, "dsjson_vs_orjson": 0.5, "rss_mib": 500.0, "vw_vs_learn": 0.8}
+
+
+# ------------------------------------------------------------------------------- the log
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A placement's size: its arms (each with ``arm_features`` features) and the context."""
+
+    arms: int
+    arm_features: int
+    numeric: int  # context features that are numbers
+    categorical: int  # ... and texts
+
+    def arm_specs(self) -> list[dict[str, Any]]:
+        out = []
+        for j in range(self.arms):
+            feats: dict[str, Any] = {"category": ("data", "voice", "tv", "device", "loyalty")[j % 5]}
+            for k in range(1, self.arm_features):
+                feats[f"f{k}"] = round(1.0 + 0.37 * j + k, 2)
+            out.append({"id": f"arm{j:02d}", "features": feats})
+        return out
+
+
+SMALL = Shape(arms=3, arm_features=2, numeric=1, categorical=1)  # the scale scenarios
+REALISTIC = Shape(arms=10, arm_features=3, numeric=6, categorical=6)  # the vw scenario
+
+
+def make_database(path: Path, n: int, shape: Shape = SMALL, seed: int = 0) -> str:
+    """A SQLite log of ``n`` decisions of placement ``offers``; rows are written by the driver
+    in bulk (the service's own write path is not what is measured here)."""
+    from nextbest.bandit.spec import PlacementSpec
+    from nextbest.config.plans import plan
+    from nextbest.storage.sql import open_store
+
     url = f"sqlite:///{path}"
     store = open_store(url)
-    spec = PlacementSpec.model_validate({"id": PLACEMENT, "arms": [{"id": k, "features": v} for k, v in ARMS.items()]})
+    spec = PlacementSpec.model_validate({"id": PLACEMENT, "arms": shape.arm_specs()})
     p = plan({}, [spec], 1)
     store.save_placements(p.records, p.new_arm_versions)
-    rng = np.random.default_rng(seed)
-    seg = rng.integers(0, len(SEGMENTS), n)
-    u = rng.random(n)
-    chosen = (u[:, None] > np.cumsum(LOGGING_PMF[seg], axis=1)).sum(axis=1)
-    reward = (rng.random(n) < TRUE_P[seg, chosen]).astype(float)
-    arpu = np.round(rng.uniform(5, 50, n), 2)
-    arms = [[k, 1] for k in ARMS]
-    ids = list(ARMS)
-    rows: list[dict[str, Any]] = []
-    t0 = 1_700_000_000.0
-    for i in range(n + n // 50):
-        closed = i < n
-        j = i % n
-        s, c = int(seg[j]), int(chosen[j])
-        rows.append(
-            {
-                "event_id": f"e{i:08d}",
-                "placement_id": PLACEMENT,
-                "customer_id": f"c{j % 1000}",
-                "created_at": t0 + i * 0.5,
-                "deadline": t0 + i * 0.5 + 600,
-                "features": [["customer", "segment", SEGMENTS[s]], ["customer", "arpu", float(arpu[j])]],
-                "arms": arms if i % 97 else [],
-                "pmf": [float(x) for x in LOGGING_PMF[s]] if i % 97 else [],
-                "chosen": c if i % 97 else None,
-                "arm_id": ids[c] if i % 97 else None,
-                "probability": float(LOGGING_PMF[s, c]),
-                "model_version": i,
-                "outcome": (1 if reward[j] else 2) if closed and i % 97 else (3 if closed else 0),
-                "reward": float(reward[j]) if closed and i % 97 else None,
-                "rewarded_at": None,
-                "learn_seq": i + 1 if closed and i % 97 else None,
-            }
-        )
-    with store.engine.begin() as conn:
-        for k in range(0, len(rows), 20_000):
-            conn.execute(t.decisions.insert(), rows[k : k + 20_000])
     store.close()
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA synchronous=OFF")
+        block = 200_000
+        for lo in range(0, n, block):
+            conn.executemany(_INSERT, _rows(lo, min(n, lo + block), n, shape, seed))
+            conn.commit()
+    finally:
+        conn.close()
     return url
 
 
-def _reference(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        rows = conn.execute(
-            "SELECT event_id, created_at, reward, probability, chosen, arms, pmf FROM decisions "
-            "WHERE placement_id = ? AND outcome IN (1, 2) AND chosen IS NOT NULL AND reward IS NOT NULL "
-            "ORDER BY created_at, event_id",
-            (PLACEMENT,),
-        ).fetchall()
-    finally:
-        conn.close()
-    return len(rows)
+_COLUMNS = (
+    "event_id, placement_id, customer_id, created_at, deadline, features, arms, pmf, chosen, arm_id, "
+    "probability, model_version, outcome, reward, learn_seq, slot, activated"
+)
+_INSERT = f"INSERT INTO decisions ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
 
 
-def _replay(url: str, policies: Sequence[str], estimators: Sequence[str]) -> Callable[[], int]:
-    def run() -> int:
-        pols = [parse_policy(p) for p in policies]
-        need = "dr" in estimators or any(p.needs_features for p in pols)
-        log = read_replay_log(url, PLACEMENT, with_features=need)
-        evaluate(log, pols, estimators)
-        return log.n
+def _rows(lo: int, hi: int, n: int, shape: Shape, seed: int) -> list[tuple[Any, ...]]:
+    rng = np.random.default_rng(seed + lo)
+    m, k = hi - lo, shape.arms
+    scores = rng.normal(0.0, 1.0, (m, k))
+    pmf = np.exp(scores)
+    pmf /= pmf.sum(axis=1, keepdims=True)
+    paced = (np.arange(lo, hi) % 97) == 0  # pacing could offer nothing: a last "no offer" entry
+    u = rng.random(m)
+    full = np.where(paced[:, None], pmf * 0.8, pmf)
+    chosen = (u[:, None] > np.cumsum(full, axis=1)).sum(axis=1)  # == k: no offer
+    best = scores.argmax(axis=1)
+    reward = (rng.random(m) < np.where(chosen == best, 0.6, 0.2)).astype(float)
+    numeric = np.round(rng.uniform(0, 100, (m, shape.numeric)), 3)
+    categorical = rng.integers(0, 8, (m, shape.categorical))
+    arms = orjson.dumps([[f"arm{j:02d}", 1] for j in range(k)]).decode()
+    ids = [f"arm{j:02d}" for j in range(k)]
+    t0 = 1_700_000_000.0
+    out = []
+    for i in range(m):
+        g = lo + i
+        c = int(chosen[i])
+        p = full[i].tolist() + ([0.2] if paced[i] else [])
+        feats = [["customer", f"n{j}", float(numeric[i, j])] for j in range(shape.numeric)]
+        feats += [["customer", f"c{j}", f"v{int(categorical[i, j])}"] for j in range(shape.categorical)]
+        is_open = g >= n - n // 50
+        offered = c < k
+        out.append(
+            (
+                f"e{g:09d}",
+                PLACEMENT,
+                f"c{g % 10_000}",
+                t0 + g * 0.01,
+                t0 + g * 0.01 + (600.0 if offered else 0.0),
+                orjson.dumps(feats).decode(),
+                arms,
+                orjson.dumps(p).decode(),
+                c if offered else None,
+                ids[c] if offered else None,
+                float(p[c]),
+                g,
+                0 if is_open and offered else (3 if not offered else (1 if reward[i] else 2)),
+                None if is_open or not offered else float(reward[i]),
+                None if is_open or not offered else g + 1,
+                0,
+                1,
+            )
+        )
+    return out
 
-    return run
+
+# ------------------------------------------------------------------------------- scenarios
 
 
-def best(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
+def _best(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
     times, n = [], 0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -133,58 +181,253 @@ def best(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
     return min(times), n
 
 
-def run(n: int, repeats: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="nextbest-bench-") as d:
-        path = Path(d) / "log.db"
-        t0 = time.perf_counter()
-        url = make_database(path, n)
-        setup = time.perf_counter() - t0
-        simple = ["logged", "uniform", "constant:a"]
-        scenarios: dict[str, tuple[Callable[[], int], int]] = {
-            "reference_select": (lambda: _reference(path), repeats),
-            "simple_ips_snips": (_replay(url, simple, ["ips", "snips"]), repeats),
-            "simple_ips_snips_dr": (_replay(url, simple, ["ips", "snips", "dr"]), 1),
-            "vw_policy_ips": (_replay(url, ["vw:--cb_explore_adf --epsilon 0.1 -q UA"], ["ips"]), 1),
+SIMPLE = ("logged", "uniform", "constant:arm00")
+
+
+def _replay_db(url: str) -> int:
+    from nextbest.bandit.offline.replay import parse_policy, replay
+    from nextbest.offline.log_source import replay_chunks
+
+    return replay(replay_chunks(url, PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
+
+
+def _select(path: Path) -> int:
+    """The rows the replay reads, in its order, with no decoding: the floor of any replay."""
+    conn = sqlite3.connect(path)
+    try:
+        cur = conn.execute(
+            "SELECT event_id, created_at, coalesce(reward, 0.0), probability, coalesce(chosen, -1), arms, pmf FROM decisions "
+            "WHERE placement_id = ? AND (outcome IN (1, 2) AND chosen IS NOT NULL AND reward IS NOT NULL OR outcome = 3) "
+            "ORDER BY created_at, event_id, slot",
+            (PLACEMENT,),
+        )
+        n = 0
+        while rows := cur.fetchmany(50_000):
+            n += len(rows)
+        return n
+    finally:
+        conn.close()
+
+
+def db_speed(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
+    path = tmp / "speed.db"
+    url = make_database(path, n)
+    floor, rows = _best(lambda: _select(path), repeats)
+    seconds, events = _best(lambda: _replay_db(url), repeats)
+    return {
+        "events": events,
+        "seconds": seconds,
+        "events_per_s": events / seconds,
+        "select_rows": rows,
+        "select_seconds": floor,
+        "select_rows_per_s": rows / floor,
+        "db": url,
+        "path": str(path),
+    }
+
+
+def dsjson_speed(tmp: Path, url: str, n: int, repeats: int) -> dict[str, Any]:
+    from nextbest.bandit.offline.replay import parse_policy, replay
+    from nextbest.offline.log_source import dsjson_chunks, iter_decisions, write_dsjson
+
+    rows, arm_features = iter_decisions(url, PLACEMENT)
+    path = tmp / "log.json"
+    shown = (d for i, d in zip(range(n * 2), rows, strict=False) if d.chosen is not None)
+    written = write_dsjson(str(path), (d for _, d in zip(range(n), shown, strict=False)), arm_features)
+
+    def parse() -> int:
+        count = 0
+        with open(path, "rb") as f:
+            for line in f:
+                orjson.loads(line)
+                count += 1
+        return count
+
+    def run() -> int:
+        return replay(dsjson_chunks(str(path), PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
+
+    floor, lines = _best(parse, repeats)
+    seconds, events = _best(run, repeats)
+    return {
+        "events": events,
+        "lines": written,
+        "bytes": path.stat().st_size,
+        "seconds": seconds,
+        "events_per_s": events / seconds,
+        "orjson_seconds": floor,
+        "orjson_lines_per_s": lines / floor,
+        "ratio": floor / seconds,
+    }
+
+
+def peak_rss(url: str, tmp: Path, timeout: float = 1800) -> dict[str, Any]:
+    """``nextbest replay`` of the simple policies in a process of its own: its peak RSS (from
+    ``wait4``, this child's alone) and wall time (process start included)."""
+    cmd = [sys.executable, "-m", "nextbest.cli.main", "replay", "--db", url, "--placement", PLACEMENT, "--policy", *SIMPLE]
+    cmd += ["--estimator", "ips", "snips", "--json"]
+    out_path, err_path = tmp / "rss.out", tmp / "rss.err"
+    t0 = time.perf_counter()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    result = json.loads(out_path.read_bytes()) if code == 0 else []
+    return {
+        "returncode": code,
+        "stderr": err_path.read_text(errors="replace")[-300:],
+        "rss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
+        "seconds": wall,
+        "events": result[0]["n"] if result else 0,
+    }
+
+
+def rss_growth(tmp: Path, sizes: tuple[int, int], speed_db: tuple[int, Path] | None) -> dict[str, Any]:
+    """Peak memory at both sizes; the larger log is the speed scenario's database repeated in
+    time (SQL copies its rows), so it costs no Python per row to write."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        path = tmp / f"rss{n}.db"
+        if speed_db is not None and n % speed_db[0] == 0 and n > speed_db[0]:
+            _repeat(speed_db[1], path, n // speed_db[0])
+        elif speed_db is not None and n == speed_db[0]:
+            path = speed_db[1]
+        else:
+            make_database(path, n)
+        out[str(n)] = {"logged": n, **peak_rss(f"sqlite:///{path}", tmp)}
+    return out
+
+
+def _repeat(src: Path, dst: Path, times: int) -> None:
+    """``dst``: ``src``'s log, then ``times - 1`` copies of it, each later than the last."""
+    import shutil
+
+    shutil.copyfile(src, dst)
+    conn = sqlite3.connect(dst)
+    try:
+        conn.execute("PRAGMA synchronous=OFF")
+        span, seqs = conn.execute("SELECT max(created_at) - min(created_at) + 1, max(learn_seq) FROM decisions").fetchone()
+        cols = _COLUMNS.replace(" ", "").split(",")
+        shift = {
+            "event_id": "event_id || '-{k}'",
+            "created_at": "created_at + {t!r}",
+            "deadline": "deadline + {t!r}",
+            "learn_seq": "learn_seq + {s}",
         }
-        out: dict[str, Any] = {}
-        for name, (fn, reps) in scenarios.items():
-            seconds, events = best(fn, reps)
-            out[name] = {"seconds": seconds, "events": events, "events_per_s": events / seconds}
-    ref = out["reference_select"]["events_per_s"]
-    for v in out.values():
-        v["ratio_to_reference"] = v["events_per_s"] / ref
-    return {"events": n, "setup_seconds": setup, "scenarios": out}
+        for k in range(1, times):
+            exprs = [shift[c].format(k=k, t=k * span, s=k * seqs) if c in shift else c for c in cols]
+            conn.execute(
+                f"INSERT INTO decisions ({', '.join(cols)}) SELECT {', '.join(exprs)} FROM decisions WHERE event_id NOT LIKE '%-%'"
+            )
+            conn.commit()
+    finally:
+        conn.close()
+
+
+def vw_speed(tmp: Path, n: int, repeats: int, shape: Shape = REALISTIC) -> dict[str, Any]:
+    """A ``vw:`` candidate's replay against VW learning the same examples alone, through VW's
+    binding (parse + learn + finish, nothing else): from the database against the examples'
+    text, and from the DSJSON export against VW reading that file's lines (``--dsjson``)."""
+    import pylibvw
+    from vowpalwabbit import Workspace
+
+    from nextbest.bandit.offline.replay import parse_policy, replay
+    from nextbest.offline.log_source import dsjson_chunks, iter_decisions, read_replay_log, replay_chunks, write_dsjson
+
+    args = "--cb_explore_adf --epsilon 0.1 -q UA"
+    url = make_database(tmp / "vw.db", n, shape)
+    texts = read_replay_log(url, PLACEMENT, with_features=True).vw_examples()
+    rows, arm_features = iter_decisions(url, PLACEMENT)
+    path = tmp / "vw.json"
+    write_dsjson(str(path), (d for d in rows if d.chosen is not None), arm_features)
+    lines = path.read_text().splitlines()
+
+    def alone(examples: list[str], extra: list[str]) -> Callable[[], int]:
+        def learn() -> int:
+            ws = Workspace(arg_list=["--quiet", *args.split(), *extra])
+            parse, learn, finish = pylibvw.vw._parse, pylibvw.vw.learn_multi, pylibvw.vw._finish_example_multi_ex
+            try:
+                for text in examples:
+                    ex = parse(ws, text)
+                    learn(ws, ex)
+                    finish(ws, ex)
+            finally:
+                ws.finish()
+            return len(examples)
+
+        return learn
+
+    def from_db() -> int:
+        return replay(replay_chunks(url, PLACEMENT, with_features=True), [parse_policy(f"vw:{args}")], ["ips"]).n
+
+    def from_dsjson() -> int:
+        return replay(dsjson_chunks(str(path), PLACEMENT, with_features=True), [parse_policy(f"vw:{args}")], ["ips"]).n
+
+    out: dict[str, Any] = {"shape": shape.__dict__, "vw_args": args}
+    for name, run, floor in (("db", from_db, alone(texts, [])), ("dsjson", from_dsjson, alone(lines, ["--dsjson"]))):
+        learn_s, examples = _best(floor, repeats)
+        seconds, events = _best(run, repeats)
+        out[name] = {
+            "events": events,
+            "seconds": seconds,
+            "events_per_s": events / seconds,
+            "learn_seconds": learn_s,
+            "learn_per_s": examples / learn_s,
+            "ratio": (events / seconds) / (examples / learn_s),
+        }
+    return out
+
+
+def run(sizes: Sizes) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="nextbest-bench-replay-") as d:
+        tmp = Path(d)
+        db = db_speed(tmp, sizes.db_events, sizes.repeats)
+        dsjson = dsjson_speed(tmp, db["db"], sizes.dsjson_events, sizes.repeats)
+        rss = rss_growth(tmp, sizes.rss_events, (sizes.db_events, Path(db["path"])))
+        vw = vw_speed(tmp, sizes.vw_events, sizes.repeats)
+    return {"db": db, "dsjson": dsjson, "rss": rss, "vw": vw, "targets": TARGETS}
 
 
 def format_table(report: dict[str, Any]) -> str:
-    closed = report["scenarios"]["simple_ips_snips"]["events"]
-    rows = report["events"] + report["events"] // 50
+    db, dsj, vw = report["db"], report["dsjson"], report["vw"]
     lines = [
-        f"{closed:,} closed decisions replayed of {rows:,} logged (others open or without an arm), " + f"best of {report['repeats']}",
-        f"{'scenario':<22}{'seconds':>10}{'events/s':>14}{'vs SELECT':>11}",
+        f"{'scenario':<44}{'value':>16}  ratio",
+        f"{'db: ' + format(db['events'], ',') + ' events, IPS+SNIPS x 3 policies':<44}{db['events_per_s']:>14,.0f}/s  "
+        + f"{db['events_per_s'] / db['select_rows_per_s']:.2f} x bare SELECT ({db['select_rows_per_s']:,.0f} rows/s)",
+        f"{'dsjson: ' + format(dsj['events'], ',') + ' events (' + format(dsj['bytes'] / 1e6, '.0f') + ' MB)':<44}"
+        + f"{dsj['events_per_s']:>14,.0f}/s  {dsj['ratio']:.2f} x orjson parse ({dsj['orjson_lines_per_s']:,.0f} lines/s)",
     ]
-    for name, v in report["scenarios"].items():
-        lines.append(f"{name:<22}{v['seconds']:>10.3f}{v['events_per_s']:>14,.0f}{v['ratio_to_reference']:>10.2f}x")
+    for n, r in report["rss"].items():
+        lines.append(
+            f"{'peak RSS, ' + format(int(n), ',') + ' events logged':<44}{r['rss_bytes'] / MIB:>13,.0f} MiB  "
+            + f"({r['events']:,} replayed in {r['seconds']:.1f} s, process start included)"
+        )
+    for source, floor in (("db", "the same text"), ("dsjson", "the same lines, --dsjson")):
+        v = vw[source]
+        lines.append(
+            f"{'vw from ' + source + ': ' + format(v['events'], ',') + ' events, ' + str(vw['shape']['arms']) + ' arms':<44}"
+            + f"{v['events_per_s']:>14,.0f}/s  {v['ratio']:.2f} x VW learning {floor} alone ({v['learn_per_s']:,.0f}/s)"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EVENTS:,} events, quick, no target")
-    parser.add_argument("--events", type=int, help=f"number of events (default {FULL_EVENTS:,})")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the fast scenarios, best kept")
+    parser.add_argument("--smoke", action="store_true", help="small logs, quick, no targets")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     args = parser.parse_args(argv)
-    n = args.events or (SMOKE_EVENTS if args.smoke else FULL_EVENTS)
-    report = run(n, args.repeats)
-    report.update(
-        smoke=args.smoke, repeats=args.repeats, target_events_per_s=TARGET, python=platform.python_version(), machine=platform.machine()
-    )
-    simple = report["scenarios"]["simple_ips_snips"]["events_per_s"]
-    report["target_met"] = bool(simple >= TARGET)
+    report = run(SMOKE if args.smoke else FULL)
+    report.update(smoke=args.smoke, python=platform.python_version(), machine=platform.machine())
     print(format_table(report))
-    if not args.smoke:
-        print(f"target {TARGET:,.0f} events/s for simple_ips_snips: {'met' if report['target_met'] else 'MISSED'}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -357,16 +357,54 @@ class Report:
         )
 
     def replay(self, r: dict[str, Any]) -> None:
+        """Offline replay at scale (nextbest.bench.replay): speeds as ratios to the floors of the
+        same run, and peak memory at two sizes of the log."""
         self.phases["replay"] = r
-        if r["returncode"] != 0:
-            self.note(f"replay exited {r['returncode']}: {r['stderr'][-200:]}")
+        t = r["targets"]
+        full = self.meta.get("mode") == "full"
+        db, dsj, vw = r["db"], r["dsjson"], r["vw"]
         self.add(
-            "replay",
-            f"nextbest replay over {r['events']:,} logged events (process start included)",
-            r["events_per_s"],
+            "replay.db",
+            f"replay from SQLite, {db['events']:,} events, IPS+SNIPS of 3 policies",
+            db["events_per_s"],
             "events/s",
-            {"bare SELECT": r["select_rows_per_s"]},
+            {"bare SELECT": db["select_rows_per_s"]},
+            f">= {t['db_events_per_s']:,.0f}/s",
+            db["events_per_s"] >= t["db_events_per_s"] if full else None,
         )
+        self.add(
+            "replay.dsjson",
+            f"replay from DSJSON, {dsj['events']:,} events ({dsj['bytes'] / 1e6:,.0f} MB)",
+            dsj["events_per_s"],
+            "events/s",
+            {"orjson parse": dsj["orjson_lines_per_s"]},
+            f">= {t['dsjson_vs_orjson']} x orjson",
+            dsj["ratio"] >= t["dsjson_vs_orjson"] if full else None,
+        )
+        for n, m in r["rss"].items():
+            if m["returncode"] != 0:
+                self.note(f"replay of {int(n):,} events exited {m['returncode']}: {m['stderr'][-200:]}")
+            self.add(
+                f"replay.rss.{n}",
+                f"replay peak RSS, {int(n):,} events logged ({m['events']:,} replayed in {m['seconds']:.0f} s with process start)",
+                m["rss_bytes"] / MIB,
+                "MiB",
+                {},
+                f"<= {t['rss_mib']:,.0f} MiB",
+                m["rss_bytes"] / MIB <= t["rss_mib"] if full else None,
+            )
+        arms = vw["shape"]["arms"]
+        for source, floor in (("db", "VW alone, same text"), ("dsjson", "VW alone, same lines (--dsjson)")):
+            v = vw[source]
+            self.add(
+                f"replay.vw.{source}",
+                f"vw: candidate from {source}, {v['events']:,} events x {arms} arms",
+                v["events_per_s"],
+                "events/s",
+                {floor: v["learn_per_s"]},
+                f">= {t['vw_vs_learn']} x VW",
+                v["ratio"] >= t["vw_vs_learn"] if full else None,
+            )
 
     # -- output ---------------------------------------------------------------------------------
 

@@ -137,7 +137,8 @@ def _policy(spec: str, args: argparse.Namespace) -> Policy:
 
 def _replay(args: argparse.Namespace) -> int:
     from nextbest.bandit.offline.replay import Replay, replay
-    from nextbest.offline.log_source import LogOutOfOrder, count_replay_events, dsjson_chunks, parse_time, read_dsjson, replay_chunks
+    from nextbest.offline.dsjson_reader import LogOutOfOrder
+    from nextbest.offline.log_source import count_replay_events, dsjson_chunks, parse_time, read_dsjson, replay_chunks
 
     if (args.db is None) == (args.log is None):
         raise InvalidInput("--db", "give exactly one of --db URL and --log FILE")
@@ -147,14 +148,14 @@ def _replay(args: argparse.Namespace) -> int:
     estimators = args.estimator or list(ESTIMATOR_NAMES)
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     progress = None
+    need = "dr" in estimators or any(p.needs_features for p in policies)
     if args.db is not None:
-        need = "dr" in estimators or any(p.needs_features for p in policies)
         chunks = replay_chunks(args.db, args.placement, since=since, until=until, with_features=need, chunk=args.chunk)
         source = f"placement {args.placement}"
         if sys.stderr.isatty():
             progress = Progress(count_replay_events(args.db, args.placement, since=since, until=until))
     else:
-        chunks = dsjson_chunks(args.log, args.placement, since=since, until=until, chunk=args.chunk)
+        chunks = dsjson_chunks(args.log, args.placement, since=since, until=until, with_features=need, chunk=args.chunk)
         source = args.log
         if sys.stderr.isatty():
             progress = Progress(None)

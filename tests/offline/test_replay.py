@@ -495,8 +495,18 @@ def _load_bench() -> ModuleType:
 
 def test_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    assert _load_bench().main(["--smoke", "--repeats", "1", "--json", str(out)]) == 0
+    assert _load_bench().main(["--smoke", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["smoke"] is True and report["events"] == 3000
-    for v in report["scenarios"].values():
-        assert v["events"] > 0 and math.isfinite(v["events_per_s"])
+    assert report["smoke"] is True
+    assert report["db"]["events"] == report["db"]["select_rows"] == 5_000 - 5_000 // 50  # the open ones are not replayed
+    assert report["dsjson"]["events"] == report["dsjson"]["lines"] == 3_000
+    for size, run in report["rss"].items():
+        assert run["returncode"] == 0 and run["events"] > 0.95 * int(size) and 20 * MIB < run["rss_bytes"] < 1000 * MIB, run
+    for source in ("db", "dsjson"):
+        v = report["vw"][source]
+        assert v["events"] > 900 and 0.0 < v["ratio"] < 1.5, v
+    for k in ("events_per_s", "select_rows_per_s"):
+        assert math.isfinite(report["db"][k]) and report["db"][k] > 0
+
+
+MIB = 1 << 20

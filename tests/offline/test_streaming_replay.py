@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, dr, ips, snips
 from nextbest.bandit.offline.replay import parse_policy, replay
-from nextbest.offline.log_source import LogOutOfOrder, dsjson_chunks, read_decisions, replay_chunks, write_dsjson
+from nextbest.offline.dsjson_reader import LogOutOfOrder
+from nextbest.offline.log_source import dsjson_chunks, read_decisions, replay_chunks, write_dsjson
 from tests.offline import replay_log as rl
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "replay_golden.json").read_text())
@@ -64,7 +65,7 @@ def test_dsjson_stream_equals_the_in_memory_replay(sqlite_log: str, tmp_path: Pa
     path = tmp_path / "log.json"
     decisions, arms = read_decisions(sqlite_log, rl.PLACEMENT)
     write_dsjson(str(path), decisions, arms)
-    _same(_run(dsjson_chunks(str(path), rl.PLACEMENT, chunk=chunk)), GOLDEN["dsjson"])
+    _same(_run(dsjson_chunks(str(path), rl.PLACEMENT, with_features=True, chunk=chunk)), GOLDEN["dsjson"])
 
 
 def test_a_dsjson_file_out_of_time_order_is_refused_by_the_stream_and_sorted_by_the_cli(
@@ -79,7 +80,7 @@ def test_a_dsjson_file_out_of_time_order_is_refused_by_the_stream_and_sorted_by_
     shuffled = tmp_path / "shuffled.json"
     shuffled.write_text("\n".join(lines[500:] + lines[:500]) + "\n")
     with pytest.raises(LogOutOfOrder, match=f"line {len(lines) - 500 + 1}:"):
-        _run(dsjson_chunks(str(shuffled), rl.PLACEMENT, chunk=100))
+        _run(dsjson_chunks(str(shuffled), rl.PLACEMENT, with_features=True, chunk=100))
     args = ["replay", "--placement", rl.PLACEMENT, "--policy", *POLICIES, "--json", "--chunk", "100"]
     capsys.readouterr()
     assert main([*args, "--log", str(shuffled)]) == 0
