@@ -8,6 +8,7 @@ the context features are read only when a VW policy or the DR reward model needs
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from itertools import chain, repeat
 from operator import itemgetter
@@ -155,21 +156,38 @@ def _replay_query(placement: str, since: float | None, until: float | None, with
 def _numbers(texts: Sequence[str]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """JSON arrays of numbers (the pmf column), all values in one array and each one's length.
 
-    numpy parses the numbers of all rows in one call, about twice as fast as a JSON parser that
-    makes a Python list per row; a text it cannot read that way goes to orjson."""
+    Arrow's CSV reader parses the numbers of all rows in one call, 4 times as fast as numpy's text
+    parser and 6 times a JSON parser that makes a Python list per row (the PMF column was the
+    largest cost of a replay from the database); a text it cannot read that way goes to orjson."""
     n = len(texts)
     sizes = np.fromiter(map(str.count, texts, repeat(",", n)), np.int64, n)
     sizes += np.fromiter(map(len, texts), np.int64, n) > 2  # "[x]" has 1 value, "[]" none
-    body = "".join(texts).replace("[]", "").replace("][", ",").replace("[", "").replace("]", "")
-    try:
-        values = np.fromstring(body, dtype=np.float64, sep=",") if body.strip() else np.zeros(0)
-    except ValueError:
-        values = np.zeros(0)
-    if len(values) != int(sizes.sum()):  # e.g. "[ ]": decode row by row
+    body = "".join(texts).replace(" ", "").replace("[]", "").replace("][", ",").replace("[", "").replace("]", "")
+    values = np.zeros(0)
+    if body:
+        with suppress(ValueError):  # pyarrow's ArrowInvalid is one
+            values = _parse_floats(body.replace(",", "\n"))
+    if len(values) != int(sizes.sum()):  # e.g. "[ 1e400 ]": decode row by row
         rows: list[list[float]] = orjson.loads("[" + ",".join(texts) + "]")
         sizes = np.fromiter(map(len, rows), np.int64, n)
         values = np.fromiter(chain.from_iterable(rows), np.float64, int(sizes.sum()))
     return values, sizes
+
+
+def _parse_floats(lines: str) -> NDArray[np.float64]:
+    """One number per line, as float64 (correctly rounded, as Python's float())."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    table = csv.read_csv(
+        io.BytesIO(lines.encode()),
+        read_options=csv.ReadOptions(column_names=["v"]),
+        convert_options=csv.ConvertOptions(column_types={"v": pa.float64()}, strings_can_be_null=False),
+    )
+    column = table.column("v")
+    if column.null_count:
+        raise ValueError("empty value")
+    return np.asarray(column.to_numpy(), dtype=np.float64)
 
 
 def _replay_chunk(rows: Sequence[Any], arm_features: Mapping[ArmKey, tuple[Feature, ...]], with_features: bool) -> ReplayLog:
@@ -246,9 +264,13 @@ def replay_chunks(
     def chunks() -> Iterator[ReplayLog]:
         empty = True
         with _connect(url) as conn:
-            for rows in _driver_rows(conn, stmt, chunk):
-                with gc_paused():
-                    log = _replay_chunk(rows, arm_features, with_features)
+            fetched = _driver_rows(conn, stmt, chunk)
+            while True:
+                with gc_paused():  # the fetch too: it makes a tuple per row
+                    rows = next(fetched, None)
+                    log = _replay_chunk(rows, arm_features, with_features) if rows is not None else None
+                if log is None:
+                    break
                 if log.n:
                     empty = False
                     yield log

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
+from nextbest.bandit.errors import InvalidInput, NotFound
 from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, dr, ips, snips
 from nextbest.bandit.offline.replay import parse_policy, replay
 from nextbest.offline.dsjson_reader import LogOutOfOrder
@@ -147,3 +149,178 @@ def test_one_chunk_is_bit_for_bit_the_one_shot_estimator() -> None:
     acc = Accumulator(["ips", "snips"])
     acc.add(r, p_log, p_tgt)
     assert acc.estimates() == [ips(r, p_log, p_tgt), snips(r, p_log, p_tgt)]
+
+
+# ------------------------------------------------------------------ the DSJSON reader
+
+
+def _export(url: str, path: Path) -> list[str]:
+    decisions, arms = read_decisions(url, rl.PLACEMENT)
+    write_dsjson(str(path), decisions, arms)
+    return path.read_text().splitlines()
+
+
+def test_lines_from_another_tool_blank_lines_and_filters_read_like_the_full_decoder(sqlite_log: str, tmp_path: Path) -> None:
+    """Lines without nextbest's exact block go through the full decoder inside the same chunks;
+    the result equals the in-memory reader's, with --since/--until and the placement filter."""
+    lines = _export(sqlite_log, tmp_path / "a.json")
+    foreign = []
+    for i, line in enumerate(lines):
+        obj = json.loads(line)
+        if i % 3 == 0:
+            del obj["_nb"]  # as another tool would write it: features from c, arm versions 0
+        foreign.append(json.dumps(obj))
+    path = tmp_path / "mixed.json"
+    path.write_text("\n".join(foreign[:100]) + "\n\n   \n" + "\n".join(foreign[100:]) + "\n")
+    since, until = 1.7e9 + 200.0, 1.7e9 + 2000.0
+    from nextbest.offline.log_source import read_dsjson
+
+    whole = read_dsjson(str(path), rl.PLACEMENT, since=since, until=until)
+    pols = [parse_policy(p) for p in ("logged", "uniform", "constant:b", "vw:--cb_explore_adf --epsilon 0.2")]
+    want = [r.to_dict() for r in replay(lambda: iter((whole,)), pols, ["ips", "snips", "dr"]).results]
+    got = replay(
+        dsjson_chunks(str(path), rl.PLACEMENT, since=since, until=until, with_features=True, chunk=37), pols, ["ips", "snips", "dr"]
+    )
+    assert got.n == whole.n and 1.7e9 + 200.0 <= got.first and got.last < until
+    _same([r.to_dict() for r in got.results], want)
+    # A line names its placement in _nb; one without (another tool's) belongs to any.
+    with pytest.raises(NotFound, match="no closed decisions of 'other'"):
+        list(dsjson_chunks(str(tmp_path / "a.json"), "other")())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: o.update(a=[o["a"][0], o["a"][0], *o["a"][2:]]), "a and p must list each action once"),
+        (lambda o: o.update(a=[*o["a"][1:], o["a"][0]]), "the chosen action must come first"),
+        (lambda o: o.update(a=[o["a"][0], 9, *o["a"][2:]]), "a and p must list each action once"),
+        (lambda o: o.update(_label_probability=0.0), r"probability in \(0, 1\]"),
+        (lambda o: o.update(p=o["p"][:-1]), "a and p must list each action once"),
+        (lambda o: o.pop("EventId"), "not a nextbest DSJSON line"),
+    ],
+)
+def test_a_bad_line_is_refused_naming_its_line(sqlite_log: str, tmp_path: Path, change: Any, message: str) -> None:
+    lines = _export(sqlite_log, tmp_path / "a.json")[:60]
+    obj = json.loads(lines[41])
+    if len(obj["a"]) < 3:  # the cases need three actions
+        obj = next(json.loads(x) for x in lines[30:] if len(json.loads(x)["a"]) == 3)
+        lines[41] = json.dumps(obj)
+    change(obj)
+    lines[41] = json.dumps(obj)
+    path = tmp_path / "bad.json"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidInput, match=rf"line 42: .*{message}"):
+        list(dsjson_chunks(str(path), rl.PLACEMENT, chunk=25)())
+
+
+def test_a_line_that_is_not_utf8_is_refused_naming_its_line(sqlite_log: str, tmp_path: Path) -> None:
+    lines = _export(sqlite_log, tmp_path / "a.json")[:10]
+    path = tmp_path / "bad.json"
+    path.write_bytes(("\n".join(lines[:4]) + "\n").encode() + b'{"EventId": "\xff\xfe"}\n')
+    with pytest.raises(InvalidInput, match="line 5: not UTF-8"):
+        list(dsjson_chunks(str(path), rl.PLACEMENT)())
+
+
+def test_standard_input_is_read_twice_for_dr(sqlite_log: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    path = tmp_path / "a.json"
+    _export(sqlite_log, path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(path.read_bytes())))
+    got = _run(dsjson_chunks("-", rl.PLACEMENT, with_features=True, chunk=100))
+    _same(got, GOLDEN["dsjson"])
+
+
+# ------------------------------------------------------------------ VW candidates
+
+
+def _predict_then_learn(args: str, log: Any) -> NDArray[np.float64]:
+    """The reference: VW's wrapper predicts each event, then learns it."""
+    from vowpalwabbit import Workspace
+
+    ws = Workspace(f"--quiet {args}")
+    out = []
+    try:
+        for i, text in enumerate(log.vw_examples()):
+            ex = ws.parse(text)
+            scores = np.asarray(ws.predict(ex), dtype=np.float64)
+            if log.chosen[i] >= 0:
+                ws.learn(ex)
+            ws.finish_example(ex)
+            out.append(scores)
+    finally:
+        ws.finish()
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "--cb_explore_adf --epsilon 0.1 -q UA",
+        "--cb_explore_adf --softmax --lambda 5 -q UA",
+        "--cb_explore_adf --squarecb --gamma_scale 10",
+        "--cb_explore_adf --epsilon 0.05 --cb_type ips",
+        "--cb_explore_adf --epsilon 0.05 --cb_type dr",
+        "--cb_explore_adf --epsilon 0.05 --cb_type dm",
+        "--cb_explore_adf --bag 3",
+        "--cb_explore_adf --cover 3",
+    ],
+)
+def test_a_vw_candidate_scores_each_event_before_learning_it(sqlite_log: str, args: str) -> None:
+    """The replay takes the score VW's learn leaves on the example: that must be the score from
+    before the update, as a predict followed by a learn gives it, for every exploration."""
+    from nextbest.bandit.offline.replay import distribution
+    from nextbest.offline.log_source import read_replay_log
+
+    log = read_replay_log(sqlite_log, rl.PLACEMENT, with_features=True)
+    got, _ = distribution(parse_policy(f"vw:{args}"), log)
+    want = np.clip(_predict_then_learn(args, log), 0.0, 1.0)
+    assert np.allclose(got, want, rtol=0, atol=1e-12), float(np.abs(got - want).max())
+
+
+# ------------------------------------------------------------------ VW text and progress
+
+
+_name = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=8)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["customer", "", "slot"]), _name, st.one_of(_name, st.floats(-1e6, 1e6, allow_nan=False))),
+        max_size=8,
+    )
+)
+def test_the_shared_line_of_logged_rows_is_the_one_of_features(rows: list[tuple[str, str, str | float]]) -> None:
+    from nextbest.bandit.features import feature, shared_line, shared_line_of_rows
+
+    logged = json.loads(json.dumps([list(r) for r in rows]))  # as the log stores them
+    features = tuple(feature(ns, name, v if isinstance(v, str) else float(v)) for ns, name, v in logged)
+    assert shared_line_of_rows(logged) == shared_line(features)
+
+
+def test_progress_shows_a_bar_with_the_share_done_and_the_rate() -> None:
+    import io
+
+    from nextbest.cli.replay import Progress
+
+    out = io.StringIO()
+    p = Progress(1000, stream=out, every=0.0)
+    p("replay", 250)
+    p("replay", 1000)
+    p.close()
+    text = out.getvalue()
+    assert "[#######.......................]  25% 250 events" in text
+    assert "[##############################] 100% 1,000 events" in text and "/s" in text
+    out = io.StringIO()
+    q = Progress(None, stream=out, every=0.0)  # a DSJSON file: no total known
+    q("reward model", 70)
+    assert "reward model" in out.getvalue() and "70 events" in out.getvalue() and "%" not in out.getvalue()
+
+
+def test_the_count_for_the_progress_bar_is_what_the_replay_reads(sqlite_log: str) -> None:
+    from nextbest.offline.log_source import count_replay_events
+
+    done = replay(replay_chunks(sqlite_log, rl.PLACEMENT, chunk=100), [parse_policy("logged")], ["ips"])
+    assert count_replay_events(sqlite_log, rl.PLACEMENT) == done.n == GOLDEN["db"][0]["n"]
