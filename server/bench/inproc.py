@@ -86,15 +86,15 @@ def vw_raw(arms: int, seconds: float, max_n: int) -> dict[str, float]:
     return out
 
 
-class _NoContext:
+class NoContext:
     """Stands in for a grpc ServicerContext: the bench sends only valid requests."""
 
     async def abort(self, code: object, details: str) -> None:
         raise RuntimeError(f"{code}: {details}")
 
 
-async def _with_server(fn: Callable[[Any], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    """An in-process server on a temp SQLite file (default settings), torn down afterwards."""
+async def with_server(fn: Callable[[Any], Awaitable[dict[str, Any]]], db: str | None = None) -> dict[str, Any]:
+    """An in-process server (default settings) on ``db``, or a temp SQLite file, torn down afterwards."""
     import logging
 
     from nextbest.app import create_server
@@ -102,7 +102,7 @@ async def _with_server(fn: Callable[[Any], Awaitable[dict[str, Any]]]) -> dict[s
 
     logging.getLogger("nextbest").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="nextbest-bench-") as d:
-        settings = Settings(db=f"sqlite:///{d}/nb.db", host="127.0.0.1", port=0, log_level="WARNING")
+        settings = Settings(db=db or f"sqlite:///{d}/nb.db", host="127.0.0.1", port=0, log_level="WARNING")
         running = await create_server(settings)
         try:
             return await fn(running.engine)
@@ -138,7 +138,7 @@ def rules_cost(arms: int, rounds: int, per_round: int) -> dict[str, Any]:
             a["eligible"] = rule(j)
         await engine.config.apply([plain, PlacementSpec.model_validate(doc)])
         servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
-        ctx: Any = _NoContext()
+        ctx: Any = NoContext()
         pools = {pid: choose_pool(pid) for pid in ("plain", "ruled")}
         times: dict[str, list[float]] = {"plain": [], "ruled": []}
         k = 0
@@ -159,7 +159,7 @@ def rules_cost(arms: int, rounds: int, per_round: int) -> dict[str, Any]:
         paired = statistics.median(p / r for p, r in zip(times["plain"], times["ruled"], strict=True))
         return {"arms": arms, "plain_us": plain_us, "ruled_us": ruled_us, "speed_ratio": paired, "rounds": len(times["plain"])}
 
-    return asyncio.run(_with_server(run))
+    return asyncio.run(with_server(run))
 
 
 def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) ->
         await engine.config.apply([placement(pid, arms)])
         servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
         reqs = choose_pool(pid)
-        ctx: Any = _NoContext()
+        ctx: Any = NoContext()
         ps = engine.states[pid]
         lines = [a.line for a in ps.arms]
         shared = [shared_line(convert.features(r.features)) for r in reqs]
@@ -226,7 +226,7 @@ def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) ->
             out["profile_writer"] = _top(pwrites.prof, profile_top)
         return out
 
-    return asyncio.run(_with_server(run))
+    return asyncio.run(with_server(run))
 
 
 def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
         pid = "bench20"
         await engine.config.apply([placement(pid, 20)])
         servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
-        ctx: Any = _NoContext()
+        ctx: Any = NoContext()
         reqs = choose_pool(pid)
         ids = []
         for i in range(events * (2 if profile_top else 1)):
@@ -285,7 +285,7 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
             result.update(await rewards(ids[events:], True))
         return result
 
-    return asyncio.run(_with_server(run))
+    return asyncio.run(with_server(run))
 
 
 class _WriteMeter:

@@ -39,6 +39,7 @@ PHASES = (
     "replicas",
     "memory",
     "replay",
+    "capacity",
     "overload",
 )
 LOADS = (0.5, 0.8)
@@ -73,6 +74,10 @@ def run(args: argparse.Namespace) -> Report:
         from nextbest.bench import replay as rp
 
         rep.replay(rp.run(rp.SMOKE if args.smoke else rp.FULL))
+    if "capacity" in phases:  # in process, as replay
+        from nextbest.bench import capacity
+
+        rep.capacity(capacity.run(args.smoke))
     needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload"}
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)

@@ -406,6 +406,41 @@ class Report:
                 v["ratio"] >= t["vw_vs_learn"] if full else None,
             )
 
+    def capacity(self, r: dict[str, Any]) -> None:
+        """The database's share of a decision and a reward, and the learner's rate (nextbest.bench.capacity)."""
+        self.phases["capacity"] = r
+        if "postgres_skipped" in r:
+            self.note(f"capacity on PostgreSQL skipped: {r['postgres_skipped']}")
+        for db in ("sqlite", "postgres"):
+            if db not in r:
+                continue
+            f = r[db]
+            for what, label in (("per_decision", "a decision (Choose, 20 arms x 30 features)"), ("per_reward", "a reward")):
+                rows = sum(v["rows"] for v in f[what].values())
+                self.add(
+                    f"capacity.{db}.{what}",
+                    f"{db}: bytes stored per {label}, {rows:.2f} new rows",
+                    sum(v["bytes"] for v in f[what].values()),
+                    "B",
+                )
+            self.add(
+                f"capacity.{db}.learner",
+                f"{db}: learner, one placement x 20 arms (VW text from the Choose)",
+                f["learn_warm_per_s"],
+                "events/s",
+                {"the same from the log": f["learn_cold_per_s"]},
+            )
+        for key in ("sqlite_ingest", "postgres_ingest"):
+            for k, v in r.get(key, {}).items():
+                if k != "batch":
+                    db = key.split("_")[0]
+                    self.add(
+                        f"capacity.{key}.{k}",
+                        f"{db}: decision rows written by {k} writer(s) at once (store group commits of {r[key]['batch']})",
+                        v["rows_per_s"],
+                        "rows/s",
+                    )
+
     # -- output ---------------------------------------------------------------------------------
 
     def table(self) -> str:

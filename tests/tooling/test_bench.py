@@ -17,7 +17,7 @@ import pytest
 from nextbest.bench.report import Report
 from tests.harness import ROOT
 
-PHASES = ("vw", "server_time", "reward_inproc", "echo", "partial", "choose", "latency", "reward", "memory", "replay")
+PHASES = ("vw", "server_time", "reward_inproc", "echo", "partial", "choose", "latency", "reward", "memory", "replay", "capacity")
 
 
 def _numbers(d: Any) -> list[float]:
@@ -43,9 +43,9 @@ def _run(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
-    data = _run(tmp_path, "--smoke", timeout=110)
+    data = _run(tmp_path, "--smoke", timeout=190)
     assert data["meta"]["mode"] == "smoke"
     for phase in PHASES:
         assert phase in data["phases"], phase
@@ -71,6 +71,12 @@ def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
         "server_time.20.besides_vw",
         "memory.default.rss_1",
         "memory.tuned.rss_target",
+        "replay.db",
+        "replay.dsjson",
+        "replay.vw.db",
+        "capacity.sqlite.per_decision",
+        "capacity.sqlite.learner",
+        "capacity.sqlite_ingest.1",
     ):
         assert key in figures, key
         assert math.isfinite(figures[key]["value"]), key
