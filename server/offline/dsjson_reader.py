@@ -116,8 +116,20 @@ class DsjsonReader:
                     cut, tail = line.find(b',"c":'), line.rfind(b',"_nb":')
                     if cut < 0 or tail < cut:
                         raise ValueError("layout")
-                    obj = loads(line[:cut] + b"}")
-                    nb = loads(line[tail + 7 : line.rindex(b"}")])
+                    exact = line[tail + 7 : line.rindex(b"}")]
+                    # Of "_nb", only the keys before "features" and then "arms" and "pmf_extra":
+                    # "features" only for VW and DR, "extra" (the rest of the log row) never;
+                    # all of it in one parse, as a list of the head and those two pieces.
+                    f = exact.find(b', "features": ')
+                    a = exact.find(b', "arms": ', f)
+                    x = exact.rfind(b', "extra": ')
+                    if 0 < f < a < x:
+                        obj, nb, rest = loads(b"[" + line[:cut] + b"}," + exact[:f] + b"},{" + exact[a + 2 : x] + b"}]")
+                        nb.update(rest)
+                        if with_features:
+                            nb["features"] = loads(exact[f + 14 : a])
+                    else:
+                        obj, nb = loads(line[:cut] + b"}"), loads(exact)
                     if nb["v"] != version:
                         raise ValueError("version")
                     where = nb["placement"]
