@@ -120,14 +120,15 @@ class DsjsonReader:
                     # Of "_nb", only the keys before "features" and then "arms" and "pmf_extra":
                     # "features" only for VW and DR, "extra" (the rest of the log row) never;
                     # all of it in one parse, as a list of the head and those two pieces.
-                    f = exact.find(b', "features": ')
-                    a = exact.find(b', "arms": ', f)
-                    x = exact.rfind(b', "extra": ')
-                    if 0 < f < a < x:
-                        obj, nb, rest = loads(b"[" + line[:cut] + b"}," + exact[:f] + b"},{" + exact[a + 2 : x] + b"}]")
+                    at_features = exact.find(b', "features": ')
+                    at_arms = exact.find(b', "arms": ', at_features)
+                    at_extra = exact.rfind(b', "extra": ')
+                    if 0 < at_features < at_arms < at_extra:
+                        pieces = b"[" + line[:cut] + b"}," + exact[:at_features] + b"},{" + exact[at_arms + 2 : at_extra] + b"}]"
+                        obj, nb, rest = loads(pieces)
                         nb.update(rest)
                         if with_features:
-                            nb["features"] = loads(exact[f + 14 : a])
+                            nb["features"] = loads(exact[at_features + 14 : at_arms])
                     else:
                         obj, nb = loads(line[:cut] + b"}"), loads(exact)
                     if nb["v"] != version:
