@@ -219,7 +219,7 @@ class ReplayLog:
 
         The arm lines around the chosen one are joined once per arm set and chosen position, not
         per event: only the context and the label differ from one event to the next."""
-        if self.contexts is not None:  # made only here: a VW candidate reading DSJSON needs none
+        if self.contexts is not None:  # as logged: VW text is made only here, for VW and DR
             contexts = list(map(shared_line_of_rows, self.contexts))
         elif self.features is not None:
             contexts = [shared_line(f) for f in self.features]
