@@ -100,6 +100,7 @@ def footprint(db: str, n: int) -> dict[str, Any]:
         cold = await learner.catch_up(PID)
         cold_s = time.perf_counter() - started
         return {
+            "template": engine.store.find_decision(ids[0]),
             "db": sql.dialect.name,
             "decisions": n,
             "per_decision": _delta(t1, t0, n),
@@ -113,13 +114,13 @@ def footprint(db: str, n: int) -> dict[str, Any]:
     return asyncio.run(with_server(run, db))
 
 
-def ingest(db: str, n: int, writers: Sequence[int] = (1, 2), batch: int = 500) -> dict[str, Any]:
+def ingest(db: str, template: Any, n: int, writers: Sequence[int] = (1, 2), batch: int = 500) -> dict[str, Any]:
     """Decision rows per second that the database takes through the store's group commit
     (``Store.write`` of ``batch`` decisions, durable on return), from 1 and 2 writers at once,
-    each with its own connection: the database's share of a decision's cost, without a server."""
+    each with its own connection: the database's share of a decision's cost, without a server.
+    ``template`` is a logged decision (``footprint``'s), copied under new event ids."""
     from nextbest.storage.sql import open_store
 
-    template = _one_decision(db)
     out: dict[str, Any] = {"batch": batch}
     for k in writers:
         stores = [open_store(db) for _ in range(k)]
@@ -146,32 +147,16 @@ def _write(store: Any, template: Any, prefix: str, count: int, batch: int, done:
         done[j] += len(rows)
 
 
-def _one_decision(db: str) -> Any:
-    """A decision as the benchmark's Choose logs it (20 arms x 30 features), read back."""
-
-    async def run(engine: Any) -> dict[str, Any]:
-        from nextbest.rpc.decision import DecisionServicer
-
-        await engine.config.apply([placement(PID, 20)])
-        servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
-        event = (await servicer.Choose(choose_pool(PID)[0], NoContext())).event_id
-        await asyncio.wait_for(engine.writer.flush(), 60)
-        return {"decision": engine.store.find_decision(event)}
-
-    return asyncio.run(with_server(run, db))["decision"]
-
-
 def run(smoke: bool) -> dict[str, Any]:
-    n = 300 if smoke else 5_000
+    n, rows = (100, 1_000) if smoke else (5_000, 40_000)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nextbest-bench-capacity-") as d:
         out["sqlite"] = footprint(f"sqlite:///{d}/fp.db", n)
-        out["sqlite_ingest"] = ingest(f"sqlite:///{d}/ingest.db", 2_000 if smoke else 40_000, writers=(1,))
+        out["sqlite_ingest"] = ingest(f"sqlite:///{d}/fp.db", out["sqlite"].pop("template"), rows, writers=(1,))
     try:
         with postgres_schema("nbcap") as pg:
             out["postgres"] = footprint(pg, n)
-        with postgres_schema("nbcap") as pg:
-            out["postgres_ingest"] = ingest(pg, 2_000 if smoke else 40_000)
+            out["postgres_ingest"] = ingest(pg, out["postgres"].pop("template"), rows)
     except Exception as e:  # no PostgreSQL here: say so, keep the SQLite figures
         out["postgres_skipped"] = f"{e.__class__.__name__}: {e}"[:300]
     return out

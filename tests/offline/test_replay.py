@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -484,29 +481,3 @@ def test_plot_without_matplotlib_says_so(
 def test_the_log_is_opened_read_only(db: tuple[str, dict[str, Any]], statement: str) -> None:
     with pytest.raises(Unavailable), _connect(db[0]) as conn:
         conn.execute(text(statement))
-
-
-# ------------------------------------------------------------------ the benchmark script
-
-
-def _load_bench() -> ModuleType:
-    return importlib.import_module("nextbest.bench.replay")
-
-
-def test_benchmark_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    assert _load_bench().main(["--smoke", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["smoke"] is True
-    assert report["db"]["events"] == report["db"]["select_rows"] == 5_000 - 5_000 // 50  # the open ones are not replayed
-    assert report["dsjson"]["events"] == report["dsjson"]["lines"] == 3_000
-    for size, run in report["rss"].items():
-        assert run["returncode"] == 0 and run["events"] > 0.95 * int(size) and 20 * MIB < run["rss_bytes"] < 1000 * MIB, run
-    for source in ("db", "dsjson"):
-        v = report["vw"][source]
-        assert v["events"] > 900 and 0.0 < v["ratio"] < 1.5, v
-    for k in ("events_per_s", "select_rows_per_s"):
-        assert math.isfinite(report["db"][k]) and report["db"][k] > 0
-
-
-MIB = 1 << 20

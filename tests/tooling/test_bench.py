@@ -86,6 +86,15 @@ def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
     for kind in ("parse", "decode"):  # the partial Choose servers answer every call
         run = data["phases"]["partial"][kind]
         assert run["ok"] > 0 and run["errors"] == 0, run
+    replay = data["phases"]["replay"]  # the replay at scale, smoke sizes: every scenario ran
+    assert replay["db"]["events"] == replay["db"]["select_rows"] == 2_000 - 2_000 // 50  # the open ones are not replayed
+    assert replay["dsjson"]["events"] == replay["dsjson"]["lines"] == 1_000
+    for size, run in replay["rss"].items():
+        assert run["returncode"] == 0 and run["events"] > 0.95 * int(size) and 20 < run["rss_bytes"] / 2**20 < 1000, run
+    for source in ("db", "dsjson"):
+        assert replay["vw"][source]["events"] > 450 and 0.0 < replay["vw"][source]["ratio"] < 1.5, replay["vw"][source]
+    capacity = data["phases"]["capacity"]
+    assert capacity["sqlite"]["per_decision"]["decisions"]["rows"] == 1.0 and capacity["sqlite"]["learned_warm"] == 100
     # the p99 target's point is run several times, each run kept
     assert len(data["phases"]["latency"]["20@80%"]["runs"]) == 3
     assert len(data["phases"]["latency"]["20@50%"]["runs"]) == 1
