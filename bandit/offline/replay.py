@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import chain
@@ -652,40 +652,42 @@ def replay(
             candidates.append(_Candidate(p, p.scorer(), Accumulator(names, clip=clip)))
         if model is not None:
             start = 0
-            for chunk in chunks():
-                model.learn(chunk, start)
-                start += chunk.n
-                if progress is not None:
-                    progress("reward model", start)
+            with _reading(chunks) as stream:
+                for chunk in stream:
+                    model.learn(chunk, start)
+                    start += chunk.n
+                    if progress is not None:
+                        progress("reward model", start)
         n = skipped = may_skip = 0
         paced_log = False
         first = last = math.nan
-        for chunk in chunks():
-            if not chunk.n:
-                continue
-            rhat = model.predict(chunk, n) if model is not None else None
-            slot, never, offered, starts = chunk.chosen_slot, chunk.logged_pmf <= 0.0, chunk.offered, chunk.offsets[:-1]
-            for c in candidates:
-                target = c.run.distribution(chunk)
-                # The probability the candidate gives the logged action: the chosen arm, or "no offer".
-                none_mass = np.clip(1.0 - np.add.reduceat(target, starts), 0.0, 1.0)
-                target_logged = np.where(offered, target[slot], none_mass)
-                if never.any():
-                    c.unseen += float(target[never].sum())
-                hat_logged = hat_target = None
-                if rhat is not None:
-                    hat_logged = np.where(offered, rhat[slot], 0.0)  # "no offer" earns nothing, surely
-                    hat_target = np.add.reduceat(target * rhat, starts)
-                c.acc.add(chunk.rewards, chunk.logged_prob, target_logged, hat_logged, hat_target)
-            skipped += int(chunk.n - np.count_nonzero(offered))
-            if chunk.no_offer is not None:
-                paced_log = True
-                may_skip += int(np.count_nonzero(chunk.no_offer))
-            first = float(chunk.timestamps[0]) if n == 0 else first
-            last = float(chunk.timestamps[-1])
-            n += chunk.n
-            if progress is not None:
-                progress("replay", n)
+        with _reading(chunks) as stream:
+            for chunk in stream:
+                if not chunk.n:
+                    continue
+                rhat = model.predict(chunk, n) if model is not None else None
+                slot, never, offered, starts = chunk.chosen_slot, chunk.logged_pmf <= 0.0, chunk.offered, chunk.offsets[:-1]
+                for c in candidates:
+                    target = c.run.distribution(chunk)
+                    # The probability the candidate gives the logged action: the chosen arm, or "no offer".
+                    none_mass = np.clip(1.0 - np.add.reduceat(target, starts), 0.0, 1.0)
+                    target_logged = np.where(offered, target[slot], none_mass)
+                    if never.any():
+                        c.unseen += float(target[never].sum())
+                    hat_logged = hat_target = None
+                    if rhat is not None:
+                        hat_logged = np.where(offered, rhat[slot], 0.0)  # "no offer" earns nothing, surely
+                        hat_target = np.add.reduceat(target * rhat, starts)
+                    c.acc.add(chunk.rewards, chunk.logged_prob, target_logged, hat_logged, hat_target)
+                skipped += int(chunk.n - np.count_nonzero(offered))
+                if chunk.no_offer is not None:
+                    paced_log = True
+                    may_skip += int(np.count_nonzero(chunk.no_offer))
+                first = float(chunk.timestamps[0]) if n == 0 else first
+                last = float(chunk.timestamps[-1])
+                n += chunk.n
+                if progress is not None:
+                    progress("replay", n)
         done = []
         while running:  # each run finished once: one that raises is not finished again below
             c = running.pop(0)
@@ -710,6 +712,19 @@ def replay(
         for est in c.acc.estimates():
             out.append(PolicyEstimate(c.policy.name, replace(est, warnings=est.warnings + warn) if warn else est))
     return Replay(out, n, first, last)
+
+
+@contextmanager
+def _reading(chunks: Chunks) -> Iterator[Iterator[ReplayLog]]:
+    """A pass over the chunks that closes its source (a cursor, a file) when it ends, also on an
+    error, instead of whenever the abandoned generator is collected."""
+    stream = chunks()
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _no_offer_warning(n: int, skipped: int, may_skip: int, paced_log: bool) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec, error_location
+from nextbest.telemetry.gc_pauses import gc_paused
 
 TOP_LEVEL_KEYS = {"placements", "campaigns"}
 
@@ -55,7 +56,8 @@ def _load(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     lines: dict[Path_, int] = {}
     budget = [_MAX_NODES]
     try:
-        node = loader.get_single_node()
+        with gc_paused():  # its RecursionError refuses a deep file: no finalizers may run down there
+            node = loader.get_single_node()
 
         def walk(n: yaml.Node, path: Path_) -> Any:
             budget[0] -= 1
@@ -76,7 +78,8 @@ def _load(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
                 return [walk(v, (*path, i)) for i, v in enumerate(n.value)]
             return loader.construct_object(n)
 
-        data = walk(node, ()) if node is not None else None
+        with gc_paused():  # an alias that contains itself recurses here
+            data = walk(node, ()) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise ConfigFileError(file, mark.line + 1 if mark else 0, "", f"not valid YAML: {e.problem}") from None

@@ -10,10 +10,8 @@ path cannot read, so that every error names its line as before.
 
 from __future__ import annotations
 
-import gc
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -27,23 +25,9 @@ from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import FORMAT_VERSION, ArmKey, from_dsjson
 from nextbest.bandit.offline.replay import ReplayLog
+from nextbest.telemetry.gc_pauses import gc_paused
 
 ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a chunk is built. Each parsed line or fetched row makes
-    containers that the chunk keeps, so the collector would scan the growing chunk again and
-    again (15 % of a DSJSON replay, measured); nothing built here forms a cycle, so reference
-    counting frees all of it."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class LogOutOfOrder(InvalidInput):
@@ -88,14 +72,17 @@ class DsjsonReader:
     def chunks(self) -> Iterator[ReplayLog]:
         """One pass over the file, one chunk at a time, each built with the collector paused."""
         lines = self._chunks()
-        while True:
-            with gc_paused():
-                log = next(lines, None)
-            if log is None:
-                return
-            yield log
+        try:
+            while True:
+                with gc_paused():
+                    log = next(lines, None)
+                if log is None:
+                    return
+                yield log
+        finally:
+            lines.close()  # the file
 
-    def _chunks(self) -> Iterator[ReplayLog]:
+    def _chunks(self) -> Generator[ReplayLog, None, None]:
         """The loop is written out flat, with local names, because it runs once per line: each
         function call or attribute lookup in it costs a few percent of the whole replay."""
         self.last = None

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from itertools import chain, repeat
@@ -34,9 +34,10 @@ from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from nextbest.bandit.offline.replay import ReplayLog
-from nextbest.offline.dsjson_reader import DsjsonReader, gc_paused
+from nextbest.offline.dsjson_reader import DsjsonReader
 from nextbest.storage import tables as t
 from nextbest.storage.sqlcore import decision_from_row
+from nextbest.telemetry.gc_pauses import gc_paused
 
 CLOSED = (int(Outcome.REWARD), int(Outcome.DEFAULT))
 ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]
@@ -224,7 +225,7 @@ def _replay_chunk(rows: Sequence[Any], arm_features: Mapping[ArmKey, tuple[Featu
     )
 
 
-def _driver_rows(conn: Connection, stmt: Any, chunk: int) -> Iterator[list[tuple[Any, ...]]]:
+def _driver_rows(conn: Connection, stmt: Any, chunk: int) -> Generator[list[tuple[Any, ...]], None, None]:
     """The statement's rows, ``chunk`` at a time, straight from the driver's cursor: plain
     tuples, without a Row object per row (every column is a number or a text already), through
     a server-side cursor on PostgreSQL so that the client holds one chunk. SQLAlchemy compiles
@@ -265,15 +266,18 @@ def replay_chunks(
         empty = True
         with _connect(url) as conn:
             fetched = _driver_rows(conn, stmt, chunk)
-            while True:
-                with gc_paused():  # the fetch too: it makes a tuple per row
-                    rows = next(fetched, None)
-                    log = _replay_chunk(rows, arm_features, with_features) if rows is not None else None
-                if log is None:
-                    break
-                if log.n:
-                    empty = False
-                    yield log
+            try:
+                while True:
+                    with gc_paused():  # the fetch too: it makes a tuple per row
+                        rows = next(fetched, None)
+                        log = _replay_chunk(rows, arm_features, with_features) if rows is not None else None
+                    if log is None:
+                        break
+                    if log.n:
+                        empty = False
+                        yield log
+            finally:
+                fetched.close()  # the cursor, before the connection
         if empty:
             raise NotFound(f"placement {placement!r} has no closed decisions in the chosen period")
 
