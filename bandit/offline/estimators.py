@@ -258,6 +258,15 @@ def support_warnings(
 # --------------------------------------------------------------------------- estimators
 
 
+def estimator_names(estimators: Sequence[str], field: str = "estimator") -> tuple[str, ...]:
+    """The estimators' names as the code spells them (``ESTIMATORS``), or the error naming the first unknown one."""
+    names = tuple(e.strip().lower() if isinstance(e, str) else "" for e in estimators)
+    for given, e in zip(estimators, names, strict=True):
+        if e not in ESTIMATORS:
+            raise EstimatorInputError(field, f"unknown estimator {given!r}; expected one of {', '.join(ESTIMATORS)}")
+    return names
+
+
 class _Moments:
     """Count, sum and squared deviations of per-event terms, merged chunk by chunk (Chan, Golub
     and LeVeque's pairwise update), so that a log read in pieces gives the mean and CI of the log
@@ -322,11 +331,7 @@ class Accumulator:
 
     def __init__(self, estimators: Sequence[str] = ESTIMATORS, *, clip: float | None = None) -> None:
         _check_clip(clip)
-        names = tuple(e.strip().lower() if isinstance(e, str) else "" for e in estimators)
-        for given, e in zip(estimators, names, strict=True):
-            if e not in ESTIMATORS:
-                raise EstimatorInputError("estimator", f"unknown estimator {given!r}; expected one of {', '.join(ESTIMATORS)}")
-        self.estimators = names
+        self.estimators = estimator_names(estimators)
         self.clip = clip
         self.n = 0
         self.clipped = 0
@@ -518,14 +523,5 @@ def estimate(
 
     IPS and SNIPS ignore the reward-model arrays, so one call signature serves all three.
     """
-    key = name.strip().lower() if isinstance(name, str) else ""
-    if key == "ips":
-        return ips(rewards, logged_prob, target_prob, clip=clip)
-    if key == "snips":
-        return snips(rewards, logged_prob, target_prob, clip=clip)
-    if key == "dr":
-        if reward_hat_logged is None or reward_hat_target is None:
-            missing = "reward_hat_logged" if reward_hat_logged is None else "reward_hat_target"
-            raise EstimatorInputError(missing, "is required by the dr estimator")
-        return dr(rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target, clip=clip)
-    raise EstimatorInputError("name", f"unknown estimator {name!r}; expected one of {ESTIMATORS}")
+    (key,) = estimator_names([name], "name")
+    return _one_shot(key, clip, rewards, logged_prob, target_prob, reward_hat_logged, reward_hat_target)

@@ -25,7 +25,7 @@ from vowpalwabbit import Workspace
 from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, arm_line, features_from_mapping, shared_line, shared_line_of_rows
-from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, Estimate
+from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, Estimate, estimator_names
 from nextbest.bandit.vw_options import REPLAY_OPTIONS, split_vw_args
 
 FloatArray = NDArray[np.float64]
@@ -639,10 +639,7 @@ def replay(
     estimators' running sums, so memory holds a chunk, the models and a few sums per estimate,
     whatever the length of the log. ``progress(stage, events)`` hears after each chunk.
     """
-    names = tuple(e.strip().lower() for e in estimators)
-    for e in names:
-        if e not in ESTIMATORS:
-            raise InvalidInput("estimator", f"unknown estimator {e!r}; expected one of {', '.join(ESTIMATORS)}")
+    names = estimator_names(estimators)  # before the reward model is made
     model = RewardModel(reward_model_args, folds) if "dr" in names else None
     candidates: list[_Candidate] = []
     running = candidates  # the runs still to finish (the same list until the end)

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +233,9 @@ def dsjson_speed(tmp: Path, url: str, n: int, repeats: int) -> dict[str, Any]:
 
     rows, arm_features = iter_decisions(url, PLACEMENT)
     path = tmp / "log.json"
-    shown = (d for i, d in zip(range(n * 2), rows, strict=False) if d.chosen is not None)
-    written = write_dsjson(str(path), (d for _, d in zip(range(n), shown, strict=False)), arm_features)
+    written = write_dsjson(
+        str(path), islice((d for d in rows if d.chosen is not None), n), arm_features
+    )  # shown ones: DSJSON has no "no offer"
 
     def parse() -> int:
         count = 0
