@@ -186,7 +186,8 @@ SIMPLE = ("logged", "uniform", "constant:arm00")
 
 
 def _replay_db(url: str) -> int:
-    from nextbest.bandit.offline.replay import parse_policy, replay
+    from nextbest.bandit.offline.policies import parse_policy
+    from nextbest.bandit.offline.replay import replay
     from nextbest.offline.log_source import replay_chunks
 
     return replay(replay_chunks(url, PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
@@ -228,7 +229,8 @@ def db_speed(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
 
 
 def dsjson_speed(tmp: Path, url: str, n: int, repeats: int) -> dict[str, Any]:
-    from nextbest.bandit.offline.replay import parse_policy, replay
+    from nextbest.bandit.offline.policies import parse_policy
+    from nextbest.bandit.offline.replay import replay
     from nextbest.offline.log_source import dsjson_chunks, iter_decisions, write_dsjson
 
     rows, arm_features = iter_decisions(url, PLACEMENT)
@@ -342,7 +344,8 @@ def vw_speed(tmp: Path, n: int, repeats: int, shape: Shape = REALISTIC) -> dict[
     import pylibvw
     from vowpalwabbit import Workspace
 
-    from nextbest.bandit.offline.replay import parse_policy, replay
+    from nextbest.bandit.offline.policies import parse_policy
+    from nextbest.bandit.offline.replay import replay
     from nextbest.offline.log_source import dsjson_chunks, iter_decisions, read_replay_log, replay_chunks, write_dsjson
 
     args = "--cb_explore_adf --epsilon 0.1 -q UA"

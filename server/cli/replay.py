@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, TextIO
 from nextbest.bandit.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from nextbest.bandit.offline.replay import Policy, PolicyEstimate, ReplayLog
+    from nextbest.bandit.offline.policies import Policy
+    from nextbest.bandit.offline.replay import PolicyEstimate
+    from nextbest.bandit.offline.replay_log import ReplayLog
 
 ESTIMATOR_NAMES = ("ips", "snips", "dr")  # nextbest.bandit.offline.estimators.ESTIMATORS, without importing numpy
-REWARD_MODEL_ARGS = "-q UA"  # nextbest.bandit.offline.replay.DEFAULT_REWARD_MODEL_ARGS
+REWARD_MODEL_ARGS = "-q UA"  # nextbest.bandit.offline.reward_model.DEFAULT_REWARD_MODEL_ARGS
 
 POLICY_HELP = (
     "candidate policy; repeatable: logged (what served), uniform, constant:ARM_ID, "
@@ -119,8 +121,8 @@ def plot(results: Sequence[PolicyEstimate], path: str) -> None:
 
 def _policy(spec: str, args: argparse.Namespace) -> Policy:
     """``snapshot:SLOT`` is a placement's saved model (``snapshot:`` its own, ``snapshot:A`` a
-    variant's) read from --db; every other spec is nextbest.bandit.offline.replay's."""
-    from nextbest.bandit.offline.replay import VwPolicy, parse_policy
+    variant's) read from --db; every other spec is nextbest.bandit.offline.policies'."""
+    from nextbest.bandit.offline.policies import VwPolicy, parse_policy
     from nextbest.offline.log_source import read_snapshot
 
     kind, sep, slot = spec.strip().partition(":")

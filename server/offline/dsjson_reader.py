@@ -24,7 +24,7 @@ from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import FORMAT_VERSION, ArmKey, from_dsjson
-from nextbest.bandit.offline.replay import ReplayLog
+from nextbest.bandit.offline.replay_log import ReplayLog
 from nextbest.telemetry.gc_pauses import gc_paused
 
 ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]

@@ -33,7 +33,7 @@ from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
-from nextbest.bandit.offline.replay import ReplayLog
+from nextbest.bandit.offline.replay_log import ReplayLog
 from nextbest.offline.dsjson_reader import DsjsonReader
 from nextbest.storage import tables as t
 from nextbest.storage.sqlcore import decision_from_row

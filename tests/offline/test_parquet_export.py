@@ -13,7 +13,8 @@ import pytest
 
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.features import feature
-from nextbest.bandit.offline.replay import evaluate, parse_policy
+from nextbest.bandit.offline.policies import parse_policy
+from nextbest.bandit.offline.replay import evaluate
 from nextbest.cli.main import main
 from nextbest.offline.log_source import read_replay_log
 from nextbest.storage.base import Close

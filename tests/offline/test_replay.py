@@ -18,7 +18,10 @@ from nextbest.bandit.errors import InvalidInput, Unavailable
 from nextbest.bandit.features import arm_line, feature, features_from_mapping, shared_line
 from nextbest.bandit.offline.dsjson import from_dsjson, to_dsjson
 from nextbest.bandit.offline.estimators import ESTIMATORS
-from nextbest.bandit.offline.replay import DEFAULT_REWARD_MODEL_ARGS, ReplayLog, distribution, evaluate, parse_policy, reward_model
+from nextbest.bandit.offline.policies import distribution, parse_policy
+from nextbest.bandit.offline.replay import evaluate
+from nextbest.bandit.offline.replay_log import ReplayLog
+from nextbest.bandit.offline.reward_model import DEFAULT_REWARD_MODEL_ARGS, reward_model
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.cli.replay import ESTIMATOR_NAMES, REWARD_MODEL_ARGS
 from nextbest.config.plans import plan

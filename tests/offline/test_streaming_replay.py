@@ -16,7 +16,8 @@ from numpy.typing import NDArray
 
 from nextbest.bandit.errors import InvalidInput, NotFound
 from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, dr, ips, snips
-from nextbest.bandit.offline.replay import parse_policy, replay
+from nextbest.bandit.offline.policies import parse_policy
+from nextbest.bandit.offline.replay import replay
 from nextbest.offline.dsjson_reader import LogOutOfOrder
 from nextbest.offline.log_source import dsjson_chunks, read_decisions, replay_chunks, write_dsjson
 from tests.offline import replay_log as rl
@@ -270,7 +271,7 @@ def _predict_then_learn(args: str, log: Any) -> NDArray[np.float64]:
 def test_a_vw_candidate_scores_each_event_before_learning_it(sqlite_log: str, args: str) -> None:
     """The replay takes the score VW's learn leaves on the example: that must be the score from
     before the update, as a predict followed by a learn gives it, for every exploration."""
-    from nextbest.bandit.offline.replay import distribution
+    from nextbest.bandit.offline.policies import distribution
     from nextbest.offline.log_source import read_replay_log
 
     log = read_replay_log(sqlite_log, rl.PLACEMENT, with_features=True)

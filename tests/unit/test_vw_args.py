@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import arm_line, feature, shared_line
 from nextbest.bandit.model import CbModel, check_vw_arguments
-from nextbest.bandit.offline.replay import parse_policy
+from nextbest.bandit.offline.policies import parse_policy
 from nextbest.bandit.spec import PlacementSpec, check_vw_args
 from nextbest.bandit.vw_options import check_tokens, split_vw_args
 from nextbest.cli import main as cli
