@@ -22,6 +22,7 @@ from nextbest.bandit import contact, exploration
 from nextbest.bandit.budget import Account, Ledger
 from nextbest.bandit.decision_log import Explanation
 from nextbest.bandit.eligibility import Value, reason_against
+from nextbest.bandit.explain import fallback_not_eligible
 from nextbest.bandit.features import Feature, arm_line, feature_key
 from nextbest.bandit.model import CbModel
 from nextbest.bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
@@ -193,12 +194,40 @@ _FALLBACK = Explanation("fallback")
 _HOLDOUT = {p: Explanation(f"holdout: {p}") for p in ("uniform", "fixed", "rules")}
 
 
-def _nothing(spec: PlacementSpec, candidates: Sequence[Candidate], why: dict[str, str], reason: str = "") -> Choice:
-    """Nothing could be chosen: serve the fallback arm with certainty, or no arm with a reason."""
+def fallback_against(spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Value], excluded: frozenset[str], now: float) -> str:
+    """Why the fallback arm may not be served either ("" when it may). It bypasses budgets,
+    contact policies and the cool-down, nothing else: an offer that the caller excluded, that is
+    paused, outside its dates or whose eligibility rule is false or unknown is never shown."""
+    if arm.id in excluded:
+        return EXCLUDED
+    if not arm.active:
+        return "retired or paused"
+    if arm.start is not None and now < arm.start.timestamp():
+        return "not started"
+    if arm.end is not None and now >= arm.end.timestamp():
+        return "ended"
+    return ruled_out(spec, arm, context, excluded)
+
+
+def _nothing(
+    spec: PlacementSpec,
+    candidates: Sequence[Candidate],
+    why: dict[str, str],
+    reason: str = "",
+    now: float = 0.0,
+    context: Mapping[str, Value] = NO_CONTEXT,
+    excluded: frozenset[str] = NOTHING_EXCLUDED,
+) -> Choice:
+    """Nothing could be chosen: serve the fallback arm with certainty, unless it is ruled out
+    too (``fallback_against``), or no arm with a reason."""
     reason = reason or ("no eligible arm" if candidates else "no active arm")
     fb = next((i for i, c in enumerate(candidates) if c.arm.id == spec.fallback_arm), None)
     if fb is not None:
-        return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True, explanation=_FALLBACK)
+        against = fallback_against(spec, candidates[fb].spec, context, excluded, now)
+        if not against:
+            return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True, explanation=_FALLBACK)
+        why[candidates[fb].arm.id] = against
+        reason = f"{reason}; {fallback_not_eligible(candidates[fb].arm.id, against)}"
     return Choice(None, 0.0, (), (), why, reason=reason)
 
 
@@ -231,7 +260,7 @@ def serve_holdout(
     """The control group's policy, under the same constraints as the bandit's."""
     ok, why = eligibility(spec, candidates, history or [], now, context=context, excluded=excluded)
     if not ok:
-        return _nothing(spec, candidates, why)
+        return _nothing(spec, candidates, why, "", now, context, excluded)
     if holdout.policy == "uniform":
         pmf = np.full(len(ok), 1.0 / len(ok))
         i = exploration.draw(pmf, uniform())
@@ -243,7 +272,8 @@ def serve_holdout(
             break
     ids = [candidates[i].arm.id for i in ok]
     if target is None or target not in ids:
-        return _nothing(spec, candidates, why, reason=f"holdout arm {target} not eligible" if target else "no rule matched")
+        reason = f"holdout arm {target} not eligible" if target else "no rule matched"
+        return _nothing(spec, candidates, why, reason, now, context, excluded)
     j = ids.index(target)
     pmf_t = tuple(1.0 if k == j else 0.0 for k in range(len(ok)))
     return Choice(j, 1.0, pmf_t, tuple(ok), why, explanation=_HOLDOUT[holdout.policy])
@@ -266,7 +296,7 @@ def decide(
     history = history or []
     ok, why = eligibility(spec, candidates, history, now, budgeted, context, excluded)
     if not ok:
-        return _nothing(spec, candidates, why)
+        return _nothing(spec, candidates, why, "", now, context, excluded)
     eligible = [candidates[i] for i in ok]
     values = model.expected_rewards(shared, [c.arm.line for c in eligible])
     # A model poisoned by extreme inputs: score as untrained, do not fail. (A finite sum means

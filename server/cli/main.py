@@ -247,7 +247,7 @@ def explain_table(r: decision_pb2.ExplainResponse) -> str:
                 f"{a.business_value:>10.4f}{a.fatigue_penalty:>11.4f}{a.pacing_cost:>10.4f}"
             )
         else:
-            lines.append(f"{mark} {a.arm_id:<24}{a.probability:>8.4f}")
+            lines.append(f"{mark} {a.arm_id:<24}{a.probability:>8.4f}" + (f"  {a.reason}" if a.reason else ""))  # the fallback says so
     return "\n".join(lines)
 
 
