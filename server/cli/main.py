@@ -124,14 +124,21 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
         return 0
-    print(f"placement {s.placement}: {s.decisions} decisions, {s.pending} awaiting reward, model version {s.model_version}")
-    print(f"{'arm':<24}{'impressions':>12}{'rewards':>10}{'reward_sum':>12}{'mean':>8}{'default':>9}{'late':>6}  active")
+    print(f"placement {s.placement}: {s.decisions} decisions, {s.pending} windows open, model version {s.model_version}")
+    print(
+        f"{'arm':<24}{'impressions':>12}{'rewards':>10}{'reward_sum':>12}{'learned':>9}{'awaiting':>10}"
+        f"{'mean':>8}{'default':>9}{'late':>6}  active"
+    )
     for a in s.arms:
         mean = a.reward_sum / a.impressions if a.impressions else 0.0
         print(
-            f"{a.arm_id:<24}{a.impressions:>12}{a.rewards:>10}{a.reward_sum:>12.2f}{mean:>8.3f}"
-            f"{a.default_rewards:>9}{a.late_rewards:>6}  {'yes' if a.active else 'no'}"
+            f"{a.arm_id:<24}{a.impressions:>12}{a.rewards:>10}{a.reward_sum:>12.2f}{a.rewards_learned:>9}"
+            f"{a.rewards_awaiting_close:>10}{mean:>8.3f}{a.default_rewards:>9}{a.late_rewards:>6}  {'yes' if a.active else 'no'}"
         )
+    awaiting = sum(a.rewards_awaiting_close for a in s.arms)
+    if awaiting:
+        total = sum(a.reward_sum_awaiting_close for a in s.arms)
+        print(f"(rewards count once acknowledged: {awaiting} of them, sum {total:.2f}, await their window's close to be learned)")
     if any(a.ineligible for a in s.arms):  # "why does this offer never show?"
         print(f"\n{'not eligible':<24}{'decisions':>10}  most frequent reasons")
         for a in s.arms:
@@ -139,9 +146,9 @@ def _stats(args: argparse.Namespace) -> int:
                 reasons = "; ".join(f"{r.reason} ({r.decisions})" for r in a.ineligible_reasons[:3])
                 print(f"{a.arm_id:<24}{a.ineligible:>10}  {reasons}")
     if len(s.variants) > 1 or (s.variants and s.variants[0].variant):
-        print(f"\n{'variant':<16}{'decisions':>10}{'rewards':>9}{'closed':>8}{'mean reward':>13}")
+        print(f"\n{'variant':<16}{'decisions':>10}{'rewards':>9}{'awaiting':>10}{'closed':>8}{'mean reward':>13}")
         for v in s.variants:
-            print(f"{v.variant or '-':<16}{v.decisions:>10}{v.rewards:>9}{v.closed:>8}{v.mean_reward:>13.4f}")
+            print(f"{v.variant or '-':<16}{v.decisions:>10}{v.rewards:>9}{v.rewards_awaiting_close:>10}{v.closed:>8}{v.mean_reward:>13.4f}")
     if len(s.models) > 1 or any(m.scored for m in s.models):
         print(f"\n{'model':<24}{'learned':>9}{'scored':>8}{'agreement':>11}{'est. value':>12}")
         for m in s.models:

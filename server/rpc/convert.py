@@ -473,6 +473,11 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 ineligible_reasons=[
                     admin_pb2.IneligibleReason(reason=r, decisions=n) for r, n in s.ineligible.get(t.arm_id, ())[:TOP_REASONS]
                 ],
+                rewards_learned=t.rewards_learned,
+                reward_sum_learned=t.reward_sum_learned,
+                rewards_awaiting_close=t.rewards_awaiting_close,
+                reward_sum_awaiting_close=t.reward_sum_awaiting_close,
+                spend_awaiting_close=t.spend_awaiting_close,
             )
             for t, active in s.arms
         ],
@@ -504,6 +509,8 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 reward_sum=v.reward_sum,
                 closed=v.closed,
                 mean_reward=v.learned_sum / v.closed if v.closed else 0.0,
+                rewards_awaiting_close=v.rewards_awaiting_close,
+                reward_sum_awaiting_close=v.reward_sum_awaiting_close,
             )
             for v in s.variants
         ],

@@ -93,7 +93,11 @@ class Snapshot:
 
 @dataclass(slots=True)
 class ArmTally:
-    """Counts of one arm's decisions by outcome."""
+    """Counts of one arm's decisions by outcome. A reward counts once it is acknowledged:
+    ``rewards``, ``reward_sum`` and ``spend`` include those of windows still open (a first
+    reward on the decision's row under ``learn_at: window_close``, the running aggregate of the
+    rewards recorded for an aggregating placement), which the ``*_awaiting_close`` fields count
+    apart; the rest were closed with their reward (learned, or in the learn order)."""
 
     arm_id: str
     impressions: int = 0
@@ -101,7 +105,24 @@ class ArmTally:
     reward_sum: float = 0.0
     default_rewards: int = 0
     late_rewards: int = 0
-    pending: int = 0
+    pending: int = 0  # windows still open, with or without an acknowledged reward
+    spend: float = 0.0
+    rewards_learned: int = 0  # closed with an explicit reward
+    reward_sum_learned: float = 0.0
+    rewards_awaiting_close: int = 0
+    reward_sum_awaiting_close: float = 0.0
+    spend_awaiting_close: float = 0.0  # reward costs of positive rewards, still held in the budget
+
+
+@dataclass(slots=True)
+class Awaiting:
+    """The acknowledged rewards of one (variant, arm)'s open windows: how many windows hold
+    one, their sum, and the reward costs of the positive ones."""
+
+    variant: str
+    arm_id: str
+    count: int = 0
+    reward_sum: float = 0.0
     spend: float = 0.0
 
 
@@ -121,10 +142,12 @@ class VariantTally:
     variant: str
     decisions: int = 0
     impressions: int = 0
-    rewards: int = 0
+    rewards: int = 0  # acknowledged explicit rewards, also those awaiting their window's close
     reward_sum: float = 0.0
     learned_sum: float = 0.0  # explicit and default rewards of closed decisions
     closed: int = 0
+    rewards_awaiting_close: int = 0
+    reward_sum_awaiting_close: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,8 +421,10 @@ class Store(Protocol):
         ...
 
     def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
-        """MUST return per-arm counts (a deferred decision counts once activated), the number of
-        decisions and how many served no arm (test_snapshots_and_late_rewards_and_tally). Unavailable."""
+        """MUST return per-arm counts (a deferred decision counts once activated; a reward once
+        acknowledged, those of open windows also apart), the number of decisions and how many
+        served no arm (test_snapshots_and_late_rewards_and_tally,
+        test_acknowledged_rewards_are_tallied_before_the_close). Unavailable."""
         ...
 
     def tally_variants(self, placement: str) -> list[VariantTally]:
@@ -412,6 +437,13 @@ class Store(Protocol):
         slot's) recorded the arm as ineligible for that reason, most frequent first, from the
         database (the same on every server) (test_ineligible_arms_are_tallied_by_reason).
         Raises Unavailable."""
+        ...
+
+    def awaiting_close(self, placement: str) -> list[Awaiting]:
+        """MUST return, per (variant, arm), the acknowledged rewards of the placement's open
+        windows, valued as their close would learn them now (the placement's aggregation of the
+        first reward on the row and those recorded; test_acknowledged_rewards_are_tallied_before_the_close);
+        reads only. Raises Unavailable."""
         ...
 
     def learn_backlog(self, cursors: dict[str, int]) -> tuple[int, dict[str, int]]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, case, func, select, text
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import and_, case, func, select, text, union_all
+from sqlalchemy.engine import Connection
 
 from nextbest.bandit.decision_log import Outcome
 from nextbest.storage import tables as t
-from nextbest.storage.base import ArmTally, IneligibleTally, VariantTally
+from nextbest.storage.base import ArmTally, Awaiting, IneligibleTally, VariantTally
 from nextbest.storage.sqlcore import SqlBase
+
+# The running aggregate of an open window's rewards, as its close will compute it (the
+# ``reward_aggregation`` of the window's gathered rewards); "earliest" takes the first.
+_SQL_AGGREGATE: dict[str, Callable[[Any], Any]] = {"sum": func.sum, "max": func.max, "average": func.avg}
 
 
 class StatsQueries(SqlBase):
@@ -30,7 +38,8 @@ class StatsQueries(SqlBase):
         return [float(r) for r in reversed(rows)]
 
     def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
-        """Per-arm counts, the number of decisions, and how many served no arm."""
+        """Per-arm counts, the number of decisions, and how many served no arm. A reward counts
+        once acknowledged: those of windows still open are in the figures, and apart."""
         d = t.decisions.c
         incurred = case((and_(d.outcome == int(Outcome.REWARD), d.reward > 0), d.reward_cost), else_=0.0)
         with self._connect() as c:
@@ -53,6 +62,7 @@ class StatsQueries(SqlBase):
                 .where(d.placement_id == placement, r.kind == "late")
                 .group_by(d.arm_id)
             ).all()
+            awaiting = self._awaiting_close(c, placement)
         tallies: dict[str, ArmTally] = {}
         total = no_arm = 0
         for arm_id, outcome, count, reward_sum, spend, activated in rows:
@@ -66,8 +76,8 @@ class StatsQueries(SqlBase):
             tl.impressions += count
             tl.spend += float(spend)
             if outcome == Outcome.REWARD:
-                tl.rewards += count
-                tl.reward_sum += float(reward_sum)
+                tl.rewards_learned += count
+                tl.reward_sum_learned += float(reward_sum)
             elif outcome == Outcome.DEFAULT:
                 tl.default_rewards += count
             elif outcome == Outcome.OPEN:
@@ -75,7 +85,87 @@ class StatsQueries(SqlBase):
         for arm_id, count in late:
             if arm_id is not None:
                 tallies.setdefault(arm_id, ArmTally(arm_id)).late_rewards += count
+        for w in awaiting:
+            tl = tallies.setdefault(w.arm_id, ArmTally(w.arm_id))
+            tl.rewards_awaiting_close += w.count
+            tl.reward_sum_awaiting_close += w.reward_sum
+            tl.spend_awaiting_close += w.spend
+        for tl in tallies.values():
+            tl.rewards = tl.rewards_learned + tl.rewards_awaiting_close
+            tl.reward_sum = tl.reward_sum_learned + tl.reward_sum_awaiting_close
+            tl.spend += tl.spend_awaiting_close
         return list(tallies.values()), total, no_arm
+
+    def awaiting_close(self, placement: str) -> list[Awaiting]:
+        """The acknowledged rewards of a placement's open windows, per (variant, arm): for the
+        metrics, read at every scrape (open windows only: an index range)."""
+        with self._connect() as c:
+            return self._awaiting_close(c, placement)
+
+    def _awaiting_close(self, c: Connection, placement: str) -> list[Awaiting]:
+        """Rewards acknowledged for windows still open, per (variant, arm), valued as the close
+        would learn them now: under the placement's ``reward_aggregation`` (as stored: every
+        server's live configuration) the aggregate of the window's first reward on the row
+        (``learn_at: window_close``) and its recorded ("agg") rewards, in the order stored;
+        under ``earliest`` the first of them. The reward cost of a positive one is its spend.
+        Open windows only: index ranges (ix_decisions_unclaimed, ix_reward_events_event)."""
+        d, r = t.decisions.c, t.reward_events.c
+        is_open = (d.placement_id == placement, d.outcome == int(Outcome.OPEN), d.activated.is_(True), d.arm_id.is_not(None))
+        joined = t.reward_events.join(t.decisions, and_(r.event_id == d.event_id, r.slot == d.slot))
+        out: dict[tuple[str, str], Awaiting] = {}
+
+        def add(variant: str | None, arm_id: str, count: int, reward_sum: float, spend: float) -> None:
+            w = out.setdefault((variant or "", arm_id), Awaiting(variant or "", arm_id))
+            w.count += int(count)
+            w.reward_sum += float(reward_sum)
+            w.spend += float(spend)
+
+        def per_arm(value: Any, cost: Any, variant: Any, arm_id: Any) -> Any:
+            return select(
+                variant,
+                arm_id,
+                func.count(),
+                func.coalesce(func.sum(value), 0.0),
+                func.coalesce(func.sum(case((value > 0, cost), else_=0.0)), 0.0),
+            ).group_by(variant, arm_id)
+
+        how = self._aggregation(c, placement)
+        if how in _SQL_AGGREGATE:
+            gathered = union_all(
+                select(d.event_id, d.slot, d.reward.label("v")).where(*is_open, d.reward.is_not(None)),
+                select(r.event_id, r.slot, r.reward.label("v")).select_from(joined).where(*is_open, r.kind == "agg"),
+            ).subquery()
+            g = gathered.c
+            window = select(g.event_id, g.slot, _SQL_AGGREGATE[how](g.v).label("value")).group_by(g.event_id, g.slot).subquery()
+            w = window.c
+            rows = c.execute(
+                per_arm(w.value, d.reward_cost, d.variant, d.arm_id).select_from(
+                    window.join(t.decisions, and_(d.event_id == w.event_id, d.slot == w.slot))
+                )
+            ).all()
+            for row in rows:
+                add(*row)
+            return list(out.values())
+        # earliest: the row's first reward; a window without one that holds recorded rewards
+        # (from before a change of reward_aggregation) learns the first of them
+        for row in c.execute(per_arm(d.reward, d.reward_cost, d.variant, d.arm_id).where(*is_open, d.reward.is_not(None))).all():
+            add(*row)
+        seen: set[tuple[str, int]] = set()
+        recorded = select(r.event_id, r.slot, d.variant, d.arm_id, d.reward_cost, r.reward).select_from(joined)
+        for event_id, slot, variant, arm_id, cost, value in c.execute(
+            recorded.where(*is_open, d.reward.is_(None), r.kind == "agg").order_by(r.id)
+        ).all():
+            if (event_id, slot) not in seen:
+                seen.add((event_id, slot))
+                add(variant, arm_id, 1, value, cost if value > 0 else 0.0)
+        return list(out.values())
+
+    @staticmethod
+    def _aggregation(c: Connection, placement: str) -> str:
+        """The placement's ``reward_aggregation`` as stored (every server's live configuration)."""
+        spec = c.execute(select(t.placements.c.spec).where(t.placements.c.id == placement)).scalar()
+        how = spec.get("reward_aggregation") if isinstance(spec, dict) else None
+        return how if isinstance(how, str) else "earliest"
 
     def tally_variants(self, placement: str) -> list[VariantTally]:
         d = t.decisions.c
@@ -96,7 +186,17 @@ class StatsQueries(SqlBase):
                 .group_by(d.variant)
                 .order_by(d.variant)
             ).all()
-        return [VariantTally(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
+            awaiting = self._awaiting_close(c, placement)
+        out = [VariantTally(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4]), float(r[5]), int(r[6] or 0)) for r in rows]
+        by = {v.variant: v for v in out}
+        for w in awaiting:
+            v = by.get(w.variant)
+            if v is not None:
+                v.rewards += w.count
+                v.reward_sum += w.reward_sum
+                v.rewards_awaiting_close += w.count
+                v.reward_sum_awaiting_close += w.reward_sum
+        return out
 
     def learn_backlog(self, cursors: dict[str, int]) -> tuple[int, dict[str, int]]:
         """The learn sequence's top and, per placement, windows closed but not yet learned: not

@@ -1510,14 +1510,23 @@ class ArmStats(_message.Message):
     SPEND_FIELD_NUMBER: _builtins.int
     INELIGIBLE_FIELD_NUMBER: _builtins.int
     INELIGIBLE_REASONS_FIELD_NUMBER: _builtins.int
+    REWARDS_LEARNED_FIELD_NUMBER: _builtins.int
+    REWARD_SUM_LEARNED_FIELD_NUMBER: _builtins.int
+    REWARDS_AWAITING_CLOSE_FIELD_NUMBER: _builtins.int
+    REWARD_SUM_AWAITING_CLOSE_FIELD_NUMBER: _builtins.int
+    SPEND_AWAITING_CLOSE_FIELD_NUMBER: _builtins.int
     arm_id: _builtins.str
     """Arm id."""
     impressions: _builtins.int
     """Times the arm was chosen."""
     rewards: _builtins.int
-    """Decisions of this arm that got an explicit reward (not the default) within the window."""
+    """Decisions of this arm that got an explicit reward (not the default) within the window,
+    counted as soon as the reward is acknowledged: rewards_learned + rewards_awaiting_close.
+    """
     reward_sum: _builtins.float
-    """Sum of those explicit rewards."""
+    """Sum of those explicit rewards (for an aggregating placement each window's aggregate, while
+    it is open its running aggregate): reward_sum_learned + reward_sum_awaiting_close.
+    """
     default_rewards: _builtins.int
     """Decisions of this arm that were learned with the default reward."""
     late_rewards: _builtins.int
@@ -1525,9 +1534,31 @@ class ArmStats(_message.Message):
     active: _builtins.bool
     """Whether the arm can be chosen now."""
     spend: _builtins.float
-    """Budget units spent on the arm: impression costs plus reward costs of positive rewards."""
+    """Budget units spent on the arm: impression costs plus reward costs of positive rewards,
+    counted when the reward is acknowledged (spend_awaiting_close of them the budgets still
+    hold as reserved until the window closes).
+    """
     ineligible: _builtins.int
     """Decisions that found this arm ineligible, for any reason: "why does this offer never show?" """
+    rewards_learned: _builtins.int
+    """Of rewards: decisions whose window closed with their explicit reward, handed to the
+    learner (learned, or about to be: nextbest_learner_lag counts those not yet learned).
+    """
+    reward_sum_learned: _builtins.float
+    """Sum of those rewards."""
+    rewards_awaiting_close: _builtins.int
+    """Of rewards: decisions whose window is still open and holds an acknowledged reward, learned
+    when it closes: under learn_at: window_close the first reward; for an aggregating placement
+    (reward_aggregation sum, max, average) the rewards recorded so far. Also in pending.
+    """
+    reward_sum_awaiting_close: _builtins.float
+    """Sum of those rewards: the first reward, or the window's running aggregate (what its close
+    would learn now).
+    """
+    spend_awaiting_close: _builtins.float
+    """Of spend: reward costs of the positive rewards awaiting close (reserved in the budgets
+    until the close spends them).
+    """
     @_builtins.property
     def ineligible_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___IneligibleReason]:
         """The most frequent reasons among them (at most five), most frequent first."""
@@ -1545,10 +1576,15 @@ class ArmStats(_message.Message):
         spend: _builtins.float = ...,
         ineligible: _builtins.int = ...,
         ineligible_reasons: _abc.Iterable[Global___IneligibleReason] | None = ...,
+        rewards_learned: _builtins.int = ...,
+        reward_sum_learned: _builtins.float = ...,
+        rewards_awaiting_close: _builtins.int = ...,
+        reward_sum_awaiting_close: _builtins.float = ...,
+        spend_awaiting_close: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "arm_id", b"arm_id", "default_rewards", b"default_rewards", "impressions", b"impressions", "ineligible", b"ineligible", "ineligible_reasons", b"ineligible_reasons", "late_rewards", b"late_rewards", "reward_sum", b"reward_sum", "rewards", b"rewards", "spend", b"spend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "arm_id", b"arm_id", "default_rewards", b"default_rewards", "impressions", b"impressions", "ineligible", b"ineligible", "ineligible_reasons", b"ineligible_reasons", "late_rewards", b"late_rewards", "reward_sum", b"reward_sum", "reward_sum_awaiting_close", b"reward_sum_awaiting_close", "reward_sum_learned", b"reward_sum_learned", "rewards", b"rewards", "rewards_awaiting_close", b"rewards_awaiting_close", "rewards_learned", b"rewards_learned", "spend", b"spend", "spend_awaiting_close", b"spend_awaiting_close"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1664,7 +1700,9 @@ class GetStatsResponse(_message.Message):
     model_version: _builtins.int
     """Examples learned by the placement's current model."""
     pending: _builtins.int
-    """Decisions whose reward window is still open."""
+    """Decisions whose reward window is still open, with or without an acknowledged reward
+    (those with one are each arm's rewards_awaiting_close).
+    """
     no_offer: _builtins.int
     """Decisions that served no arm (nothing eligible, or no offer under pacing)."""
     @_builtins.property
@@ -1719,6 +1757,8 @@ class VariantStats(_message.Message):
     REWARD_SUM_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
     MEAN_REWARD_FIELD_NUMBER: _builtins.int
+    REWARDS_AWAITING_CLOSE_FIELD_NUMBER: _builtins.int
+    REWARD_SUM_AWAITING_CLOSE_FIELD_NUMBER: _builtins.int
     variant: _builtins.str
     """Variant id."""
     decisions: _builtins.int
@@ -1726,13 +1766,19 @@ class VariantStats(_message.Message):
     impressions: _builtins.int
     """Decisions that served an arm."""
     rewards: _builtins.int
-    """Decisions with an explicit reward."""
+    """Decisions with an explicit reward, counted when it is acknowledged (rewards_awaiting_close
+    of them in windows still open).
+    """
     reward_sum: _builtins.float
-    """Sum of explicit rewards."""
+    """Sum of explicit rewards (while a window is open, its running aggregate)."""
     closed: _builtins.int
     """Decisions whose window closed (explicit or default reward)."""
     mean_reward: _builtins.float
     """Mean learned reward (explicit and default) of closed decisions."""
+    rewards_awaiting_close: _builtins.int
+    """Of rewards: those of windows still open, learned at the close."""
+    reward_sum_awaiting_close: _builtins.float
+    """Sum of those rewards."""
     def __init__(
         self,
         *,
@@ -1743,10 +1789,12 @@ class VariantStats(_message.Message):
         reward_sum: _builtins.float = ...,
         closed: _builtins.int = ...,
         mean_reward: _builtins.float = ...,
+        rewards_awaiting_close: _builtins.int = ...,
+        reward_sum_awaiting_close: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "decisions", b"decisions", "impressions", b"impressions", "mean_reward", b"mean_reward", "reward_sum", b"reward_sum", "rewards", b"rewards", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "decisions", b"decisions", "impressions", b"impressions", "mean_reward", b"mean_reward", "reward_sum", b"reward_sum", "reward_sum_awaiting_close", b"reward_sum_awaiting_close", "rewards", b"rewards", "rewards_awaiting_close", b"rewards_awaiting_close", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
