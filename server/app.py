@@ -114,7 +114,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     if creds is None:  # the queue probe calls this server over loopback, in plaintext
         await overload.start_probe(f"{_loopback(settings.host)}:{port}")
     await engine.start()
-    engine.metrics.track(engine.reading, engine.store.learn_backlog, asyncio.get_running_loop())
+    engine.metrics.track(engine.reading, engine.store.learn_backlog, asyncio.get_running_loop(), engine.store.awaiting_close)
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)

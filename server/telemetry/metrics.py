@@ -4,8 +4,9 @@ arm, and the engine's state (queues, learner lag, model versions, budgets) on an
 Counters are bumped by the engine as things happen. State gauges are read at scrape time *on
 the event loop* (the engine's single owner), so a scrape never sees a half-updated engine; if
 the loop does not answer within a second, the previous reading is served. The learner's
-backlog comes from the database (closed windows not yet learned, whichever server wrote
-them), queried in the scrape's own thread, never on the loop.
+backlog and the rewards awaiting their window's close (acknowledged, not yet learned) come
+from the database, whichever server wrote them, queried in the scrape's own thread, never on
+the loop: a restart shows them as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from prometheus_client import (
@@ -30,6 +31,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 from nextbest.rpc.wrapping import HandlerWrapper
 from nextbest.telemetry.gc_pauses import PauseObserver
+
+if TYPE_CHECKING:
+    from nextbest.storage.base import Awaiting
 
 log = logging.getLogger("nextbest.rpc")
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -48,6 +52,8 @@ class EngineReading:
     model_version: dict[tuple[str, str], int] = field(default_factory=dict)
     budget_remaining: dict[tuple[str, str], float] = field(default_factory=dict)
     budget_limit: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (placement, arm) -> (rewards, their sum, reward spend) of windows still open: from the database
+    awaiting: dict[tuple[str, str], tuple[int, float, float]] = field(default_factory=dict)
 
 
 class Metrics:
@@ -68,7 +74,8 @@ class Metrics:
         )
         self.rewards = Counter(
             "nextbest_rewards",
-            "Reward windows closed durably, by placement, arm and outcome (reward|default)",
+            "Reward windows closed durably, by placement, arm and outcome (reward|default); rewards acknowledged"
+            " and not yet closed are nextbest_rewards_awaiting_close",
             ["placement", "arm", "outcome"],
             registry=r,
         )
@@ -127,10 +134,13 @@ class Metrics:
         read: Callable[[], EngineReading],
         backlog: Callable[[dict[str, int]], tuple[int, dict[str, int]]],
         loop: asyncio.AbstractEventLoop,
+        awaiting: Callable[[str], list[Awaiting]] | None = None,
     ) -> None:
         """At every scrape: ``read`` the engine's state on its ``loop`` (its single owner), then
-        its learn ``backlog`` from the database, off the loop."""
+        its learn ``backlog`` and each placement's rewards ``awaiting`` their window's close
+        from the database, off the loop."""
         self._collector.read, self._collector.backlog, self._collector.loop = read, backlog, loop
+        self._collector.awaiting = awaiting
 
     # -- HTTP exporter ----------------------------------------------------------------------
 
@@ -156,6 +166,7 @@ class _EngineCollector:
     def __init__(self) -> None:
         self.read: Callable[[], EngineReading] | None = None
         self.backlog: Callable[[dict[str, int]], tuple[int, dict[str, int]]] | None = None
+        self.awaiting: Callable[[str], list[Awaiting]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last = EngineReading()
 
@@ -183,8 +194,23 @@ class _EngineCollector:
             reading.learn_seq, reading.learner_lag = backlog(reading.model_cursor)
         except Exception:
             reading.learn_seq, reading.learner_lag = self._last.learn_seq, self._last.learner_lag
+        try:
+            reading.awaiting = self._awaiting(list(reading.model_cursor))
+        except Exception:
+            reading.awaiting = self._last.awaiting
         self._last = reading
         return reading
+
+    def _awaiting(self, placements: list[str]) -> dict[tuple[str, str], tuple[int, float, float]]:
+        """Per (placement, arm): acknowledged rewards of open windows, their sum and reward spend."""
+        out: dict[tuple[str, str], tuple[int, float, float]] = {}
+        if self.awaiting is None:
+            return out
+        for pid in placements:
+            for w in self.awaiting(pid):
+                n, total, spend = out.get((pid, w.arm_id), (0, 0.0, 0.0))
+                out[(pid, w.arm_id)] = (n + w.count, total + w.reward_sum, spend + w.spend)
+        return out
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         r = self._reading()
@@ -210,6 +236,28 @@ class _EngineCollector:
             lim.add_metric([key, period], r.budget_limit[(key, period)])
         yield rem
         yield lim
+        rewards = GaugeMetricFamily(
+            "nextbest_rewards_awaiting_close",
+            "Decisions of open windows holding an acknowledged reward, learned at the close (from the database)",
+            labels=["placement", "arm"],
+        )
+        total = GaugeMetricFamily(
+            "nextbest_reward_sum_awaiting_close",
+            "Sum of those rewards (an aggregating window's running aggregate)",
+            labels=["placement", "arm"],
+        )
+        spend = GaugeMetricFamily(
+            "nextbest_reward_spend_awaiting_close",
+            "Reward costs of the positive ones, reserved in the budgets until the close",
+            labels=["placement", "arm"],
+        )
+        for (pid, arm), (n, s, cost) in sorted(r.awaiting.items()):
+            rewards.add_metric([pid, arm], n)
+            total.add_metric([pid, arm], s)
+            spend.add_metric([pid, arm], cost)
+        yield rewards
+        yield total
+        yield spend
 
 
 Behavior: TypeAlias = Callable[[Any, Ctx], Awaitable[Any]]

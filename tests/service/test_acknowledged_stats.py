@@ -6,9 +6,11 @@ count as their running aggregate. SQLite and the PostgreSQL at 127.0.0.1:5432.""
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nextbest.client import NextbestClient
 from tests import envs
@@ -44,9 +46,24 @@ def figures(c: NextbestClient, placement: str) -> dict[str, Any]:
     }
 
 
+def awaiting_metrics(port: int | None, placement: str) -> tuple[float, float, float]:
+    """The Prometheus gauges of rewards awaiting close, summed over the placement's arms."""
+    assert port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    names = ("nextbest_rewards_awaiting_close", "nextbest_reward_sum_awaiting_close", "nextbest_reward_spend_awaiting_close")
+    got = dict.fromkeys(names, 0.0)
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name in got and sample.labels.get("placement") == placement:
+                got[sample.name] += sample.value
+    n, total, spend = got.values()
+    return n, round(total, 9), round(spend, 9)
+
+
 def test_acknowledged_rewards_are_visible_at_once_and_after_a_restart(any_db: str) -> None:
     clock = FakeClock()
-    with running_server(any_db, clock=clock) as s, s.client() as c:
+    with running_server(any_db, clock=clock, metrics_port=0) as s, s.client() as c:
         c.apply(placements())
         expected = 0.0
         for i in range(ROUNDS):
@@ -85,14 +102,19 @@ def test_acknowledged_rewards_are_visible_at_once_and_after_a_restart(any_db: st
         got_agg.pop("per_arm")
         assert got_agg == want_agg
         assert s.engine.states["app_home_banner"].model.learned == 0  # nothing learned before the close
+        metrics = (ROUNDS, round(expected, 9), positive * COST)
+        assert awaiting_metrics(s.running.metrics_port, "app_home_banner") == metrics
+        assert awaiting_metrics(s.running.metrics_port, "ussd_main_menu") == (10, 26.0, 9 * COST)
     # a restart on the same database (a kill -9 leaves the same rows: every reward is durable)
-    with running_server(any_db, clock=clock) as s, s.client() as c:
+    with running_server(any_db, clock=clock, metrics_port=0) as s, s.client() as c:
         got = figures(c, "app_home_banner")
         assert got.pop("per_arm") == per_arm
         assert got == want
         got_agg = figures(c, "ussd_main_menu")
         got_agg.pop("per_arm")
         assert got_agg == want_agg
+        assert awaiting_metrics(s.running.metrics_port, "app_home_banner") == metrics
+        assert awaiting_metrics(s.running.metrics_port, "ussd_main_menu") == (10, 26.0, 9 * COST)
         # the close: the same rewards, now learned
         clock.advance(601)
         closed = 0
@@ -108,6 +130,7 @@ def test_acknowledged_rewards_are_visible_at_once_and_after_a_restart(any_db: st
         assert got_agg == dict(
             learned, rewards=10, reward_sum=26.0, learned=10, reward_sum_learned=26.0, spend=9 * COST, variant_rewards=10
         )
+        assert awaiting_metrics(s.running.metrics_port, "app_home_banner") == (0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("learn_at", ["reward", "window_close"])
@@ -123,4 +146,3 @@ def test_rewards_count_once_under_either_learn_at(db_url: str, learn_at: str) ->
         assert (got["rewards"], got["reward_sum"]) == (1, 1.5)
         at_once = learn_at == "reward"
         assert (got["learned"], got["awaiting"], got["pending"]) == ((1, 0, 0) if at_once else (0, 1, 1))
-        assert s.engine is not None
