@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051  # 0 picks a free port
     db: str = "sqlite:///nextbest.db"
-    seed: str = ""  # salts the per-event random draws; decisions are reproducible from it
+    # Salts the per-event random draws; decisions are reproducible from it. Empty: a random secret
+    # kept in the database (server_secrets), the same for every server on it (Engine.seed).
+    seed: str = ""
     flush_interval: Annotated[float, Field(gt=0, le=10)] = 0.05  # seconds between decision-log writes
     snapshot_every: Annotated[int, Field(ge=1)] = 1000  # learned examples between model snapshots
     snapshot_interval: Annotated[float, Field(gt=0)] = 5.0  # seconds between snapshots of a changed model

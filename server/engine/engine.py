@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from nextbest.telemetry.metrics import EngineReading, Metrics
 log = logging.getLogger(__name__)
 
 
+DRAW_SEED = "draw_seed"  # server_secrets row of the draws' salt when the settings give no seed
 _PRUNE_EVERY = 60.0  # seconds between deletions of shared impressions beyond every horizon
 # Shared impressions are kept at least this long, so that a policy applied later with a longer
 # horizon (up to this) sees the customers' past; migration 0002 starts the table with as much.
@@ -59,6 +61,9 @@ class Engine:
         self.reader_pool = ThreadPoolExecutor(4, thread_name_prefix="nextbest-db-read")
         self.server_id = uuid.uuid4().hex[:16]  # names this run in the database (servers, decisions.owner)
         self.ready = False
+        # The salt of the per-event draws: the configured seed, else the database's secret one
+        # (made once, shared by every server on it), read before any call can build a placement.
+        self.seed = settings.seed or store.shared_secret(DRAW_SEED, secrets.token_hex(32))
         self.states: dict[str, PlacementState] = {}  # swapped entry by entry by config, never rebound
         acceptance: dict[tuple[str, str], list[int]] = {}  # (placement, arm) -> [accepted, closed]
         self.metrics = Metrics()
@@ -103,7 +108,7 @@ class Engine:
             clock,
         )
         self.explainer = Explainer(self.windows.find, self.states, settings.max_id_length)
-        self.config = Configurator(self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, settings.seed)
+        self.config = Configurator(self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, self.seed)
         self.stats = StatsReader(self.states, self.writer, self.budgets, store, self.reader_pool, clock)
         self.replication = Replication(
             self.states, self.writer, self.learner, self.windows, self.config, self.budgets, store, self.reader_pool, settings, clock
@@ -131,7 +136,7 @@ class Engine:
                     slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
             for slot in slots.values():
                 slot.scale = RewardScale(recent, ceiling=rec.spec.max_abs_reward)
-            self.states[rec.spec.id] = placement_state(rec, slots, features, self.settings.seed)
+            self.states[rec.spec.id] = placement_state(rec, slots, features, self.seed)
         self.budgets.restore(
             await loop.run_in_executor(self.reader_pool, self.store.load_accounts),
             await loop.run_in_executor(self.reader_pool, self.store.load_campaigns),

@@ -256,6 +256,13 @@ class Store(Protocol):
         """MUST return every stored campaign, by id. Raises Unavailable."""
         ...
 
+    def shared_secret(self, name: str, candidate: str) -> str:
+        """MUST return the value stored under ``name``, storing ``candidate`` first when there
+        is none (insert if absent, committed, then read): every caller on one database, at once
+        or after a restart, gets the first value stored, and a fresh database keeps its own
+        (test_a_shared_secret_is_stored_once_and_read_by_every_store). Raises Unavailable."""
+        ...
+
     def lease(self, key: str, period: str, limit: float, amount: float) -> float:
         """MUST grant at most ``amount`` and never let all processes' leases pass ``limit`` (a
         conditional UPDATE); creates a missing account; returns the grant, 0.0 when nothing is

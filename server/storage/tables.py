@@ -157,6 +157,16 @@ counters = Table(
     Column("value", BigInteger, nullable=False),
 )
 
+# Values every server of a database must share, written once by whichever server is first
+# (insert if absent, then read): "draw_seed", the secret salt of the per-event draws when the
+# settings give no seed. Never logged, never sent to a caller.
+server_secrets = Table(
+    "server_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
 # One row per model slot: "" (the placement's model), a variant id, or "shadow:<id>".
 snapshots = Table(
     "snapshots",
@@ -181,4 +191,5 @@ __all__ = [
     "reward_events",
     "counters",
     "snapshots",
+    "server_secrets",
 ]

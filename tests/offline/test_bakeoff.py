@@ -45,7 +45,7 @@ def _quick(server: ServerThread, names: tuple[str, ...], seeds: int, events: int
             ds = bk.load(name)
             for seed in range(1, seeds + 1):
                 pid = f"bk.{name}.s{seed}.{'sync' if sync else 'async'}"
-                salt = placement_salt(server.settings.seed, pid)
+                salt = placement_salt(server.engine.seed, pid)
 
                 def draws(t: int, salt: bytes = salt, pid: str = pid) -> float:
                     return uniform_for(salt, bk.event_id(pid, t))

@@ -310,3 +310,32 @@ def test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close(store: SqlStor
     r = store.write([], [], events=[RewardEvent("e2", 0, 1.0, 800.0, FIRST)])
     assert list(r.recorded) == [False]  # closed: no first reward any more
     assert store.open_reward_events() == []  # FIRST rewards are on the rows, not events
+
+
+def test_a_shared_secret_is_stored_once_and_read_by_every_store(store: SqlStore) -> None:
+    import threading
+
+    assert store.shared_secret("draw_seed", "first") == "first"
+    assert store.shared_secret("draw_seed", "second") == "first"  # insert if absent, then read
+    other = open_store(store.url)  # another server on the same database
+    try:
+        assert other.shared_secret("draw_seed", "third") == "first"
+    finally:
+        other.close()
+    # Servers starting at once on a name nobody stored yet: one value wins, and all read it.
+    stores = [open_store(store.url) for _ in range(4)]
+    got: list[str] = []
+    start = threading.Barrier(len(stores))
+
+    def ask(i: int) -> None:
+        start.wait()
+        got.append(stores[i].shared_secret("race", f"candidate-{i}"))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(stores))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for s in stores:
+        s.close()
+    assert len(got) == 4 and len(set(got)) == 1 and got[0].startswith("candidate-")
