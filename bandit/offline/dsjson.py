@@ -12,6 +12,11 @@ What ``c`` cannot carry exactly (arm versions, the unmangled features, the custo
 epoch time) travels in a top-level ``_nb`` object, which VW ignores. Lines without it (written
 by another tool in the same U/A convention) are decoded from ``c``; there a numeric feature
 ``"k=v": 1`` and the text feature ``k=v`` cannot be told apart, which VW cannot either.
+
+A line is read only if its probabilities can weigh a replay: ``_label_probability`` in (0, 1],
+every ``p`` (and pacing's "no offer" in ``_nb.pmf_extra``) in [0, 1], together summing to 1
+within ``PMF_TOLERANCE``, and the chosen action's ``p`` equal to ``_label_probability`` within
+the same relative tolerance (``pmf_problem``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE, Feature, feature, feature_key, features_from_mapping
 
 FORMAT_VERSION = 1
+PMF_TOLERANCE = 1e-6  # how far a line's PMF may sum from 1, and its chosen p from _label_probability (relative)
 _FIELDS = frozenset(f.name for f in fields(LoggedDecision))
 
 ArmFeatures = Mapping[str, float | str | bool]
@@ -170,15 +176,45 @@ def from_dsjson(line: str) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float
     """A decision and the features of its arms (by id and version) from one DSJSON line."""
     try:
         obj = json.loads(line)
+    except ValueError as e:
+        raise InvalidInput("dsjson", f"not a nextbest DSJSON line ({e.__class__.__name__}: {e})") from None
+    return decode(obj)
+
+
+def decode(obj: Any) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]:
+    """``from_dsjson`` of a line already parsed as JSON."""
+    try:
         return _decode(obj)
     except InvalidInput:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise InvalidInput("dsjson", f"not a nextbest DSJSON line ({e.__class__.__name__}: {e})") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise InvalidInput("dsjson", f"not a nextbest DSJSON line ({e.__class__.__name__}: {_clip(str(e))})") from None
+
+
+def pmf_problem(probability: float, values: Sequence[float]) -> tuple[str, str]:
+    """What is wrong with a line's probabilities, as (key, why), or ("", "") if nothing:
+    ``values`` are its ``p`` in the line's order (the chosen action first) and then pacing's
+    "no offer" probability if it has one. The replay's reader checks the same rules over a whole
+    chunk at once (nextbest.offline.dsjson_reader)."""
+    if not (0.0 < probability <= 1.0):
+        return "_label_cost", "need a finite cost and a probability in (0, 1]"
+    if not all(0.0 <= v <= 1.0 for v in values):
+        return "p", "every probability must be a number in [0, 1]"
+    total = math.fsum(values)
+    if not abs(total - 1.0) <= PMF_TOLERANCE:
+        return "p", f"the probabilities sum to {total:.9g}, not 1 (within {PMF_TOLERANCE:g})"
+    if not abs(values[0] - probability) <= PMF_TOLERANCE * max(values[0], probability):
+        return "p", f"the chosen action's probability {values[0]!r} is not _label_probability {probability!r}"
+    return "", ""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A piece of a line quoted in an error, at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]:
-    event_id = str(obj["EventId"])
+    event_id = _clip(str(obj["EventId"]))
     chosen = int(obj["_labelIndex"])
     actions = [int(a) - 1 for a in obj["a"]]
     probs = [float(p) for p in obj["p"]]
@@ -206,7 +242,10 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
             "learn_seq": exact["learn_seq"],
             **{k: _from_plain(k, v) for k, v in exact.get("extra", {}).items() if k in _FIELDS},
         }
-        pmf += [float(p) for p in exact.get("pmf_extra", ())]
+        no_offer = [float(p) for p in exact.get("pmf_extra", ())]
+        if len(no_offer) > 1:
+            raise InvalidInput("_nb", f"{event_id}: pmf_extra holds at most one probability (pacing's 'no offer')")
+        pmf += no_offer
     else:
         features, arms, arm_features = _decode_context(obj["c"], event_id)
         timestamp = parse_iso_time(obj["Timestamp"])
@@ -215,8 +254,11 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
         raise InvalidInput("c", f"{event_id}: {len(arms)} arms in c but {len(actions)} in a")
     reward = -float(obj["_label_cost"])
     probability = float(obj["_label_probability"])
-    if not (math.isfinite(reward) and 0.0 < probability <= 1.0):
+    if not math.isfinite(reward):
         raise InvalidInput("_label_cost", f"{event_id}: need a finite cost and a probability in (0, 1]")
+    key, why = pmf_problem(probability, probs + pmf[len(actions) :])
+    if key:
+        raise InvalidInput(key, f"{event_id}: {why}")
     decision = LoggedDecision(
         event_id=event_id,
         timestamp=timestamp,

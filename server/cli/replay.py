@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 ESTIMATOR_NAMES = ("ips", "snips", "dr")  # nextbest.bandit.offline.estimators.ESTIMATORS, without importing numpy
 REWARD_MODEL_ARGS = "-q UA"  # nextbest.bandit.offline.reward_model.DEFAULT_REWARD_MODEL_ARGS
+MAX_LINE_BYTES = 1 << 20  # nextbest.offline.dsjson_reader.MAX_LINE
 
 POLICY_HELP = (
     "candidate policy; repeatable: logged (what served), uniform, constant:ARM_ID, "
@@ -138,9 +139,10 @@ def _policy(spec: str, args: argparse.Namespace) -> Policy:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from nextbest.bandit.offline.policies import VwPolicy
     from nextbest.bandit.offline.replay import Replay, replay
     from nextbest.offline.dsjson_reader import LogOutOfOrder
-    from nextbest.offline.log_source import count_replay_events, dsjson_chunks, parse_time, read_dsjson, replay_chunks
+    from nextbest.offline.log_source import count_replay_events, dsjson_chunks, parse_time, replay_chunks
 
     if (args.db is None) == (args.log is None):
         raise InvalidInput("--db", "give exactly one of --db URL and --log FILE")
@@ -151,19 +153,31 @@ def _replay(args: argparse.Namespace) -> int:
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     progress = None
     need = "dr" in estimators or any(p.needs_features for p in policies)
+    reader, learners = None, []
+    chunks: Callable[[], Iterator[ReplayLog]]
     if args.db is not None:
         chunks = replay_chunks(args.db, args.placement, since=since, until=until, with_features=need, chunk=args.chunk)
         source = f"placement {args.placement}"
         if sys.stderr.isatty():
             progress = Progress(count_replay_events(args.db, args.placement, since=since, until=until))
     else:
-        chunks = dsjson_chunks(args.log, args.placement, since=since, until=until, with_features=need, chunk=args.chunk)
+        # Only a vw: candidate (it learns the log as it goes) needs the file in time order.
+        learners += [p.name for p in policies if isinstance(p, VwPolicy) and p.learn]
+        chunks = reader = dsjson_chunks(
+            args.log,
+            args.placement,
+            since=since,
+            until=until,
+            with_features=need,
+            chunk=args.chunk,
+            time_order=bool(learners),
+            max_line=args.max_line_bytes,
+        )
         source = args.log
         if sys.stderr.isatty():
             progress = Progress(None)
-
-    def run(chunks: Callable[[], Iterator[ReplayLog]]) -> Replay:
-        return replay(
+    try:
+        done: Replay = replay(
             chunks,
             policies,
             estimators,
@@ -172,21 +186,20 @@ def _replay(args: argparse.Namespace) -> int:
             folds=args.folds,
             progress=progress,
         )
-
-    try:
-        try:
-            done = run(chunks)
-        except LogOutOfOrder as e:
-            print(f"note: {e.message}; reading the whole file to sort it", file=sys.stderr)
-            log = read_dsjson(args.log, args.placement, since=since, until=until)
-            done = run(lambda: iter((log,)))
+    except LogOutOfOrder as e:
+        raise InvalidInput(
+            "--log",
+            f"{e.message}; {learners[0]} learns the log in time order, so it needs a file in that order "
+            + "(export-log writes one); the other candidates replay a file in any order",
+        ) from None
     finally:
         if progress is not None:
             progress.close()
+    first, last = (done.first, done.last) if reader is None else (reader.first, reader.last)
     if args.json:
         print(json.dumps([r.to_dict() for r in done.results], indent=2))
     else:
-        print(format_table(done.results, done.n, done.first, done.last, source))
+        print(format_table(done.results, done.n, first, last, source))
     if args.plot:
         plot(done.results, args.plot)
     return 0
@@ -228,7 +241,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     """Add ``replay`` and ``export-log`` to the nextbest command."""
     r = sub.add_parser("replay", help="estimate candidate policies offline from the decision log")
     r.add_argument("--db", help="database URL or SQLite path (read only)")
-    r.add_argument("--log", help="a DSJSON file written by export-log, instead of --db")
+    r.add_argument(
+        "--log",
+        help="a DSJSON file (export-log's, or another writer's), instead of --db; in any order, but in time order for vw: candidates",
+    )
     r.add_argument("--placement", help="placement id (required with --db; filters --log)")
     r.add_argument("--policy", action="extend", nargs="+", required=True, metavar="SPEC", help=POLICY_HELP)
     r.add_argument(
@@ -247,6 +263,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
     r.add_argument(
         "--chunk", type=_positive_int, default=50_000, help="events read and scored at a time: memory holds one chunk (default 50000)"
+    )
+    r.add_argument(
+        "--max-line-bytes",
+        dest="max_line_bytes",
+        type=_positive_int,
+        default=MAX_LINE_BYTES,
+        metavar="N",
+        help=f"--log: refuse a line longer than this, unread (default {MAX_LINE_BYTES}, 1 MiB): memory holds one line at most",
     )
     r.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     r.add_argument("--plot", metavar="FILE", help="also draw the estimates and their intervals (PNG)")

@@ -1,11 +1,17 @@
-"""Reading a DSJSON export for replay at the speed of parsing it.
+"""Reading a DSJSON file for replay at the speed of parsing it.
 
-``nextbest.bandit.offline.dsjson.from_dsjson`` turns a line into a whole LoggedDecision, which
-costs several times the JSON parse itself. A replay needs a few fields of each line, so this
-reader takes only those from the parsed object (orjson) and does everything per action (the
-PMF in the logged order, its checks) with numpy over a whole chunk of lines. Lines without
-nextbest's exact block (written by another tool) go through ``from_dsjson``, as do lines the fast
-path cannot read, so that every error names its line as before.
+Each line is parsed whole as JSON (orjson), whoever wrote it: any key order, any spacing. A
+replay needs a few fields of each line; the loop takes only those from the parsed object, and
+everything per action (the PMF in the logged order, its checks) is done with numpy over a whole
+chunk of lines. Lines without nextbest's ``_nb`` block (written by another tool: decoded from
+``c``) and lines the fast path cannot read go through ``nextbest.bandit.offline.dsjson``'s full
+decoder, so that every error names its line.
+
+Every line is checked before it counts (``nextbest.bandit.offline.dsjson.pmf_problem``): a
+label probability in (0, 1], each ``p`` in [0, 1], a PMF that sums to 1 and gives the chosen
+action the label's probability. A refused line is named by file and line number, in a message
+of bounded size. A line longer than ``max_line`` bytes is refused after reading that many bytes
+of it, so memory per line is bounded whatever the file holds.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from operator import itemgetter
 from typing import Any, BinaryIO
@@ -21,18 +28,23 @@ import numpy as np
 import orjson
 
 from nextbest.bandit.decision_log import LoggedDecision
-from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.errors import InvalidInput, NotFound
 from nextbest.bandit.features import Feature, features_from_mapping
-from nextbest.bandit.offline.dsjson import FORMAT_VERSION, ArmKey, from_dsjson
-from nextbest.bandit.offline.replay_log import ReplayLog
+from nextbest.bandit.offline.dsjson import FORMAT_VERSION, PMF_TOLERANCE, ArmKey, decode, from_dsjson
+from nextbest.bandit.offline.replay_log import FloatArray, IntArray, ReplayLog
 from nextbest.telemetry.gc_pauses import gc_paused
 
 ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]
 
+MAX_LINE = 1 << 20  # bytes: the longest line read by default (``nextbest replay --max-line-bytes``)
+_HEAD = itemgetter("EventId", "_labelIndex", "_label_cost", "_label_probability", "a", "p", "_nb")
+_EXACT = itemgetter("v", "placement", "ts", "arms", "pmf_extra")
+_SHOWN = 200  # characters of a line's own text (an event id) quoted in an error
+
 
 class LogOutOfOrder(InvalidInput):
-    """A DSJSON file whose events are not in time order cannot be streamed: VW candidates and
-    DR's folds follow the order. The replay then reads it whole and sorts it."""
+    """A DSJSON file whose events are not in time order, read by a replay that needs the order
+    (VW candidates learn the log in it)."""
 
 
 @dataclass
@@ -49,7 +61,12 @@ class _Columns:
 
 class DsjsonReader:
     """The events of one DSJSON file in ReplayLog chunks, in file order, with the filters of
-    ``nextbest replay``; ``shown`` names the file in errors."""
+    ``nextbest replay``; ``shown`` names the file in errors. Calling it starts a pass over the
+    file (so it is the ``chunks`` a replay takes); a pass that finds no event raises NotFound.
+
+    With ``time_order`` an event older than the one before it raises LogOutOfOrder; without, the
+    file is read in any order. ``first`` and ``last`` are the earliest and latest times of the
+    events of the last pass (not the first and last lines' of a file out of order)."""
 
     def __init__(
         self,
@@ -60,73 +77,69 @@ class DsjsonReader:
         until: float | None,
         with_features: bool,
         chunk: int,
+        *,
+        time_order: bool = True,
+        max_line: int = MAX_LINE,
     ) -> None:
         self.path, self.shown, self.placement = path, shown, placement
         self.since, self.until, self.with_features, self.chunk = since, until, with_features, chunk
+        self.time_order, self.max_line = time_order, max_line
         self.arm_sets: dict[tuple[tuple[str, ...], tuple[int, ...]], int] = {}
         self.lists: list[list[tuple[str, int]]] = []
         self.arm_rows: ArmFeatureRows = {}
         self.arm_features: dict[ArmKey, tuple[Feature, ...]] = {}
-        self.last: tuple[float, str] | None = None
+        self.last_key: tuple[float, str] | None = None  # the order check's last event
+        self.first, self.last = math.inf, -math.inf
+
+    def __call__(self) -> Iterator[ReplayLog]:
+        return self.chunks()
 
     def chunks(self) -> Iterator[ReplayLog]:
         """One pass over the file, one chunk at a time, each built with the collector paused."""
         lines = self._chunks()
+        self.first, self.last = math.inf, -math.inf
         try:
             while True:
                 with gc_paused():
                     log = next(lines, None)
                 if log is None:
-                    return
+                    break
                 yield log
         finally:
             lines.close()  # the file
+        if self.first > self.last:
+            where = f" of {self.placement!r}" if self.placement else ""
+            raise NotFound(f"{self.shown} has no closed decisions{where} in the chosen period")
 
     def _chunks(self) -> Generator[ReplayLog, None, None]:
         """The loop is written out flat, with local names, because it runs once per line: each
         function call or attribute lookup in it costs a few percent of the whole replay."""
-        self.last = None
+        self.last_key = None
         loads, version, placement, since, until = orjson.loads, FORMAT_VERSION, self.placement, self.since, self.until
-        arm_sets, with_features, size = self.arm_sets, self.with_features, self.chunk
+        head, exact = _HEAD, _EXACT
+        arm_sets, with_features, size, ordered, limit = self.arm_sets, self.with_features, self.chunk, self.time_order, self.max_line
         cols = _Columns()
         rows_append, actions_append, values_append = cols.rows.append, cols.actions.append, cols.values.append
         count = arm_count = last_id = 0
         last_arms: Any = None
         last: tuple[float, str] | None = None
         with open_binary(self.path) as f:
-            for number, line in enumerate(f, 1):
+            # readline(limit + 1) holds at most that much of a line: a longer one is refused unread.
+            for number, line in enumerate(iter(partial(f.readline, limit + 1), b""), 1):
+                if len(line) > limit and line[-1] != 10:  # 10: b"\n"
+                    raise self._error(number, f"longer than {limit:,} bytes (--max-line-bytes raises the limit)")
+                obj = None
                 try:
-                    # The head and "_nb" only: "c" (VW's copy of the features, half the line) is
-                    # skipped. A quote inside a JSON string is escaped, so these markers can only
-                    # be the keys export-log writes; any other line fails a check here and is
-                    # parsed whole by the slow path.
-                    cut, tail = line.find(b',"c":'), line.rfind(b',"_nb":')
-                    if cut < 0 or tail < cut:
-                        raise ValueError("layout")
-                    exact = line[tail + 7 : line.rindex(b"}")]
-                    # Of "_nb", only the keys before "features" and then "arms" and "pmf_extra":
-                    # "features" only for VW and DR, "extra" (the rest of the log row) never;
-                    # all of it in one parse, as a list of the head and those two pieces.
-                    at_features = exact.find(b', "features": ')
-                    at_arms = exact.find(b', "arms": ', at_features)
-                    at_extra = exact.rfind(b', "extra": ')
-                    if 0 < at_features < at_arms < at_extra:
-                        pieces = b"[" + line[:cut] + b"}," + exact[:at_features] + b"},{" + exact[at_arms + 2 : at_extra] + b"}]"
-                        obj, nb, rest = loads(pieces)
-                        nb.update(rest)
-                        if with_features:
-                            nb["features"] = loads(exact[at_features + 14 : at_arms])
-                    else:
-                        obj, nb = loads(line[:cut] + b"}"), loads(exact)
-                    if nb["v"] != version:
+                    obj = loads(line)
+                    event_id, chosen, cost, prob, actions, values, nb = head(obj)
+                    v, where, ts, arms, extra = exact(nb)
+                    if v != version:
                         raise ValueError("version")
-                    where = nb["placement"]
                     if placement and where and where != placement:
                         continue
-                    ts = float(nb["ts"])
+                    ts = float(ts)
                     if (since is not None and ts < since) or (until is not None and ts >= until):
                         continue
-                    arms = nb["arms"]
                     if arms != last_arms:  # most lines repeat the arm set of the line before
                         ids, versions, feats = zip(*arms, strict=True) if arms else ((), (), ())
                         list_id = arm_sets.get((ids, versions))
@@ -134,39 +147,51 @@ class DsjsonReader:
                             list_id = self._new_arm_set((ids, versions), feats)
                         last_arms, last_id, arm_count = arms, list_id, len(ids)
                     list_id = last_id
-                    actions, values, extra = obj["a"], obj["p"], nb["pmf_extra"]
-                    event_id, chosen = str(obj["EventId"]), int(obj["_labelIndex"])
-                    cost, prob = float(obj["_label_cost"]), float(obj["_label_probability"])
+                    event_id, chosen, cost, prob = str(event_id), int(chosen), float(cost), float(prob)
                     k = len(actions)
-                    if len(values) != k or arm_count != k:
-                        raise ValueError("sizes")  # the slow path names what is wrong
-                    if with_features:
-                        cols.contexts.append(nb["features"])
+                    if len(values) != k or arm_count != k or not k or len(extra) > 1:
+                        raise ValueError("sizes")  # the full decoder names what is wrong
+                    context = nb["features"] if with_features else None
                 except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # orjson's error is a ValueError
                     if not line.strip():
                         continue
-                    self.last = last
-                    if self._read_slowly(number, line, cols):
-                        count += 1
-                    last = self.last
+                    self.last_key = last
+                    try:
+                        taken = self._read_slowly(number, line, obj, cols)
+                    except InvalidInput:
+                        if cols.rows:  # an earlier line of the chunk may be refused first
+                            self._log(cols)
+                        raise
+                    count += taken
+                    last = self.last_key
                 else:
-                    key = (ts, event_id)
-                    if last is not None and key < last:
-                        raise LogOutOfOrder("--log", f"{self.shown}, line {number}: event {event_id} is older than the one before it")
-                    last = key
                     if extra:
                         cols.extra.append(float(extra[0]))
                         cols.extra_at.append(count)
                     rows_append((number, event_id, ts, cost, prob, chosen, list_id, k))
                     actions_append(actions)
                     values_append(values)
+                    if with_features:
+                        cols.contexts.append(context)  # type: ignore[arg-type]  # set with_features
                     count += 1
+                    if ordered:
+                        key = (ts, event_id)
+                        if last is not None and key < last:
+                            self._log(cols)  # a line refused for what it holds is refused for that first
+                            raise self._out_of_order(number, event_id)
+                        last = key
                 if count >= size:
                     yield self._log(cols)
                     cols, count = _Columns(), 0
                     rows_append, actions_append, values_append = cols.rows.append, cols.actions.append, cols.values.append
         if count:
             yield self._log(cols)
+
+    def _error(self, number: int, why: str) -> InvalidInput:
+        return InvalidInput("--log", f"{self.shown}, line {number}: {why}")
+
+    def _out_of_order(self, number: int, event_id: str) -> LogOutOfOrder:
+        return LogOutOfOrder("--log", f"{self.shown}, line {number}: event {_clip(event_id)} is older than the one before it")
 
     def _append(
         self,
@@ -184,10 +209,11 @@ class DsjsonReader:
         features: tuple[Feature, ...] | None,
     ) -> None:
         """What the loop of ``chunks`` appends, for a line the slow path read."""
-        key = (ts, event_id)
-        if self.last is not None and key < self.last:
-            raise LogOutOfOrder("--log", f"{self.shown}, line {number}: event {event_id} is older than the one before it")
-        self.last = key
+        if self.time_order:
+            key = (ts, event_id)
+            if self.last_key is not None and key < self.last_key:
+                raise self._out_of_order(number, event_id)
+            self.last_key = key
         if extra:
             cols.extra.append(float(extra[0]))
             cols.extra_at.append(len(cols.rows))
@@ -197,15 +223,17 @@ class DsjsonReader:
         if features is not None:
             cols.contexts.append([list(f) for f in features])
 
-    def _read_slowly(self, number: int, line: bytes, cols: _Columns) -> bool:
+    def _read_slowly(self, number: int, line: bytes, obj: Any, cols: _Columns) -> bool:
         """The full decoder: another tool's lines, and the exact error for a bad one. True if
-        the line was taken (it may be another placement's or outside the period)."""
+        the line was taken (it may be another placement's or outside the period). ``obj`` is
+        the line as orjson parsed it, or None if orjson could not (the standard library then
+        tries: it reads what orjson refuses, such as a number too large for a float)."""
         try:
-            dec, arm_rows = from_dsjson(line.decode("utf-8"))
+            dec, arm_rows = decode(obj) if isinstance(obj, dict) else from_dsjson(line.decode("utf-8"))
         except UnicodeDecodeError:
-            raise InvalidInput("--log", f"{self.shown}, line {number}: not UTF-8 text") from None
+            raise self._error(number, "not UTF-8 text") from None
         except InvalidInput as e:
-            raise InvalidInput("--log", f"{self.shown}, line {number}: {e}") from None
+            raise self._error(number, str(e)) from None
         if self.placement and dec.placement and dec.placement != self.placement:
             return False
         if (self.since is not None and dec.timestamp < self.since) or (self.until is not None and dec.timestamp >= self.until):
@@ -243,27 +271,22 @@ class DsjsonReader:
         starts = np.zeros(n, np.int64)
         np.cumsum(sizes[:-1], out=starts[1:])
         total = int(sizes.sum())
-        actions = np.fromiter(chain.from_iterable(cols.actions), np.int64, total) - 1
-        owner = np.repeat(np.arange(n), sizes)
+        try:
+            actions = np.fromiter(chain.from_iterable(cols.actions), np.int64, total) - 1
+            values = np.fromiter(chain.from_iterable(cols.values), np.float64, total)
+        except (TypeError, ValueError, OverflowError):
+            self._refuse_numbers(lines, event_ids, cols)
+            raise
         chosen = np.fromiter(chosen_col, np.int64, n)
-        # "a" must list each of the line's actions once, the chosen one first.
-        inside = (actions >= 0) & (actions < sizes[owner])
-        if not inside.all():
-            self._refuse(lines, event_ids, int(owner[np.argmin(inside)]), "a", "a and p must list each action once")
-        pos = starts[owner] + actions
-        hits = np.bincount(pos, minlength=total)
-        if total and int(hits.max()) > 1:
-            self._refuse(lines, event_ids, int(owner[np.argmax(hits > 1)]), "a", "a and p must list each action once")
-        first = actions[starts] if n else actions[:0]
-        if not np.array_equal(first, chosen):
-            self._refuse(lines, event_ids, int(np.argmax(first != chosen)), "a", "the chosen action must come first")
         rewards = -np.fromiter(costs, np.float64, n)
         probabilities = np.fromiter(probs, np.float64, n)
-        bad = ~(np.isfinite(rewards) & (probabilities > 0.0) & (probabilities <= 1.0))
-        if bad.any():
-            self._refuse(lines, event_ids, int(np.argmax(bad)), "_label_cost", "need a finite cost and a probability in (0, 1]")
+        timestamps = np.fromiter(times, np.float64, n)
+        pos = self._check(lines, event_ids, cols, sizes, starts, actions, values, chosen, rewards, probabilities)
+        if n:
+            self.first = min(self.first, float(timestamps.min()))
+            self.last = max(self.last, float(timestamps.max()))
         pmf = np.empty(total, np.float64)
-        pmf[pos] = np.fromiter(chain.from_iterable(cols.values), np.float64, total)
+        pmf[pos] = values
         pmf_sizes = sizes
         if cols.extra:  # pacing's "no offer" goes last in its event's PMF
             at = np.array(cols.extra_at, dtype=np.int64)
@@ -272,7 +295,7 @@ class DsjsonReader:
             pmf_sizes[at] += 1
         return ReplayLog.from_columns(
             event_ids,
-            np.fromiter(times, np.float64, n),
+            timestamps,
             rewards,
             probabilities,
             chosen,
@@ -284,14 +307,81 @@ class DsjsonReader:
             contexts=cols.contexts if self.with_features else None,
         )
 
-    def _refuse(self, lines: list[int], event_ids: list[str], i: int, name: str, why: str) -> None:
-        raise InvalidInput("--log", f"{self.shown}, line {lines[i]}: {name}: {event_ids[i]}: {why}")
+    def _check(
+        self,
+        lines: list[int],
+        event_ids: list[str],
+        cols: _Columns,
+        sizes: IntArray,
+        starts: IntArray,
+        actions: IntArray,
+        values: FloatArray,
+        chosen: IntArray,
+        rewards: FloatArray,
+        probabilities: FloatArray,
+    ) -> IntArray:
+        """The rules of ``pmf_problem`` and of the full decoder over a whole chunk: the first
+        line that breaks one is refused, with that rule's message. Returns each value's slot
+        (its action's position in the event)."""
+        n, total = len(sizes), len(values)
+        if not n:
+            return np.zeros(0, np.int64)
+        owner = np.repeat(np.arange(n), sizes)
+        # "a" must list each of the line's actions once, the chosen one first.
+        inside = (actions >= 0) & (actions < sizes[owner])
+        pos = starts[owner] + np.where(inside, actions, 0)
+        hits = np.bincount(pos[inside], minlength=total)
+        repeated = np.zeros(n, bool)
+        repeated[owner[inside & (hits[pos] > 1)]] = True
+        bad_a = ~np.logical_and.reduceat(inside, starts) | repeated
+        extra = np.zeros(n, np.float64)
+        extra[cols.extra_at] = cols.extra
+        in_range = (values >= 0.0) & (values <= 1.0)  # NaN is in no range
+        sums = np.add.reduceat(values, starts) + extra
+        first = values[starts]
+        rules = (
+            (bad_a, "a", "a and p must list each action once"),
+            (actions[starts] != chosen, "a", "the chosen action must come first"),
+            (
+                ~(np.isfinite(rewards) & (probabilities > 0.0) & (probabilities <= 1.0)),
+                "_label_cost",
+                "need a finite cost and a probability in (0, 1]",
+            ),
+            (
+                ~np.logical_and.reduceat(in_range, starts) | ~((extra >= 0.0) & (extra <= 1.0)),
+                "p",
+                "every probability must be a number in [0, 1]",
+            ),
+            (~(np.abs(sums - 1.0) <= PMF_TOLERANCE), "p", ""),
+            (~(np.abs(first - probabilities) <= PMF_TOLERANCE * np.maximum(first, probabilities)), "p", ""),
+        )
+        at = min((int(np.argmax(bad)) for bad, _, _ in rules if bad.any()), default=-1)
+        if at < 0:
+            return pos
+        rule = next(r for r, (bad, _, _) in enumerate(rules) if bad[at])
+        _, name, why = rules[rule]
+        if rule == 4:
+            why = f"the probabilities sum to {float(sums[at]):.9g}, not 1 (within {PMF_TOLERANCE:g})"
+        elif rule == 5:
+            why = f"the chosen action's probability {float(first[at])!r} is not _label_probability {float(probabilities[at])!r}"
+        raise self._error(lines[at], f"{name}: {_clip(event_ids[at])}: {why}")
+
+    def _refuse_numbers(self, lines: list[int], event_ids: list[str], cols: _Columns) -> None:
+        """The first line of the chunk whose "a" or "p" numpy cannot read as numbers."""
+        for i, (a, p) in enumerate(zip(cols.actions, cols.values, strict=True)):
+            try:
+                np.fromiter(a, np.int64, len(a))
+                np.fromiter(p, np.float64, len(p))
+            except (TypeError, ValueError, OverflowError):
+                raise self._error(lines[i], f"a: {_clip(event_ids[i])}: a and p must be lists of numbers") from None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text):,} characters)"
 
 
 def _fields(dec: LoggedDecision) -> tuple[str, float, float, float, int]:
     assert dec.chosen is not None and dec.reward is not None  # from_dsjson gives closed decisions only
-    if not math.isfinite(dec.reward):
-        raise InvalidInput("_label_cost", f"{dec.event_id}: need a finite cost and a probability in (0, 1]")
     return dec.event_id, dec.timestamp, -dec.reward, dec.probability, dec.chosen
 
 

@@ -34,7 +34,7 @@ from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
 from nextbest.bandit.offline.replay_log import ReplayLog
-from nextbest.offline.dsjson_reader import DsjsonReader
+from nextbest.offline.dsjson_reader import MAX_LINE, DsjsonReader
 from nextbest.storage import tables as t
 from nextbest.storage.sqlcore import decision_from_row
 from nextbest.telemetry.gc_pauses import gc_paused
@@ -421,12 +421,18 @@ def dsjson_chunks(
     until: float | None = None,
     with_features: bool = False,
     chunk: int = 50_000,
-) -> Callable[[], Iterator[ReplayLog]]:
-    """A DSJSON file (as export-log writes it: in time order) as ReplayLog chunks, read afresh
-    at each call, so that a replay holds one chunk. Standard input ("-") is first copied to a
-    temporary file, as DR reads the log twice. Raises LogOutOfOrder at the first event older than
-    the one before it, NotFound after a pass that found nothing. The context features are
-    decoded only ``with_features`` (VW candidates and DR need them)."""
+    time_order: bool = True,
+    max_line: int = MAX_LINE,
+) -> DsjsonReader:
+    """A DSJSON file as ReplayLog chunks, read afresh at each call, so that a replay holds one
+    chunk. Standard input ("-") is first copied to a temporary file, as DR reads the log twice.
+    With ``time_order`` (VW candidates learn the log in it) an event older than the one before
+    it raises LogOutOfOrder; without, the file streams in any order (IPS, SNIPS, DR and the
+    policies that do not learn need none). A line longer than ``max_line`` bytes, or one whose
+    probabilities are not a distribution that agrees with its label, is refused naming its line;
+    a pass that found nothing raises NotFound. The context features are decoded only
+    ``with_features`` (VW candidates and DR need them). The reader's ``first`` and ``last`` are
+    the time span of the events of its last pass."""
     shown = path
     if path == "-":
         spool = tempfile.NamedTemporaryFile("wb", prefix="nextbest-replay-", suffix=".json", delete=False)
@@ -434,14 +440,4 @@ def dsjson_chunks(
             shutil.copyfileobj(sys.stdin.buffer, spool)
         atexit.register(os.unlink, spool.name)
         path, shown = spool.name, "standard input"
-    reader = DsjsonReader(path, shown, placement, since, until, with_features, chunk)
-
-    def chunks() -> Iterator[ReplayLog]:
-        empty = True
-        for log in reader.chunks():
-            empty = False
-            yield log
-        if empty:
-            raise _no_events(shown, placement)
-
-    return chunks
+    return DsjsonReader(path, shown, placement, since, until, with_features, chunk, time_order=time_order, max_line=max_line)
