@@ -12,11 +12,15 @@ Conventions (also in the README):
   shown decisions are ``pending``. Means are over measured decisions. Waiting for the window
   matters: a positive reward closes a decision early while a miss waits for the default, so
   counting rewarded decisions whose window is still running would inflate recent rates.
+- *Rewards* count the explicit rewards as soon as they are acknowledged: those closed with
+  their reward and those *awaiting close* (a window still open that holds a first reward under
+  ``learn_at: window_close``, or rewards recorded for an aggregating placement, valued at their
+  running aggregate). Only measured ones are in the means.
 - Rewards that are all 0 or 1 are *binary*: the rate gets a Wilson interval and the lift's
   variance is p(1 - p). Otherwise a mean gets a normal interval with the sample variance.
 - *Exploration share*: impressions whose arm was not the most probable entry of the pmf.
 - *Spend*: the impression cost of shown decisions, plus the reward cost when a positive
-  reward incurred it.
+  reward incurred it (counted when the reward is acknowledged, also awaiting close).
 """
 
 from __future__ import annotations
@@ -139,7 +143,7 @@ class LogColumns:
     created_at: FloatArray
     arm: Sequence[str | None]
     outcome: IntArray
-    reward: FloatArray  # nan while open or without an arm
+    reward: FloatArray  # nan without an arm, or while open without an acknowledged reward
     cost: FloatArray
     reward_cost: FloatArray
     explored: BoolArray
@@ -160,13 +164,25 @@ class LogColumns:
         return m
 
     @property
+    def awaiting_close(self) -> BoolArray:
+        """Shown decisions whose window is still open and holds an acknowledged reward."""
+        a: BoolArray = (self.outcome == OPEN) & ~np.isnan(self.reward) & self.shown
+        return a
+
+    @property
+    def explicit(self) -> BoolArray:
+        """Shown decisions with an explicit reward, acknowledged: closed with it, or awaiting close."""
+        e: BoolArray = ((self.outcome == REWARD) & self.shown) | self.awaiting_close
+        return e
+
+    @property
     def shown(self) -> BoolArray:
         has_arm = np.array([a is not None for a in self.arm], dtype=np.bool_)
         return has_arm if self.activated is None else has_arm & self.activated
 
     @property
     def spend(self) -> FloatArray:
-        incurred = (self.outcome == REWARD) & (np.nan_to_num(self.reward) > 0)
+        incurred = self.explicit & (np.nan_to_num(self.reward) > 0)
         out: FloatArray = np.where(self.shown, self.cost, 0.0) + np.where(incurred, self.reward_cost, 0.0)
         return out
 
@@ -188,12 +204,15 @@ class GroupStats:
     not_shown: int  # deferred decisions not (yet) activated
     pending: int
     measured: int
-    rewards: int  # explicit rewards (the rest of the measured got the default reward)
-    reward_sum: float
+    rewards: int  # explicit rewards, counted when acknowledged (closed with them, or awaiting close)
+    reward_sum: float  # of the measured decisions (explicit and default rewards): the mean's
     reward_sq: float
     mean: Interval
     spend: float
     explored: int
+    explicit_sum: float = 0.0  # the sum of ``rewards``
+    awaiting_close: int = 0  # of ``rewards``, those whose window is still open (learned at the close)
+    awaiting_sum: float = 0.0
 
     @property
     def exploration_share(self) -> float:
@@ -217,6 +236,9 @@ class GroupStats:
             "pending": self.pending,
             "measured": self.measured,
             "rewards": self.rewards,
+            "rewards_awaiting_close": self.awaiting_close,
+            "explicit_reward_sum": self.explicit_sum,
+            "reward_sum_awaiting_close": self.awaiting_sum,
             "reward_sum": self.reward_sum,
             "mean": _num(self.mean.estimate),
             "ci_low": _num(self.mean.low),
@@ -306,10 +328,13 @@ def group(
         "not_shown": count(has_arm & ~shown),
         "pending": count(shown & ~measured),
         "measured": count(measured),
-        "rewards": count(measured & (cols.outcome == REWARD)),
+        "rewards": count(cols.explicit),
+        "awaiting": count(cols.awaiting_close),
         "explored": count(shown & cols.explored),
     }
     reward_sum, reward_sq, spend = total(reward), total(reward * reward), total(cols.spend)
+    explicit_sum = total(np.where(cols.explicit, cols.reward, 0.0))
+    awaiting_sum = total(np.where(cols.awaiting_close, cols.reward, 0.0))
     out = []
     for g, code in enumerate(uniq.tolist()):
         parts: list[Any] = []
@@ -340,6 +365,9 @@ def group(
                 mean,
                 float(spend[g]),
                 int(sums["explored"][g]),
+                float(explicit_sum[g]),
+                int(sums["awaiting"][g]),
+                float(awaiting_sum[g]),
             )
         )
     out.sort(key=lambda s: (s.variant or "", s.bucket or 0.0, s.arm or ""))

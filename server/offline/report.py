@@ -103,10 +103,11 @@ def plot_arm_share(data: LogData, bucket: Bucket) -> str:
 def budget_burn(data: LogData) -> dict[tuple[str, str], tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
     """Per budget account: the times of its spends and the cumulative spend after each.
 
-    An impression cost is spent at the decision; a reward cost when a positive reward came."""
+    An impression cost is spent at the decision; a reward cost when a positive reward came
+    (acknowledged: also one whose window is still open, which the budget holds until the close)."""
     c = data.cols
     events: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    incurred = (c.outcome == 1) & (np.nan_to_num(c.reward) > 0)
+    incurred = c.explicit & (np.nan_to_num(c.reward) > 0)
     shown = c.shown
     for i, accounts in enumerate(data.budgets):
         for acc in accounts:
@@ -207,6 +208,8 @@ def _stats_rows(groups: Sequence[GroupStats], with_arm: bool) -> list[list[Any]]
             g.impressions,
             g.measured,
             g.rewards,
+            g.awaiting_close,
+            _f(g.explicit_sum, 2),
             _f(g.mean.estimate),
             f"[{_f(g.mean.low)}, {_f(g.mean.high)}]",
             _f(g.spend, 2),
@@ -219,7 +222,7 @@ def _stats_rows(groups: Sequence[GroupStats], with_arm: bool) -> list[list[Any]]
 def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
     """The HTML page for a log and its summary."""
     measure = "reward rate (Wilson 95 %)" if summary.binary else "mean reward (normal 95 %)"
-    head = ["variant", "impressions", "measured", "rewards", "mean", "95 % CI", "spend", "exploration"]
+    head = ["variant", "impressions", "measured", "rewards", "awaiting close", "reward sum", "mean", "95 % CI", "spend", "exploration"]
     parts = [
         f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>nextbest report: {html.escape(summary.placement)}</title>",
         f"<style>{CSS}</style></head><body>",
@@ -227,6 +230,9 @@ def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
         f"<p>{summary.n:,} decisions from {iso(summary.first)} to {iso(summary.last)}; {html.escape(measure)}.</p>",
         "<h2>Variants</h2>",
         _table(head, _stats_rows(summary.variants, False)),
+        '<p class="note">Rewards (explicit ones, with their sum and reward spend) count once acknowledged; '
+        "<i>awaiting close</i> of them are in windows still open, learned when they close (an aggregating "
+        "placement's at their running aggregate). The mean is over measured decisions: windows over.</p>",
     ]
     if summary.lifts:
         parts.append(

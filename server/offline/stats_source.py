@@ -9,17 +9,18 @@ with an arm was shown.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Text, cast, column, inspect, select
+from sqlalchemy import Text, and_, cast, column, inspect, select
 from sqlalchemy.engine import Connection
 
 from nextbest.bandit.errors import InvalidInput, NotFound
-from nextbest.bandit.offline.experiment_stats import DEFAULT, Bucket, LogColumns, Summary, explored, summarize
+from nextbest.bandit.offline.experiment_stats import DEFAULT, OPEN, Bucket, LogColumns, Summary, explored, summarize
 from nextbest.bandit.spec import BudgetSpec, PlacementSpec
 from nextbest.offline.log_source import _bulk_json, _connect
 from nextbest.storage import tables as t
@@ -76,6 +77,40 @@ def _as_of(outcomes: Sequence[int], closed_at: Sequence[float | None]) -> float:
     return max([time.time(), *swept])
 
 
+def aggregate(how: str, rewards: Sequence[float]) -> float:
+    """A window's learned reward from the rewards it gathered, in order (the placement's
+    ``reward_aggregation``), as its close computes it."""
+    if how == "sum":
+        return math.fsum(rewards)
+    if how == "max":
+        return max(rewards)
+    if how == "average":
+        return math.fsum(rewards) / len(rewards)
+    return rewards[0]
+
+
+def _aggregation(conn: Connection, placement: str) -> str:
+    row = conn.execute(select(t.placements.c.spec).where(t.placements.c.id == placement)).first()
+    how = row.spec.get("reward_aggregation") if row is not None and isinstance(row.spec, dict) else None
+    return how if isinstance(how, str) else "earliest"
+
+
+def _recorded_rewards(conn: Connection, placement: str, where: list[Any]) -> dict[tuple[str, int], list[float]]:
+    """The rewards recorded ("agg") for the placement's open windows in the period, in the order
+    stored: an aggregating placement's acknowledged rewards before their window closes."""
+    d, r = t.decisions.c, t.reward_events.c
+    rows = conn.execute(
+        select(r.event_id, r.slot, r.reward)
+        .select_from(t.reward_events.join(t.decisions, and_(r.event_id == d.event_id, r.slot == d.slot)))
+        .where(*where, d.outcome == OPEN, r.kind == "agg")
+        .order_by(r.id)
+    ).all()
+    out: dict[tuple[str, int], list[float]] = {}
+    for event_id, slot, reward in rows:
+        out.setdefault((event_id, int(slot)), []).append(float(reward))
+    return out
+
+
 def read_log(
     url: str,
     placement: str,
@@ -102,6 +137,8 @@ def read_log(
             d.reward_cost,
             d.rewarded_at,
             d.deadline,
+            d.event_id,
+            d.slot,
         ]
         if with_budgets:
             cols.append(cast(d.budgets, Text))
@@ -117,6 +154,8 @@ def read_log(
             where.append(d.created_at < until)
         rows = conn.execute(select(*cols).select_from(t.decisions).where(*where).order_by(d.created_at, d.event_id)).all()
         specs = _budget_specs(conn, placement) if with_budgets else {}
+        gathered = _recorded_rewards(conn, placement, where)
+        how = _aggregation(conn, placement)
     if not rows:
         raise NotFound(f"placement {placement!r} has no decisions in the chosen period")
     c = list(zip(*rows, strict=True))
@@ -125,11 +164,19 @@ def read_log(
     def floats(values: Sequence[Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
         return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
+    reward = floats(c[5])
+    if gathered:  # open windows' recorded rewards: their running aggregate, as the close would learn it
+        outcome = np.asarray(c[4], dtype=np.int64)
+        for i in np.flatnonzero(outcome == OPEN).tolist():
+            values = gathered.get((c[10][i], int(c[11][i])))
+            if values:
+                reward[i] = aggregate(how, ([] if math.isnan(reward[i]) else [float(reward[i])]) + values)
+
     log = LogColumns(
         created_at=np.asarray(c[0], dtype=np.float64),
         arm=list(c[1]),
         outcome=np.asarray(c[4], dtype=np.int64),
-        reward=floats(c[5]),
+        reward=reward,
         cost=floats(c[6]),
         reward_cost=floats(c[7]),
         explored=explored(_bulk_json(c[3]), chosen),
@@ -141,8 +188,8 @@ def read_log(
     budgets: list[list[tuple[str, str]]] = []
     ineligible: dict[str, dict[str, int]] = {}
     if with_budgets:
-        budgets = [[(k, p) for k, p in (b or [])] for b in (json.loads(x) if x else None for x in c[10])]
-        for x in c[11]:
+        budgets = [[(k, p) for k, p in (b or [])] for b in (json.loads(x) if x else None for x in c[12])]
+        for x in c[13]:
             for arm, reason in json.loads(x) if x else ():
                 by_reason = ineligible.setdefault(arm, {})
                 by_reason[reason] = by_reason.get(reason, 0) + 1

@@ -141,10 +141,25 @@ def test_rewards_count_only_once_their_window_is_over() -> None:
     cols = _cols(deadline=deadline, as_of=T0 + 4000)
     by_variant = {g.variant: g for g in group(cols, by_arm=False)}
     assert (by_variant["A"].measured, by_variant["A"].pending) == (2, 1)
-    assert (by_variant["holdout"].measured, by_variant["holdout"].pending, by_variant["holdout"].rewards) == (0, 2, 0)
+    # the hits are rewards as soon as they are acknowledged, but not measured: the mean waits
+    assert (by_variant["holdout"].measured, by_variant["holdout"].pending, by_variant["holdout"].rewards) == (0, 2, 2)
     assert math.isnan(by_variant["holdout"].mean.estimate)
     later = {g.variant: g for g in group(_cols(deadline=deadline, as_of=T0 + 5000), by_arm=False)}
     assert later["holdout"].measured == 2
+
+
+def test_rewards_awaiting_close_count_at_once_but_not_in_the_mean() -> None:
+    """learn_at: window_close: a first reward waits on the open row (outcome OPEN, its reward
+    set); it is a reward, with its sum and reward spend, awaiting close; the mean is unchanged."""
+    cols = _cols(reward=np.array([1.0, 0.0, 0.0, np.nan, 2.0, 1.0]))  # the open decision 4 got 2.0
+    before = {g.variant: g for g in group(_cols(), by_arm=False)}["A"]
+    a = {g.variant: g for g in group(cols, by_arm=False)}["A"]
+    assert (a.rewards, a.explicit_sum, a.awaiting_close, a.awaiting_sum) == (2, 3.0, 1, 2.0)
+    assert (before.rewards, before.explicit_sum, before.awaiting_close) == (1, 1.0, 0)
+    assert (a.measured, a.pending, a.mean) == (before.measured, before.pending, before.mean)
+    assert a.spend == pytest.approx(before.spend + 1.0)  # its reward cost, counted when acknowledged
+    d = a.to_dict()
+    assert (d["rewards"], d["rewards_awaiting_close"], d["reward_sum_awaiting_close"]) == (2, 1, 2.0)
 
 
 def test_general_rewards_get_a_normal_interval() -> None:
