@@ -34,6 +34,22 @@ class Scope:
 current: ContextVar[Scope | None] = ContextVar("nextbest_scope", default=None)
 
 
+def allows(placement: str) -> bool:
+    """Whether the current caller may act on ``placement``; a denial is logged. Where the
+    placement was found from an event id, the caller hears the same as for an unknown event
+    (NOT_FOUND): a limited token learns nothing of other placements' events."""
+    scope = current.get()
+    if scope is None or placement in scope.placements:
+        return True
+    log.info(
+        "denied placement %s to token %s",
+        placement,
+        scope.name,
+        extra={"event": "auth_denied", "principal": scope.name, "placement": placement},
+    )
+    return False
+
+
 def require(placement: str) -> None:
     """PermissionDenied unless the current caller may act on ``placement``."""
     scope = current.get()

@@ -10,6 +10,11 @@ Semantics (also in the README):
 - A process spends only budget it has leased from the store (an atomic increment that never
   passes the limit), so several processes or replicas can share one budget. A crash loses the
   unused part of a lease (under-spend, never over-spend); a graceful stop returns it.
+- A lease is taken against the limit stored in the database (written by every configuration
+  change), not this process's copy of it, and each process gives back only what it leased. A
+  process that learns of a configuration change holds its accounts (``Account.held``: nothing
+  is spent from them) until it has reloaded the configuration; a lowered limit then makes it
+  give its unused lease back (nextbest.engine.budgets).
 - A pacer prices the spend of every server sharing the budget (``Account.used_by_all``: the
   database's figures, re-read every replica poll, plus this process's spend since), so that
   N servers keep to one even schedule instead of each spending as if alone.
@@ -25,6 +30,21 @@ from dataclasses import dataclass, field
 from nextbest.bandit.spec import BudgetSpec
 
 DAY = 86400.0
+
+
+def arm_key(placement: str, arm: str) -> str:
+    """The account key of an arm's own budget."""
+    return f"arm:{placement}/{arm}"
+
+
+def campaign_key(campaign: str) -> str:
+    """The account key of a campaign's budget."""
+    return f"campaign:{campaign}"
+
+
+def limit_of(spec: BudgetSpec, period: str) -> float | None:
+    """The limit of one account of a budget: ``total``, or ``daily`` for a day's account."""
+    return spec.total if period == "total" else spec.daily
 
 
 def day_of(t: float) -> str:
@@ -87,6 +107,9 @@ class Account:
     # ``used`` just before that read, so that its spend since is added without counting twice.
     shared: tuple[float, float] | None = None
     used_at_share: float = 0.0
+    # A configuration change is known to be stored but not yet loaded: nothing is spent from
+    # this account (its limit may have been lowered) until the reload clears this.
+    held: bool = False
 
     @property
     def used(self) -> float:
@@ -172,6 +195,8 @@ class Ledger:
         for a in accounts:
             if not a.active(now):
                 return f"budget {a.key} is outside its dates"
+            if a.held:
+                return f"budget {a.key} ({a.period}) awaits a configuration reload"
             if a.used + amount > a.limit + 1e-9:
                 return f"budget {a.key} ({a.period}) exhausted: {a.remaining:g} left, {amount:g} needed"
             if a.available + 1e-12 < amount:
@@ -184,6 +209,14 @@ class Ledger:
             a.available -= impression_cost + reward_cost
             a.spent += impression_cost
             a.reserved += reward_cost
+
+    @staticmethod
+    def unreserve(accounts: Iterable[Account], impression_cost: float, reward_cost: float) -> None:
+        """Undo a ``reserve`` whose decision was not logged (its event id was refused)."""
+        for a in accounts:
+            a.available += impression_cost + reward_cost
+            a.spent -= impression_cost
+            a.reserved = max(0.0, a.reserved - reward_cost)
 
     @staticmethod
     def settle(accounts: Iterable[Account], reward_cost: float, incurred: bool) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,18 @@ class Outcome(enum.IntEnum):
     DEFAULT = 2  # no reward within the window: the placement's default reward
     NO_ARM = 3  # nothing was eligible; nothing to learn
     NOT_ACTIVATED = 4  # a deferred decision never activated: never shown, never learned
+
+
+def aggregate(how: str, rewards: Sequence[float]) -> float:
+    """The learned reward of a window that gathered ``rewards`` (in the order they were stored)
+    under a placement's ``reward_aggregation``: sum, max, average, or the earliest."""
+    if how == "sum":
+        return math.fsum(rewards)
+    if how == "max":
+        return max(rewards)
+    if how == "average":
+        return math.fsum(rewards) / len(rewards)
+    return rewards[0]
 
 
 @dataclass(frozen=True, slots=True)

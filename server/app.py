@@ -100,7 +100,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-        DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics), target
+        DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics), target
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
     reflection.enable_server_reflection(
@@ -119,9 +119,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     if settings.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
     if settings.init_config and not engine.states:
-        cfg = load_apply_file(Path(settings.init_config))
-        changes = await engine.config.apply(cfg.placements, campaigns=cfg.campaigns)
-        log.info("empty database: applied %s (%d changes)", settings.init_config, len(changes))
+        await _init_config(engine, settings.init_config)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -149,6 +147,22 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: draining calls for up to %.1fs", settings.grace_period)
     await running.stop(settings.grace_period)
     log.info("stopped")
+
+
+async def _init_config(engine: Engine, path: str) -> None:
+    """Apply the init config to an empty database, once whatever the race: servers starting
+    together (``--workers``, replicas) each find the database empty; the first to store it wins,
+    the others' apply fails on its rows (all or nothing) and they load the winner's instead."""
+    cfg = load_apply_file(Path(path))
+    try:
+        changes = await engine.config.apply(cfg.placements, campaigns=cfg.campaigns)
+    except Exception as e:
+        await engine.config.reload(await asyncio.get_running_loop().run_in_executor(engine.reader_pool, engine.store.config_serial))
+        if not engine.states:
+            raise
+        log.info("another server applied its configuration first (%s: %s); loaded that one", type(e).__name__, e)
+        return
+    log.info("empty database: applied %s (%d changes)", path, len(changes))
 
 
 def _loopback(host: str) -> str:

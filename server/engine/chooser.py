@@ -8,9 +8,11 @@ are atomic on the loop.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,23 +98,16 @@ def _exclusions(spec: PlacementSpec, ids: Sequence[str]) -> frozenset[str]:
     return frozenset(ids)
 
 
-class RecentIds:
-    """The last ``size`` event ids callers chose themselves, so that one reused after its
-    window closed is refused (ALREADY_EXISTS) instead of answered and then not logged (the log
-    keeps the first decision of an id). Bounded: older ids, and those decided before a restart
-    or by another server, are not remembered; see README "Reliability"."""
+@dataclass(slots=True)
+class _Made:
+    """A decision of this Choose and what it holds, undone if its event id is refused."""
 
-    def __init__(self, size: int = 100_000) -> None:
-        self._size = size
-        self._ids: dict[str, None] = {}
-
-    def seen(self, event_id: str) -> bool:
-        return event_id in self._ids
-
-    def add(self, event_id: str) -> None:
-        self._ids[event_id] = None
-        if len(self._ids) > self._size:
-            del self._ids[next(iter(self._ids))]
+    decision: LoggedDecision
+    entry: OpenDecision | None
+    accounts: list[Account]
+    spent: float
+    reserved: float
+    inserted: asyncio.Future[bool] | None
 
 
 class Chooser:
@@ -141,7 +136,6 @@ class Chooser:
         self._metrics = metrics
         self._acceptance = acceptance  # (placement, arm) -> [accepted, closed], kept by the windows
         self._clock = clock
-        self._recent = RecentIds()
 
     async def choose(
         self,
@@ -214,13 +208,16 @@ class Chooser:
             await self._budgets.ensure(candidates, now)  # the only await: a lease, rarely
             if self._states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
-        # From here to the end nothing awaits: the decisions and their reservations are atomic.
+        # From here to the last decision nothing awaits: the decisions and their reservations
+        # are atomic. A caller-chosen event id is new only if the store takes its decision (the
+        # id may be any server's, from any time): the Choose waits for that insert, below.
+        chosen_id = bool(event_id)
         if not event_id:
             event_id = uuid.uuid4().hex
-        elif self._windows.slots_of(event_id) or self._recent.seen(event_id):
+        elif self._windows.slots_of(event_id):
             raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
-        else:
-            self._recent.add(event_id)
+        made: list[_Made] = []
+        shown: list[Impression] = []
         tracked = bool(customer_id) and self._contacts.history.horizon > 0
         if shared_history is not None:
             history = shared_history
@@ -247,6 +244,8 @@ class Chooser:
                 defer,
                 closed,
                 excluded,
+                made,
+                chosen_id,
             )
             if d.arm_id is None and k > 0:
                 break  # fewer arms than slots: the response is shorter
@@ -259,9 +258,32 @@ class Chooser:
                 ev = event_id if k == 0 else f"{event_id}#{k}"
                 imp = Impression(now, d.arm_id, campaign, placement, ev)
                 if shared_history is None:  # else the caller records it in the database
-                    self._contacts.history.record(customer_id, imp)
+                    shown.append(imp)
                 history.append(imp)
+        if chosen_id:
+            await self._inserted(event_id, made)
+        for imp in shown:  # counted once the decision is sure to be logged
+            self._contacts.history.record(customer_id, imp)
         return out
+
+    async def _inserted(self, event_id: str, made: list[_Made]) -> None:
+        """Wait until the store took this Choose's decisions; where it did not (the id is another
+        decision's: ALREADY_EXISTS) or could not (UNAVAILABLE), undo what they hold: their windows,
+        budget reservations and learner cache. Nothing stays reserved for a refused id."""
+        waits = [m.inserted for m in made if m.inserted is not None]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is None and all(results):
+            return
+        for m in made:
+            if m.entry is not None:
+                self._windows.forget((event_id, m.decision.slot), m.entry)
+            if m.accounts:
+                Ledger.unreserve(m.accounts, m.spent, m.reserved)
+            self._learner.forget(event_id, m.decision.slot)
+        if failed is not None:
+            raise failed
+        raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
 
     def _decide_slot(
         self,
@@ -278,6 +300,8 @@ class Chooser:
         defer: bool,
         closed: str = "",
         excluded: frozenset[str] = NOTHING_EXCLUDED,
+        made: list[_Made] | None = None,
+        wait: bool = False,
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
@@ -313,12 +337,12 @@ class Chooser:
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
         cost = reward_cost = 0.0
         keys: tuple[tuple[str, str], ...] = ()
+        reserved: tuple[list[Account], float, float] = ([], 0.0, 0.0)
         if chosen is not None and chosen.accounts and Ledger.can_reserve(chosen.accounts, chosen.reservation, now) == "":
             cost, reward_cost = chosen.spec.cost_per_impression, chosen.spec.cost_per_reward
-            if defer:  # nothing is spent before the customer sees it: hold the impression cost too
-                self._budgets.reserve(chosen.accounts, 0.0, cost + reward_cost)
-            else:
-                self._budgets.reserve(chosen.accounts, cost, reward_cost)
+            # Deferred: nothing is spent before the customer sees it: hold the impression cost too.
+            reserved = (chosen.accounts, 0.0, cost + reward_cost) if defer else (chosen.accounts, cost, reward_cost)
+            self._budgets.reserve(*reserved)
             keys = tuple((a.key, a.period) for a in chosen.accounts)
         deadline = now + (spec.activation_window if defer else spec.reward_window)
         decision = LoggedDecision(
@@ -346,25 +370,27 @@ class Chooser:
             activated=not defer,
             explanation=choice.explanation,
         )
-        self._writer.add_decision(decision)
+        inserted = self._writer.insert_decision(decision) if wait else None
+        if inserted is None:
+            self._writer.add_decision(decision)
         self._metrics.decision(spec.id, decision.arm_id)
+        entry = None
         if chosen is not None:
             self._learner.remember(event_id, slot, shared)
-            self._windows.add(
-                event_id,
-                slot,
-                OpenDecision(
-                    spec.id,
-                    deadline,
-                    chosen.arm.id,
-                    customer_id,
-                    chosen.spec.campaign,
-                    cost,
-                    reward_cost,
-                    keys,
-                    activated=not defer,
-                ),
+            entry = OpenDecision(
+                spec.id,
+                deadline,
+                chosen.arm.id,
+                customer_id,
+                chosen.spec.campaign,
+                cost,
+                reward_cost,
+                keys,
+                activated=not defer,
             )
+            self._windows.add(event_id, slot, entry)
+        if made is not None:
+            made.append(_Made(decision, entry, reserved[0], reserved[1], reserved[2], inserted))
         return decision
 
     def _baseline(

@@ -8,7 +8,7 @@ the loop never waits on the database except to lease budget.
 
 Each part takes the collaborators it uses (the store, the writer, the budgets, the clock, ...),
 never the engine; the servicers call the parts: ``chooser`` (Choose), ``windows`` (Reward,
-RewardBatch, Activate, closing windows), ``explainer`` (Explain), ``config`` (apply, placements), ``stats`` (GetStats).
+Activate, closing windows), ``reward_batch`` (RewardBatch), ``takeover`` (windows of stopped servers), ``explainer`` (Explain), ``config`` (apply, placements), ``stats`` (GetStats).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from nextbest.engine.contacts import Contacts
 from nextbest.engine.explainer import Explainer
 from nextbest.engine.learner import Learner, PlacementState, Slot
 from nextbest.engine.replication import Replication
+from nextbest.engine.reward_batch import RewardBatch
 from nextbest.engine.shared_contacts import SharedContacts
 from nextbest.engine.stats_reader import StatsReader
+from nextbest.engine.takeover import Takeover
 from nextbest.engine.tasks import cancel_and_wait
 from nextbest.engine.windows import RewardWindows
 from nextbest.engine.writer import BatchWriter
@@ -83,17 +85,22 @@ class Engine:
         )
         self.writer.assign_learn_positions = lambda: self.learner.active
         self.windows = RewardWindows(
-            self.states,
-            self.writer,
-            self.learner,
-            self.budgets,
-            self.contacts,
-            self.metrics,
-            acceptance,
-            store,
-            self.reader_pool,
-            settings,
-            clock,
+            states=self.states,
+            writer=self.writer,
+            learner=self.learner,
+            budgets=self.budgets,
+            contacts=self.contacts,
+            metrics=self.metrics,
+            acceptance=acceptance,
+            store=store,
+            reader_pool=self.reader_pool,
+            settings=settings,
+            clock=clock,
+            server_id=self.server_id,
+        )
+        self.reward_batch = RewardBatch(windows=self.windows, max_batch=settings.max_reward_batch)
+        self.takeover = Takeover(
+            windows=self.windows, states=self.states, store=store, reader_pool=self.reader_pool, settings=settings, clock=clock
         )
         self.chooser = Chooser(
             ChooseChecks(settings),
@@ -108,11 +115,24 @@ class Engine:
             clock,
         )
         self.explainer = Explainer(self.windows.find, self.states, settings.max_id_length)
-        self.config = Configurator(self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, self.seed)
+        self.config = Configurator(
+            self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, self.seed, settings, clock
+        )
         self.stats = StatsReader(self.states, self.writer, self.budgets, store, self.reader_pool, clock)
         self.replication = Replication(
-            self.states, self.writer, self.learner, self.windows, self.config, self.budgets, store, self.reader_pool, settings, clock
+            self.states,
+            self.writer,
+            self.learner,
+            self.windows,
+            self.config,
+            self.budgets,
+            store,
+            self.reader_pool,
+            settings,
+            clock,
+            takeover=self.takeover,
         )
+        self.learner.config_stale = self.replication.reload_soon  # a row names an arm version not loaded here
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -121,6 +141,7 @@ class Engine:
         """Load placements, models, budgets and contact history; learn what was rewarded since
         the last snapshots. Health says SERVING only after this."""
         loop = asyncio.get_running_loop()
+        serial = await loop.run_in_executor(self.reader_pool, self.store.config_serial)  # before: a change after it is reloaded
         records = await loop.run_in_executor(self.reader_pool, self.store.load_placements)
         features = await loop.run_in_executor(self.reader_pool, self.store.arm_features)
         for rec in records:
@@ -142,7 +163,8 @@ class Engine:
             await loop.run_in_executor(self.reader_pool, self.store.load_campaigns),
         )
         await loop.run_in_executor(self.reader_pool, self.store.register_server, self.server_id, self.clock())
-        await self.windows.adopt(starting=True)
+        await self.config.confirm(serial)
+        await self.takeover.adopt(starting=True)
         await self.contacts.rebuild()
         self.writer.start()
         self.learner.active = await self.replication.elect()

@@ -46,9 +46,8 @@ class Explainer:
         if not 0 <= slot < MAX_SLOTS:
             raise InvalidInput("slot", f"must be between 0 and {MAX_SLOTS - 1}, got {slot}")
         d = await self._find(event_id, slot)
-        if d is None:
+        if d is None or not access.allows(d.placement):  # another placement's: as if unknown
             raise NotFound(f"no decision with event_id {quote(event_id)}" + (f" and slot {slot}" if slot else ""))
-        access.require(d.placement)
         earlier: dict[str, int] = {}
         for k in range(slot):
             prev = await self._find(event_id, k)

@@ -18,14 +18,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from nextbest.bandit.decider import ArmView, Candidate
-from nextbest.bandit.features import shared_line
+from nextbest.bandit.features import arm_line, features_from_mapping, shared_line
 from nextbest.bandit.model import CbModel
 from nextbest.bandit.reward_scale import RewardScale
 from nextbest.engine.tasks import cancel_and_wait
@@ -127,6 +127,8 @@ class Learner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.active = True  # False on a replica that serves only; it loads the learner's snapshots
+        self.unknown_arm_versions = 0  # rows naming an arm version the database does not have: not learned
+        self.config_stale: Callable[[], None] | None = None  # asks for a configuration reload
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="nextbest-learner")
@@ -146,6 +148,10 @@ class Learner:
         lines[(event_id, slot)] = shared
         if len(lines) > self._cache_size:
             del lines[next(iter(lines))]
+
+    def forget(self, event_id: str, slot: int) -> None:
+        """Drop a decision's cached text (its Choose was refused; a miss reads the log)."""
+        self._lines.pop((event_id, slot), None)
 
     def poke(self, placement: str) -> None:
         """New rows may be learnable for this placement."""
@@ -185,6 +191,10 @@ class Learner:
             rows = await loop.run_in_executor(self._reader, self._store.learn_rows, pid, slot.variant_filter, slot.cursor, self._batch)
             if self._slot(pid, name) != (ps, slot):
                 continue  # the model was replaced meanwhile; read again for the new one
+            if any(a not in ps.arm_lines for row in rows for a in row.arms):
+                await self._load_arm_versions(ps)
+                if self._slot(pid, name) != (ps, slot):
+                    continue
             for i, row in enumerate(rows):
                 if row.learn_seq <= slot.cursor:
                     continue
@@ -197,6 +207,17 @@ class Learner:
             if len(rows) < self._batch:
                 await self.maybe_snapshot(pid, slot)
                 return total
+
+    async def _load_arm_versions(self, ps: PlacementState) -> None:
+        """Rows name an arm version this server has not loaded: another server applied a change
+        that this one has not reloaded yet. Read the stored arm versions of the placement (and
+        ask for the whole configuration to be reloaded), so that the rows are learned."""
+        stored = await asyncio.get_running_loop().run_in_executor(self._reader, self._store.arm_features)
+        for (placement, arm, version), features in stored.items():
+            if placement == ps.id and (arm, version) not in ps.arm_lines:
+                ps.arm_lines[(arm, version)] = arm_line(arm, features_from_mapping(features))
+        if self.config_stale is not None:
+            self.config_stale()
 
     def _shared(self, ps: PlacementState, row: LearnRow) -> str:
         """The example's shared VW text: from memory when the Choose was recent, else the log's."""
@@ -212,7 +233,11 @@ class Learner:
         found = [ps.arm_lines.get(a) for a in row.arms]
         lines = [x for x in found if x is not None]
         if len(lines) != len(found):
-            log.error("event %s of %s names an unknown arm version; not learned", row.event_id, ps.id)
+            self.unknown_arm_versions += 1
+            unknown = [f"{a}@{v}" for (a, v), x in zip(row.arms, found, strict=True) if x is None]
+            log.error(
+                "event %s of %s names arm versions the database does not have (%s); not learned", row.event_id, ps.id, ", ".join(unknown)
+            )
         elif ps.record.spec.mode == "logging_only" and not slot.shadow:
             pass  # logged, deliberately not learned
         else:

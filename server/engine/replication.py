@@ -13,12 +13,18 @@ server holding its window (decisions.owner). A server starting, and every server
 takes over the open windows of servers silent for longer than ``Settings.live_for``, with the
 rewards they had gathered, and never those of a live server: a restarted replica used to load
 and sweep every open window, also those a live replica was still gathering rewards for.
+
+A configuration change reaches every server at once, not at its next poll: on PostgreSQL the
+store's notification (LISTEN/NOTIFY) wakes this task, elsewhere it looks at the configuration
+serial every ``config_poll_interval``. A server that hears of a change holds its budgets until
+it has reloaded, then confirms the serial (the applying server waits for that).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +33,7 @@ from nextbest.bandit.model import CbModel
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.configure import Configurator
 from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.takeover import Takeover
 from nextbest.engine.tasks import cancel_and_wait
 from nextbest.engine.windows import RewardWindows
 from nextbest.engine.writer import BatchWriter
@@ -51,7 +58,9 @@ class Replication:
         reader_pool: ThreadPoolExecutor,
         settings: Settings,
         clock: Callable[[], float],
+        takeover: Takeover | None = None,
     ) -> None:
+        self._takeover = takeover
         self._states = states
         self._writer = writer
         self._learner = learner
@@ -63,7 +72,11 @@ class Replication:
         self._settings = settings
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._version: tuple[float, int, float, int] | None = None
+        self._wake = asyncio.Event()
+        self._stop_listening: Callable[[], None] | None = None
+        self.listening = False  # the store notifies configuration changes (PostgreSQL)
+        config.request_reload = self.reload_soon
+        budgets.on_stale = self.reload_soon
 
     @property
     def learning(self) -> bool:
@@ -83,32 +96,70 @@ class Replication:
             await asyncio.sleep(self._settings.replica_poll_interval)
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def heard(serial: int) -> None:  # on the listening thread
+            loop.call_soon_threadsafe(self._heard, serial)
+
+        if self._settings.may_have_peers:
+            self._stop_listening = self._store.listen_config(heard)
+            self.listening = self._stop_listening is not None
         self._task = asyncio.create_task(self._run(), name="nextbest-replication")
 
     async def stop(self) -> None:
+        if self._stop_listening is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_listening)
+            self._stop_listening = None
         await cancel_and_wait(self._task)
 
+    def _heard(self, serial: int) -> None:
+        if serial > self._config.serial:
+            self._budgets.hold()  # spend nothing under limits that may be gone until reloaded
+            self._wake.set()
+
+    def reload_soon(self) -> None:
+        """Look at the configuration serial now rather than at the next poll."""
+        self._wake.set()
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._version = await loop.run_in_executor(self._reader_pool, self._store.config_version)
+        poll = self._settings.replica_poll_interval
+        # Without notifications the serial is looked at more often than the rest (one small read).
+        look = poll if self.listening else min(poll, self._settings.config_poll_interval)
+        next_tick = time.monotonic() + poll
         while True:
-            await asyncio.sleep(self._settings.replica_poll_interval)
             try:
-                await self.tick()
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(look, next_tick - time.monotonic())))
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.check_config()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + poll
+                    await self.tick()
             except Exception as ex:  # the database may be away: try again next time
                 log.warning("replication poll failed: %s", ex)
+
+    async def check_config(self) -> bool:
+        """Reload the configuration if another server stored a newer one; whether it did."""
+        loop = asyncio.get_running_loop()
+        serial = await loop.run_in_executor(self._reader_pool, self._store.config_serial)
+        if serial <= self._config.serial:
+            if self._budgets.stale:  # held on a notification of its own apply, or by a lease
+                await self._config.reload(serial)
+            return False
+        self._budgets.hold()
+        await self._config.reload(serial)
+        return True
 
     async def tick(self) -> None:
         loop = asyncio.get_running_loop()
         # The configuration first: a window taken over below follows its placement's current
         # rules (reward aggregation, default reward), which this server must know by then.
-        version = await loop.run_in_executor(self._reader_pool, self._store.config_version)
-        if version != self._version:
-            self._version = version
-            await self._config.reload()
+        await self.check_config()
         if self._settings.may_have_peers:  # alone on its database, a server took every window at start
             await loop.run_in_executor(self._reader_pool, self._store.heartbeat, self._clock())
-            taken = await self._windows.adopt()
+            taken = await self._takeover.adopt() if self._takeover is not None else 0
             if taken:
                 log.info("took over %d open windows of a server that stopped", taken)
             await self._budgets.share(self._clock())  # pace on every server's spend
@@ -161,7 +212,21 @@ class Replication:
             ps = self._states.get(d.placement)
             default = ps.record.spec.default_reward if ps is not None else 0.0
             outcome = Outcome.DEFAULT if d.activated else Outcome.NOT_ACTIVATED
-            close = Close(d.event_id, outcome, default, self._clock(), d.reward_cost, d.budgets, d.slot, d.cost)
+            # Bound to the row's placement; what it gathered (a first reward, other servers'
+            # aggregated rewards) is folded in by the close itself.
+            spec = ps.record.spec if ps is not None else None
+            close = Close(
+                d.event_id,
+                outcome,
+                default,
+                self._clock(),
+                d.reward_cost,
+                d.budgets,
+                d.slot,
+                d.cost,
+                placement=d.placement,
+                aggregation=spec.reward_aggregation if spec is not None and d.activated else None,
+            )
             futures.append(self._writer.close_window(close))
         if futures:
             await asyncio.gather(*futures)

@@ -1,38 +1,63 @@
-"""Reward windows: rewards, activations of deferred decisions, and the closing of windows.
+"""Reward windows: the Reward path, Activate, and the closing of windows.
 
 A decision's window opens when it is shown (at Choose, or at Activate for a deferred one) and
-closes at its deadline or, under ``earliest`` aggregation with ``learn_at: reward``, at its first
-reward. A closed window gets a position in the learn sequence and is learned exactly once, with
-its first reward (earliest), the aggregate of the rewards within it (sum, max, average) or the
-default. With ``learn_at: window_close`` (the default) the first reward is stored at once and
-learned at the deadline, so windows are learned in the order their decisions were made, the
-successes with the failures.
+closes at its deadline (or, under ``earliest`` with ``learn_at: reward``, at its first reward).
+A closed window gets a position in the learn sequence and is learned exactly once.
+
+Every write that acts on a decision is bound to it: the row must be of the window's placement
+and, for the server holding the window, still held by it (storage/base.py Close.placement).
+What is learned at the close is decided on the row, in the close's transaction: the first
+reward stored on it and the "agg" reward events of every server. A server's memory is a cache
+of its rows; no server closes another's window early or replaces what it stored.
+
+The Reward decision table. "here": this server holds the window in memory; "elsewhere": the
+row is open and another server holds it (or none: a stopped server's, closed by the orphan
+closer or taken over). Policy: engine/reward_policy.py (aggregation x learn_at).
+
+  window (as found)           policy          where      answer      stored                       learned
+  --------------------------  --------------  ---------  ----------  ---------------------------  ----------------------------
+  open, activated             AT_REWARD       here       LEARNED     close REWARD r               at once, r
+  open, activated             AT_REWARD       elsewhere  LEARNED     close REWARD r (row bound)   at once, r
+  open, activated             FIRST_AT_CLOSE  either     LEARNED     r on the row (first)         at the close, r
+  open, has a first reward    FIRST_AT_CLOSE  either     DUPLICATE   nothing                      -
+  open, activated             AGGREGATE       either     RECORDED    "agg" event (key once)       at the close, the aggregate
+  open, key counted already   AGGREGATE       either     DUPLICATE   nothing                      -
+  open, deferred              any             either     INVALID_ARGUMENT (activate first)        -
+  past its deadline           any             either     LATE        "late" event                 never
+  closed with a reward        AT_REWARD/FIRST either     DUPLICATE   nothing                      -
+  closed with a reward        AGGREGATE       -          LATE        "late" event                 never
+  closed with the default     any             -          LATE        "late" event                 never
+  no arm / never activated    any             -          INVALID_ARGUMENT                         -
+  unknown, or another placement's for a limited token:   NOT_FOUND (the same answer)              -
+
+A write that finds the row no longer as the window knew it (closed meanwhile, taken over)
+reads the row again and answers from it: the same table, one level down. Retries are safe: a
+key (``reward_id``) is stored once per window, a first reward once per row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 from nextbest.bandit import access
 from nextbest.bandit.contact import Impression
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
-from nextbest.bandit.errors import InvalidInput, NextbestError, NotFound
-from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT
+from nextbest.bandit.errors import InvalidInput, NotFound
+from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT, PlacementSpec
 from nextbest.bandit.text import check_text, quote
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.open_windows import MAX_POSITIONS, Key, OpenDecision, OpenWindows
+from nextbest.engine.reward_policy import ActivateStatus, Policy, RewardStatus, aggregation_of, policy_of
 from nextbest.engine.writer import BatchWriter
 from nextbest.settings import Settings
-from nextbest.storage.base import FIRST, Activation, Close, ContactRow, RewardEvent, Store
+from nextbest.storage.base import FIRST, Activation, Close, ContactRow, Recorded, RewardEvent, Store
 from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
@@ -43,67 +68,11 @@ _FLUSH_WAIT = 2.0  # seconds an unknown event's Reward waits for this server's q
 # Set by RewardBatch, which logs one line for all its unknown events instead of one each.
 batch_quiet: ContextVar[bool] = ContextVar("nextbest_batch_quiet", default=False)
 
-
-class RewardStatus:
-    LEARNED = "learned"  # durable; learned once (at once under earliest aggregation)
-    DUPLICATE = "duplicate"
-    LATE = "late"
-    RECORDED = "recorded"  # durable; part of the aggregate learned when the window closes
-
-
-class ActivateStatus:
-    ACTIVATED = "activated"
-    ALREADY_ACTIVE = "already_active"
-    EXPIRED = "expired"
-
-
-@dataclass(slots=True)
-class OpenDecision:
-    """What a decision's window needs while it is open, kept in memory."""
-
-    placement: str
-    deadline: float
-    arm_id: str
-    customer_id: str = ""
-    campaign: str | None = None
-    cost: float = 0.0
-    reward_cost: float = 0.0
-    budgets: tuple[tuple[str, str], ...] = ()
-    activated: bool = True
-    # Only where a placement aggregates rewards, created on the first: an open window is one
-    # object for the garbage collector, not three (a full collection over 200,000 open windows
-    # took 180 ms with empty list and set fields, measured).
-    rewards: list[float] | None = None  # recorded for aggregation
-    reward_ids: set[str] | None = None  # the callers' keys of those rewards
-    writing: dict[str, asyncio.Future[bool]] | None = None  # keys whose reward is being stored
-
-    def add_reward(self, reward: float) -> None:
-        if self.rewards is None:
-            self.rewards = []
-        self.rewards.append(reward)
-
-    def has_key(self, reward_id: str) -> bool:
-        return self.reward_ids is not None and reward_id in self.reward_ids
-
-    def add_key(self, reward_id: str) -> None:
-        if self.reward_ids is None:
-            self.reward_ids = set()
-        self.reward_ids.add(reward_id)
-
-
-def aggregate(how: str, rewards: list[float]) -> float:
-    if how == "sum":
-        return math.fsum(rewards)
-    if how == "max":
-        return max(rewards)
-    if how == "average":
-        return math.fsum(rewards) / len(rewards)
-    return rewards[0]
-
-
-# The in-flight key of a first reward under ``learn_at: window_close`` (a NUL never comes
-# from a caller: ids are checked for it at the edge).
+# The in-flight key of a window's first reward (a NUL never comes from a caller: ids are
+# checked for it at the edge).
 _FIRST = "\x00first"
+
+__all__ = ["ActivateStatus", "OpenDecision", "RewardStatus", "RewardWindows", "batch_quiet"]
 
 
 class RewardWindows:
@@ -111,6 +80,7 @@ class RewardWindows:
 
     def __init__(
         self,
+        *,
         states: dict[str, PlacementState],
         writer: BatchWriter,
         learner: Learner,
@@ -122,6 +92,7 @@ class RewardWindows:
         reader_pool: ThreadPoolExecutor,
         settings: Settings,
         clock: Callable[[], float],
+        server_id: str | None = None,
     ) -> None:
         self._states = states
         self._writer = writer
@@ -134,24 +105,27 @@ class RewardWindows:
         self._reader_pool = reader_pool
         self._settings = settings
         self._clock = clock
-        self.open: dict[tuple[str, int], OpenDecision] = {}
-        # Heap of open windows by deadline, then by the order they opened (a counter), so that
-        # windows closing in one sweep are learned in decision order even when deadlines tie.
-        self._deadlines: list[tuple[float, int, str, int]] = []
-        self._opened = itertools.count()
+        self.server_id = server_id  # written on this server's rows (decisions.owner)
+        self.windows = OpenWindows()
+        self.open = self.windows.open  # (event_id, position) -> OpenDecision
         # Windows whose closing reward is being stored: a second Reward for one of them (a
         # retry, or two at once) waits for that write and answers DUPLICATE, as it would once
         # the write is durable, instead of looking in the database too early (NOT_FOUND).
-        self._closing: dict[tuple[str, int], tuple[str, asyncio.Future[Close | None]]] = {}
+        self._closing: dict[Key, tuple[str, asyncio.Future[Close | None]]] = {}
 
-    def add(self, event_id: str, slot: int, entry: OpenDecision) -> None:
-        self.open[(event_id, slot)] = entry
-        heapq.heappush(self._deadlines, (entry.deadline, next(self._opened), event_id, slot))
+    def add(self, event_id: str, position: int, entry: OpenDecision) -> None:
+        if entry.owner is None:
+            entry.owner = self.server_id
+        self.windows.add(event_id, position, entry)
 
     def slots_of(self, event_id: str) -> list[int]:
-        return [s for s in range(10) if (event_id, s) in self.open]
+        return self.windows.positions(event_id)
 
-    # -- Reward -------------------------------------------------------------------------------
+    def spec(self, placement: str) -> PlacementSpec | None:
+        ps = self._states.get(placement)
+        return ps.record.spec if ps is not None else None
+
+    # -- Reward: checks ---------------------------------------------------------------------
 
     def check(self, event_id: str, reward: float, slot: int, field: str = "", reward_id: str = "") -> None:
         """A reward's own validity (InvalidInput naming ``field`` + its part), before any work.
@@ -165,144 +139,231 @@ class RewardWindows:
             raise InvalidInput(f"{field}reward", f"must be finite, got {reward}")
         if abs(reward) > MAX_ABS_REWARD_LIMIT:
             raise InvalidInput(f"{field}reward", f"magnitude {abs(reward):g} is above {MAX_ABS_REWARD_LIMIT:g}")
-        if not 0 <= slot < 10:
-            raise InvalidInput(f"{field}slot", f"must be between 0 and 9, got {slot}")
+        if not 0 <= slot < MAX_POSITIONS:
+            raise InvalidInput(f"{field}slot", f"must be between 0 and {MAX_POSITIONS - 1}, got {slot}")
 
     def _check_magnitude(self, placement: str, reward: float) -> None:
         """A reward larger than its placement's ``max_abs_reward``: one such outlier learned
         would swamp the model's estimates (a 1e13 reward put a trained SquareCB placement's
         best arm from 0.99 to uniform, for good)."""
-        ps = self._states.get(placement)
-        bound = ps.record.spec.max_abs_reward if ps is not None else MAX_ABS_REWARD_LIMIT
+        spec = self.spec(placement)
+        bound = spec.max_abs_reward if spec is not None else MAX_ABS_REWARD_LIMIT
         if abs(reward) > bound:
             raise InvalidInput("reward", f"magnitude {abs(reward):g} is above the placement's max_abs_reward {bound:g}")
 
-    async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> str:
-        """Store the reward durably, then let the learner have it; learned at most once."""
+    def _visible(self, placement: str, event_id: str, slot: int, reward: float) -> None:
+        """NOT_FOUND, as for an unknown event, unless the caller may use the placement."""
+        if not access.allows(placement):
+            raise self.unknown(event_id, slot, reward, quiet=True)
+
+    # -- Reward: dispatch ---------------------------------------------------------------------
+
+    async def reward(self, event_id: str, reward: float, slot: int = 0, reward_id: str = "") -> RewardStatus:
+        """Store the reward durably, then let the learner have it; learned at most once.
+        The cases are the rows of the module's table."""
         self.check(event_id, reward, slot, "", reward_id)
         now = self._clock()
         key = (event_id, slot)
-        entry = self.open.get(key)
+        entry = self.windows.get(key)
         if entry is None:
-            closing = self._closing.get(key)
-            if closing is not None:
-                access.require(closing[0])
-                ok = await asyncio.shield(closing[1])  # if that write fails, so does this call: retry it
-                if ok:
-                    return RewardStatus.DUPLICATE
-            return await self._reward_closed(event_id, slot, reward, now, reward_id)
-        access.require(entry.placement)
+            return await self._not_held(key, reward, now, reward_id)
+        self._visible(entry.placement, event_id, slot, reward)
         self._check_magnitude(entry.placement, reward)
         if not entry.activated:
             raise InvalidInput("event_id", f"event {quote(event_id)} is deferred and not activated; call Activate first")
         if now > entry.deadline:
-            return await self._late(event_id, slot, reward, now, reward_id)  # the sweeper closes it
-        ps = self._states.get(entry.placement)
-        how = ps.record.spec.reward_aggregation if ps is not None else "earliest"
-        if how == "earliest" and (
-            (ps is not None and ps.record.spec.learn_at == "window_close") or entry.rewards or (entry.writing and _FIRST in entry.writing)
-        ):  # (a window holding a first reward from before a change to learn_at: reward keeps it)
-            return await self._first_reward(event_id, slot, entry, reward, now)
-        if how != "earliest":
-            if reward_id:
-                if entry.has_key(reward_id):
-                    return RewardStatus.DUPLICATE  # a retry of a reward counted already
-                first = entry.writing.get(reward_id) if entry.writing else None
-                if first is not None:  # a retry while the first is being stored: its outcome is ours
-                    await asyncio.shield(first)  # if that write fails, so does this call: retry it
-                    return RewardStatus.DUPLICATE
-            recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, "agg", reward_id or None))
-            # Every write in flight is tracked (under the caller's key, else one of its own), so
-            # that the sweep never closes the window before the reward is counted in it.
-            writing_key = reward_id or f"\x00{next(self._opened)}"
-            entry.writing = entry.writing or {}
-            entry.writing[writing_key] = recorded
-            recorded.add_done_callback(lambda f: self._settle_recorded(f, entry, reward, reward_id, writing_key))
-            await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
-            return RewardStatus.RECORDED
-        del self.open[key]
-        close = Close(event_id, Outcome.REWARD, reward, now, entry.reward_cost, entry.budgets, slot, entry.cost)
+            return await self._late(key, reward, now, reward_id)  # the sweeper closes it
+        policy = policy_of(self.spec(entry.placement))
+        if policy is Policy.AT_REWARD and (entry.rewards or (entry.writing and _FIRST in entry.writing)):
+            policy = Policy.FIRST_AT_CLOSE  # a first reward stored before a change to learn_at: reward stays the one
+        if policy is Policy.AT_REWARD:
+            return await self._learn_here(key, entry, reward, now)
+        if policy is Policy.FIRST_AT_CLOSE:
+            return await self._first_here(key, entry, reward, now)
+        return await self._gather_here(key, entry, reward, now, reward_id)
+
+    async def _not_held(self, key: Key, reward: float, now: float, reward_id: str) -> RewardStatus:
+        """No window here: being closed here a moment ago, or another server's, or closed."""
+        closing = self._closing.get(key)
+        if closing is not None:
+            self._visible(closing[0], key[0], key[1], reward)
+            if await asyncio.shield(closing[1]) is not None:  # if that write fails, so does this call: retry it
+                return RewardStatus.DUPLICATE
+        d = await self.find(key[0], key[1])
+        if d is None:
+            raise self.unknown(key[0], key[1], reward, quiet=batch_quiet.get())
+        self._visible(d.placement, key[0], key[1], reward)
+        self._check_magnitude(d.placement, reward)
+        return await self._on_row(d, reward, now, reward_id)
+
+    async def _on_row(self, d: LoggedDecision, reward: float, now: float, reward_id: str, again: bool = True) -> RewardStatus:
+        """The table's rows for a window not held here, from its row as read. ``again``: a
+        write the row refused may read it once more (it changed in between)."""
+        key = (d.event_id, d.slot)
+        policy = policy_of(self.spec(d.placement))
+        if d.outcome == Outcome.NO_ARM:
+            raise InvalidInput("event_id", f"event {quote(d.event_id)} served no arm; there is nothing to reward")
+        if d.outcome == Outcome.NOT_ACTIVATED or (d.outcome == Outcome.OPEN and not d.activated and now > d.deadline):
+            raise InvalidInput("event_id", f"event {quote(d.event_id)} was never activated; it is not learned")
+        if d.outcome == Outcome.OPEN and not d.activated:
+            raise InvalidInput("event_id", f"event {quote(d.event_id)} is deferred and not activated; call Activate first")
+        if d.outcome == Outcome.OPEN and now <= d.deadline and again:
+            if policy is Policy.AT_REWARD and d.reward is None:
+                return await self._learn_elsewhere(d, reward, now)
+            if policy is Policy.AGGREGATE:
+                return await self._gather_elsewhere(d, reward, now, reward_id)
+            return await self._first_elsewhere(d, reward, now)
+        if d.outcome == Outcome.REWARD and policy is not Policy.AGGREGATE:
+            return RewardStatus.DUPLICATE
+        if d.outcome == Outcome.OPEN and d.reward is not None and policy is not Policy.AGGREGATE:
+            return RewardStatus.DUPLICATE  # a first reward waits on the row for the close
+        return await self._late(key, reward, now, reward_id)
+
+    async def _reread(self, key: Key, reward: float, now: float, reward_id: str) -> RewardStatus:
+        """A write the row refused: the window changed (closed, taken over); answer from the row."""
+        d = await self.find(key[0], key[1])
+        if d is None:
+            raise self.unknown(key[0], key[1], reward, quiet=batch_quiet.get())
+        return await self._on_row(d, reward, now, reward_id, again=False)
+
+    # -- Reward: the cases ----------------------------------------------------------------------
+
+    async def _learn_here(self, key: Key, entry: OpenDecision, reward: float, now: float) -> RewardStatus:
+        """AT_REWARD, held here: the reward closes the window and is learned at once."""
+        self.windows.drop(key, entry)
+        close = entry.close(key[0], key[1], Outcome.REWARD, reward, now, None)
         written = self._writer.close_window(close)
         self._closing[key] = (entry.placement, written)
         written.add_done_callback(lambda f: self._closed_write(key, f))
         try:
-            ok = await asyncio.shield(written)
+            as_stored = await asyncio.shield(written)
         except asyncio.CancelledError:
             # The caller gave up (its deadline) but the close is queued and may still land:
             # settle the window when it does, or reopen it if the write fails.
-            written.add_done_callback(lambda f: self._after_abandoned(key, entry, close, f))
+            written.add_done_callback(lambda f: self._after_abandoned(key, entry, f))
             raise
         except BaseException:
-            self.open[key] = entry  # not stored: the window stays open for a retry
+            self.add(key[0], key[1], entry)  # not stored: the window stays open for a retry
             raise
-        if ok is None:
-            return await self._reward_closed(event_id, slot, reward, now, reward_id)
-        self._closed(event_id, entry, ok)
+        if as_stored is None:  # the row changed under the window (closed, taken over)
+            return await self._reread(key, reward, now, "")
+        self._closed(key[0], entry, as_stored)
         # The row held a first reward (stored under learn_at: window_close before a change):
         # that one was learned, and this one is a duplicate.
-        return RewardStatus.LEARNED if ok.reward == reward else RewardStatus.DUPLICATE
+        return RewardStatus.LEARNED if as_stored.reward == reward else RewardStatus.DUPLICATE
 
-    async def _first_reward(self, event_id: str, slot: int, entry: OpenDecision, reward: float, now: float) -> str:
-        """``learn_at: window_close``: the first reward is stored durably now and learned when the
-        window closes, in decision order with the failures; any later one is a duplicate."""
+    async def _learn_elsewhere(self, d: LoggedDecision, reward: float, now: float) -> RewardStatus:
+        """AT_REWARD, another server's window: closed on its row, learned at once; the owner's
+        own close at its deadline then finds it closed."""
+        close = Close(d.event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, d.slot, d.cost, placement=d.placement)
+        as_stored = await self._writer.close_window(close)
+        if as_stored is None:
+            return await self._reread((d.event_id, d.slot), reward, now, "")
+        self._learner.poke(d.placement)
+        return RewardStatus.LEARNED if as_stored.reward == reward else RewardStatus.DUPLICATE
+
+    async def _first_here(self, key: Key, entry: OpenDecision, reward: float, now: float) -> RewardStatus:
+        """FIRST_AT_CLOSE, held here: the first reward is stored on the row now and learned when
+        the window closes, in decision order with the failures; any later one is a duplicate."""
         if entry.rewards:
             return RewardStatus.DUPLICATE
         first = entry.writing.get(_FIRST) if entry.writing else None
         if first is not None:  # the first is being stored: its outcome is ours
-            await asyncio.shield(first)  # if that write fails, so does this call: retry it
-            return RewardStatus.DUPLICATE
-        # Stored on the decision's row, where a first reward sent to another server lands too:
-        # whichever comes first is the one, and the close at the deadline takes it from the row.
-        recorded = self._writer.record(RewardEvent(event_id, slot, reward, now, FIRST, None))
-        entry.writing = entry.writing or {}
-        entry.writing[_FIRST] = recorded
-
-        def settle(f: asyncio.Future[bool]) -> None:
-            if self._settle_recorded(f, entry, reward, "", _FIRST):
-                # Fatigue and contact history know of the response now, not at the close.
-                self._contacts.history.respond(event_id if slot == 0 else f"{event_id}#{slot}", reward > 0)
-
-        recorded.add_done_callback(settle)
-        if await asyncio.shield(recorded):  # a caller that gives up leaves the reward to the callback
+            if await asyncio.shield(first) is Recorded.STORED:  # if that write fails, so does this call: retry it
+                return RewardStatus.DUPLICATE
+        ev = RewardEvent(key[0], key[1], reward, now, FIRST, None, placement=entry.placement, owner=entry.owner)
+        event_key = key[0] if key[1] == 0 else f"{key[0]}#{key[1]}"
+        # Once stored, fatigue and contact history know of the response now, not at the close.
+        recorded = self._track(
+            entry, _FIRST, self._writer.record(ev), reward, "", lambda: self._contacts.history.respond(event_key, reward > 0)
+        )
+        result = await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
+        if result is Recorded.STORED:
             return RewardStatus.LEARNED
-        return await self._first_refused(event_id, slot, reward, now)
-
-    async def _first_refused(self, event_id: str, slot: int, reward: float, now: float) -> str:
-        """A first reward the row did not take: it has one already (another server's: DUPLICATE),
-        or the window closed meanwhile (learned: DUPLICATE; with the default: LATE)."""
-        d = await self.find(event_id, slot)
-        if d is None:
-            raise self.unknown(event_id, slot, reward, quiet=batch_quiet.get())
-        if d.outcome in (Outcome.OPEN, Outcome.REWARD):
+        if result is Recorded.DUPLICATE:
             return RewardStatus.DUPLICATE
-        return await self._late(event_id, slot, reward, now)
+        return await self._reread(key, reward, now, "")
 
-    def _closed_write(self, key: tuple[str, int], written: asyncio.Future[Close | None]) -> None:
-        if key in self._closing and self._closing[key][1] is written:
-            del self._closing[key]
+    async def _first_elsewhere(self, d: LoggedDecision, reward: float, now: float) -> RewardStatus:
+        """FIRST_AT_CLOSE, another server's window: on the row, for the owner's close at the
+        deadline (it takes it from there): whichever server's first reward comes first is the one."""
+        ev = RewardEvent(d.event_id, d.slot, reward, now, FIRST, None, placement=d.placement)
+        result = await self._writer.record(ev)
+        if result is Recorded.STORED:
+            return RewardStatus.LEARNED
+        if result is Recorded.DUPLICATE:
+            return RewardStatus.DUPLICATE
+        return await self._reread((d.event_id, d.slot), reward, now, "")
 
-    @staticmethod
-    def _settle_recorded(f: asyncio.Future[bool], entry: OpenDecision, reward: float, reward_id: str, writing_key: str) -> bool:
-        """Count a recorded reward (aggregated, or a window's first) once its write is durable,
-        whether or not its caller still waits; a failed one, or a first the row did not take,
-        is not counted and its key is free again. Returns whether it was counted."""
-        if entry.writing is not None:
-            entry.writing.pop(writing_key, None)
-        if f.cancelled() or f.exception() is not None or not f.result():
-            return False
-        if reward_id:
-            entry.add_key(reward_id)
-        entry.add_reward(reward)
-        return True
-
-    @staticmethod
-    def counted(entry: OpenDecision, reward: float, reward_id: str) -> None:
-        """A stored aggregated reward, counted once per key (rebuilding after a restart)."""
+    async def _gather_here(self, key: Key, entry: OpenDecision, reward: float, now: float, reward_id: str) -> RewardStatus:
+        """AGGREGATE, held here: the reward is stored as an "agg" event of the window's row; the
+        close folds every such event in, whichever server stored it."""
         if reward_id:
             if entry.has_key(reward_id):
+                return RewardStatus.DUPLICATE  # a retry of a reward counted already
+            first = entry.writing.get(reward_id) if entry.writing else None
+            if first is not None:  # a retry while the first is being stored: its outcome is ours
+                if await asyncio.shield(first) is not Recorded.CLOSED:  # if that write fails, so does this call
+                    return RewardStatus.DUPLICATE
+        ev = RewardEvent(key[0], key[1], reward, now, "agg", reward_id or None, placement=entry.placement, owner=entry.owner)
+        # Every write in flight is tracked (under the caller's key, else one of its own), so
+        # that the sweep never closes the window before the reward is counted in it.
+        recorded = self._track(entry, reward_id or self.windows.unique_key(), self._writer.record(ev), reward, reward_id)
+        result = await asyncio.shield(recorded)  # a caller that gives up leaves the reward to the callback
+        if result is Recorded.STORED:
+            return RewardStatus.RECORDED
+        if result is Recorded.DUPLICATE:
+            return RewardStatus.DUPLICATE
+        return await self._reread(key, reward, now, reward_id)
+
+    async def _gather_elsewhere(self, d: LoggedDecision, reward: float, now: float, reward_id: str) -> RewardStatus:
+        """AGGREGATE, another server's window: an "agg" event on its row, folded in at its close."""
+        ev = RewardEvent(d.event_id, d.slot, reward, now, "agg", reward_id or None, placement=d.placement)
+        result = await self._writer.record(ev)
+        if result is Recorded.STORED:
+            return RewardStatus.RECORDED
+        if result is Recorded.DUPLICATE:
+            return RewardStatus.DUPLICATE
+        return await self._reread((d.event_id, d.slot), reward, now, reward_id)
+
+    async def _late(self, key: Key, reward: float, now: float, reward_id: str = "") -> RewardStatus:
+        """Kept beside the log, never learned; a key stored before (a retry) is a duplicate."""
+        result = await self._writer.record(RewardEvent(key[0], key[1], reward, now, "late", reward_id or None))
+        return RewardStatus.DUPLICATE if result is Recorded.DUPLICATE else RewardStatus.LATE
+
+    # -- Reward: bookkeeping -------------------------------------------------------------------
+
+    @staticmethod
+    def _track(
+        entry: OpenDecision,
+        writing_key: str,
+        fut: asyncio.Future[Recorded],
+        reward: float,
+        reward_id: str,
+        on_stored: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Recorded]:
+        """Note a reward write in flight on its window (the sweep waits for it) and count the
+        reward once it is stored on the window's row, whether or not its caller still waits; a
+        failed or refused one is not counted and its key is free again."""
+        if entry.writing is None:
+            entry.writing = {}
+        entry.writing[writing_key] = fut  # type: ignore[assignment]
+
+        def settle(f: asyncio.Future[Recorded]) -> None:
+            if entry.writing is not None:
+                entry.writing.pop(writing_key, None)
+            if f.cancelled() or f.exception() is not None or f.result() is not Recorded.STORED:
                 return
-            entry.add_key(reward_id)
-        entry.add_reward(reward)
+            entry.add_reward(reward, reward_id)
+            if on_stored is not None:
+                on_stored()
+
+        fut.add_done_callback(settle)
+        return fut
+
+    def _closed_write(self, key: Key, written: asyncio.Future[Close | None]) -> None:
+        if key in self._closing and self._closing[key][1] is written:
+            del self._closing[key]
 
     def _closed(self, event_id: str, entry: OpenDecision, close: Close) -> None:
         """A window closed durably: settle its budget, update history, wake the learner."""
@@ -319,11 +380,13 @@ class RewardWindows:
         tally[1] += 1
         self._learner.poke(entry.placement)
 
-    def _after_abandoned(self, key: tuple[str, int], entry: OpenDecision, close: Close, written: asyncio.Future[Close | None]) -> None:
+    def _after_abandoned(self, key: Key, entry: OpenDecision, written: asyncio.Future[Close | None]) -> None:
         if written.cancelled() or written.exception() is not None:
             self.add(key[0], key[1], entry)  # not stored: open again, and swept in time
         elif (as_stored := written.result()) is not None:
             self._closed(key[0], entry, as_stored)
+
+    # -- finding decisions ----------------------------------------------------------------------
 
     async def find(self, event_id: str, slot: int) -> LoggedDecision | None:
         """A decision from the database, once it can be there: this server's own unflushed
@@ -362,79 +425,47 @@ class RewardWindows:
         self._metrics.reward("unknown")
         return NotFound(f"event {quote(event_id)}" + (f" slot {slot}" if slot else "") + " is unknown")
 
-    async def _reward_closed(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
-        d = await self.find(event_id, slot)
-        if d is None:
-            raise self.unknown(event_id, slot, reward, quiet=batch_quiet.get())
-        access.require(d.placement)
-        self._check_magnitude(d.placement, reward)
-        if d.outcome == Outcome.REWARD:
-            return RewardStatus.DUPLICATE
-        if d.outcome == Outcome.NO_ARM:
-            raise InvalidInput("event_id", f"event {quote(event_id)} served no arm; there is nothing to reward")
-        if d.outcome == Outcome.NOT_ACTIVATED:
-            raise InvalidInput("event_id", f"event {quote(event_id)} was never activated; it is not learned")
-        if d.outcome == Outcome.OPEN and d.activated and now <= d.deadline:
-            # Open in the database but not in this process's memory: another server owns it.
-            ps = self._states.get(d.placement)
-            spec = ps.record.spec if ps is not None else None
-            if spec is not None and spec.learn_at == "window_close" and spec.reward_aggregation == "earliest":
-                # On the row, for the owner's close at the deadline (it takes it from there).
-                if await self._writer.record(RewardEvent(event_id, slot, reward, now, FIRST, None)):
-                    return RewardStatus.LEARNED
-                return await self._first_refused(event_id, slot, reward, now)
-            close = Close(event_id, Outcome.REWARD, reward, now, d.reward_cost, d.budgets, slot, d.cost)
-            if (as_stored := await self._writer.close_window(close)) is not None:
-                self._learner.poke(d.placement)
-                return RewardStatus.LEARNED if as_stored.reward == reward else RewardStatus.DUPLICATE
-            return await self._reward_closed(event_id, slot, reward, now, reward_id)
-        return await self._late(event_id, slot, reward, now, reward_id)
-
-    async def _late(self, event_id: str, slot: int, reward: float, now: float, reward_id: str = "") -> str:
-        await self._writer.record(RewardEvent(event_id, slot, reward, now, "late", reward_id or None))
-        return RewardStatus.LATE
-
     # -- Activate -----------------------------------------------------------------------------
 
-    async def activate(self, event_id: str) -> str:
+    async def activate(self, event_id: str) -> ActivateStatus:
         """A deferred decision was shown: count its impressions, spend, start its windows."""
         if not event_id:
             raise InvalidInput("event_id", "must not be empty")
         check_text(event_id, "event_id", self._settings.max_id_length)
         now = self._clock()
-        slots = self.slots_of(event_id)
-        if not slots:
+        positions = self.slots_of(event_id)
+        if not positions:
             d = await self.find(event_id, 0)
-            if d is None:
+            if d is None or not access.allows(d.placement):
                 raise NotFound(f"event {quote(event_id)} is unknown")
-            access.require(d.placement)
             expired = d.outcome == Outcome.NOT_ACTIVATED or not d.activated
             return ActivateStatus.EXPIRED if expired else ActivateStatus.ALREADY_ACTIVE
-        for slot in slots:
-            access.require(self.open[(event_id, slot)].placement)
+        for p in positions:
+            if not access.allows(self.open[(event_id, p)].placement):
+                raise NotFound(f"event {quote(event_id)} is unknown")
         status = ActivateStatus.ALREADY_ACTIVE
-        for slot in slots:
-            entry = self.open[(event_id, slot)]
-            if entry.activated:
+        for p in positions:
+            entry = self.open.get((event_id, p))
+            if entry is None or entry.activated:
                 continue
             if now > entry.deadline:
                 status = ActivateStatus.EXPIRED
                 continue
-            ps = self._states.get(entry.placement)
-            window = ps.record.spec.reward_window if ps is not None else 600.0
-            act = Activation(event_id, now, now + window, entry.cost, entry.budgets, slot)
+            spec = self.spec(entry.placement)
+            window = spec.reward_window if spec is not None else 600.0
+            act = Activation(event_id, now, now + window, entry.cost, entry.budgets, p, placement=entry.placement, owner=entry.owner)
             if not await self._writer.activate(act):
                 continue
             entry.activated, entry.deadline = True, now + window
-            heapq.heappush(self._deadlines, (entry.deadline, next(self._opened), event_id, slot))
+            self.windows.moved(event_id, p, entry)
             if entry.budgets:
                 self._budgets.settle(entry.budgets, entry.cost, incurred=True)  # held impression cost is spent
             if entry.customer_id and self._contacts.history.horizon > 0:
                 if self._contacts.shared is not None:  # shown now: it counts from now, on every server
-                    row = ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, slot)
+                    row = ContactRow(entry.customer_id, now, entry.placement, entry.arm_id, event_id, p)
                     await self._contacts.shared.record_now(entry.customer_id, [row])
                 else:
-                    ev = event_id if slot == 0 else f"{event_id}#{slot}"
+                    ev = event_id if p == 0 else f"{event_id}#{p}"
                     self._contacts.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
             status = ActivateStatus.ACTIVATED
         return status
@@ -442,33 +473,27 @@ class RewardWindows:
     # -- closing windows ------------------------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Close every expired window: with the aggregate of its rewards, or the default reward;
-        a deferred decision never activated is dropped. Returns how many windows closed."""
+        """Close every expired window, with what its row gathered (the first reward, the
+        aggregate of the "agg" events of every server) or the default reward; a deferred
+        decision never activated is dropped. Returns how many windows closed."""
         now = self._clock()
-        closing: list[tuple[tuple[str, int], OpenDecision, Close]] = []
-        later: list[tuple[float, int, str, int]] = []
-        while self._deadlines and self._deadlines[0][0] < now:
-            item = heapq.heappop(self._deadlines)
-            deadline, _, event_id, slot = item
-            entry = self.open.get((event_id, slot))
-            if entry is None or entry.deadline != deadline:
-                continue
+        closing: list[tuple[Key, OpenDecision, Close]] = []
+        later = []
+        for item, entry in self.windows.expired(now):
+            key = (item[2], item[3])
             if entry.writing:  # a reward accepted in time is still being stored: close it next sweep, with it
                 later.append(item)
                 continue
-            del self.open[(event_id, slot)]
-            ps = self._states.get(entry.placement)
-            spec = ps.record.spec if ps is not None else None
+            del self.open[key]
+            spec = self.spec(entry.placement)
             if not entry.activated:
-                outcome, value = Outcome.NOT_ACTIVATED, 0.0
-            elif entry.rewards:
-                outcome, value = Outcome.REWARD, aggregate(spec.reward_aggregation if spec else "sum", entry.rewards)
+                close = entry.close(key[0], key[1], Outcome.NOT_ACTIVATED, 0.0, now, None)
             else:
-                outcome, value = Outcome.DEFAULT, spec.default_reward if spec is not None else 0.0
-            close = Close(event_id, outcome, value, now, entry.reward_cost, entry.budgets, slot, entry.cost)
-            closing.append(((event_id, slot), entry, close))
+                default = spec.default_reward if spec is not None else 0.0
+                close = entry.close(key[0], key[1], Outcome.DEFAULT, default, now, aggregation_of(spec))
+            closing.append((key, entry, close))
         for item in later:
-            heapq.heappush(self._deadlines, item)
+            self.windows.later(item)
         if not closing:
             return 0
         results = await asyncio.gather(*(self._writer.close_window(c) for _, _, c in closing), return_exceptions=True)
@@ -480,94 +505,11 @@ class RewardWindows:
                     self._budgets.settle(entry.budgets, entry.reward_cost + (0.0 if entry.activated else entry.cost), False)
             elif isinstance(res, BaseException):  # retry on a later sweep
                 self.add(key[0], key[1], entry)
-            elif res is not None:  # as stored: a DEFAULT close may have taken a first reward from the row
+            elif res is not None:  # as stored: the row's first reward or aggregate, else the default
                 closed += 1
                 self._closed(key[0], entry, res)
         return closed
 
-    async def adopt(self, starting: bool = False) -> int:
-        """Take over the open windows of servers that stopped (at start: also this server's own
-        before a restart), with the rewards they had gathered; a live server's stay with it.
-        Returns how many windows were taken over."""
-        loop = asyncio.get_running_loop()
-        live_since = self._clock() - self._settings.live_for if self._settings.may_have_peers else None
-        taken = sorted(  # opened in decision order, so that they close (and are learned) in it
-            (
-                d
-                for d in await loop.run_in_executor(self._reader_pool, self._store.adopt_open, live_since, starting)
-                if (d.event_id, d.slot) not in self.open
-            ),
-            key=lambda d: (d.timestamp, d.slot),
-        )
-        if not taken:
-            return 0
-        # Their gathered rewards are read before any of them opens here, so that from the moment
-        # a window is open on this server (no await in between) it holds them: a Reward or a
-        # sweep never sees it half taken over.
-        keys = {(d.event_id, d.slot) for d in taken}
-        events = await loop.run_in_executor(self._reader_pool, self._store.open_reward_events)
-        for d in taken:
-            if (d.event_id, d.slot) in self.open:  # decided here meanwhile (a reused id): keep ours
-                keys.discard((d.event_id, d.slot))
-                continue
-            ps = self._states.get(d.placement)
-            campaign = ps.arm_campaigns.get(d.arm_id or "") if ps else None
-            entry = OpenDecision(
-                d.placement, d.deadline, d.arm_id or "", d.customer_id, campaign, d.cost, d.reward_cost, d.budgets, d.activated
-            )
-            if d.reward is not None:  # a first reward on the row (learn_at: window_close)
-                entry.add_reward(d.reward)
-            self.add(d.event_id, d.slot, entry)
-        for ev in events:
-            held = self.open.get((ev.event_id, ev.slot))
-            if held is not None and (ev.event_id, ev.slot) in keys:
-                self.counted(held, ev.reward, ev.reward_id or "")
-        return len(taken)
-
-    # -- RewardBatch ----------------------------------------------------------------------------
-
-    async def placement_of(self, event_id: str) -> str | None:
-        """The placement of an event (None: unknown), for placement-limited tokens."""
-        for slot in self.slots_of(event_id)[:1]:
-            return self.open[(event_id, slot)].placement
-        loop = asyncio.get_running_loop()
-        d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, 0)
-        return None if d is None else d.placement
-
-    async def reward_batch(self, items: Sequence[tuple[str, float, int, str]]) -> list[str | NextbestError]:
-        """Several rewards at once: all are checked before any is stored (InvalidInput naming
-        ``rewards[i]``), then each is handled as its own Reward; their writes share group
-        commits. Per item: its status, or the domain error it failed with."""
-        if len(items) > self._settings.max_reward_batch:
-            raise InvalidInput("rewards", f"more than {self._settings.max_reward_batch} rewards in one call")
-        for i, (event_id, reward, slot, reward_id) in enumerate(items):
-            self.check(event_id, reward, slot, f"rewards[{i}].", reward_id)
-        if access.current.get() is not None:
-            # One event of a placement the caller may not use denies the whole call, before any
-            # is stored; each reward checks again on the read it acts on (bandit/access.py).
-            for event_id in dict.fromkeys(e for e, _, _, _ in items):
-                placement = await self.placement_of(event_id)
-                if placement is not None:
-                    access.require(placement)
-        quiet = batch_quiet.set(True)
-        try:
-            results = await asyncio.gather(*(self.reward(e, r, s, k) for e, r, s, k in items), return_exceptions=True)
-        finally:
-            batch_quiet.reset(quiet)
-        out: list[str | NextbestError] = []
-        unknown: list[str] = []
-        for (event_id, _, _, _), r in zip(items, results, strict=True):
-            if isinstance(r, BaseException) and not isinstance(r, NextbestError):
-                raise r  # a bug or a cancellation: the whole call fails (INTERNAL or CANCELLED)
-            if isinstance(r, NotFound):
-                unknown.append(event_id)
-            out.append(r)
-        if unknown:  # one line for the call, not one per unknown event
-            log.warning(
-                "reward batch of %d named %d unknown events, e.g. %s",
-                len(items),
-                len(unknown),
-                quote(unknown[0]),
-                extra={"event": "reward_unknown_event", "event_id": unknown[0][:128], "unknown": len(unknown)},
-            )
-        return out
+    def forget(self, key: Key, entry: OpenDecision) -> None:
+        """A window whose decision was not logged (its id is another decision's): gone."""
+        self.windows.drop(key, entry)

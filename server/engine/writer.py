@@ -1,8 +1,9 @@
 """Group commit: decisions, activations, reward events and window closes are written in
 batches, one transaction each.
 
-Choose never waits for the database: its decision joins the next batch (written at least every
-``flush_interval``). Reward waits for the batch holding its write, so an acknowledged reward is
+A Choose with a server-made event id never waits for the database: its decision joins the
+next batch (written at least every ``flush_interval``). One with a caller-chosen id waits for
+its insert, since only the store knows whether the id is new (ALREADY_EXISTS otherwise). Reward waits for the batch holding its write, so an acknowledged reward is
 durable; since a batch writes decisions first, a decision is durable no later than any reward
 acknowledged for it. A crash loses at most the decisions of the last flush interval.
 
@@ -25,7 +26,7 @@ from typing import Any, TypeAlias
 from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import Unavailable
 from nextbest.engine.tasks import cancel_and_wait
-from nextbest.storage.base import Activation, Close, RewardEvent, Store, WriteResult
+from nextbest.storage.base import Activation, Close, Recorded, RewardEvent, Store, WriteResult
 from nextbest.storage.refusal import RecordRefused, is_refusal, refusal_reason
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ class BatchWriter:
         self._executor = executor
         self._flush_interval = flush_interval
         self._max_batch = max_batch
-        self._decisions: list[LoggedDecision] = []
+        # Decisions, each with the future of a Choose that waits to hear it was inserted (a
+        # caller-chosen event id: the store's uniqueness decides whether it is new), else None.
+        self._decisions: list[tuple[LoggedDecision, asyncio.Future[bool] | None]] = []
         self._closes: list[tuple[Close, asyncio.Future[Close | None]]] = []
         self._activations: list[tuple[Activation, asyncio.Future[bool]]] = []
-        self._events: list[tuple[RewardEvent, asyncio.Future[bool]]] = []
+        self._events: list[tuple[RewardEvent, asyncio.Future[Recorded]]] = []
         self._barriers: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -94,9 +97,18 @@ class BatchWriter:
         return self.depth + self._writing
 
     def add_decision(self, decision: LoggedDecision) -> None:
-        self._decisions.append(decision)
+        """Queue a decision; nobody waits for it (a server-made event id is new)."""
+        self._decisions.append((decision, None))
         if len(self._decisions) >= self._max_batch:
             self._wake.set()
+
+    def insert_decision(self, decision: LoggedDecision) -> asyncio.Future[bool]:
+        """Queue a decision whose Choose waits: the future tells, once durable, whether it was
+        inserted (False: its (event_id, slot) is another decision's). If the write fails the
+        future fails and the decision is dropped, not retried: its Choose was not answered."""
+        fut: asyncio.Future[bool] = self._future()
+        self._decisions.append((decision, fut))
+        return fut
 
     def _future(self) -> asyncio.Future[Any]:
         self._wake.set()
@@ -115,10 +127,10 @@ class BatchWriter:
         self._activations.append((activation, fut))
         return fut
 
-    def record(self, event: RewardEvent) -> asyncio.Future[bool]:
-        """Queue a reward event; the future tells, once durable, whether it was stored (a FIRST
-        one: whether it became the window's first reward)."""
-        fut: asyncio.Future[bool] = self._future()
+    def record(self, event: RewardEvent) -> asyncio.Future[Recorded]:
+        """Queue a reward event; the future tells, once durable, what became of it (a FIRST
+        one is STORED if it became the window's first reward)."""
+        fut: asyncio.Future[Recorded] = self._future()
         self._events.append((event, fut))
         return fut
 
@@ -153,14 +165,14 @@ class BatchWriter:
                 result = await loop.run_in_executor(
                     self._executor,
                     self._store.write,
-                    decisions,
+                    [d for d, _ in decisions],
                     [c for c, _ in closes],
                     [a for a, _ in acts],
                     [e for e, _ in events],
                     assign,
                 )
             except Exception as e:
-                items: list[_Item] = [("decision", d, None) for d in decisions]
+                items: list[_Item] = [("decision", d, f) for d, f in decisions]
                 items += [("activation", a, f) for a, f in acts]
                 items += [("reward", ev, f) for ev, f in events]
                 items += [("close", c, f) for c, f in closes]
@@ -180,15 +192,18 @@ class BatchWriter:
                 continue
             self._writing = 0
             self._retry_delay = 0.0
+            for (_, df), ok in zip(decisions, result.inserted, strict=True):
+                if df is not None and not df.done():
+                    df.set_result(ok)
             for (_, cf), as_stored in zip(closes, result.stored, strict=True):
                 if not cf.done():
                     cf.set_result(as_stored)
             for (_, af), ok in zip(acts, result.activated, strict=True):
                 if not af.done():
                     af.set_result(ok)
-            for (_, ef), ok in zip(events, result.recorded, strict=True):
+            for (_, ef), what in zip(events, result.recorded, strict=True):
                 if not ef.done():
-                    ef.set_result(ok)
+                    ef.set_result(what)
             for b in barriers:
                 if not b.done():
                     b.set_result(None)
@@ -196,7 +211,7 @@ class BatchWriter:
     def _keep(self, items: list[_Item], barriers: list[asyncio.Future[None]], e: Exception) -> None:
         """The database is away: decisions are kept and retried; everything a caller waits for
         fails now, so that its caller hears UNAVAILABLE and may retry."""
-        kept = [r for kind, r, _ in items if kind == "decision"]
+        kept = [(r, None) for kind, r, f in items if kind == "decision" and f is None]  # waited-for ones fail now
         log.warning("write of %d decisions and %d other records failed: %s", len(kept), len(items) - len(kept), e)
         self._decisions[:0] = kept
         self._barriers[:0] = barriers
@@ -253,9 +268,13 @@ class BatchWriter:
     @staticmethod
     def _settle(chunk: list[_Item], result: WriteResult) -> None:
         """A chunk is durable: its closes and activations hear what they did, in order."""
+        decisions = [f for kind, _, f in chunk if kind == "decision"]
         closes = [f for kind, _, f in chunk if kind == "close"]
         acts = [f for kind, _, f in chunk if kind == "activation"]
         events = [f for kind, _, f in chunk if kind == "reward"]
+        for df, inserted in zip(decisions, result.inserted, strict=True):
+            if df is not None and not df.done():
+                df.set_result(inserted)
         for cf, as_stored in zip(closes, result.stored, strict=True):
             if cf is not None and not cf.done():
                 cf.set_result(as_stored)

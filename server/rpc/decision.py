@@ -8,7 +8,9 @@ import grpc
 
 from nextbest.engine.chooser import Chooser
 from nextbest.engine.explainer import Explained, Explainer
-from nextbest.engine.windows import ActivateStatus, RewardStatus, RewardWindows
+from nextbest.engine.reward_batch import RewardBatch
+from nextbest.engine.reward_policy import ActivateStatus, RewardStatus
+from nextbest.engine.windows import RewardWindows
 from nextbest.rpc import convert
 from nextbest.rpc.errors import message_of, rpc, status_for
 from nextbest.telemetry.metrics import Metrics
@@ -30,9 +32,10 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
-    def __init__(self, chooser: Chooser, windows: RewardWindows, explainer: Explainer, metrics: Metrics) -> None:
+    def __init__(self, chooser: Chooser, windows: RewardWindows, batch: RewardBatch, explainer: Explainer, metrics: Metrics) -> None:
         self._chooser = chooser
         self._windows = windows
+        self._batch = batch
         self._explainer = explainer
         self._metrics = metrics
 
@@ -63,16 +66,16 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     @rpc
     async def Reward(self, request: decision_pb2.RewardRequest, context: Ctx) -> decision_pb2.RewardResponse:
         status = await self._windows.reward(request.event_id, request.reward, request.slot, request.reward_id)
-        self._metrics.reward(status)
+        self._metrics.reward(status.value)
         return decision_pb2.RewardResponse(status=_STATUS[status])
 
     @rpc
     async def RewardBatch(self, request: decision_pb2.RewardBatchRequest, context: Ctx) -> decision_pb2.RewardBatchResponse:
-        results = await self._windows.reward_batch([(r.event_id, r.reward, r.slot, r.reward_id) for r in request.rewards])
+        results = await self._batch.reward_batch([(r.event_id, r.reward, r.slot, r.reward_id) for r in request.rewards])
         out = []
         for r in results:
-            if isinstance(r, str):
-                self._metrics.reward(r)
+            if isinstance(r, RewardStatus):
+                self._metrics.reward(r.value)
                 out.append(decision_pb2.RewardResult(status=_STATUS[r]))
             else:
                 out.append(decision_pb2.RewardResult(code=status_for(r).value[0], message=message_of(r)))

@@ -3,7 +3,8 @@ them from worker threads so that the event loop never waits on the database."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import enum
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +37,16 @@ class Close:
     budgets: tuple[tuple[str, str], ...] = ()
     slot: int = 0
     cost: float = 0.0  # the impression cost, still held when a deferred decision was never activated
+    # The decision it acts on, as the closer knows it: the row must be of this placement (and,
+    # unless None, held by this server). A window in one server's memory never acts on a row
+    # that carries its (event_id, slot) but is another decision (issue #29: a token of one
+    # placement rewarding another placement's decision). None: unbound (offline tools only).
+    placement: str | None = None
+    owner: str | None = None
+    # How the rewards gathered in the window make the learned one ("sum", "max", "average",
+    # "earliest"), decided on the row: the first reward on it and the "agg" reward events of
+    # every server, read in the close's transaction. None: the close's own reward or the row's first.
+    aggregation: str | None = None
 
     @property
     def incurred(self) -> bool:
@@ -57,6 +68,8 @@ class Activation:
     cost: float = 0.0  # impression cost moved from held to spent
     budgets: tuple[tuple[str, str], ...] = ()
     slot: int = 0
+    placement: str | None = None  # bound to the decision as the activator knows it (see Close)
+    owner: str | None = None
 
 
 # The kind of a RewardEvent that is a window's first reward under learn_at: window_close: it is
@@ -75,6 +88,18 @@ class RewardEvent:
     at: float
     kind: str
     reward_id: str | None = None  # the caller's key: one row per (event, slot, key)
+    # FIRST and "agg" events are stored only on an open, activated decision of this placement
+    # (and, unless None, held by this server); "late" ones are kept whatever the window's state.
+    placement: str | None = None
+    owner: str | None = None
+
+
+class Recorded(enum.Enum):
+    """What became of a reward event in the store."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # its key (reward_id) is stored already, or the window has its first reward
+    CLOSED = "closed"  # no open, activated window of that decision: nothing stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +187,15 @@ class AccountRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """What a lease got: the amount granted and the limit stored for the account (the caller's
+    own limit where none is stored), which tells a server that its configuration is stale."""
+
+    granted: float
+    limit: float
+
+
+@dataclass(frozen=True, slots=True)
 class RecentImpression:
     """An impression for rebuilding contact history after a restart."""
 
@@ -214,12 +248,14 @@ class WriteResult:
     """Per close in a batch: whether it closed an open window, and the close as stored (None if
     it closed nothing: a DEFAULT close of a window holding a first reward is stored as that
     REWARD); per activation: whether it activated an open decision; per reward event: whether
-    it was stored (a "first" one only where the window was open and had no first reward)."""
+    it was stored (a "first" one only where the window was open and had no first reward); per
+decision: whether it was inserted (False: its (event_id, slot) belongs to another decision)."""
 
     closed: Sequence[bool] = field(default_factory=tuple)
     activated: Sequence[bool] = field(default_factory=tuple)
     stored: Sequence[Close | None] = field(default_factory=tuple)
-    recorded: Sequence[bool] = field(default_factory=tuple)
+    recorded: Sequence[Recorded] = field(default_factory=tuple)
+    inserted: Sequence[bool] = field(default_factory=tuple)  # per decision: False for an (event_id, slot) taken
 
 
 class Store(Protocol):
@@ -249,7 +285,10 @@ class Store(Protocol):
     ) -> None:
         """MUST write snapshots, campaigns, new arm versions and placements (their arms replaced)
         in one transaction, all or nothing, committed on return (test_placements_round_trip);
-        an arm version already stored fails the whole call. Raises Unavailable."""
+        an arm version already stored fails the whole call. In the same transaction it stores
+        the limits of the budgets of the records' arms and of the campaigns (on their accounts
+        too) and advances the configuration serial (test_leases_are_taken_against_the_stored_limit,
+        test_servers_confirm_the_configuration_serial). Raises Unavailable."""
         ...
 
     def load_campaigns(self) -> list[CampaignSpec]:
@@ -269,9 +308,48 @@ class Store(Protocol):
         left or its UPDATE kept losing races. Committed on return. Raises Unavailable."""
         ...
 
-    def release(self, key: str, period: str, amount: float) -> None:
-        """MUST give ``amount`` of a lease back, committed on return; an unknown account stays
-        unknown (nothing written). Raises Unavailable."""
+    def release(self, key: str, period: str, amount: float) -> float:
+        """MUST give back at most ``amount``, and never more than this server (its registered id;
+        "" before one) was granted and has not given back or seen move to another server with a
+        window, committed on return; returns what was given back; an unknown account stays
+        unknown (nothing written) (test_a_server_gives_back_only_its_own_lease). Raises Unavailable."""
+        ...
+
+    def take_lease(self, key: str, period: str, limit: float, amount: float) -> LeaseGrant:
+        """MUST grant this server at most ``amount`` and never let all servers' leases pass the
+        limit stored for the account by the last save_placements naming its budget (``limit``
+        only where none is stored), checked atomically with the limit's change, even when one
+        is committed concurrently; creates a missing account; returns the grant and the limit
+        checked (test_leases_are_taken_against_the_stored_limit). Committed on return. Unavailable."""
+        ...
+
+    def server_leases(self) -> list[AccountRow]:
+        """MUST return this server's own leases per account (in ``leased``; the other figures 0),
+        as release would bound them (test_a_server_gives_back_only_its_own_lease). Raises Unavailable."""
+        ...
+
+    def config_serial(self) -> int:
+        """MUST return the configuration serial: 0 before any save_placements, then one more
+        with each, as committed (test_servers_confirm_the_configuration_serial). Raises Unavailable."""
+        ...
+
+    def confirm_config(self, serial: int) -> None:
+        """MUST record that this registered server has loaded the configuration up to ``serial``
+        (never lowering it; kept when heartbeat signs it in again), committed on return
+        (test_servers_confirm_the_configuration_serial). Raises Unavailable."""
+        ...
+
+    def unconfirmed_servers(self, serial: int, live_since: float) -> list[str]:
+        """MUST return the ids of the other servers with a heartbeat at or after ``live_since``
+        that have not confirmed ``serial``, by id (test_servers_confirm_the_configuration_serial).
+        Raises Unavailable."""
+        ...
+
+    def listen_config(self, on_change: Callable[[int], None]) -> Callable[[], None] | None:
+        """MUST, where the database can notify (PostgreSQL), call ``on_change(serial)`` from a
+        thread of its own soon after any server commits a save_placements on this database and
+        schema, and return a function that stops it; None where it cannot (SQLite: poll
+        config_serial) (test_servers_confirm_the_configuration_serial). Never raises for the database."""
         ...
 
     def load_accounts(self, keys: Collection[tuple[str, str]] | None = None) -> list[AccountRow]:
@@ -295,14 +373,23 @@ class Store(Protocol):
         assign: bool = False,
     ) -> WriteResult:
         """MUST write all in one transaction, all or nothing, durable on return, decisions first;
-        a reused (event_id, slot) keeps its first decision (test_reused_event_id_does_not_fail_the_batch);
+        a reused (event_id, slot) keeps its first decision, the newcomer is not inserted (inserted
+        False) and reserves nothing in budget_accounts (test_reused_event_id_does_not_fail_the_batch,
+        test_a_refused_decision_reserves_nothing);
         a close or activation is True once, for an open window, else False, unknown ids too
         (test_decisions_closes_and_learn_order, test_slots_activation_and_aggregation_events); ``assign``
         claims in that commit (test_the_learners_closes_get_learn_positions_in_the_same_commit); a FIRST
-        event sets the first reward of an open, activated decision that has none (recorded True,
-        else False), and a DEFAULT or REWARD close of a decision holding one stores it as REWARD, decided on
-        the row as it is updated, so that no server's first reward is lost or replaced
-        (test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close). Unavailable."""
+        event sets the first reward of an open, activated decision that has none (STORED; DUPLICATE
+        where it has one; CLOSED where it is not open), and a DEFAULT or REWARD close of a decision
+        holding one stores it as REWARD, decided on the row as it is updated, so that no server's
+        first reward is lost or replaced (test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close);
+        an "agg" event is stored only while its window is open (else CLOSED), once per key
+        (DUPLICATE), and a close with ``aggregation`` stores the aggregate of the row's first reward
+        and every stored "agg" event, whichever server stored them, taken in the close's own
+        transaction after its row lock (test_aggregated_rewards_of_every_server_are_folded_in_at_close);
+        every close, activation, FIRST and "agg" event with a ``placement`` acts only on a row of that
+        placement (and ``owner``, unless None), else it is False or CLOSED
+        (test_writes_are_bound_to_their_decision). Raises Unavailable."""
         ...
 
     def find_decision(self, event_id: str, slot: int = 0) -> LoggedDecision | None:

@@ -11,6 +11,7 @@ import orjson
 from sqlalchemy import (
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -23,19 +24,31 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import LoggedDecision, Outcome, aggregate
 from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.spec import ArmSpec, CampaignSpec, PlacementSpec
 from nextbest.storage import migrate
 from nextbest.storage import tables as t
-from nextbest.storage.base import FIRST, Activation, Close, LearnRow, PlacementRecord, RecentImpression, RewardEvent, Snapshot, WriteResult
+from nextbest.storage.base import (
+    FIRST,
+    Activation,
+    Close,
+    LearnRow,
+    PlacementRecord,
+    RecentImpression,
+    Recorded,
+    RewardEvent,
+    Snapshot,
+    WriteResult,
+)
 from nextbest.storage.contacts import ContactQueries
 from nextbest.storage.coordination import Coordination
 from nextbest.storage.secrets import Secrets
 from nextbest.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
 from nextbest.storage.tallies import StatsQueries
 
-_CLOSE_CHUNK = 400  # rows per UPDATE: 2,000 parameters, far below SQLite's and PostgreSQL's limits
+_CLOSE_CHUNK = 400  # rows per UPDATE: 2,800 parameters, far below SQLite's and PostgreSQL's limits
+_INSERT_CHUNK = 500  # decisions per INSERT: 12,000 parameters (SQLite's limit is 32,766, PostgreSQL's 65,535)
 
 
 def open_store(url: str) -> SqlStore:
@@ -71,10 +84,15 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         mark = "%s" if self._postgres else "?"
-        self._insert_decisions = insert_decisions_sql(self._postgres)
+        self._insert_sql: dict[int, str] = {}  # decision INSERTs by rows
         self._insert_events = (
             "INSERT INTO reward_events (event_id, slot, reward, received_at, kind, reward_id) "
-            f"VALUES ({', '.join([mark] * 6)}) ON CONFLICT DO NOTHING"  # a retried key is stored once
+            f"VALUES ({', '.join([mark] * 6)}) ON CONFLICT DO NOTHING RETURNING id"  # a retried key is stored once
+        )
+        # An "agg" reward once its window was found open (and locked): a retried key is stored once.
+        self._insert_agg = (
+            "INSERT INTO reward_events (event_id, slot, reward, received_at, kind, reward_id) "
+            f"VALUES ({mark}, {mark}, {mark}, {mark}, 'agg', {mark}) ON CONFLICT DO NOTHING RETURNING id"
         )
         self._set_learn_seq = f"UPDATE decisions SET learn_seq = {mark} WHERE event_id = {mark} AND slot = {mark} AND learn_seq IS NULL"
         try:
@@ -157,6 +175,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
                             for i, a in enumerate(rec.spec.arms)
                         ],
                     )
+            self.config_changed(c, records, campaigns)  # budget limits, the serial, the notification
 
     def load_campaigns(self) -> list[CampaignSpec]:
         with self._connect() as c:
@@ -189,9 +208,10 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
         Decisions go first so that a reward in the same batch finds its decision: a decision
         is durable no later than any reward acknowledged for it. Budget spend moves with them:
         an impression cost is spent at the decision (held until activation if deferred), a
-        reward cost is held until the window closes.
+        reward cost is held until the window closes; a decision not inserted (its id is taken)
+        moves nothing. Every write acting on a decision is bound to it (its placement, and its
+        owner where the writer holds the window): see Close.placement.
         """
-        d_ = t.decisions.c
         spend: dict[tuple[str, str], list[float]] = {}  # (key, period) -> [spent, reserved] deltas
 
         def add(keys: Sequence[tuple[str, str]], spent: float, reserved: float) -> None:
@@ -200,38 +220,33 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
                 acc[0] += spent
                 acc[1] += reserved
 
-        for d in decisions:
-            if d.activated:
-                add(d.budgets, d.cost, d.reward_cost)
-            else:
-                add(d.budgets, 0.0, d.cost + d.reward_cost)
         closed: list[bool] = []
         stored: list[Close | None] = []
         activated: list[bool] = []
         learnable: list[tuple[str, int]] = []
         with self._begin() as c:
-            if decisions:
-                owner = self.owner
-                c.exec_driver_sql(self._insert_decisions, [decision_params(d, owner) for d in decisions])
+            inserted = self._insert(c, decisions) if decisions else []
+            for d, ok in zip(decisions, inserted, strict=True):
+                if not ok:
+                    continue
+                if d.activated:
+                    add(d.budgets, d.cost, d.reward_cost)
+                else:
+                    add(d.budgets, 0.0, d.cost + d.reward_cost)
             for act in activations:
-                res = c.execute(
-                    update(t.decisions)
-                    .where(
-                        d_.event_id == act.event_id,
-                        d_.slot == act.slot,
-                        d_.outcome == int(Outcome.OPEN),
-                        d_.activated.is_(False),
-                    )
-                    .values(activated=True, deadline=act.deadline)
-                )
-                activated.append(res.rowcount > 0)
-                if res.rowcount > 0:
+                activated.append(self._activate(c, act))
+                if activated[-1]:
                     add(act.budgets, act.cost, -act.cost)
-            kept = [e for e in events if e.kind != FIRST]
-            if kept:
-                c.exec_driver_sql(self._insert_events, [(e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id) for e in kept])
             firsts = self._set_firsts(c, [e for e in events if e.kind == FIRST])
-            recorded = [e.kind != FIRST or firsts.pop((e.event_id, e.slot), False) for e in events]  # later twins: False
+            recorded: list[Recorded] = []
+            for e in events:
+                if e.kind == FIRST:
+                    recorded.append(firsts.pop((e.event_id, e.slot), Recorded.DUPLICATE))  # later twins: DUPLICATE
+                elif e.kind == "agg":
+                    recorded.append(self._store_agg(c, e))
+                else:  # late: kept whatever the window's state, a key once
+                    row = (e.event_id, e.slot, e.reward, e.at, e.kind, e.reward_id)
+                    recorded.append(Recorded.STORED if c.exec_driver_sql(self._insert_events, row).all() else Recorded.DUPLICATE)
             done = self._close_all(c, closes)
             for close in closes:
                 got = done.pop((close.event_id, close.slot), None)  # a second close of one window fails
@@ -254,14 +269,83 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
                 c.execute(
                     update(t.budget_accounts).where(a.key == key, a.period == period).values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
-        return WriteResult(closed, activated, stored, recorded)
+        return WriteResult(closed, activated, stored, recorded, inserted)
+
+    def _insert(self, c: Connection, decisions: Sequence[LoggedDecision]) -> list[bool]:
+        """Insert the decisions, a multi-row INSERT ... RETURNING per chunk; per decision whether
+        it was inserted (the first of twins in a batch is; a key taken before is not)."""
+        owner = self.owner
+        taken: set[tuple[str, int]] = set()
+        for start in range(0, len(decisions), _INSERT_CHUNK):
+            chunk = decisions[start : start + _INSERT_CHUNK]
+            sql = self._insert_sql.get(len(chunk))
+            if sql is None:
+                sql = self._insert_sql[len(chunk)] = insert_decisions_sql(self._postgres, len(chunk))
+            params = tuple(v for d in chunk for v in decision_params(d, owner))
+            taken.update((e, int(s)) for e, s in c.exec_driver_sql(sql, params).all())
+        out = []
+        for d in decisions:
+            key = (d.event_id, d.slot)
+            out.append(key in taken)
+            taken.discard(key)  # a later twin in the batch was not inserted
+        return out
+
+    @staticmethod
+    def _bound(cols: Any, placement: str | None, owner: str | None) -> list[Any]:
+        """The conditions binding a write to its decision (see Close.placement)."""
+        out = []
+        if placement is not None:
+            out.append(cols.placement_id == placement)
+        if owner is not None:
+            out.append(cols.owner == owner)
+        return out
+
+    def _activate(self, c: Connection, act: Activation) -> bool:
+        d_ = t.decisions.c
+        res = c.execute(
+            update(t.decisions)
+            .where(
+                d_.event_id == act.event_id,
+                d_.slot == act.slot,
+                d_.outcome == int(Outcome.OPEN),
+                d_.activated.is_(False),
+                *self._bound(d_, act.placement, act.owner),
+            )
+            .values(activated=True, deadline=act.deadline)
+        )
+        return bool(res.rowcount > 0)
+
+    def _open_window(self, e: RewardEvent) -> Any:
+        """The open, activated decision a FIRST or "agg" event of ``e`` may act on."""
+        d_ = t.decisions.c
+        return select(d_.event_id, d_.slot, d_.reward).where(
+            d_.event_id == e.event_id,
+            d_.slot == e.slot,
+            d_.outcome == int(Outcome.OPEN),
+            d_.activated.is_(True),
+            *self._bound(d_, e.placement, e.owner),
+        )
+
+    def _store_agg(self, c: Connection, e: RewardEvent) -> Recorded:
+        """One reward to aggregate, stored only while its window is open: the window's row is
+        locked first (PostgreSQL; SQLite has one writer), so a close either sees it or it sees
+        the close and stores nothing (CLOSED): no acknowledged reward misses its aggregate."""
+        window = self._open_window(e)
+        if self._postgres:
+            window = window.with_for_update()
+        if c.execute(window).first() is None:
+            return Recorded.CLOSED
+        res = c.exec_driver_sql(self._insert_agg, (e.event_id, e.slot, e.reward, e.at, e.reward_id)).all()
+        return Recorded.STORED if res else Recorded.DUPLICATE
 
     def _close_all(self, c: Connection, closes: Sequence[Close]) -> dict[tuple[str, int], tuple[Outcome, float | None]]:
         """Close windows still open, one UPDATE ... FROM (VALUES ...) RETURNING per chunk
         instead of a statement per close; returns the (event, slot) pairs it closed, with the
         outcome and reward stored. A close of a row holding a first reward (learn_at:
         window_close) stores that reward, as REWARD, whatever the close brought: decided in the
-        UPDATE itself, on the row as it is when it is updated."""
+        UPDATE itself, on the row as it is when it is updated. A close with ``aggregation``
+        then folds in the "agg" reward events of the window, read after the UPDATE locked the
+        row: a reward stored by any server before it is counted, and none can be stored after."""
         done: dict[tuple[str, int], tuple[Outcome, float | None]] = {}
         first: dict[tuple[str, int], Close] = {}
         for cl in closes:  # a window closes once: the first close of it in the batch is the one
@@ -271,18 +355,57 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
             chunk = unique[start : start + _CLOSE_CHUNK]
             params: list[Any] = []
             for cl in chunk:
-                params += (cl.event_id, cl.slot, int(cl.outcome), cl.reward if cl.learnable else None, cl.at)
+                params += (cl.event_id, cl.slot, int(cl.outcome), cl.reward if cl.learnable else None, cl.at, cl.placement, cl.owner)
             for event_id, slot, outcome, reward in c.exec_driver_sql(self._close_sql(len(chunk)), tuple(params)).all():
                 done[(event_id, int(slot))] = (Outcome(int(outcome)), None if reward is None else float(reward))
+        folding = [cl for cl in unique if cl.aggregation is not None and cl.learnable and (cl.event_id, cl.slot) in done]
+        if folding:
+            self._fold(c, folding, done)
         return done
 
-    def _set_firsts(self, c: Connection, events: Sequence[RewardEvent]) -> dict[tuple[str, int], bool]:
+    def _fold(self, c: Connection, closes: Sequence[Close], done: dict[tuple[str, int], tuple[Outcome, float | None]]) -> None:
+        """Store the aggregate of each closed window's rewards: the first reward the row held
+        (the close's UPDATE took it as REWARD) and its "agg" events in the order stored."""
+        r = t.reward_events.c
+        gathered: dict[tuple[str, int], list[float]] = {}
+        for cl in closes:
+            outcome, reward = done[(cl.event_id, cl.slot)]
+            if outcome == Outcome.REWARD and reward is not None:
+                gathered[(cl.event_id, cl.slot)] = [reward]  # the row's first reward, or the close's own
+        ids = sorted({cl.event_id for cl in closes})
+        for start in range(0, len(ids), _CLOSE_CHUNK):
+            these = ids[start : start + _CLOSE_CHUNK]
+            rows = c.execute(select(r.event_id, r.slot, r.reward).where(r.kind == "agg", r.event_id.in_(these)).order_by(r.id)).all()
+            for event_id, slot, reward in rows:
+                key = (event_id, int(slot))
+                if key in done:
+                    gathered.setdefault(key, []).append(float(reward))
+        updates = []
+        for cl in closes:
+            key = (cl.event_id, cl.slot)
+            values = gathered.get(key)
+            if not values:
+                continue
+            value = aggregate(cl.aggregation or "earliest", values)
+            if done[key] != (Outcome.REWARD, value):
+                done[key] = (Outcome.REWARD, value)
+                updates.append({"o": int(Outcome.REWARD), "r": value, "e": cl.event_id, "s": cl.slot})
+        if updates:
+            d_ = t.decisions.c
+            c.execute(
+                update(t.decisions)
+                .where(d_.event_id == bindparam("e"), d_.slot == bindparam("s"))
+                .values(outcome=bindparam("o"), reward=bindparam("r")),
+                updates,
+            )
+
+    def _set_firsts(self, c: Connection, events: Sequence[RewardEvent]) -> dict[tuple[str, int], Recorded]:
         """Put first rewards on the rows of open, activated decisions that have none, one
-        UPDATE ... FROM (VALUES ...) RETURNING per chunk like the closes; returns the (event,
-        slot) pairs that took theirs. Within a batch the first of a pair's events is the one.
-        On the row, every server's first reward and every close see the same value (the close
-        takes it: _close_all)."""
-        done: dict[tuple[str, int], bool] = {}
+        UPDATE ... FROM (VALUES ...) RETURNING per chunk like the closes; returns per (event,
+        slot) whether it took its first (STORED), had one (DUPLICATE) or is not open (CLOSED).
+        Within a batch the first of a pair's events is the one. On the row, every server's
+        first reward and every close see the same value (the close takes it: _close_all)."""
+        done: dict[tuple[str, int], Recorded] = {}
         first: dict[tuple[str, int], RewardEvent] = {}
         for e in events:
             first.setdefault((e.event_id, e.slot), e)
@@ -291,45 +414,54 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
             chunk = unique[start : start + _CLOSE_CHUNK]
             params: list[Any] = []
             for e in chunk:
-                params += (e.event_id, e.slot, e.reward, e.at)
+                params += (e.event_id, e.slot, e.reward, e.at, e.placement, e.owner)
             for event_id, slot in c.exec_driver_sql(self._first_sql(len(chunk)), tuple(params)).all():
-                done[(event_id, int(slot))] = True
+                done[(event_id, int(slot))] = Recorded.STORED
+        for e in unique:
+            if (e.event_id, e.slot) not in done:  # refused: a first reward there already, or not open
+                row = c.execute(self._open_window(e)).first()
+                done[(e.event_id, e.slot)] = Recorded.DUPLICATE if row is not None and row.reward is not None else Recorded.CLOSED
         return done
 
     def _first_sql(self, n: int) -> str:
         open_without = f"outcome = {int(Outcome.OPEN)} AND {{t}}.activated AND {{t}}.reward IS NULL"
         if self._postgres:
-            row = "(%s::varchar, %s::int, %s::float8, %s::float8)"
+            row = "(%s::varchar, %s::int, %s::float8, %s::float8, %s::varchar, %s::varchar)"
             return (
                 "UPDATE decisions AS d SET reward = v.r, rewarded_at = v.a "
-                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, r, a) "
-                f"WHERE d.event_id = v.e AND d.slot = v.s AND d.{open_without.format(t='d')} RETURNING d.event_id, d.slot"
+                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, r, a, p, w) "
+                f"WHERE d.event_id = v.e AND d.slot = v.s AND d.{open_without.format(t='d')} "
+                "AND (v.p IS NULL OR d.placement_id = v.p) AND (v.w IS NULL OR d.owner = v.w) RETURNING d.event_id, d.slot"
             )
         return (
             "UPDATE decisions SET reward = v.column3, rewarded_at = v.column4 "
-            f"FROM (VALUES {', '.join(['(?, ?, ?, ?)'] * n)}) AS v "
+            f"FROM (VALUES {', '.join(['(?, ?, ?, ?, ?, ?)'] * n)}) AS v "
             "WHERE decisions.event_id = v.column1 AND decisions.slot = v.column2 "
-            f"AND decisions.{open_without.format(t='decisions')} RETURNING decisions.event_id, decisions.slot"
+            f"AND decisions.{open_without.format(t='decisions')} "
+            "AND (v.column5 IS NULL OR decisions.placement_id = v.column5) AND (v.column6 IS NULL OR decisions.owner = v.column6) "
+            "RETURNING decisions.event_id, decisions.slot"
         )
 
     def _close_sql(self, n: int) -> str:
         if self._postgres:
-            row = "(%s::varchar, %s::int, %s::smallint, %s::float8, %s::float8)"
+            row = "(%s::varchar, %s::int, %s::smallint, %s::float8, %s::float8, %s::varchar, %s::varchar)"
             taken = f"v.o IN ({int(Outcome.DEFAULT)}, {int(Outcome.REWARD)}) AND d.reward IS NOT NULL"
             return (
                 f"UPDATE decisions AS d SET outcome = CASE WHEN {taken} THEN {int(Outcome.REWARD)} ELSE v.o END, "
                 f"reward = CASE WHEN {taken} THEN d.reward ELSE v.r END, rewarded_at = v.a "
-                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, o, r, a) "
+                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, o, r, a, p, w) "
                 f"WHERE d.event_id = v.e AND d.slot = v.s AND d.outcome = {int(Outcome.OPEN)} "
+                "AND (v.p IS NULL OR d.placement_id = v.p) AND (v.w IS NULL OR d.owner = v.w) "
                 "RETURNING d.event_id, d.slot, d.outcome, d.reward"
             )
         taken = f"v.column3 IN ({int(Outcome.DEFAULT)}, {int(Outcome.REWARD)}) AND decisions.reward IS NOT NULL"
         return (
             f"UPDATE decisions SET outcome = CASE WHEN {taken} THEN {int(Outcome.REWARD)} ELSE v.column3 END, "
             f"reward = CASE WHEN {taken} THEN decisions.reward ELSE v.column4 END, rewarded_at = v.column5 "
-            f"FROM (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * n)}) AS v "
+            f"FROM (VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?)'] * n)}) AS v "
             "WHERE decisions.event_id = v.column1 AND decisions.slot = v.column2 "
             f"AND decisions.outcome = {int(Outcome.OPEN)} "
+            "AND (v.column6 IS NULL OR decisions.placement_id = v.column6) AND (v.column7 IS NULL OR decisions.owner = v.column7) "
             "RETURNING decisions.event_id, decisions.slot, decisions.outcome, decisions.reward"
         )
 

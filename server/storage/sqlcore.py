@@ -85,12 +85,14 @@ _DECISION_COLUMNS = (
 )
 
 
-def insert_decisions_sql(postgres: bool) -> str:
-    """INSERT of one decision row in the driver's own parameter style; a reused event id keeps
-    its first decision instead of failing the batch."""
+def insert_decisions_sql(postgres: bool, rows: int) -> str:
+    """INSERT of ``rows`` decision rows in the driver's own parameter style, returning the keys
+    it inserted: a reused (event_id, slot) keeps its first decision, the newcomer is left out
+    (and told so) instead of failing the batch."""
     mark = "%s" if postgres else "?"
     cols = ", ".join(_DECISION_COLUMNS)
-    return f"INSERT INTO decisions ({cols}) VALUES ({', '.join([mark] * len(_DECISION_COLUMNS))}) ON CONFLICT DO NOTHING"
+    row = f"({', '.join([mark] * len(_DECISION_COLUMNS))})"
+    return f"INSERT INTO decisions ({cols}) VALUES {', '.join([row] * rows)} ON CONFLICT DO NOTHING RETURNING event_id, slot"
 
 
 def _json(value: Any) -> str:

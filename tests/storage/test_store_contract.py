@@ -10,7 +10,7 @@ import pytest
 from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.features import feature
 from nextbest.config.plans import plan
-from nextbest.storage.base import Activation, Close, RewardEvent, Snapshot
+from nextbest.storage.base import Activation, Close, Recorded, RewardEvent, Snapshot
 from nextbest.storage.sql import SqlStore, open_store
 from tests import envs
 from tests.harness import postgres_available, postgres_schema
@@ -297,7 +297,7 @@ def test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close(store: SqlStor
 
     store.write([decision("e1"), decision("e2"), decision("e3")], [])
     r = store.write([], [], events=[RewardEvent("e1", 0, 2.0, 101.0, FIRST), RewardEvent("e1", 0, 5.0, 101.5, FIRST)])
-    assert list(r.recorded) == [True, False]  # the second is not the first
+    assert list(r.recorded) == [Recorded.STORED, Recorded.DUPLICATE]  # the second is not the first
     row = store.find_decision("e1")
     assert row is not None and (row.outcome, row.reward) == (Outcome.OPEN, 2.0)
     r = store.write([], [Close("e1", Outcome.DEFAULT, 0.0, 700.0), Close("e2", Outcome.DEFAULT, -1.0, 700.0)])
@@ -308,7 +308,7 @@ def test_a_first_reward_is_kept_on_the_row_and_taken_by_the_close(store: SqlStor
     r = store.write([], [Close("e3", Outcome.REWARD, 9.0, 103.0)])  # a later explicit close keeps the first
     assert [(c.outcome, c.reward) for c in r.stored if c is not None] == [(Outcome.REWARD, 1.5)]
     r = store.write([], [], events=[RewardEvent("e2", 0, 1.0, 800.0, FIRST)])
-    assert list(r.recorded) == [False]  # closed: no first reward any more
+    assert list(r.recorded) == [Recorded.CLOSED]  # closed: no first reward any more
     assert store.open_reward_events() == []  # FIRST rewards are on the rows, not events
 
 
@@ -339,3 +339,98 @@ def test_a_shared_secret_is_stored_once_and_read_by_every_store(store: SqlStore)
     for s in stores:
         s.close()
     assert len(got) == 4 and len(set(got)) == 1 and got[0].startswith("candidate-")
+
+
+def _budgeted(total: float, daily: float | None = None) -> object:
+    budget: dict[str, float] = {"total": total}
+    if daily is not None:
+        budget["daily"] = daily
+    return envs.placement(arms=[{"id": "data_5gb", "features": {"category": "data"}, "cost_per_impression": 1.0, "budget": budget}])
+
+
+def test_leases_are_taken_against_the_stored_limit(store: SqlStore) -> None:
+    """The limit a lease is checked against is the one stored by the last configuration (on the
+    account's row, where a lease and a change meet), not the caller's copy of it."""
+    from nextbest.storage.base import LeaseGrant
+
+    key = "arm:app_home_banner/data_5gb"
+    p = plan({}, [_budgeted(1000.0, daily=100.0)], 1)
+    store.save_placements(p.records, p.new_arm_versions)
+    assert store.take_lease(key, "total", 1000.0, 50.0) == LeaseGrant(50.0, 1000.0)
+    assert store.take_lease(key, "2026-12-01", 100.0, 30.0) == LeaseGrant(30.0, 100.0)
+    [rec] = store.load_placements()
+    lowered = plan({rec.spec.id: rec}, [_budgeted(10.0, daily=20.0)], 1)
+    store.save_placements(lowered.records, lowered.new_arm_versions)
+    # A caller still holding 1000 gets nothing: 50 is leased already against a limit of 10.
+    assert store.take_lease(key, "total", 1000.0, 50.0) == LeaseGrant(0.0, 10.0)
+    assert store.take_lease(key, "2026-12-01", 100.0, 30.0) == LeaseGrant(0.0, 20.0)
+    assert store.take_lease(key, "2026-12-02", 100.0, 30.0) == LeaseGrant(20.0, 20.0)  # a new day's account takes it too
+    assert store.release(key, "total", 45.0) == 45.0
+    assert store.take_lease(key, "total", 1000.0, 50.0) == LeaseGrant(5.0, 10.0)
+    assert store.lease("arm:other/x", "total", 7.0, 9.0) == 7.0  # nothing stored: the caller's limit
+    [acc] = store.load_accounts([(key, "total")])
+    assert acc.leased == 10.0
+
+
+def test_a_server_gives_back_only_its_own_lease(store: SqlStore) -> None:
+    """Each server's part of an account's lease is its own; the part an open window holds moves
+    with the window when another server takes it over."""
+    from dataclasses import replace
+
+    k = ("arm:p/a", "total")
+    store.register_server("a", now=100.0)
+    assert store.lease(*k, 100.0, 30.0) == 30.0
+    store.write([replace(decision("e1"), cost=1.0, reward_cost=4.0, budgets=(k,))], [])  # a holds 4 for e1's reward
+    store.register_server("b", now=100.0)
+    assert store.lease(*k, 100.0, 10.0) == 10.0
+    assert store.release(*k, 25.0) == 10.0  # b took 10: it gives back no more
+    assert [(r.key, r.period, r.leased) for r in store.server_leases()] == [(*k, 0.0)]
+    store.heartbeat(now=200.0)
+    assert [d.event_id for d in store.adopt_open(live_since=150.0)] == ["e1"]  # a is silent: b takes e1
+    assert [(r.key, r.leased) for r in store.server_leases()] == [(k[0], 4.0)]  # with the 4 it holds
+    assert store.release(*k, 9.0) == 4.0
+    store.owner = "a"
+    assert store.release(*k, 100.0) == 26.0  # a keeps its 30 less e1's 4
+    [acc] = store.load_accounts([k])
+    assert acc.leased == 0.0 and store.release("arm:p/none", "total", 5.0) == 0.0
+    assert store.load_accounts([("arm:p/none", "total")]) == []
+
+
+def test_servers_confirm_the_configuration_serial(store: SqlStore) -> None:
+    """Each save_placements advances the serial; servers confirm the serial they loaded and the
+    applying one asks which live servers have not; PostgreSQL notifies every listener."""
+    import threading
+    import time
+
+    heard: list[int] = []
+    got = threading.Event()
+
+    def on_change(serial: int) -> None:
+        heard.append(serial)
+        got.set()
+
+    stop = store.listen_config(on_change)
+    try:
+        assert store.config_serial() == 0
+        store.register_server("a", now=100.0)
+        store.register_server("b", now=100.0)
+        time.sleep(0.3 if stop is not None else 0)  # the listener is listening
+        p = plan({}, [envs.placement()], 1)
+        store.save_placements(p.records, p.new_arm_versions)
+        assert store.config_serial() == 1
+        store.confirm_config(1)  # b has loaded it
+        assert store.unconfirmed_servers(1, live_since=50.0) == ["a"]  # b asks: a has not
+        store.owner = "a"
+        assert store.unconfirmed_servers(1, live_since=50.0) == []  # a asks: b has
+        store.confirm_config(1)
+        store.confirm_config(0)  # never lowers it
+        store.owner = "b"
+        assert store.unconfirmed_servers(1, live_since=50.0) == []
+        assert store.unconfirmed_servers(1, live_since=150.0) == []  # a is not live: not waited for
+        if stop is None:
+            assert store.engine.url.get_backend_name() == "sqlite"
+        else:
+            assert got.wait(5) and heard == [1]
+    finally:
+        if stop is not None:
+            stop()

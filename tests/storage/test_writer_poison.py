@@ -38,7 +38,7 @@ from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.features import feature
 from nextbest.engine.writer import BatchWriter
 from nextbest.rpc.errors import status_for
-from nextbest.storage.base import Activation, Close, RewardEvent, WriteResult
+from nextbest.storage.base import Activation, Close, Recorded, RewardEvent, WriteResult
 from nextbest.storage.refusal import RecordRefused, is_refusal, refusal_reason
 from nextbest.storage.sql import SqlStore, open_store
 from nextbest.telemetry.metrics import Metrics
@@ -197,7 +197,7 @@ def test_a_poisoned_decision_and_reward_are_refused_and_the_rest_of_the_batch_is
     with caplog.at_level(logging.ERROR, logger="nextbest.engine.writer"):
         out = with_writer(db.store, body, kinds)
     assert out["acted"] is True
-    assert out["kept"] is True
+    assert out["kept"] is Recorded.STORED
     assert isinstance(out["refused"], RecordRefused)
     assert "the database refused this record" in str(out["refused"])
     assert [c is not None for c in out["closes"]] == [True, True, True, True, True, False, False]  # closes as stored, or None
