@@ -1,0 +1,341 @@
+"""The Reward path's decision table (server/engine/windows.py), one test per row, on the engine's
+own parts: a fake clock, SQLite in a temporary directory (two engines on one file are two servers),
+no gRPC and no sleeps. Each test names the table row it shows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nextbest.bandit import access
+from nextbest.bandit.decision_log import Outcome
+from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
+from nextbest.bandit.spec import PlacementSpec
+from nextbest.engine.engine import Engine
+from nextbest.engine.reward_policy import RewardStatus
+from nextbest.storage.sql import open_store
+from tests import envs
+from tests.harness import FakeClock, make_settings
+
+WINDOW = 600.0
+LEARNED, RECORDED, DUPLICATE, LATE = RewardStatus.LEARNED, RewardStatus.RECORDED, RewardStatus.DUPLICATE, RewardStatus.LATE
+
+
+def placement(pid: str = "p", **kw: Any) -> PlacementSpec:
+    return envs.placement(pid, **{"learn_at": "window_close", "reward_window": WINDOW, **kw})
+
+
+@asynccontextmanager
+async def server(db: str, clock: FakeClock, **kw: Any) -> AsyncIterator[Engine]:
+    """An engine started on this loop; its background tasks wait far longer than a test runs."""
+    settings = make_settings(db, sweep_interval=60, replica_poll_interval=60, **kw)
+    engine = Engine(open_store(db), settings, clock)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(body())  # type: ignore[arg-type]
+
+
+async def choose(e: Engine, pid: str = "p", event_id: str = "", **kw: Any) -> str:
+    ds = await e.chooser.choose(pid, "c1", event_id, [], **kw)
+    return ds[0].event_id
+
+
+async def row(e: Engine, event_id: str) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, e.store.find_decision, event_id, 0)
+
+
+async def close_all(e: Engine, clock: FakeClock) -> int:
+    clock.advance(WINDOW + 1)
+    return await e.windows.sweep()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/nb.db"
+
+
+# -- open, activated -------------------------------------------------------------------------
+
+
+def test_at_reward_here_closes_and_learns_at_once(db: str) -> None:
+    """open, activated | AT_REWARD | here -> LEARNED, close REWARD r, learned at once."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement(learn_at="reward")])
+            ev = await choose(a)
+            assert await a.windows.reward(ev, 2.5) is LEARNED
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 2.5)
+            assert await a.windows.reward(ev, 9.0) is DUPLICATE  # closed with a reward
+            assert (await row(a, ev)).reward == 2.5
+
+    run(body)
+
+
+def test_at_reward_elsewhere_closes_the_row_and_the_owner_closes_nothing(db: str) -> None:
+    """open, activated | AT_REWARD | elsewhere -> LEARNED on the row; the owner's sweep finds it closed."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(learn_at="reward")])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                assert await b.windows.reward(ev, 3.0) is LEARNED
+                assert await a.windows.reward(ev, 4.0) is DUPLICATE  # A's window meets the closed row
+                assert await close_all(a, clock) == 0
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
+
+    run(body)
+
+
+def test_first_at_close_here_waits_on_the_row_for_the_close(db: str) -> None:
+    """open, activated | FIRST_AT_CLOSE | here -> LEARNED, r on the row; learned at the close, r."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement()])
+            ev = await choose(a)
+            assert await a.windows.reward(ev, 1.5) is LEARNED
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.OPEN, 1.5)
+            assert await close_all(a, clock) == 1
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 1.5)
+
+    run(body)
+
+
+def test_first_at_close_has_a_first_reward_here_and_elsewhere(db: str) -> None:
+    """open, has a first reward | FIRST_AT_CLOSE | either -> DUPLICATE, nothing stored."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement()])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                assert await b.windows.reward(ev, 2.0) is LEARNED  # the first, from elsewhere
+                assert await a.windows.reward(ev, 7.0) is DUPLICATE
+                assert await b.windows.reward(ev, 8.0) is DUPLICATE
+                assert await close_all(a, clock) == 1
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.REWARD, 2.0)
+
+    run(body)
+
+
+@pytest.mark.parametrize(("how", "expected"), [("sum", 10.0), ("max", 4.0), ("average", 2.5)])
+def test_aggregate_gathers_every_servers_rewards_for_the_close(db: str, how: str, expected: float) -> None:
+    """open, activated | AGGREGATE | either -> RECORDED; the close learns the aggregate of all
+    (issue #29: a reward to the other server closed the window with its one value: learned 2, expected 10)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(reward_aggregation=how)])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                assert [await a.windows.reward(ev, 1.0), await b.windows.reward(ev, 2.0)] == [RECORDED, RECORDED]
+                assert [await b.windows.reward(ev, 3.0, reward_id="k3"), await a.windows.reward(ev, 4.0)] == [RECORDED, RECORDED]
+                assert (await row(a, ev)).outcome == Outcome.OPEN  # nobody closed it early
+                assert await close_all(a, clock) == 1
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.REWARD, expected)
+                assert await b.windows.reward(ev, 5.0, reward_id="k5") is LATE  # closed with a reward: LATE
+
+    run(body)
+
+
+def test_aggregate_counts_a_key_once_here_and_elsewhere(db: str) -> None:
+    """open, key counted already | AGGREGATE | either -> DUPLICATE, nothing stored."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(reward_aggregation="sum")])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                assert await a.windows.reward(ev, 1.0, reward_id="r1") is RECORDED
+                assert await a.windows.reward(ev, 1.0, reward_id="r1") is DUPLICATE
+                assert await b.windows.reward(ev, 1.0, reward_id="r1") is DUPLICATE
+                assert await b.windows.reward(ev, 2.0, reward_id="r2") is RECORDED
+                assert await a.windows.reward(ev, 2.0, reward_id="r2") is DUPLICATE  # stored by B: the row decides
+                await close_all(a, clock)
+                assert (await row(a, ev)).reward == 3.0
+
+    run(body)
+
+
+def test_a_switch_from_earliest_to_sum_keeps_the_first_reward_on_the_row(db: str) -> None:
+    """Switching aggregation with open windows keeps what was recorded (issue #29, point 2)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement()])
+            ev = await choose(a)
+            assert await a.windows.reward(ev, 2.0) is LEARNED  # the first, on the row
+            await a.config.apply([placement(reward_aggregation="sum")])
+            assert await a.windows.reward(ev, 3.0, reward_id="x") is RECORDED
+            await close_all(a, clock)
+            assert (await row(a, ev)).reward == 5.0
+
+    run(body)
+
+
+# -- other window states ----------------------------------------------------------------------
+
+
+def test_a_deferred_decision_is_activated_first(db: str) -> None:
+    """open, deferred | any | either -> INVALID_ARGUMENT (activate first)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement()])
+            ev = await choose(a, defer=True)
+            with pytest.raises(InvalidInput, match="deferred and not activated"):
+                await a.windows.reward(ev, 1.0)
+            await a.writer.flush()
+            assert (await row(a, ev)).reward is None
+
+    run(body)
+
+
+def test_past_its_deadline_a_reward_is_late(db: str) -> None:
+    """past its deadline | any | either -> LATE, a "late" event, never learned."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement()])
+            ev = await choose(a)
+            clock.advance(WINDOW + 1)
+            assert await a.windows.reward(ev, 1.0) is LATE  # the sweep has not closed it yet
+            assert await a.windows.sweep() == 1
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.DEFAULT, 0.0)
+            assert await a.windows.reward(ev, 1.0) is LATE  # closed with the default
+            assert await a.windows.reward(ev, 1.0, reward_id="late-1") is LATE
+            assert await a.windows.reward(ev, 1.0, reward_id="late-1") is DUPLICATE  # a retry of a late one
+
+    run(body)
+
+
+def test_no_arm_has_nothing_to_reward(db: str) -> None:
+    """no arm | any | - -> INVALID_ARGUMENT."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            spec = placement()
+            await a.config.apply([spec])
+            ev = await choose(a, exclude_arms=[x.id for x in spec.arms])
+            await a.writer.flush()
+            with pytest.raises(InvalidInput, match="served no arm"):
+                await a.windows.reward(ev, 1.0)
+
+    run(body)
+
+
+def test_another_placements_event_is_unknown_to_a_limited_token(db: str) -> None:
+    """unknown, or another placement's for a limited token -> NOT_FOUND, the same answer."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement("p"), placement("q")])
+            theirs = await choose(a, "q")
+            token = access.current.set(access.Scope("ussd", frozenset({"p"})))
+            try:
+                with pytest.raises(NotFound) as e1:
+                    await a.windows.reward(theirs, 1.0)
+                with pytest.raises(NotFound) as e2:
+                    await a.windows.reward("nope", 1.0)
+                with pytest.raises(NotFound):
+                    await a.windows.activate(theirs)
+            finally:
+                access.current.reset(token)
+            assert str(e1.value).replace(theirs, "X") == str(e2.value).replace("nope", "X")
+            assert await a.windows.reward(theirs, 1.0) is LEARNED  # the refused one changed nothing
+
+    run(body)
+
+
+# -- bound to the decision ----------------------------------------------------------------------
+
+
+def test_a_reused_event_id_is_refused_by_the_store_and_reserves_nothing(db: str) -> None:
+    """A Choose whose decision the store does not take (the id is another decision's, on any
+    server, closed or not) is ALREADY_EXISTS and leaves no window or reservation (issue #29, 1 and 5)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        budgeted = placement(
+            "p",
+            arms=[{"id": "a", "features": {"x": 1}, "cost_per_impression": 1.0, "budget": {"total": 100}}],
+        )
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([budgeted, placement("q")])
+            async with server(db, clock, workers=2) as b:
+                mine = await choose(a, "q", event_id="e-1")
+                for eng in (a, b):  # the server holding its window, and the other
+                    with pytest.raises(AlreadyExists):
+                        await choose(eng, "p", event_id=mine)
+                assert await close_all(a, clock) == 1  # closed: the id stays taken
+                with pytest.raises(AlreadyExists):
+                    await choose(b, "p", event_id=mine)
+                assert not b.windows.open and not [k for k in a.windows.open if k[0] == mine]
+                accounts = await asyncio.get_running_loop().run_in_executor(None, b.store.load_accounts)
+                assert sum(r.spent + r.reserved for r in accounts) == 0.0  # nothing reserved for a refused id
+                assert sum(acc.spent + acc.reserved for acc in b.budgets.ledger.accounts.values()) == 0.0
+                d = await row(a, mine)
+                assert d.placement == "q" and (d.outcome, d.reward) == (Outcome.DEFAULT, 0.0)
+                fresh = await choose(b, "p", event_id="e-2")
+                assert await b.windows.reward(fresh, 1.0) is LEARNED
+
+    run(body)
+
+
+def test_a_window_never_writes_a_row_of_another_placement(db: str) -> None:
+    """Closes, first rewards and aggregated rewards name their placement; the store acts only on
+    a row of it (the root cause of issue #29 point 1)."""
+    from nextbest.storage.base import FIRST, Close, Recorded, RewardEvent
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement("p"), placement("q")])
+            ev = await choose(a, "q")
+            await a.writer.flush()
+            st = a.store
+            wrong = [RewardEvent(ev, 0, 1e9, clock(), FIRST, None, placement="p"), RewardEvent(ev, 0, 1e9, clock(), "agg", None, placement="p")]
+            res = st.write([], [Close(ev, Outcome.REWARD, 1e9, clock(), placement="p")], events=wrong)
+            assert list(res.closed) == [False] and list(res.recorded) == [Recorded.CLOSED, Recorded.CLOSED]
+            res = st.write([], [Close(ev, Outcome.REWARD, 1.0, clock(), placement="q", owner="another-server")])
+            assert list(res.closed) == [False]  # held by this server, not that one
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.OPEN, None)
+
+    run(body)
+
