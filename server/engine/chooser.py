@@ -31,7 +31,7 @@ from nextbest.bandit.decider import (
 )
 from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.eligibility import Value
-from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
+from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import Feature, feature, shared_line
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
@@ -42,6 +42,7 @@ from nextbest.engine.learner import Learner, PlacementState
 from nextbest.engine.windows import OpenDecision, RewardWindows
 from nextbest.engine.writer import BatchWriter
 from nextbest.storage.base import ContactRow
+from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
 
@@ -98,16 +99,33 @@ def _exclusions(spec: PlacementSpec, ids: Sequence[str]) -> frozenset[str]:
     return frozenset(ids)
 
 
+# How long a Choose with a caller-chosen event id waits for the store to take its decision
+# (one group commit, a few ms) before it answers without knowing; the decision is then undone
+# when the store refuses it (its id is taken), and meanwhile answered as new.
+_INSERT_WAIT = 2.0
+
+
 @dataclass(slots=True)
 class _Made:
-    """A decision of this Choose and what it holds, undone if its event id is refused."""
+    """A decision of this Choose and what it holds, undone if the store does not take it."""
 
+    windows: RewardWindows
+    learner: Learner
     decision: LoggedDecision
     entry: OpenDecision | None
     accounts: list[Account]
     spent: float
     reserved: float
-    inserted: asyncio.Future[bool] | None
+
+    def undo(self) -> None:
+        """The decision is not logged (its id is another decision's, or the database refused it):
+        its window, budget reservation and cached text go; nothing stays reserved for it."""
+        d = self.decision
+        if self.entry is not None:
+            self.windows.forget((d.event_id, d.slot), self.entry)
+        if self.accounts:
+            Ledger.unreserve(self.accounts, self.spent, self.reserved)
+        self.learner.forget(d.event_id, d.slot)
 
 
 class Chooser:
@@ -216,7 +234,7 @@ class Chooser:
             event_id = uuid.uuid4().hex
         elif self._windows.slots_of(event_id):
             raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
-        made: list[_Made] = []
+        waits: list[asyncio.Future[bool]] = []
         shown: list[Impression] = []
         tracked = bool(customer_id) and self._contacts.history.horizon > 0
         if shared_history is not None:
@@ -244,8 +262,7 @@ class Chooser:
                 defer,
                 closed,
                 excluded,
-                made,
-                chosen_id,
+                waits if chosen_id else None,
             )
             if d.arm_id is None and k > 0:
                 break  # fewer arms than slots: the response is shorter
@@ -260,30 +277,26 @@ class Chooser:
                 if shared_history is None:  # else the caller records it in the database
                     shown.append(imp)
                 history.append(imp)
-        if chosen_id:
-            await self._inserted(event_id, made)
+        await self._inserted(event_id, waits)
         for imp in shown:  # counted once the decision is sure to be logged
             self._contacts.history.record(customer_id, imp)
         return out
 
-    async def _inserted(self, event_id: str, made: list[_Made]) -> None:
-        """Wait until the store took this Choose's decisions; where it did not (the id is another
-        decision's: ALREADY_EXISTS) or could not (UNAVAILABLE), undo what they hold: their windows,
-        budget reservations and learner cache. Nothing stays reserved for a refused id."""
-        waits = [m.inserted for m in made if m.inserted is not None]
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is None and all(results):
+    async def _inserted(self, event_id: str, waits: list[asyncio.Future[bool]]) -> None:
+        """Wait until the store took this Choose's decisions: ALREADY_EXISTS where it did not
+        (the id is another decision's, made by any server at any time; the writer undid them).
+        While the database is away (or slower than _INSERT_WAIT) the Choose is answered as new
+        and the store decides later: a refused decision is then undone, never logged."""
+        if not waits or not self._writer.healthy:
             return
-        for m in made:
-            if m.entry is not None:
-                self._windows.forget((event_id, m.decision.slot), m.entry)
-            if m.accounts:
-                Ledger.unreserve(m.accounts, m.spent, m.reserved)
-            self._learner.forget(event_id, m.decision.slot)
-        if failed is not None:
-            raise failed
-        raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
+        try:
+            results = await asyncio.wait_for(asyncio.shield(asyncio.gather(*waits)), _INSERT_WAIT)
+        except RecordRefused:
+            raise  # the database will never take this decision (a NUL byte on PostgreSQL, ...)
+        except (Unavailable, TimeoutError):
+            return
+        if not all(results):
+            raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
 
     def _decide_slot(
         self,
@@ -300,8 +313,7 @@ class Chooser:
         defer: bool,
         closed: str = "",
         excluded: frozenset[str] = NOTHING_EXCLUDED,
-        made: list[_Made] | None = None,
-        wait: bool = False,
+        waits: list[asyncio.Future[bool]] | None = None,
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
@@ -370,9 +382,6 @@ class Chooser:
             activated=not defer,
             explanation=choice.explanation,
         )
-        inserted = self._writer.insert_decision(decision) if wait else None
-        if inserted is None:
-            self._writer.add_decision(decision)
         self._metrics.decision(spec.id, decision.arm_id)
         entry = None
         if chosen is not None:
@@ -389,8 +398,10 @@ class Chooser:
                 activated=not defer,
             )
             self._windows.add(event_id, slot, entry)
-        if made is not None:
-            made.append(_Made(decision, entry, reserved[0], reserved[1], reserved[2], inserted))
+        made = _Made(self._windows, self._learner, decision, entry, *reserved)
+        inserted = self._writer.add_decision(decision, on_dropped=made.undo, wait=waits is not None)
+        if waits is not None and inserted is not None:
+            waits.append(inserted)
         return decision
 
     def _baseline(

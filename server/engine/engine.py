@@ -8,7 +8,8 @@ the loop never waits on the database except to lease budget.
 
 Each part takes the collaborators it uses (the store, the writer, the budgets, the clock, ...),
 never the engine; the servicers call the parts: ``chooser`` (Choose), ``windows`` (Reward,
-Activate, closing windows), ``reward_batch`` (RewardBatch), ``takeover`` (windows of stopped servers), ``explainer`` (Explain), ``config`` (apply, placements), ``stats`` (GetStats).
+Activate, closing windows), ``reward_batch`` (RewardBatch), ``takeover`` (windows of stopped
+servers), ``explainer`` (Explain), ``config`` (apply, placements), ``stats`` (GetStats).
 """
 
 from __future__ import annotations

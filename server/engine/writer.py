@@ -3,9 +3,11 @@ batches, one transaction each.
 
 A Choose with a server-made event id never waits for the database: its decision joins the
 next batch (written at least every ``flush_interval``). One with a caller-chosen id waits for
-its insert, since only the store knows whether the id is new (ALREADY_EXISTS otherwise). Reward waits for the batch holding its write, so an acknowledged reward is
-durable; since a batch writes decisions first, a decision is durable no later than any reward
-acknowledged for it. A crash loses at most the decisions of the last flush interval.
+its insert while the database answers, since only the store knows whether the id is new
+(ALREADY_EXISTS otherwise); a decision the store does not take is undone, never logged.
+Reward waits for the batch holding its write, so an acknowledged reward is durable; since a
+batch writes decisions first, a decision is durable no later than any reward acknowledged for
+it. A crash loses at most the decisions of the last flush interval.
 
 A batch that fails because the database is away is kept and retried (its callers hear
 UNAVAILABLE). A batch the database refuses (a row it will never take: a NUL byte in text on
@@ -57,8 +59,10 @@ class BatchWriter:
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         # Decisions, each with the future of a Choose that waits to hear it was inserted (a
-        # caller-chosen event id: the store's uniqueness decides whether it is new), else None.
-        self._decisions: list[tuple[LoggedDecision, asyncio.Future[bool] | None]] = []
+        # caller-chosen event id: the store's uniqueness decides whether it is new), and what
+        # undoes its window and reservations if it is never logged.
+        self._decisions: list[tuple[LoggedDecision, asyncio.Future[bool] | None, Callable[[], None] | None]] = []
+        self.healthy = True  # the last write reached the database (a Choose then waits for its insert)
         self._closes: list[tuple[Close, asyncio.Future[Close | None]]] = []
         self._activations: list[tuple[Activation, asyncio.Future[bool]]] = []
         self._events: list[tuple[RewardEvent, asyncio.Future[Recorded]]] = []
@@ -96,18 +100,21 @@ class BatchWriter:
         the queued ones: a reader that found nothing while a batch is in flight must flush too)."""
         return self.depth + self._writing
 
-    def add_decision(self, decision: LoggedDecision) -> None:
-        """Queue a decision; nobody waits for it (a server-made event id is new)."""
-        self._decisions.append((decision, None))
+    def add_decision(
+        self, decision: LoggedDecision, *, on_dropped: Callable[[], None] | None = None, wait: bool = False
+    ) -> asyncio.Future[bool] | None:
+        """Queue a decision. ``on_dropped`` is called if it is never logged: the store did not
+        take it (its (event_id, slot) is another decision's) or refused it. ``wait``: returns a
+        future that tells, once its first write is done, whether it was inserted (a Choose with a
+        caller-chosen event id waits for it); if that write fails the decision is kept and
+        retried like any other, and the future fails."""
+        fut: asyncio.Future[bool] | None = None
+        if wait:
+            fut = self._future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a caller may stop waiting
+        self._decisions.append((decision, fut, on_dropped))
         if len(self._decisions) >= self._max_batch:
             self._wake.set()
-
-    def insert_decision(self, decision: LoggedDecision) -> asyncio.Future[bool]:
-        """Queue a decision whose Choose waits: the future tells, once durable, whether it was
-        inserted (False: its (event_id, slot) is another decision's). If the write fails the
-        future fails and the decision is dropped, not retried: its Choose was not answered."""
-        fut: asyncio.Future[bool] = self._future()
-        self._decisions.append((decision, fut))
         return fut
 
     def _future(self) -> asyncio.Future[Any]:
@@ -165,14 +172,14 @@ class BatchWriter:
                 result = await loop.run_in_executor(
                     self._executor,
                     self._store.write,
-                    [d for d, _ in decisions],
+                    [d for d, _, _ in decisions],
                     [c for c, _ in closes],
                     [a for a, _ in acts],
                     [e for e, _ in events],
                     assign,
                 )
             except Exception as e:
-                items: list[_Item] = [("decision", d, f) for d, f in decisions]
+                items: list[_Item] = [("decision", (d, u), f) for d, f, u in decisions]
                 items += [("activation", a, f) for a, f in acts]
                 items += [("reward", ev, f) for ev, f in events]
                 items += [("close", c, f) for c, f in closes]
@@ -192,7 +199,10 @@ class BatchWriter:
                 continue
             self._writing = 0
             self._retry_delay = 0.0
-            for (_, df), ok in zip(decisions, result.inserted, strict=True):
+            self.healthy = True
+            for (_, df, undo), ok in zip(decisions, result.inserted, strict=True):
+                if not ok and undo is not None:
+                    undo()
                 if df is not None and not df.done():
                     df.set_result(ok)
             for (_, cf), as_stored in zip(closes, result.stored, strict=True):
@@ -211,7 +221,8 @@ class BatchWriter:
     def _keep(self, items: list[_Item], barriers: list[asyncio.Future[None]], e: Exception) -> None:
         """The database is away: decisions are kept and retried; everything a caller waits for
         fails now, so that its caller hears UNAVAILABLE and may retry."""
-        kept = [(r, None) for kind, r, f in items if kind == "decision" and f is None]  # waited-for ones fail now
+        kept = [(r[0], None, r[1]) for kind, r, _ in items if kind == "decision"]
+        self.healthy = False
         log.warning("write of %d decisions and %d other records failed: %s", len(kept), len(items) - len(kept), e)
         self._decisions[:0] = kept
         self._barriers[:0] = barriers
@@ -258,7 +269,7 @@ class BatchWriter:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor,
             self._store.write,
-            [r for kind, r, _ in chunk if kind == "decision"],
+            [r[0] for kind, r, _ in chunk if kind == "decision"],
             [r for kind, r, _ in chunk if kind == "close"],
             [r for kind, r, _ in chunk if kind == "activation"],
             [r for kind, r, _ in chunk if kind == "reward"],
@@ -268,11 +279,13 @@ class BatchWriter:
     @staticmethod
     def _settle(chunk: list[_Item], result: WriteResult) -> None:
         """A chunk is durable: its closes and activations hear what they did, in order."""
-        decisions = [f for kind, _, f in chunk if kind == "decision"]
+        decisions = [(r[1], f) for kind, r, f in chunk if kind == "decision"]
         closes = [f for kind, _, f in chunk if kind == "close"]
         acts = [f for kind, _, f in chunk if kind == "activation"]
         events = [f for kind, _, f in chunk if kind == "reward"]
-        for df, inserted in zip(decisions, result.inserted, strict=True):
+        for (undo, df), inserted in zip(decisions, result.inserted, strict=True):
+            if not inserted and undo is not None:
+                undo()
             if df is not None and not df.done():
                 df.set_result(inserted)
         for cf, as_stored in zip(closes, result.stored, strict=True):
@@ -289,6 +302,9 @@ class BatchWriter:
         kind, rec, fut = item
         reason = refusal_reason(e)
         if kind == "decision":
+            rec, undo = rec
+            if undo is not None:
+                undo()
             log.error(
                 "the database refused decision %r of placement %r; it is dropped: %s",
                 rec.event_id[:100],
