@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     snapshot_interval: Annotated[float, Field(gt=0)] = 5.0  # seconds between snapshots of a changed model
     learner: Literal["auto", "always", "never"] = "auto"  # auto: the first server to get the learner lock learns
     replica_poll_interval: Annotated[float, Field(gt=0, le=60)] = 2.0  # replicas reload models and config this often
+    # ApplyConfig answers once every live server has loaded the change (PostgreSQL notifies them at
+    # once; SQLite workers look every config_poll_interval), or after this long at most; 0: at once.
+    config_confirm_wait: Annotated[float, Field(ge=0, le=60)] = 2.0
+    config_poll_interval: Annotated[float, Field(gt=0, le=60)] = 0.2  # where no notification comes (SQLite)
     orphan_grace: Annotated[float, Field(ge=0)] = 60.0  # windows a stopped server left open are closed after this
     # A Reward for an event not yet in the database, where other servers share it, is looked
     # for again for up to this long (their group commit may not have run yet); 0: answer at once.

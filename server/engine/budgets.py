@@ -1,27 +1,34 @@
 """The server side of budgets: accounts per arm and campaign, leases from the store, and the
-restore of spend after a restart. The arithmetic lives in nextbest.bandit.budget."""
+restore of spend after a restart. The arithmetic lives in nextbest.bandit.budget.
+
+A configuration change binds at once: leases are checked against the limit stored in the
+database (which every ApplyConfig writes), a server that hears of a change holds its accounts
+(spends nothing from them) until it has reloaded, and a lowered limit makes it give its unused
+lease back (``rebind``); a lease that finds a lower stored limit than this server's copy holds
+the account the same way. Each server gives back only its own leases."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from nextbest.bandit.budget import Account, Ledger
+from nextbest.bandit.budget import Account, Ledger, arm_key, campaign_key, limit_of
 from nextbest.bandit.decider import Candidate
-from nextbest.bandit.spec import ArmSpec, CampaignSpec
+from nextbest.bandit.spec import ArmSpec, BudgetSpec, CampaignSpec, PlacementSpec
 from nextbest.storage.base import AccountRow, Store
 
 log = logging.getLogger(__name__)
 
-
-def arm_key(placement: str, arm: str) -> str:
-    return f"arm:{placement}/{arm}"
+__all__ = ["BudgetKeeper", "arm_key", "campaign_key", "budget_specs"]
 
 
-def campaign_key(campaign: str) -> str:
-    return f"campaign:{campaign}"
+def budget_specs(placements: Iterable[PlacementSpec], campaigns: Iterable[CampaignSpec]) -> dict[str, BudgetSpec]:
+    """Every budget of a configuration by account key."""
+    out = {arm_key(p.id, a.id): a.budget for p in placements for a in p.arms if a.budget is not None}
+    out.update({campaign_key(c.id): c.budget for c in campaigns})
+    return out
 
 
 class BudgetKeeper:
@@ -36,6 +43,12 @@ class BudgetKeeper:
         self.campaigns: dict[str, CampaignSpec] = {}
         self._stored: dict[tuple[str, str], AccountRow] = {}
         self._leasing: dict[tuple[str, str], asyncio.Future[None]] = {}
+        # Lease freed (a window closed without a reward) on accounts this process has not used
+        # since it started: a window of a server that stopped, taken over. Added to the
+        # account's available when it is first used, else given back at stop.
+        self._freed: dict[tuple[str, str], float] = {}
+        self.holding = False  # a configuration change is stored and not yet loaded: spend nothing
+        self.on_stale: Callable[[], None] | None = None  # asks for a configuration reload
 
     def restore(self, rows: Iterable[AccountRow], campaigns: Iterable[CampaignSpec]) -> None:
         """Spend and reservations as stored; this process holds no lease yet."""
@@ -56,7 +69,54 @@ class BudgetKeeper:
             row = self._stored.pop((a.key, a.period), None)
             if row is not None:  # first use since start: take over what the store knows
                 a.spent, a.reserved = row.spent, row.reserved
+            freed = self._freed.pop((a.key, a.period), 0.0)
+            if freed:
+                a.available += freed
+            if self.holding:
+                a.held = True
         return accounts
+
+    # -- configuration changes -----------------------------------------------------------------
+
+    @property
+    def stale(self) -> bool:
+        """Some account is held until the configuration is reloaded."""
+        return self.holding or any(a.held for a in self.ledger.accounts.values())
+
+    def hold(self) -> None:
+        """A configuration change is stored but not loaded yet: spend nothing from any account
+        (a limit may have been lowered) until ``rebind`` after the reload."""
+        self.holding = True
+        for a in self.ledger.accounts.values():
+            a.held = True
+
+    async def rebind(self, budgets: Mapping[str, BudgetSpec]) -> None:
+        """After a configuration is loaded: take its limits into every account, give back the
+        unused lease of each account whose limit went down (the others' leases and this one's
+        together may pass the new limit; leases are taken again against it as needed), then
+        spend again."""
+        lowered: list[Account] = []
+        for a in self.ledger.accounts.values():
+            spec = budgets.get(a.key)
+            limit = limit_of(spec, a.period) if spec is not None else None
+            new = limit if limit is not None else 0.0  # a budget removed: nothing more from it
+            if new < a.limit - 1e-12:
+                lowered.append(a)
+            a.limit = new
+        await self._give_back(lowered)
+        self.holding = False
+        for a in self.ledger.accounts.values():
+            a.held = False
+
+    async def _give_back(self, accounts: Iterable[Account]) -> None:
+        loop = asyncio.get_running_loop()
+        for a in accounts:
+            if a.available > 1e-12:
+                amount, a.available = a.available, 0.0
+                try:
+                    await loop.run_in_executor(self._executor, self._store.release, a.key, a.period, amount)
+                except Exception as e:  # under-spend, never over-spend
+                    log.warning("could not return %.4g of budget %s (%s): %s", amount, a.key, a.period, e)
 
     async def ensure(self, candidates: Sequence[Candidate], now: float) -> None:
         """Lease more where an account cannot cover a candidate's reservation but its limit can."""
@@ -64,7 +124,7 @@ class BudgetKeeper:
         for c in candidates:
             need = c.reservation
             for a in c.accounts:
-                if a.available + 1e-12 < need and a.used + need <= a.limit + 1e-9 and a.active(now):
+                if a.available + 1e-12 < need and a.used + need <= a.limit + 1e-9 and a.active(now) and not a.held:
                     waits.append(self._lease(a, need))
         if waits:
             # Shielded: a caller whose deadline passes must not cancel the lease itself, or the
@@ -83,8 +143,13 @@ class BudgetKeeper:
     async def _do_lease(self, a: Account, need: float) -> None:
         amount = max(need - a.available, self._lease_fraction * a.limit)
         loop = asyncio.get_running_loop()
-        granted = await loop.run_in_executor(self._executor, self._store.lease, a.key, a.period, a.limit, amount)
-        a.available += granted
+        got = await loop.run_in_executor(self._executor, self._store.take_lease, a.key, a.period, a.limit, amount)
+        a.available += got.granted
+        if got.limit < a.limit - 1e-9:  # another server lowered it and this one has not loaded that yet
+            log.info("budget %s (%s) is %g in the database, %g here: held until reloaded", a.key, a.period, got.limit, a.limit)
+            a.held = True
+            if self.on_stale is not None:
+                self.on_stale()
 
     async def share(self, now: float, keys: Collection[tuple[str, str]] | None = None) -> dict[tuple[str, str], AccountRow]:
         """Read every server's spend of this process's current accounts (or of ``keys``) from
@@ -111,9 +176,12 @@ class BudgetKeeper:
         Ledger.reserve(accounts, impression_cost, reward_cost)
 
     def settle(self, keys: Iterable[tuple[str, str]], reward_cost: float, incurred: bool) -> None:
+        keys = list(keys)
         accounts = [self.ledger.accounts[k] for k in keys if k in self.ledger.accounts]
         Ledger.settle(accounts, reward_cost, incurred)
-        for k in keys:  # accounts not yet touched since a restart: adjust the stored figures
+        for k in keys:  # accounts not used since a restart: adjust the stored figures
+            if k not in self.ledger.accounts and not incurred and reward_cost > 0:
+                self._freed[k] = self._freed.get(k, 0.0) + reward_cost  # this server's lease now: give it back
             row = self._stored.get(k)
             if row is not None:
                 self._stored[k] = AccountRow(
@@ -125,12 +193,10 @@ class BudgetKeeper:
                 )
 
     async def release_all(self) -> None:
-        """Give unused leases back so that a graceful stop loses no budget."""
-        loop = asyncio.get_running_loop()
-        for a in self.ledger.accounts.values():
-            if a.available > 1e-12:
-                amount, a.available = a.available, 0.0
-                try:
-                    await loop.run_in_executor(self._executor, self._store.release, a.key, a.period, amount)
-                except Exception as e:  # the lease is lost: under-spend, never over-spend
-                    log.warning("could not return %.4g of budget %s (%s): %s", amount, a.key, a.period, e)
+        """Give unused leases back so that a graceful stop loses no budget (only this server's
+        own: the store bounds each return by what this server was granted)."""
+        for (key, period), amount in self._freed.items():
+            acc = self.ledger.accounts.setdefault((key, period), Account(key, period, 0.0, None, None))
+            acc.available += amount
+        self._freed.clear()
+        await self._give_back(list(self.ledger.accounts.values()))

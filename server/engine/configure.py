@@ -1,10 +1,16 @@
-"""Applying configuration to a running engine: plan, validate, store, then swap in memory."""
+"""Applying configuration to a running engine: plan, validate, store, then swap in memory.
+
+Every stored configuration has a serial (one more per save). Each server records in the
+servers table the serial it has loaded, and an apply answers once every live server has
+confirmed its serial, or ``config_confirm_wait`` has passed (then it logs which servers had
+not): see README "Replicas"."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from nextbest.bandit.decider import ArmView
@@ -14,10 +20,11 @@ from nextbest.bandit.model import CbModel, check_vw_arguments
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 from nextbest.bandit.text import quote
 from nextbest.config.plans import Change, plan, plan_campaigns
-from nextbest.engine.budgets import BudgetKeeper
+from nextbest.engine.budgets import BudgetKeeper, budget_specs
 from nextbest.engine.chooser import placement_salt
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import PlacementState, Slot
+from nextbest.settings import Settings
 from nextbest.storage.base import PlacementRecord, Store
 
 
@@ -59,6 +66,8 @@ class Configurator:
         reader_pool: ThreadPoolExecutor,
         writer_pool: ThreadPoolExecutor,
         seed: str,
+        settings: Settings | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._states = states
         self._budgets = budgets
@@ -67,7 +76,44 @@ class Configurator:
         self._reader_pool = reader_pool
         self._writer_pool = writer_pool  # placements are stored on the writer's thread, in order with the log
         self._seed = seed
+        self._settings = settings
+        self._clock = clock
         self._lock = asyncio.Lock()
+        self.serial = 0  # the configuration serial this server holds (confirmed in the servers table)
+        self.request_reload: Callable[[], None] | None = None  # asks replication to reload now
+
+    async def _rebind(self) -> None:
+        await self._budgets.rebind(budget_specs((ps.record.spec for ps in self._states.values()), self._budgets.campaigns.values()))
+
+    async def confirm(self, serial: int) -> None:
+        """Record that this server holds the configuration up to ``serial``."""
+        self.serial = max(self.serial, serial)
+        await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.confirm_config, serial)
+
+    async def wait_confirmed(self, serial: int) -> list[str]:
+        """Wait until every other live server has confirmed ``serial`` or ``config_confirm_wait``
+        has passed; returns the servers that had not (logged)."""
+        st = self._settings
+        if st is None or not st.may_have_peers or st.config_confirm_wait <= 0:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + st.config_confirm_wait
+        live_since = self._clock() - st.live_for
+        while True:
+            pending = await loop.run_in_executor(self._reader_pool, self._store.unconfirmed_servers, serial, live_since)
+            if not pending:
+                return []
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "configuration %d applied; %d live servers had not confirmed it after %.1fs (they hold their budgets until"
+                    " they reload): %s",
+                    serial,
+                    len(pending),
+                    st.config_confirm_wait,
+                    ", ".join(pending),
+                )
+                return pending
+            await asyncio.sleep(0.01)
 
     def _check(self, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec]) -> None:
         for field, ids in (("placements", [s.id for s in specs]), ("campaigns", [c.id for c in campaigns])):
@@ -104,9 +150,10 @@ class Configurator:
                 out[name] = Slot(name, key, CbModel(spec.slot_spec(name)), since)
         return out
 
-    async def reload(self) -> None:
+    async def reload(self, serial: int | None = None) -> None:
         """Adopt what another server applied: placements, arms and campaigns as stored, models
-        from their snapshots where the settings changed."""
+        from their snapshots where the settings changed; then the budgets' limits (giving back
+        unused lease of a lowered one) and, given the ``serial`` read before loading, confirm it."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             records = await loop.run_in_executor(self._reader_pool, self._store.load_placements)
@@ -138,7 +185,10 @@ class Configurator:
                             s.model.close()
                 self._states[pid] = ps
             await self._contacts.rebuild()
-            log.info("reloaded the configuration another server applied")
+            await self._rebind()
+            if serial is not None:
+                await self.confirm(serial)
+            log.info("reloaded the configuration another server applied (serial %s)", serial)
 
     def exists(self, pid: str) -> bool:
         return pid in self._states
@@ -175,9 +225,14 @@ class Configurator:
             # New and promoted models are saved with the configuration: a restart knows where each starts.
             fresh = [s.snapshot(pid) for pid, made in slots.items() for name, s in made.items() if _moved(self._states.get(pid), name, s)]
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                self._writer_pool, self._store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
-            )
+            self._budgets.hold()  # from the commit on, spend only under the new limits (rebind below)
+            try:
+                await loop.run_in_executor(
+                    self._writer_pool, self._store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
+                )
+            except BaseException:
+                await self._rebind()
+                raise
             for c in changed_campaigns:
                 self._budgets.campaigns[c.id] = c
             features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
@@ -192,5 +247,12 @@ class Configurator:
                             s.model.close()
                 self._states[rec.spec.id] = ps
             await self._contacts.rebuild()
-            log.info("applied %d changes", len(changes))
-            return changes
+            await self._rebind()
+            serial = await loop.run_in_executor(self._reader_pool, self._store.config_serial)
+            if serial == self.serial + 1:  # nothing else was stored since this server's last load
+                await self.confirm(serial)
+            elif self.request_reload is not None:  # another server stored one meanwhile: load it too
+                self.request_reload()
+            log.info("applied %d changes (configuration %d)", len(changes), serial)
+        await self.wait_confirmed(serial)
+        return changes

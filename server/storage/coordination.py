@@ -1,33 +1,47 @@
 """The SQL store's coordination between servers: the budget leases, the one learner, and what
-replicas poll (configuration and model versions, windows a stopped server left open)."""
+replicas poll (configuration and model versions, windows a stopped server left open), and the
+configuration serial every server confirms (with a PostgreSQL notification when it changes)."""
 
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Collection
+import logging
+import threading
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
 
+import orjson
 from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
+from nextbest.bandit.budget import arm_key, campaign_key
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.spec import BudgetSpec, CampaignSpec
 from nextbest.storage import tables as t
-from nextbest.storage.base import AccountRow
+from nextbest.storage.base import AccountRow, LeaseGrant, PlacementRecord
 from nextbest.storage.sqlcore import SqlBase, decision_from_row
 
+log = logging.getLogger(__name__)
+
 _LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
+_CONFIG_CHANNEL = "nextbest_config"  # NOTIFY channel; the payload is "<schema> <serial>"
+_CONFIG_COUNTER = "config"  # counters row: the configuration serial
+_EPS = 1e-9
 
 
 class Coordination(SqlBase):
     """Budget leases and the learner lock; polled versions; which server holds which window."""
+
+    _seen = 0  # the configuration serial this server has confirmed
 
     # -- servers and the windows they hold ------------------------------------------------
 
     def register_server(self, server_id: str, now: float) -> None:
         """Sign this server in: its decisions are written as held by it from now on."""
         with self._begin() as c:
-            c.execute(t.servers.insert().values(id=server_id, heartbeat=now))
+            c.execute(t.servers.insert().values(id=server_id, heartbeat=now, config_seen=self._seen))
         self.owner = server_id
 
     def heartbeat(self, now: float) -> None:
@@ -35,7 +49,7 @@ class Coordination(SqlBase):
         s = t.servers.c
         with self._begin() as c:
             if c.execute(update(t.servers).where(s.id == self.owner).values(heartbeat=now)).rowcount == 0:
-                c.execute(t.servers.insert().values(id=self.owner, heartbeat=now))
+                c.execute(t.servers.insert().values(id=self.owner, heartbeat=now, config_seen=self._seen))
 
     def unregister_server(self) -> None:
         """Sign off (a clean stop): this server counts as stopped at once, so that the next
@@ -54,15 +68,36 @@ class Coordination(SqlBase):
         conditional UPDATE gives each window to one of them."""
         d, s = t.decisions.c, t.servers.c
         with self._begin() as c:
+            owners: list[str | None]
             if live_since is None:
-                held_elsewhere = or_(d.owner.is_(None), d.owner != self.owner)
                 stopped: list[str] = []
+                elsewhere = or_(d.owner.is_(None), d.owner != self.owner)
+                owners = list(c.execute(select(d.owner).distinct().where(d.outcome == int(Outcome.OPEN), elsewhere)).scalars())
             else:
                 stopped = list(c.execute(select(s.id).where(s.heartbeat < live_since, s.id != self.owner)).scalars())
                 if not stopped and not unowned:
                     return []
-                held_elsewhere = or_(d.owner.in_(stopped), d.owner.is_(None)) if unowned else d.owner.in_(stopped)
-            taken = c.execute(update(t.decisions).where(d.outcome == int(Outcome.OPEN), held_elsewhere).values(owner=self.owner)).rowcount
+                owners = [*stopped, None] if unowned else list(stopped)
+            # Window by window from each former holder, so that the part of its lease each open
+            # window holds (its reward cost, and its impression cost until activated) moves with
+            # it: this server settles the window, so this server gives that part back.
+            taken = 0
+            moved: dict[tuple[str, str, str | None], float] = {}
+            for o in owners:
+                held_by = d.owner.is_(None) if o is None else d.owner == o
+                rows = c.execute(
+                    update(t.decisions)
+                    .where(d.outcome == int(Outcome.OPEN), held_by)
+                    .values(owner=self.owner)
+                    .returning(d.budgets, d.reward_cost, d.cost, d.activated)
+                ).all()
+                taken += len(rows)
+                for r in rows:
+                    held = float(r.reward_cost or 0.0) + (0.0 if r.activated else float(r.cost or 0.0))
+                    for k, per in _budget_keys(r.budgets):
+                        if held > 0:
+                            moved[(k, per, o)] = moved.get((k, per, o), 0.0) + held
+            self._move_leases(c, moved)
             if stopped:
                 c.execute(delete(t.servers).where(s.id.in_(stopped)))
             if not taken:
@@ -70,35 +105,180 @@ class Coordination(SqlBase):
             rows = c.execute(select(t.decisions).where(d.outcome == int(Outcome.OPEN), d.owner == self.owner)).all()
         return [decision_from_row(r) for r in rows]
 
-    def lease(self, key: str, period: str, limit: float, amount: float) -> float:
-        """Grant up to ``amount`` more of a budget, never past ``limit``; returns the grant.
+    def _move_leases(self, c: Any, moved: dict[tuple[str, str, str | None], float]) -> None:
+        """Move lease from former window holders to this server (none from a window no server
+        held: its lease predates per-server leases)."""
+        lc = t.budget_leases.c
+        for (key, period, former), amount in moved.items():
+            if former is not None:
+                have = c.execute(select(lc.leased).where(lc.key == key, lc.period == period, lc.server_id == former)).scalar()
+                if have is not None:
+                    c.execute(
+                        update(t.budget_leases)
+                        .where(lc.key == key, lc.period == period, lc.server_id == former)
+                        .values(leased=max(0.0, float(have) - amount))
+                    )
+            self._add_lease(c, key, period, amount)
 
-        A conditional UPDATE is atomic on SQLite and PostgreSQL alike, so concurrent
-        processes can never lease more than the limit between them.
-        """
-        a = t.budget_accounts.c
+    def _me(self) -> str:
+        return self.owner or ""
+
+    def _add_lease(self, c: Any, key: str, period: str, amount: float) -> None:
+        lc = t.budget_leases.c
+        ins = (pg_insert if self._postgres else sqlite_insert)(t.budget_leases).values(
+            key=key, period=period, server_id=self._me(), leased=amount
+        )
+        c.execute(ins.on_conflict_do_update(index_elements=["key", "period", "server_id"], set_={"leased": lc.leased + amount}))
+
+    def lease(self, key: str, period: str, limit: float, amount: float) -> float:
+        """Grant up to ``amount`` more of a budget, never past its stored limit; the grant."""
+        return self.take_lease(key, period, limit, amount).granted
+
+    def take_lease(self, key: str, period: str, limit: float, amount: float) -> LeaseGrant:
+        """Grant up to ``amount`` more of a budget to this server, never past the limit stored
+        for the account (``limit``, the caller's, only where none is stored); returns the grant
+        and the limit it was checked against.
+
+        The conditional UPDATE checks the limit on the account's own row, where a configuration
+        change writes it: on PostgreSQL a concurrent change and lease are serialized by the row
+        lock (the UPDATE re-checks its condition on the row as committed), on SQLite by the
+        database lock, so no lease passes a limit lowered before it commits."""
+        a, lim = t.budget_accounts.c, t.budget_limits.c
+        kind = "total" if period == "total" else "daily"
+        stored_cap = select(lim.cap).where(lim.key == key, lim.kind == kind).scalar_subquery()
         with self._begin() as c:
             c.execute(
                 (pg_insert if self._postgres else sqlite_insert)(t.budget_accounts)
-                .values(key=key, period=period, leased=0.0, spent=0.0, reserved=0.0)
+                .values(key=key, period=period, leased=0.0, spent=0.0, reserved=0.0, cap=stored_cap)
                 .on_conflict_do_nothing()
             )
+            cap = limit
             for _ in range(8):
-                leased = float(c.execute(select(a.leased).where(a.key == key, a.period == period)).scalar_one())
-                grant = min(amount, limit - leased)
+                row = c.execute(select(a.leased, a.cap).where(a.key == key, a.period == period)).one()
+                leased, cap = float(row.leased), (float(row.cap) if row.cap is not None else limit)
+                grant = min(amount, cap - leased)
                 if grant <= 1e-12:
-                    return 0.0
+                    return LeaseGrant(0.0, cap)
                 res = c.execute(
-                    update(t.budget_accounts).where(a.key == key, a.period == period, a.leased == leased).values(leased=leased + grant)
+                    update(t.budget_accounts)
+                    .where(a.key == key, a.period == period, a.leased + grant <= func.coalesce(a.cap, limit) + _EPS)
+                    .values(leased=a.leased + grant)
                 )
                 if res.rowcount == 1:
-                    return grant
+                    self._add_lease(c, key, period, grant)
+                    return LeaseGrant(grant, cap)
+        return LeaseGrant(0.0, cap)
+
+    def release(self, key: str, period: str, amount: float) -> float:
+        """Give back up to ``amount`` of this server's own lease; returns what was given back."""
+        a, lc = t.budget_accounts.c, t.budget_leases.c
+        mine = (lc.key == key, lc.period == period, lc.server_id == self._me())
+        with self._begin() as c:
+            for _ in range(8):
+                have = c.execute(select(lc.leased).where(*mine)).scalar()
+                give = min(amount, float(have or 0.0))
+                if give <= 1e-12:
+                    return 0.0
+                if c.execute(update(t.budget_leases).where(*mine, lc.leased >= give - _EPS).values(leased=lc.leased - give)).rowcount:
+                    c.execute(update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - give))
+                    return give
         return 0.0
 
-    def release(self, key: str, period: str, amount: float) -> None:
+    def server_leases(self) -> list[AccountRow]:
+        """This server's own leases (``leased`` only) per account."""
+        lc = t.budget_leases.c
+        with self._connect() as c:
+            rows = c.execute(select(lc.key, lc.period, lc.leased).where(lc.server_id == self._me())).all()
+        return [AccountRow(r.key, r.period, float(r.leased), 0.0, 0.0) for r in rows]
+
+    # -- the configuration serial ----------------------------------------------------------
+
+    def config_changed(self, c: Any, records: Sequence[PlacementRecord], campaigns: Sequence[CampaignSpec]) -> int:
+        """Within the transaction that stores a configuration: store the limits of its budgets
+        (on the accounts too), advance the configuration serial and, on PostgreSQL, notify the
+        listening servers at commit. Returns the new serial."""
+        budgets: dict[str, BudgetSpec] = {}
+        for rec in records:
+            for arm in rec.spec.arms:
+                if arm.budget is not None:
+                    budgets[arm_key(rec.spec.id, arm.id)] = arm.budget
+        for camp in campaigns:
+            budgets[campaign_key(camp.id)] = camp.budget
+        self._write_limits(c, budgets.items())
+        cn = t.counters.c
+        ins = (pg_insert if self._postgres else sqlite_insert)(t.counters).values(name=_CONFIG_COUNTER, value=1)
+        c.execute(ins.on_conflict_do_update(index_elements=["name"], set_={"value": cn.value + 1}))
+        serial = int(c.execute(select(cn.value).where(cn.name == _CONFIG_COUNTER)).scalar_one())
+        if self._postgres:
+            c.execute(text("SELECT pg_notify(:ch, current_schema() || ' ' || :serial)"), {"ch": _CONFIG_CHANNEL, "serial": str(serial)})
+        return serial
+
+    def _write_limits(self, c: Any, budgets: Iterable[tuple[str, BudgetSpec]]) -> None:
         a = t.budget_accounts.c
+        for key, spec in budgets:
+            for kind, cap in (("total", spec.total), ("daily", spec.daily)):
+                ins = (pg_insert if self._postgres else sqlite_insert)(t.budget_limits).values(key=key, kind=kind, cap=cap)
+                c.execute(ins.on_conflict_do_update(index_elements=["key", "kind"], set_={"cap": cap}))
+                period = a.period == "total" if kind == "total" else a.period != "total"
+                c.execute(update(t.budget_accounts).where(a.key == key, period).values(cap=cap))
+
+    def config_serial(self) -> int:
+        """The serial of the configuration stored last (0 before any)."""
+        cn = t.counters.c
+        with self._connect() as c:
+            value = c.execute(select(cn.value).where(cn.name == _CONFIG_COUNTER)).scalar()
+        return int(value or 0)
+
+    def confirm_config(self, serial: int) -> None:
+        """Record that this server has loaded the configuration up to ``serial``."""
+        s = t.servers.c
+        self._seen = max(self._seen, serial)
+        if self.owner is None:
+            return
         with self._begin() as c:
-            c.execute(update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - amount))
+            c.execute(update(t.servers).where(s.id == self.owner, s.config_seen < serial).values(config_seen=serial))
+
+    def unconfirmed_servers(self, serial: int, live_since: float) -> list[str]:
+        """The other servers alive since ``live_since`` that have not confirmed ``serial``."""
+        s = t.servers.c
+        with self._connect() as c:
+            rows = c.execute(select(s.id).where(s.heartbeat >= live_since, s.config_seen < serial, s.id != self._me()).order_by(s.id)).all()
+        return [r.id for r in rows]
+
+    def listen_config(self, on_change: Callable[[int], None]) -> Callable[[], None] | None:
+        """PostgreSQL: call ``on_change(serial)`` from a thread of its own whenever a server of
+        this schema stores a configuration; returns how to stop listening. None elsewhere."""
+        if not self._postgres:
+            return None
+        stop = threading.Event()
+        thread = threading.Thread(target=self._listen, args=(on_change, stop), name="nextbest-config-listen", daemon=True)
+        thread.start()
+
+        def stop_listening() -> None:
+            stop.set()
+            thread.join(5)
+
+        return stop_listening
+
+    def _listen(self, on_change: Callable[[int], None], stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                with self.engine.connect() as sa_conn:
+                    schema = str(sa_conn.execute(text("SELECT current_schema()")).scalar())
+                    sa_conn.commit()
+                    raw: Any = sa_conn.connection.dbapi_connection
+                    raw.autocommit = True
+                    raw.execute(f"LISTEN {_CONFIG_CHANNEL}")
+                    while not stop.is_set():
+                        for n in raw.notifies(timeout=0.5):
+                            where, _, serial = n.payload.partition(" ")
+                            if where == schema and serial.isdigit():
+                                on_change(int(serial))
+                    raw.execute(f"UNLISTEN {_CONFIG_CHANNEL}")
+                    raw.autocommit = False
+            except Exception as e:  # the database away: polling still finds the change
+                log.warning("listening for configuration changes failed, retrying: %s", e)
+                stop.wait(1.0)
 
     def load_accounts(self, keys: Collection[tuple[str, str]] | None = None) -> list[AccountRow]:
         a = t.budget_accounts.c
@@ -184,3 +364,10 @@ class Coordination(SqlBase):
                 lock.close()
         except Exception:
             pass
+
+
+def _budget_keys(raw: Any) -> list[tuple[str, str]]:
+    """A decision's budget accounts as stored ([[key, period], ...], maybe JSON text)."""
+    if isinstance(raw, str | bytes):
+        raw = orjson.loads(raw)
+    return [(str(k), str(p)) for k, p in raw or ()]

@@ -94,6 +94,9 @@ servers = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("heartbeat", Double, nullable=False),
+    # The configuration serial (counters "config") this server has loaded: ApplyConfig waits,
+    # bounded, until every live server has confirmed the serial it wrote.
+    Column("config_seen", BigInteger, nullable=False, server_default="0"),
 )
 
 campaigns = Table(
@@ -114,6 +117,31 @@ budget_accounts = Table(
     Column("leased", Double, nullable=False),
     Column("spent", Double, nullable=False),
     Column("reserved", Double, nullable=False),
+    # The limit leases are checked against, on the row they change (so that a lease and a
+    # configuration change lowering it are serialized); NULL: none stored yet (the caller's).
+    Column("cap", Double),
+)
+
+# The limits of every budget as last applied: "total" or "daily" per key; a new account row
+# takes its cap from here. Written in the transaction that stores the configuration.
+budget_limits = Table(
+    "budget_limits",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("kind", String(8), primary_key=True),  # "total" | "daily"
+    Column("cap", Double),  # NULL: the budget has no such limit any more
+)
+
+# Who holds the leases of budget_accounts.leased: per account and server, what that server was
+# granted and has not given back. A server gives back only its own; the held part of an open
+# window moves with the window when another server takes it over.
+budget_leases = Table(
+    "budget_leases",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("period", String(16), primary_key=True),
+    Column("server_id", String(32), primary_key=True),
+    Column("leased", Double, nullable=False),
 )
 
 # Rewards that are not (or not yet) the learned one: "late" (after the window closed) and
@@ -188,6 +216,8 @@ __all__ = [
     "decisions",
     "campaigns",
     "budget_accounts",
+    "budget_limits",
+    "budget_leases",
     "reward_events",
     "counters",
     "snapshots",
