@@ -159,6 +159,7 @@ def test_a_server_stopped_and_taken_over_leaks_no_lease(pg: str) -> None:
             c.apply([paid(1000.0, 2.0, reward_window=2.0)])
         until(lambda: NextbestClient(b.target).placements() != [])
         assert served(b.target, 10) == 10  # only B uses the budget: 10 spent, 20 reserved, 50 leased
+        until(lambda: sql(pg, "SELECT count(*) FROM decisions WHERE outcome = 0")[0][0] == 10)  # B's flush
         b.proc.send_signal(signal.SIGSTOP)
         try:  # A finds B silent (10 s), takes its windows and closes them, past their deadline
             until(lambda: sql(pg, "SELECT count(*) FROM decisions WHERE outcome = 0")[0][0] == 0, 25, 0.2)
