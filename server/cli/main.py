@@ -124,7 +124,8 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
         return 0
-    print(f"placement {s.placement}: {s.decisions} decisions, {s.pending} windows open, model version {s.model_version}")
+    windows = f"{s.pending} reward window{'' if s.pending == 1 else 's'} open"
+    print(f"placement {s.placement}: {s.decisions} decisions, {windows}, model version {s.model_version}")
     print(
         f"{'arm':<24}{'impressions':>12}{'rewards':>10}{'reward_sum':>12}{'learned':>9}{'awaiting':>10}"
         f"{'mean':>8}{'default':>9}{'late':>6}  active"
