@@ -231,7 +231,7 @@ class Chooser:
         # id may be any server's, from any time): the Choose waits for that insert, below.
         chosen_id = bool(event_id)
         if not event_id:
-            event_id = uuid.uuid4().hex
+            event_id = self._new_id()
         elif self._windows.slots_of(event_id):
             raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
         waits: list[asyncio.Future[bool]] = []
@@ -281,6 +281,12 @@ class Chooser:
         for imp in shown:  # counted once the decision is sure to be logged
             self._contacts.history.record(customer_id, imp)
         return out
+
+    def _new_id(self) -> str:
+        """A server-made event id names the server that made it: a Reward sent to another server
+        before this one's group commit (or while it stalls) hears UNAVAILABLE, not NOT_FOUND,
+        while this server is alive (RewardWindows.find)."""
+        return f"{self._windows.server_id or ''}-{uuid.uuid4().hex}"
 
     async def _inserted(self, event_id: str, waits: list[asyncio.Future[bool]]) -> None:
         """Wait until the store took this Choose's decisions: ALREADY_EXISTS where it did not

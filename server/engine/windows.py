@@ -47,7 +47,7 @@ from contextvars import ContextVar
 from nextbest.bandit import access
 from nextbest.bandit.contact import Impression
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
-from nextbest.bandit.errors import InvalidInput, NotFound
+from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
 from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT, PlacementSpec
 from nextbest.bandit.text import check_text, quote
 from nextbest.engine.budgets import BudgetKeeper
@@ -409,7 +409,21 @@ class RewardWindows:
             waited += delay
             delay *= 2
             d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, event_id, slot)
+        if d is None and self._settings.may_have_peers:
+            await self._maybe_unlogged(event_id)
         return d
+
+    async def _maybe_unlogged(self, event_id: str) -> None:
+        """Unavailable if a live server made the id (server-made ids name it: Chooser._new_id)
+        and has not logged the decision yet (its group commit is late, or it is stalled): the
+        event may exist, and a retry finds it. An id of a stopped server, or of none, is unknown."""
+        maker, dash, rest = event_id.partition("-")
+        if not dash or len(maker) != 16 or len(rest) != 32 or maker == self.server_id:
+            return
+        since = self._clock() - self._settings.live_for
+        alive = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.server_alive, maker, since)
+        if alive:
+            raise Unavailable(f"event {quote(event_id)} is not logged yet by the server that made it; retry")
 
     def unknown(self, event_id: str, slot: int, reward: float, quiet: bool = False) -> NotFound:
         """The error for a reward to an unknown event, logged (unless ``quiet``: RewardBatch

@@ -481,6 +481,11 @@ class Store(Protocol):
         server forgot it (test_open_windows_move_only_from_servers_that_stopped). Raises Unavailable."""
         ...
 
+    def server_alive(self, server_id: str, since: float) -> bool:
+        """MUST say whether that server is signed in and beat at or after ``since``; False once it
+        signed off or is unknown (test_servers_are_alive_while_they_beat). Raises Unavailable."""
+        ...
+
     def unregister_server(self) -> None:
         """MUST mark this server stopped at once: another server's next adopt_open takes its
         windows (test_open_windows_move_only_from_servers_that_stopped). Raises Unavailable."""

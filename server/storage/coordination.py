@@ -51,6 +51,13 @@ class Coordination(SqlBase):
             if c.execute(update(t.servers).where(s.id == self.owner).values(heartbeat=now)).rowcount == 0:
                 c.execute(t.servers.insert().values(id=self.owner, heartbeat=now, config_seen=self._seen))
 
+    def server_alive(self, server_id: str, since: float) -> bool:
+        """Whether that server has beaten at or after ``since`` (and not signed off)."""
+        s = t.servers.c
+        with self._connect() as c:
+            beat = c.execute(select(s.heartbeat).where(s.id == server_id)).scalar()
+        return beat is not None and float(beat) >= since
+
     def unregister_server(self) -> None:
         """Sign off (a clean stop): this server counts as stopped at once, so that the next
         server to poll takes over its open windows without waiting for its silence."""

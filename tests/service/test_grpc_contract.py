@@ -31,7 +31,7 @@ def test_choose_returns_an_arm_with_its_exact_probability(placed: ServerThread) 
         d = c.choose("app_home_banner", {"customer": {"segment": "youth"}}, customer_id="c1")
         assert d.arm_id in envs.ARMS
         assert 0 < d.probability <= 1
-        assert len(d.event_id) == 32
+        assert len(d.event_id) == 49 and d.event_id[16] == "-"  # the server that made it, then 128 random bits
         placed.call(engine.writer.flush())
         logged = engine.store.find_decision(d.event_id)
         assert logged.arm_id == d.arm_id

@@ -434,3 +434,88 @@ def test_servers_confirm_the_configuration_serial(store: SqlStore) -> None:
     finally:
         if stop is not None:
             stop()
+
+
+def test_a_refused_decision_reserves_nothing(store: SqlStore) -> None:
+    """A decision whose (event_id, slot) is taken is not inserted, and its budgets move nothing."""
+    import dataclasses
+
+    store.lease("arm:x", "total", 100.0, 10.0)
+    first = dataclasses.replace(decision("e1"), cost=1.0, reward_cost=2.0, budgets=(("arm:x", "total"),))
+    r = store.write([first], [])
+    assert list(r.inserted) == [True]
+    again = dataclasses.replace(first, placement="other", timestamp=200.0)
+    twin = dataclasses.replace(decision("e2"), cost=1.0, budgets=(("arm:x", "total"),))
+    r = store.write([again, twin, twin], [])
+    assert list(r.inserted) == [False, True, False]  # taken before; new; a twin in the batch
+    [acc] = store.load_accounts()
+    assert (acc.spent, acc.reserved) == (2.0, 2.0)  # e1 and e2 once each, nothing for the refused
+    assert store.find_decision("e1").placement == "app_home_banner"  # type: ignore[union-attr]
+
+
+def test_writes_are_bound_to_their_decision(store: SqlStore) -> None:
+    """A close, activation, first or aggregated reward naming another placement (or another
+    owner) than the row's acts on nothing; naming the row's, it acts."""
+    import dataclasses
+
+    from nextbest.storage.base import FIRST
+
+    store.register_server("s1", now=100.0)
+    store.write([decision("e1"), dataclasses.replace(decision("e2"), activated=False)], [])
+    wrong = "other_placement"
+    r = store.write(
+        [],
+        [Close("e1", Outcome.REWARD, 1e9, 101.0, placement=wrong)],
+        [Activation("e2", 101.0, 900.0, placement=wrong)],
+        [RewardEvent("e1", 0, 1e9, 101.0, FIRST, placement=wrong), RewardEvent("e1", 0, 1e9, 101.0, "agg", "k", placement=wrong)],
+    )
+    assert (list(r.closed), list(r.activated), list(r.recorded)) == ([False], [False], [Recorded.CLOSED, Recorded.CLOSED])
+    r = store.write([], [Close("e1", Outcome.REWARD, 1.0, 101.0, placement="app_home_banner", owner="s2")])
+    assert list(r.closed) == [False]  # held by s1, not s2
+    d = store.find_decision("e1")
+    assert d is not None and (d.outcome, d.reward) == (Outcome.OPEN, None) and store.open_reward_events() == []
+    r = store.write(
+        [],
+        [Close("e1", Outcome.REWARD, 1.0, 102.0, placement="app_home_banner", owner="s1")],
+        [Activation("e2", 102.0, 900.0, placement="app_home_banner", owner="s1")],
+    )
+    assert (list(r.closed), list(r.activated)) == ([True], [True])
+
+
+def test_aggregated_rewards_of_every_server_are_folded_in_at_close(store: SqlStore) -> None:
+    """ "agg" events are stored while the window is open (a key once), whoever stores them; a
+    close with ``aggregation`` stores the aggregate of the row's first reward and every event."""
+    from nextbest.storage.base import FIRST
+
+    store.write([decision("e1"), decision("e2"), decision("e3")], [])
+    ev = [
+        RewardEvent("e1", 0, 1.0, 101.0, "agg", "a", placement="app_home_banner"),
+        RewardEvent("e1", 0, 2.0, 101.0, "agg", None, placement="app_home_banner"),
+        RewardEvent("e1", 0, 9.0, 101.0, "agg", "a", placement="app_home_banner"),  # a retried key
+        RewardEvent("e2", 0, 4.0, 101.0, FIRST, placement="app_home_banner"),  # a first from before a switch
+        RewardEvent("e2", 0, 5.0, 101.0, "agg", None, placement="app_home_banner"),
+    ]
+    r = store.write([], [], events=ev)
+    assert list(r.recorded) == [Recorded.STORED, Recorded.STORED, Recorded.DUPLICATE, Recorded.STORED, Recorded.STORED]
+    closes = [Close(e, Outcome.DEFAULT, -1.0, 700.0, placement="app_home_banner", aggregation="sum") for e in ("e1", "e2", "e3")]
+    r = store.write([], closes)
+    assert [(c.outcome, c.reward) for c in r.stored if c is not None] == [
+        (Outcome.REWARD, 3.0),
+        (Outcome.REWARD, 9.0),
+        (Outcome.DEFAULT, -1.0),
+    ]
+    assert [(d.outcome, d.reward) for d in map(store.find_decision, ("e1", "e2", "e3")) if d is not None] == [
+        (Outcome.REWARD, 3.0),
+        (Outcome.REWARD, 9.0),
+        (Outcome.DEFAULT, -1.0),
+    ]
+    r = store.write([], [], events=[RewardEvent("e1", 0, 1.0, 800.0, "agg", "b", placement="app_home_banner")])
+    assert list(r.recorded) == [Recorded.CLOSED]  # closed: nothing stored, the close has it all
+
+
+def test_servers_are_alive_while_they_beat(store: SqlStore) -> None:
+    store.register_server("a", now=100.0)
+    assert store.server_alive("a", since=90.0) and not store.server_alive("a", since=101.0)
+    assert not store.server_alive("nobody", since=0.0)
+    store.unregister_server()
+    assert not store.server_alive("a", since=1.0)
