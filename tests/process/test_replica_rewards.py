@@ -47,7 +47,7 @@ def code(fn, *args, **kw) -> grpc.StatusCode | None:  # type: ignore[no-untyped-
     try:
         fn(*args, **kw)
     except grpc.RpcError as e:
-        return e.code()  # type: ignore[attr-defined,no-any-return]
+        return e.code()
     return None
 
 
