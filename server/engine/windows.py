@@ -30,6 +30,10 @@ closer or taken over). Policy: engine/reward_policy.py (aggregation x learn_at).
   no arm / never activated    any             -          INVALID_ARGUMENT                         -
   unknown, or another placement's for a limited token:   NOT_FOUND (the same answer)              -
 
+Activate: held here, the window's row is activated (bound to its placement and owner); held
+elsewhere, the row is activated bound to its placement, and the holder's close of the
+unactivated window finds it activated and keeps the window open to its reward deadline.
+
 A write that finds the row no longer as the window knew it (closed meanwhile, taken over)
 reads the row again and answers from it: the same table, one level down. Retries are safe: a
 key (``reward_id``) is stored once per window, a first reward once per row.
@@ -452,8 +456,7 @@ class RewardWindows:
             d = await self.find(event_id, 0)
             if d is None or not access.allows(d.placement):
                 raise NotFound(f"event {quote(event_id)} is unknown")
-            expired = d.outcome == Outcome.NOT_ACTIVATED or not d.activated
-            return ActivateStatus.EXPIRED if expired else ActivateStatus.ALREADY_ACTIVE
+            return await self._activate_elsewhere(d, now)
         for p in positions:
             if not access.allows(self.open[(event_id, p)].placement):
                 raise NotFound(f"event {quote(event_id)} is unknown")
@@ -483,6 +486,48 @@ class RewardWindows:
                     self._contacts.history.record(entry.customer_id, Impression(now, entry.arm_id, entry.campaign, entry.placement, ev))
             status = ActivateStatus.ACTIVATED
         return status
+
+    async def _activate_elsewhere(self, first: LoggedDecision, now: float) -> ActivateStatus:
+        """A deferred decision another server holds (or none): activated on its rows, bound to
+        their placement; the holder's window learns of it when its activation deadline passes
+        (the close of an unactivated window finds the row activated and reopens: sweep)."""
+        if first.outcome != Outcome.OPEN:
+            return ActivateStatus.EXPIRED if first.outcome == Outcome.NOT_ACTIVATED else ActivateStatus.ALREADY_ACTIVE
+        if first.activated:
+            return ActivateStatus.ALREADY_ACTIVE
+        if now > first.deadline:
+            return ActivateStatus.EXPIRED
+        loop = asyncio.get_running_loop()
+        rows = [first]
+        for p in range(1, MAX_POSITIONS):  # the event's other positions, in one Choose's rows
+            d = await loop.run_in_executor(self._reader_pool, self._store.find_decision, first.event_id, p)
+            if d is None:
+                break
+            rows.append(d)
+        spec = self.spec(first.placement)
+        window = spec.reward_window if spec is not None else 600.0
+        status = ActivateStatus.ALREADY_ACTIVE
+        for d in rows:
+            if d.outcome != Outcome.OPEN or d.activated or d.placement != first.placement:
+                continue
+            act = Activation(d.event_id, now, now + window, d.cost, d.budgets, d.slot, placement=d.placement)
+            if await self._writer.activate(act):
+                status = ActivateStatus.ACTIVATED
+                if d.customer_id and d.arm_id and self._contacts.shared is not None:
+                    row = ContactRow(d.customer_id, now, d.placement, d.arm_id, d.event_id, d.slot)
+                    await self._contacts.shared.record_now(d.customer_id, [row])
+        return status
+
+    async def _activated_elsewhere(self, key: Key, entry: OpenDecision) -> None:
+        """The close of an unactivated window closed nothing: another server activated its row.
+        The window goes on here, as the row says (activated, its reward deadline)."""
+        d = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.find_decision, key[0], key[1])
+        if d is None or d.outcome != Outcome.OPEN or not d.activated or key in self.open:
+            return
+        entry.activated, entry.deadline = True, d.deadline
+        if entry.budgets:
+            self._budgets.settle(entry.budgets, entry.cost, incurred=True)  # the held impression cost is spent
+        self.add(key[0], key[1], entry)
 
     # -- closing windows ------------------------------------------------------------------------
 
@@ -522,6 +567,8 @@ class RewardWindows:
             elif res is not None:  # as stored: the row's first reward or aggregate, else the default
                 closed += 1
                 self._closed(key[0], entry, res)
+            elif not entry.activated:  # activated on another server meanwhile: it goes on here
+                await self._activated_elsewhere(key, entry)
         return closed
 
     def forget(self, key: Key, entry: OpenDecision) -> None:

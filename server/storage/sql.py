@@ -452,6 +452,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
                 f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, o, r, a, p, w) "
                 f"WHERE d.event_id = v.e AND d.slot = v.s AND d.outcome = {int(Outcome.OPEN)} "
                 "AND (v.p IS NULL OR d.placement_id = v.p) AND (v.w IS NULL OR d.owner = v.w) "
+                f"AND (v.o <> {int(Outcome.NOT_ACTIVATED)} OR NOT d.activated) "
                 "RETURNING d.event_id, d.slot, d.outcome, d.reward"
             )
         taken = f"v.column3 IN ({int(Outcome.DEFAULT)}, {int(Outcome.REWARD)}) AND decisions.reward IS NOT NULL"
@@ -462,6 +463,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
             "WHERE decisions.event_id = v.column1 AND decisions.slot = v.column2 "
             f"AND decisions.outcome = {int(Outcome.OPEN)} "
             "AND (v.column6 IS NULL OR decisions.placement_id = v.column6) AND (v.column7 IS NULL OR decisions.owner = v.column7) "
+            f"AND (v.column3 <> {int(Outcome.NOT_ACTIVATED)} OR NOT decisions.activated) "
             "RETURNING decisions.event_id, decisions.slot, decisions.outcome, decisions.reward"
         )
 

@@ -339,3 +339,27 @@ def test_a_window_never_writes_a_row_of_another_placement(db: str) -> None:
 
     run(body)
 
+
+
+def test_a_deferred_decision_activated_on_another_server_goes_on_at_its_holder(db: str) -> None:
+    """Activate sent to the server not holding the window activates the row (it answered
+    EXPIRED and activated nothing); the holder's window then goes on and learns its reward."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(activation_window=60.0)])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a, defer=True)
+                await a.writer.flush()
+                assert (await b.windows.activate(ev)).value == "activated"
+                assert (await b.windows.activate(ev)).value == "already_active"
+                clock.advance(61)  # past the activation deadline: the holder's close finds it activated
+                assert await a.windows.sweep() == 0
+                assert a.windows.open[(ev, 0)].activated
+                assert await b.windows.reward(ev, 2.0) is LEARNED
+                assert await close_all(a, clock) == 1
+                d = await row(a, ev)
+                assert (d.outcome, d.reward, d.activated) == (Outcome.REWARD, 2.0, True)
+
+    run(body)
