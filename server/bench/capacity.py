@@ -77,7 +77,7 @@ def footprint(db: str, n: int) -> dict[str, Any]:
 
         await engine.config.apply([placement(PID, 20)])
         await engine.learner.stop()  # learning is timed on its own below
-        servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics)
         ctx: Any = NoContext()
         reqs = choose_pool(PID)
         sql = engine.store.engine

@@ -137,7 +137,7 @@ def rules_cost(arms: int, rounds: int, per_round: int) -> dict[str, Any]:
         for j, a in enumerate(doc["arms"]):
             a["eligible"] = rule(j)
         await engine.config.apply([plain, PlacementSpec.model_validate(doc)])
-        servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics)
         ctx: Any = NoContext()
         pools = {pid: choose_pool(pid) for pid in ("plain", "ruled")}
         times: dict[str, list[float]] = {"plain": [], "ruled": []}
@@ -172,7 +172,7 @@ def server_time(arms: int, rounds: int, per_round: int, profile_top: int = 0) ->
     async def run(engine: Any) -> dict[str, Any]:
         pid = f"bench{arms}"
         await engine.config.apply([placement(pid, arms)])
-        servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics)
         reqs = choose_pool(pid)
         ctx: Any = NoContext()
         ps = engine.states[pid]
@@ -239,7 +239,7 @@ def reward_inproc(events: int, concurrency: int, profile_top: int = 0) -> dict[s
 
         pid = "bench20"
         await engine.config.apply([placement(pid, 20)])
-        servicer = DecisionServicer(engine.chooser, engine.windows, engine.explainer, engine.metrics)
+        servicer = DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics)
         ctx: Any = NoContext()
         reqs = choose_pool(pid)
         ids = []

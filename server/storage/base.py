@@ -246,10 +246,10 @@ class ContactRow:
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     """Per close in a batch: whether it closed an open window, and the close as stored (None if
-    it closed nothing: a DEFAULT close of a window holding a first reward is stored as that
-    REWARD); per activation: whether it activated an open decision; per reward event: whether
-    it was stored (a "first" one only where the window was open and had no first reward); per
-decision: whether it was inserted (False: its (event_id, slot) belongs to another decision)."""
+        it closed nothing: a DEFAULT close of a window holding a first reward is stored as that
+        REWARD); per activation: whether it activated an open decision; per reward event: whether
+        it was stored (a "first" one only where the window was open and had no first reward); per
+    decision: whether it was inserted (False: its (event_id, slot) belongs to another decision)."""
 
     closed: Sequence[bool] = field(default_factory=tuple)
     activated: Sequence[bool] = field(default_factory=tuple)

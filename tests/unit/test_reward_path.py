@@ -329,7 +329,10 @@ def test_a_window_never_writes_a_row_of_another_placement(db: str) -> None:
             ev = await choose(a, "q")
             await a.writer.flush()
             st = a.store
-            wrong = [RewardEvent(ev, 0, 1e9, clock(), FIRST, None, placement="p"), RewardEvent(ev, 0, 1e9, clock(), "agg", None, placement="p")]
+            wrong = [
+                RewardEvent(ev, 0, 1e9, clock(), FIRST, None, placement="p"),
+                RewardEvent(ev, 0, 1e9, clock(), "agg", None, placement="p"),
+            ]
             res = st.write([], [Close(ev, Outcome.REWARD, 1e9, clock(), placement="p")], events=wrong)
             assert list(res.closed) == [False] and list(res.recorded) == [Recorded.CLOSED, Recorded.CLOSED]
             res = st.write([], [Close(ev, Outcome.REWARD, 1.0, clock(), placement="q", owner="another-server")])
@@ -338,7 +341,6 @@ def test_a_window_never_writes_a_row_of_another_placement(db: str) -> None:
             assert (d.outcome, d.reward) == (Outcome.OPEN, None)
 
     run(body)
-
 
 
 def test_a_deferred_decision_activated_on_another_server_goes_on_at_its_holder(db: str) -> None:
