@@ -277,7 +277,7 @@ class Coordination(SqlBase):
                     raw.autocommit = True
                     raw.execute(f"LISTEN {_CONFIG_CHANNEL}")
                     while not stop.is_set():
-                        for n in raw.notifies(timeout=0.5):
+                        for n in raw.notifies(timeout=0.25):
                             where, _, serial = n.payload.partition(" ")
                             if where == schema and serial.isdigit():
                                 on_change(int(serial))
