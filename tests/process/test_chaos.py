@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +32,10 @@ ENV = {
     "NEXTBEST_PEER_VISIBILITY_WAIT": "0.1",
 }
 KEY = "arm:first/paid"
-ARMS = [{"id": "paid", "features": {"kind": "paid"}, "cost_per_impression": 1.0}, {"id": "a", "features": {"kind": "a"}}]
+ARMS: list[dict[str, Any]] = [
+    {"id": "paid", "features": {"kind": "paid"}, "cost_per_impression": 1.0},
+    {"id": "a", "features": {"kind": "a"}},
+]
 
 
 def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
