@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +50,11 @@ class BudgetKeeper:
         self._freed: dict[tuple[str, str], float] = {}
         self.holding = False  # a configuration change is stored and not yet loaded: spend nothing
         self.on_stale: Callable[[], None] | None = None  # asks for a configuration reload
+        # When replication last marked this process alive (monotonic), and how long without a
+        # mark means it was stalled (SIGSTOP, a blocked loop) and may have missed a configuration
+        # change: then nothing is spent until it has looked (None: not watched, alone).
+        self.looked_at = time.monotonic()
+        self.stale_after: float | None = None
 
     def restore(self, rows: Iterable[AccountRow], campaigns: Iterable[CampaignSpec]) -> None:
         """Spend and reservations as stored; this process holds no lease yet."""
@@ -57,12 +63,25 @@ class BudgetKeeper:
 
     def accounts(self, placement: str, arm: ArmSpec, now: float) -> list[Account]:
         """Every account a choice of this arm spends from, now."""
+        if self.stale_after is not None and time.monotonic() - self.looked_at > self.stale_after:
+            self.accounts_check()
         out: list[Account] = []
         if arm.budget is not None:
             out += self._with_stored(self.ledger.accounts_for(arm_key(placement, arm.id), arm.budget, now))
         if arm.campaign is not None and (camp := self.campaigns.get(arm.campaign)) is not None:
             out += self._with_stored(self.ledger.accounts_for(campaign_key(camp.id), camp.budget, now))
         return out
+
+    def accounts_check(self) -> None:
+        """This process was stalled past ``stale_after``: hold every budget (once) and ask for the
+        configuration to be looked at, which releases them."""
+        if self.holding:
+            return
+        log.warning("this process was stalled over %.1fs: budgets held until the configuration is looked at", self.stale_after or 0.0)
+        self.hold()
+        self.looked_at = time.monotonic()  # held now; the reload releases them
+        if self.on_stale is not None:
+            self.on_stale()
 
     def _with_stored(self, accounts: list[Account]) -> list[Account]:
         for a in accounts:

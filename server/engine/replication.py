@@ -42,6 +42,11 @@ from nextbest.storage.base import Close, Store
 
 log = logging.getLogger(__name__)
 
+# A process whose loop did not run for this long was stalled (SIGSTOP, a blocked loop) and may
+# have missed a configuration change: it spends no budget until it has looked at the serial again.
+_STALL = 3.0
+_PULSE = 0.25  # how often the loop marks itself alive
+
 
 class Replication:
     """The learner election and the replicas' polling, as one task of the engine."""
@@ -74,6 +79,7 @@ class Replication:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stop_listening: Callable[[], None] | None = None
+        self._pulse_task: asyncio.Task[None] | None = None
         self.listening = False  # the store notifies configuration changes (PostgreSQL)
         config.request_reload = self.reload_soon
         budgets.on_stale = self.reload_soon
@@ -104,9 +110,24 @@ class Replication:
         if self._settings.may_have_peers:
             self._stop_listening = self._store.listen_config(heard)
             self.listening = self._stop_listening is not None
+            self._budgets.stale_after = _PULSE + _STALL
+            self._budgets.looked_at = time.monotonic()
+            self._pulse_task = asyncio.create_task(self._pulse(), name="nextbest-stall-watch")
         self._task = asyncio.create_task(self._run(), name="nextbest-replication")
 
+    async def _pulse(self) -> None:
+        """Mark this process alive every _PULSE seconds, unless it finds it was not (a stall of
+        _STALL or more: SIGSTOP, a blocked loop): then the budgets hold (BudgetKeeper.accounts
+        sees the same) and the configuration is looked at at once, which releases them."""
+        budgets = self._budgets
+        while True:
+            await asyncio.sleep(_PULSE)
+            if budgets.stale_after is not None and time.monotonic() - budgets.looked_at > budgets.stale_after:
+                budgets.accounts_check()
+            budgets.looked_at = time.monotonic()
+
     async def stop(self) -> None:
+        await cancel_and_wait(self._pulse_task)
         if self._stop_listening is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._stop_listening)
             self._stop_listening = None

@@ -29,6 +29,7 @@ _LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
 _CONFIG_CHANNEL = "nextbest_config"  # NOTIFY channel; the payload is "<schema> <serial>"
 _CONFIG_COUNTER = "config"  # counters row: the configuration serial
 _EPS = 1e-9
+_LIMIT_LOCK_WAIT = 5.0  # seconds a configuration change waits for a budget account's row lock
 
 
 class Coordination(SqlBase):
@@ -211,6 +212,11 @@ class Coordination(SqlBase):
                     budgets[arm_key(rec.spec.id, arm.id)] = arm.budget
         for camp in campaigns:
             budgets[campaign_key(camp.id)] = camp.budget
+        if self._postgres and budgets:
+            # A server stopped in the middle of a write holds its accounts' rows: wait a bounded
+            # time for them, then fail the whole change (Unavailable) rather than hang past the
+            # caller's deadline and commit after it gave up.
+            c.execute(text(f"SET LOCAL lock_timeout = '{int(_LIMIT_LOCK_WAIT * 1000)}ms'"))
         self._write_limits(c, budgets.items())
         cn = t.counters.c
         ins = (pg_insert if self._postgres else sqlite_insert)(t.counters).values(name=_CONFIG_COUNTER, value=1)

@@ -176,6 +176,43 @@ def test_a_server_stopped_and_taken_over_leaks_no_lease(pg: str) -> None:
     assert min(r[0] for r in sql(pg, f"SELECT leased FROM budget_leases WHERE key = '{KEY}'")) >= 0.0
 
 
+@pytest.mark.postgres
+def test_a_server_stopped_through_a_change_spends_nothing_under_the_old_limit_when_it_resumes(pg: str) -> None:
+    """Past the bound: B is SIGSTOPped while A lowers 1000 to 12, so ApplyConfig answers after
+    config_confirm_wait without B's confirmation. When B resumes it spends nothing from the
+    budget until it has reloaded (it finds its loop was stalled, and hears the notification),
+    then gives back its lease: together they still spend within 12."""
+    fast = {"NEXTBEST_REPLICA_POLL_INTERVAL": "0.3", "NEXTBEST_SWEEP_INTERVAL": "0.1"}
+    a = ServerProcess(pg, env=fast)
+    b = ServerProcess(pg, "--learner", "never", env=fast)
+    try:
+        with NextbestClient(a.target) as c:
+            c.apply([paid(1000.0)])
+        until(lambda: NextbestClient(b.target).placements() != [])
+        assert served(a.target, 5) == 5 and served(b.target, 5) == 5  # each leased 50
+        until(lambda: sql(pg, "SELECT count(*) FROM decisions")[0][0] == 10)  # B's writes done: it holds no row lock
+        time.sleep(0.2)
+        with NextbestClient(b.target) as cb:  # connected before the stop: calls go in at once
+            b.proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                with NextbestClient(a.target) as c:
+                    c.apply([paid(12.0)])
+                took = time.monotonic() - stopped
+                time.sleep(max(0.0, 4.0 - took))  # B stopped past the stall bound (3 s)
+            finally:
+                b.proc.send_signal(signal.SIGCONT)
+            after_b = sum(cb.choose("p", {"segment": "x"}).arm_id == "paid" for _ in range(10))
+        after_a = served(a.target, 10)
+        assert after_a + after_b == 2  # 10 spent before, 12 allowed
+        assert 1.9 <= took < 3.5  # the bound (2 s): B could not confirm
+    finally:
+        assert a.terminate() == 0
+        assert b.terminate() == 0
+    leased, spent, reserved, own = balanced(pg)
+    assert (leased, spent, reserved, own) == (12.0, 12.0, 0.0, 12.0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

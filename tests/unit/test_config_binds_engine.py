@@ -127,3 +127,30 @@ def test_a_server_holds_its_budgets_from_the_notice_until_it_has_reloaded(db: st
                 assert await account(a) == (12.0, 12.0)
 
     run(body)
+
+
+def test_a_stalled_server_spends_no_budget_until_it_has_looked_at_the_configuration(db: str) -> None:
+    """A process whose loop did not run for over the stall bound (SIGSTOP) may have missed a
+    change: its next Choose spends nothing from a budget until the serial has been looked at."""
+
+    spec = PlacementSpec.model_validate(
+        {"id": "p", "learn_at": "reward", "arms": [{"id": "paid", "cost_per_impression": 1.0, "budget": {"total": 100}}]}
+    )
+
+    async def paid(e: Engine) -> bool:
+        [d] = await e.chooser.choose("p", "", "", [])
+        return d.arm_id == "paid"
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([spec])
+            assert await paid(a)
+            assert a.budgets.stale_after is not None
+            a.budgets.looked_at -= a.budgets.stale_after + 1  # as if stopped that long
+            assert not await paid(a)
+            assert a.budgets.holding
+            await a.replication.check_config()  # what the wake it asked for does
+            assert await paid(a)
+
+    run(body)
