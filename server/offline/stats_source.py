@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import Text, and_, cast, column, inspect, select
 from sqlalchemy.engine import Connection
 
+from nextbest.bandit.decision_log import aggregate
 from nextbest.bandit.errors import InvalidInput, NotFound
 from nextbest.bandit.offline.experiment_stats import DEFAULT, OPEN, Bucket, LogColumns, Summary, explored, summarize
 from nextbest.bandit.spec import BudgetSpec, PlacementSpec
@@ -75,18 +76,6 @@ def _as_of(outcomes: Sequence[int], closed_at: Sequence[float | None]) -> float:
     default reward (so a log from a server with another clock, or a copy, reads the same)."""
     swept = [t for o, t in zip(outcomes, closed_at, strict=True) if o == DEFAULT and t is not None]
     return max([time.time(), *swept])
-
-
-def aggregate(how: str, rewards: Sequence[float]) -> float:
-    """A window's learned reward from the rewards it gathered, in order (the placement's
-    ``reward_aggregation``), as its close computes it."""
-    if how == "sum":
-        return math.fsum(rewards)
-    if how == "max":
-        return max(rewards)
-    if how == "average":
-        return math.fsum(rewards) / len(rewards)
-    return rewards[0]
 
 
 def _aggregation(conn: Connection, placement: str) -> str:
