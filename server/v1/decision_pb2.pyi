@@ -32,9 +32,11 @@ class _RewardStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewardSt
     REWARD_STATUS_LEARNED: _RewardStatus.ValueType  # 1
     """The reward is stored durably and will be learned exactly once."""
     REWARD_STATUS_DUPLICATE: _RewardStatus.ValueType  # 2
-    """The event already had a reward; this one was ignored and changes nothing."""
+    """The event already had its reward (or this reward_id was counted); ignored, changes nothing."""
     REWARD_STATUS_LATE: _RewardStatus.ValueType  # 3
-    """The event's reward window had closed (its default reward was learned); recorded, not learned."""
+    """The event's reward window had passed its deadline or closed (with its default, or with the
+    aggregate of its rewards); recorded, not learned.
+    """
     REWARD_STATUS_RECORDED: _RewardStatus.ValueType  # 4
     """Stored durably; the placement aggregates rewards (sum, max, average) and learns the
     aggregate once, when the window closes.
@@ -48,9 +50,11 @@ REWARD_STATUS_UNSPECIFIED: RewardStatus.ValueType  # 0
 REWARD_STATUS_LEARNED: RewardStatus.ValueType  # 1
 """The reward is stored durably and will be learned exactly once."""
 REWARD_STATUS_DUPLICATE: RewardStatus.ValueType  # 2
-"""The event already had a reward; this one was ignored and changes nothing."""
+"""The event already had its reward (or this reward_id was counted); ignored, changes nothing."""
 REWARD_STATUS_LATE: RewardStatus.ValueType  # 3
-"""The event's reward window had closed (its default reward was learned); recorded, not learned."""
+"""The event's reward window had passed its deadline or closed (with its default, or with the
+aggregate of its rewards); recorded, not learned.
+"""
 REWARD_STATUS_RECORDED: RewardStatus.ValueType  # 4
 """Stored durably; the placement aggregates rewards (sum, max, average) and learns the
 aggregate once, when the window closes.
@@ -158,7 +162,10 @@ class ChooseRequest(_message.Message):
     customer_id: _builtins.str
     """Customer identifier (pseudonymous). Optional for the decision itself; recorded in the log."""
     event_id: _builtins.str
-    """Caller-chosen unique id of this decision. Optional: when empty the server makes one."""
+    """Caller-chosen unique id of this decision. Optional: when empty the server makes one (it
+    names the server that made it). An id any decision already has, on any server, open or
+    closed, is ALREADY_EXISTS: the decision store decides, so such a Choose waits for its insert.
+    """
     baseline_arm: _builtins.str
     """The caller's own choice, for placements in apprentice or logging-only mode: it is served
     and logged with probability 1. Required in apprentice mode.
