@@ -206,7 +206,7 @@ class Engine:
 
     def reading(self) -> EngineReading:
         """The engine's state now, for the metrics; call on the engine's loop."""
-        out = EngineReading(ready=self.ready, queue_depth=self.writer.depth)
+        out = EngineReading(ready=self.ready, queue_depth=self.writer.depth, unknown_arm_versions=self.learner.unknown_arm_versions)
         for pid, ps in self.states.items():
             out.model_cursor[pid] = max((s.cursor for s in ps.slots.values()), default=0)
             for name, slot in ps.slots.items():

@@ -27,7 +27,7 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nextbest.rpc.wrapping import HandlerWrapper
 from nextbest.telemetry.gc_pauses import PauseObserver
@@ -54,6 +54,7 @@ class EngineReading:
     budget_limit: dict[tuple[str, str], float] = field(default_factory=dict)
     # (placement, arm) -> (rewards, their sum, reward spend) of windows still open: from the database
     awaiting: dict[tuple[str, str], tuple[int, float, float]] = field(default_factory=dict)
+    unknown_arm_versions: int = 0  # learned rows skipped: an arm version the database does not have
 
 
 class Metrics:
@@ -258,6 +259,11 @@ class _EngineCollector:
         yield rewards
         yield total
         yield spend
+        yield CounterMetricFamily(
+            "nextbest_unknown_arm_versions",
+            "Closed decisions not learned: they name an arm version the database does not have",
+            value=r.unknown_arm_versions,
+        )
 
 
 Behavior: TypeAlias = Callable[[Any, Ctx], Awaitable[Any]]

@@ -83,6 +83,7 @@ def test_the_learner_loads_an_arm_version_it_has_not_reloaded_and_learns_its_dec
                 assert await a.learner.catch_up("p") == 1  # passed over, not learned
                 assert a.learner.unknown_arm_versions == 1
                 assert a.states["p"].model.learned == 20
+                assert a.reading().unknown_arm_versions == 1  # the metric nextbest_unknown_arm_versions_total
 
     run(body)
 
