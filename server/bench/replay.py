@@ -9,11 +9,15 @@ Then, each as ``nextbest replay`` runs it:
 * ``db``: logged, uniform and constant:a with IPS and SNIPS, streamed from the database, against
   the bare ``sqlite3`` SELECT of the same rows in the same order (no replay can beat it);
 * ``dsjson``: the same from the log's DSJSON export, against parsing that file with orjson alone;
+  and from the same export rewritten by another writer (``json.dumps``: other key order and
+  spacing), against parsing that file with orjson alone;
 * ``rss``: peak resident memory of the ``nextbest replay`` process (``wait4``'s maxrss) at two
   sizes of the log, 1 M and 10 M events in the full run: flat if the replay streams;
 * ``vw``: a ``vw:`` candidate (it learns every event in time order) on a placement of realistic
   size, against VW learning the same examples alone (VW's binding, parse + learn + finish: what
   VW does without any replay around it).
+
+The replays run with one BLAS thread, as ``nextbest replay`` sets it (threadpoolctl, if installed).
 
 Usage::
 
@@ -26,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -34,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -182,6 +188,33 @@ def _best(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
     return min(times), n
 
 
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS limited to one thread, as ``nextbest replay`` starts it (OPENBLAS_NUM_THREADS=1):
+    the estimators' vectors are too small for its threads, which only contend for the cores."""
+    try:
+        threadpoolctl = importlib.import_module("threadpoolctl")
+    except ImportError:  # not a dependency: the replay then runs with the threads numpy started
+        yield
+        return
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _alternately(floor: Callable[[], int], run: Callable[[], int], repeats: int) -> tuple[float, int, float, int]:
+    """The best of ``repeats`` runs of each, taken in turns, so that a busy spell of the machine
+    weighs on both alike: (floor seconds, its count, run seconds, its count)."""
+    floors, runs, a, b = [], [], 0, 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a = floor()
+        floors.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b = run()
+        runs.append(time.perf_counter() - t0)
+    return min(floors), a, min(runs), b
+
+
 SIMPLE = ("logged", "uniform", "constant:arm00")
 
 
@@ -190,7 +223,8 @@ def _replay_db(url: str) -> int:
     from nextbest.bandit.offline.replay import replay
     from nextbest.offline.log_source import replay_chunks
 
-    return replay(replay_chunks(url, PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
+    with _one_blas_thread():
+        return replay(replay_chunks(url, PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
 
 
 def _select(path: Path) -> int:
@@ -214,8 +248,7 @@ def _select(path: Path) -> int:
 def db_speed(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
     path = tmp / "speed.db"
     url = make_database(path, n)
-    floor, rows = _best(lambda: _select(path), repeats)
-    seconds, events = _best(lambda: _replay_db(url), repeats)
+    floor, rows, seconds, events = _alternately(lambda: _select(path), lambda: _replay_db(url), repeats)
     return {
         "events": events,
         "seconds": seconds,
@@ -228,6 +261,20 @@ def db_speed(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def rewrite(src: Path, dst: Path) -> int:
+    """``src`` as another writer would give it: each line through ``json.dumps``, its keys in
+    reverse order (``_nb``'s sorted) and the standard library's spacing."""
+    n = 0
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for line in f:
+            obj = json.loads(line)
+            obj = dict(reversed(list(obj.items())))
+            obj["_nb"] = dict(sorted(obj["_nb"].items()))
+            out.write(json.dumps(obj) + "\n")
+            n += 1
+    return n
+
+
 def dsjson_speed(tmp: Path, url: str, n: int, repeats: int) -> dict[str, Any]:
     from nextbest.bandit.offline.policies import parse_policy
     from nextbest.bandit.offline.replay import replay
@@ -238,30 +285,36 @@ def dsjson_speed(tmp: Path, url: str, n: int, repeats: int) -> dict[str, Any]:
     written = write_dsjson(
         str(path), islice((d for d in rows if d.chosen is not None), n), arm_features
     )  # shown ones: DSJSON has no "no offer"
+    other = tmp / "rewritten.json"
+    rewrite(path, other)
 
-    def parse() -> int:
-        count = 0
-        with open(path, "rb") as f:
-            for line in f:
-                orjson.loads(line)
-                count += 1
-        return count
+    def measure(file: Path) -> dict[str, Any]:
+        def parse() -> int:
+            count = 0
+            with open(file, "rb") as f:
+                for line in f:
+                    orjson.loads(line)
+                    count += 1
+            return count
 
-    def run() -> int:
-        return replay(dsjson_chunks(str(path), PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
+        def run() -> int:
+            with _one_blas_thread():
+                return replay(dsjson_chunks(str(file), PLACEMENT), [parse_policy(p) for p in SIMPLE], ["ips", "snips"]).n
 
-    floor, lines = _best(parse, repeats)
-    seconds, events = _best(run, repeats)
-    return {
-        "events": events,
-        "lines": written,
-        "bytes": path.stat().st_size,
-        "seconds": seconds,
-        "events_per_s": events / seconds,
-        "orjson_seconds": floor,
-        "orjson_lines_per_s": lines / floor,
-        "ratio": floor / seconds,
-    }
+        floor, lines, seconds, events = _alternately(parse, run, repeats)
+        return {
+            "events": events,
+            "lines": lines,
+            "bytes": file.stat().st_size,
+            "seconds": seconds,
+            "events_per_s": events / seconds,
+            "orjson_seconds": floor,
+            "orjson_lines_per_s": lines / floor,
+            "ratio": floor / seconds,
+        }
+
+    own, rewritten = measure(path), measure(other)
+    return {**own, "lines": written, "rewritten": rewritten}
 
 
 def peak_rss(url: str, tmp: Path, timeout: float = 1800) -> dict[str, Any]:
@@ -411,6 +464,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'dsjson: ' + format(dsj['events'], ',') + ' events (' + format(dsj['bytes'] / 1e6, '.0f') + ' MB)':<44}"
         + f"{dsj['events_per_s']:>14,.0f}/s  {dsj['ratio']:.2f} x orjson parse ({dsj['orjson_lines_per_s']:,.0f} lines/s)",
     ]
+    if "rewritten" in dsj:
+        rw = dsj["rewritten"]
+        lines.append(
+            f"{'dsjson by json.dumps: ' + format(rw['events'], ',') + ' events (' + format(rw['bytes'] / 1e6, '.0f') + ' MB)':<44}"
+            + f"{rw['events_per_s']:>14,.0f}/s  {rw['ratio']:.2f} x orjson parse ({rw['orjson_lines_per_s']:,.0f} lines/s)"
+        )
     for n, r in report["rss"].items():
         lines.append(
             f"{'peak RSS, ' + format(int(n), ',') + ' events logged':<44}{r['rss_bytes'] / MIB:>13,.0f} MiB  "

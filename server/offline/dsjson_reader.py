@@ -17,7 +17,7 @@ of it, so memory per line is bounded whatever the file holds.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -51,7 +51,7 @@ class LogOutOfOrder(InvalidInput):
 class _Columns:
     """One chunk's lines: a tuple of fields per line (one append), taken apart in ``_log``."""
 
-    rows: list[tuple[int, str, float, float, float, int, int, int]] = field(default_factory=list)
+    rows: list[tuple[int, Any, float, Any, Any, Any, int, int]] = field(default_factory=list)  # as parsed: numpy converts them
     actions: list[list[int]] = field(default_factory=list)  # "a" of each line
     values: list[list[float]] = field(default_factory=list)  # "p" of each line
     extra: list[float] = field(default_factory=list)  # pacing's "no offer" probability, per line that has one
@@ -147,7 +147,6 @@ class DsjsonReader:
                             list_id = self._new_arm_set((ids, versions), feats)
                         last_arms, last_id, arm_count = arms, list_id, len(ids)
                     list_id = last_id
-                    event_id, chosen, cost, prob = str(event_id), int(chosen), float(cost), float(prob)
                     k = len(actions)
                     if len(values) != k or arm_count != k or not k or len(extra) > 1:
                         raise ValueError("sizes")  # the full decoder names what is wrong
@@ -175,15 +174,18 @@ class DsjsonReader:
                         cols.contexts.append(context)  # type: ignore[arg-type]  # set with_features
                     count += 1
                     if ordered:
-                        key = (ts, event_id)
+                        key = (ts, str(event_id))
                         if last is not None and key < last:
                             self._log(cols)  # a line refused for what it holds is refused for that first
                             raise self._out_of_order(number, event_id)
                         last = key
                 if count >= size:
-                    yield self._log(cols)
+                    log = self._log(cols)
+                    # The chunk's lines are freed before it is handed on, while the collector
+                    # is still paused: kept, they would be scanned when it runs again.
                     cols, count = _Columns(), 0
                     rows_append, actions_append, values_append = cols.rows.append, cols.actions.append, cols.values.append
+                    yield log
         if count:
             yield self._log(cols)
 
@@ -266,20 +268,21 @@ class DsjsonReader:
 
     def _log(self, cols: _Columns) -> ReplayLog:
         n = len(cols.rows)
-        lines, event_ids, times, costs, probs, chosen_col, list_ids, size_col = (list(map(itemgetter(k), cols.rows)) for k in range(8))
+        lines, ids, times, costs, probs, chosen_col, list_ids, size_col = zip(*cols.rows, strict=True) if n else ((),) * 8
+        event_ids: list[str] = list(map(str, ids))
         sizes = np.fromiter(size_col, np.int64, n)
         starts = np.zeros(n, np.int64)
         np.cumsum(sizes[:-1], out=starts[1:])
         total = int(sizes.sum())
-        try:
+        try:  # the line's numbers, taken as the full decoder's int() and float() take them
             actions = np.fromiter(chain.from_iterable(cols.actions), np.int64, total) - 1
             values = np.fromiter(chain.from_iterable(cols.values), np.float64, total)
+            chosen = np.fromiter(chosen_col, np.int64, n)
+            rewards = -np.fromiter(costs, np.float64, n)
+            probabilities = np.fromiter(probs, np.float64, n)
         except (TypeError, ValueError, OverflowError):
             self._refuse_numbers(lines, event_ids, cols)
             raise
-        chosen = np.fromiter(chosen_col, np.int64, n)
-        rewards = -np.fromiter(costs, np.float64, n)
-        probabilities = np.fromiter(probs, np.float64, n)
         timestamps = np.fromiter(times, np.float64, n)
         pos = self._check(lines, event_ids, cols, sizes, starts, actions, values, chosen, rewards, probabilities)
         if n:
@@ -309,7 +312,7 @@ class DsjsonReader:
 
     def _check(
         self,
-        lines: list[int],
+        lines: Sequence[int],
         event_ids: list[str],
         cols: _Columns,
         sizes: IntArray,
@@ -366,14 +369,18 @@ class DsjsonReader:
             why = f"the chosen action's probability {float(first[at])!r} is not _label_probability {float(probabilities[at])!r}"
         raise self._error(lines[at], f"{name}: {_clip(event_ids[at])}: {why}")
 
-    def _refuse_numbers(self, lines: list[int], event_ids: list[str], cols: _Columns) -> None:
-        """The first line of the chunk whose "a" or "p" numpy cannot read as numbers."""
-        for i, (a, p) in enumerate(zip(cols.actions, cols.values, strict=True)):
+    def _refuse_numbers(self, lines: Sequence[int], event_ids: list[str], cols: _Columns) -> None:
+        """The first line of the chunk with a field numpy cannot read as a number."""
+        for i, (row, a, p) in enumerate(zip(cols.rows, cols.actions, cols.values, strict=True)):
             try:
                 np.fromiter(a, np.int64, len(a))
                 np.fromiter(p, np.float64, len(p))
+                int(row[5])
+                float(row[3]), float(row[4])
             except (TypeError, ValueError, OverflowError):
-                raise self._error(lines[i], f"a: {_clip(event_ids[i])}: a and p must be lists of numbers") from None
+                raise self._error(
+                    lines[i], f"dsjson: {_clip(event_ids[i])}: _labelIndex, _label_cost, _label_probability, a and p must be numbers"
+                ) from None
 
 
 def _clip(text: str) -> str:
