@@ -144,8 +144,9 @@ class Replication:
 
     async def _run(self) -> None:
         poll = self._settings.replica_poll_interval
-        # Without notifications the serial is looked at more often than the rest (one small read).
-        look = poll if self.listening else min(poll, self._settings.config_poll_interval)
+        # Without notifications, where others may write, the serial is looked at more often than the
+        # rest (one small read); a server alone stores every change itself.
+        look = poll if self.listening or not self._settings.may_have_peers else min(poll, self._settings.config_poll_interval)
         next_tick = time.monotonic() + poll
         while True:
             try:
