@@ -151,6 +151,7 @@ class DsjsonReader:
                     if len(values) != k or arm_count != k or not k or len(extra) > 1:
                         raise ValueError("sizes")  # the full decoder names what is wrong
                     context = nb["features"] if with_features else None
+                    no_offer = float(extra[0]) if extra else 0.0
                 except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # orjson's error is a ValueError
                     if not line.strip():
                         continue
@@ -165,7 +166,7 @@ class DsjsonReader:
                     last = self.last_key
                 else:
                     if extra:
-                        cols.extra.append(float(extra[0]))
+                        cols.extra.append(no_offer)
                         cols.extra_at.append(count)
                     rows_append((number, event_id, ts, cost, prob, chosen, list_id, k))
                     actions_append(actions)
@@ -192,8 +193,8 @@ class DsjsonReader:
     def _error(self, number: int, why: str) -> InvalidInput:
         return InvalidInput("--log", f"{self.shown}, line {number}: {why}")
 
-    def _out_of_order(self, number: int, event_id: str) -> LogOutOfOrder:
-        return LogOutOfOrder("--log", f"{self.shown}, line {number}: event {_clip(event_id)} is older than the one before it")
+    def _out_of_order(self, number: int, event_id: Any) -> LogOutOfOrder:
+        return LogOutOfOrder("--log", f"{self.shown}, line {number}: event {_clip(str(event_id))} is older than the one before it")
 
     def _append(
         self,
@@ -235,7 +236,7 @@ class DsjsonReader:
         except UnicodeDecodeError:
             raise self._error(number, "not UTF-8 text") from None
         except InvalidInput as e:
-            raise self._error(number, str(e)) from None
+            raise self._error(number, _clip(str(e), 3 * _SHOWN)) from None  # it may quote a value of the line
         if self.placement and dec.placement and dec.placement != self.placement:
             return False
         if (self.since is not None and dec.timestamp < self.since) or (self.until is not None and dec.timestamp >= self.until):
@@ -383,8 +384,8 @@ class DsjsonReader:
                 ) from None
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= _SHOWN else text[:_SHOWN] + f"... ({len(text):,} characters)"
+def _clip(text: str, limit: int = _SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _fields(dec: LoggedDecision) -> tuple[str, float, float, float, int]:

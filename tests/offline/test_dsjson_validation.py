@@ -193,6 +193,14 @@ def test_the_error_quotes_a_bounded_piece_of_a_huge_line(lines: list[str], tmp_p
         list(dsjson_chunks(_file(tmp_path / "bad.json", bad), rl.PLACEMENT, chunk=25)())
     assert f"line {i + 1}: p: xxx" in str(e.value) and "(500,000 characters)" in str(e.value)
     assert len(str(e.value)) < 500
+    obj = json.loads(lines[i])  # another tool's line (no _nb) with a feature the decoder quotes
+    del obj["_nb"]
+    obj["c"]["U"]["huge"] = list(range(100_000))
+    bad[i] = json.dumps(obj)
+    with pytest.raises(InvalidInput) as e:
+        list(dsjson_chunks(_file(tmp_path / "bad.json", bad), rl.PLACEMENT, chunk=25)())
+    assert f"line {i + 1}: c: feature 'huge': expected a number or a text, got [0, 1, 2" in str(e.value)
+    assert len(str(e.value)) < 800
 
 
 # ------------------------------------------------------------------ line length
@@ -232,3 +240,30 @@ def test_the_cli_default_is_the_readers() -> None:
     from nextbest.cli.replay import MAX_LINE_BYTES
 
     assert MAX_LINE_BYTES == dsjson_reader.MAX_LINE == 2**20
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: o["p"].__setitem__(1, "x"), "must be numbers"),
+        (lambda o: o.update(_labelIndex=None), "must be numbers"),
+        (lambda o: o["a"].__setitem__(1, [2]), "must be numbers"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_refused_naming_its_line(lines: list[str], tmp_path: Path, change: Any, message: str) -> None:
+    bad = list(lines[:60])
+    i = _three_actions(bad)
+    obj = json.loads(bad[i])
+    change(obj)
+    bad[i] = json.dumps(obj)
+    with pytest.raises(InvalidInput, match=rf"bad.json, line {i + 1}: .*{message}"):
+        list(dsjson_chunks(_file(tmp_path / "bad.json", bad), rl.PLACEMENT, chunk=25)())
+
+
+def test_a_no_offer_probability_that_is_not_a_number_is_refused_naming_its_line(lines: list[str], tmp_path: Path) -> None:
+    bad = list(lines[:60])
+    i = _three_actions(bad)
+    assert '"pmf_extra": []' in bad[i]
+    bad[i] = bad[i].replace('"pmf_extra": []', '"pmf_extra": ["x"]')  # export-log's own layout otherwise
+    with pytest.raises(InvalidInput, match=rf"bad.json, line {i + 1}: dsjson: not a nextbest DSJSON line \(ValueError"):
+        list(dsjson_chunks(_file(tmp_path / "bad.json", bad), rl.PLACEMENT, chunk=25)())
