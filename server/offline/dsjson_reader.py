@@ -17,10 +17,9 @@ of it, so memory per line is bounded whatever the file holds.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
 from operator import itemgetter
 from typing import Any, BinaryIO
 
@@ -47,16 +46,40 @@ class LogOutOfOrder(InvalidInput):
     (VW candidates learn the log in it)."""
 
 
-@dataclass
 class _Columns:
-    """One chunk's lines: a tuple of fields per line (one append), taken apart in ``_log``."""
+    """One chunk's lines, a typed array per field (numpy reads them without a copy), appended
+    to as each line is read: its parsed objects are freed with the line, not kept for the chunk."""
 
-    rows: list[tuple[int, Any, float, Any, Any, Any, int, int]] = field(default_factory=list)  # as parsed: numpy converts them
-    actions: list[list[int]] = field(default_factory=list)  # "a" of each line
-    values: list[list[float]] = field(default_factory=list)  # "p" of each line
-    extra: list[float] = field(default_factory=list)  # pacing's "no offer" probability, per line that has one
-    extra_at: list[int] = field(default_factory=list)  # ... and its line's position in the chunk
-    contexts: list[list[list[Any]]] = field(default_factory=list)  # features as logged, with features only
+    __slots__ = (
+        "actions",
+        "chosen",
+        "contexts",
+        "costs",
+        "event_ids",
+        "extra",
+        "extra_at",
+        "lines",
+        "list_ids",
+        "probs",
+        "sizes",
+        "times",
+        "values",
+    )
+
+    def __init__(self) -> None:
+        self.lines, self.chosen, self.list_ids, self.sizes = array("q"), array("q"), array("q"), array("q")
+        self.times, self.costs, self.probs = array("d"), array("d"), array("d")
+        self.event_ids: list[str] = []
+        self.actions, self.values = array("q"), array("d")  # "a" and "p" of every line, one after the other
+        self.extra: list[float] = []  # pacing's "no offer" probability, per line that has one
+        self.extra_at: list[int] = []  # ... and its line's position in the chunk
+        self.contexts: list[Any] = []  # features as logged, with features only
+
+    def truncate(self, n: int, slots: int) -> None:
+        """Back to its first ``n`` lines (``slots`` actions): a line the fast path left half appended."""
+        for col in (self.lines, self.chosen, self.list_ids, self.sizes, self.times, self.costs, self.probs):
+            del col[n:]
+        del self.event_ids[n:], self.actions[slots:], self.values[slots:], self.contexts[n:]
 
 
 class DsjsonReader:
@@ -119,8 +142,7 @@ class DsjsonReader:
         head, exact = _HEAD, _EXACT
         arm_sets, with_features, size, ordered, limit = self.arm_sets, self.with_features, self.chunk, self.time_order, self.max_line
         cols = _Columns()
-        rows_append, actions_append, values_append = cols.rows.append, cols.actions.append, cols.values.append
-        count = arm_count = last_id = 0
+        count = slots = arm_count = last_id = 0
         last_arms: Any = None
         last: tuple[float, str] | None = None
         with open_binary(self.path) as f:
@@ -133,7 +155,7 @@ class DsjsonReader:
                     obj = loads(line)
                     event_id, chosen, cost, prob, actions, values, nb = head(obj)
                     v, where, ts, arms, extra = exact(nb)
-                    if v != version:
+                    if v != version or event_id.__class__ is not str:
                         raise ValueError("version")
                     if placement and where and where != placement:
                         continue
@@ -150,32 +172,44 @@ class DsjsonReader:
                     k = len(actions)
                     if len(values) != k or arm_count != k or not k or len(extra) > 1:
                         raise ValueError("sizes")  # the full decoder names what is wrong
-                    context = nb["features"] if with_features else None
                     no_offer = float(extra[0]) if extra else 0.0
-                except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # orjson's error is a ValueError
+                    context = nb["features"] if with_features else None
+                    # Typed arrays take only numbers (integers for "a" and the label's index):
+                    # anything else raises here, and the full decoder reads the line.
+                    cols.actions.extend(actions)
+                    cols.values.extend(values)
+                    cols.chosen.append(chosen)
+                    cols.costs.append(cost)
+                    cols.probs.append(prob)
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):  # orjson's error is a ValueError
+                    cols.truncate(count, slots)
                     if not line.strip():
                         continue
                     self.last_key = last
                     try:
                         taken = self._read_slowly(number, line, obj, cols)
                     except InvalidInput:
-                        if cols.rows:  # an earlier line of the chunk may be refused first
+                        if count:  # an earlier line of the chunk may be refused first
                             self._log(cols)
                         raise
                     count += taken
+                    slots = len(cols.actions)
                     last = self.last_key
                 else:
+                    cols.lines.append(number)
+                    cols.event_ids.append(event_id)
+                    cols.times.append(ts)
+                    cols.list_ids.append(list_id)
+                    cols.sizes.append(k)
                     if extra:
                         cols.extra.append(no_offer)
                         cols.extra_at.append(count)
-                    rows_append((number, event_id, ts, cost, prob, chosen, list_id, k))
-                    actions_append(actions)
-                    values_append(values)
                     if with_features:
-                        cols.contexts.append(context)  # type: ignore[arg-type]  # set with_features
+                        cols.contexts.append(context)
                     count += 1
+                    slots += k
                     if ordered:
-                        key = (ts, str(event_id))
+                        key = (ts, event_id)
                         if last is not None and key < last:
                             self._log(cols)  # a line refused for what it holds is refused for that first
                             raise self._out_of_order(number, event_id)
@@ -184,8 +218,7 @@ class DsjsonReader:
                     log = self._log(cols)
                     # The chunk's lines are freed before it is handed on, while the collector
                     # is still paused: kept, they would be scanned when it runs again.
-                    cols, count = _Columns(), 0
-                    rows_append, actions_append, values_append = cols.rows.append, cols.actions.append, cols.values.append
+                    cols, count, slots = _Columns(), 0, 0
                     yield log
         if count:
             yield self._log(cols)
@@ -219,10 +252,17 @@ class DsjsonReader:
             self.last_key = key
         if extra:
             cols.extra.append(float(extra[0]))
-            cols.extra_at.append(len(cols.rows))
-        cols.rows.append((number, event_id, ts, cost, prob, chosen, list_id, len(actions)))
-        cols.actions.append(actions)
-        cols.values.append(values)
+            cols.extra_at.append(len(cols.sizes))
+        cols.lines.append(number)
+        cols.event_ids.append(event_id)
+        cols.times.append(ts)
+        cols.costs.append(cost)
+        cols.probs.append(prob)
+        cols.chosen.append(chosen)
+        cols.list_ids.append(list_id)
+        cols.sizes.append(len(actions))
+        cols.actions.extend(actions)
+        cols.values.extend(values)
         if features is not None:
             cols.contexts.append([list(f) for f in features])
 
@@ -268,23 +308,18 @@ class DsjsonReader:
     # ------------------------------------------------------------------ per chunk
 
     def _log(self, cols: _Columns) -> ReplayLog:
-        n = len(cols.rows)
-        lines, ids, times, costs, probs, chosen_col, list_ids, size_col = zip(*cols.rows, strict=True) if n else ((),) * 8
-        event_ids: list[str] = list(map(str, ids))
-        sizes = np.fromiter(size_col, np.int64, n)
+        n = len(cols.sizes)
+        lines, event_ids = cols.lines, cols.event_ids
+        sizes = np.frombuffer(cols.sizes, np.int64)
         starts = np.zeros(n, np.int64)
         np.cumsum(sizes[:-1], out=starts[1:])
         total = int(sizes.sum())
-        try:  # the line's numbers, taken as the full decoder's int() and float() take them
-            actions = np.fromiter(chain.from_iterable(cols.actions), np.int64, total) - 1
-            values = np.fromiter(chain.from_iterable(cols.values), np.float64, total)
-            chosen = np.fromiter(chosen_col, np.int64, n)
-            rewards = -np.fromiter(costs, np.float64, n)
-            probabilities = np.fromiter(probs, np.float64, n)
-        except (TypeError, ValueError, OverflowError):
-            self._refuse_numbers(lines, event_ids, cols)
-            raise
-        timestamps = np.fromiter(times, np.float64, n)
+        actions = np.frombuffer(cols.actions, np.int64) - 1
+        values = np.frombuffer(cols.values, np.float64)
+        chosen = np.frombuffer(cols.chosen, np.int64)
+        rewards = -np.frombuffer(cols.costs, np.float64)
+        probabilities = np.frombuffer(cols.probs, np.float64)
+        timestamps = np.frombuffer(cols.times, np.float64)
         pos = self._check(lines, event_ids, cols, sizes, starts, actions, values, chosen, rewards, probabilities)
         if n:
             self.first = min(self.first, float(timestamps.min()))
@@ -303,7 +338,7 @@ class DsjsonReader:
             rewards,
             probabilities,
             chosen,
-            np.fromiter(list_ids, np.int64, n),
+            np.frombuffer(cols.list_ids, np.int64),
             self.lists,
             pmf,
             pmf_sizes,
@@ -369,19 +404,6 @@ class DsjsonReader:
         elif rule == 5:
             why = f"the chosen action's probability {float(first[at])!r} is not _label_probability {float(probabilities[at])!r}"
         raise self._error(lines[at], f"{name}: {_clip(event_ids[at])}: {why}")
-
-    def _refuse_numbers(self, lines: Sequence[int], event_ids: list[str], cols: _Columns) -> None:
-        """The first line of the chunk with a field numpy cannot read as a number."""
-        for i, (row, a, p) in enumerate(zip(cols.rows, cols.actions, cols.values, strict=True)):
-            try:
-                np.fromiter(a, np.int64, len(a))
-                np.fromiter(p, np.float64, len(p))
-                int(row[5])
-                float(row[3]), float(row[4])
-            except (TypeError, ValueError, OverflowError):
-                raise self._error(
-                    lines[i], f"dsjson: {_clip(event_ids[i])}: _labelIndex, _label_cost, _label_probability, a and p must be numbers"
-                ) from None
 
 
 def _clip(text: str, limit: int = _SHOWN) -> str:
