@@ -303,9 +303,10 @@ class Store(Protocol):
         ...
 
     def lease(self, key: str, period: str, limit: float, amount: float) -> float:
-        """MUST grant at most ``amount`` and never let all processes' leases pass ``limit`` (a
-        conditional UPDATE); creates a missing account; returns the grant, 0.0 when nothing is
-        left or its UPDATE kept losing races. Committed on return. Raises Unavailable."""
+        """MUST be take_lease's grant: at most ``amount``, never letting all servers' leases pass
+        the limit stored for the account (``limit`` only where none is stored); creates a missing
+        account; 0.0 when nothing is left or its UPDATE kept losing races
+        (test_leases_are_taken_against_the_stored_limit). Committed on return. Raises Unavailable."""
         ...
 
     def release(self, key: str, period: str, amount: float) -> float:
