@@ -179,8 +179,10 @@ class Replication:
         # The configuration first: a window taken over below follows its placement's current
         # rules (reward aggregation, default reward), which this server must know by then.
         await self.check_config()
+        # Every server beats, also one that thinks it is alone: another started on the same
+        # SQLite file by mistake then leaves its live windows to it (it took them at its start).
+        await loop.run_in_executor(self._reader_pool, self._store.heartbeat, self._clock())
         if self._settings.may_have_peers:  # alone on its database, a server took every window at start
-            await loop.run_in_executor(self._reader_pool, self._store.heartbeat, self._clock())
             taken = await self._takeover.adopt() if self._takeover is not None else 0
             if taken:
                 log.info("took over %d open windows of a server that stopped", taken)

@@ -222,3 +222,27 @@ def test_workers_on_sqlite_refuse_a_foreign_event_id_and_keep_the_first_decision
     assert rc == 0, proc.stderr.read() if proc.stderr else ""
     rows = sql(db, "SELECT placement_id, reward FROM decisions")
     assert len(rows) == 20 and {r[0] for r in rows} == {"app_home_banner"} and {r[1] for r in rows} == {1.0}
+
+
+def test_a_second_server_on_one_sqlite_file_leaves_the_first_ones_live_windows(tmp_path: Path) -> None:
+    """Two `nextbest serve` on one SQLite file (no --workers): the second took every open window
+    of the first at its start; now only those of a server that stopped."""
+    db = f"sqlite:///{tmp_path}/nb.db"
+    env = {"NEXTBEST_REPLICA_POLL_INTERVAL": "0.3"}
+    a = ServerProcess(db, env=env)
+    b = None
+    try:
+        with NextbestClient(a.target) as ca:
+            ca.apply([envs.placement("p", learn_at="window_close")])
+            ids = [ca.choose("p").event_id for _ in range(5)]
+        time.sleep(0.2)
+        [(owner,)] = sql(db, "SELECT DISTINCT owner FROM decisions")
+        b = ServerProcess(db, env=env)
+        time.sleep(0.5)
+        assert sql(db, "SELECT DISTINCT owner FROM decisions") == [(owner,)]  # still A's
+        with NextbestClient(b.target) as cb:
+            assert [cb.reward(ev, 1.0) for ev in ids] == ["learned"] * 5  # on A's rows, for A's close
+    finally:
+        a.terminate()
+        if b is not None:
+            b.terminate()
