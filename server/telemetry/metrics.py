@@ -213,7 +213,7 @@ class _EngineCollector:
                 out[(pid, w.arm_id)] = (n + w.count, total + w.reward_sum, spend + w.spend)
         return out
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         r = self._reading()
         yield GaugeMetricFamily("nextbest_ready", "1 once every model is loaded and calls are served", value=float(r.ready))
         yield GaugeMetricFamily("nextbest_writer_queue_depth", "Decisions and reward closes waiting to be written", value=r.queue_depth)
