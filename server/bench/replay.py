@@ -62,7 +62,7 @@ class Sizes:
     repeats: int
 
 
-FULL = Sizes(db_events=1_000_000, dsjson_events=300_000, rss_events=(1_000_000, 10_000_000), vw_events=50_000, repeats=3)
+FULL = Sizes(db_events=1_000_000, dsjson_events=300_000, rss_events=(1_000_000, 10_000_000), vw_events=50_000, repeats=5)
 SMOKE = Sizes(db_events=2_000, dsjson_events=1_000, rss_events=(1_000, 4_000), vw_events=500, repeats=1)
 
 TARGETS = {"db_events_per_s": 300_000.0, "dsjson_vs_orjson": 0.5, "rss_mib": 500.0, "vw_vs_learn": 0.8}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from functools import partial
 from operator import itemgetter
 from typing import Any, BinaryIO
@@ -74,6 +74,23 @@ class _Columns:
         self.extra: list[float] = []  # pacing's "no offer" probability, per line that has one
         self.extra_at: list[int] = []  # ... and its line's position in the chunk
         self.contexts: list[Any] = []  # features as logged, with features only
+
+    def appenders(self) -> tuple[Callable[[Any], None], ...]:
+        """The loop's bound methods (a local name is faster than an attribute, once per line):
+        "a"'s and "p"'s extend, then the appends of the label's index, cost and probability,
+        and of the line number, event id, time, arm set and size."""
+        return (
+            self.actions.extend,
+            self.values.extend,
+            self.chosen.append,
+            self.costs.append,
+            self.probs.append,
+            self.lines.append,
+            self.event_ids.append,
+            self.times.append,
+            self.list_ids.append,
+            self.sizes.append,
+        )
 
     def truncate(self, n: int, slots: int) -> None:
         """Back to its first ``n`` lines (``slots`` actions): a line the fast path left half appended."""
@@ -142,6 +159,9 @@ class DsjsonReader:
         head, exact = _HEAD, _EXACT
         arm_sets, with_features, size, ordered, limit = self.arm_sets, self.with_features, self.chunk, self.time_order, self.max_line
         cols = _Columns()
+        a_extend, p_extend, chosen_append, cost_append, prob_append, line_append, id_append, ts_append, set_append, k_append = (
+            cols.appenders()
+        )
         count = slots = arm_count = last_id = 0
         last_arms: Any = None
         last: tuple[float, str] | None = None
@@ -176,11 +196,11 @@ class DsjsonReader:
                     context = nb["features"] if with_features else None
                     # Typed arrays take only numbers (integers for "a" and the label's index):
                     # anything else raises here, and the full decoder reads the line.
-                    cols.actions.extend(actions)
-                    cols.values.extend(values)
-                    cols.chosen.append(chosen)
-                    cols.costs.append(cost)
-                    cols.probs.append(prob)
+                    a_extend(actions)
+                    p_extend(values)
+                    chosen_append(chosen)
+                    cost_append(cost)
+                    prob_append(prob)
                 except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):  # orjson's error is a ValueError
                     cols.truncate(count, slots)
                     if not line.strip():
@@ -196,11 +216,11 @@ class DsjsonReader:
                     slots = len(cols.actions)
                     last = self.last_key
                 else:
-                    cols.lines.append(number)
-                    cols.event_ids.append(event_id)
-                    cols.times.append(ts)
-                    cols.list_ids.append(list_id)
-                    cols.sizes.append(k)
+                    line_append(number)
+                    id_append(event_id)
+                    ts_append(ts)
+                    set_append(list_id)
+                    k_append(k)
                     if extra:
                         cols.extra.append(no_offer)
                         cols.extra_at.append(count)
@@ -219,6 +239,9 @@ class DsjsonReader:
                     # The chunk's lines are freed before it is handed on, while the collector
                     # is still paused: kept, they would be scanned when it runs again.
                     cols, count, slots = _Columns(), 0, 0
+                    a_extend, p_extend, chosen_append, cost_append, prob_append, line_append, id_append, ts_append, set_append, k_append = (
+                        cols.appenders()
+                    )
                     yield log
         if count:
             yield self._log(cols)
