@@ -165,10 +165,14 @@ class Engine:
         )
         await loop.run_in_executor(self.reader_pool, self.store.register_server, self.server_id, self.clock())
         await self.config.confirm(serial)
-        await self.takeover.adopt(starting=True)
+        learner = await self.replication.elect()
+        # Holding the lock file beside a SQLite database no other server runs on it: whoever
+        # wrote the open windows stopped (a restart after kill -9 takes them at once). Else only
+        # the windows of servers silent for live_for move: never a live one's.
+        await self.takeover.adopt(starting=True, alone=learner and not self.settings.may_have_peers)
         await self.contacts.rebuild()
         self.writer.start()
-        self.learner.active = await self.replication.elect()
+        self.learner.active = learner
         await self.learner.catch_up_all()
         self.learner.start()
         self.replication.start()

@@ -182,10 +182,10 @@ class Replication:
         # Every server beats, also one that thinks it is alone: another started on the same
         # SQLite file by mistake then leaves its live windows to it (it took them at its start).
         await loop.run_in_executor(self._reader_pool, self._store.heartbeat, self._clock())
-        if self._settings.may_have_peers:  # alone on its database, a server took every window at start
-            taken = await self._takeover.adopt() if self._takeover is not None else 0
-            if taken:
-                log.info("took over %d open windows of a server that stopped", taken)
+        taken = await self._takeover.adopt() if self._takeover is not None else 0
+        if taken:
+            log.info("took over %d open windows of a server that stopped", taken)
+        if self._settings.may_have_peers:
             await self._budgets.share(self._clock())  # pace on every server's spend
         if self.learning:
             if not await loop.run_in_executor(self._reader_pool, self._store.holds_learner_lock):

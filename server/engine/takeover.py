@@ -39,14 +39,15 @@ class Takeover:
         self._settings = settings
         self._clock = clock
 
-    async def adopt(self, starting: bool = False) -> int:
+    async def adopt(self, starting: bool = False, alone: bool = False) -> int:
         """Take over the open windows of servers that stopped (at start: also this server's own
         before a restart), with the rewards they had gathered; a live server's stay with it.
-        Returns how many windows were taken over."""
+        ``alone``: no other server can be running on the database (this one holds the lock file
+        beside its SQLite file): every other server's windows. Returns how many were taken."""
         loop = asyncio.get_running_loop()
         # Servers sharing the database (PostgreSQL, --workers, or two servers on one SQLite
-        # file) are live while they beat: a starting server never takes a live one's windows.
-        live_since = self._clock() - self._settings.live_for
+        # file) are live while they beat: a server never takes a live one's windows.
+        live_since = None if alone else self._clock() - self._settings.live_for
         taken = sorted(  # opened in decision order, so that they close (and are learned) in it
             (
                 d

@@ -228,6 +228,10 @@ class RewardWindows:
         d = await self.find(key[0], key[1])
         if d is None:
             raise self.unknown(key[0], key[1], reward, quiet=batch_quiet.get())
+        # The row may be another decision than the window knew (a Choose whose id the store
+        # refused, not yet undone): the caller's rights and the bound are checked on it again.
+        self._visible(d.placement, key[0], key[1], reward)
+        self._check_magnitude(d.placement, reward)
         return await self._on_row(d, reward, now, reward_id, again=False)
 
     # -- Reward: the cases ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from nextbest.bandit import access
 from nextbest.bandit.decision_log import Outcome
@@ -363,5 +364,38 @@ def test_a_deferred_decision_activated_on_another_server_goes_on_at_its_holder(d
                 assert await close_all(a, clock) == 1
                 d = await row(a, ev)
                 assert (d.outcome, d.reward, d.activated) == (Outcome.REWARD, 2.0, True)
+
+    run(body)
+
+
+def test_a_reward_racing_a_refused_choose_never_reaches_the_other_placements_row(db: str) -> None:
+    """A limited token's Choose(p, event_id = one of q's ids, decided by another server) opens a
+    window here until the store refuses the insert; a Reward sent meanwhile is NOT_FOUND and
+    stores nothing on q's row."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement("p"), placement("q", max_abs_reward=1.0)])
+            async with server(db, clock, workers=2) as b:
+                theirs = await choose(b, "q")
+                await b.writer.flush()
+                token = access.current.set(access.Scope("ussd", frozenset({"p"})))
+                try:
+                    attempt = asyncio.ensure_future(choose(a, "p", event_id=theirs))
+                    await asyncio.sleep(0)  # the Choose decided and waits for its insert
+                    assert a.windows.open[(theirs, 0)].placement == "p"
+                    with pytest.raises(NotFound):
+                        await a.windows.reward(theirs, 5.0)  # within p's bound, above q's
+                    with pytest.raises(AlreadyExists):
+                        await attempt
+                finally:
+                    access.current.reset(token)
+                assert (theirs, 0) not in a.windows.open
+                d = await row(a, theirs)
+                assert (d.placement, d.outcome, d.reward) == ("q", Outcome.OPEN, None)
+                with a.store.engine.connect() as c:  # not even a "late" event
+                    assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
+                assert await b.windows.reward(theirs, 1.0) is LEARNED
 
     run(body)
