@@ -394,7 +394,7 @@ def test_a_reward_racing_a_refused_choose_never_reaches_the_other_placements_row
                 assert (theirs, 0) not in a.windows.open
                 d = await row(a, theirs)
                 assert (d.placement, d.outcome, d.reward) == ("q", Outcome.OPEN, None)
-                with a.store.engine.connect() as c:  # not even a "late" event
+                with a.store.engine.connect() as c:  # type: ignore[attr-defined]  # not even a "late" event
                     assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
                 assert await b.windows.reward(theirs, 1.0) is LEARNED
 
