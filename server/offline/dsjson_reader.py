@@ -169,6 +169,8 @@ class DsjsonReader:
             # readline(limit + 1) holds at most that much of a line: a longer one is refused unread.
             for number, line in enumerate(iter(partial(f.readline, limit + 1), b""), 1):
                 if len(line) > limit and line[-1] != 10:  # 10: b"\n"
+                    if count:  # an earlier line of the chunk may be refused first
+                        self._log(cols)
                     raise self._error(number, f"longer than {limit:,} bytes (--max-line-bytes raises the limit)")
                 obj = None
                 try:

@@ -256,3 +256,18 @@ def test_a_field_of_the_wrong_type_is_refused_naming_its_line(lines: list[str], 
     bad[i] = field.sub(f'"{key}": {json.dumps(value)}', bad[i])
     with pytest.raises(InvalidInput, match=rf"bad.json, line {i + 1}: dsjson: not a nextbest DSJSON line \((Type|Value)Error"):
         list(dsjson_chunks(_file(tmp_path / "bad.json", bad), rl.PLACEMENT, chunk=25)())
+
+
+@pytest.mark.parametrize("later", ["not json", "too long", "out of order"])
+def test_the_first_bad_line_is_the_one_refused(lines: list[str], tmp_path: Path, later: str) -> None:
+    """A line checked with its chunk is refused before a later line of the same chunk that fails
+    on its own (a syntax error, its length, its time)."""
+    bad = list(lines[:60])
+    i = _three_actions(bad)
+    obj = json.loads(bad[i])
+    obj["p"][1] = 3.0
+    bad[i] = json.dumps(obj)
+    j = i + 5
+    bad[j] = {"not json": "{oops", "too long": "x" * 5000, "out of order": bad[0]}[later]
+    with pytest.raises(InvalidInput, match=rf"bad.json, line {i + 1}: p: "):
+        list(dsjson_chunks(_file(tmp_path / "bad.json", bad), rl.PLACEMENT, chunk=50, max_line=4096)())
