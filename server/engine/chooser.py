@@ -102,7 +102,7 @@ def _exclusions(spec: PlacementSpec, ids: Sequence[str]) -> frozenset[str]:
 # How long a Choose with a caller-chosen event id waits for the store to take its decision
 # (one group commit, a few ms) before it answers without knowing; the decision is then undone
 # when the store refuses it (its id is taken), and meanwhile answered as new.
-_INSERT_WAIT = 2.0
+_INSERT_WAIT = 0.5
 
 
 @dataclass(slots=True)
@@ -234,7 +234,7 @@ class Chooser:
             event_id = self._new_id()
         elif self._windows.slots_of(event_id):
             raise AlreadyExists(f"event_id {quote(event_id)} is already used by a decision")
-        waits: list[asyncio.Future[bool]] = []
+        waits: list[tuple[asyncio.Future[bool], _Made]] = []
         shown: list[Impression] = []
         tracked = bool(customer_id) and self._contacts.history.horizon > 0
         if shared_history is not None:
@@ -288,7 +288,7 @@ class Chooser:
         while this server is alive (RewardWindows.find)."""
         return f"{self._windows.server_id or ''}-{uuid.uuid4().hex}"
 
-    async def _inserted(self, event_id: str, waits: list[asyncio.Future[bool]]) -> None:
+    async def _inserted(self, event_id: str, waits: list[tuple[asyncio.Future[bool], _Made]]) -> None:
         """Wait until the store took this Choose's decisions: ALREADY_EXISTS where it did not
         (the id is another decision's, made by any server at any time; the writer undid them).
         While the database is away (or slower than _INSERT_WAIT) the Choose is answered as new
@@ -296,7 +296,16 @@ class Chooser:
         if not waits or not self._writer.healthy:
             return
         try:
-            results = await asyncio.wait_for(asyncio.shield(asyncio.gather(*waits)), _INSERT_WAIT)
+            together = asyncio.gather(*(f for f, _ in waits))
+            together.add_done_callback(lambda f: f.cancelled() or f.exception())  # read even when no one waits any more
+            results = await asyncio.wait_for(asyncio.shield(together), _INSERT_WAIT)
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline): decisions not written yet are withdrawn and
+            # undone, so nothing is logged for an unanswered Choose (one being written stays).
+            for _, made in waits:
+                if self._writer.withdraw(made.decision):
+                    made.undo()
+            raise
         except RecordRefused:
             raise  # the database will never take this decision (a NUL byte on PostgreSQL, ...)
         except (Unavailable, TimeoutError):
@@ -319,7 +328,7 @@ class Chooser:
         defer: bool,
         closed: str = "",
         excluded: frozenset[str] = NOTHING_EXCLUDED,
-        waits: list[asyncio.Future[bool]] | None = None,
+        waits: list[tuple[asyncio.Future[bool], _Made]] | None = None,
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
@@ -407,7 +416,7 @@ class Chooser:
         made = _Made(self._windows, self._learner, decision, entry, *reserved)
         inserted = self._writer.add_decision(decision, on_dropped=made.undo, wait=waits is not None)
         if waits is not None and inserted is not None:
-            waits.append(inserted)
+            waits.append((inserted, made))
         return decision
 
     def _baseline(

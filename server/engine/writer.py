@@ -117,6 +117,17 @@ class BatchWriter:
             self._wake.set()
         return fut
 
+    def withdraw(self, decision: LoggedDecision) -> bool:
+        """Take a decision out of the queue if it is not being written yet (its Choose gave up);
+        whether it was. Its waiter hears nothing more; its undo is the caller's."""
+        for i, (d, fut, _) in enumerate(self._decisions):
+            if d is decision:
+                del self._decisions[i]
+                if fut is not None and not fut.done():
+                    fut.cancel()
+                return True
+        return False
+
     def _future(self) -> asyncio.Future[Any]:
         self._wake.set()
         return asyncio.get_running_loop().create_future()

@@ -56,7 +56,8 @@ def test_concurrent_chooses_never_overspend_and_use_the_budgets_up(db_url: str) 
     logged: dict[str, float] = defaultdict(float)
     for r in rows:
         if r.arm_id:
-            logged[r.arm_id] += r.cost + (r.reward_cost if r.outcome == 1 and r.reward > 0 else 0.0)
+            # A positive reward spends its cost once acknowledged (stored on the row), closed or not.
+            logged[r.arm_id] += r.cost + (r.reward_cost if r.reward is not None and r.reward > 0 else 0.0)
     assert sum(served.values()) == 16 * 500
     # Arm budgets: spend (and what is held for open windows) within the limit, and used up.
     b1 = budgets["arm:app_home_banner/bonus_1gb"]

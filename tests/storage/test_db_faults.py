@@ -272,9 +272,10 @@ def test_sqlite_locked_file_during_load(db_url: str) -> None:
             lock = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=10, isolation_level=None)
             lock.execute("BEGIN EXCLUSIVE")
             locked = time.monotonic()
-            # Longer than two 5 s busy timeouts (the learner's claim shares the writer's thread):
-            # writes fail rather than wait, and rewards hear UNAVAILABLE.
-            time.sleep(11.0)
+            # Longer than three 5 s busy timeouts (the learner's claim and the replication poll
+            # share the writer's thread, and a Choose waiting for its insert puts its decision in
+            # a batch before its reward's): writes fail rather than wait, rewards hear UNAVAILABLE.
+            time.sleep(16.0)
             lock.execute("ROLLBACK")
             lock.close()
             released = time.monotonic()
