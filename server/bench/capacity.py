@@ -93,8 +93,8 @@ def footprint(db: str, n: int) -> dict[str, Any]:
         started = time.perf_counter()
         warm = await learner.catch_up(PID)
         warm_s = time.perf_counter() - started
-        for slot in engine.states[PID].slots.values():
-            slot.cursor = 0  # learn the same rows again, from the log this time
+        for pm in engine.states[PID].models.values():
+            pm.cursor = 0  # learn the same rows again, from the log this time
         learner._lines.clear()
         started = time.perf_counter()
         cold = await learner.catch_up(PID)

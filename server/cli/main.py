@@ -153,7 +153,7 @@ def _stats(args: argparse.Namespace) -> int:
     if len(s.models) > 1 or any(m.scored for m in s.models):
         print(f"\n{'model':<24}{'learned':>9}{'scored':>8}{'agreement':>11}{'est. value':>12}")
         for m in s.models:
-            print(f"{m.slot or '(placement)':<24}{m.learned:>9}{m.scored:>8}{m.agreement:>11.3f}{m.estimated_value:>12.4f}")
+            print(f"{m.name or '(placement)':<24}{m.learned:>9}{m.scored:>8}{m.agreement:>11.3f}{m.estimated_value:>12.4f}")
     if s.budgets:
         print(f"\n{'budget':<36}{'period':>11}{'limit':>10}{'spent':>10}{'held':>8}{'left':>10}{'leased':>8}{'price':>8}  exhausts")
         for b in s.budgets:

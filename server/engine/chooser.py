@@ -346,7 +346,7 @@ class Chooser:
             assert spec.experiment is not None and spec.experiment.holdout is not None
             choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history, context, excluded)
         else:
-            serving = ps.slots[variant]
+            serving = ps.models[variant]
             choice = decide(
                 serving.model,
                 spec.variant(variant),
@@ -439,11 +439,11 @@ class Chooser:
         ok = [i for i, c in enumerate(candidates) if c.arm.id not in why]
         j = [candidates[i].arm.id for i in ok].index(baseline)
         if spec.mode == "apprentice":
-            slot = ps.slots[""]
-            greedy = int(np.argmax(slot.model.expected_rewards(shared, [candidates[i].arm.line for i in ok])))
-            slot.scored += 1
-            slot.recent.append(greedy == j)
-            slot.agreed += greedy == j
+            pm = ps.models[""]
+            greedy = int(np.argmax(pm.model.expected_rewards(shared, [candidates[i].arm.line for i in ok])))
+            pm.scored += 1
+            pm.recent.append(greedy == j)
+            pm.agreed += greedy == j
         pmf = tuple(1.0 if i == j else 0.0 for i in range(len(ok)))
         return Choice(j, 1.0, pmf, tuple(ok), why, explanation=_BASELINE)
 

@@ -23,19 +23,19 @@ from nextbest.config.plans import Change, plan, plan_campaigns
 from nextbest.engine.budgets import BudgetKeeper, budget_specs
 from nextbest.engine.chooser import placement_salt
 from nextbest.engine.contacts import Contacts
-from nextbest.engine.learner import PlacementState, Slot
+from nextbest.engine.learner import PlacementModel, PlacementState
 from nextbest.settings import Settings
 from nextbest.storage.base import PlacementRecord, Store
 
 
-def _is_new(old: PlacementState | None, s: Slot) -> bool:
+def _is_new(old: PlacementState | None, s: PlacementModel) -> bool:
     """A model made for this change (not one the placement already had)."""
-    return old is None or all(o.model is not s.model for o in old.slots.values())
+    return old is None or all(o.model is not s.model for o in old.models.values())
 
 
-def _moved(old: PlacementState | None, name: str, s: Slot) -> bool:
-    """The slot holds another model than before (new or promoted): it needs a snapshot."""
-    return old is None or name not in old.slots or old.slots[name].model is not s.model
+def _moved(old: PlacementState | None, name: str, s: PlacementModel) -> bool:
+    """The named model is another than before (new or promoted): it needs a snapshot."""
+    return old is None or name not in old.models or old.models[name].model is not s.model
 
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def placement_state(
     rec: PlacementRecord,
-    slots: dict[str, Slot],
+    models: dict[str, PlacementModel],
     features: dict[tuple[str, str, int], dict[str, float | str | bool]],
     seed: str,
 ) -> PlacementState:
@@ -51,7 +51,7 @@ def placement_state(
     pid = rec.spec.id
     lines = {(arm, version): arm_line(arm, features_from_mapping(f)) for (p, arm, version), f in features.items() if p == pid}
     arms = [ArmView.of(a, rec.arm_versions[a.id]) for a in rec.spec.active_arms()]
-    return PlacementState(rec, slots, arms, lines, placement_salt(seed, pid))
+    return PlacementState(rec, models, arms, lines, placement_salt(seed, pid))
 
 
 class Configurator:
@@ -130,24 +130,24 @@ class Configurator:
                 if fb.budget is not None or fb.campaign is not None:
                     raise InvalidInput(f"placements[{i}].fallback_arm", "the fallback arm bypasses budgets, so it cannot have one")
 
-    def _slots(self, spec: PlacementSpec, old: PlacementState | None, since: int) -> dict[str, Slot]:
+    def _models(self, spec: PlacementSpec, old: PlacementState | None, since: int) -> dict[str, PlacementModel]:
         """The placement's models after the change: kept where their settings did not change,
         promoted from a variant on request, new (learning from ``since`` on) otherwise."""
-        out: dict[str, Slot] = {}
-        for name, key in spec.model_slots().items():
-            prev = old.slots.get(name) if old is not None else None
-            if name == "" and spec.promote is not None and old is not None and spec.promote in old.slots:
-                winner = old.slots[spec.promote]
+        out: dict[str, PlacementModel] = {}
+        for name, key in spec.model_keys().items():
+            prev = old.models.get(name) if old is not None else None
+            if name == "" and spec.promote is not None and old is not None and spec.promote in old.models:
+                winner = old.models[spec.promote]
                 if winner.key != key:
                     raise InvalidInput(
                         "promote", f"variant {spec.promote!r} was trained with other VW settings; give the placement its settings"
                     )
-                out[name] = Slot(name, key, winner.model, winner.cursor, scale=winner.scale)
+                out[name] = PlacementModel(name, key, winner.model, winner.cursor, scale=winner.scale)
             elif prev is not None and prev.key == key:
                 out[name] = prev
             else:
-                check_vw_arguments(spec.slot_spec(name))
-                out[name] = Slot(name, key, CbModel(spec.slot_spec(name)), since)
+                check_vw_arguments(spec.model_spec(name))
+                out[name] = PlacementModel(name, key, CbModel(spec.model_spec(name)), since)
         return out
 
     async def reload(self, serial: int | None = None) -> None:
@@ -166,21 +166,21 @@ class Configurator:
                 if old is not None and old.record == rec:
                     continue
                 snaps = await loop.run_in_executor(self._reader_pool, self._store.load_snapshots, pid)
-                slots: dict[str, Slot] = {}
-                for name, key in rec.spec.model_slots().items():
-                    prev = old.slots.get(name) if old is not None else None
+                models: dict[str, PlacementModel] = {}
+                for name, key in rec.spec.model_keys().items():
+                    prev = old.models.get(name) if old is not None else None
                     snap = snaps.get(name)
                     if prev is not None and prev.key == key:
-                        slots[name] = prev
+                        models[name] = prev
                     elif snap is not None and snap.key == key:
-                        model = CbModel(rec.spec.slot_spec(name), snap.model, learned=snap.learned)
-                        slots[name] = Slot(name, key, model, snap.learn_seq)
+                        model = CbModel(rec.spec.model_spec(name), snap.model, learned=snap.learned)
+                        models[name] = PlacementModel(name, key, model, snap.learn_seq)
                     else:
-                        slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
-                ps = placement_state(rec, slots, features, self._seed)
+                        models[name] = PlacementModel(name, key, CbModel(rec.spec.model_spec(name)), rec.model_since_seq)
+                ps = placement_state(rec, models, features, self._seed)
                 if old is not None:
-                    kept = {id(s.model) for s in slots.values()}
-                    for s in old.slots.values():
+                    kept = {id(s.model) for s in models.values()}
+                    for s in old.models.values():
                         if id(s.model) not in kept:
                             s.model.close()
                 self._states[pid] = ps
@@ -213,17 +213,17 @@ class Configurator:
             camp_changes = plan_campaigns(self._budgets.campaigns, campaigns)
             since = self._store.max_learn_seq()
             p = plan(current, specs, since + 1)
-            slots = {rec.spec.id: self._slots(rec.spec, self._states.get(rec.spec.id), since) for rec in p.records}
+            models = {rec.spec.id: self._models(rec.spec, self._states.get(rec.spec.id), since) for rec in p.records}
             changes = camp_changes + p.changes
             if dry_run or not changes:
-                for pid, made in slots.items():
+                for pid, made in models.items():
                     for s in made.values():
                         if _is_new(self._states.get(pid), s):
                             s.model.close()
                 return changes
             changed_campaigns = [c for c in campaigns if any(ch.campaign == c.id for ch in camp_changes)]
             # New and promoted models are saved with the configuration: a restart knows where each starts.
-            fresh = [s.snapshot(pid) for pid, made in slots.items() for name, s in made.items() if _moved(self._states.get(pid), name, s)]
+            fresh = [s.snapshot(pid) for pid, made in models.items() for name, s in made.items() if _moved(self._states.get(pid), name, s)]
             loop = asyncio.get_running_loop()
             self._budgets.hold()  # from the commit on, spend only under the new limits (rebind below)
             try:
@@ -238,11 +238,11 @@ class Configurator:
             features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
             for rec in p.records:
                 old = self._states.get(rec.spec.id)
-                ps = placement_state(rec, slots[rec.spec.id], features, self._seed)
+                ps = placement_state(rec, models[rec.spec.id], features, self._seed)
                 if old is not None:
                     ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
-                    kept = {id(s.model) for s in ps.slots.values()}
-                    for s in old.slots.values():
+                    kept = {id(s.model) for s in ps.models.values()}
+                    for s in old.models.values():
                         if id(s.model) not in kept:
                             s.model.close()
                 self._states[rec.spec.id] = ps

@@ -30,7 +30,7 @@ from nextbest.engine.chooser import Chooser
 from nextbest.engine.configure import Configurator, placement_state
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.explainer import Explainer
-from nextbest.engine.learner import Learner, PlacementState, Slot
+from nextbest.engine.learner import Learner, PlacementModel, PlacementState
 from nextbest.engine.replication import Replication
 from nextbest.engine.reward_batch import RewardBatch
 from nextbest.engine.shared_contacts import SharedContacts
@@ -148,17 +148,17 @@ class Engine:
         for rec in records:
             recent = await loop.run_in_executor(self.reader_pool, self.store.recent_rewards, rec.spec.id, WINDOW)
             snaps = await loop.run_in_executor(self.reader_pool, self.store.load_snapshots, rec.spec.id)
-            slots = {}
-            for name, key in rec.spec.model_slots().items():
+            models = {}
+            for name, key in rec.spec.model_keys().items():
                 snap = snaps.get(name)
                 if snap is not None and snap.key == key:
-                    model = CbModel(rec.spec.slot_spec(name), snap.model, learned=snap.learned)
-                    slots[name] = Slot(name, key, model, snap.learn_seq)
+                    model = CbModel(rec.spec.model_spec(name), snap.model, learned=snap.learned)
+                    models[name] = PlacementModel(name, key, model, snap.learn_seq)
                 else:
-                    slots[name] = Slot(name, key, CbModel(rec.spec.slot_spec(name)), rec.model_since_seq)
-            for slot in slots.values():
-                slot.scale = RewardScale(recent, ceiling=rec.spec.max_abs_reward)
-            self.states[rec.spec.id] = placement_state(rec, slots, features, self.seed)
+                    models[name] = PlacementModel(name, key, CbModel(rec.spec.model_spec(name)), rec.model_since_seq)
+            for pm in models.values():
+                pm.scale = RewardScale(recent, ceiling=rec.spec.max_abs_reward)
+            self.states[rec.spec.id] = placement_state(rec, models, features, self.seed)
         self.budgets.restore(
             await loop.run_in_executor(self.reader_pool, self.store.load_accounts),
             await loop.run_in_executor(self.reader_pool, self.store.load_campaigns),
@@ -195,8 +195,8 @@ class Engine:
                 log.error("final learning and snapshots failed: %s", e)
         await self.budgets.release_all()
         for ps in self.states.values():
-            for slot in ps.slots.values():
-                slot.model.close()
+            for pm in ps.models.values():
+                pm.model.close()
         self._writer_pool.shutdown(wait=True)
         try:
             self.store.unregister_server()
@@ -212,9 +212,9 @@ class Engine:
         """The engine's state now, for the metrics; call on the engine's loop."""
         out = EngineReading(ready=self.ready, queue_depth=self.writer.depth, unknown_arm_versions=self.learner.unknown_arm_versions)
         for pid, ps in self.states.items():
-            out.model_cursor[pid] = max((s.cursor for s in ps.slots.values()), default=0)
-            for name, slot in ps.slots.items():
-                out.model_version[(pid, name)] = slot.model.learned
+            out.model_cursor[pid] = max((s.cursor for s in ps.models.values()), default=0)
+            for name, pm in ps.models.items():
+                out.model_version[(pid, name)] = pm.model.learned
         for (key, period), acc in self.budgets.ledger.accounts.items():
             out.budget_remaining[(key, period)] = acc.remaining
             out.budget_limit[(key, period)] = acc.limit

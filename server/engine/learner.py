@@ -6,7 +6,7 @@ then reads rows above each model's cursor. Normal learning and recovery after a 
 take-over (snapshot + rows after its ``learn_seq``) are one code path, and each row is learned
 exactly once per model, whichever server wrote its reward.
 
-A placement keeps one model per slot: "" (its own), one per experiment variant (learning only
+A placement keeps its models by name: "" (its own), one per experiment variant (learning only
 that variant's decisions) and one per shadow (learning every served decision, and scored on
 each before learning it: how often its greedy choice agrees with the served arm, and the IPS
 estimate of its value).
@@ -38,7 +38,7 @@ _LEARN_SLICE = 8
 
 
 @dataclass(eq=False)
-class Slot:
+class PlacementModel:
     """One model of a placement and where it stands in the log."""
 
     name: str  # "" | variant id | "shadow:<id>"
@@ -75,7 +75,7 @@ class PlacementState:
     """A live placement: its record, its models and its arms' VW text."""
 
     record: PlacementRecord
-    slots: dict[str, Slot]
+    models: dict[str, PlacementModel]
     arms: list[ArmView]  # the active arms, with their VW text
     arm_lines: dict[tuple[str, int], str]  # every version of every arm, for learning old decisions
     salt: bytes
@@ -96,7 +96,7 @@ class PlacementState:
 
     @property
     def model(self) -> CbModel:
-        return self.slots[""].model
+        return self.models[""].model
 
 
 class Learner:
@@ -171,41 +171,41 @@ class Learner:
             pass
         total = 0
         ps = self._states.get(pid)
-        for name in list(ps.slots) if ps else []:
-            total += await self._catch_up_slot(pid, name)
+        for name in list(ps.models) if ps else []:
+            total += await self._catch_up_model(pid, name)
         return total
 
-    def _slot(self, pid: str, name: str) -> tuple[PlacementState, Slot] | None:
+    def _model_of(self, pid: str, name: str) -> tuple[PlacementState, PlacementModel] | None:
         ps = self._states.get(pid)
-        slot = ps.slots.get(name) if ps else None
-        return (ps, slot) if ps is not None and slot is not None else None
+        pm = ps.models.get(name) if ps else None
+        return (ps, pm) if ps is not None and pm is not None else None
 
-    async def _catch_up_slot(self, pid: str, name: str) -> int:
+    async def _catch_up_model(self, pid: str, name: str) -> int:
         loop = asyncio.get_running_loop()
         total = 0
         while True:
-            found = self._slot(pid, name)
+            found = self._model_of(pid, name)
             if found is None:
                 return total
-            ps, slot = found
-            rows = await loop.run_in_executor(self._reader, self._store.learn_rows, pid, slot.variant_filter, slot.cursor, self._batch)
-            if self._slot(pid, name) != (ps, slot):
+            ps, pm = found
+            rows = await loop.run_in_executor(self._reader, self._store.learn_rows, pid, pm.variant_filter, pm.cursor, self._batch)
+            if self._model_of(pid, name) != (ps, pm):
                 continue  # the model was replaced meanwhile; read again for the new one
             if any(a not in ps.arm_lines for row in rows for a in row.arms):
                 await self._load_arm_versions(ps)
-                if self._slot(pid, name) != (ps, slot):
+                if self._model_of(pid, name) != (ps, pm):
                     continue
             for i, row in enumerate(rows):
-                if row.learn_seq <= slot.cursor:
+                if row.learn_seq <= pm.cursor:
                     continue
-                self._learn_one(ps, slot, row)
+                self._learn_one(ps, pm, row)
                 total += 1
                 if i % _LEARN_SLICE == _LEARN_SLICE - 1:
                     await asyncio.sleep(0)
-                    if self._slot(pid, name) != (ps, slot):
+                    if self._model_of(pid, name) != (ps, pm):
                         break
             if len(rows) < self._batch:
-                await self.maybe_snapshot(pid, slot)
+                await self.maybe_snapshot(pid, pm)
                 return total
 
     async def _load_arm_versions(self, ps: PlacementState) -> None:
@@ -225,11 +225,11 @@ class Learner:
         if shared is None:
             self.cache_misses += 1
             shared = shared_line(row.features())
-        elif len(ps.slots) == 1:
+        elif len(ps.models) == 1:
             del self._lines[(row.event_id, row.slot)]  # no other model of the placement will want it
         return shared
 
-    def _learn_one(self, ps: PlacementState, slot: Slot, row: LearnRow) -> None:
+    def _learn_one(self, ps: PlacementState, pm: PlacementModel, row: LearnRow) -> None:
         found = [ps.arm_lines.get(a) for a in row.arms]
         lines = [x for x in found if x is not None]
         if len(lines) != len(found):
@@ -238,42 +238,42 @@ class Learner:
             log.error(
                 "event %s of %s names arm versions the database does not have (%s); not learned", row.event_id, ps.id, ", ".join(unknown)
             )
-        elif ps.record.spec.mode == "logging_only" and not slot.shadow:
+        elif ps.record.spec.mode == "logging_only" and not pm.shadow:
             pass  # logged, deliberately not learned
         else:
             shared = self._shared(ps, row)
-            if slot.shadow:  # progressive validation: score before learning
-                greedy = int(np.argmax(slot.model.expected_rewards(shared, lines)))
-                slot.scored += 1
-                slot.recent.append(greedy == row.chosen)
+            if pm.shadow:  # progressive validation: score before learning
+                greedy = int(np.argmax(pm.model.expected_rewards(shared, lines)))
+                pm.scored += 1
+                pm.recent.append(greedy == row.chosen)
                 if greedy == row.chosen:
-                    slot.agreed += 1
-                    slot.ips_sum += row.reward / row.probability
+                    pm.agreed += 1
+                    pm.ips_sum += row.reward / row.probability
             # Apprentice mode learns to imitate the baseline (the caller's choice); the rewards
             # it earned are in the log and the statistics, which evaluate it.
-            imitate = ps.record.spec.mode == "apprentice" and not slot.shadow
-            slot.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward)  # unweighted: model.learn_label
-            slot.scale.add(row.reward)
-            slot.since_snapshot += 1
-        slot.cursor = row.learn_seq
+            imitate = ps.record.spec.mode == "apprentice" and not pm.shadow
+            pm.model.learn(shared, lines, row.chosen, 1.0 if imitate else row.reward)  # unweighted: model.learn_label
+            pm.scale.add(row.reward)
+            pm.since_snapshot += 1
+        pm.cursor = row.learn_seq
 
-    async def maybe_snapshot(self, pid: str, slot: Slot, force: bool = False) -> None:
-        due = slot.since_snapshot >= self._snapshot_every or (
-            slot.since_snapshot > 0 and time.monotonic() - slot.last_snapshot >= self._snapshot_interval
+    async def maybe_snapshot(self, pid: str, pm: PlacementModel, force: bool = False) -> None:
+        due = pm.since_snapshot >= self._snapshot_every or (
+            pm.since_snapshot > 0 and time.monotonic() - pm.last_snapshot >= self._snapshot_interval
         )
-        if not (due or (force and slot.since_snapshot > 0)):
+        if not (due or (force and pm.since_snapshot > 0)):
             return
-        snap = slot.snapshot(pid)
+        snap = pm.snapshot(pid)
         await asyncio.get_running_loop().run_in_executor(self._writer, self._store.save_snapshot, snap)
-        slot.since_snapshot = 0
-        slot.last_snapshot = time.monotonic()
+        pm.since_snapshot = 0
+        pm.last_snapshot = time.monotonic()
 
     async def snapshot_all(self) -> None:
         if not self.active:
             return
         for pid, ps in list(self._states.items()):
-            for slot in list(ps.slots.values()):
-                await self.maybe_snapshot(pid, slot, force=True)
+            for pm in list(ps.models.values()):
+                await self.maybe_snapshot(pid, pm, force=True)
 
     async def _run(self) -> None:
         while True:

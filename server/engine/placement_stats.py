@@ -10,24 +10,24 @@ from nextbest.bandit.budget import Account
 from nextbest.storage.base import AccountRow, ArmTally, VariantTally
 
 if TYPE_CHECKING:
-    from nextbest.engine.learner import Slot
+    from nextbest.engine.learner import PlacementModel
 
 
 @dataclass(frozen=True, slots=True)
 class ModelView:
-    """One model of a placement: its slot, examples learned and, for a shadow, how it scores."""
+    """One model of a placement: its name, examples learned and, for a shadow, how it scores."""
 
-    slot: str
+    name: str  # "" | variant id | "shadow:<id>"
     learned: int
     scored: int
     agreement: float
     estimated_value: float
 
     @classmethod
-    def of(cls, slot: Slot) -> ModelView:
-        n, recent = slot.scored, slot.recent
+    def of(cls, pm: PlacementModel) -> ModelView:
+        n, recent = pm.scored, pm.recent
         agreement = sum(recent) / len(recent) if recent else 0.0
-        return cls(slot.name, slot.model.learned, n, agreement, slot.ips_sum / n if n else 0.0)
+        return cls(pm.name, pm.model.learned, n, agreement, pm.ips_sum / n if n else 0.0)
 
 
 @dataclass(frozen=True, slots=True)

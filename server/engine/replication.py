@@ -209,17 +209,17 @@ class Replication:
         loaded = 0
         for pid, ps in list(self._states.items()):
             versions = await loop.run_in_executor(self._reader_pool, self._store.snapshot_versions, pid)
-            stale = [n for n, (learned, seq) in versions.items() if n in ps.slots and seq > ps.slots[n].cursor]
+            stale = [n for n, (learned, seq) in versions.items() if n in ps.models and seq > ps.models[n].cursor]
             if not stale:
                 continue
             snaps = await loop.run_in_executor(self._reader_pool, self._store.load_snapshots, pid)
             for name in stale:
-                slot, snap = ps.slots.get(name), snaps.get(name)
-                if slot is None or snap is None or snap.key != slot.key or snap.learn_seq <= slot.cursor:
+                pm, snap = ps.models.get(name), snaps.get(name)
+                if pm is None or snap is None or snap.key != pm.key or snap.learn_seq <= pm.cursor:
                     continue
-                old = slot.model
-                slot.model = CbModel(ps.record.spec.slot_spec(name), snap.model, learned=snap.learned)
-                slot.cursor = snap.learn_seq
+                old = pm.model
+                pm.model = CbModel(ps.record.spec.model_spec(name), snap.model, learned=snap.learned)
+                pm.cursor = snap.learn_seq
                 old.close()
                 loaded += 1
         return loaded

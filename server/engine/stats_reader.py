@@ -63,5 +63,5 @@ class StatsReader:
             ineligible.setdefault(t.arm_id, []).append((t.reason, t.decisions))
         # The models last, after every await, together: the learner runs between awaits, and a
         # version read apart from the models' counts disagreed with them by one.
-        models = [ModelView.of(s) for s in ps.slots.values()]
+        models = [ModelView.of(s) for s in ps.models.values()]
         return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models, ineligible)

@@ -515,7 +515,7 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
             for v in s.variants
         ],
         models=[
-            admin_pb2.ModelStats(slot=m.slot, learned=m.learned, scored=m.scored, agreement=m.agreement, estimated_value=m.estimated_value)
+            admin_pb2.ModelStats(name=m.name, learned=m.learned, scored=m.scored, agreement=m.agreement, estimated_value=m.estimated_value)
             for m in s.models
         ],
     )

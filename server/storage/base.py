@@ -104,12 +104,12 @@ class Recorded(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A saved model of one slot, the settings it was built with, and the position in the
-    learn sequence it includes. A model is snapshotted when it is created, so a restart
-    always finds where each model starts."""
+    """A saved model of a placement (by its name: "", a variant id, "shadow:<id>"), the settings
+    it was built with, and the position in the learn sequence it includes. A model is
+    snapshotted when it is created, so a restart always finds where each model starts."""
 
     placement: str
-    slot: str
+    name: str  # stored in the column snapshots.slot (named before multi-slot placements)
     key: tuple[str, bool, int]
     learned: int
     learn_seq: int

@@ -557,9 +557,9 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
             "model": snapshot.model,
             "created_at": time.time(),
         }
-        where = (s.placement_id == snapshot.placement, s.slot == snapshot.slot)
+        where = (s.placement_id == snapshot.placement, s.slot == snapshot.name)
         if c.execute(update(t.snapshots).where(*where).values(**row)).rowcount == 0:
-            c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, slot=snapshot.slot, **row))
+            c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, slot=snapshot.name, **row))
 
     def load_snapshots(self, placement: str) -> dict[str, Snapshot]:
         with self._connect() as c:

@@ -200,7 +200,7 @@ snapshots = Table(
     "snapshots",
     metadata,
     Column("placement_id", String(128), primary_key=True),
-    Column("slot", String(80), primary_key=True),
+    Column("slot", String(80), primary_key=True),  # the model's name (Snapshot.name): "", a variant id, "shadow:<id>"
     Column("model_key", JSON, nullable=False),
     Column("learned", BigInteger, nullable=False),
     Column("learn_seq", BigInteger, nullable=False),

@@ -1806,13 +1806,15 @@ class ModelStats(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SLOT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     LEARNED_FIELD_NUMBER: _builtins.int
     SCORED_FIELD_NUMBER: _builtins.int
     AGREEMENT_FIELD_NUMBER: _builtins.int
     ESTIMATED_VALUE_FIELD_NUMBER: _builtins.int
-    slot: _builtins.str
-    """"" for the placement's model, a variant id, or "shadow:<id>"."""
+    name: _builtins.str
+    """The model's name: "" for the placement's model, a variant id, or "shadow:<id>". (Not a
+    position of a multi-slot placement: those are the slots of a ChooseResponse.)
+    """
     learned: _builtins.int
     """Examples learned."""
     scored: _builtins.int
@@ -1824,7 +1826,7 @@ class ModelStats(_message.Message):
     def __init__(
         self,
         *,
-        slot: _builtins.str = ...,
+        name: _builtins.str = ...,
         learned: _builtins.int = ...,
         scored: _builtins.int = ...,
         agreement: _builtins.float = ...,
@@ -1832,7 +1834,7 @@ class ModelStats(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "estimated_value", b"estimated_value", "learned", b"learned", "scored", b"scored", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "estimated_value", b"estimated_value", "learned", b"learned", "name", b"name", "scored", b"scored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

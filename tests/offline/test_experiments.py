@@ -41,7 +41,7 @@ def test_split_matches_the_shares_and_is_sticky() -> None:
 
 def wait_learned(s: ServerThread, placement: str, slot: str, n: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while s.engine.states[placement].slots[slot].model.learned < n:
+    while s.engine.states[placement].models[slot].model.learned < n:
         assert time.monotonic() < deadline, f"slot {slot!r} did not learn {n}"
         time.sleep(0.02)
 
@@ -62,7 +62,7 @@ def test_variants_serve_with_their_own_models_and_the_holdout_uniformly(db_url: 
         wait_learned(s, "app_home_banner", "A", seen["A"])
         wait_learned(s, "app_home_banner", "B", seen["B"])
         st = c.stats("app_home_banner")
-        models = {m.slot: m.learned for m in st.models}
+        models = {m.name: m.learned for m in st.models}
         assert models == {"": 0, "A": seen["A"], "B": seen["B"]}  # each learns only its own traffic
         variants = {v.variant: v for v in st.variants}
         assert {k: v.decisions for k, v in variants.items()} == seen
@@ -80,19 +80,19 @@ def test_stopping_an_experiment_promotes_the_winner_with_its_model(db_url: str) 
                 served[d.variant] += 1
                 c.reward(d.event_id, 1.0 if d.arm_id == "data_5gb" else 0.0)
             wait_learned(s, "app_home_banner", "A", served["A"])
-            a_learned = s.engine.states["app_home_banner"].slots["A"].model.learned
+            a_learned = s.engine.states["app_home_banner"].models["A"].model.learned
             assert a_learned > 50
             winner = envs.placement(exploration={"algorithm": "squarecb"}, promote="A")
             changes = c.apply([winner])
             assert any("experiment" in " ".join(ch.details) for ch in changes)
-            assert s.engine.states["app_home_banner"].slots[""].model.learned == a_learned
+            assert s.engine.states["app_home_banner"].models[""].model.learned == a_learned
             d = c.choose("app_home_banner", {"segment": "youth"}, customer_id="c1")
             assert d.variant == "" and d.model_version == a_learned
             assert c.apply([winner]) == []  # applying it again changes nothing
     finally:
         s.stop()
     with running_server(db_url) as s2:
-        assert s2.engine.states["app_home_banner"].slots[""].model.learned == a_learned  # survives a restart
+        assert s2.engine.states["app_home_banner"].models[""].model.learned == a_learned  # survives a restart
 
 
 def test_a_shadow_learns_to_agree_with_a_deterministic_serving_policy(db_url: str) -> None:
@@ -111,7 +111,7 @@ def test_a_shadow_learns_to_agree_with_a_deterministic_serving_policy(db_url: st
             assert d.arm_id == rules[seg]["arm"]
             c.reward(d.event_id, float(rng.random() < envs.P[seg, envs.ARMS.index(d.arm_id)]))
         wait_learned(s, "app_home_banner", "shadow:candidate", 1500)
-        shadow = next(m for m in c.stats("app_home_banner").models if m.slot == "shadow:candidate")
+        shadow = next(m for m in c.stats("app_home_banner").models if m.name == "shadow:candidate")
         assert shadow.scored == 1500
         assert shadow.agreement > 0.9, shadow
         assert 0.3 < shadow.estimated_value < 0.8  # IPS value of its greedy policy (truth about 0.54)

@@ -178,12 +178,12 @@ def test_the_scale_at_start_is_rebuilt_from_the_last_learned_rewards(db_url: str
                 d = c.choose("p")
                 assert c.reward(d.event_id, 50.0 if i % 2 else 0.0) == "learned"
         s.call(s.engine.learner.catch_up_all())
-        live = s.engine.states["p"].slots[""].reward_scale
+        live = s.engine.states["p"].models[""].reward_scale
     finally:
         s.stop()
     s = ServerThread(make_settings(db_url))
     try:
-        assert s.engine.states["p"].slots[""].reward_scale == live == 50.0
+        assert s.engine.states["p"].models[""].reward_scale == live == 50.0
     finally:
         s.stop()
 

@@ -169,7 +169,7 @@ def test_apprentice_serves_the_baseline_and_learns_to_match_it(db_url: str) -> N
             d = c.choose("app_home_banner", {"customer": {"segment": name}}, baseline_arm=rule[name])
             assert (d.arm_id, d.probability) == (rule[name], 1.0)
             c.reward(d.event_id, float(rng.random() < envs.P[seg, envs.ARMS.index(d.arm_id)]))
-        model = next(m for m in c.stats("app_home_banner").models if m.slot == "")
+        model = next(m for m in c.stats("app_home_banner").models if m.name == "")
         assert model.scored == 1200 and model.agreement > 0.9, model
         learned = s.engine.states["app_home_banner"].model.learned
         c.apply([envs.placement(mode="online")])  # switching mode keeps the model
