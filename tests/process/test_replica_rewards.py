@@ -100,7 +100,7 @@ def test_aggregated_rewards_sent_to_both_replicas_are_all_learned(pg: str) -> No
     a = ServerProcess(pg, env=env)
     b = ServerProcess(pg, "--learner", "never", env=env)
     try:
-        spec = envs.placement("p", reward_aggregation="sum", reward_window=1.5, learn_at="window_close")
+        spec = envs.placement("p", reward_aggregation="sum", reward_window=6.0, learn_at="window_close")
         with NextbestClient(a.target) as ca:
             ca.apply([spec])
         with NextbestClient(a.target) as ca, NextbestClient(b.target) as cb:
