@@ -93,8 +93,17 @@ _SCOPE_PB = {v: k for k, v in _SCOPES.items() if k != admin_pb2.CONTACT_SCOPE_UN
 _SHAPES = {admin_pb2.FATIGUE_SHAPE_LINEAR: "linear"}
 
 
-def _time(ts: timestamp_pb2.Timestamp, has: bool) -> datetime | None:
-    return ts.ToDatetime(tzinfo=UTC) if has else None
+def _time(ts: timestamp_pb2.Timestamp, has: bool, field: str) -> datetime | None:
+    """A set Timestamp as a UTC datetime; one outside protobuf's range (0001-01-01 to
+    9999-12-31) is INVALID_ARGUMENT naming ``field``, as ToDatetime's ValueError was INTERNAL."""
+    if not has:
+        return None
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidInput(
+            field, f"outside the Timestamp range 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z (seconds {ts.seconds}, nanos {ts.nanos})"
+        ) from None
 
 
 def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -105,14 +114,14 @@ def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def _budget_dict(b: admin_pb2.Budget) -> dict[str, Any]:
+def _budget_dict(b: admin_pb2.Budget, field: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if b.HasField("total"):
         out["total"] = b.total
     if b.HasField("daily"):
         out["daily"] = b.daily
-    out["start"] = _time(b.start_time, b.HasField("start_time"))
-    out["end"] = _time(b.end_time, b.HasField("end_time"))
+    out["start"] = _time(b.start_time, b.HasField("start_time"), f"{field}.start_time")
+    out["end"] = _time(b.end_time, b.HasField("end_time"), f"{field}.end_time")
     return out
 
 
@@ -132,11 +141,11 @@ def _arm_dict(arm: admin_pb2.Arm, field: str) -> dict[str, Any]:
         "active": arm.active if arm.HasField("active") else True,
         "cost_per_impression": arm.cost_per_impression,
         "cost_per_reward": arm.cost_per_reward,
-        "budget": _budget_dict(arm.budget) if arm.HasField("budget") else None,
+        "budget": _budget_dict(arm.budget, f"{field}.budget") if arm.HasField("budget") else None,
         "campaign": arm.campaign or None,
         "business_value": arm.business_value,
-        "start": _time(arm.start_time, arm.HasField("start_time")),
-        "end": _time(arm.end_time, arm.HasField("end_time")),
+        "start": _time(arm.start_time, arm.HasField("start_time"), f"{field}.start_time"),
+        "end": _time(arm.end_time, arm.HasField("end_time"), f"{field}.end_time"),
         "eligible": _rule_json(arm.eligible, f"{field}.eligible"),
     }
 
@@ -157,7 +166,7 @@ def _rule_text(rule: EligibilityRule | None) -> str:
 
 def campaign_spec(c: admin_pb2.Campaign, field: str = "campaign") -> CampaignSpec:
     try:
-        return CampaignSpec.model_validate({"id": c.id, "description": c.description, "budget": _budget_dict(c.budget)})
+        return CampaignSpec.model_validate({"id": c.id, "description": c.description, "budget": _budget_dict(c.budget, f"{field}.budget")})
     except ValidationError as e:
         raise validation_error(e, field) from None
 
@@ -318,8 +327,8 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["mode"] = _MODES[p.mode]
     if p.HasField("active"):
         data["active"] = p.active
-    data["start"] = _time(p.start_time, p.HasField("start_time"))
-    data["end"] = _time(p.end_time, p.HasField("end_time"))
+    data["start"] = _time(p.start_time, p.HasField("start_time"), f"{field}.start_time")
+    data["end"] = _time(p.end_time, p.HasField("end_time"), f"{field}.end_time")
     if p.promote:
         data["promote"] = p.promote
     try:
