@@ -114,6 +114,17 @@ def _ts(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+_MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, the end of protobuf's Timestamp range
+
+
+def _epoch_ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """A projected time as a Timestamp; None when there is none or it lies beyond the
+    Timestamp range (a slow spend of a large budget: "not before 9999" reads as never)."""
+    if not seconds or not 0.0 <= seconds <= _MAX_EPOCH:
+        return None
+    return _ts(datetime.fromtimestamp(seconds, UTC))
+
+
 def _budget_dict(b: admin_pb2.Budget, field: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if b.HasField("total"):
@@ -503,7 +514,7 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
                 remaining=b.remaining,
                 paced=b.paced,
                 pacing_multiplier=b.multiplier,
-                projected_exhaustion=_ts(datetime.fromtimestamp(b.projected_exhaustion, UTC) if b.projected_exhaustion else None),
+                projected_exhaustion=_epoch_ts(b.projected_exhaustion),
                 leased_unused=b.leased_unused,
             )
             for b in s.budgets

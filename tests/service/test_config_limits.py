@@ -86,3 +86,24 @@ def test_the_edges_of_the_range_are_served_read_back_and_exported(server: Server
         got = c.placement("p")
         assert got.arms[0].budget.end_time.seconds == MAX_SECONDS and got.arms[0].budget.start_time.seconds == MIN_SECONDS
         assert c.stats("p").decisions >= 0
+
+
+def test_a_projected_exhaustion_beyond_the_timestamp_range_is_left_out_not_internal(tmp_path: Any) -> None:
+    """A large budget spent slowly projects its exhaustion past 9999: GetStats answers, without it."""
+    from nextbest.v1 import admin_pb2 as pb
+    from tests.harness import FakeClock, running_server
+
+    clock = FakeClock()
+    spec = PlacementSpec.model_validate(
+        {
+            "id": "p",
+            "arms": [{"id": "a", "cost_per_impression": 0.001, "budget": {"total": 1e9, "start": "2027-01-01T00:00:00Z"}}, {"id": "b"}],
+        }
+    )
+    with running_server(f"sqlite:///{tmp_path}/nb.db", clock=clock) as s, s.client() as c:
+        c.apply([spec])
+        for _ in range(20):
+            c.choose("p", {})
+        clock.advance(86400.0)
+        budgets = c.admin.GetStats(pb.GetStatsRequest(placement="p"), timeout=30).budgets
+        assert budgets and all(not b.HasField("projected_exhaustion") for b in budgets)
