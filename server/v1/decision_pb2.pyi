@@ -485,7 +485,9 @@ class ArmExplanation(_message.Message):
     eligible: _builtins.bool
     """Whether the arm could be chosen."""
     reason: _builtins.str
-    """Why it could not (a rule, a budget, a contact policy, "excluded by caller"); empty if eligible."""
+    """Why it could not (a rule, a budget, a contact policy, "excluded by caller"); empty if
+    eligible, except for the fallback arm, which says that it was served as the fallback.
+    """
     expected_reward: _builtins.float
     """The model's expected reward of the arm for this customer (0 when not scored)."""
     business_value: _builtins.float
