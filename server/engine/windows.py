@@ -223,8 +223,10 @@ class RewardWindows:
             return RewardStatus.DUPLICATE  # a first reward waits on the row for the close
         return await self._late(key, reward, now, reward_id)
 
-    async def _reread(self, key: Key, reward: float, now: float, reward_id: str) -> RewardStatus:
-        """A write the row refused: the window changed (closed, taken over); answer from the row."""
+    async def _reread(self, key: Key, reward: float, now: float, reward_id: str, here: bool = False) -> RewardStatus:
+        """A write the row refused: the window changed (closed, taken over); answer from the row.
+        ``here``: the refused write was this server's own window's, bound to its owner: the row
+        may be open and another server's now (taken over), and is written as such, once."""
         d = await self.find(key[0], key[1])
         if d is None:
             raise self.unknown(key[0], key[1], reward, quiet=batch_quiet.get())
@@ -232,7 +234,7 @@ class RewardWindows:
         # refused, not yet undone): the caller's rights and the bound are checked on it again.
         self._visible(d.placement, key[0], key[1], reward)
         self._check_magnitude(d.placement, reward)
-        return await self._on_row(d, reward, now, reward_id, again=False)
+        return await self._on_row(d, reward, now, reward_id, again=here)
 
     # -- Reward: the cases ----------------------------------------------------------------------
 
@@ -254,7 +256,7 @@ class RewardWindows:
             self.add(key[0], key[1], entry)  # not stored: the window stays open for a retry
             raise
         if as_stored is None:  # the row changed under the window (closed, taken over)
-            return await self._reread(key, reward, now, "")
+            return await self._reread(key, reward, now, "", here=True)
         self._closed(key[0], entry, as_stored)
         # The row held a first reward (stored under learn_at: window_close before a change):
         # that one was learned, and this one is a duplicate.
@@ -290,7 +292,7 @@ class RewardWindows:
             return RewardStatus.LEARNED
         if result is Recorded.DUPLICATE:
             return RewardStatus.DUPLICATE
-        return await self._reread(key, reward, now, "")
+        return await self._reread(key, reward, now, "", here=True)
 
     async def _first_elsewhere(self, d: LoggedDecision, reward: float, now: float) -> RewardStatus:
         """FIRST_AT_CLOSE, another server's window: on the row, for the owner's close at the
@@ -322,7 +324,7 @@ class RewardWindows:
             return RewardStatus.RECORDED
         if result is Recorded.DUPLICATE:
             return RewardStatus.DUPLICATE
-        return await self._reread(key, reward, now, reward_id)
+        return await self._reread(key, reward, now, reward_id, here=True)
 
     async def _gather_elsewhere(self, d: LoggedDecision, reward: float, now: float, reward_id: str) -> RewardStatus:
         """AGGREGATE, another server's window: an "agg" event on its row, folded in at its close."""

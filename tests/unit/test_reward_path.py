@@ -399,3 +399,28 @@ def test_a_reward_racing_a_refused_choose_never_reaches_the_other_placements_row
                 assert await b.windows.reward(theirs, 1.0) is LEARNED
 
     run(body)
+
+
+def test_a_window_taken_over_meanwhile_still_takes_the_reward_through_its_row(db: str) -> None:
+    """A server whose window another server took over (it was silent: SIGSTOP) writes a reward
+    bound to its own ownership, which the row refuses; it then writes it as another server's
+    (RECORDED, not LATE) and the new owner's close folds it in."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(reward_aggregation="sum")])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                assert await a.windows.reward(ev, 1.0) is RECORDED
+                clock.advance(301)  # past live_for: A looks stopped to B
+                assert await b.takeover.adopt() == 1
+                assert await a.windows.reward(ev, 2.0) is RECORDED  # A still holds it in memory
+                clock.advance(WINDOW)
+                assert await b.windows.sweep() == 1
+                assert await a.windows.sweep() == 0  # A's bound close closes nothing
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
+
+    run(body)
