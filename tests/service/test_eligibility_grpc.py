@@ -101,7 +101,7 @@ def test_every_served_arm_satisfies_its_rule_and_exclusions_hold(server: ServerT
         c.apply([placement()])
         for i, (nested, flat) in enumerate(contexts(1000, seed=3)):
             excluded = [a for a in ARMS if rng.random() < 0.15]
-            d = c.choose("p", nested, customer_id=f"c{i}", event_id=f"e{i}", exclude_arms=excluded)
+            d = c.choose("p", nested, customer_id=f"c{i}", exclude_arms=excluded)
             ids.append(d.event_id)
             allowed = [a for a in ARMS if eligible(a, flat) and a not in excluded]
             for a in allowed:

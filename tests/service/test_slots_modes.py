@@ -29,7 +29,7 @@ def test_three_slots_never_repeat_an_arm_and_learn_where_position_matters(db_url
         model = s.engine.states["app_home_banner"].model
         for i in range(1500):
             seg = int(rng.integers(5))
-            d = c.choose("app_home_banner", {"customer": {"segment": envs.SEGMENTS[seg]}}, event_id=f"e{i}")
+            d = c.choose("app_home_banner", {"customer": {"segment": envs.SEGMENTS[seg]}})
             arms = [a for a, _ in d.slots]
             assert len(arms) == 3 and len(set(arms)) == 3
             assert d.arm_id == arms[0] and d.probability == d.slots[0][1]
@@ -41,7 +41,7 @@ def test_three_slots_never_repeat_an_arm_and_learn_where_position_matters(db_url
             totals.append(total)
             wait(lambda i=i: model.learned == 3 * (i + 1))  # in step with the learner: reproducible
         s.call(s.engine.writer.flush())
-        rows = [s.engine.store.find_decision("e1499", k) for k in range(3)]
+        rows = [s.engine.store.find_decision(d.event_id, k) for k in range(3)]  # the last response
     # Each slot's probability is its own: a distribution over the arms left for it.
     for k, row in enumerate(rows):
         assert len(row.arms) == 5 - k and math.isclose(sum(row.pmf), 1.0)

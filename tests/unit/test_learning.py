@@ -16,7 +16,8 @@ def drive(client, rng: np.random.Generator, n: int, placement: str = "app_home_b
     rewards = []
     for i in range(n):
         seg = int(rng.integers(len(envs.SEGMENTS)))
-        d = client.choose(placement, {"customer": {"segment": envs.SEGMENTS[seg]}}, event_id=f"{placement}-{i}")
+        # Server-made ids: a caller-chosen one waits for its insert (the store decides it is new).
+        d = client.choose(placement, {"customer": {"segment": envs.SEGMENTS[seg]}})
         r = float(rng.random() < envs.P[seg, envs.ARMS.index(d.arm_id)])
         assert client.reward(d.event_id, r) == "learned"
         rewards.append(r)
