@@ -95,6 +95,15 @@ class BudgetKeeper:
                 a.held = True
         return accounts
 
+    def forfeit(self) -> None:
+        """Another server took this one for stopped (it was stalled past ``live_for``): it took
+        its windows and gave back its unused leases. Forget them: nothing is spent from them."""
+        for a in self.ledger.accounts.values():
+            if a.available > 1e-12:
+                log.warning("budget %s (%s): %.4g of lease given back by the server that took over", a.key, a.period, a.available)
+            a.available = 0.0
+        self._freed.clear()
+
     # -- configuration changes -----------------------------------------------------------------
 
     @property

@@ -166,6 +166,8 @@ class Replication:
         """Reload the configuration if another server stored a newer one; whether it did."""
         loop = asyncio.get_running_loop()
         serial = await loop.run_in_executor(self._reader_pool, self._store.config_serial)
+        if self._budgets.stale:  # held (a stall among the reasons): still signed in, with its leases?
+            await self.beat()
         if serial <= self._config.serial:
             if self._budgets.stale:  # held on a notification of its own apply, or by a lease
                 await self._config.reload(serial)
@@ -174,6 +176,14 @@ class Replication:
         await self._config.reload(serial)
         return True
 
+    async def beat(self) -> None:
+        """This server's sign of life. If another server had taken it for stopped (a stall past
+        ``live_for``), that server took its windows and its unused leases: forget them."""
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(self._reader_pool, self._store.heartbeat, self._clock()):
+            log.warning("this server was taken for stopped: its open windows and unused leases went to another server")
+            self._budgets.forfeit()  # its windows' rows are bound to their new owner: its writes to them are refused
+
     async def tick(self) -> None:
         loop = asyncio.get_running_loop()
         # The configuration first: a window taken over below follows its placement's current
@@ -181,7 +191,7 @@ class Replication:
         await self.check_config()
         # Every server beats, also one that thinks it is alone: another started on the same
         # SQLite file by mistake then leaves its live windows to it (it took them at its start).
-        await loop.run_in_executor(self._reader_pool, self._store.heartbeat, self._clock())
+        await self.beat()
         taken = await self._takeover.adopt() if self._takeover is not None else 0
         if taken:
             log.info("took over %d open windows of a server that stopped", taken)

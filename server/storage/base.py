@@ -477,9 +477,11 @@ class Store(Protocol):
         fails. Raises Unavailable."""
         ...
 
-    def heartbeat(self, now: float) -> None:
+    def heartbeat(self, now: float) -> bool:
         """MUST record this registered server's sign of life, signing it in again if another
-        server forgot it (test_open_windows_move_only_from_servers_that_stopped). Raises Unavailable."""
+        server forgot it, and then return True: its windows and unused leases went to that server
+        (test_open_windows_move_only_from_servers_that_stopped,
+        test_a_stopped_servers_unused_lease_comes_back_with_its_windows). Raises Unavailable."""
         ...
 
     def server_alive(self, server_id: str, since: float) -> bool:
@@ -496,7 +498,9 @@ class Store(Protocol):
         """MUST in one transaction take the open windows of servers silent since ``live_since`` and
         forget them (None: of every other server), with ``unowned`` those no server holds, never a
         live server's; returns every window this server holds if it took any, else []
-        (test_open_windows_move_only_from_servers_that_stopped). Racers get each window once. Unavailable."""
+        (test_open_windows_move_only_from_servers_that_stopped). Racers get each window once; the
+        unused leases (leased - used) of the servers it forgets come back in the same transaction
+        (test_a_stopped_servers_unused_lease_comes_back_with_its_windows). Unavailable."""
         ...
 
     def try_learner_lock(self) -> bool:

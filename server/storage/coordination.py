@@ -45,12 +45,15 @@ class Coordination(SqlBase):
             c.execute(t.servers.insert().values(id=server_id, heartbeat=now, config_seen=self._seen))
         self.owner = server_id
 
-    def heartbeat(self, now: float) -> None:
-        """This server's sign of life (signed in again if another server took it for stopped)."""
+    def heartbeat(self, now: float) -> bool:
+        """This server's sign of life; True when it had to sign in again: another server took it
+        for stopped, took its windows over and gave back its unused leases (forget them)."""
         s = t.servers.c
         with self._begin() as c:
             if c.execute(update(t.servers).where(s.id == self.owner).values(heartbeat=now)).rowcount == 0:
                 c.execute(t.servers.insert().values(id=self.owner, heartbeat=now, config_seen=self._seen))
+                return True
+        return False
 
     def server_alive(self, server_id: str, since: float) -> bool:
         """Whether that server has beaten at or after ``since`` (and not signed off)."""
@@ -106,6 +109,9 @@ class Coordination(SqlBase):
                         if held > 0:
                             moved[(k, per, o)] = moved.get((k, per, o), 0.0) + held
             self._move_leases(c, moved)
+            # Their unused leases come back (a server killed with -9 never gave them back);
+            # alone on the database (live_since None) every other server's do.
+            self._reclaim_leases(c, stopped if live_since is not None else None)
             if stopped:
                 c.execute(delete(t.servers).where(s.id.in_(stopped)))
             if not taken:
@@ -115,28 +121,46 @@ class Coordination(SqlBase):
 
     def _move_leases(self, c: Any, moved: dict[tuple[str, str, str | None], float]) -> None:
         """Move lease from former window holders to this server (none from a window no server
-        held: its lease predates per-server leases)."""
+        held: its lease predates per-server leases), with the use the windows hold."""
         lc = t.budget_leases.c
         for (key, period, former), amount in moved.items():
             if former is not None:
-                have = c.execute(select(lc.leased).where(lc.key == key, lc.period == period, lc.server_id == former)).scalar()
-                if have is not None:
+                row = c.execute(select(lc.leased, lc.used).where(lc.key == key, lc.period == period, lc.server_id == former)).first()
+                if row is not None:
                     c.execute(
                         update(t.budget_leases)
                         .where(lc.key == key, lc.period == period, lc.server_id == former)
-                        .values(leased=max(0.0, float(have) - amount))
+                        .values(leased=max(0.0, float(row.leased) - amount), used=max(0.0, float(row.used) - amount))
                     )
-            self._add_lease(c, key, period, amount)
+            self._add_lease(c, key, period, amount, used=amount)
+
+    def _reclaim_leases(self, c: Any, servers: Sequence[str] | None) -> None:
+        """Give back the unused leases (leased - used) of servers that stopped (None: of every
+        server but this one), within the caller's transaction; their rows keep what they used."""
+        lc, a = t.budget_leases.c, t.budget_accounts.c
+        whose = lc.server_id != self._me() if servers is None else lc.server_id.in_(list(servers))
+        if servers is not None and not servers:
+            return
+        for key, period, server_id, leased, used in c.execute(
+            select(lc.key, lc.period, lc.server_id, lc.leased, lc.used).where(whose, lc.leased > lc.used + _EPS)
+        ).all():
+            give = float(leased) - float(used)
+            c.execute(update(t.budget_leases).where(lc.key == key, lc.period == period, lc.server_id == server_id).values(leased=used))
+            c.execute(update(t.budget_accounts).where(a.key == key, a.period == period).values(leased=a.leased - give))
 
     def _me(self) -> str:
         return self.owner or ""
 
-    def _add_lease(self, c: Any, key: str, period: str, amount: float) -> None:
+    def _add_lease(self, c: Any, key: str, period: str, amount: float, used: float = 0.0) -> None:
         lc = t.budget_leases.c
         ins = (pg_insert if self._postgres else sqlite_insert)(t.budget_leases).values(
-            key=key, period=period, server_id=self._me(), leased=amount
+            key=key, period=period, server_id=self._me(), leased=amount, used=used
         )
-        c.execute(ins.on_conflict_do_update(index_elements=["key", "period", "server_id"], set_={"leased": lc.leased + amount}))
+        c.execute(
+            ins.on_conflict_do_update(
+                index_elements=["key", "period", "server_id"], set_={"leased": lc.leased + amount, "used": lc.used + used}
+            )
+        )
 
     def lease(self, key: str, period: str, limit: float, amount: float) -> float:
         """Grant up to ``amount`` more of a budget, never past its stored limit; the grant."""

@@ -264,11 +264,14 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
                     add(close.budgets, 0.0, -(close.cost + close.reward_cost))
             if learnable:  # the learner's own closes get their learn positions in the same commit
                 self._assign(c, learnable)
-            a = t.budget_accounts.c
+            a, lc = t.budget_accounts.c, t.budget_leases.c
             for (key, period), (ds, dr) in spend.items():
                 c.execute(
                     update(t.budget_accounts).where(a.key == key, a.period == period).values(spent=a.spent + ds, reserved=a.reserved + dr)
                 )
+                if self.owner is not None and ds + dr != 0.0:  # from this server's own lease
+                    mine = (lc.key == key, lc.period == period, lc.server_id == self.owner)
+                    c.execute(update(t.budget_leases).where(*mine).values(used=lc.used + (ds + dr)))
         return WriteResult(closed, activated, stored, recorded, inserted)
 
     def _insert(self, c: Connection, decisions: Sequence[LoggedDecision]) -> list[bool]:

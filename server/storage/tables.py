@@ -142,6 +142,9 @@ budget_leases = Table(
     Column("period", String(16), primary_key=True),
     Column("server_id", String(32), primary_key=True),
     Column("leased", Double, nullable=False),
+    # What this server's decisions spent and reserved from it (moved with taken-over windows):
+    # the unused part of a server that stopped without giving it back is leased - used.
+    Column("used", Double, nullable=False, server_default="0"),
 )
 
 # Rewards that are not (or not yet) the learned one: "late" (after the window closed) and

@@ -1,7 +1,8 @@
 """Chaos on two servers sharing PostgreSQL (issue #29, done when): rewards racing to both, the
 window owner stopped (SIGSTOP) and killed (kill -9) mid-traffic, a budget lowered mid-traffic.
 Afterwards the database must show every acknowledged reward stored once and learned once, every
-aggregate complete, no spend above its limit and the ledger balanced."""
+aggregate complete, no spend above its limit and the ledger balanced (leased = spent + reserved,
+the killed server's unused lease given back by the server that took its windows over)."""
 
 from __future__ import annotations
 
@@ -193,4 +194,6 @@ def test_two_servers_under_races_kill_9_sigstop_and_a_budget_change_keep_every_a
     [(own,)] = sql(pg, f"SELECT coalesce(sum(leased), 0) FROM budget_leases WHERE key = '{KEY}'")
     assert spent <= limit + 3 and reserved == 0.0
     assert spent == sql(pg, "SELECT count(*) FROM decisions WHERE arm_id = 'paid'")[0][0]
-    assert own == leased and leased >= spent
+    # Balanced: every lease is spent or given back, the killed server's unused part by the server
+    # that took its windows over (before: 481 of 539 leased stayed with the dead server).
+    assert own == leased and abs(leased - (spent + reserved)) < 1e-6, (leased, spent, reserved)

@@ -390,10 +390,34 @@ def test_a_server_gives_back_only_its_own_lease(store: SqlStore) -> None:
     assert [(r.key, r.leased) for r in store.server_leases()] == [(k[0], 4.0)]  # with the 4 it holds
     assert store.release(*k, 9.0) == 4.0
     store.owner = "a"
-    assert store.release(*k, 100.0) == 26.0  # a keeps its 30 less e1's 4
-    [acc] = store.load_accounts([k])
-    assert acc.leased == 0.0 and store.release("arm:p/none", "total", 5.0) == 0.0
+    assert store.release(*k, 100.0) == 1.0  # a's unused 25 came back with its windows; its spent 1 stays
     assert store.load_accounts([("arm:p/none", "total")]) == []
+    assert store.release("arm:p/none", "total", 5.0) == 0.0
+
+
+def test_a_stopped_servers_unused_lease_comes_back_with_its_windows(store: SqlStore) -> None:
+    """A server killed with -9 never gives its lease back: the server taking its windows over
+    gives back its unused part (leased - what its decisions spent and reserved), keeps the part
+    the windows hold, and the killed server, should it beat again, hears that it was forgotten.
+    After every window closes and the live server gives its own back: leased = spent + reserved."""
+    from dataclasses import replace
+
+    k = ("arm:p/a", "total")
+    store.register_server("a", now=100.0)
+    assert store.lease(*k, 100.0, 30.0) == 30.0
+    store.write([replace(decision("e1"), cost=1.0, reward_cost=4.0, budgets=(k,)), replace(decision("e2"), cost=2.0, budgets=(k,))], [])
+    store.register_server("b", now=100.0)
+    assert store.heartbeat(now=200.0) is False
+    assert sorted(d.event_id for d in store.adopt_open(live_since=150.0)) == ["e1", "e2"]  # a was killed
+    [acc] = store.load_accounts([k])
+    assert (acc.leased, acc.spent, acc.reserved) == (7.0, 3.0, 4.0)  # a's 23 unused came back; b holds e1's 4
+    r = store.write([], [Close("e1", Outcome.DEFAULT, 0.0, 700.0, reward_cost=4.0, budgets=(k,), placement="app_home_banner")])
+    assert list(r.closed) == [True]
+    assert store.release(*k, 4.0) == 4.0  # b gives back what e1's window freed
+    [acc] = store.load_accounts([k])
+    assert acc.leased == acc.spent + acc.reserved == 3.0
+    store.owner = "a"
+    assert store.heartbeat(now=300.0) is True  # a resumes: it was forgotten, its leases went back
 
 
 def test_servers_confirm_the_configuration_serial(store: SqlStore) -> None:
