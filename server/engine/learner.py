@@ -28,7 +28,7 @@ from nextbest.bandit.decider import ArmView, Candidate
 from nextbest.bandit.features import arm_line, features_from_mapping, shared_line
 from nextbest.bandit.model import CbModel
 from nextbest.bandit.reward_scale import RewardScale
-from nextbest.engine.tasks import cancel_and_wait
+from nextbest.engine.tasks import cancel_and_wait, wait_event
 from nextbest.storage.base import LearnRow, PlacementRecord, Snapshot, Store
 
 log = logging.getLogger(__name__)
@@ -277,9 +277,7 @@ class Learner:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._snapshot_interval)
-            except TimeoutError:
+            if not await wait_event(self._wake, self._snapshot_interval):
                 self._dirty.update(self._states)  # periodic pass: snapshots of idle models
             self._wake.clear()
             dirty, self._dirty = self._dirty, set()

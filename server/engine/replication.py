@@ -34,7 +34,7 @@ from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.configure import Configurator
 from nextbest.engine.learner import Learner, PlacementState
 from nextbest.engine.takeover import Takeover
-from nextbest.engine.tasks import cancel_and_wait
+from nextbest.engine.tasks import cancel_and_wait, wait_event
 from nextbest.engine.windows import RewardWindows
 from nextbest.engine.writer import BatchWriter
 from nextbest.settings import Settings
@@ -149,10 +149,7 @@ class Replication:
         look = poll if self.listening or not self._settings.may_have_peers else min(poll, self._settings.config_poll_interval)
         next_tick = time.monotonic() + poll
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(look, next_tick - time.monotonic())))
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, max(0.0, min(look, next_tick - time.monotonic())))
             self._wake.clear()
             try:
                 await self.check_config()

@@ -27,7 +27,7 @@ from typing import Any, TypeAlias
 
 from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import Unavailable
-from nextbest.engine.tasks import cancel_and_wait
+from nextbest.engine.tasks import cancel_and_wait, wait_event
 from nextbest.storage.base import Activation, Close, Recorded, RewardEvent, Store, WriteResult
 from nextbest.storage.refusal import RecordRefused, is_refusal, refusal_reason
 
@@ -161,10 +161,7 @@ class BatchWriter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self._flush_interval)
             self._wake.clear()
             if self._retry_delay:
                 await asyncio.sleep(self._retry_delay)
