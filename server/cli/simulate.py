@@ -390,7 +390,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="report only positive rewards, as channels that know only conversions do; the rest get the default reward",
     )
     s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
-    s.add_argument("--event-prefix", dest="event_prefix", default="", help="name the events PREFIX-<n> (default: the server names them: faster)")
+    s.add_argument("--event-prefix", dest="event_prefix", default="", help="name the events PREFIX-<n> (default: the server does)")
     s.set_defaults(func=_simulate)
 
     b = sub.add_parser("bakeoff", help="compare the service's learning with Vowpal Wabbit run directly")
