@@ -159,3 +159,23 @@ def wait_serving(target: str, timeout: float = 30) -> None:
                 pass
             time.sleep(0.05)
     raise TimeoutError(f"{target} not serving after {timeout}s")
+
+
+def sql(url: str, query: str) -> list[tuple[Any, ...]]:
+    """Rows of one query on a database URL, read with an engine of its own (as an operator would)."""
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(url)
+    try:
+        with eng.connect() as c:
+            return [tuple(r) for r in c.execute(text(query)).all()]
+    finally:
+        eng.dispose()
+
+
+def until(pred: Callable[[], object], timeout: float = 30.0, every: float = 0.05) -> None:
+    """Wait for ``pred`` to hold (a process test's condition), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)

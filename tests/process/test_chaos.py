@@ -11,17 +11,15 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import create_engine, text
 
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
-from tests.harness import ServerProcess, postgres_available, postgres_schema
+from tests.harness import ServerProcess, sql
 
 pytestmark = pytest.mark.postgres
 
@@ -39,29 +37,12 @@ ARMS: list[dict[str, Any]] = [
 ]
 
 
-def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
-    eng = create_engine(url)
-    try:
-        with eng.connect() as c:
-            return [tuple(r) for r in c.execute(text(query)).all()]
-    finally:
-        eng.dispose()
-
-
 def specs(total: float) -> list[PlacementSpec]:
     paid = {**ARMS[0], "budget": {"total": total}}
     return [
         PlacementSpec.model_validate({"id": "first", "reward_window": 2.0, "arms": [paid, ARMS[1]]}),
         PlacementSpec.model_validate({"id": "agg", "reward_window": 2.0, "reward_aggregation": "sum", "arms": ARMS[1:] + [{"id": "b"}]}),
     ]
-
-
-@pytest.fixture
-def pg() -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); chaos test not run")
-    with postgres_schema() as url:
-        yield url
 
 
 class Traffic:

@@ -10,33 +10,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
-from tests.harness import ROOT, ServerProcess, postgres_available, postgres_schema, wait_serving
+from tests.harness import ROOT, ServerProcess, sql, until, wait_serving
 
 KEY = "arm:p/paid"
-
-
-def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
-    eng = create_engine(url)
-    try:
-        with eng.connect() as c:
-            return [tuple(r) for r in c.execute(text(query)).all()]
-    finally:
-        eng.dispose()
-
-
-def until(pred, timeout: float = 30.0, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(every)
 
 
 def paid(total: float, reward_cost: float = 0.0, **placement: object) -> PlacementSpec:
@@ -55,14 +37,6 @@ def balanced(url: str) -> tuple[float, float, float, float]:
     [(leased, spent, reserved)] = sql(url, f"SELECT leased, spent, reserved FROM budget_accounts WHERE key = '{KEY}'")
     [(own,)] = sql(url, f"SELECT coalesce(sum(leased), 0) FROM budget_leases WHERE key = '{KEY}'")
     return float(leased), float(spent), float(reserved), float(own)
-
-
-@pytest.fixture
-def pg() -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); replica tests not run")
-    with postgres_schema() as url:
-        yield url
 
 
 # Polling is slow here on purpose: only the notification (or the learner's own reload) can

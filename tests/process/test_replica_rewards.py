@@ -9,12 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
-from sqlalchemy import create_engine, text
 
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
@@ -25,22 +22,12 @@ from tests.harness import (
     LIMITED_TOKEN,
     TOKENS,
     ServerProcess,
-    postgres_available,
-    postgres_schema,
+    sql,
     wait_serving,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"NEXTBEST_AUTH_TOKENS": TOKENS, "NEXTBEST_REPLICA_POLL_INTERVAL": "0.3", "NEXTBEST_SWEEP_INTERVAL": "0.1"}
-
-
-def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
-    eng = create_engine(url)
-    try:
-        with eng.connect() as c:
-            return [tuple(r) for r in c.execute(text(query)).all()]
-    finally:
-        eng.dispose()
 
 
 def code(fn, *args, **kw) -> grpc.StatusCode | None:  # type: ignore[no-untyped-def]
@@ -49,14 +36,6 @@ def code(fn, *args, **kw) -> grpc.StatusCode | None:  # type: ignore[no-untyped-
     except grpc.RpcError as e:
         return e.code()
     return None
-
-
-@pytest.fixture
-def pg() -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); replica tests not run")
-    with postgres_schema() as url:
-        yield url
 
 
 def two_placements(**kw: object) -> list[PlacementSpec]:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import create_engine, text
 
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
 from tests import envs
-from tests.harness import ServerProcess, postgres_available, postgres_schema
+from tests.harness import ServerProcess, sql, until
 
 pytestmark = pytest.mark.postgres
 
@@ -26,21 +25,6 @@ FAST = {
 }
 
 
-@pytest.fixture
-def pg() -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); replica tests not run")
-    with postgres_schema() as url:
-        yield url
-
-
-def until(pred, timeout: float = 30.0, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(every)
-
-
 def together(fn: Callable[..., None], arg_sets: Sequence[tuple[Any, ...]]) -> None:
     """Run fn once per argument tuple, all at once, each in its own thread; wait for all."""
     threads = [threading.Thread(target=fn, args=args) for args in arg_sets]
@@ -48,15 +32,6 @@ def together(fn: Callable[..., None], arg_sets: Sequence[tuple[Any, ...]]) -> No
         t.start()
     for t in threads:
         t.join()
-
-
-def sql(url: str, query: str) -> list[tuple]:  # type: ignore[type-arg]
-    eng = create_engine(url)
-    try:
-        with eng.connect() as c:
-            return [tuple(r) for r in c.execute(text(query)).all()]
-    finally:
-        eng.dispose()
 
 
 def test_two_replicas_never_overspend_a_small_budget(pg: str) -> None:
