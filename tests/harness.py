@@ -9,11 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,6 +22,9 @@ from nextbest.client import NextbestClient
 from nextbest.rpc.auth import BearerToken, hash_token
 from nextbest.settings import Settings
 from nextbest.storage import scratch
+
+if TYPE_CHECKING:
+    from nextbest.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,3 +182,24 @@ def until(pred: Callable[[], object], timeout: float = 30.0, every: float = 0.05
     while not pred():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(every)
+
+
+@asynccontextmanager
+async def engine_on(db: str, clock: Callable[[], float], **kw: Any) -> AsyncIterator[Engine]:
+    """An Engine (no gRPC) started on the running loop; its background tasks (sweep, replica
+    poll) wait far longer than a test runs, so the test drives them. Two on one SQLite file
+    (``workers=2``) are two servers."""
+    from nextbest.engine.engine import Engine
+    from nextbest.storage.sql import open_store
+
+    engine = Engine(open_store(db), make_settings(db, **{"sweep_interval": 60, "replica_poll_interval": 60, **kw}), clock)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def run_async(body: Callable[[], Awaitable[None]]) -> None:
+    """Run an async test body to its end on a fresh loop."""
+    asyncio.run(body())  # type: ignore[arg-type]

@@ -6,8 +6,8 @@ real processes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +18,14 @@ from nextbest.bandit.features import feature
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.engine.engine import Engine
 from nextbest.storage.base import Close
-from nextbest.storage.sql import open_store
-from tests.harness import FakeClock, make_settings
+from tests.harness import FakeClock, engine_on, run_async
 
 KEY = ("arm:p/paid", "total")
 
 
-@asynccontextmanager
-async def server(db: str, clock: FakeClock, **kw: Any) -> AsyncIterator[Engine]:
-    settings = make_settings(db, sweep_interval=60, replica_poll_interval=60, config_poll_interval=60, workers=2, **kw)
-    engine = Engine(open_store(db), settings, clock)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-def run(body: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(body())  # type: ignore[arg-type]
+# Engines on this loop, no gRPC (tests/harness.py); the configuration serial is not polled either.
+server = partial(engine_on, config_poll_interval=60, workers=2)
+run = run_async
 
 
 async def db_call(e: Engine, fn: Callable[..., Any], *args: Any) -> Any:

@@ -5,8 +5,6 @@ no gRPC and no sleeps. Each test names the table row it shows."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,8 @@ from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.engine.engine import Engine
 from nextbest.engine.reward_policy import RewardStatus
-from nextbest.storage.sql import open_store
 from tests import envs
-from tests.harness import FakeClock, make_settings
+from tests.harness import FakeClock, engine_on, run_async
 
 WINDOW = 600.0
 LEARNED, RECORDED, DUPLICATE, LATE = RewardStatus.LEARNED, RewardStatus.RECORDED, RewardStatus.DUPLICATE, RewardStatus.LATE
@@ -31,20 +28,8 @@ def placement(pid: str = "p", **kw: Any) -> PlacementSpec:
     return envs.placement(pid, **{"learn_at": "window_close", "reward_window": WINDOW, **kw})
 
 
-@asynccontextmanager
-async def server(db: str, clock: FakeClock, **kw: Any) -> AsyncIterator[Engine]:
-    """An engine started on this loop; its background tasks wait far longer than a test runs."""
-    settings = make_settings(db, sweep_interval=60, replica_poll_interval=60, **kw)
-    engine = Engine(open_store(db), settings, clock)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-def run(body: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(body())  # type: ignore[arg-type]
+server = engine_on  # an Engine on this loop, no gRPC (tests/harness.py)
+run = run_async
 
 
 async def choose(e: Engine, pid: str = "p", event_id: str = "", **kw: Any) -> str:
