@@ -98,6 +98,56 @@ class Explanation:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionContext:
+    """Where a decision's features came from when not all came from the request (issue #30),
+    logged with it: replay, exports, learning and Explain read the values used, point in time,
+    never today's profile or history.
+
+    ``LoggedDecision.features`` holds every shared feature the model saw (the request's and the
+    stored profile's merged, the request winning on a name); ``profile_keys`` names those
+    (``namespace.name``) that came from the profile, whose ``as_of`` is ``profile_as_of``.
+    ``arm_features`` follows ``LoggedDecision.arms``: each arm's decision-time arm-level
+    features (interaction history: ``history.impressions_7d``, ...), appended to its VW line.
+    """
+
+    profile_as_of: float | None = None  # None: no stored profile was used
+    profile_keys: tuple[str, ...] = ()
+    arm_features: tuple[tuple[Feature, ...], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.profile_as_of is None and not self.profile_keys and not any(self.arm_features)
+
+    def source_of(self, key: str) -> str:
+        """"profile" or "request", for a shared feature's ``namespace.name``."""
+        return "profile" if key in self.profile_keys else "request"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.profile_as_of is not None:
+            out["profile_as_of"] = self.profile_as_of
+        if self.profile_keys:
+            out["profile_keys"] = list(self.profile_keys)
+        if any(self.arm_features):
+            out["arm_features"] = [[list(f) for f in fs] for fs in self.arm_features]
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any] | None) -> DecisionContext | None:
+        if not raw:
+            return None
+        as_of = raw.get("profile_as_of")
+        return cls(
+            float(as_of) if as_of is not None else None,
+            tuple(str(k) for k in raw.get("profile_keys") or ()),
+            tuple(
+                tuple((str(ns), str(name), v if isinstance(v, str) else float(v)) for ns, name, v in fs)
+                for fs in raw.get("arm_features") or ()
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggedDecision:
     """One logged decision: exactly what a learner or an estimator needs to reuse it."""
 
@@ -124,6 +174,7 @@ class LoggedDecision:
     slot: int = 0  # position in a multi-slot response; each slot is its own decision
     activated: bool = True  # False while a deferred decision waits for Activate
     explanation: Explanation | None = None  # how the pmf came about (None: not recorded, older logs)
+    context: DecisionContext | None = None  # profile and history used (None: the request's features only)
 
     @property
     def arm_id(self) -> str | None:

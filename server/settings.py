@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     budget_lease_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # of a budget's limit leased at a time
     max_features: Annotated[int, Field(ge=1)] = 512
     max_reward_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000  # rewards in one RewardBatch call
+    max_profile_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000  # profiles in one PutProfiles call
+    # Stored profiles read by Choose (placements with context: {profile: true}) are cached this
+    # long per customer: a profile written through another server or the loader is used within
+    # it (a write through this server at once). Misses are read asynchronously, in batches.
+    profile_cache_ttl: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    profile_cache_size: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000  # customers cached
     max_id_length: Annotated[int, Field(ge=8, le=4096)] = 256
     max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     max_name_length: Annotated[int, Field(ge=1, le=4096)] = 128  # feature namespace and name

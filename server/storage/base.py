@@ -258,6 +258,36 @@ class WriteResult:
     inserted: Sequence[bool] = field(default_factory=tuple)  # per decision: False for an (event_id, slot) taken
 
 
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A customer's stored profile (issue #30): features in the namespaces and types of a
+    ChooseRequest's (``customer.plan`` = text, ``customer.arpu`` = number), as of a time the
+    source gives (last writer by ``as_of`` wins), unused and swept after ``expires_at`` if set."""
+
+    customer_id: str
+    features: tuple[Feature, ...]
+    as_of: float
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilesPut:
+    """What a put_profiles did: ``stored`` profiles written (new, or as of a time at or after
+    the stored one's), ``stale`` ignored (the stored profile is as of a later time)."""
+
+    stored: int = 0
+    stale: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What erasing a customer removed (Store.erase_customer)."""
+
+    profiles: int = 0
+    decisions: int = 0  # decision rows whose customer id and features were blanked
+    contacts: int = 0  # contact-history rows deleted
+
+
 class Store(Protocol):
     """The one storage interface of the engine, with one implementation: the SQL store
     (server/storage/sql.py) on SQLite and on PostgreSQL. tests/storage/test_store_contract.py
@@ -557,4 +587,37 @@ class Store(Protocol):
 
     def close(self) -> None:
         """MUST release the learner lock and the connection pool; the store is not used after it."""
+        ...
+
+    # -- customer profiles (issue #30; storage/profiles.py) --------------------------------------
+
+    def put_profiles(self, profiles: Sequence[Profile], now: float) -> ProfilesPut:
+        """MUST write all in one transaction, all or nothing, durable on return: a profile
+        replaces the stored one of its customer only if its ``as_of`` is at or after the stored
+        one's (else it is counted ``stale`` and changes nothing); within one call, the last of a
+        customer's profiles with the highest ``as_of`` wins. Works for batches of any size
+        (PostgreSQL: COPY into a temporary table, then one upsert) (test_profiles_last_writer_by_as_of_wins,
+        test_a_profile_batch_is_all_or_nothing). Raises Unavailable."""
+        ...
+
+    def get_profiles(self, customer_ids: Collection[str], now: float) -> dict[str, Profile]:
+        """MUST return the stored profiles of those customers by id, leaving out the missing and
+        those with ``expires_at`` at or before ``now`` (test_expired_profiles_are_not_read_and_are_swept);
+        one query for the whole collection. Raises Unavailable."""
+        ...
+
+    def delete_profiles(self, customer_ids: Collection[str]) -> int:
+        """MUST delete those customers' profiles, committed on return, and return how many there
+        were (test_profiles_can_be_deleted). Raises Unavailable."""
+        ...
+
+    def sweep_profiles(self, now: float, limit: int) -> int:
+        """MUST delete at most ``limit`` profiles expired at ``now`` and return how many
+        (test_expired_profiles_are_not_read_and_are_swept). Raises Unavailable."""
+        ...
+
+    def erase_customer(self, customer_id: str) -> Erased:
+        """MUST in one transaction delete the customer's profile and contact history and blank the
+        customer id and features of their logged decisions (arms, probabilities and rewards stay:
+        estimators and budgets still add up) (test_a_customer_can_be_erased). Raises Unavailable."""
         ...

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
+from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDecision, Outcome
 from nextbest.bandit.errors import Unavailable
 from nextbest.storage.base import features_of
 
@@ -82,6 +82,7 @@ _DECISION_COLUMNS = (
     "activated",
     "owner",
     "explain",
+    "context",
 )
 
 
@@ -126,6 +127,7 @@ def decision_params(d: LoggedDecision, owner: str | None) -> tuple[Any, ...]:
         d.activated,
         owner,
         _explain(d),
+        _json(d.context.to_json()) if d.context is not None and not d.context.empty else None,
     )
 
 
@@ -165,4 +167,5 @@ def decision_from_row(r: Any) -> LoggedDecision:
         activated=bool(r.activated),
         reason=(r.explain or {}).get("reason", ""),
         explanation=Explanation.from_json(r.explain) if r.explain and r.explain.get("policy") else None,
+        context=DecisionContext.from_json(getattr(r, "context", None)),
     )

@@ -78,6 +78,9 @@ decisions = Table(
     Column("owner", String(32)),
     # How the pmf came about (bandit.decision_log.Explanation.to_json); NULL before 0005.
     Column("explain", JSON),
+    # Where its features came from besides the request (bandit.decision_log.DecisionContext:
+    # the profile's as_of and keys, each arm's history features); NULL: the request's only.
+    Column("context", JSON),
     Index("ix_decisions_learn", "placement_id", "variant", "learn_seq"),
     Index("ix_decisions_unclaimed", "placement_id", "outcome", "learn_seq"),
     Index("ix_decisions_placement_arm", "placement_id", "arm_id"),
@@ -178,6 +181,19 @@ contact_impressions = Table(
     Column("slot", Integer, nullable=False, server_default="0"),
     Index("ix_contact_impressions_customer", "customer_id", "at"),
     Index("ix_contact_impressions_at", "at"),
+)
+
+# Customer profiles (issue #30): features as the decision log keeps them ([[namespace, name,
+# value], ...]), as of the source's time (last writer by as_of wins), unused after expires_at.
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("customer_id", String(256), primary_key=True),
+    Column("features", JSON, nullable=False),
+    Column("as_of", Double, nullable=False),
+    Column("expires_at", Double),
+    Column("updated_at", Double, nullable=False),
+    Index("ix_profiles_expires", "expires_at"),
 )
 
 # Named counters; "learn_seq" hands out learn positions (atomically, to the one learner).

@@ -1,0 +1,45 @@
+"""customer profiles; the context a decision used
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-07
+
+Written by hand (issue #30): ``profiles``, one row per customer (features as the decision log
+keeps them, the source's as_of, an optional expiry), and ``decisions.context``, where a decision
+came from besides its request (the profile's as_of and which features it gave, each arm's
+history features: bandit.decision_log.DecisionContext). NULL for older decisions: the request's
+features only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0010"
+down_revision: str | Sequence[str] | None = "0009"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "profiles",
+        sa.Column("customer_id", sa.String(256), primary_key=True),
+        sa.Column("features", sa.JSON(), nullable=False),
+        sa.Column("as_of", sa.Double(), nullable=False),
+        sa.Column("expires_at", sa.Double(), nullable=True),
+        sa.Column("updated_at", sa.Double(), nullable=False),
+    )
+    op.create_index("ix_profiles_expires", "profiles", ["expires_at"])
+    with op.batch_alter_table("decisions", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("context", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("decisions", schema=None) as batch_op:
+        batch_op.drop_column("context")
+    op.drop_index("ix_profiles_expires", table_name="profiles")
+    op.drop_table("profiles")
