@@ -31,6 +31,10 @@ NO_OFFER = "paced: no offer"
 EXCLUDED = "excluded by caller"
 NO_CONTEXT: Mapping[str, Value] = {}
 NOTHING_EXCLUDED: frozenset[str] = frozenset()
+# Per arm, by arm id: features only that arm has in this request (interaction history),
+# read by rules on top of the request's context.
+ArmContexts = Mapping[str, Mapping[str, Value]]
+NO_ARM_CONTEXT: ArmContexts = {}
 
 
 def context_of(features: Sequence[Feature]) -> dict[str, Value]:
@@ -38,12 +42,21 @@ def context_of(features: Sequence[Feature]) -> dict[str, Value]:
     return {(f"{ns}.{name}" if ns else name): value for ns, name, value in features}  # feature_key, inlined
 
 
-def ruled_out(spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Value], excluded: frozenset[str]) -> str:
+def arm_context(context: Mapping[str, Value], arms: ArmContexts, arm: str) -> Mapping[str, Value]:
+    """The features a rule reads for one arm: the request's, and the arm's own on top."""
+    own = arms.get(arm)
+    return {**context, **own} if own else context
+
+
+def ruled_out(
+    spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Value], excluded: frozenset[str], arms: ArmContexts = NO_ARM_CONTEXT
+) -> str:
     """Why the caller's exclusions or an eligibility rule (the placement's, then the arm's) keep
     this arm from this request; "" when they do not. Unknown (a missing feature) rules it out."""
     if arm.id in excluded:
         return EXCLUDED
-    return reason_against(spec.eligible, context) or reason_against(arm.eligible, context)
+    ctx = arm_context(context, arms, arm.id) if arms else context
+    return reason_against(spec.eligible, ctx) or reason_against(arm.eligible, ctx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,19 +147,26 @@ def eligibility(
     budgeted: bool = True,
     context: Mapping[str, Value] = NO_CONTEXT,
     excluded: frozenset[str] = NOTHING_EXCLUDED,
+    arms: ArmContexts = NO_ARM_CONTEXT,
 ) -> tuple[list[int], dict[str, str]]:
     """Indices of the eligible candidates, and the reason for each one that is not.
     ``budgeted=False`` promises that no candidate spends from a budget; ``context`` is the
-    request's features for eligibility rules (``context_of``), ``excluded`` the caller's exclusions."""
+    request's features for eligibility rules (``context_of``), ``excluded`` the caller's
+    exclusions, ``arms`` each arm's own features (history) that its rules read too."""
     if spec.unconstrained and not (budgeted and any(c.accounts for c in candidates)):
         if not spec.has_rules and not excluded:
             return list(range(len(candidates))), {}
-        return _by_rules(spec, candidates, context, excluded)
+        return _by_rules(spec, candidates, context, excluded, arms)
     ok: list[int] = []
     why: dict[str, str] = {}
-    placement_rule = reason_against(spec.eligible, context)  # once per request
+    placement_rule = "" if arms else reason_against(spec.eligible, context)  # once per request
     for i, c in enumerate(candidates):
         a = c.spec
+        if arms:
+            ctx = arm_context(context, arms, a.id)
+            placement_rule = reason_against(spec.eligible, ctx)
+        else:
+            ctx = context
         if a.id in excluded:
             why[a.id] = EXCLUDED
         elif not a.active:
@@ -157,7 +177,7 @@ def eligibility(
             why[a.id] = "ended"
         elif placement_rule:
             why[a.id] = placement_rule
-        elif reason := reason_against(a.eligible, context):
+        elif reason := reason_against(a.eligible, ctx):
             why[a.id] = reason
         elif c.accounts and (reason := Ledger.can_reserve(c.accounts, c.reservation, now)):
             why[a.id] = reason
@@ -171,19 +191,24 @@ def eligibility(
 
 
 def _by_rules(
-    spec: PlacementSpec, candidates: Sequence[Candidate], context: Mapping[str, Value], excluded: frozenset[str]
+    spec: PlacementSpec, candidates: Sequence[Candidate], context: Mapping[str, Value], excluded: frozenset[str], arms: ArmContexts
 ) -> tuple[list[int], dict[str, str]]:
     """``eligibility`` of a placement whose only constraints are rules and exclusions."""
     ok: list[int] = []
     why: dict[str, str] = {}
-    placement_rule = reason_against(spec.eligible, context)  # once per request
+    placement_rule = "" if arms else reason_against(spec.eligible, context)  # once per request
     for i, c in enumerate(candidates):
         a = c.spec
+        if arms:
+            ctx = arm_context(context, arms, a.id)
+            placement_rule = reason_against(spec.eligible, ctx)
+        else:
+            ctx = context
         if a.id in excluded:
             why[a.id] = EXCLUDED
         elif placement_rule:
             why[a.id] = placement_rule
-        elif reason := reason_against(a.eligible, context):
+        elif reason := reason_against(a.eligible, ctx):
             why[a.id] = reason
         else:
             ok.append(i)
@@ -194,7 +219,14 @@ _FALLBACK = Explanation("fallback")
 _HOLDOUT = {p: Explanation(f"holdout: {p}") for p in ("uniform", "fixed", "rules")}
 
 
-def fallback_against(spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Value], excluded: frozenset[str], now: float) -> str:
+def fallback_against(
+    spec: PlacementSpec,
+    arm: ArmSpec,
+    context: Mapping[str, Value],
+    excluded: frozenset[str],
+    now: float,
+    arms: ArmContexts = NO_ARM_CONTEXT,
+) -> str:
     """Why the fallback arm may not be served either ("" when it may). It bypasses budgets,
     contact policies and the cool-down, nothing else: an offer that the caller excluded, that is
     paused, outside its dates or whose eligibility rule is false or unknown is never shown."""
@@ -206,7 +238,7 @@ def fallback_against(spec: PlacementSpec, arm: ArmSpec, context: Mapping[str, Va
         return "not started"
     if arm.end is not None and now >= arm.end.timestamp():
         return "ended"
-    return ruled_out(spec, arm, context, excluded)
+    return ruled_out(spec, arm, context, excluded, arms)
 
 
 def _nothing(
@@ -217,13 +249,14 @@ def _nothing(
     now: float = 0.0,
     context: Mapping[str, Value] = NO_CONTEXT,
     excluded: frozenset[str] = NOTHING_EXCLUDED,
+    arms: ArmContexts = NO_ARM_CONTEXT,
 ) -> Choice:
     """Nothing could be chosen: serve the fallback arm with certainty, unless it is ruled out
     too (``fallback_against``), or no arm with a reason."""
     reason = reason or ("no eligible arm" if candidates else "no active arm")
     fb = next((i for i, c in enumerate(candidates) if c.arm.id == spec.fallback_arm), None)
     if fb is not None:
-        against = fallback_against(spec, candidates[fb].spec, context, excluded, now)
+        against = fallback_against(spec, candidates[fb].spec, context, excluded, now, arms)
         if not against:
             return Choice(0, 1.0, (1.0,), (fb,), why, reason=f"fallback: {reason}", fallback=True, explanation=_FALLBACK)
         why[candidates[fb].arm.id] = against
@@ -256,11 +289,12 @@ def serve_holdout(
     history: list[contact.Impression] | None = None,
     context: Mapping[str, Value] = NO_CONTEXT,
     excluded: frozenset[str] = NOTHING_EXCLUDED,
+    arms: ArmContexts = NO_ARM_CONTEXT,
 ) -> Choice:
     """The control group's policy, under the same constraints as the bandit's."""
-    ok, why = eligibility(spec, candidates, history or [], now, context=context, excluded=excluded)
+    ok, why = eligibility(spec, candidates, history or [], now, context=context, excluded=excluded, arms=arms)
     if not ok:
-        return _nothing(spec, candidates, why, "", now, context, excluded)
+        return _nothing(spec, candidates, why, "", now, context, excluded, arms)
     if holdout.policy == "uniform":
         pmf = np.full(len(ok), 1.0 / len(ok))
         i = exploration.draw(pmf, uniform())
@@ -273,7 +307,7 @@ def serve_holdout(
     ids = [candidates[i].arm.id for i in ok]
     if target is None or target not in ids:
         reason = f"holdout arm {target} not eligible" if target else "no rule matched"
-        return _nothing(spec, candidates, why, reason, now, context, excluded)
+        return _nothing(spec, candidates, why, reason, now, context, excluded, arms)
     j = ids.index(target)
     pmf_t = tuple(1.0 if k == j else 0.0 for k in range(len(ok)))
     return Choice(j, 1.0, pmf_t, tuple(ok), why, explanation=_HOLDOUT[holdout.policy])
@@ -291,12 +325,13 @@ def decide(
     budgeted: bool = True,
     context: Mapping[str, Value] = NO_CONTEXT,
     excluded: frozenset[str] = NOTHING_EXCLUDED,
+    arms: ArmContexts = NO_ARM_CONTEXT,
 ) -> Choice:
     """Run the whole pipeline for one request (``budgeted=False``: no candidate has a budget)."""
     history = history or []
-    ok, why = eligibility(spec, candidates, history, now, budgeted, context, excluded)
+    ok, why = eligibility(spec, candidates, history, now, budgeted, context, excluded, arms)
     if not ok:
-        return _nothing(spec, candidates, why, "", now, context, excluded)
+        return _nothing(spec, candidates, why, "", now, context, excluded, arms)
     eligible = [candidates[i] for i in ok]
     values = model.expected_rewards(shared, [c.arm.line for c in eligible])
     # A model poisoned by extreme inputs: score as untrained, do not fail. (A finite sum means

@@ -110,6 +110,13 @@ def shared_line_of_rows(rows: Iterable[Sequence[Any]]) -> str:
     return f"shared |{SHARED_NAMESPACE} " + " ".join(parts)
 
 
+def with_arm_features(line: str, features: Iterable[Feature]) -> str:
+    """An arm's action line with features of this request only (interaction history) appended
+    to its namespace: the same text as ``arm_line`` of all the features at once."""
+    extra = " ".join(_token(f) for f in features)
+    return f"{line} {extra}" if extra else line
+
+
 def arm_line(arm_id: str, features: Iterable[Feature]) -> str:
     """An action line of a cb_adf example, without label; the arm id is itself a feature."""
     tokens = [f"arm={arm_id.translate(_VW_SPECIAL)}"]

@@ -300,6 +300,47 @@ class ShadowSpec(_Spec):
     bits: Annotated[int, Field(ge=10, le=28)] = 18
 
 
+def window_label(seconds: float) -> str:
+    """A history window's name in feature names: 7 days is "7d", 12 hours "12h", 90 minutes "90m"."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{seconds:g}s"
+
+
+MAX_HISTORY_WINDOWS = 4
+MAX_HISTORY_WINDOW = 400 * 86400.0
+
+
+class ContextSpec(_Spec):
+    """What a Choose adds to the request's features (issue #30).
+
+    ``profile``: the stored profile of the request's customer (the request wins where both name a
+    feature). ``history``: for every arm, this customer's impressions and accepts (rewards > 0)
+    of that offer within each window (``history.impressions_7d``, ``history.accepts_7d``), and
+    ``history.days_since_impression`` / ``history.days_since_accept`` (absent when never)."""
+
+    profile: bool = False
+    history: list[Duration] = Field(default_factory=list)  # windows: [7d, 30d]
+
+    @field_validator("history")
+    @classmethod
+    def _windows(cls, v: list[float]) -> list[float]:
+        out = sorted(set(v))
+        if len(out) > MAX_HISTORY_WINDOWS:
+            raise ValueError(f"at most {MAX_HISTORY_WINDOWS} windows")
+        if out and out[-1] > MAX_HISTORY_WINDOW:
+            raise ValueError(f"at most {MAX_HISTORY_WINDOW / 86400:g} days")
+        if len({window_label(x) for x in out}) != len(out):
+            raise ValueError("two windows with the same name")
+        return out
+
+    @property
+    def windows(self) -> list[tuple[str, float]]:
+        """(label, seconds) of each history window, shortest first."""
+        return [(window_label(x), x) for x in self.history]
+
+
 class PlacementSpec(_Spec):
     """A placement: its arms and how its model learns and explores."""
 
@@ -334,6 +375,7 @@ class PlacementSpec(_Spec):
     shadows: list[ShadowSpec] = Field(default_factory=list)
     promote: str | None = None  # on stopping an experiment: the variant whose model becomes the placement's
     eligible: Eligible = None  # every arm of the placement must also satisfy this rule
+    context: ContextSpec = Field(default_factory=ContextSpec)  # stored profile and history features
 
     @model_validator(mode="before")
     @classmethod
@@ -421,8 +463,8 @@ class PlacementSpec(_Spec):
 
     @property
     def history_horizon(self) -> float:
-        """How far back contact policies and fatigue look, in seconds."""
-        spans = [r.horizon for r in self.contact_policies] + [self.cooldown or 0.0]
+        """How far back contact policies, fatigue and history features look, in seconds."""
+        spans = [r.horizon for r in self.contact_policies] + [self.cooldown or 0.0] + list(self.context.history)
         if self.fatigue is not None:
             spans.append(self.fatigue.horizon)
         return max(spans, default=0.0)

@@ -19,8 +19,10 @@ import numpy as np
 from nextbest.bandit.budget import Account, Ledger
 from nextbest.bandit.contact import Impression
 from nextbest.bandit.decider import (
+    NO_ARM_CONTEXT,
     NO_CONTEXT,
     NOTHING_EXCLUDED,
+    ArmContexts,
     ArmView,
     Candidate,
     Choice,
@@ -29,19 +31,21 @@ from nextbest.bandit.decider import (
     ruled_out,
     serve_holdout,
 )
-from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
+from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDecision, Outcome
 from nextbest.bandit.eligibility import Value
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
-from nextbest.bandit.features import Feature, feature, shared_line
+from nextbest.bandit.features import Feature, feature, feature_key, shared_line, with_arm_features
+from nextbest.bandit.history import history_features
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.choose_checks import ChooseChecks
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.profiles import ProfileCache
 from nextbest.engine.windows import OpenDecision, RewardWindows
 from nextbest.engine.writer import BatchWriter
-from nextbest.storage.base import ContactRow
+from nextbest.storage.base import ContactRow, Profile
 from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
@@ -80,6 +84,27 @@ def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
         if u < edge:
             return v.id
     return exp.variants[-1].id if exp.variants else "holdout"
+
+
+def with_profile(features: Sequence[Feature], profile: Profile | None) -> tuple[tuple[Feature, ...], tuple[str, ...]]:
+    """The request's features and the stored profile's, the request winning where both name a
+    feature; and the names (``namespace.name``) that came from the profile."""
+    if profile is None or not profile.features:
+        return tuple(features), ()
+    asked = {feature_key(f) for f in features}
+    added = [f for f in profile.features if feature_key(f) not in asked]
+    return (*features, *added), tuple(feature_key(f) for f in added)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What a Choose adds to its request: the profile used (its as_of and the names it gave)."""
+
+    profile_as_of: float | None = None
+    profile_keys: tuple[str, ...] = ()
+
+
+_NO_ADDITIONS = _Context()
 
 
 _BASELINE = Explanation("baseline")  # the caller's own choice (apprentice, logging-only modes)
@@ -143,8 +168,10 @@ class Chooser:
         metrics: Metrics,
         acceptance: dict[tuple[str, str], list[int]],
         clock: Callable[[], float],
+        profiles: ProfileCache | None = None,
     ) -> None:
         self._checks = checks
+        self._profiles = profiles
         self._states = states
         self._contacts = contacts
         self._budgets = budgets
@@ -180,11 +207,19 @@ class Chooser:
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
         excluded = _exclusions(spec, exclude_arms)
+        added = _NO_ADDITIONS
+        if spec.context.profile and customer_id and self._profiles is not None:
+            profile = await self._profiles.get(customer_id)  # cached, else read with others' misses
+            if self._states.get(placement) is not ps:
+                raise InvalidInput("placement", "the placement changed during the decision; retry")
+            features, keys = with_profile(features, profile)
+            if profile is not None:
+                added = _Context(profile.as_of, keys)
         shared = self._contacts.shared
         if customer_id and self._contacts.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
             # No rule of this placement reads the history, but other placements' rules count
             # its impressions: record them, without waiting, after the decision.
-            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [], excluded)
+            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [], excluded, added)
             shared.record_later(_shown(customer_id, out))
             return out
         if customer_id and self._contacts.history.horizon > 0 and shared is not None:
@@ -193,10 +228,10 @@ class Chooser:
                 if self._states.get(placement) is not ps:
                     raise InvalidInput("placement", "the placement changed during the decision; retry")
                 history = [self._contacts.impression(r) for r in tx.history]
-                out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history, excluded)
+                out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history, excluded, added)
                 tx.new.extend(_shown(customer_id, out))
                 return out
-        return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None, excluded)
+        return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None, excluded, added)
 
     async def _choose(
         self,
@@ -209,6 +244,7 @@ class Chooser:
         slot_features: Sequence[Sequence[Feature]],
         shared_history: list[Impression] | None,
         excluded: frozenset[str] = NOTHING_EXCLUDED,
+        added: _Context = _NO_ADDITIONS,
     ) -> list[LoggedDecision]:
         """The decisions of one Choose; ``shared_history`` is the customer's impressions from
         the database when contact history is shared, else None (this server's memory)."""
@@ -263,6 +299,7 @@ class Chooser:
                 closed,
                 excluded,
                 waits if chosen_id else None,
+                added,
             )
             if d.arm_id is None and k > 0:
                 break  # fewer arms than slots: the response is shorter
@@ -329,6 +366,7 @@ class Chooser:
         closed: str = "",
         excluded: frozenset[str] = NOTHING_EXCLUDED,
         waits: list[tuple[asyncio.Future[bool], _Made]] | None = None,
+        added: _Context = _NO_ADDITIONS,
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
@@ -336,15 +374,29 @@ class Chooser:
         draw = lambda: uniform_for(salt, draw_id)  # noqa: E731
         shared = shared_line(features)
         context = context_of(features) if spec.has_rules else NO_CONTEXT  # slot features included
+        by_arm: dict[str, tuple[Feature, ...]] = {}
+        arm_rules: ArmContexts = NO_ARM_CONTEXT
+        if spec.context.history and customer_id and candidates:
+            # This customer's history of each offer, as of this slot (earlier slots included):
+            # appended to each arm's VW line, and read by rules as the arm's own features.
+            by_arm = history_features(history, [c.arm.id for c in candidates], spec.context.windows, now)
+            candidates = [
+                Candidate(
+                    ArmView(c.arm.id, c.arm.version, with_arm_features(c.arm.line, by_arm[c.arm.id]), c.arm.spec), c.accounts, c.acceptance
+                )
+                for c in candidates
+            ]
+            if spec.has_rules:
+                arm_rules = {a: context_of(fs) for a, fs in by_arm.items()}
         model_version = 0
         if closed:
             choice = Choice(None, 0.0, (), reason=closed)
         elif baseline_arm and spec.mode in ("apprentice", "logging_only") and slot == 0:
-            choice = self._baseline(ps, candidates, shared, baseline_arm, context, excluded)
+            choice = self._baseline(ps, candidates, shared, baseline_arm, context, excluded, arm_rules)
             model_version = ps.model.learned
         elif variant == "holdout":
             assert spec.experiment is not None and spec.experiment.holdout is not None
-            choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history, context, excluded)
+            choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history, context, excluded, arm_rules)
         else:
             serving = ps.models[variant]
             choice = decide(
@@ -359,6 +411,7 @@ class Chooser:
                 budgeted=ps.budgeted,
                 context=context,
                 excluded=excluded,
+                arms=arm_rules,
             )
             model_version = serving.model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None
@@ -396,6 +449,7 @@ class Chooser:
             slot=slot,
             activated=not defer,
             explanation=choice.explanation,
+            context=_logged_context(added, by_arm, candidates, choice.eligible),
         )
         self._metrics.decision(spec.id, decision.arm_id)
         entry = None
@@ -427,13 +481,14 @@ class Chooser:
         baseline: str,
         context: Mapping[str, Value],
         excluded: frozenset[str],
+        arm_rules: ArmContexts = NO_ARM_CONTEXT,
     ) -> Choice:
         """Apprentice and logging-only modes serve the caller's own choice, unless an eligibility
         rule or the caller's own exclusions rule it out (then nothing is served: an ineligible
         offer is never shown); apprentice mode also scores whether the model's greedy choice
         among the eligible arms would have matched it."""
         spec = ps.record.spec
-        why = {c.arm.id: r for c in candidates if (r := ruled_out(spec, c.spec, context, excluded))}
+        why = {c.arm.id: r for c in candidates if (r := ruled_out(spec, c.spec, context, excluded, arm_rules))}
         if baseline in why:
             return Choice(None, 0.0, (), (), why, reason=f"baseline arm {quote(baseline)} is not eligible: {why[baseline]}")
         ok = [i for i, c in enumerate(candidates) if c.arm.id not in why]
@@ -456,3 +511,14 @@ class Chooser:
     def _accepts(self, placement: str, arm: str) -> float:
         accepted, closed = self._acceptance.get((placement, arm), (0, 0))
         return (accepted + 1) / (closed + 2)
+
+
+def _logged_context(
+    added: _Context, by_arm: Mapping[str, tuple[Feature, ...]], candidates: Sequence[Candidate], eligible: Sequence[int]
+) -> DecisionContext | None:
+    """The decision's context as used, for the log: the profile's as_of and names, and the
+    history features of each logged (eligible) arm in the logged order."""
+    if added is _NO_ADDITIONS and not by_arm:
+        return None
+    arms = tuple(by_arm[candidates[i].arm.id] for i in eligible) if by_arm else ()
+    return DecisionContext(added.profile_as_of, added.profile_keys, arms)

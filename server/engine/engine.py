@@ -31,6 +31,7 @@ from nextbest.engine.configure import Configurator, placement_state
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.explainer import Explainer
 from nextbest.engine.learner import Learner, PlacementModel, PlacementState
+from nextbest.engine.profiles import ProfileCache
 from nextbest.engine.replication import Replication
 from nextbest.engine.reward_batch import RewardBatch
 from nextbest.engine.shared_contacts import SharedContacts
@@ -103,6 +104,14 @@ class Engine:
         self.takeover = Takeover(
             windows=self.windows, states=self.states, store=store, reader_pool=self.reader_pool, settings=settings, clock=clock
         )
+        self.profiles = ProfileCache(
+            store=store,
+            reader_pool=self.reader_pool,
+            clock=clock,
+            ttl=settings.profile_cache_ttl,
+            size=settings.profile_cache_size,
+            on_read_failed=self.metrics.profile_read_failures.inc,
+        )
         self.chooser = Chooser(
             ChooseChecks(settings),
             self.states,
@@ -114,6 +123,7 @@ class Engine:
             self.metrics,
             acceptance,
             clock,
+            profiles=self.profiles,
         )
         self.explainer = Explainer(self.windows.find, self.states, settings.max_id_length)
         self.config = Configurator(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nextbest.bandit.decider import ArmView, Candidate
-from nextbest.bandit.features import arm_line, features_from_mapping, shared_line
+from nextbest.bandit.features import arm_line, features_from_mapping, shared_line, with_arm_features
 from nextbest.bandit.model import CbModel
 from nextbest.bandit.reward_scale import RewardScale
 from nextbest.engine.tasks import cancel_and_wait, wait_event
@@ -232,6 +232,9 @@ class Learner:
     def _learn_one(self, ps: PlacementState, pm: PlacementModel, row: LearnRow) -> None:
         found = [ps.arm_lines.get(a) for a in row.arms]
         lines = [x for x in found if x is not None]
+        if row.context_json is not None and len(lines) == len(found) and (extra := row.arm_features()):
+            # The arms' features of that decision (history), as the Choose scored them.
+            lines = [with_arm_features(x, fs) for x, fs in zip(lines, extra, strict=True)]
         if len(lines) != len(found):
             self.unknown_arm_versions += 1
             unknown = [f"{a}@{v}" for (a, v), x in zip(row.arms, found, strict=True) if x is None]

@@ -334,6 +334,8 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["reward_aggregation"] = _AGGREGATION[p.reward_aggregation]
     if p.learn_at in _LEARN_AT:
         data["learn_at"] = _LEARN_AT[p.learn_at]
+    if p.HasField("context"):
+        data["context"] = {"profile": p.context.profile, "history": list(p.context.history_seconds)}
     if p.mode in _MODES:
         data["mode"] = _MODES[p.mode]
     if p.HasField("active"):
@@ -455,6 +457,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         activation_window_seconds=s.activation_window,
         reward_aggregation=_AGGREGATION_PB[s.reward_aggregation],
         learn_at=_LEARN_AT_PB[s.learn_at],
+        context=admin_pb2.PlacementContext(profile=s.context.profile, history_seconds=s.context.history),
         mode=_MODES_PB[s.mode],
         active=s.active,
         start_time=_ts(s.start),

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import DecisionContext, LoggedDecision, Outcome
 from nextbest.bandit.features import Feature, feature
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 
@@ -221,9 +221,17 @@ class LearnRow:
     probability: float
     reward: float
     features_json: str
+    context_json: str | None = None  # decisions.context: each arm's decision-time features (history)
 
     def features(self) -> tuple[Feature, ...]:
         return features_of(orjson.loads(self.features_json))
+
+    def arm_features(self) -> tuple[tuple[Feature, ...], ...]:
+        """Each arm's decision-time features, following ``arms`` (empty: none)."""
+        if self.context_json is None:
+            return ()
+        context = DecisionContext.from_json(orjson.loads(self.context_json))
+        return context.arm_features if context is not None else ()
 
 
 def features_of(triples: Sequence[Sequence[Any]]) -> tuple[Feature, ...]:

@@ -528,8 +528,9 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
         mark = "%s" if self._postgres else "?"
         features = "features::text" if self._postgres else "features"
         arms = "arms::text" if self._postgres else "arms"
+        context = "context::text" if self._postgres else "context"
         sql = (
-            f"SELECT event_id, slot, learn_seq, {arms}, chosen, probability, reward, {features} FROM decisions "
+            f"SELECT event_id, slot, learn_seq, {arms}, chosen, probability, reward, {features}, {context} FROM decisions "
             f"WHERE placement_id = {mark} AND learn_seq > {mark}"
         )
         params: tuple[Any, ...] = (placement, after_seq)
@@ -540,8 +541,8 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
         with self._connect() as c:
             rows = c.exec_driver_sql(sql, params).all()
         return [
-            LearnRow(e, int(s), int(q), tuple((a, int(v)) for a, v in orjson.loads(arms_json)), int(ch), float(p), float(r), f)
-            for e, s, q, arms_json, ch, p, r, f in rows
+            LearnRow(e, int(s), int(q), tuple((a, int(v)) for a, v in orjson.loads(arms_json)), int(ch), float(p), float(r), f, cx)
+            for e, s, q, arms_json, ch, p, r, f, cx in rows
         ]
 
     # -- models ---------------------------------------------------------------------------

@@ -83,6 +83,9 @@ class Metrics:
         self.reward_calls = Counter("nextbest_reward_calls", "Reward answers by status (learned|duplicate|late)", ["status"], registry=r)
         self.inflight = Gauge("nextbest_inflight_rpcs", "Calls being served now (nextbest services)", registry=r)
         self.shed = Counter("nextbest_shed_rpcs", "Calls refused early, by reason (overload|deadline|queue)", ["reason"], registry=r)
+        self.profile_read_failures = Counter(
+            "nextbest_profile_read_failures", "Profile reads for Choose that failed (decided on cached or no profiles)", registry=r
+        )
         self.refused_records = Counter(
             "nextbest_refused_records",
             "Records the database refused to store, dropped, by kind (decision|close|activation|reward)",

@@ -612,6 +612,7 @@ class Placement(_message.Message):
     MAX_ABS_REWARD_FIELD_NUMBER: _builtins.int
     ELIGIBLE_FIELD_NUMBER: _builtins.int
     LEARN_AT_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -684,6 +685,10 @@ class Placement(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """The placement serves until this time."""
 
+    @_builtins.property
+    def context(self) -> Global___PlacementContext:
+        """What a Choose adds to the request's features: the stored profile, interaction history."""
+
     def __init__(
         self,
         *,
@@ -713,10 +718,11 @@ class Placement(_message.Message):
         max_abs_reward: _builtins.float | None = ...,
         eligible: _builtins.str = ...,
         learn_at: Global___LearnAt.ValueType = ...,
+        context: Global___PlacementContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015
@@ -756,6 +762,41 @@ class Placement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__slots) -> _WhichOneofReturnType__slots | None: ...
 
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class PlacementContext(_message.Message):
+    """PlacementContext is what a Choose adds to the request's features before eligibility rules
+    and the model see them; the decision log keeps the values used.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    HISTORY_SECONDS_FIELD_NUMBER: _builtins.int
+    profile: _builtins.bool
+    """Merge the stored profile of the request's customer_id (ProfileService); the request wins
+    where both name a feature.
+    """
+    @_builtins.property
+    def history_seconds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Interaction-history windows in seconds (e.g. 604800 for 7 days): every arm gets this
+        customer's history.impressions_<w> and history.accepts_<w> of that offer per window, and
+        history.days_since_impression and history.days_since_accept.
+        """
+
+    def __init__(
+        self,
+        *,
+        profile: _builtins.bool = ...,
+        history_seconds: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history_seconds", b"history_seconds", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementContext: _TypeAlias = PlacementContext  # noqa: Y015
 
 @_typing.final
 class Rule(_message.Message):

@@ -74,6 +74,8 @@ def duration_fields(models: dict[str, type[BaseModel]] | None = None) -> set[tup
 
 def _as_duration(prop: dict[str, Any]) -> dict[str, Any]:
     keep = {k: v for k, v in prop.items() if k in ("default", "title")}
+    if prop.get("type") == "array":  # a list of durations (context.history)
+        return {**keep, "type": "array", "items": dict(DURATION)}
     if "anyOf" in prop:  # Duration | None
         branches = [b for b in prop["anyOf"] if b.get("type") not in ("number", "string")]
         return {**keep, "anyOf": [*DURATION["anyOf"], *branches], "description": DURATION["description"]}
