@@ -13,6 +13,14 @@ epoch time) travels in a top-level ``_nb`` object, which VW ignores. Lines witho
 by another tool in the same U/A convention) are decoded from ``c``; there a numeric feature
 ``"k=v": 1`` and the text feature ``k=v`` cannot be told apart, which VW cannot either.
 
+The context is the one the decision used (issue #30): ``U`` holds every shared feature the model
+saw, the stored profile's included, and each action in ``_multi`` its arm's features followed by
+that decision's own arm-level features (interaction history, ``history.impressions_7d``...), as
+the model saw them. Where they came from is ``_nb.extra.context`` (DecisionContext's JSON):
+``profile_keys`` names the shared features the profile gave (the others came with the request),
+``profile_as_of`` is that profile's time, ``arm_features`` the history features per arm (in
+``_nb.arms`` order); a decision whose features all came with the request has no ``context``.
+
 A line is read only if its probabilities can weigh a replay: ``_label_probability`` in (0, 1],
 every ``p`` (and pacing's "no offer" in ``_nb.pmf_extra``) in [0, 1], together summing to 1
 within ``PMF_TOLERANCE``, and the chosen action's ``p`` equal to ``_label_probability`` within
@@ -28,7 +36,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
-from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
+from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import ARM_NAMESPACE, SHARED_NAMESPACE, Feature, feature, feature_key, features_from_mapping
 
@@ -101,11 +109,7 @@ def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> 
         raise InvalidInput("decision", f"{d.event_id}: only closed decisions with a reward can be exported")
     chosen = d.chosen
     order = [chosen] + [i for i in range(len(d.arms)) if i != chosen]  # VW: the chosen action first
-    multi = []
-    for arm_id, version in d.arms:
-        feats = features_from_mapping(arm_features.get((arm_id, version), {}))
-        pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
-        multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
+    multi = _multi(d, arm_features)
     context = f'{{"{SHARED_NAMESPACE}":{_object(_pairs(d.features))},"_multi":[{",".join(multi)}]}}'
     exact = {
         "v": FORMAT_VERSION,
@@ -119,7 +123,7 @@ def to_dsjson(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> 
         "features": [list(f) for f in d.features],
         "arms": [[a, v, dict(arm_features.get((a, v), {}))] for a, v in d.arms],
         "pmf_extra": list(d.pmf[len(d.arms) :]),  # pacing's "no offer", which is not an action in c
-        "extra": {f.name: _plain(getattr(d, f.name)) for f in fields(d) if f.name not in _CORE_FIELDS},
+        "extra": {f.name: _plain(getattr(d, f.name)) for f in fields(d) if f.name not in _CORE_FIELDS and _kept(d, f.name)},
     }
     head = {
         "_label_cost": -d.reward,
@@ -147,11 +151,7 @@ def to_ccb_dsjson(slots: Sequence[LoggedDecision], arm_features: Mapping[ArmKey,
     if first.slot != 0 or any(d.chosen is None or d.reward is None for d in slots):
         raise InvalidInput("decision", f"{first.event_id}: only events whose every slot is closed can be exported")
     index = {arm: i for i, (arm, _) in enumerate(first.arms)}
-    multi = []
-    for arm_id, version in first.arms:
-        feats = features_from_mapping(arm_features.get((arm_id, version), {}))
-        pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
-        multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
+    multi = _multi(first, arm_features)
     shared = [f for f in first.features if f[0] != "slot"]
     slot_objs, outcomes = [], []
     for d in slots:
@@ -170,6 +170,22 @@ def to_ccb_dsjson(slots: Sequence[LoggedDecision], arm_features: Mapping[ArmKey,
     context = f'{{"{SHARED_NAMESPACE}":{_object(_pairs(shared))},"_multi":[{",".join(multi)}],"_slots":[{",".join(slot_objs)}]}}'
     head = {"Timestamp": iso_time(first.timestamp), "Version": "1", "EventId": first.event_id}
     return json.dumps(head)[:-1] + f',"c":{context},"_outcomes":{json.dumps(outcomes)}}}'
+
+
+def _multi(d: LoggedDecision, arm_features: Mapping[ArmKey, ArmFeatures]) -> list[str]:
+    """The ``_multi`` actions of a decision's arms: each arm's id and features, then the
+    decision's own features of that arm (its context's, e.g. interaction history)."""
+    own = d.context.arm_features if d.context is not None and any(d.context.arm_features) else ()
+    if own and len(own) != len(d.arms):
+        raise InvalidInput("decision", f"{d.event_id}: context has arm features for {len(own)} arms, the decision {len(d.arms)}")
+    multi = []
+    for i, (arm_id, version) in enumerate(d.arms):
+        feats = features_from_mapping(arm_features.get((arm_id, version), {}))
+        pairs = [(f"arm={arm_id.translate(_VW_SPECIAL)}", 1), *_pairs(feats)]
+        if own:
+            pairs += _pairs(own[i])
+        multi.append(f'{{"{ARM_NAMESPACE}":{_object(pairs)}}}')
+    return multi
 
 
 def from_dsjson(line: str) -> tuple[LoggedDecision, dict[ArmKey, dict[str, float | str | bool]]]:
@@ -273,14 +289,22 @@ def _decode(obj: dict[str, Any]) -> tuple[LoggedDecision, dict[ArmKey, dict[str,
     return decision, arm_features
 
 
+def _kept(d: LoggedDecision, name: str) -> bool:
+    """Whether ``_nb.extra`` carries a field: a decision without a context (its features all
+    came with the request) is written as before contexts were logged."""
+    return name != "context" or (d.context is not None and not d.context.empty)
+
+
 def _plain(value: Any) -> Any:
-    """A log field as JSON: the explanation in its stored form, anything else as it is."""
-    return value.to_json() if isinstance(value, Explanation) else value
+    """A log field as JSON: the explanation and the context in their stored form, anything else as it is."""
+    return value.to_json() if isinstance(value, Explanation | DecisionContext) else value
 
 
 def _from_plain(name: str, value: Any) -> Any:
     if name == "explanation":
         return Explanation.from_json(value) if isinstance(value, dict) else None
+    if name == "context":
+        return DecisionContext.from_json(value) if isinstance(value, dict) else None
     return _tuples(value)
 
 

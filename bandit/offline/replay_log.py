@@ -42,6 +42,10 @@ class ReplayLog:
     contexts: Sequence[Sequence[Sequence[Any]]] | None = None  # the context as logged ([ns, name, value] lists), or features
     set_ids: IntArray | None = None  # per event: which of ``sets`` its arms are (a log has few arm sets)
     sets: Sequence[Sequence[int]] = ()  # arm sets, as indices into ``arms``
+    # Per event, None or the decision's own arm-level features as logged (its DecisionContext's
+    # ``arm_features``: per arm, [namespace, name, value] rows, e.g. interaction history), which
+    # the model saw after the arm's own features; None for a log without any.
+    event_arm_features: Sequence[Sequence[Sequence[Sequence[Any]]] | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.event_ids)
@@ -55,6 +59,8 @@ class ReplayLog:
             raise InvalidInput("log", "one feature tuple per event is required")
         if self.contexts is not None and len(self.contexts) != n:
             raise InvalidInput("log", "one context line per event is required")
+        if self.event_arm_features is not None and len(self.event_arm_features) != n:
+            raise InvalidInput("log", "one entry of decision-time arm features per event is required")
 
     @property
     def n(self) -> int:
@@ -86,6 +92,7 @@ class ReplayLog:
         pmfs: Sequence[Sequence[float]],
         features: Sequence[tuple[Feature, ...]] | None = None,
         arm_features: Mapping[ArmKey, tuple[Feature, ...]] | None = None,
+        event_arm_features: Sequence[Sequence[Sequence[Sequence[Any]]] | None] | None = None,
     ) -> ReplayLog:
         """Columns from plain rows. Identical arm lists (the same object) are coded once."""
         distinct: dict[int, int] = {}
@@ -110,6 +117,7 @@ class ReplayLog:
             np.fromiter(map(len, pmfs), np.int64, n),
             features=features,
             arm_features=arm_features,
+            event_arm_features=event_arm_features,
         )
 
     @classmethod
@@ -127,6 +135,7 @@ class ReplayLog:
         features: Sequence[tuple[Feature, ...]] | None = None,
         arm_features: Mapping[ArmKey, tuple[Feature, ...]] | None = None,
         contexts: Sequence[Sequence[Sequence[Any]]] | None = None,
+        event_arm_features: Sequence[Sequence[Sequence[Sequence[Any]]] | None] | None = None,
     ) -> ReplayLog:
         """Columns in bulk: event ``i``'s arms are ``lists[list_ids[i]]`` (the few distinct arm
         sets of a log, each ``(arm id, version)`` pairs), its PMF the next ``pmf_sizes[i]``
@@ -171,6 +180,7 @@ class ReplayLog:
             contexts=contexts,
             set_ids=list_ids,
             sets=coded,
+            event_arm_features=event_arm_features,
         )
 
     @classmethod
@@ -180,6 +190,7 @@ class ReplayLog:
         """The closed decisions (an arm and a reward, or pacing's "no offer") among ``decisions``,
         in their given order."""
         rows = [d for d in decisions if (d.chosen is not None and d.reward is not None) or paced_no_offer(d)]
+        own = [d.context.arm_features if d.context is not None and any(d.context.arm_features) else None for d in rows]
         return cls.build(
             [d.event_id for d in rows],
             [d.timestamp for d in rows],
@@ -190,6 +201,7 @@ class ReplayLog:
             [d.pmf for d in rows],
             features=[d.features for d in rows],
             arm_features={k: features_from_mapping(v) for k, v in (arm_features or {}).items()},
+            event_arm_features=own if any(own) else None,
         )
 
     def missing_arm_features(self) -> list[ArmKey]:
@@ -206,7 +218,9 @@ class ReplayLog:
         without an offer are unlabelled: VW predicts on them and learns nothing).
 
         The arm lines around the chosen one are joined once per arm set and chosen position, not
-        per event: only the context and the label differ from one event to the next."""
+        per event: only the context and the label differ from one event to the next, except for
+        a decision that logged arm features of its own (interaction history, issue #30), whose
+        arm lines are made for it: each arm's features, then that decision's."""
         if self.contexts is not None:  # as logged: VW text is made only here, for VW and DR
             contexts = list(map(shared_line_of_rows, self.contexts))
         elif self.features is not None:
@@ -221,22 +235,46 @@ class ReplayLog:
             set_ids, sets = list(range(self.n)), [codes[offsets[i] : offsets[i + 1]] for i in range(self.n)]
         blocks: dict[tuple[int, int], tuple[str, str]] = {}
         chosen, rewards, probs = self.chosen.tolist(), self.rewards.tolist(), self.logged_prob.tolist()
+        own = self.event_arm_features
         out = []
         for i, context in enumerate(contexts):
             c = chosen[i]
-            block = blocks.get((set_ids[i], c))
-            if block is None:
-                arms = [lines[k] for k in sets[set_ids[i]]]
-                if c < 0:
-                    block = ("\n".join(arms), "")
-                else:
-                    block = ("".join(a + "\n" for a in arms[:c]), "\n".join(arms[c:]))
-                blocks[(set_ids[i], c)] = block
+            extra = own[i] if own is not None else None
+            if extra:  # this decision's own arm features (history): its arm lines are its own
+                block = _block(self._own_arm_lines(i, sets[set_ids[i]], extra), c)
+            else:
+                cached = blocks.get((set_ids[i], c))
+                if cached is None:
+                    cached = blocks[(set_ids[i], c)] = _block([lines[k] for k in sets[set_ids[i]]], c)
+                block = cached
             if c < 0:
                 out.append(f"{context}\n{block[0]}")
             else:
                 out.append(f"{context}\n{block[0]}0:{-rewards[i]!r}:{probs[i]!r} {block[1]}")
         return out
+
+    def _own_arm_lines(self, i: int, codes: Sequence[int], extra: Sequence[Sequence[Sequence[Any]]]) -> list[str]:
+        """Event ``i``'s arm lines as the model saw them at decision time: each arm's own
+        features, then the decision's arm-level features of that arm (``extra``, as logged)."""
+        if len(extra) != len(codes):
+            raise InvalidInput("log", f"event {self.event_ids[i]}: decision-time arm features for {len(extra)} arms, it has {len(codes)}")
+        lines = []
+        for k, rows in zip(codes, extra, strict=True):
+            key = self.arms[k]
+            feats = (
+                *self.arm_features.get(key, ()),
+                *((str(ns), str(name), v if isinstance(v, str) else float(v)) for ns, name, v in rows),
+            )
+            lines.append(arm_line(key[0], feats))
+        return lines
+
+
+def _block(arms: Sequence[str], c: int) -> tuple[str, str]:
+    """An event's arm lines around its label: those before the chosen arm (each ending in a
+    newline) and the chosen one with those after it; all in the first if nothing was chosen."""
+    if c < 0:
+        return ("\n".join(arms), "")
+    return ("".join(a + "\n" for a in arms[:c]), "\n".join(arms[c:]))
 
 
 def missing_arm_features_warning(missing: Iterable[ArmKey]) -> tuple[str, ...]:

@@ -60,6 +60,7 @@ class _Columns:
         "extra_at",
         "lines",
         "list_ids",
+        "own",
         "probs",
         "sizes",
         "times",
@@ -74,6 +75,7 @@ class _Columns:
         self.extra: list[float] = []  # pacing's "no offer" probability, per line that has one
         self.extra_at: list[int] = []  # ... and its line's position in the chunk
         self.contexts: list[Any] = []  # features as logged, with features only
+        self.own: list[Any] = []  # ... and the decision's own arm features (history) as logged, or None
 
     def appenders(self) -> tuple[Callable[[Any], None], ...]:
         """The loop's bound methods (a local name is faster than an attribute, once per line):
@@ -96,7 +98,7 @@ class _Columns:
         """Back to its first ``n`` lines (``slots`` actions): a line the fast path left half appended."""
         for col in (self.lines, self.chosen, self.list_ids, self.sizes, self.times, self.costs, self.probs):
             del col[n:]
-        del self.event_ids[n:], self.actions[slots:], self.values[slots:], self.contexts[n:]
+        del self.event_ids[n:], self.actions[slots:], self.values[slots:], self.contexts[n:], self.own[n:]
 
 
 class DsjsonReader:
@@ -195,7 +197,11 @@ class DsjsonReader:
                     if len(values) != k or arm_count != k or not k or len(extra) > 1:
                         raise ValueError("sizes")  # the full decoder names what is wrong
                     no_offer = float(extra[0]) if extra else 0.0
-                    context = nb["features"] if with_features else None
+                    context = own = None
+                    if with_features:
+                        context = nb["features"]
+                        used = (nb.get("extra") or {}).get("context")  # the decision's context, if not the request's alone
+                        own = used.get("arm_features") if used else None
                     # Typed arrays take only numbers (integers for "a" and the label's index):
                     # anything else raises here, and the full decoder reads the line.
                     a_extend(actions)
@@ -228,6 +234,7 @@ class DsjsonReader:
                         cols.extra_at.append(count)
                     if with_features:
                         cols.contexts.append(context)
+                        cols.own.append(own or None)
                     count += 1
                     slots += k
                     if ordered:
@@ -268,6 +275,7 @@ class DsjsonReader:
         values: list[float],
         extra: list[float],
         features: tuple[Feature, ...] | None,
+        own: tuple[tuple[Feature, ...], ...] | None = None,
     ) -> None:
         """What the loop of ``chunks`` appends, for a line the slow path read."""
         if self.time_order:
@@ -290,6 +298,7 @@ class DsjsonReader:
         cols.values.extend(values)
         if features is not None:
             cols.contexts.append([list(f) for f in features])
+            cols.own.append(own or None)
 
     def _read_slowly(self, number: int, line: bytes, obj: Any, cols: _Columns) -> bool:
         """The full decoder: another tool's lines, and the exact error for a bad one. True if
@@ -315,7 +324,8 @@ class DsjsonReader:
         if list_id is None:
             list_id = self._new_arm_set(key, None)
         features = dec.features if self.with_features else None
-        self._append(cols, number, *_fields(dec), list_id, *_actions(dec), features)
+        own = dec.context.arm_features if self.with_features and dec.context is not None and any(dec.context.arm_features) else None
+        self._append(cols, number, *_fields(dec), list_id, *_actions(dec), features, own)
         return True
 
     def _new_arm_set(self, key: tuple[tuple[str, ...], tuple[int, ...]], feats: tuple[Any, ...] | None) -> int:
@@ -369,6 +379,7 @@ class DsjsonReader:
             pmf_sizes,
             arm_features=self.arm_features,
             contexts=cols.contexts if self.with_features else None,
+            event_arm_features=cols.own if self.with_features and any(cols.own) else None,
         )
 
     def _check(

@@ -2,7 +2,10 @@
 
 The database path reads only the columns a policy needs and decodes the JSON columns in
 bulk, because a replay of a few million events must not take longer than the evaluation;
-the context features are read only when a VW policy or the DR reward model needs them.
+the context features are read only when a VW policy or the DR reward model needs them. They
+are the context as used (issue #30): the logged features include the stored profile's values
+of decision time, and a decision's own arm features (interaction history, in its ``context``
+column) go on its arm lines, so replay never sees today's profile or history.
 """
 
 from __future__ import annotations
@@ -149,8 +152,8 @@ def _replay_query(placement: str, since: float | None, until: float | None, with
         cast(d.arms, Text),
         cast(d.pmf, Text),
     ]
-    if with_features:
-        cols.append(cast(d.features, Text))
+    if with_features:  # the context as used: the features, and each arm's of that decision (history)
+        cols += [cast(d.features, Text), cast(d.context, Text)]
     return select(*cols).where(*_where(placement, since, until, no_offer=True)).order_by(d.created_at, d.event_id, d.slot)
 
 
@@ -205,9 +208,10 @@ def _replay_chunk(rows: Sequence[Any], arm_features: Mapping[ArmKey, tuple[Featu
     lists: list[list[Any]] = orjson.loads("[" + ",".join(distinct) + "]")
     pmf, pmf_sizes = _numbers(pmf_texts)
     chosen = np.fromiter(chosen_col, np.int64, n)
-    contexts = None
+    contexts = own = None
     if with_features:  # kept as logged: VW's text is made of them when it is needed
         contexts = orjson.loads("[" + ",".join(more[0]) + "]")
+        own = _own_arm_features(more[1])
     # A decision without an arm is pacing's "no offer" only if its PMF has that extra entry.
     sizes = np.fromiter(map(len, lists), np.int64, len(lists))[list_ids]
     keep = (chosen >= 0) | (pmf_sizes == sizes + 1)
@@ -216,13 +220,40 @@ def _replay_chunk(rows: Sequence[Any], arm_features: Mapping[ArmKey, tuple[Featu
         idx = np.flatnonzero(keep).tolist()
         event_ids = [event_ids[i] for i in idx]
         contexts = None if contexts is None else [contexts[i] for i in idx]
+        own = None if own is None else [own[i] for i in idx]
         pmf = pmf[np.repeat(keep, pmf_sizes)]
         times, values, probabilities, chosen, list_ids, pmf_sizes = (
             c[keep] for c in (times, values, probabilities, chosen, list_ids, pmf_sizes)
         )
     return ReplayLog.from_columns(
-        event_ids, times, values, probabilities, chosen, list_ids, lists, pmf, pmf_sizes, arm_features=arm_features, contexts=contexts
+        event_ids,
+        times,
+        values,
+        probabilities,
+        chosen,
+        list_ids,
+        lists,
+        pmf,
+        pmf_sizes,
+        arm_features=arm_features,
+        contexts=contexts,
+        event_arm_features=own,
     )
+
+
+def _own_arm_features(texts: Sequence[str | None]) -> list[Any] | None:
+    """Each row's logged arm features of its own (the ``context`` column's ``arm_features``,
+    interaction history), or None for a chunk without any: a NULL context is not parsed, and
+    a log without contexts costs one pass over the column."""
+    if not any(texts):
+        return None
+    at = [i for i, text in enumerate(texts) if text]
+    parsed: list[Any] = orjson.loads("[" + ",".join([text for text in texts if text]) + "]")
+    out: list[Any] = [None] * len(texts)
+    for i, ctx in zip(at, parsed, strict=True):
+        if isinstance(ctx, dict):  # a JSON null is no context
+            out[i] = ctx.get("arm_features") or None
+    return out if any(out) else None
 
 
 def _driver_rows(conn: Connection, stmt: Any, chunk: int) -> Generator[list[tuple[Any, ...]], None, None]:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from vowpalwabbit import Workspace
 
-from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
+from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDecision, Outcome
 from nextbest.bandit.errors import InvalidInput, Unavailable
 from nextbest.bandit.features import arm_line, feature, features_from_mapping, shared_line
 from nextbest.bandit.offline.dsjson import from_dsjson, to_dsjson
@@ -164,6 +164,13 @@ def test_dsjson_round_trip_is_exact() -> None:
     assert json.loads(to_dsjson(paced, ARM_FEATURES))["p"] == [0.3, 0.1, 0.2]
     explained = replace(d, explanation=Explanation("squarecb", 10.0, 2.0, (0.1, 0.2, 0.3), (0.0, 0.5, 0.0)))
     assert from_dsjson(to_dsjson(explained, ARM_FEATURES))[0] == explained  # "why this offer" survives export
+    assert "context" not in json.loads(to_dsjson(d, ARM_FEATURES))["_nb"]["extra"]  # no context: written as before
+    history = tuple((feature("history", "impressions_7d", float(j)), feature("history", "days_since_accept", 2.5)) for j in range(3))
+    used = replace(d, context=DecisionContext(1.69e9 + 0.25, ("customer.segment",), history))  # profile and history, point in time
+    assert from_dsjson(to_dsjson(used, ARM_FEATURES))[0] == used
+    line = json.loads(to_dsjson(used, ARM_FEATURES))
+    assert line["c"]["_multi"][2]["A"] == {"arm=c": 1, "category=tv_1": 1, "history.impressions_7d": 2.0, "history.days_since_accept": 2.5}
+    assert line["_nb"]["extra"]["context"]["profile_keys"] == ["customer.segment"]  # the features' source
 
 
 def test_paced_logs_keep_no_offer_apart_and_say_so() -> None:
