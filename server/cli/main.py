@@ -256,7 +256,27 @@ def explain_table(r: decision_pb2.ExplainResponse) -> str:
             )
         else:
             lines.append(f"{mark} {a.arm_id:<24}{a.probability:>8.4f}" + (f"  {a.reason}" if a.reason else ""))  # the fallback says so
-    return "\n".join(lines)
+    return "\n".join(lines + _explained_features(r))
+
+
+def _explained_features(r: decision_pb2.ExplainResponse) -> list[str]:
+    """The features the decision used with their source, and each arm's history, as logged."""
+
+    def text(f: Any) -> str:
+        name = f"{f.namespace}.{f.name}" if f.namespace else f.name
+        return f"{name}={f.text}" if f.WhichOneof("value") == "text" else f"{name}={f.number:g}"
+
+    out: list[str] = []
+    if r.features:
+        as_of = f" (profile as of {r.profile_as_of.ToDatetime():%Y-%m-%d %H:%M:%S} UTC)" if r.HasField("profile_as_of") else ""
+        out += ["", f"features used{as_of}:"]
+        source = {decision_pb2.FEATURE_SOURCE_PROFILE: "profile", decision_pb2.FEATURE_SOURCE_HISTORY: "history"}
+        out += [f"  {text(f.feature):<48}{source.get(f.source, 'request')}" for f in r.features]
+    history = [(a.arm_id, a.history) for a in r.arms if a.history]
+    if history:
+        out += ["", "history per arm (source: history):"]
+        out += [f"  {arm:<24}" + " ".join(text(f).removeprefix("history.") for f in fs) for arm, fs in history]
+    return out
 
 
 def _explain(args: argparse.Namespace) -> int:

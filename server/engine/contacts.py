@@ -37,10 +37,16 @@ class Contacts:
         self.history = ContactHistory(0.0)
 
     def impression(self, r: RecentImpression) -> Impression:
-        """A stored impression as contact rules read it (responded: None while its window is open)."""
+        """A stored impression as contact rules and history features read it. responded: None while
+        its window is open without a reward; a first reward recorded on the open row already
+        answers it (reward > 0), as this server's memory does at the Reward (windows.py), so
+        that the two agree before the window closes."""
         ps = self._states.get(r.placement)
         campaign = ps.arm_campaigns.get(r.arm_id) if ps else None
-        responded = None if r.outcome == Outcome.OPEN else (r.outcome == Outcome.REWARD and (r.reward or 0) > 0)
+        if r.outcome == Outcome.OPEN:
+            responded = None if r.reward is None else r.reward > 0
+        else:
+            responded = r.outcome == Outcome.REWARD and (r.reward or 0) > 0
         return Impression(r.at, r.arm_id, campaign, r.placement, r.event_id, responded)
 
     async def rebuild(self) -> None:

@@ -83,6 +83,14 @@ def features_pb(values: dict[str, float | str | bool]) -> list[common_pb2.Featur
     return out
 
 
+def feature_pb(f: Feature) -> common_pb2.Feature:
+    """One logged feature as the API writes it."""
+    ns, name, v = f
+    if isinstance(v, str):
+        return common_pb2.Feature(namespace=ns, name=name, text=v)
+    return common_pb2.Feature(namespace=ns, name=name, number=v)
+
+
 _SCOPES = {
     admin_pb2.CONTACT_SCOPE_UNSPECIFIED: "customer_arm",
     admin_pb2.CONTACT_SCOPE_CUSTOMER_ARM: "customer_arm",

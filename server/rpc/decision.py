@@ -6,12 +6,15 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from nextbest.bandit.decision_log import DecisionContext
+from nextbest.bandit.features import Feature, feature_key
 from nextbest.engine.chooser import Chooser
 from nextbest.engine.explainer import Explained, Explainer
 from nextbest.engine.reward_batch import RewardBatch
 from nextbest.engine.reward_policy import ActivateStatus, RewardStatus
 from nextbest.engine.windows import RewardWindows
 from nextbest.rpc import convert
+from nextbest.rpc.convert import feature_pb
 from nextbest.rpc.errors import message_of, rpc, status_for
 from nextbest.telemetry.metrics import Metrics
 from nextbest.v1 import decision_pb2, decision_pb2_grpc
@@ -91,7 +94,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
 
 def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
-    d, e = x.decision, x.decision.explanation
+    d, e, c = x.decision, x.decision.explanation, x.decision.context
+    # Each logged arm's history features, by arm id (the log keeps them in the arms' order).
+    history = dict(zip((a for a, _ in d.arms), c.arm_features, strict=False)) if c is not None and c.arm_features else {}
     r = decision_pb2.ExplainResponse(
         event_id=d.event_id,
         placement=d.placement,
@@ -117,9 +122,19 @@ def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
                 fatigue_penalty=a.fatigue_penalty,
                 value=a.value,
                 probability=a.probability,
+                history=[feature_pb(f) for f in history.get(a.arm_id, ())],
             )
             for a in x.arms
         ],
+        features=[decision_pb2.ExplainedFeature(feature=feature_pb(f), source=_source(c, f)) for f in d.features],
     )
     r.decided_at.FromNanoseconds(int(d.timestamp * 1e9))
+    if c is not None and c.profile_as_of is not None:
+        r.profile_as_of.FromNanoseconds(int(c.profile_as_of * 1e9))
     return r
+
+
+def _source(c: DecisionContext | None, f: Feature) -> decision_pb2.FeatureSource.ValueType:
+    if c is not None and c.source_of(feature_key(f)) == "profile":
+        return decision_pb2.FEATURE_SOURCE_PROFILE
+    return decision_pb2.FEATURE_SOURCE_REQUEST

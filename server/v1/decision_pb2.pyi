@@ -89,6 +89,34 @@ ACTIVATE_STATUS_EXPIRED: ActivateStatus.ValueType  # 3
 """Its activation window had passed: it was dropped and will never be learned."""
 Global___ActivateStatus: _TypeAlias = ActivateStatus  # noqa: Y015
 
+class _FeatureSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeatureSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeatureSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEATURE_SOURCE_UNSPECIFIED: _FeatureSource.ValueType  # 0
+    """Not recorded."""
+    FEATURE_SOURCE_REQUEST: _FeatureSource.ValueType  # 1
+    """The ChooseRequest."""
+    FEATURE_SOURCE_PROFILE: _FeatureSource.ValueType  # 2
+    """The customer's stored profile (ProfileService, `nextbest profiles load`)."""
+    FEATURE_SOURCE_HISTORY: _FeatureSource.ValueType  # 3
+    """The customer's interaction history with an arm (ArmExplanation.history)."""
+
+class FeatureSource(_FeatureSource, metaclass=_FeatureSourceEnumTypeWrapper):
+    """FeatureSource says where a feature of a decision came from."""
+
+FEATURE_SOURCE_UNSPECIFIED: FeatureSource.ValueType  # 0
+"""Not recorded."""
+FEATURE_SOURCE_REQUEST: FeatureSource.ValueType  # 1
+"""The ChooseRequest."""
+FEATURE_SOURCE_PROFILE: FeatureSource.ValueType  # 2
+"""The customer's stored profile (ProfileService, `nextbest profiles load`)."""
+FEATURE_SOURCE_HISTORY: FeatureSource.ValueType  # 3
+"""The customer's interaction history with an arm (ArmExplanation.history)."""
+Global___FeatureSource: _TypeAlias = FeatureSource  # noqa: Y015
+
 @_typing.final
 class SlotFeatures(_message.Message):
     """SlotFeatures are features of one slot of a multi-slot placement (position, size)."""
@@ -480,6 +508,7 @@ class ArmExplanation(_message.Message):
     FATIGUE_PENALTY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     PROBABILITY_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     arm_id: _builtins.str
     """The arm."""
     eligible: _builtins.bool
@@ -500,6 +529,12 @@ class ArmExplanation(_message.Message):
     """The adjusted value exploration saw (before dividing by reward_scale)."""
     probability: _builtins.float
     """The final probability of the arm; 0 for ineligible arms."""
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Feature]:
+        """This customer's interaction history of the arm as the decision used it (placements with
+        context.history; namespace "history"), for eligible arms.
+        """
+
     def __init__(
         self,
         *,
@@ -512,14 +547,43 @@ class ArmExplanation(_message.Message):
         fatigue_penalty: _builtins.float = ...,
         value: _builtins.float = ...,
         probability: _builtins.float = ...,
+        history: _abc.Iterable[_common_pb2.Feature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "business_value", b"business_value", "eligible", b"eligible", "expected_reward", b"expected_reward", "fatigue_penalty", b"fatigue_penalty", "pacing_cost", b"pacing_cost", "probability", b"probability", "reason", b"reason", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "business_value", b"business_value", "eligible", b"eligible", "expected_reward", b"expected_reward", "fatigue_penalty", b"fatigue_penalty", "history", b"history", "pacing_cost", b"pacing_cost", "probability", b"probability", "reason", b"reason", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArmExplanation: _TypeAlias = ArmExplanation  # noqa: Y015
+
+@_typing.final
+class ExplainedFeature(_message.Message):
+    """ExplainedFeature is one context feature a decision used, with its source."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    source: Global___FeatureSource.ValueType
+    """Where it came from."""
+    @_builtins.property
+    def feature(self) -> _common_pb2.Feature:
+        """The feature as the model saw it."""
+
+    def __init__(
+        self,
+        *,
+        feature: _common_pb2.Feature | None = ...,
+        source: Global___FeatureSource.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainedFeature: _TypeAlias = ExplainedFeature  # noqa: Y015
 
 @_typing.final
 class ExplainResponse(_message.Message):
@@ -542,6 +606,8 @@ class ExplainResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
     SCORED_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    PROFILE_AS_OF_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The decision's event id."""
     placement: _builtins.str
@@ -580,6 +646,16 @@ class ExplainResponse(_message.Message):
     def decided_at(self) -> _timestamp_pb2.Timestamp:
         """When the decision was made."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExplainedFeature]:
+        """The context features the decision used (shared by all arms), each with its source: the
+        request's, then those the stored profile added. Values as logged at decision time.
+        """
+
+    @_builtins.property
+    def profile_as_of(self) -> _timestamp_pb2.Timestamp:
+        """As of when the profile used was (its source's time); unset when no profile was used."""
+
     def __init__(
         self,
         *,
@@ -598,10 +674,12 @@ class ExplainResponse(_message.Message):
         reason: _builtins.str = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
         scored: _builtins.bool = ...,
+        features: _abc.Iterable[Global___ExplainedFeature] | None = ...,
+        profile_as_of: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "profile_as_of", b"profile_as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "arms", b"arms", "decided_at", b"decided_at", "event_id", b"event_id", "exploration_parameter", b"exploration_parameter", "model_version", b"model_version", "no_offer_probability", b"no_offer_probability", "placement", b"placement", "policy", b"policy", "probability", b"probability", "reason", b"reason", "reward_scale", b"reward_scale", "scored", b"scored", "slot", b"slot", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "arms", b"arms", "decided_at", b"decided_at", "event_id", b"event_id", "exploration_parameter", b"exploration_parameter", "features", b"features", "model_version", b"model_version", "no_offer_probability", b"no_offer_probability", "placement", b"placement", "policy", b"policy", "probability", b"probability", "profile_as_of", b"profile_as_of", "reason", b"reason", "reward_scale", b"reward_scale", "scored", b"scored", "slot", b"slot", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
