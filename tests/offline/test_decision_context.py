@@ -368,3 +368,46 @@ def test_streaming_replay_with_contexts_equals_the_in_memory_one(url: str) -> No
     assert [(r.policy, r.estimate.estimator) for r in chunked.results] == [(r.policy, r.estimate.estimator) for r in whole.results]
     for a, b in zip(chunked.results, whole.results, strict=True):
         assert a.estimate.value == pytest.approx(b.estimate.value, rel=1e-9, abs=1e-9), (a.policy, a.estimate.estimator)
+
+
+def test_replay_sees_the_examples_the_server_learned(tmp_path: Path) -> None:
+    """Decisions made by the engine with history features: replay from the log builds, event for
+    event, the shared line and the arm lines the online learner learned (history included)."""
+    from nextbest.bandit.features import shared_line
+    from tests import envs
+    from tests.harness import FakeClock, engine_on, run_async
+
+    db = f"sqlite:///{tmp_path}/nb.db"
+    learned: list[tuple[str, list[str], int]] = []
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with engine_on(db, clock) as e:
+            await e.config.apply([envs.placement("p", context={"history": ["7d"]}, learn_at="reward")])
+            model = e.states["p"].models[""].model
+            learn = model.learn
+
+            def spy(shared: str, arms: list[str], chosen: int, reward: float) -> None:
+                learned.append((shared, list(arms), chosen))
+                learn(shared, arms, chosen, reward)
+
+            model.learn = spy  # type: ignore[method-assign]
+            for i in range(12):
+                d = (await e.chooser.choose("p", f"c{i % 3}", "", [feature("customer", "segment", ("gold", "silver")[i % 2])]))[0]
+                assert d.context is not None and any(d.context.arm_features)
+                clock.advance(60.0)
+                await e.windows.reward(d.event_id, float(i % 2))
+                await e.writer.flush()
+                await e.learner.catch_up("p")
+            clock.advance(100 * 86400.0)
+            await e.windows.sweep()  # the windows close with their rewards: the decisions replay
+            await e.writer.flush()
+
+    run_async(body)
+    log = read_replay_log(db, "p", with_features=True)
+    assert log.n == len(learned) == 12
+    for text, (shared, arms, chosen) in zip(log.vw_texts, learned, strict=True):
+        assert text.split("\n")[0] == shared
+        assert _arm_lines(text) == arms
+        assert "history.impressions_7d" in arms[chosen]
+    assert shared_line(()) != learned[0][0]  # the request's features are there too
