@@ -33,6 +33,7 @@ SERVER_DEPENDENCIES = frozenset(
         "pydantic_settings",
         "grpc_health",
         "grpc_reflection",
+        "pyarrow",
     }
 )
 
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nextbest.cli.simulate import add_commands as simulation_commands
 
     simulation_commands(sub)
+    from nextbest.cli.profiles import add_commands as profile_commands
+
+    profile_commands(sub)
     from nextbest.bench.main import add_commands as bench_commands
 
     bench_commands(sub)
