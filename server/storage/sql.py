@@ -43,6 +43,7 @@ from nextbest.storage.base import (
 )
 from nextbest.storage.contacts import ContactQueries
 from nextbest.storage.coordination import Coordination
+from nextbest.storage.profiles import ProfileQueries
 from nextbest.storage.secrets import Secrets
 from nextbest.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
 from nextbest.storage.tallies import StatsQueries
@@ -67,7 +68,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class SqlStore(Coordination, StatsQueries, ContactQueries, Secrets):
+class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Secrets):
     """Store on any SQLAlchemy URL; the schema is created or migrated to head on opening."""
 
     def __init__(self, url: str) -> None:
