@@ -17,22 +17,25 @@ from grpc_reflection.v1alpha import reflection
 
 from nextbest.config.files import load_apply_file
 from nextbest.engine.engine import Engine
+from nextbest.engine.profile_handler import ProfileHandler
 from nextbest.rpc import tls
 from nextbest.rpc.admin import AdminServicer
 from nextbest.rpc.auth import AuthInterceptor, load_tokens
 from nextbest.rpc.decision import DecisionServicer
 from nextbest.rpc.overload import OverloadInterceptor
+from nextbest.rpc.profiles import ProfileServicer
 from nextbest.rpc.wrapping import RegisterWrapped
 from nextbest.settings import Settings
 from nextbest.storage.sql import open_store
 from nextbest.telemetry import gc_pauses as collector
-from nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc
+from nextbest.v1 import admin_pb2, admin_pb2_grpc, decision_pb2, decision_pb2_grpc, profile_pb2, profile_pb2_grpc
 
 log = logging.getLogger("nextbest")
 
 SERVICES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
 )
 
 
@@ -103,6 +106,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics), target
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(ProfileHandler(store, settings, engine.clock)), target)
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), target
     )

@@ -19,7 +19,8 @@ from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 from nextbest.config.plans import Change
 from nextbest.rpc import convert
 from nextbest.rpc.auth import BearerToken
-from nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc
+from nextbest.storage.base import Erased, Profile, ProfilesPut
+from nextbest.v1 import admin_pb2, admin_pb2_grpc, common_pb2, decision_pb2, decision_pb2_grpc, profile_pb2, profile_pb2_grpc
 
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
@@ -36,6 +37,7 @@ _ACTIVATE_STATUS = {
 }
 
 FeaturesLike = Mapping[str, Any] | Iterable[common_pb2.Feature]
+ProfileLike = Profile | profile_pb2.Profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,7 @@ class NextbestClient:
         self._channel = channel
         self._decision = decision_pb2_grpc.DecisionServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._profiles = profile_pb2_grpc.ProfileServiceStub(self._channel)
         self.timeout = timeout
 
     def __enter__(self) -> NextbestClient:
@@ -200,6 +203,29 @@ class NextbestClient:
 
     def placements(self) -> list[admin_pb2.Placement]:
         return list(self._admin.ListPlacements(admin_pb2.ListPlacementsRequest(), timeout=self.timeout).placements)
+
+    def put_profiles(self, profiles: Iterable[ProfileLike]) -> ProfilesPut:
+        """Store customer profiles in one call (at most the server's max_profile_batch), all or
+        nothing; returns how many were stored and how many were stale (older than the stored
+        profile, by ``as_of``: they changed nothing). Each is a Profile (nextbest.storage.base) or a
+        profile_pb2.Profile."""
+        msgs = [p if isinstance(p, profile_pb2.Profile) else convert.profile_pb(p) for p in profiles]
+        r = self._profiles.PutProfiles(profile_pb2.PutProfilesRequest(profiles=msgs), timeout=self.timeout)
+        return ProfilesPut(stored=int(r.stored), stale=int(r.stale))
+
+    def get_profile(self, customer_id: str) -> Profile:
+        """The customer's stored profile; NOT_FOUND (grpc.RpcError) when none or expired."""
+        r = self._profiles.GetProfile(profile_pb2.GetProfileRequest(customer_id=customer_id), timeout=self.timeout)
+        return convert.profile(r.profile, 0.0)
+
+    def delete_profile(self, customer_id: str, erase_decisions: bool = False) -> Erased:
+        """Delete the customer's profile; with ``erase_decisions`` also their contact history and
+        the customer id, features and context of their logged decisions. Returns what was
+        removed or blanked."""
+        r = self._profiles.DeleteProfile(
+            profile_pb2.DeleteProfileRequest(customer_id=customer_id, erase_decisions=erase_decisions), timeout=self.timeout
+        )
+        return Erased(profiles=int(r.profiles), decisions=int(r.decisions), contacts=int(r.contacts))
 
     @property
     def admin(self) -> admin_pb2_grpc.AdminServiceStub:

@@ -57,6 +57,15 @@ class ChooseChecks:
         check_text(placement, "placement", s.max_id_length)
         check_text(customer_id, "customer_id", s.max_id_length)
         check_text(event_id, "event_id", s.max_id_length)
+        self.validate_features(features, field)
+        if len(self._known) < _MAX_KNOWN_NAMES:  # a hostile stream of new names is not remembered
+            self._known.update((namespace, name) for namespace, name, _ in features)
+
+    def validate_features(self, features: Sequence[Feature], field: str = "features") -> None:
+        """The checks of a Choose's features, for any features a decision may use (a stored
+        profile's too): at most max_features, names and texts within their lengths and
+        storable, numbers finite and within max_abs_number. InvalidInput names the field."""
+        s = self._settings
         if len(features) > s.max_features:
             raise InvalidInput(field, f"more than {s.max_features} features")
         check_features(features, field)
@@ -67,5 +76,3 @@ class ChooseChecks:
                 raise InvalidInput(f"{field}[{i}].number", f"magnitude above {s.max_abs_number:g}; scale the feature")
             if isinstance(value, str):
                 check_text(value, f"{field}[{i}].text", s.max_text_length)
-        if len(self._known) < _MAX_KNOWN_NAMES:  # a hostile stream of new names is not remembered
-            self._known.update((namespace, name) for namespace, name, _ in features)

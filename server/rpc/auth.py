@@ -10,7 +10,8 @@ File (``auth_tokens_file``)::
     tokens:
       - name: mobile-app                    # appears in logs
         sha256: 5e8848...                   # sha256 hex of the token
-        roles: [channel]                    # channel: DecisionService; admin: AdminService, Explain
+        roles: [channel]                    # channel: DecisionService; admin: AdminService, Explain,
+                                            # ProfileService; data: ProfileService only (loaders)
         placements: [app_home_banner]       # optional: a channel token limited to these
 
 Variable: ``name:role[+role]:sha256[:placement,placement]`` entries separated by ``;``.
@@ -39,10 +40,11 @@ from nextbest.bandit.text import quote
 
 log = logging.getLogger("nextbest.auth")
 
-CHANNEL, ADMIN = "channel", "admin"
-ROLES = frozenset({CHANNEL, ADMIN})
+CHANNEL, ADMIN, DATA = "channel", "admin", "data"
+ROLES = frozenset({CHANNEL, ADMIN, DATA})
 DECISION_SERVICE = "/nextbest.v1.DecisionService/"
 ADMIN_SERVICE = "/nextbest.v1.AdminService/"
+PROFILE_SERVICE = "/nextbest.v1.ProfileService/"
 _HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 
@@ -176,6 +178,8 @@ def allowed_roles(method: str) -> frozenset[str] | None:
         return frozenset({CHANNEL})
     if method.startswith(ADMIN_SERVICE):
         return frozenset({ADMIN})
+    if method.startswith(PROFILE_SERVICE):  # customer data: the loaders' "data" role, or an operator
+        return frozenset({DATA, ADMIN})
     return None
 
 

@@ -26,8 +26,8 @@ from nextbest.bandit.spec import (
 )
 from nextbest.config.plans import Change
 from nextbest.engine.placement_stats import Stats
-from nextbest.storage.base import PlacementRecord
-from nextbest.v1 import admin_pb2, common_pb2
+from nextbest.storage.base import PlacementRecord, Profile
+from nextbest.v1 import admin_pb2, common_pb2, profile_pb2
 
 _ALGORITHMS = {
     admin_pb2.EXPLORATION_ALGORITHM_EPSILON: "epsilon",
@@ -550,3 +550,46 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
             for m in s.models
         ],
     )
+
+
+def _seconds(ts: timestamp_pb2.Timestamp, field: str) -> float:
+    """A set Timestamp as epoch seconds (INVALID_ARGUMENT naming ``field`` outside its range)."""
+    _time(ts, True, field)
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
+    """Epoch seconds as a Timestamp; None outside its range."""
+    if not -62135596800.0 <= seconds <= _MAX_EPOCH:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def profile(p: profile_pb2.Profile, now: float, field: str = "profile") -> Profile:
+    """A profile to store; ``as_of`` unset is ``now`` (the server's time)."""
+    return Profile(
+        p.customer_id,
+        features(p.features, f"{field}.features"),
+        _seconds(p.as_of, f"{field}.as_of") if p.HasField("as_of") else now,
+        _seconds(p.expire_time, f"{field}.expire_time") if p.HasField("expire_time") else None,
+    )
+
+
+def profile_pb(p: Profile) -> profile_pb2.Profile:
+    out = profile_pb2.Profile(
+        customer_id=p.customer_id,
+        features=[
+            common_pb2.Feature(namespace=ns, name=name, text=v)
+            if isinstance(v, str)
+            else common_pb2.Feature(namespace=ns, name=name, number=v)
+            for ns, name, v in p.features
+        ],
+        as_of=_timestamp(p.as_of),
+    )
+    if p.expires_at is not None:
+        expire = _timestamp(p.expires_at)
+        if expire is not None:
+            out.expire_time.CopyFrom(expire)
+    return out
