@@ -40,6 +40,7 @@ PHASES = (
     "memory",
     "replay",
     "capacity",
+    "profiles",
     "overload",
 )
 LOADS = (0.5, 0.8)
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> Report:
         from nextbest.bench import capacity
 
         rep.capacity(capacity.run(args.smoke))
+    if "profiles" in phases:  # no server: nextbest profiles load writes to the database directly
+        from nextbest.bench import profiles
+
+        sizes = args.profile_rows or (profiles.SMOKE_ROWS if args.smoke else profiles.FULL_ROWS)
+        rep.profile_load(profiles.run(sizes, postgres=False if args.no_postgres else None))
     needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload"}
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
@@ -305,6 +311,12 @@ def _phases(text: str) -> list[str]:
     return names
 
 
+def _profile_rows(text: str) -> tuple[int, ...]:
+    from nextbest.bench.profiles import parse_sizes
+
+    return parse_sizes(text)
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="every phase tiny (seconds in all): keeps the benchmark working")
     p.add_argument("--json", metavar="FILE", help="also write every figure and raw measurement as JSON")
@@ -319,6 +331,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="profile the in-process Choose and Reward paths (cProfile) and print the top N entries",
+    )
+    p.add_argument(
+        "--profile-rows",
+        dest="profile_rows",
+        type=_profile_rows,
+        metavar="N[,N...]",
+        help="profiles phase: rows of the generated Parquet extracts (default 100000,1000000; smoke 2000), e.g. 1000000,10000000",
     )
     p.add_argument(
         "--memory-bits",

@@ -406,6 +406,43 @@ class Report:
                 v["ratio"] >= t["vw_vs_learn"] if full else None,
             )
 
+    def profile_load(self, r: dict[str, Any]) -> None:
+        """``nextbest profiles load`` of generated Parquet extracts (nextbest.bench.profiles): its
+        rate against pyarrow's read and a plain COPY of the same rows, and its peak memory by size."""
+        self.phases["profiles"] = r
+        t = r["targets"]
+        full = self.meta.get("mode") == "full"
+        pg = r["backend"] == "postgres"
+        sizes = sorted(r["sizes"].items(), key=lambda kv: int(kv[0]))
+        for n, m in sizes:
+            ld = m["load"]
+            if ld["returncode"] != 0:
+                self.note(f"profiles load of {int(n):,} rows exited {ld['returncode']}: {ld['stderr'][-200:]}")
+            ceilings = {"pyarrow read": m["read"]["rows_per_s"]}
+            if "copy" in m:
+                ceilings["plain COPY"] = m["copy"]["rows_per_s"]
+            self.add(
+                f"profiles.load.{n}",
+                f"profiles load, Parquet of {int(n):,} rows x {r['feature_columns']} features into {r['backend']}",
+                ld["rows_per_s"],
+                "rows/s",
+                ceilings,
+                f">= {t['rows_per_s']:,.0f}/s" if pg else "",
+                ld["rows_per_s"] >= t["rows_per_s"] if full and pg else None,
+            )
+        smallest = sizes[0][1]["load"]["rss_bytes"] if sizes else 0
+        for n, m in sizes:
+            rss = m["load"]["rss_bytes"]
+            self.add(
+                f"profiles.rss.{n}",
+                f"profiles load peak RSS, {int(n):,} rows ({m['file_bytes'] / MIB:,.0f} MiB file)",
+                rss / MIB,
+                "MiB",
+                {f"at {int(sizes[0][0]):,} rows": smallest / MIB} if n != sizes[0][0] else {},
+                f"<= {t['rss_growth']} x at {int(sizes[0][0]):,} rows" if n != sizes[0][0] else "",
+                rss <= t["rss_growth"] * smallest if n != sizes[0][0] and full else None,
+            )
+
     def capacity(self, r: dict[str, Any]) -> None:
         """The database's share of a decision and a reward, and the learner's rate (nextbest.bench.capacity)."""
         self.phases["capacity"] = r

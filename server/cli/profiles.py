@@ -203,7 +203,6 @@ def _load_file(args: argparse.Namespace) -> int:
     batch_rows = args.batch or (DEFAULT_DB_BATCH if args.db else DEFAULT_TARGET_BATCH)
     limits = _limits()
     progress = Progress(args.file, count_rows(args.file, fmt)) if sys.stderr.isatty() else None
-    started = time.perf_counter()
     close: Callable[[], None]
     refused: Callable[[BaseException, ProfileBatch], NextbestError | None] | None = None
     if args.db:
@@ -229,6 +228,7 @@ def _load_file(args: argparse.Namespace) -> int:
                 return InvalidInput(f"{args.file}, {_row_of(e.details() or '', batch)}", f"the server refused it: {e.details()}")
             return None
 
+    started = time.perf_counter()  # the store is open (its schema migrated): the load itself from here
     try:
         done = load(args.file, put, format=fmt, batch_rows=batch_rows, ttl=ttl, limits=limits, progress=progress, refused=refused)
     except LoadStopped as stop:

@@ -17,7 +17,20 @@ import pytest
 from nextbest.bench.report import Report
 from tests.harness import ROOT
 
-PHASES = ("vw", "server_time", "reward_inproc", "echo", "partial", "choose", "latency", "reward", "memory", "replay", "capacity")
+PHASES = (
+    "vw",
+    "server_time",
+    "reward_inproc",
+    "echo",
+    "partial",
+    "choose",
+    "latency",
+    "reward",
+    "memory",
+    "replay",
+    "capacity",
+    "profiles",
+)
 
 
 def _numbers(d: Any) -> list[float]:
@@ -146,3 +159,18 @@ def test_smoke_overload_phase_reports_shed_share_and_accepted_latency(tmp_path: 
         assert key in figures, key
     assert set(figures["overload.accepted.p99"]["ceilings"]) == {"p99 at 50 % load", "no shedding p99"}
     assert 0.0 <= figures["overload.shed_share"]["value"] <= 1.0
+
+
+@pytest.mark.timeout(120)
+def test_smoke_profiles_phase_reports_load_rate_and_peak_memory(tmp_path: Path) -> None:
+    """nextbest profiles load of a generated Parquet extract, in a process of its own."""
+    data = _run(tmp_path, "--smoke", "--phases", "profiles", "--profile-rows", "2000", timeout=110)
+    body = data["phases"]["profiles"]
+    load = body["sizes"]["2000"]["load"]
+    assert load["returncode"] == 0, load["stderr"]
+    assert load["rows"] == 2000 and load["stored"] == 2000 and load["rss_bytes"] > 0
+    figures = {f["key"]: f for f in data["figures"]}
+    assert {"profiles.load.2000", "profiles.rss.2000"} <= set(figures)
+    assert "pyarrow read" in figures["profiles.load.2000"]["ceilings"]
+    if body["backend"] == "postgres":
+        assert "plain COPY" in figures["profiles.load.2000"]["ceilings"]
