@@ -8,6 +8,8 @@ shares (``SharedContacts``), read inside the customer's lock at each Choose.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +18,8 @@ from nextbest.bandit.decision_log import Outcome
 from nextbest.engine.learner import PlacementState
 from nextbest.engine.shared_contacts import SharedContacts
 from nextbest.storage.base import RecentImpression, Store
+
+log = logging.getLogger(__name__)
 
 
 class Contacts:
@@ -35,6 +39,7 @@ class Contacts:
         self._clock = clock
         self.shared = shared
         self.history = ContactHistory(0.0)
+        self._backfill: asyncio.Task[None] | None = None  # the last copy of older impressions (shared history)
 
     def impression(self, r: RecentImpression) -> Impression:
         """A stored impression as contact rules and history features read it. responded: None while
@@ -53,7 +58,14 @@ class Contacts:
         """As far back as any placement's rules look (after start or a change). Shared history
         is read per Choose, so only its horizon changes."""
         horizon = max((ps.record.spec.history_horizon for ps in self._states.values()), default=0.0)
-        if horizon <= self.history.horizon or self.shared is not None:
+        if self.shared is not None:
+            if horizon > self.history.horizon:
+                # Impressions are recorded only while some rule reads them: a longer horizon
+                # (a history window added) copies the log's older ones first, in the background.
+                self._backfill = asyncio.get_running_loop().create_task(self._backfill_shared(self._clock() - horizon))
+            self.history.horizon = horizon
+            return
+        if horizon <= self.history.horizon:
             self.history.horizon = horizon
             return
         rows = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.recent_impressions, self._clock() - horizon)
@@ -62,6 +74,18 @@ class Contacts:
             history.record(r.customer_id, self.impression(r))
         self.history = history
 
+    async def _backfill_shared(self, since: float) -> None:
+        started = time.perf_counter()
+        try:
+            n = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.backfill_contacts, since)
+        except Exception as e:  # rules read what was recorded; the next change or start tries again
+            log.warning("copying older impressions into the shared contact history failed: %s", e)
+            return
+        if n:
+            log.info("copied %d impressions from the log into the shared contact history in %.1f s", n, time.perf_counter() - started)
+
     def close(self) -> None:
+        if self._backfill is not None:
+            self._backfill.cancel()
         if self.shared is not None:
             self.shared.close()

@@ -476,6 +476,13 @@ class Store(Protocol):
         any customer's lock. Raises Unavailable."""
         ...
 
+    def backfill_contacts(self, since: float) -> int:
+        """MUST copy into the shared contact history every impression of the log (an activated
+        decision with an arm, for a known customer) made at or after ``since`` that it lacks, none
+        twice even when servers do it at once, and return how many it copied
+        (test_contact_history_is_backfilled_from_the_log). Raises Unavailable."""
+        ...
+
     def prune_contacts(self, before: float) -> int:
         """MUST delete the impressions older than ``before`` and return how many
         (test_shared_contact_history_locks_reads_and_records). Raises Unavailable."""

@@ -24,6 +24,7 @@ from nextbest.storage.base import ContactRow, RecentImpression
 from nextbest.storage.sqlcore import SqlBase
 
 _CONTACT_LOCK_CLASS = 0x6E62  # first key of the two-key advisory locks (apart from the learner's one-key lock)
+_BACKFILL_LOCK_CLASS = 0x6E63  # the backfill's two-key lock, apart from the customers' locks
 _READ = text(
     "SELECT ci.arm_id, ci.placement_id, ci.event_id, ci.slot, ci.at, d.outcome, d.reward "
     "FROM contact_impressions ci LEFT JOIN decisions d ON d.event_id = ci.event_id AND d.slot = ci.slot "
@@ -127,6 +128,28 @@ class ContactQueries(SqlBase):
             f"INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) VALUES ({', '.join([mark] * 6)})",
             [(r.customer_id, r.at, r.placement, r.arm_id, r.event_id, r.slot) for r in rows],
         )
+
+    def backfill_contacts(self, since: float) -> int:
+        """Copy the log's impressions since ``since`` that the shared history lacks (a longer
+        horizon than any placement had, e.g. a history window just added: until then no server
+        recorded impressions that no rule read). Servers doing it at once take turns
+        (PostgreSQL: an advisory lock), so none is copied twice; a Choose recording its own
+        impression meanwhile was already logged after it (the decision is written after its
+        contact row), so NOT EXISTS sees that row."""
+        sql = text(
+            "INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) "
+            "SELECT d.customer_id, d.created_at, d.placement_id, d.arm_id, d.event_id, d.slot FROM decisions d "
+            "WHERE d.created_at >= :since AND d.arm_id IS NOT NULL AND d.customer_id <> '' AND d.activated = :yes "
+            "AND NOT EXISTS (SELECT 1 FROM contact_impressions ci WHERE ci.customer_id = d.customer_id "
+            "AND ci.event_id = d.event_id AND ci.slot = d.slot)"
+        )
+        try:
+            with self._begin() as c:
+                if self._postgres:
+                    c.execute(text("SELECT pg_advisory_xact_lock(:k, 0)"), {"k": _BACKFILL_LOCK_CLASS})
+                return int(c.execute(sql, {"since": since, "yes": True}).rowcount or 0)
+        except SQLAlchemyError as e:
+            raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
 
     def prune_contacts(self, before: float) -> int:
         """Forget impressions older than every policy's horizon."""

@@ -270,6 +270,43 @@ def test_shared_contact_history_locks_reads_and_records(store: SqlStore) -> None
     assert seen == []
 
 
+def test_contact_history_is_backfilled_from_the_log(store: SqlStore, tmp_path: Path) -> None:
+    """A longer horizon (a history window added) copies the log's older impressions into the
+    shared history once: not those it has, not unknown customers, not unactivated or armless
+    decisions, not before ``since``; servers doing it at once copy nothing twice."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nextbest.storage.base import ContactRow
+
+    old = [decision(f"b{i}", i % 2, t=100.0 + i) for i in range(6)]
+    old[4] = dataclasses.replace(old[4], customer_id="")  # anonymous: no history
+    old[5] = dataclasses.replace(old[5], activated=False)  # deferred, never shown
+    store.write([*old, decision("none", None, t=103.5), decision("early", 0, t=50.0)], [])
+    store.contacts_insert([ContactRow("c1", 100.0, "app_home_banner", "data_5gb", "b0")])  # recorded at its Choose
+    assert store.backfill_contacts(90.0) == 3  # b1, b2, b3
+    assert store.backfill_contacts(90.0) == 0
+    h, seen = store.contacts_open("c1", 0.0)
+    store.contacts_abort(h)
+    assert [(i.event_id, i.arm_id, i.at) for i in seen] == [
+        ("b0", "data_5gb", 100.0),
+        ("b1", "voice_300", 101.0),
+        ("b2", "data_5gb", 102.0),
+        ("b3", "voice_300", 103.0),
+    ]
+    store.write([decision(f"n{i}", 0, t=200.0 + i) for i in range(50)], [])
+    other = open_store(str(store.engine.url.render_as_string(hide_password=False)))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            copied = list(pool.map(lambda s: s.backfill_contacts(0.0), [store, other]))
+    finally:
+        other.close()
+    assert sum(copied) == 51  # "early" and the fifty, once
+    h, seen = store.contacts_open("c1", 0.0)
+    store.contacts_abort(h)
+    assert len(seen) == 4 + 51 and len({i.event_id for i in seen}) == 55
+
+
 def test_open_windows_move_only_from_servers_that_stopped(store: SqlStore) -> None:
     """A window belongs to the server that wrote its decision; another takes it over only once
     that server signed off or fell silent, and a starting server takes unowned ones too."""

@@ -186,7 +186,12 @@ def test_history_features_count_per_offer_within_each_window() -> None:
         "history.days_since_accept": 2.0,
     }
     # Never shown: zero counts, no days-since (a rule on it is unknown, and fails closed).
-    assert by_key(out["c"]) == {"history.impressions_7d": 0.0, "history.accepts_7d": 0.0, "history.impressions_30d": 0.0, "history.accepts_30d": 0.0}
+    assert by_key(out["c"]) == {
+        "history.impressions_7d": 0.0,
+        "history.accepts_7d": 0.0,
+        "history.impressions_30d": 0.0,
+        "history.accepts_30d": 0.0,
+    }
 
 
 def test_a_rule_on_history_hides_an_offer_taken_within_30_days(db: str) -> None:
@@ -245,5 +250,31 @@ def test_history_features_are_logged_and_learned_as_scored(db: str) -> None:
             assert seen, "the reward was not learned"
             line = seen[-1][[a for a, _ in second.arms].index(first.arm_id)]
             assert "history.impressions_7d:1.0" in line and "history.days_since_impression:1.0" in line
+
+    run_async(body)
+
+
+@pytest.mark.parametrize("contact_store", ["memory", "database"])
+def test_a_history_window_added_later_counts_the_logged_past(db: str, contact_store: str) -> None:
+    """Rebuilt from the log: this server's memory at the change, or (shared between servers)
+    the log's impressions copied into the shared history, which no one recorded while no rule
+    read them."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with engine_on(db, clock, contact_store=contact_store) as e:
+            await e.config.apply([placement()])
+            served = [(await e.chooser.choose("p", "c1", "", []))[0].arm_id for _ in range(4)]
+            await e.writer.flush()
+            clock.advance(DAY)
+            await e.config.apply([placement(context={"history": ["7d"]})])
+            if e.contacts._backfill is not None:
+                await e.contacts._backfill
+            d = (await e.chooser.choose("p", "c1", "", []))[0]
+            assert d.context is not None
+            hist = {a: by_key(fs) for (a, _), fs in zip(d.arms, d.context.arm_features, strict=True)}
+            for arm in envs.ARMS:
+                assert hist[arm]["history.impressions_7d"] == served.count(arm), arm
+            assert all(hist[a]["history.days_since_impression"] == 1.0 for a in set(served))
 
     run_async(body)
