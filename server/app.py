@@ -106,7 +106,9 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics), target
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
-    profile_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(ProfileHandler(store, settings, engine.clock)), target)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(
+        ProfileServicer(ProfileHandler(store, settings, engine.clock, on_written=engine.profiles.written)), target
+    )
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), target
     )
