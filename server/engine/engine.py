@@ -48,10 +48,11 @@ log = logging.getLogger(__name__)
 
 
 DRAW_SEED = "draw_seed"  # server_secrets row of the draws' salt when the settings give no seed
-_PRUNE_EVERY = 60.0  # seconds between deletions of shared impressions beyond every horizon
+_PRUNE_EVERY = 60.0  # seconds between deletions of expired profiles and shared impressions beyond every horizon
 # Shared impressions are kept at least this long, so that a policy applied later with a longer
 # horizon (up to this) sees the customers' past; migration 0002 starts the table with as much.
 _KEEP_CONTACTS = 31 * 86400.0
+_SWEEP_PROFILES = 10_000  # expired profiles deleted per transaction
 
 
 class Engine:
@@ -240,10 +241,22 @@ class Engine:
                 await self.windows.sweep()
             except Exception as e:
                 log.warning("closing expired reward windows failed: %s", e)
-            if self.contacts.shared is not None and time.monotonic() - pruned >= _PRUNE_EVERY:
+            if time.monotonic() - pruned >= _PRUNE_EVERY:
                 pruned = time.monotonic()
-                before = self.clock() - max(self.contacts.history.horizon, _KEEP_CONTACTS)
-                try:
-                    await asyncio.get_running_loop().run_in_executor(self.reader_pool, self.store.prune_contacts, before)
-                except Exception as e:
-                    log.warning("forgetting old shared impressions failed: %s", e)
+                await self._forget_old()
+
+    async def _forget_old(self) -> None:
+        """Delete expired profiles and shared impressions beyond every horizon (neither is used
+        any more: this only keeps the tables small)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while await loop.run_in_executor(self.reader_pool, self.store.sweep_profiles, self.clock(), _SWEEP_PROFILES) == _SWEEP_PROFILES:
+                await asyncio.sleep(0)
+        except Exception as e:
+            log.warning("deleting expired profiles failed: %s", e)
+        if self.contacts.shared is not None:
+            before = self.clock() - max(self.contacts.history.horizon, _KEEP_CONTACTS)
+            try:
+                await loop.run_in_executor(self.reader_pool, self.store.prune_contacts, before)
+            except Exception as e:
+                log.warning("forgetting old shared impressions failed: %s", e)

@@ -137,6 +137,9 @@ def test_expired_profiles_are_not_used(db: str) -> None:
             assert (await e.chooser.choose("p", "c1", "", []))[0].context is not None
             clock.advance(3)  # expired while cached
             assert (await e.chooser.choose("p", "c1", "", []))[0].context is None
+            await e._forget_old()  # the sweep deletes it
+            rows = await asyncio.get_running_loop().run_in_executor(None, e.store.get_profiles, ["c1"], clock() - 10)
+            assert rows == {}
 
     run_async(body)
 
