@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,6 +217,14 @@ def _first(mask: Any) -> int | None:
     return int(pc.index(mask, True).as_py())
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _decoded(a: Any) -> Any:
     if isinstance(a, pa.ChunkedArray):
         a = a.combine_chunks()
@@ -233,26 +242,53 @@ class _Batches:
     def _fail(self, message: str, row0: int, index: int | None, column: str | None) -> ProfileFileError:
         return ProfileFileError(self.path, message, row=None if index is None else row0 + index + 1, column=column)
 
-    def _utf8(self, a: Any, row0: int, column: str) -> None:
-        """Text that is not valid UTF-8 (a lone surrogate's bytes, say) is refused, naming its row."""
+    @staticmethod
+    def _faults(values: Any, limit: int) -> tuple[Any, list[bool] | None]:
+        """Which texts cannot be stored (a boolean array), and which of them are not even valid
+        UTF-8 (the bytes of a lone surrogate, say; None: all are valid)."""
         try:
-            a.validate(full=True)
+            values.validate(full=True)
         except pa.ArrowInvalid:
-            for i, raw in enumerate(a.cast(pa.binary()).to_pylist()):
-                try:
-                    raw is None or raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise self._fail("is not valid UTF-8 text (a lone surrogate?), which cannot be stored", row0, i, column) from None
-            raise self._fail("is not valid text", row0, None, column) from None
+            invalid = [raw is not None and not _is_utf8(raw) for raw in values.cast(pa.binary()).to_pylist()]
+            return pa.array(invalid, pa.bool_()), invalid
+        return pc.or_(pc.greater(pc.utf8_length(values), limit), pc.match_substring(values, "\x00")), None
+
+    def _fault(self, values: Any, j: int, invalid: list[bool] | None, limit: int, what: str) -> str:
+        if invalid is not None and invalid[j]:
+            return f"{what} is not valid UTF-8 (a lone surrogate?), which cannot be stored"
+        text = values[j].as_py()
+        if len(text) > limit:
+            return f"{what} longer than {limit:,} characters: {_quote(text)}"
+        return f"{what} contains a NUL character, which cannot be stored: {_quote(text)}"
 
     def _texts(self, a: Any, row0: int, column: str, limit: int, what: str) -> list[Any]:
-        self._utf8(a, row0, column)
-        lengths = pc.utf8_length(a)
-        if (i := _first(pc.greater(lengths, limit))) is not None:
-            raise self._fail(f"{what} longer than {limit:,} characters: {_quote(a[i].as_py())}", row0, i, column)
-        if (i := _first(pc.match_substring(a, "\x00"))) is not None:
-            raise self._fail(f"{what} contains a NUL character, which cannot be stored: {_quote(a[i].as_py())}", row0, i, column)
+        """The texts of a column, one per row (None where null), or the error of the first that cannot be stored."""
+        bad, invalid = self._faults(a, limit)
+        if (i := _first(bad)) is not None:
+            raise self._fail(self._fault(a, i, invalid, limit, what), row0, i, column)
         return a.to_pylist()  # type: ignore[no-any-return]
+
+    def _text_features(self, a: Any, row0: int, fc: _FeatureColumn) -> list[Any]:
+        """A text column's features, one per row (None where null). Through its dictionary: each
+        distinct text is checked and becomes a feature once, and rows share it (a warehouse's
+        texts are categories: plan, region, segment), so no Python object is made per row."""
+        d = a if pa.types.is_dictionary(a.type) else pc.dictionary_encode(a)
+        values, indices = d.dictionary, d.indices
+        limit, what = self.limits.max_text_length, "a text"
+        bad, invalid = self._faults(values, limit)
+        if pc.any(bad).as_py():  # a bad text in the dictionary: refused if a row of this batch uses it
+            used = pc.is_in(indices, value_set=pc.cast(pc.indices_nonzero(bad), indices.type))
+            if (i := _first(used)) is not None:
+                raise self._fail(self._fault(values, indices[i].as_py(), invalid, limit, what), row0, i, fc.column)
+        ns, name = fc.namespace, fc.name
+        if invalid is None:
+            texts = values.to_pylist()
+        else:  # the invalid entries are used by no row (else refused above): never looked up
+            raws = values.cast(pa.binary()).to_pylist()
+            texts = [None if raw is None or inv else raw.decode("utf-8") for raw, inv in zip(raws, invalid, strict=True)]
+        lookup: list[Any] = [None if v is None else (ns, name, v) for v in texts]
+        lookup.append(None)  # a null row
+        return list(map(lookup.__getitem__, indices.fill_null(len(values)).to_numpy(zero_copy_only=False).tolist()))
 
     def _numbers(self, a: Any, row0: int, column: str) -> list[Any]:
         f = pc.cast(a, pa.float64(), safe=False)
@@ -281,9 +317,9 @@ class _Batches:
         return seconds.to_pylist()  # type: ignore[no-any-return]
 
     def _iso_times(self, a: Any, row0: int, column: str) -> list[Any]:
-        self._utf8(a, row0, column)
+        texts = self._texts(a, row0, column, 100, "a time")  # valid text, bounded: quoted in an error
         out: list[Any] = []
-        for i, text in enumerate(a.to_pylist()):
+        for i, text in enumerate(texts):
             if text is None:
                 out.append(None)
                 continue
@@ -327,23 +363,29 @@ class _Batches:
             if fc.kind == "null":
                 sparse = True
                 continue
-            a = _decoded(batch.column(fc.column))
+            a = batch.column(fc.column)
+            if isinstance(a, pa.ChunkedArray):
+                a = a.combine_chunks()
+            if fc.kind != "text" and pa.types.is_dictionary(a.type):
+                a = a.dictionary_decode()
             if fc.kind == "number":
                 values = self._numbers(a, row0, fc.column)
             elif fc.kind == "bool":
                 values = pc.if_else(a, "true", "false").to_pylist()
             else:
-                values = self._texts(a, row0, fc.column, lim.max_text_length, "a text")
+                columns.append(self._text_features(a, row0, fc))
+                sparse = sparse or a.null_count > 0
+                continue
             ns, name = fc.namespace, fc.name
             if a.null_count:
                 sparse = True
                 columns.append([None if v is None else (ns, name, v) for v in values])
             else:
-                columns.append([(ns, name, v) for v in values])
+                columns.append(list(zip(repeat(ns), repeat(name), values)))
         rows: Any = zip(*columns, strict=True) if columns else ((),) * n
         if sparse:
             rows = (tuple(f for f in r if f is not None) for r in rows)
-        return [Profile(c, feats, a, e) for c, feats, a, e in zip(id_list, rows, as_of, expires, strict=True)]
+        return list(map(Profile, id_list, rows, as_of, expires))
 
 
 # -- reading a file -------------------------------------------------------------------------------
@@ -370,7 +412,12 @@ def _open(path: str, fmt: Format, batch_rows: int) -> tuple[pa.Schema, Iterator[
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # one column page at a time, not a whole row group
+        # One column page at a time, not a whole row group; text features as Parquet keeps them
+        # (dictionary-encoded): each distinct text is checked and made a Python object once.
+        options: dict[str, Any] = {"buffer_size": 1 << 20, "pre_buffer": False}
+        schema = pq.read_schema(path)
+        texts = [f.name for f in schema if f.name not in RESERVED and _is_text(f.type)]
+        pf = pq.ParquetFile(path, read_dictionary=texts or None, **options)
         return pf.schema_arrow, pf.iter_batches(batch_size=batch_rows, use_threads=False)
     import pyarrow.csv as pv
 
