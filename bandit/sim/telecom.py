@@ -22,6 +22,13 @@ from nextbest.bandit.spec import ArmSpec, PlacementSpec
 
 Vector = NDArray[np.float64]
 FeatureDict = dict[str, dict[str, float | str]]
+# What the channels send to Choose (``nextbest simulate --context``): ``full``, every customer
+# feature and the simulator's own impression counts (``history.seen_<offer>``, ``offers_seen``);
+# ``channel``, only the channel (and the customer id), as an IVR or a USSD gateway can;
+# ``profile``, the same on placements that read the stored profile; ``profile+history``, also
+# the service's interaction-history features. The simulator's own impression counts are what a
+# channel does not have: they are sent in ``full`` only.
+CONTEXTS = ("full", "channel", "profile", "profile+history")
 _CHUNK = 1024  # visits are drawn in chunks so that a shorter run is a prefix of a longer one
 
 
@@ -162,6 +169,18 @@ class TelecomSim:
         natural = (day + self.recharge_phase[c]) % every
         return float(min(natural, day - self.last_purchase[c]))
 
+    def customer_id(self, c: int) -> str:
+        """The id the simulated channels send for customer c (and the profile store keys on)."""
+        return f"cust{c}"
+
+    def profile(self, c: int, day: float = 0.0) -> dict[str, float | str]:
+        """Customer c's features as a data warehouse holds them on a day: every feature of
+        :meth:`values` but the visit's channel. ``days_since_recharge`` and its band (``lapse``)
+        change every day; the rest are fixed for the customer's life."""
+        v = self.values(c, day, "")
+        del v["channel"]
+        return v
+
     def values(self, c: int, day: float, channel: str) -> dict[str, float | str]:
         """Every feature of customer c at a visit, as the response model reads them."""
         v: dict[str, float | str] = {"plan": self.plan[c], "preferred_channel": self.preferred[c], "channel": channel}
@@ -283,6 +302,16 @@ class TelecomSim:
                 )
             )
         return out
+
+
+def request_features(visit: Visit, context: str = "full") -> FeatureDict:
+    """What the channel sends to Choose for a visit under a context mode (see CONTEXTS): the
+    visit's features in ``full``, else only the channel (the customer id goes beside them)."""
+    if context == "full":
+        return visit.features
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
+    return {"visit": dict(visit.features["visit"])}
 
 
 @dataclass

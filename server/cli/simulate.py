@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from nextbest.client import NextbestClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+CONTEXT_MODES = ("full", "channel", "profile", "profile+history")  # nextbest.bandit.sim.telecom.CONTEXTS
 LOCAL_SEED = "bakeoff"  # the in-process server's seed: it fixes the random draw of every event
 POLICIES = (
     ("policy", "served policy"),
@@ -42,53 +43,25 @@ def _err(msg: str) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     from nextbest.bandit.sim.scenario import load_scenario
-    from nextbest.bandit.sim.telecom import Scoreboard, TelecomSim
-    from nextbest.bandit.spec import FatigueSpec
+    from nextbest.bandit.sim.telecom import TelecomSim
 
+    if args.compare_contexts is not None:
+        return _compare_contexts(args)
     scenario = load_scenario(args.scenario)  # an invalid file stops here, before any call
     sim = TelecomSim(scenario, seed=args.seed, reward=args.reward)
-    specs = sim.placements()
-    if args.fatigue_penalty is not None:  # compare the service with and without its fatigue penalty
-        fatigue = (
-            FatigueSpec(kind=args.fatigue_kind, strength=args.fatigue_penalty, half_life=args.fatigue_half_life)
-            if args.fatigue_penalty > 0
-            else None
-        )
-        specs = [p.model_copy(update={"fatigue": fatigue}) for p in specs]
-    if args.learn_at is not None:  # compare learning at the first reward with learning at the close
-        specs = [p.model_copy(update={"learn_at": args.learn_at}) for p in specs]
-    if args.reward_window is not None:
-        specs = [p.model_copy(update={"reward_window": args.reward_window}) for p in specs]
-    board = Scoreboard(max(len(p.arms) for p in specs))
-    _err(f"simulate: scenario {scenario.name}, {args.events} events, seed {args.seed}, reward = {sim.reward_kind}, target {args.target}")
-    start_versions: dict[str, int] = {}
-    with NextbestClient(args.target) as nb:
-        if not args.no_apply:
-            changes = nb.apply(specs)
-            _err(f"applied {len(specs)} placements ({len(changes)} changes)")
-        t0 = last = time.perf_counter()
-        for i in range(args.events):
-            v = sim.next_visit()
-            # With --event-prefix the simulator names its events; else the server does, which is
-            # faster (a caller-chosen id waits for its insert: the database decides it is new).
-            event_id = f"{args.event_prefix}-{i}" if args.event_prefix else ""
-            d = nb.choose(v.placement, v.features, customer_id=f"cust{v.customer}", event_id=event_id)
-            if not d.arm_id:
-                raise RuntimeError(f"{v.placement}: no offer chosen ({d.reason})")
-            if d.arm_id not in v.arms:
-                raise RuntimeError(
-                    f"{v.placement}: the server chose {d.arm_id!r}, not an offer of the scenario (use it without --no-apply?)"
-                )
-            start_versions.setdefault(v.placement, d.model_version)
-            out = sim.respond(v, d.arm_id)
-            if out.reward > 0 or not args.successes_only:
-                nb.reward(d.event_id, out.reward)
-            board.add(v, d.arm_id, out)
-            done = i + 1
-            if done % args.progress_every == 0 or done == args.events or time.perf_counter() - last > 10:
-                last = time.perf_counter()
-                _err(_progress(board, done, args.events, done / (last - t0), v.day))
-        elapsed = time.perf_counter() - t0
+    specs = _specs(sim, args, args.context)
+    where = "an in-process server on simulated time" if args.local else f"target {args.target}"
+    _err(
+        f"simulate: scenario {scenario.name}, {args.events} events, seed {args.seed}, reward = {sim.reward_kind}, "
+        f"context {args.context}, {where}"
+    )
+    if args.local:
+        with sim_server(args.seed) as (target, clock, learned):
+            board, elapsed, start_versions = _play(args, sim, specs, target, clock, learned, f"{args.event_prefix or 'sim'}")
+    else:
+        if args.context == "profile+history":
+            _err("note: history windows count in the server's clock (wall time): use --local for windows in simulated days")
+        board, elapsed, start_versions = _play(args, sim, specs, args.target, None, None, args.event_prefix)
     trained = {p: n for p, n in start_versions.items() if n > 0}
     if trained:
         _err(f"note: these placements had learned before this run: {trained}; use a fresh database for a learning curve from scratch")
@@ -106,6 +79,303 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.json != "-":
         _print_table(report)
     return 0
+
+
+def _specs(sim: Any, args: argparse.Namespace, context: str) -> list[Any]:
+    """The scenario's placements with the command line's overrides and the context mode's setting."""
+    from nextbest.bandit.spec import FatigueSpec
+
+    specs = sim.placements()
+    if args.fatigue_penalty is not None:  # compare the service with and without its fatigue penalty
+        fatigue = (
+            FatigueSpec(kind=args.fatigue_kind, strength=args.fatigue_penalty, half_life=args.fatigue_half_life)
+            if args.fatigue_penalty > 0
+            else None
+        )
+        specs = [p.model_copy(update={"fatigue": fatigue}) for p in specs]
+    if args.learn_at is not None:  # compare learning at the first reward with learning at the close
+        specs = [p.model_copy(update={"learn_at": args.learn_at}) for p in specs]
+    if args.reward_window is not None:
+        specs = [p.model_copy(update={"reward_window": args.reward_window}) for p in specs]
+    return context_specs(specs, context)
+
+
+def _play(
+    args: argparse.Namespace,
+    sim: Any,
+    specs: list[Any],
+    target: str,
+    clock: SimClock | None,
+    learned: Callable[[str], int] | None,
+    event_prefix: str,
+) -> tuple[Any, float, dict[str, int]]:
+    """Apply the placements (and load the profiles the context needs), then play the visits.
+
+    ``clock``: the in-process server's, set to each visit's simulated time before its Choose.
+    ``learned``: a placement's learned count, to wait for each reward to be learned before the
+    next visit, so that a seeded run makes the same decisions every time."""
+    from nextbest.bandit.sim.telecom import Scoreboard, request_features
+
+    board = Scoreboard(max(len(p.arms) for p in specs))
+    start_versions: dict[str, int] = {}
+    sent: dict[str, int] = {}
+    with NextbestClient(target) as nb:
+        if not args.no_apply:
+            changes = nb.apply(specs)
+            _err(f"applied {len(specs)} placements ({len(changes)} changes)")
+        base = {p.id: learned(p.id) for p in specs} if learned is not None else {}
+        if args.context in ("profile", "profile+history"):
+            with tempfile.TemporaryDirectory(prefix="nextbest-profiles-") as tmp:
+                path = args.profiles_file or str(Path(tmp) / "profiles.parquet")
+                # A warehouse extract of day 0; an in-process server's clock is at day 0 now.
+                n = export_profiles(sim, path, as_of=SIM_EPOCH if clock is not None else time.time())
+                _err(f"exported {n} customer profiles as of day 0 to {path}")
+                load_profiles(path, target)
+        t0 = last = time.perf_counter()
+        for i in range(args.events):
+            v = sim.next_visit()
+            if clock is not None:
+                clock.at_day(v.day)
+            # With --event-prefix the simulator names its events; else the server does, which is
+            # faster (a caller-chosen id waits for its insert: the database decides it is new).
+            event_id = f"{event_prefix}-{i}" if event_prefix else ""
+            d = nb.choose(v.placement, request_features(v, args.context), customer_id=sim.customer_id(v.customer), event_id=event_id)
+            if not d.arm_id:
+                raise RuntimeError(f"{v.placement}: no offer chosen ({d.reason})")
+            if d.arm_id not in v.arms:
+                raise RuntimeError(
+                    f"{v.placement}: the server chose {d.arm_id!r}, not an offer of the scenario (use it without --no-apply?)"
+                )
+            start_versions.setdefault(v.placement, d.model_version)
+            out = sim.respond(v, d.arm_id)
+            if out.reward > 0 or not args.successes_only:
+                nb.reward(d.event_id, out.reward)
+                sent[v.placement] = sent.get(v.placement, 0) + 1
+                if learned is not None:
+                    _wait_learned(learned, v.placement, base.get(v.placement, 0) + sent[v.placement])
+            board.add(v, d.arm_id, out)
+            done = i + 1
+            if done % args.progress_every == 0 or done == args.events or time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                _err(_progress(board, done, args.events, done / (last - t0), v.day))
+        elapsed = time.perf_counter() - t0
+    return board, elapsed, start_versions
+
+
+def _wait_learned(learned: Callable[[str], int], placement: str, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while learned(placement) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{placement}: the model did not learn example {n} within {timeout:g}s")
+        time.sleep(0.0002)
+
+
+# -- what the channel sends: context modes ----------------------------------------------------------
+
+SIM_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: simulated day 0 on an in-process server's clock
+HISTORY_WINDOWS = ("7d", "30d")
+
+
+class SimClock:
+    """An in-process server's clock that follows the simulated days: day d is ``SIM_EPOCH + d``
+    days. The simulator sets it before each Choose, so that history windows (7d, 30d), reward
+    windows and profile times count in simulated time, not in the minutes a run takes."""
+
+    def __init__(self, now: float = SIM_EPOCH) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def at_day(self, day: float) -> None:
+        self.now = SIM_EPOCH + day * 86400.0
+
+
+def context_specs(specs: list[Any], context: str) -> list[Any]:
+    """The placements for a context mode: ``profile`` reads the stored profile, ``profile+history``
+    also gives every arm its history features over HISTORY_WINDOWS."""
+    from nextbest.bandit.spec import ContextSpec
+
+    if context not in ("profile", "profile+history"):
+        return specs
+    ctx = ContextSpec.model_validate({"profile": True, "history": list(HISTORY_WINDOWS) if context == "profile+history" else []})
+    return [p.model_copy(update={"context": ctx}) for p in specs]
+
+
+def export_profiles(sim: Any, path: str | Path, *, day: float = 0.0, as_of: float = SIM_EPOCH) -> int:
+    """Write the scenario's customer base as a warehouse extract (Parquet): ``customer_id``,
+    ``as_of`` and one ``customer.<name>`` column per feature, one row per customer; returns the
+    rows. The values are those of ``day`` (day 0: like an extract taken when the run starts), so
+    the ones that change over time (``days_since_recharge`` and its band ``lapse``) go stale as
+    the simulated days pass, as a daily extract does within its day."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = sim.scenario.customers.count
+    rows = [sim.profile(c, day) for c in range(n)]
+    columns: dict[str, Any] = {
+        "customer_id": pa.array([sim.customer_id(c) for c in range(n)], pa.string()),
+        "as_of": pa.array([int(as_of)] * n, pa.timestamp("s", tz="UTC")),
+    }
+    for name in rows[0]:
+        values = [r[name] for r in rows]
+        kind = pa.string() if isinstance(values[0], str) else pa.float64()
+        columns[f"customer.{name}"] = pa.array(values, kind)
+    pq.write_table(pa.table(columns), str(path))
+    return int(n)
+
+
+def load_profiles(path: str, target: str) -> None:
+    """``nextbest profiles load PATH --format parquet --target TARGET``, its report on stderr."""
+    import contextlib
+
+    from nextbest.cli import profiles
+
+    parser = argparse.ArgumentParser(prog="nextbest")
+    profiles.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["profiles", "load", path, "--format", "parquet", "--target", target])
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = int(args.func(args))
+    if rc != 0:
+        raise RuntimeError(f"nextbest profiles load {path} failed (exit code {rc})")
+
+
+@contextmanager
+def sim_server(seed: int, db_dir: str | None = None) -> Iterator[tuple[str, SimClock, Callable[[str], int]]]:
+    """An in-process server on a throwaway SQLite database whose clock follows the simulated
+    days (:class:`SimClock`), seeded by the simulation's seed: with the simulator naming the
+    events, each event's random draw is fixed. Yields its target, its clock and a placement's
+    learned count."""
+    clock = SimClock()
+    with local_server(db_dir, clock=clock, seed=f"simulate-{seed}", flush_interval=0.0005) as (target, running):
+        states = running.engine.states
+
+        def learned(placement: str) -> int:
+            ps = states.get(placement)
+            return int(ps.model.learned) if ps is not None else 0
+
+        yield target, clock, learned
+
+
+# -- the comparison of context modes ----------------------------------------------------------------
+
+PLACEMENTS_ALONE = (("sim.ivr", "IVR"), ("sim.ussd_menu", "USSD"))
+CONTEXT_LABELS = {
+    "full": "every customer feature in the request (`full`)",
+    "channel": "channel and customer id only (`channel`)",
+    "profile": "+ stored profile (`profile`)",
+    "profile+history": "+ profile + history 7d, 30d (`profile+history`)",
+}
+
+
+def _compare_contexts(args: argparse.Namespace) -> int:
+    """Each context mode over the same seeds, each run on a fresh in-process server on simulated
+    time; a Markdown table of the share of the oracle (mean ± standard deviation over seeds)."""
+    from nextbest.bandit.sim.scenario import load_scenario
+    from nextbest.bandit.sim.telecom import CONTEXTS
+
+    contexts = [c.strip() for c in args.compare_contexts.split(",") if c.strip()]
+    for c in contexts:
+        if c not in CONTEXTS:
+            raise SystemExit(f"error: unknown context {c!r} (expected some of {', '.join(CONTEXTS)})")
+    seeds = _seed_list(args.seeds)
+    load_scenario(args.scenario)  # an invalid file stops here, before any run
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    todo = [(ctx, seed) for seed in seeds for ctx in contexts]
+    if args.jobs > 1:  # runs in parallel processes: each is mostly waiting on its server's threads
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        spawn = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(_context_run, vars(args), ctx, seed) for ctx, seed in todo]
+            runs = [f.result() for f in futures]
+    else:
+        runs = [_context_run(vars(args), ctx, seed) for ctx, seed in todo]
+    table = context_table(runs, contexts, args.events, min(args.window, args.events))
+    command = "nextbest simulate " + " ".join(
+        [f"--compare-contexts {','.join(contexts)}", f"--seeds {','.join(map(str, seeds))}", f"--events {args.events}"]
+        + ([f"--window {args.window}"] if args.window != 5000 else [])
+        + ([f"--scenario {args.scenario}"] if args.scenario else [])
+        + ([f"--reward {args.reward}"] if args.reward else [])
+    )
+    if args.json is not None:
+        text = json.dumps({"command": command, "runs": runs, "seconds": time.perf_counter() - started}, indent=2)
+        if args.json == "-":
+            print(text)
+            return 0
+        Path(args.json).write_text(text + "\n")
+        _err(f"results written to {args.json}")
+    print(table)
+    print(f"\n{len(seeds)} seeds, {time.perf_counter() - started:.0f} s; reproduce: `{command}`")
+    return 0
+
+
+def _context_run(options: dict[str, Any], context: str, seed: int) -> dict[str, Any]:
+    """One run of the comparison: a fresh in-process server on simulated time; its shares."""
+    from nextbest.bandit.sim.scenario import load_scenario
+    from nextbest.bandit.sim.telecom import TelecomSim
+
+    args = argparse.Namespace(**{**options, "context": context, "seed": seed, "no_apply": False})
+    sim = TelecomSim(load_scenario(args.scenario), seed=seed, reward=args.reward)
+    _err(f"simulate: context {context}, seed {seed}, {args.events} events")
+    with sim_server(seed) as (target, clock, learned):
+        board, elapsed, _ = _play(args, sim, _specs(sim, args, context), target, clock, learned, "sim")
+    r = {"context": context, "seed": seed, "events": len(board), "seconds": elapsed, **shares(board, args.window)}
+    _err(f"  {context} seed {seed}: {r['all']:.3f} of the oracle, last {args.window}: {r['last']:.3f} ({elapsed:.0f} s)")
+    return r
+
+
+def shares(board: Any, window: int) -> dict[str, float]:
+    """The served policy's realized reward as a share of the oracle's expected reward: over all
+    events, over the last ``window``, and over all events of each placement of PLACEMENTS_ALONE."""
+    import numpy as np  # the server's dependencies: the CLI starts without them
+
+    n = len(board)
+    per = board.per_event()
+    got, best = per["policy"][0], per["oracle"][0]
+    last = slice(max(0, n - window), n)
+    out = {"all": _share(got, best), "last": _share(got[last], best[last])}
+    places = np.array(board.placement)
+    for pid, _ in PLACEMENTS_ALONE:
+        m = places == pid
+        out[pid] = _share(got[m], best[m])
+    return out
+
+
+def _share(got: Any, best: Any) -> float:
+    total = float(best.sum())
+    return float(got.sum()) / total if total > 0 else 0.0
+
+
+def context_table(runs: list[dict[str, Any]], contexts: list[str], events: int, window: int) -> str:
+    """Markdown: one row per context mode, mean ± standard deviation over the runs' seeds."""
+    import numpy as np  # the server's dependencies: the CLI starts without them
+
+    cols = [("all", f"all {events:,} events"), ("last", f"last {window:,}")] + [(pid, f"{name} alone") for pid, name in PLACEMENTS_ALONE]
+    lines = [
+        "| what the channels send | " + " | ".join(label for _, label in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for ctx in contexts:
+        mine = [r for r in runs if r["context"] == ctx]
+        cells = []
+        for key, _ in cols:
+            x = np.array([r[key] for r in mine])
+            cells.append(f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x.mean():.3f}")
+        lines.append(f"| {CONTEXT_LABELS.get(ctx, ctx)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes whole numbers separated by commas, not {text!r}") from None
+    if not seeds:
+        raise SystemExit("error: --seeds needs at least one seed")
+    return seeds
 
 
 def _progress(board: Any, done: int, total: int, rate: float, day: float) -> str:
@@ -238,22 +508,26 @@ def _plot(board: Any, scenario: Any, path: str) -> None:
 
 
 @contextmanager
-def local_server(db_dir: str | None = None) -> Iterator[str]:
-    """An in-process server on a free port with a throwaway SQLite database; yields its target."""
+def local_server(
+    db_dir: str | None = None, clock: Callable[[], float] = time.time, seed: str = LOCAL_SEED, **settings: Any
+) -> Iterator[tuple[str, Any]]:
+    """An in-process server on a free port with a throwaway SQLite database; yields its target
+    and the running server. ``settings`` override the server's (Settings fields)."""
     import asyncio
     import threading
 
     from nextbest.app import create_server
     from nextbest.settings import Settings
 
-    with tempfile.TemporaryDirectory(prefix="nextbest-bakeoff-", dir=db_dir) as d:
+    with tempfile.TemporaryDirectory(prefix="nextbest-local-", dir=db_dir) as d:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="nextbest-local", daemon=True)
         thread.start()
-        settings = Settings(db=f"sqlite:///{d}/nb.db", port=0, seed=LOCAL_SEED, flush_interval=0.005, snapshot_every=100_000)
-        running = asyncio.run_coroutine_threadsafe(create_server(settings), loop).result(60)
+        base: dict[str, Any] = {"flush_interval": 0.005, "snapshot_every": 100_000, **settings}
+        conf = Settings(db=f"sqlite:///{d}/nb.db", port=0, seed=seed, **base)
+        running = asyncio.run_coroutine_threadsafe(create_server(conf, clock), loop).result(60)
         try:
-            yield f"127.0.0.1:{running.port}"
+            yield f"127.0.0.1:{running.port}", running
         finally:
             asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(60)
             loop.call_soon_threadsafe(loop.stop)
@@ -268,7 +542,7 @@ def _bakeoff(args: argparse.Namespace) -> int:
     for n in names:
         if n not in bk.DATASETS:
             raise SystemExit(f"error: unknown dataset {n!r} (expected some of {', '.join(bk.DATASETS)})")
-    with local_server() if args.target is None else _remote(args.target) as target, NextbestClient(target) as nb:
+    with local_server() if args.target is None else _remote(args.target) as (target, _), NextbestClient(target) as nb:
         run_id = "" if args.target is None else f"{uuid.uuid4().hex[:6]}."  # fresh models on a shared server
         results = []
         t0 = time.perf_counter()
@@ -327,8 +601,8 @@ def _draws(pid: str) -> Any:
 
 
 @contextmanager
-def _remote(target: str) -> Iterator[str]:
-    yield target
+def _remote(target: str) -> Iterator[tuple[str, None]]:
+    yield target, None
 
 
 def _waiter(nb: NextbestClient, pid: str) -> Any:
@@ -390,7 +664,40 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="report only positive rewards, as channels that know only conversions do; the rest get the default reward",
     )
     s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
-    s.add_argument("--event-prefix", dest="event_prefix", default="", help="name the events PREFIX-<n> (default: the server does)")
+    s.add_argument(
+        "--event-prefix", dest="event_prefix", default="", help="name the events PREFIX-<n> (default: the server does; with --local, sim)"
+    )
+    s.add_argument(
+        "--context",
+        choices=CONTEXT_MODES,
+        default="full",
+        help="what the channels send: full = every customer feature and the simulator's impression counts (default); "
+        "channel = the channel and the customer id only, as an IVR or USSD gateway; profile = channel only, on placements "
+        "with context: {profile: true}, after the customer base was exported as of day 0 to Parquet and loaded with "
+        "`nextbest profiles load`; profile+history = also context.history [7d, 30d]. History windows count in the server's "
+        "clock: use --local for simulated days",
+    )
+    s.add_argument(
+        "--local",
+        action="store_true",
+        help="start an in-process server on a temporary SQLite database instead of --target: its clock follows the "
+        "simulated days (2026-01-01 + day), it is seeded by --seed, the simulator names the events, and each reward is "
+        "learned before the next visit, so a run reproduces",
+    )
+    s.add_argument(
+        "--profiles-file", dest="profiles_file", metavar="FILE", help="where the profile extract goes (default: a temporary file)"
+    )
+    s.add_argument(
+        "--compare-contexts",
+        dest="compare_contexts",
+        nargs="?",
+        const=",".join(CONTEXT_MODES),
+        metavar="MODES",
+        help=f"run each context mode (default {','.join(CONTEXT_MODES)}) over --seeds, each on a fresh --local server, "
+        "and print a Markdown table of the share of the oracle",
+    )
+    s.add_argument("--seeds", default="1,2,3", help="seeds of --compare-contexts (default 1,2,3)")
+    s.add_argument("--jobs", type=_positive, default=1, help="--compare-contexts runs at once, each in its own process (default 1)")
     s.set_defaults(func=_simulate)
 
     b = sub.add_parser("bakeoff", help="compare the service's learning with Vowpal Wabbit run directly")
@@ -415,7 +722,7 @@ def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
         raise argparse.ArgumentTypeError("must be a positive integer")
-    return n
+    return int(n)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
