@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -124,18 +125,21 @@ def _play(
             changes = nb.apply(specs)
             _err(f"applied {len(specs)} placements ({len(changes)} changes)")
         base = {p.id: learned(p.id) for p in specs} if learned is not None else {}
-        if args.context in ("profile", "profile+history"):
-            with tempfile.TemporaryDirectory(prefix="nextbest-profiles-") as tmp:
-                path = args.profiles_file or str(Path(tmp) / "profiles.parquet")
-                # A warehouse extract of day 0; an in-process server's clock is at day 0 now.
-                n = export_profiles(sim, path, as_of=SIM_EPOCH if clock is not None else time.time())
-                _err(f"exported {n} customer profiles as of day 0 to {path}")
-                load_profiles(path, target)
+        profiles = args.context in ("profile", "profile+history")
+        refresh = args.profile_refresh if profiles and args.profile_refresh > 0 else math.inf
+        if profiles:
+            # A warehouse extract of day 0; an in-process server's clock is at day 0 now.
+            _load_extract(sim, target, 0.0, SIM_EPOCH if clock is not None else time.time(), args.profiles_file)
         t0 = last = time.perf_counter()
         for i in range(args.events):
             v = sim.next_visit()
             if clock is not None:
                 clock.at_day(v.day)
+            if v.day >= refresh:  # the warehouse's next extract, as of the start of its day
+                day = math.floor(v.day / args.profile_refresh) * args.profile_refresh
+                as_of = SIM_EPOCH + day * 86400.0 if clock is not None else time.time()
+                _load_extract(sim, target, day, as_of, args.profiles_file, quiet=True)
+                refresh = day + args.profile_refresh
             # With --event-prefix the simulator names its events; else the server does, which is
             # faster (a caller-chosen id waits for its insert: the database decides it is new).
             event_id = f"{event_prefix}-{i}" if event_prefix else ""
@@ -225,16 +229,28 @@ def export_profiles(sim: Any, path: str | Path, *, day: float = 0.0, as_of: floa
     return int(n)
 
 
-def load_profiles(path: str, target: str) -> None:
-    """``nextbest profiles load PATH --format parquet --target TARGET``, its report on stderr."""
+def _load_extract(sim: Any, target: str, day: float, as_of: float, path: str | None, quiet: bool = False) -> None:
+    """Export the customer base as of ``day`` and load it into the server."""
+    with tempfile.TemporaryDirectory(prefix="nextbest-profiles-") as tmp:
+        path = path or str(Path(tmp) / "profiles.parquet")
+        n = export_profiles(sim, path, day=day, as_of=as_of)
+        if not quiet:
+            _err(f"exported {n} customer profiles as of day {day:g} to {path}")
+        load_profiles(path, target, quiet)
+
+
+def load_profiles(path: str, target: str, quiet: bool = False) -> None:
+    """``nextbest profiles load PATH --format parquet --target TARGET``, its report on stderr
+    (none when ``quiet``)."""
     import contextlib
+    import io
 
     from nextbest.cli import profiles
 
     parser = argparse.ArgumentParser(prog="nextbest")
     profiles.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["profiles", "load", path, "--format", "parquet", "--target", target])
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(io.StringIO() if quiet else sys.stderr):
         rc = int(args.func(args))
     if rc != 0:
         raise RuntimeError(f"nextbest profiles load {path} failed (exit code {rc})")
@@ -299,6 +315,7 @@ def _compare_contexts(args: argparse.Namespace) -> int:
         + ([f"--window {args.window}"] if args.window != 5000 else [])
         + ([f"--scenario {args.scenario}"] if args.scenario else [])
         + ([f"--reward {args.reward}"] if args.reward else [])
+        + ([f"--profile-refresh {args.profile_refresh:g}"] if args.profile_refresh > 0 else [])
     )
     if args.json is not None:
         text = json.dumps({"command": command, "runs": runs, "seconds": time.perf_counter() - started}, indent=2)
@@ -322,7 +339,9 @@ def _context_run(options: dict[str, Any], context: str, seed: int) -> dict[str, 
     _err(f"simulate: context {context}, seed {seed}, {args.events} events")
     with sim_server(seed) as (target, clock, learned):
         board, elapsed, _ = _play(args, sim, _specs(sim, args, context), target, clock, learned, "sim")
-    r = {"context": context, "seed": seed, "events": len(board), "seconds": elapsed, **shares(board, args.window)}
+    refresh = args.profile_refresh if context in ("profile", "profile+history") else 0.0
+    r = {"context": context, "profile_refresh": refresh, "seed": seed, "events": len(board), "seconds": elapsed}
+    r.update(shares(board, args.window))
     _err(f"  {context} seed {seed}: {r['all']:.3f} of the oracle, last {args.window}: {r['last']:.3f} ({elapsed:.0f} s)")
     return r
 
@@ -364,8 +383,16 @@ def context_table(runs: list[dict[str, Any]], contexts: list[str], events: int, 
         for key, _ in cols:
             x = np.array([r[key] for r in mine])
             cells.append(f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x.mean():.3f}")
-        lines.append(f"| {CONTEXT_LABELS.get(ctx, ctx)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(ctx, mine[0].get('profile_refresh', 0.0) if mine else 0.0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _label(context: str, refresh: float) -> str:
+    label = CONTEXT_LABELS.get(context, context)
+    if refresh > 0:
+        every = "daily" if refresh == 1 else f"every {refresh:g} days"
+        label = label.replace("`)", f"`, extract reloaded {every})")
+    return label
 
 
 def _seed_list(text: str) -> list[int]:
@@ -683,6 +710,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="start an in-process server on a temporary SQLite database instead of --target: its clock follows the "
         "simulated days (2026-01-01 + day), it is seeded by --seed, the simulator names the events, and each reward is "
         "learned before the next visit, so a run reproduces",
+    )
+    s.add_argument(
+        "--profile-refresh",
+        dest="profile_refresh",
+        type=float,
+        default=0.0,
+        metavar="DAYS",
+        help="with --context profile[+history]: export and load the customer base again every DAYS simulated days, "
+        "as of that day, as a warehouse refreshes its extract (default 0: once, as of day 0)",
     )
     s.add_argument(
         "--profiles-file", dest="profiles_file", metavar="FILE", help="where the profile extract goes (default: a temporary file)"

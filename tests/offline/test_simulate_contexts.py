@@ -19,10 +19,10 @@ from nextbest.storage.sql import open_store
 DEFAULT = load_scenario()
 
 
-def _args(context: str, events: int) -> argparse.Namespace:
+def _args(context: str, events: int, *more: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nextbest")
     simulate.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["simulate", "--local", "--context", context, "--events", str(events), "--progress-every", "100000"])
+    return parser.parse_args(["simulate", "--local", "--context", context, "--events", str(events), "--progress-every", "100000", *more])
 
 
 def test_the_cli_names_the_simulators_modes() -> None:
@@ -71,9 +71,9 @@ def test_profile_modes_read_the_stored_profile_and_history_on_their_placements()
 
 
 def test_a_profile_run_decides_on_loaded_profiles_and_history_in_simulated_days(tmp_path: Path) -> None:
-    events = 200
+    events = 200  # 0.4 simulated days; the extract is reloaded as of day 0.2
     sim = TelecomSim(DEFAULT, seed=3)
-    args = _args("profile+history", events)
+    args = _args("profile+history", events, "--profile-refresh", "0.2")
     with simulate.sim_server(3, db_dir=str(tmp_path)) as (target, clock, learned):
         board, _, _ = simulate._play(args, sim, simulate._specs(sim, args, args.context), target, clock, learned, "sim")
         assert learned("sim.app_home") > 0
@@ -90,7 +90,8 @@ def test_a_profile_run_decides_on_loaded_profiles_and_history_in_simulated_days(
         assert d is not None
         assert d.customer_id.startswith("cust")
         assert d.timestamp == pytest.approx(SIM_EPOCH + i * day * 86400.0)  # the server's clock is the simulated one
-        assert d.context.profile_as_of == SIM_EPOCH
+        extract_day = 0.2 if i / DEFAULT.visits_per_day >= 0.2 else 0.0
+        assert d.context.profile_as_of == pytest.approx(SIM_EPOCH + extract_day * 86400.0)
         assert "customer.plan" in d.context.profile_keys and "customer.arpu" in d.context.profile_keys
         names = {(ns, name) for ns, name, _ in d.features}
         assert ("visit", "channel") in names and ("customer", "plan") in names
