@@ -15,6 +15,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    text,
 )
 
 metadata = MetaData()
@@ -193,7 +194,10 @@ profiles = Table(
     Column("as_of", Double, nullable=False),
     Column("expires_at", Double),
     Column("updated_at", Double, nullable=False),
-    Index("ix_profiles_expires", "expires_at"),
+    # Only profiles that expire: most never do, and an index entry per write costs the loader.
+    Index(
+        "ix_profiles_expires", "expires_at", postgresql_where=text("expires_at IS NOT NULL"), sqlite_where=text("expires_at IS NOT NULL")
+    ),
 )
 
 # Named counters; "learn_seq" hands out learn positions (atomically, to the one learner).

@@ -4,8 +4,6 @@ storage/base.py), on SQLite and the PostgreSQL at 127.0.0.1:5432 (database test)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -15,25 +13,7 @@ from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.features import feature
 from nextbest.storage.base import Close, ContactRow, Erased, Profile, ProfilesPut
 from nextbest.storage.refusal import is_refusal
-from nextbest.storage.sql import SqlStore, open_store
-from tests.harness import postgres_available, postgres_schema
-
-_PG = postgres_available()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path}/nb.db")
-        yield s
-        s.close()
-        return
-    if not _PG:
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); PostgreSQL contract not run")
-    with postgres_schema() as url:
-        s = open_store(url)
-        yield s
-        s.close()
+from nextbest.storage.sql import SqlStore
 
 
 def profile(customer_id: str, as_of: float, plan: str = "prepaid", arpu: float = 12.5, expires_at: float | None = None) -> Profile:

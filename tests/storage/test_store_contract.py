@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,9 @@ from nextbest.config.plans import plan
 from nextbest.storage.base import Activation, Close, Recorded, RewardEvent, Snapshot
 from nextbest.storage.sql import SqlStore, open_store
 from tests import envs
-from tests.harness import postgres_available, postgres_schema
+from tests.harness import postgres_available
 
 _PG = postgres_available()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    if request.param == "sqlite":
-        s = open_store(f"sqlite:///{tmp_path}/nb.db")
-        yield s
-        s.close()
-        return
-    if not _PG:
-        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (database test); PostgreSQL contract not run")
-    with postgres_schema() as url:
-        s = open_store(url)
-        yield s
-        s.close()
 
 
 def decision(event_id: str, chosen: int | None = 0, t: float = 100.0) -> LoggedDecision:
@@ -295,7 +279,7 @@ def test_contact_history_is_backfilled_from_the_log(store: SqlStore, tmp_path: P
         ("b3", "voice_300", 103.0),
     ]
     store.write([decision(f"n{i}", 0, t=200.0 + i) for i in range(50)], [])
-    other = open_store(str(store.engine.url.render_as_string(hide_password=False)))
+    other = open_store(store.url)
     try:
         with ThreadPoolExecutor(2) as pool:
             copied = list(pool.map(lambda s: s.backfill_contacts(0.0), [store, other]))

@@ -33,7 +33,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Double(), nullable=True),
         sa.Column("updated_at", sa.Double(), nullable=False),
     )
-    op.create_index("ix_profiles_expires", "profiles", ["expires_at"])
+    # Only profiles that expire: most never do, and an index entry per write costs the loader.
+    where = sa.text("expires_at IS NOT NULL")
+    op.create_index("ix_profiles_expires", "profiles", ["expires_at"], postgresql_where=where, sqlite_where=where)
     with op.batch_alter_table("decisions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("context", sa.JSON(), nullable=True))
 
