@@ -25,10 +25,10 @@ FeatureDict = dict[str, dict[str, float | str]]
 # What the channels send to Choose (``nextbest simulate --context``): ``full``, every customer
 # feature and the simulator's own impression counts (``history.seen_<offer>``, ``offers_seen``);
 # ``channel``, only the channel (and the customer id), as an IVR or a USSD gateway can;
-# ``profile``, the same on placements that read the stored profile; ``profile+history``, also
-# the service's interaction-history features. The simulator's own impression counts are what a
+# ``channel+history``, the same on placements that add the service's interaction-history features;
+# ``profile``, on placements that read the stored profile; ``profile+history``, both. The simulator's own impression counts are what a
 # channel does not have: they are sent in ``full`` only.
-CONTEXTS = ("full", "channel", "profile", "profile+history")
+CONTEXTS = ("full", "channel", "channel+history", "profile", "profile+history")
 _CHUNK = 1024  # visits are drawn in chunks so that a shorter run is a prefix of a longer one
 
 

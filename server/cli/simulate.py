@@ -24,7 +24,9 @@ from typing import Any
 from nextbest.client import NextbestClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-CONTEXT_MODES = ("full", "channel", "profile", "profile+history")  # nextbest.bandit.sim.telecom.CONTEXTS
+CONTEXT_MODES = ("full", "channel", "channel+history", "profile", "profile+history")  # nextbest.bandit.sim.telecom.CONTEXTS
+PROFILE_MODES = ("profile", "profile+history")
+HISTORY_MODES = ("channel+history", "profile+history")
 LOCAL_SEED = "bakeoff"  # the in-process server's seed: it fixes the random draw of every event
 POLICIES = (
     ("policy", "served policy"),
@@ -60,7 +62,7 @@ def _simulate(args: argparse.Namespace) -> int:
         with sim_server(args.seed) as (target, clock, learned):
             board, elapsed, start_versions = _play(args, sim, specs, target, clock, learned, f"{args.event_prefix or 'sim'}")
     else:
-        if args.context == "profile+history":
+        if args.context in HISTORY_MODES:
             _err("note: history windows count in the server's clock (wall time): use --local for windows in simulated days")
         board, elapsed, start_versions = _play(args, sim, specs, args.target, None, None, args.event_prefix)
     trained = {p: n for p, n in start_versions.items() if n > 0}
@@ -125,7 +127,7 @@ def _play(
             changes = nb.apply(specs)
             _err(f"applied {len(specs)} placements ({len(changes)} changes)")
         base = {p.id: learned(p.id) for p in specs} if learned is not None else {}
-        profiles = args.context in ("profile", "profile+history")
+        profiles = args.context in PROFILE_MODES
         refresh = args.profile_refresh if profiles and args.profile_refresh > 0 else math.inf
         if profiles:
             # A warehouse extract of day 0; an in-process server's clock is at day 0 now.
@@ -196,13 +198,15 @@ class SimClock:
 
 
 def context_specs(specs: list[Any], context: str) -> list[Any]:
-    """The placements for a context mode: ``profile`` reads the stored profile, ``profile+history``
-    also gives every arm its history features over HISTORY_WINDOWS."""
+    """The placements for a context mode: the profile modes read the stored profile, the history
+    modes give every arm its history features over HISTORY_WINDOWS."""
     from nextbest.bandit.spec import ContextSpec
 
-    if context not in ("profile", "profile+history"):
+    if context not in PROFILE_MODES + HISTORY_MODES:
         return specs
-    ctx = ContextSpec.model_validate({"profile": True, "history": list(HISTORY_WINDOWS) if context == "profile+history" else []})
+    ctx = ContextSpec.model_validate(
+        {"profile": context in PROFILE_MODES, "history": list(HISTORY_WINDOWS) if context in HISTORY_MODES else []}
+    )
     return [p.model_copy(update={"context": ctx}) for p in specs]
 
 
@@ -280,6 +284,7 @@ CONTEXT_LABELS = {
     "full": "every customer feature in the request (`full`)",
     "channel": "channel and customer id only (`channel`)",
     "profile": "+ stored profile (`profile`)",
+    "channel+history": "+ history 7d, 30d (`channel+history`)",
     "profile+history": "+ profile + history 7d, 30d (`profile+history`)",
 }
 
@@ -339,7 +344,7 @@ def _context_run(options: dict[str, Any], context: str, seed: int) -> dict[str, 
     _err(f"simulate: context {context}, seed {seed}, {args.events} events")
     with sim_server(seed) as (target, clock, learned):
         board, elapsed, _ = _play(args, sim, _specs(sim, args, context), target, clock, learned, "sim")
-    refresh = args.profile_refresh if context in ("profile", "profile+history") else 0.0
+    refresh = args.profile_refresh if context in PROFILE_MODES else 0.0
     r = {"context": context, "profile_refresh": refresh, "seed": seed, "events": len(board), "seconds": elapsed}
     r.update(shares(board, args.window))
     _err(f"  {context} seed {seed}: {r['all']:.3f} of the oracle, last {args.window}: {r['last']:.3f} ({elapsed:.0f} s)")
@@ -701,8 +706,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="what the channels send: full = every customer feature and the simulator's impression counts (default); "
         "channel = the channel and the customer id only, as an IVR or USSD gateway; profile = channel only, on placements "
         "with context: {profile: true}, after the customer base was exported as of day 0 to Parquet and loaded with "
-        "`nextbest profiles load`; profile+history = also context.history [7d, 30d]. History windows count in the server's "
-        "clock: use --local for simulated days",
+        "`nextbest profiles load`; channel+history and profile+history = also context.history [7d, 30d]. "
+        "History windows count in the server's clock: use --local for simulated days",
     )
     s.add_argument(
         "--local",

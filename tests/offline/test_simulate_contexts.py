@@ -55,7 +55,7 @@ def test_only_the_full_mode_sends_customer_features() -> None:
         v = sim.next_visit()
         assert request_features(v, "full") == v.features
         assert set(v.features) == {"customer", "visit", "history"}
-        for mode in ("channel", "profile", "profile+history"):
+        for mode in ("channel", "channel+history", "profile", "profile+history"):
             assert request_features(v, mode) == {"visit": {"channel": v.channel}}
         sim.respond(v, v.arms[0])
     with pytest.raises(ValueError, match="context must be one of"):
@@ -66,6 +66,7 @@ def test_profile_modes_read_the_stored_profile_and_history_on_their_placements()
     specs = TelecomSim(DEFAULT, seed=1).placements()
     assert all(not p.context.profile and not p.context.history for p in simulate.context_specs(specs, "channel"))
     assert all(p.context.profile and not p.context.history for p in simulate.context_specs(specs, "profile"))
+    assert all(not p.context.profile and len(p.context.history) == 2 for p in simulate.context_specs(specs, "channel+history"))
     both = simulate.context_specs(specs, "profile+history")
     assert all(p.context.profile and p.context.windows == [("7d", 7 * 86400.0), ("30d", 30 * 86400.0)] for p in both)
 
