@@ -117,6 +117,34 @@ FEATURE_SOURCE_HISTORY: FeatureSource.ValueType  # 3
 """The customer's interaction history with an arm (ArmExplanation.history)."""
 Global___FeatureSource: _TypeAlias = FeatureSource  # noqa: Y015
 
+class _ConversionStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConversionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConversionStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONVERSION_STATUS_UNSPECIFIED: _ConversionStatus.ValueType  # 0
+    """Not used (the conversion failed; see ConversionResult.code)."""
+    CONVERSION_STATUS_ATTRIBUTED: _ConversionStatus.ValueType  # 1
+    """Stored and credited to the decisions listed; each share is a reward of its decision."""
+    CONVERSION_STATUS_UNATTRIBUTED: _ConversionStatus.ValueType  # 2
+    """Stored and counted, but the customer had no activated impression of the arm in the window."""
+    CONVERSION_STATUS_DUPLICATE: _ConversionStatus.ValueType  # 3
+    """A conversion with this id was reported before; the credits are those it got then."""
+
+class ConversionStatus(_ConversionStatus, metaclass=_ConversionStatusEnumTypeWrapper):
+    """ConversionStatus tells what became of a conversion."""
+
+CONVERSION_STATUS_UNSPECIFIED: ConversionStatus.ValueType  # 0
+"""Not used (the conversion failed; see ConversionResult.code)."""
+CONVERSION_STATUS_ATTRIBUTED: ConversionStatus.ValueType  # 1
+"""Stored and credited to the decisions listed; each share is a reward of its decision."""
+CONVERSION_STATUS_UNATTRIBUTED: ConversionStatus.ValueType  # 2
+"""Stored and counted, but the customer had no activated impression of the arm in the window."""
+CONVERSION_STATUS_DUPLICATE: ConversionStatus.ValueType  # 3
+"""A conversion with this id was reported before; the credits are those it got then."""
+Global___ConversionStatus: _TypeAlias = ConversionStatus  # noqa: Y015
+
 @_typing.final
 class SlotFeatures(_message.Message):
     """SlotFeatures are features of one slot of a multi-slot placement (position, size)."""
@@ -608,6 +636,7 @@ class ExplainResponse(_message.Message):
     SCORED_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     PROFILE_AS_OF_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The decision's event id."""
     placement: _builtins.str
@@ -656,6 +685,10 @@ class ExplainResponse(_message.Message):
     def profile_as_of(self) -> _timestamp_pb2.Timestamp:
         """As of when the profile used was (its source's time); unset when no profile was used."""
 
+    @_builtins.property
+    def conversions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExplainedConversion]:
+        """The conversions credited to this decision (ReportConversions), oldest first."""
+
     def __init__(
         self,
         *,
@@ -676,11 +709,218 @@ class ExplainResponse(_message.Message):
         scored: _builtins.bool = ...,
         features: _abc.Iterable[Global___ExplainedFeature] | None = ...,
         profile_as_of: _timestamp_pb2.Timestamp | None = ...,
+        conversions: _abc.Iterable[Global___ExplainedConversion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "profile_as_of", b"profile_as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "arms", b"arms", "decided_at", b"decided_at", "event_id", b"event_id", "exploration_parameter", b"exploration_parameter", "features", b"features", "model_version", b"model_version", "no_offer_probability", b"no_offer_probability", "placement", b"placement", "policy", b"policy", "probability", b"probability", "profile_as_of", b"profile_as_of", "reason", b"reason", "reward_scale", b"reward_scale", "scored", b"scored", "slot", b"slot", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "arms", b"arms", "conversions", b"conversions", "decided_at", b"decided_at", "event_id", b"event_id", "exploration_parameter", b"exploration_parameter", "features", b"features", "model_version", b"model_version", "no_offer_probability", b"no_offer_probability", "placement", b"placement", "policy", b"policy", "probability", b"probability", "profile_as_of", b"profile_as_of", "reason", b"reason", "reward_scale", b"reward_scale", "scored", b"scored", "slot", b"slot", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015
+
+@_typing.final
+class ExplainedConversion(_message.Message):
+    """ExplainedConversion is one conversion credited to an explained decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSION_ID_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    conversion_id: _builtins.str
+    """The conversion's id, as billing sent it."""
+    share: _builtins.float
+    """The decision's share of the conversion: 1 under last touch, 1/n under linear."""
+    value: _builtins.float
+    """The value credited to the decision: the conversion's value times the share."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the purchase happened."""
+
+    def __init__(
+        self,
+        *,
+        conversion_id: _builtins.str = ...,
+        share: _builtins.float = ...,
+        value: _builtins.float = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_id", b"conversion_id", "occurred_at", b"occurred_at", "share", b"share", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainedConversion: _TypeAlias = ExplainedConversion  # noqa: Y015
+
+@_typing.final
+class Conversion(_message.Message):
+    """Conversion is a purchase or recharge seen by billing, without an event id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    ARM_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    conversion_id: _builtins.str
+    """Unique id of the conversion (the idempotency key): sent again, it is DUPLICATE. Required."""
+    customer_id: _builtins.str
+    """The customer who bought, as in ChooseRequest.customer_id. Required."""
+    arm_id: _builtins.str
+    """The arm bought; give this or product."""
+    product: _builtins.str
+    """The billing product code bought; every arm that lists it (Arm.products) may be credited."""
+    value: _builtins.float
+    """The value of the purchase (revenue or margin), credited as the reward. Must be finite."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the purchase happened: not in the future, not older than the server allows. Required."""
+
+    def __init__(
+        self,
+        *,
+        conversion_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        arm_id: _builtins.str = ...,
+        product: _builtins.str = ...,
+        value: _builtins.float = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "conversion_id", b"conversion_id", "customer_id", b"customer_id", "occurred_at", b"occurred_at", "product", b"product", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Conversion: _TypeAlias = Conversion  # noqa: Y015
+
+@_typing.final
+class ReportConversionsRequest(_message.Message):
+    """ReportConversionsRequest carries conversions (at most the server's max_reward_batch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conversion]:
+        """The conversions, each with its own id."""
+
+    def __init__(
+        self,
+        *,
+        conversions: _abc.Iterable[Global___Conversion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversions", b"conversions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportConversionsRequest: _TypeAlias = ReportConversionsRequest  # noqa: Y015
+
+@_typing.final
+class ConversionCredit(_message.Message):
+    """ConversionCredit is a decision's share of a conversion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    ARM_ID_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The decision credited."""
+    slot: _builtins.int
+    """Its slot."""
+    placement: _builtins.str
+    """Its placement."""
+    arm_id: _builtins.str
+    """The arm it served."""
+    share: _builtins.float
+    """Its share of the conversion: 1 under last touch, 1/n under linear."""
+    value: _builtins.float
+    """The value credited: the conversion's value times the share."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        slot: _builtins.int = ...,
+        placement: _builtins.str = ...,
+        arm_id: _builtins.str = ...,
+        share: _builtins.float = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_id", b"arm_id", "event_id", b"event_id", "placement", b"placement", "share", b"share", "slot", b"slot", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversionCredit: _TypeAlias = ConversionCredit  # noqa: Y015
+
+@_typing.final
+class ConversionResult(_message.Message):
+    """ConversionResult is what became of one conversion of a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    status: Global___ConversionStatus.ValueType
+    """What became of it; UNSPECIFIED when it failed (see code)."""
+    code: _builtins.int
+    """0 when the conversion was handled, else the gRPC status code it failed with."""
+    message: _builtins.str
+    """Why it failed; empty when code is 0."""
+    @_builtins.property
+    def credits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConversionCredit]:
+        """The decisions credited (ATTRIBUTED, DUPLICATE)."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___ConversionStatus.ValueType = ...,
+        credits: _abc.Iterable[Global___ConversionCredit] | None = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "credits", b"credits", "message", b"message", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversionResult: _TypeAlias = ConversionResult  # noqa: Y015
+
+@_typing.final
+class ReportConversionsResponse(_message.Message):
+    """ReportConversionsResponse answers a request, one result per conversion, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConversionResult]:
+        """One per request item, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ConversionResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportConversionsResponse: _TypeAlias = ReportConversionsResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class DecisionServiceStub:
                 request_serializer=nextbest_dot_v1_dot_decision__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=nextbest_dot_v1_dot_decision__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ReportConversions = channel.unary_unary(
+                '/nextbest.v1.DecisionService/ReportConversions',
+                request_serializer=nextbest_dot_v1_dot_decision__pb2.ReportConversionsRequest.SerializeToString,
+                response_deserializer=nextbest_dot_v1_dot_decision__pb2.ReportConversionsResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -112,6 +117,19 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportConversions(self, request, context):
+        """ReportConversions reports purchases seen by billing, keyed by customer and arm or product
+        and without an event id. Each is attributed to the customer's activated impressions of the
+        arm within its placement's attribution window (last touch or linear), and each credited
+        share becomes a reward of that decision, keyed by the conversion id. At most the server's
+        max_reward_batch per call; an invalid item fails the whole call with INVALID_ARGUMENT
+        naming it, before anything is stored. Every result is durable when this call returns; a
+        conversion id seen before is DUPLICATE. Allowed to data and admin tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +157,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=nextbest_dot_v1_dot_decision__pb2.ExplainRequest.FromString,
                     response_serializer=nextbest_dot_v1_dot_decision__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ReportConversions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportConversions,
+                    request_deserializer=nextbest_dot_v1_dot_decision__pb2.ReportConversionsRequest.FromString,
+                    response_serializer=nextbest_dot_v1_dot_decision__pb2.ReportConversionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +301,33 @@ class DecisionService:
             '/nextbest.v1.DecisionService/Explain',
             nextbest_dot_v1_dot_decision__pb2.ExplainRequest.SerializeToString,
             nextbest_dot_v1_dot_decision__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportConversions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nextbest.v1.DecisionService/ReportConversions',
+            nextbest_dot_v1_dot_decision__pb2.ReportConversionsRequest.SerializeToString,
+            nextbest_dot_v1_dot_decision__pb2.ReportConversionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,15 @@ class DecisionServiceStub:
     over and the final probability, as recorded when the decision was made. Allowed to admin
     tokens and to channel tokens for their own placements.
     """
+    ReportConversions: _grpc.UnaryUnaryMultiCallable[_decision_pb2.ReportConversionsRequest, _decision_pb2.ReportConversionsResponse]
+    """ReportConversions reports purchases seen by billing, keyed by customer and arm or product
+    and without an event id. Each is attributed to the customer's activated impressions of the
+    arm within its placement's attribution window (last touch or linear), and each credited
+    share becomes a reward of that decision, keyed by the conversion id. At most the server's
+    max_reward_batch per call; an invalid item fails the whole call with INVALID_ARGUMENT
+    naming it, before anything is stored. Every result is durable when this call returns; a
+    conversion id seen before is DUPLICATE. Allowed to data and admin tokens.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -90,6 +99,15 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     or with the reason it was not, and for the eligible ones the parts of the value explored
     over and the final probability, as recorded when the decision was made. Allowed to admin
     tokens and to channel tokens for their own placements.
+    """
+    ReportConversions: _aio.UnaryUnaryMultiCallable[_decision_pb2.ReportConversionsRequest, _decision_pb2.ReportConversionsResponse]  # type: ignore[assignment]
+    """ReportConversions reports purchases seen by billing, keyed by customer and arm or product
+    and without an event id. Each is attributed to the customer's activated impressions of the
+    arm within its placement's attribution window (last touch or linear), and each credited
+    share becomes a reward of that decision, keyed by the conversion id. At most the server's
+    max_reward_batch per call; an invalid item fails the whole call with INVALID_ARGUMENT
+    naming it, before anything is stored. Every result is durable when this call returns; a
+    conversion id seen before is DUPLICATE. Allowed to data and admin tokens.
     """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -149,6 +167,21 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
         or with the reason it was not, and for the eligible ones the parts of the value explored
         over and the final probability, as recorded when the decision was made. Allowed to admin
         tokens and to channel tokens for their own placements.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportConversions(
+        self,
+        request: _decision_pb2.ReportConversionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.ReportConversionsResponse, _abc.Awaitable[_decision_pb2.ReportConversionsResponse]]:
+        """ReportConversions reports purchases seen by billing, keyed by customer and arm or product
+        and without an event id. Each is attributed to the customer's activated impressions of the
+        arm within its placement's attribution window (last touch or linear), and each credited
+        share becomes a reward of that decision, keyed by the conversion id. At most the server's
+        max_reward_batch per call; an invalid item fails the whole call with INVALID_ARGUMENT
+        naming it, before anything is stored. Every result is durable when this call returns; a
+        conversion id seen before is DUPLICATE. Allowed to data and admin tokens.
         """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
