@@ -11,7 +11,8 @@ File (``auth_tokens_file``)::
       - name: mobile-app                    # appears in logs
         sha256: 5e8848...                   # sha256 hex of the token
         roles: [channel]                    # channel: DecisionService; admin: AdminService, Explain,
-                                            # ProfileService; data: ProfileService only (loaders)
+                                            # ProfileService, ReportConversions; data: ProfileService
+                                            # and ReportConversions only (loaders, billing feeds)
         placements: [app_home_banner]       # optional: a channel token limited to these
 
 Variable: ``name:role[+role]:sha256[:placement,placement]`` entries separated by ``;``.
@@ -166,7 +167,12 @@ def load_tokens(file: str = "", env_value: str = "") -> TokenTable:
 
 # Methods open to more than one role. Explain reads a decision back: the channel that made it
 # may ask why (for its own placements), and so may an operator with an admin token.
-_ROLES_OF: dict[str, frozenset[str]] = {DECISION_SERVICE + "Explain": frozenset({CHANNEL, ADMIN})}
+# ReportConversions is a billing feed's, neither a channel's nor only an operator's: the loaders'
+# "data" role, or an operator.
+_ROLES_OF: dict[str, frozenset[str]] = {
+    DECISION_SERVICE + "Explain": frozenset({CHANNEL, ADMIN}),
+    DECISION_SERVICE + "ReportConversions": frozenset({DATA, ADMIN}),
+}
 
 
 def allowed_roles(method: str) -> frozenset[str] | None:
