@@ -99,7 +99,7 @@ def detect_format(path: str, format: str | None) -> Format:
         name = name.removesuffix(suffix)
     if name.endswith((".parquet", ".pq", ".parq")):
         return "parquet"
-    if name.endswith((".csv", ".tsv", ".txt")):
+    if name.endswith(".csv"):
         return "csv"
     raise ProfileFileError(path, "cannot tell the format from the file name: give --format parquet or --format csv")
 

@@ -394,3 +394,40 @@ def test_a_server_refusing_a_batch_stops_the_load_there(tmp_path: Path, capsys: 
     assert "row 25" in err and "refused" in err, err
     assert "loaded rows 1-20 (2 batches) before the error; rows from 21 on were not loaded" in err
     assert _count(db) == 20
+
+
+def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    """README "Loading profiles from the warehouse": its CSV and its commands, in a fresh directory."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Loading profiles from the warehouse", 1)[1].split("\n### ", 1)[0]
+    csv = re.search(r"<<'CSV'\n(.*?)\nCSV\n", section, re.S)
+    assert csv is not None
+    (tmp_path / "customers.csv").write_text(csv.group(1) + "\n", encoding="utf-8")
+    commands = [line[2:] for line in section.splitlines() if line.startswith("$ nextbest profiles") and "--db" in line]
+    assert len(commands) == 2
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command.split("#")[0])[1:]
+        r = subprocess.run([sys.executable, "-m", "nextbest.cli.main", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outputs.append(r.stdout.strip())
+    shown = section.split(commands[1], 1)[1].splitlines()[1]
+    assert outputs[1] == shown  # the profile, exactly as the README prints it
+    assert outputs[0].startswith("2 rows read from customers.csv in 1 batch: 2 stored, 0 stale")
+
+
+def test_the_progress_line_shows_rows_share_and_rate() -> None:
+    import io
+
+    from nextbest.cli.profiles import Progress
+
+    out = io.StringIO()
+    p = Progress("x.parquet", 1000, stream=out, every=0.0)
+    p(250)
+    p.close()
+    text = out.getvalue()
+    assert text.startswith("\rloading [#######") and " 25% 250 rows, " in text and "/s" in text
+    assert text.endswith("\r\033[K")  # the line is cleared before the summary is printed
