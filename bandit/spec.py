@@ -67,6 +67,8 @@ MAX_ABS_REWARD_LIMIT = 1e12  # VW computes in float32; far below its overflow, f
 # Choose and 249 KB a log row). Retired arms, kept for their history, do not count: a stored
 # placement gathers them over the years, and it must still load.
 MAX_ARMS = 1000
+MAX_PRODUCTS = 1000  # billing product codes per arm
+MAX_ATTRIBUTION_WINDOW = 90 * 86400.0
 
 
 class ExplorationSpec(_Spec):
@@ -151,11 +153,26 @@ class ArmSpec(_Spec):
     start: datetime | None = None
     end: datetime | None = None
     eligible: Eligible = None  # the arm is shown only to requests whose features satisfy this rule
+    # Billing product codes whose purchase is a conversion of this offer (issue #31); a
+    # conversion naming the arm's id (arm_id) matches it too.
+    products: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(default_factory=list)
 
     @field_validator("start", "end")
     @classmethod
     def _tz(cls, v: datetime | None) -> datetime | None:
         return _utc(v)
+
+    @field_validator("products")
+    @classmethod
+    def _unique_products(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_PRODUCTS:
+            raise ValueError(f"at most {MAX_PRODUCTS} products per arm")
+        seen: set[str] = set()
+        for code in v:
+            if code in seen:
+                raise ValueError(f"duplicate product {code!r}")
+            seen.add(code)
+        return v
 
     @field_validator("features")
     @classmethod
@@ -341,6 +358,23 @@ class ContextSpec(_Spec):
         return [(window_label(x), x) for x in self.history]
 
 
+class AttributionSpec(_Spec):
+    """How a conversion from billing (issue #31: a purchase keyed by customer and product, no
+    event id) is credited to this placement's decisions: to the customer's activated impressions
+    of the matching arm within ``window`` before the purchase; ``last_touch`` credits the latest
+    of them, ``linear`` splits the value equally (bandit/attribution.py)."""
+
+    window: Duration = 7 * 86400.0
+    model: Literal["last_touch", "linear"] = "last_touch"
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: float) -> float:
+        if v > MAX_ATTRIBUTION_WINDOW:
+            raise ValueError(f"at most {MAX_ATTRIBUTION_WINDOW / 86400:g} days")
+        return v
+
+
 class PlacementSpec(_Spec):
     """A placement: its arms and how its model learns and explores."""
 
@@ -376,6 +410,7 @@ class PlacementSpec(_Spec):
     promote: str | None = None  # on stopping an experiment: the variant whose model becomes the placement's
     eligible: Eligible = None  # every arm of the placement must also satisfy this rule
     context: ContextSpec = Field(default_factory=ContextSpec)  # stored profile and history features
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)  # conversions from billing (#31)
 
     @model_validator(mode="before")
     @classmethod
@@ -404,6 +439,12 @@ class PlacementSpec(_Spec):
             if arm.id in seen:
                 raise ValueError(f"arms[{i}].id: duplicate arm id {arm.id!r}")
             seen.add(arm.id)
+        products: dict[str, int] = {}
+        for i, arm in enumerate(self.arms):
+            for code in arm.products:
+                if code in products:
+                    raise ValueError(f"arms[{i}].products: product {code!r} is also a product of arm {self.arms[products[code]].id!r}")
+                products[code] = i
         if self.fallback_arm is not None and self.fallback_arm not in seen:
             raise ValueError(f"fallback_arm: {self.fallback_arm!r} is not an arm of this placement")
         h = self.experiment.holdout if self.experiment else None
@@ -416,6 +457,21 @@ class PlacementSpec(_Spec):
         if self.promote is not None and self.experiment is not None:
             raise ValueError("promote: promote a variant when stopping the experiment (remove experiment)")
         return self
+
+    def warnings(self) -> list[str]:
+        """What ``nextbest apply`` points out but accepts: settings that work, though likely not
+        as meant. A placement that learns from conversions (an arm lists products, or
+        ``attribution`` is set) with a reward window shorter than its attribution window learns a
+        conversion credited after the window closed as LATE (recorded, not learned)."""
+        out: list[str] = []
+        converts = "attribution" in self.model_fields_set or any(a.products for a in self.arms)
+        if converts and self.reward_window < self.attribution.window:
+            out.append(
+                f"placement {self.id}: reward_window ({window_label(self.reward_window)}) is shorter than attribution.window "
+                f"({window_label(self.attribution.window)}): conversions credited after a decision's reward window closed are "
+                "recorded as LATE and not learned"
+            )
+        return out
 
     def variant(self, vid: str) -> PlacementSpec:
         """The effective spec a variant serves with: the placement's, overridden by the variant's."""

@@ -109,6 +109,9 @@ def _apply(args: argparse.Namespace) -> int:
     from nextbest.config.files import load_apply_file
 
     cfg = load_apply_file(Path(args.file))  # invalid files stop here, before any call
+    for p in cfg.placements:
+        for w in p.warnings():
+            print(f"warning: {w}", file=sys.stderr)
     with NextbestClient(args.target) as nb:
         changes = nb.apply(cfg.placements, dry_run=args.dry_run, campaigns=cfg.campaigns)
     print_changes(changes, args.dry_run)
