@@ -166,6 +166,7 @@ def _arm_dict(arm: admin_pb2.Arm, field: str) -> dict[str, Any]:
         "start": _time(arm.start_time, arm.HasField("start_time"), f"{field}.start_time"),
         "end": _time(arm.end_time, arm.HasField("end_time"), f"{field}.end_time"),
         "eligible": _rule_json(arm.eligible, f"{field}.eligible"),
+        "products": list(arm.products),
     }
 
 
@@ -237,6 +238,8 @@ _AGGREGATION = {
 _AGGREGATION_PB = {v: k for k, v in _AGGREGATION.items()}
 _LEARN_AT = {admin_pb2.LEARN_AT_WINDOW_CLOSE: "window_close", admin_pb2.LEARN_AT_REWARD: "reward"}
 _LEARN_AT_PB = {v: k for k, v in _LEARN_AT.items()}
+_ATTRIBUTION = {admin_pb2.ATTRIBUTION_MODEL_LAST_TOUCH: "last_touch", admin_pb2.ATTRIBUTION_MODEL_LINEAR: "linear"}
+_ATTRIBUTION_PB = {v: k for k, v in _ATTRIBUTION.items()}
 _MODES = {
     admin_pb2.LEARNING_MODE_ONLINE: "online",
     admin_pb2.LEARNING_MODE_APPRENTICE: "apprentice",
@@ -344,6 +347,13 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["learn_at"] = _LEARN_AT[p.learn_at]
     if p.HasField("context"):
         data["context"] = {"profile": p.context.profile, "history": list(p.context.history_seconds)}
+    if p.HasField("attribution"):
+        a: dict[str, Any] = {}
+        if p.attribution.window_seconds:
+            a["window"] = p.attribution.window_seconds
+        if p.attribution.model in _ATTRIBUTION:
+            a["model"] = _ATTRIBUTION[p.attribution.model]
+        data["attribution"] = a
     if p.mode in _MODES:
         data["mode"] = _MODES[p.mode]
     if p.HasField("active"):
@@ -372,6 +382,7 @@ def arm_pb(arm: ArmSpec, version: int) -> admin_pb2.Arm:
         start_time=_ts(arm.start),
         end_time=_ts(arm.end),
         eligible=_rule_text(arm.eligible),
+        products=arm.products,
     )
 
 
@@ -466,6 +477,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         reward_aggregation=_AGGREGATION_PB[s.reward_aggregation],
         learn_at=_LEARN_AT_PB[s.learn_at],
         context=admin_pb2.PlacementContext(profile=s.context.profile, history_seconds=s.context.history),
+        attribution=admin_pb2.Attribution(window_seconds=s.attribution.window, model=_ATTRIBUTION_PB[s.attribution.model]),
         mode=_MODES_PB[s.mode],
         active=s.active,
         start_time=_ts(s.start),

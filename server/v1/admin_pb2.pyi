@@ -125,6 +125,32 @@ EXPLORATION_ALGORITHM_SQUARECB: ExplorationAlgorithm.ValueType  # 3
 """SquareCB: inverse-gap weighting, exploring less as the model learns."""
 Global___ExplorationAlgorithm: _TypeAlias = ExplorationAlgorithm  # noqa: Y015
 
+class _AttributionModel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttributionModelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttributionModel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTRIBUTION_MODEL_UNSPECIFIED: _AttributionModel.ValueType  # 0
+    """LAST_TOUCH (the default)."""
+    ATTRIBUTION_MODEL_LAST_TOUCH: _AttributionModel.ValueType  # 1
+    """The latest impression gets all of it."""
+    ATTRIBUTION_MODEL_LINEAR: _AttributionModel.ValueType  # 2
+    """Every impression in the window gets an equal share."""
+
+class AttributionModel(_AttributionModel, metaclass=_AttributionModelEnumTypeWrapper):
+    """AttributionModel is how a conversion is split among the impressions in its window; the model
+    of the placement of the latest impression decides.
+    """
+
+ATTRIBUTION_MODEL_UNSPECIFIED: AttributionModel.ValueType  # 0
+"""LAST_TOUCH (the default)."""
+ATTRIBUTION_MODEL_LAST_TOUCH: AttributionModel.ValueType  # 1
+"""The latest impression gets all of it."""
+ATTRIBUTION_MODEL_LINEAR: AttributionModel.ValueType  # 2
+"""Every impression in the window gets an equal share."""
+Global___AttributionModel: _TypeAlias = AttributionModel  # noqa: Y015
+
 class _LearnAt:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -520,6 +546,7 @@ class Arm(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     ELIGIBLE_FIELD_NUMBER: _builtins.int
+    PRODUCTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Arm id, unique within its placement, e.g. "data_5gb_7d"."""
     active: _builtins.bool
@@ -554,6 +581,12 @@ class Arm(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """The arm is served until this time."""
 
+    @_builtins.property
+    def products(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Billing product codes whose purchase is a conversion of this offer (ReportConversions),
+        unique across the arms of the placement; a conversion naming the arm id matches it too.
+        """
+
     def __init__(
         self,
         *,
@@ -569,10 +602,11 @@ class Arm(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         eligible: _builtins.str = ...,
+        products: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "business_value", b"business_value", "campaign", b"campaign", "cost_per_impression", b"cost_per_impression", "cost_per_reward", b"cost_per_reward", "eligible", b"eligible", "end_time", b"end_time", "features", b"features", "id", b"id", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "active", b"active", "budget", b"budget", "business_value", b"business_value", "campaign", b"campaign", "cost_per_impression", b"cost_per_impression", "cost_per_reward", b"cost_per_reward", "eligible", b"eligible", "end_time", b"end_time", "features", b"features", "id", b"id", "products", b"products", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
     _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
@@ -613,6 +647,7 @@ class Placement(_message.Message):
     ELIGIBLE_FIELD_NUMBER: _builtins.int
     LEARN_AT_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -689,6 +724,12 @@ class Placement(_message.Message):
     def context(self) -> Global___PlacementContext:
         """What a Choose adds to the request's features: the stored profile, interaction history."""
 
+    @_builtins.property
+    def attribution(self) -> Global___Attribution:
+        """How conversions from billing are credited to this placement's decisions (unset: last
+        touch within 7 days).
+        """
+
     def __init__(
         self,
         *,
@@ -719,10 +760,11 @@ class Placement(_message.Message):
         eligible: _builtins.str = ...,
         learn_at: Global___LearnAt.ValueType = ...,
         context: Global___PlacementContext | None = ...,
+        attribution: Global___Attribution | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "bits", b"bits", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "attribution", b"attribution", "bits", b"bits", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "bits", b"bits", "contact_policies", b"contact_policies", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "attribution", b"attribution", "bits", b"bits", "contact_policies", b"contact_policies", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015
@@ -762,6 +804,35 @@ class Placement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__slots) -> _WhichOneofReturnType__slots | None: ...
 
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class Attribution(_message.Message):
+    """Attribution is how a conversion (a purchase keyed by customer and arm or product, without
+    event id) is credited to the customer's activated impressions of the matching arm whose time
+    lies in [occurred_at - window, occurred_at).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    window_seconds: _builtins.float
+    """The window in seconds (0: the default, 7 days; at most 90 days)."""
+    model: Global___AttributionModel.ValueType
+    """How the conversion's value is split among the impressions in the window."""
+    def __init__(
+        self,
+        *,
+        window_seconds: _builtins.float = ...,
+        model: Global___AttributionModel.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attribution: _TypeAlias = Attribution  # noqa: Y015
 
 @_typing.final
 class PlacementContext(_message.Message):
