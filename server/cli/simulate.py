@@ -377,7 +377,9 @@ def context_table(runs: list[dict[str, Any]], contexts: list[str], events: int, 
     """Markdown: one row per context mode, mean ± standard deviation over the runs' seeds."""
     import numpy as np  # the server's dependencies: the CLI starts without them
 
-    cols = [("all", f"all {events:,} events"), ("last", f"last {window:,}")] + [(pid, f"{name} alone") for pid, name in PLACEMENTS_ALONE]
+    cols = [("all", f"all {events:,} events"), ("last", f"last {window:,}")] + [
+        (pid, f"{name}, all events") for pid, name in PLACEMENTS_ALONE
+    ]
     lines = [
         "| what the channels send | " + " | ".join(label for _, label in cols) + " |",
         "|---|" + "---:|" * len(cols),

@@ -107,7 +107,7 @@ def test_compare_contexts_prints_a_markdown_table_and_its_command(capsys: pytest
     rc = main(["simulate", "--compare-contexts", "channel,profile", "--seeds", "4", "--events", "60", "--window", "30"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| what the channels send | all 60 events | last 30 | IVR alone | USSD alone |" in out
+    assert "| what the channels send | all 60 events | last 30 | IVR, all events | USSD, all events |" in out
     assert "channel and customer id only (`channel`)" in out and "+ stored profile (`profile`)" in out
     assert "nextbest simulate --compare-contexts channel,profile --seeds 4 --events 60 --window 30" in out
 
