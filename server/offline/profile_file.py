@@ -407,8 +407,9 @@ def _arrow_error(path: str, e: BaseException, schema: pa.Schema | None, row0: in
     return ProfileFileError(path, f"cannot be read{where}: {text}{hint}", column=column)
 
 
-def _open(path: str, fmt: Format, batch_rows: int) -> tuple[pa.Schema, Iterator[Any]]:
-    """The file's arrow schema and a stream of its record batches."""
+def _open(path: str, fmt: Format, batch_rows: int, texts: Sequence[str] = ("customer_id",)) -> tuple[pa.Schema, Iterator[Any]]:
+    """The file's arrow schema and a stream of its record batches; ``texts``: CSV columns read
+    as text whatever they look like (ids)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -426,16 +427,17 @@ def _open(path: str, fmt: Format, batch_rows: int) -> tuple[pa.Schema, Iterator[
         read_options=pv.ReadOptions(block_size=4 << 20),
         # Only an empty cell is missing: "NaN" and "NA" are values (NaN is then refused, "NA" a text).
         convert_options=pv.ConvertOptions(
-            column_types={"customer_id": pa.string()}, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True
+            column_types=dict.fromkeys(texts, pa.string()), null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True
         ),
     )
     return reader.schema, iter(reader)
 
 
-def _stream(path: str, fmt: Format, batch_rows: int) -> Iterator[Any]:
-    """The schema first, then the arrow batches; reading errors as ProfileFileError."""
+def _stream(path: str, fmt: Format, batch_rows: int, texts: Sequence[str] | None = None) -> Iterator[Any]:
+    """The schema first, then the arrow batches; reading errors as ProfileFileError. ``texts``:
+    CSV columns read as text (default: a profile file's customer_id)."""
     try:
-        schema, batches = _open(path, fmt, batch_rows)
+        schema, batches = _open(path, fmt, batch_rows) if texts is None else _open(path, fmt, batch_rows, texts)
     except FileNotFoundError:
         raise ProfileFileError(path, "no such file") from None
     except (OSError, pa.ArrowException) as e:
@@ -497,6 +499,22 @@ def read_profiles(
                 pending = []
     if pending:
         yield ProfileBatch(done + 1, done + len(pending), pending)
+
+
+def arrow_batches(path: str, fmt: Format, batch_rows: int, texts: Sequence[str]) -> tuple[pa.Schema, Iterator[Any]]:
+    """Another extract's schema and record batches, read as profiles are (``texts``: CSV columns
+    read as text); errors as ProfileFileError naming the file (and the column, the row read on from)."""
+    stream = _stream(path, fmt, batch_rows, texts)
+    return next(stream), stream
+
+
+def epoch_seconds(path: str, column: str, a: Any, row0: int) -> list[Any]:
+    """A column of timestamps, dates, epoch seconds or ISO 8601 texts as epoch seconds (None
+    where null), as a profile's ``as_of``; ProfileFileError naming the row (``row0``: rows of the
+    file before the batch) and the column for a value that is none of these."""
+    a = _decoded(a)
+    kind = _time_kind(path, column, _value_type(a.type))
+    return _Batches(path, _Plan(False, None, None, ()), Limits(), 0.0, None)._times(a, kind, row0, column)
 
 
 def count_rows(path: str, format: Format) -> int | None:
