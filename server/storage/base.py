@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from nextbest.bandit.attribution import Conversion, Credit, Touch
 from nextbest.bandit.decision_log import DecisionContext, LoggedDecision, Outcome
 from nextbest.bandit.features import Feature, feature
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
@@ -294,6 +295,21 @@ class Erased:
     profiles: int = 0
     decisions: int = 0  # decision rows whose customer id and features were blanked
     contacts: int = 0  # contact-history rows deleted
+
+
+@dataclass(frozen=True, slots=True)
+class VariantConversions:
+    """Conversions of the customers one variant (or the holdout) of a placement decided in a
+    period (Store.conversion_tally), for uplift on real purchases: every conversion of those
+    customers counts, attributed or not, from their first decision there on. ``value_sum`` and
+    ``value_sq_sum`` are the sum of each customer's conversion value (0 for those who did not
+    convert) and of its square: mean and variance of value per customer, for an interval."""
+
+    variant: str
+    customers: int = 0  # distinct known customers decided
+    converting: int = 0  # of them, those with a conversion
+    value_sum: float = 0.0
+    value_sq_sum: float = 0.0
 
 
 class Store(Protocol):
@@ -635,4 +651,50 @@ class Store(Protocol):
         """MUST in one transaction delete the customer's profile and contact history and blank the
         customer id and features of their logged decisions (arms, probabilities and rewards stay:
         estimators and budgets still add up) (test_a_customer_can_be_erased). Raises Unavailable."""
+        ...
+
+    # -- conversions from billing (issue #31; storage/conversions.py) ---------------------------
+
+    def touches(self, customer_id: str, arms: Collection[str], since: float, until: float) -> list[Touch]:
+        """MUST return the customer's activated decisions (each slot apart) that served one of
+        ``arms``, created in [since, until), oldest first (ties by event id and slot); never an
+        unactivated (deferred, not shown) one; one query on the index of a customer's
+        impressions, no scan of the log (test_touches_are_activated_impressions_in_range).
+        Raises Unavailable."""
+        ...
+
+    def record_conversions(self, items: Sequence[tuple[Conversion, Sequence[Credit]]], now: float) -> list[bool]:
+        """MUST in one transaction, durable on return, store each conversion (``received_at``
+        ``now``, ``credited`` the number of its credits) with its credits, unless its
+        conversion_id is stored already (or came earlier in the batch): then nothing of it is
+        written and its entry is False (a duplicate); exactly once across servers racing on one
+        id (test_recording_conversions_twice_stores_them_once, test_servers_racing_on_one_conversion_store_it_once).
+        All or nothing: a value the database refuses writes none of the batch, Unavailable whose
+        cause storage/refusal.py reads (test_a_refused_conversion_writes_nothing). Raises Unavailable."""
+        ...
+
+    def credits_of_conversions(self, ids: Collection[str]) -> dict[str, list[Credit]]:
+        """MUST return the stored credits of each stored conversion of ``ids`` (what a duplicate
+        report answers), in the time order of the credited decisions, [] for one that credited
+        none; unknown ids left out (test_recording_conversions_twice_stores_them_once). Raises Unavailable."""
+        ...
+
+    def credits_of_decision(self, event_id: str, slot: int) -> list[tuple[str, Credit, float]]:
+        """MUST return (conversion id, credit, occurred_at) of every conversion credited to the
+        decision, by occurred_at (for Explain) (test_credits_of_a_decision). Raises Unavailable."""
+        ...
+
+    def conversion_tally(self, placement: str, since: float, until: float) -> list[VariantConversions]:
+        """MUST return, per variant ("" none, "holdout" the control group) of the placement's
+        decisions created in [since, until), by variant name: the distinct known customers
+        decided; of them, those with any conversion (attributed or not, any arm or product)
+        that occurred in [since, until) at or after their first decision there; the sum of each
+        customer's conversion value and of its square. Set-based: one statement
+        (test_conversion_tally_per_variant_with_a_holdout). Raises Unavailable."""
+        ...
+
+    def unattributed_by_product(self, since: float, until: float) -> dict[str, tuple[int, float]]:
+        """MUST return (count, value sum) of the conversions that occurred in [since, until) and
+        credited no decision, by product (by arm id for those naming an arm)
+        (test_conversion_tally_per_variant_with_a_holdout). Raises Unavailable."""
         ...

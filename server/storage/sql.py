@@ -42,6 +42,7 @@ from nextbest.storage.base import (
     WriteResult,
 )
 from nextbest.storage.contacts import ContactQueries
+from nextbest.storage.conversions import ConversionQueries
 from nextbest.storage.coordination import Coordination
 from nextbest.storage.profiles import ProfileQueries
 from nextbest.storage.secrets import Secrets
@@ -68,7 +69,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Secrets):
+class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, ConversionQueries, Secrets):
     """Store on any SQLAlchemy URL; the schema is created or migrated to head on opening."""
 
     def __init__(self, url: str) -> None:

@@ -89,6 +89,15 @@ decisions = Table(
     # Replay and export read a placement in time order (--since/--until a range of it): this
     # index gives the order without sorting the log (half the time of a 200,000-row replay).
     Index("ix_decisions_time", "placement_id", "created_at", "event_id", "slot"),
+    # A customer's impressions in time order, only decisions that served an arm: attribution of
+    # a conversion (Store.touches) and erasing a customer read them without scanning the log.
+    Index(
+        "ix_decisions_customer",
+        "customer_id",
+        "created_at",
+        postgresql_where=text("arm_id IS NOT NULL"),
+        sqlite_where=text("arm_id IS NOT NULL"),
+    ),
 )
 
 # The servers writing this database, each with its last sign of life: a starting server takes
@@ -200,6 +209,39 @@ profiles = Table(
     ),
 )
 
+# Conversions from billing (issue #31): one row per conversion id (the idempotency key), naming
+# an arm or a billing product code; ``credited`` is how many decisions it was credited to (0:
+# unattributed, still counted for uplift against the holdout).
+conversions = Table(
+    "conversions",
+    metadata,
+    Column("conversion_id", String(256), primary_key=True),
+    Column("customer_id", String(256), nullable=False),
+    Column("arm_id", String(128), nullable=False, server_default=""),
+    Column("product", String(128), nullable=False, server_default=""),
+    Column("value", Double, nullable=False),
+    Column("occurred_at", Double, nullable=False),
+    Column("received_at", Double, nullable=False),
+    Column("credited", Integer, nullable=False, server_default="0"),
+    Index("ix_conversions_customer", "customer_id", "occurred_at"),
+    Index("ix_conversions_occurred", "occurred_at"),
+)
+
+# The audit of attribution: which decisions (event_id, slot) a conversion was credited to, with
+# the share and value each got (bandit.attribution.Credit).
+conversion_credits = Table(
+    "conversion_credits",
+    metadata,
+    Column("conversion_id", String(256), primary_key=True),
+    Column("event_id", String(256), primary_key=True),
+    Column("slot", Integer, primary_key=True, autoincrement=False),
+    Column("placement_id", String(128), nullable=False),
+    Column("arm_id", String(128), nullable=False),
+    Column("share", Double, nullable=False),
+    Column("value", Double, nullable=False),
+    Index("ix_conversion_credits_event", "event_id", "slot"),
+)
+
 # Named counters; "learn_seq" hands out learn positions (atomically, to the one learner).
 counters = Table(
     "counters",
@@ -245,4 +287,6 @@ __all__ = [
     "counters",
     "snapshots",
     "server_secrets",
+    "conversions",
+    "conversion_credits",
 ]
