@@ -176,3 +176,26 @@ def test_valid_conversions_pass() -> None:
     check(conversion(product="", arm_id="data_5gb", value=-4.99))  # a refund
     check(conversion(occurred_at=NOW + 300))  # clock skew
     check(conversion(occurred_at=NOW - 400 * DAY, value=1e6))
+
+
+def test_products_and_attribution_travel_through_the_admin_api_and_export() -> None:
+    from nextbest.config.export import to_yaml
+    from nextbest.rpc import convert
+    from nextbest.storage.base import PlacementRecord
+
+    spec = PlacementSpec.model_validate(
+        {
+            "id": "p",
+            "reward_window": "14d",
+            "attribution": {"window": "3d", "model": "linear"},
+            "arms": [{"id": "a", "products": ["SKU-1", "SKU-2"]}, {"id": "b"}],
+        }
+    )
+    back = convert.placement_spec(convert.placement_pb(PlacementRecord(spec, {"a": 1, "b": 1})))
+    assert back == spec
+    assert back.arms[0].products == ["SKU-1", "SKU-2"] and back.attribution == AttributionSpec(window=3 * DAY, model="linear")
+    text = to_yaml([spec], [])
+    assert "attribution: {window: 3d, model: linear}" in text and "products: [SKU-1, SKU-2]" in text
+    # a placement without them sends the defaults back
+    plain = PlacementSpec.model_validate({"id": "p"})
+    assert convert.placement_spec(convert.placement_pb(PlacementRecord(plain, {}))).attribution == AttributionSpec()
