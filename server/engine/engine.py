@@ -8,8 +8,9 @@ the loop never waits on the database except to lease budget.
 
 Each part takes the collaborators it uses (the store, the writer, the budgets, the clock, ...),
 never the engine; the servicers call the parts: ``chooser`` (Choose), ``windows`` (Reward,
-Activate, closing windows), ``reward_batch`` (RewardBatch), ``takeover`` (windows of stopped
-servers), ``explainer`` (Explain), ``config`` (apply, placements), ``stats`` (GetStats).
+Activate, closing windows), ``reward_batch`` (RewardBatch), ``conversions`` (ReportConversions),
+``takeover`` (windows of stopped servers), ``explainer`` (Explain), ``config`` (apply,
+placements), ``stats`` (GetStats).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nextbest.engine.choose_checks import ChooseChecks
 from nextbest.engine.chooser import Chooser
 from nextbest.engine.configure import Configurator, placement_state
 from nextbest.engine.contacts import Contacts
+from nextbest.engine.conversions import ConversionDesk
 from nextbest.engine.explainer import Explainer
 from nextbest.engine.learner import Learner, PlacementModel, PlacementState
 from nextbest.engine.profiles import ProfileCache
@@ -102,6 +104,16 @@ class Engine:
             server_id=self.server_id,
         )
         self.reward_batch = RewardBatch(windows=self.windows, max_batch=settings.max_reward_batch)
+        self.conversions = ConversionDesk(
+            store=store,
+            reader_pool=self.reader_pool,
+            writer_pool=self._writer_pool,
+            states=self.states,
+            windows=self.windows,
+            writer=self.writer,
+            settings=settings,
+            clock=clock,
+        )
         self.takeover = Takeover(
             windows=self.windows, states=self.states, store=store, reader_pool=self.reader_pool, settings=settings, clock=clock
         )
@@ -126,7 +138,7 @@ class Engine:
             clock,
             profiles=self.profiles,
         )
-        self.explainer = Explainer(self.windows.find, self.states, settings.max_id_length)
+        self.explainer = Explainer(self.windows.find, self.states, settings.max_id_length, store.credits_of_decision)
         self.config = Configurator(
             self.states, self.budgets, self.contacts, store, self.reader_pool, self._writer_pool, self.seed, settings, clock
         )

@@ -3,15 +3,18 @@
 It reads the decision as the log kept it (this server's unflushed decisions are flushed first,
 and another server's are waited for briefly, as for a Reward), checks the caller's placement
 scope on that same read, and adds what only the whole response knows: the arms that earlier
-slots of a multi-slot response had taken.
+slots of a multi-slot response had taken, and the conversions credited to the decision
+(ReportConversions, issue #31), read from the audit table in a worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from nextbest.bandit import access
+from nextbest.bandit.attribution import Credit
 from nextbest.bandit.decision_log import LoggedDecision
 from nextbest.bandit.errors import InvalidInput, NotFound
 from nextbest.bandit.explain import ArmPart, arm_parts, no_offer_probability
@@ -19,6 +22,8 @@ from nextbest.bandit.text import check_text, quote
 from nextbest.engine.learner import PlacementState
 
 Find = Callable[[str, int], Awaitable[LoggedDecision | None]]
+# Store.credits_of_decision: (conversion id, credit, occurred_at) per conversion credited.
+CreditsOf = Callable[[str, int], Sequence[tuple[str, Credit, float]]]
 MAX_SLOTS = 10  # as Reward: slots 0 to 9
 
 
@@ -29,15 +34,17 @@ class Explained:
     decision: LoggedDecision
     arms: list[ArmPart]
     no_offer_probability: float
+    conversions: Sequence[tuple[str, Credit, float]] = field(default=())  # (conversion id, credit, occurred_at)
 
 
 class Explainer:
     """Reads decisions back for Explain; ``find`` is RewardWindows.find."""
 
-    def __init__(self, find: Find, states: dict[str, PlacementState], max_id_length: int) -> None:
+    def __init__(self, find: Find, states: dict[str, PlacementState], max_id_length: int, credits_of: CreditsOf | None = None) -> None:
         self._find = find
         self._states = states
         self._max_id_length = max_id_length
+        self._credits_of = credits_of
 
     async def explain(self, event_id: str, slot: int = 0) -> Explained:
         if not event_id:
@@ -60,4 +67,5 @@ class Explainer:
             ps = self._states.get(d.placement)
             listed = {a.arm_id for a in arms}
             arms += [ArmPart(a.id, False, d.reason or "not a candidate") for a in (ps.arms if ps else ()) if a.id not in listed]
-        return Explained(d, arms, no_offer_probability(d))
+        conversions = await asyncio.to_thread(self._credits_of, event_id, slot) if self._credits_of is not None else ()
+        return Explained(d, arms, no_offer_probability(d), conversions)

@@ -1,0 +1,184 @@
+"""ReportConversions: purchases from billing (issue #31), attributed to decisions, learned as rewards.
+
+A conversion names a customer and an arm or a billing product, never an event. The desk:
+
+  validate all  ->  resolve each to arms  ->  read the customer's touches  ->  attribute
+    ->  record the batch with its credits (one transaction)  ->  a reward per credit
+
+Validation and resolution refuse the whole batch (InvalidInput naming ``conversions[i].<field>``)
+before anything is written: nothing is half-applied. The credits are stored with their
+conversion, once (a conversion id seen before is DUPLICATE and answered with its stored
+credits). Each credit then goes the way a Reward goes (RewardWindows.reward, keyed by the
+conversion id), which gives it durability, idempotency per key, LATE after the decision's
+window, the placement's aggregation and learn_at. An answer is given only after the batch's
+commit and every reward call returned: what was acknowledged is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from nextbest.bandit.attribution import Conversion, Credit, Touch, attribute
+from nextbest.bandit.errors import InvalidInput, NextbestError
+from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT, MAX_ATTRIBUTION_WINDOW, AttributionSpec
+from nextbest.bandit.text import quote
+from nextbest.engine.conversion_result import ConversionResult, ConversionStatus
+from nextbest.engine.learner import PlacementState
+from nextbest.engine.windows import RewardWindows, batch_quiet
+from nextbest.engine.writer import BatchWriter
+from nextbest.settings import Settings
+from nextbest.storage.base import Store
+
+# A conversion older than this is refused: it could be credited to no decision whose window is
+# still open (the longest attribution window before it, the longest reward window after).
+MAX_AGE = 2 * MAX_ATTRIBUTION_WINDOW
+_REWARD_KEY = 128  # RewardRequest.reward_id's limit
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """A conversion and what it can be credited to: (placement, arm) pairs and their rules."""
+
+    conversion: Conversion
+    arms: frozenset[tuple[str, str]]
+    rules: Mapping[str, AttributionSpec]
+
+
+def reward_key(conversion_id: str) -> str:
+    """The reward_id of a conversion's credits: ``conversion:<id>``, or a digest of a long id
+    (a conversion id may be as long as max_id_length, a reward key at most 128 characters)."""
+    key = f"conversion:{conversion_id}"
+    if len(key) <= _REWARD_KEY:
+        return key
+    return "conversion#" + hashlib.sha256(conversion_id.encode()).hexdigest()
+
+
+class ConversionDesk:
+    """The ReportConversions path of an engine."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        reader_pool: ThreadPoolExecutor,
+        writer_pool: ThreadPoolExecutor,
+        states: dict[str, PlacementState],
+        windows: RewardWindows,
+        writer: BatchWriter,
+        settings: Settings,
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._reader_pool = reader_pool
+        self._writer_pool = writer_pool
+        self._states = states
+        self._windows = windows
+        self._settings = settings
+        self._clock = clock
+
+    async def report(self, items: Sequence[Conversion]) -> list[ConversionResult]:
+        """One result per conversion, in order; InvalidInput (nothing written) for a bad batch."""
+        now = self._clock()
+        self._validate(items, now)
+        resolved = [self._resolve(c, f"conversions[{i}].") for i, c in enumerate(items)]
+        if not resolved:
+            return []
+        await self._logged()
+        credits = [attribute(r.conversion.value, r.conversion.occurred_at, await self._touches(r), r.rules) for r in resolved]
+        fresh = await self._record(resolved, credits, now)
+        stored = await self._stored_credits([r.conversion.conversion_id for r, new in zip(resolved, fresh, strict=True) if not new])
+        results: list[ConversionResult] = []
+        for r, new, mine in zip(resolved, fresh, credits, strict=True):
+            if new:
+                status = ConversionStatus.ATTRIBUTED if mine else ConversionStatus.UNATTRIBUTED
+                results.append(ConversionResult(status, tuple(mine)))
+            else:
+                results.append(ConversionResult(ConversionStatus.DUPLICATE, tuple(stored.get(r.conversion.conversion_id, ()))))
+        return await self._reward_all(results, [r.conversion.conversion_id for r in resolved])
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _validate(self, items: Sequence[Conversion], now: float) -> None:
+        """Every conversion's own validity, before any work (InvalidInput naming the item)."""
+        limit = self._settings.max_reward_batch
+        if len(items) > limit:
+            raise InvalidInput("conversions", f"{len(items)} conversions, more than max_reward_batch ({limit}); send smaller batches")
+        for i, c in enumerate(items):
+            try:
+                c.check(now=now, max_id_length=self._settings.max_id_length, max_abs_value=MAX_ABS_REWARD_LIMIT, max_age=MAX_AGE)
+            except InvalidInput as e:
+                raise InvalidInput(f"conversions[{i}].{e.field}", e.message) from None
+
+    def _resolve(self, c: Conversion, field: str) -> _Resolved:
+        """The (placement, arm) pairs a conversion can credit: the arm of that id, or every arm
+        that lists the product, in every loaded placement; InvalidInput for one that none has,
+        or a value above the max_abs_reward of a placement it could credit."""
+        arms: set[tuple[str, str]] = set()
+        rules: dict[str, AttributionSpec] = {}
+        for pid, ps in self._states.items():
+            spec = ps.record.spec
+            for arm in spec.arms:
+                if (c.arm_id and arm.id == c.arm_id) or (c.product and c.product in arm.products):
+                    arms.add((pid, arm.id))
+                    rules[pid] = spec.attribution
+                    if abs(c.value) > spec.max_abs_reward:
+                        raise InvalidInput(f"{field}value", f"magnitude above placement {pid}'s max_abs_reward ({spec.max_abs_reward:g})")
+        if not arms:
+            what, name = ("arm_id", c.arm_id) if c.arm_id else ("product", c.product)
+            raise InvalidInput(f"{field}{what}", f"no placement has {'an arm' if c.arm_id else 'an arm with product'} {quote(name)}")
+        return _Resolved(c, frozenset(arms), rules)
+
+    async def _logged(self) -> None:
+        """This server's decisions and activations made before the call are in the log, where
+        the touches are read (another server's are as soon as its group commit is)."""
+        if self._writer.pending:
+            await self._writer.flush()
+
+    async def _touches(self, r: _Resolved) -> list[Touch]:
+        """The customer's activated impressions of the resolved arms within the widest window of
+        their placements (attribute keeps each placement's own), read in a worker thread."""
+        c = r.conversion
+        since = c.occurred_at - max(rule.window for rule in r.rules.values())
+        arm_ids = sorted({arm for _, arm in r.arms})
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._reader_pool, self._store.touches, c.customer_id, arm_ids, since, c.occurred_at)
+        return [t for t in found if (t.placement, t.arm_id) in r.arms]
+
+    async def _record(self, resolved: Sequence[_Resolved], credits: Sequence[list[Credit]], now: float) -> list[bool]:
+        """The batch and its credits in one transaction; False for a conversion id stored before."""
+        items = [(r.conversion, c) for r, c in zip(resolved, credits, strict=True)]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer_pool, self._store.record_conversions, items, now)
+
+    async def _stored_credits(self, duplicates: Sequence[str]) -> dict[str, list[Credit]]:
+        if not duplicates:
+            return {}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader_pool, self._store.credits_of_conversions, duplicates)
+
+    async def _reward_all(self, results: list[ConversionResult], ids: Sequence[str]) -> list[ConversionResult]:
+        """A reward per credit, new or duplicate, each as its own Reward keyed by its conversion.
+        A duplicate's are sent again on purpose: a client retrying after a crash between the
+        commit and the rewards completes what the crash interrupted, and the rewards stored
+        before are DUPLICATE (per key). A LATE answer is fine: recorded, not learned. A reward
+        that fails fails its conversion's result (retry it: the conversion is a duplicate then)."""
+        calls = [(i, cr) for i, r in enumerate(results) for cr in r.credits]
+        quiet = batch_quiet.set(True)
+        try:
+            done = await asyncio.gather(
+                *(self._windows.reward(cr.event_id, cr.value, cr.slot, reward_key(ids[i])) for i, cr in calls), return_exceptions=True
+            )
+        finally:
+            batch_quiet.reset(quiet)
+        failed: dict[int, NextbestError] = {}
+        for (i, _), outcome in zip(calls, done, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, NextbestError):
+                    raise outcome  # a bug or a cancellation: the whole call fails
+                failed.setdefault(i, outcome)
+        return [ConversionResult(None, r.credits, failed[i]) if i in failed else r for i, r in enumerate(results)]
