@@ -103,7 +103,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-        DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics), target
+        DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics, engine.conversions), target
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
     profile_pb2_grpc.add_ProfileServiceServicer_to_server(

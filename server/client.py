@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from nextbest.bandit.attribution import Conversion, Credit
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 from nextbest.config.plans import Change
 from nextbest.rpc import convert
@@ -36,6 +37,12 @@ _ACTIVATE_STATUS = {
     decision_pb2.ACTIVATE_STATUS_EXPIRED: "expired",
 }
 
+_CONVERSION_STATUS = {
+    decision_pb2.CONVERSION_STATUS_ATTRIBUTED: "attributed",
+    decision_pb2.CONVERSION_STATUS_UNATTRIBUTED: "unattributed",
+    decision_pb2.CONVERSION_STATUS_DUPLICATE: "duplicate",
+}
+
 FeaturesLike = Mapping[str, Any] | Iterable[common_pb2.Feature]
 ProfileLike = Profile | profile_pb2.Profile
 
@@ -49,6 +56,17 @@ class ChooseResult:
     reason: str
     variant: str = ""
     slots: tuple[tuple[str, float], ...] = ()  # (arm id, probability) per slot, slot 0 first
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionReport:
+    """What became of one reported conversion: "attributed" (with the decisions credited),
+    "unattributed", "duplicate" (with the credits it got when first reported), or "error"
+    (``error`` is "<CODE>: <message>"; send the conversion again)."""
+
+    status: str
+    credits: tuple[Credit, ...] = ()
+    error: str = ""
 
 
 def to_features(features: FeaturesLike | None) -> list[common_pb2.Feature]:
@@ -166,6 +184,23 @@ class NextbestClient:
             for x in resp.results
         ]
 
+    def report_conversions(self, items: Iterable[Conversion | decision_pb2.Conversion]) -> list[ConversionReport]:
+        """Conversions from billing (at most the server's max_reward_batch per call), one report
+        each, in order; every one is durable when this returns. A batch with an invalid item
+        raises INVALID_ARGUMENT naming it (``conversions[3].product``), and nothing is stored."""
+        req = decision_pb2.ReportConversionsRequest(
+            conversions=[c if isinstance(c, decision_pb2.Conversion) else convert.conversion_pb(c) for c in items]
+        )
+        resp = self._decision.ReportConversions(req, timeout=self.timeout)
+        return [
+            ConversionReport(
+                _CONVERSION_STATUS.get(r.status, "error") if r.code == 0 else "error",
+                tuple(convert.credit(c) for c in r.credits),
+                "" if r.code == 0 else f"{_CODE_NAMES.get(r.code, r.code)}: {r.message}",
+            )
+            for r in resp.results
+        ]
+
     def activate(self, event_id: str) -> str:
         """Returns "activated", "already_active" or "expired"."""
         r = self._decision.Activate(decision_pb2.ActivateRequest(event_id=event_id), timeout=self.timeout)
@@ -225,7 +260,7 @@ class NextbestClient:
         r = self._profiles.DeleteProfile(
             profile_pb2.DeleteProfileRequest(customer_id=customer_id, erase_decisions=erase_decisions), timeout=self.timeout
         )
-        return Erased(profiles=int(r.profiles), decisions=int(r.decisions), contacts=int(r.contacts))
+        return Erased(profiles=int(r.profiles), decisions=int(r.decisions), contacts=int(r.contacts), conversions=int(r.conversions))
 
     @property
     def admin(self) -> admin_pb2_grpc.AdminServiceStub:

@@ -10,6 +10,7 @@ import orjson
 from google.protobuf import timestamp_pb2
 from pydantic import ValidationError
 
+from nextbest.bandit.attribution import Conversion, Credit
 from nextbest.bandit.eligibility import EligibilityRule
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, feature_key
@@ -25,9 +26,10 @@ from nextbest.bandit.spec import (
     error_location,
 )
 from nextbest.config.plans import Change
+from nextbest.engine.conversion_result import ConversionResult, ConversionStatus
 from nextbest.engine.placement_stats import Stats
 from nextbest.storage.base import PlacementRecord, Profile
-from nextbest.v1 import admin_pb2, common_pb2, profile_pb2
+from nextbest.v1 import admin_pb2, common_pb2, decision_pb2, profile_pb2
 
 _ALGORITHMS = {
     admin_pb2.EXPLORATION_ALGORITHM_EPSILON: "epsilon",
@@ -605,3 +607,51 @@ def profile_pb(p: Profile) -> profile_pb2.Profile:
         if expire is not None:
             out.expire_time.CopyFrom(expire)
     return out
+
+
+# -- conversions (issue #31) ----------------------------------------------------------------------
+
+_CONVERSION_STATUS = {
+    ConversionStatus.ATTRIBUTED: decision_pb2.CONVERSION_STATUS_ATTRIBUTED,
+    ConversionStatus.UNATTRIBUTED: decision_pb2.CONVERSION_STATUS_UNATTRIBUTED,
+    ConversionStatus.DUPLICATE: decision_pb2.CONVERSION_STATUS_DUPLICATE,
+}
+
+
+def conversion(c: decision_pb2.Conversion, field: str = "conversion") -> Conversion:
+    """A conversion to report; ``occurred_at`` is required (INVALID_ARGUMENT naming it)."""
+    if not c.HasField("occurred_at"):
+        raise InvalidInput(f"{field}.occurred_at", "required: when the purchase happened")
+    return Conversion(c.conversion_id, c.customer_id, c.arm_id, c.product, c.value, _seconds(c.occurred_at, f"{field}.occurred_at"))
+
+
+def conversion_pb(c: Conversion) -> decision_pb2.Conversion:
+    return decision_pb2.Conversion(
+        conversion_id=c.conversion_id,
+        customer_id=c.customer_id,
+        arm_id=c.arm_id,
+        product=c.product,
+        value=c.value,
+        occurred_at=_timestamp(c.occurred_at),
+    )
+
+
+def credit_pb(c: Credit) -> decision_pb2.ConversionCredit:
+    return decision_pb2.ConversionCredit(
+        event_id=c.event_id, slot=c.slot, placement=c.placement, arm_id=c.arm_id, share=c.share, value=c.value
+    )
+
+
+def credit(c: decision_pb2.ConversionCredit) -> Credit:
+    return Credit(c.event_id, c.slot, c.placement, c.arm_id, c.share, c.value)
+
+
+def conversion_result_pb(r: ConversionResult) -> decision_pb2.ConversionResult:
+    """A result's status and credits; the servicer adds the code and message of a failed one
+    (the error catalog is the server's, not the client's)."""
+    status = _CONVERSION_STATUS[r.status] if r.status is not None else decision_pb2.CONVERSION_STATUS_UNSPECIFIED
+    return decision_pb2.ConversionResult(status=status, credits=[credit_pb(c) for c in r.credits])
+
+
+def explained_conversion_pb(conversion_id: str, c: Credit, occurred_at: float) -> decision_pb2.ExplainedConversion:
+    return decision_pb2.ExplainedConversion(conversion_id=conversion_id, share=c.share, value=c.value, occurred_at=_timestamp(occurred_at))

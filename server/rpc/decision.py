@@ -1,4 +1,4 @@
-"""DecisionService: Choose, Reward, Activate and Explain, translated to the engine."""
+"""DecisionService: Choose, Reward, Activate, Explain and ReportConversions, translated to the engine."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Any, TypeAlias
 import grpc
 
 from nextbest.bandit.decision_log import DecisionContext
+from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.features import Feature, feature_key
 from nextbest.engine.chooser import Chooser
+from nextbest.engine.conversions import ConversionDesk
 from nextbest.engine.explainer import Explained, Explainer
 from nextbest.engine.reward_batch import RewardBatch
 from nextbest.engine.reward_policy import ActivateStatus, RewardStatus
@@ -35,12 +37,21 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
-    def __init__(self, chooser: Chooser, windows: RewardWindows, batch: RewardBatch, explainer: Explainer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        chooser: Chooser,
+        windows: RewardWindows,
+        batch: RewardBatch,
+        explainer: Explainer,
+        metrics: Metrics,
+        conversions: ConversionDesk | None = None,
+    ) -> None:
         self._chooser = chooser
         self._windows = windows
         self._batch = batch
         self._explainer = explainer
         self._metrics = metrics
+        self._conversions = conversions
 
     @rpc
     async def Choose(self, request: decision_pb2.ChooseRequest, context: Ctx) -> decision_pb2.ChooseResponse:
@@ -92,6 +103,21 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     async def Explain(self, request: decision_pb2.ExplainRequest, context: Ctx) -> decision_pb2.ExplainResponse:
         return explain_pb(await self._explainer.explain(request.event_id, request.slot))
 
+    @rpc
+    async def ReportConversions(
+        self, request: decision_pb2.ReportConversionsRequest, context: Ctx
+    ) -> decision_pb2.ReportConversionsResponse:
+        if self._conversions is None:
+            raise Unavailable("this server does not take conversions")
+        items = [convert.conversion(c, f"conversions[{i}]") for i, c in enumerate(request.conversions)]
+        out = []
+        for r in await self._conversions.report(items):
+            pb = convert.conversion_result_pb(r)
+            if r.error is not None:
+                pb.code, pb.message = status_for(r.error).value[0], message_of(r.error)
+            out.append(pb)
+        return decision_pb2.ReportConversionsResponse(results=out)
+
 
 def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
     d, e, c = x.decision, x.decision.explanation, x.decision.context
@@ -128,6 +154,7 @@ def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
         ],
         features=[decision_pb2.ExplainedFeature(feature=feature_pb(f), source=_source(c, f)) for f in d.features],
     )
+    r.conversions.extend(convert.explained_conversion_pb(cid, c, at) for cid, c, at in x.conversions)
     r.decided_at.FromNanoseconds(int(d.timestamp * 1e9))
     if c is not None and c.profile_as_of is not None:
         r.profile_as_of.FromNanoseconds(int(c.profile_as_of * 1e9))
