@@ -280,6 +280,12 @@ def _explained_features(r: decision_pb2.ExplainResponse) -> list[str]:
     if history:
         out += ["", "history per arm (source: history):"]
         out += [f"  {arm:<24}" + " ".join(text(f).removeprefix("history.") for f in fs) for arm, fs in history]
+    if r.conversions:
+        out += ["", f"conversions credited ({len(r.conversions)}):", f"  {'conversion':<32}{'share':>8}{'value':>12}  occurred at"]
+        out += [
+            f"  {c.conversion_id:<32}{c.share:>8.4f}{c.value:>12.4f}  {c.occurred_at.ToDatetime():%Y-%m-%d %H:%M:%S} UTC"
+            for c in r.conversions
+        ]
     return out
 
 
@@ -373,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nextbest.cli.profiles import add_commands as profile_commands
 
     profile_commands(sub)
+    from nextbest.cli.conversions import add_commands as conversion_commands
+
+    conversion_commands(sub)
     from nextbest.bench.main import add_commands as bench_commands
 
     bench_commands(sub)
