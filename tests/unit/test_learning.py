@@ -26,22 +26,28 @@ def drive(client, rng: np.random.Generator, n: int, placement: str = "app_home_b
     return rewards
 
 
+ROUNDS = 2500
+
+
 def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> None:
     rng = np.random.default_rng(7)
     s = ServerThread(make_settings(db_url))
     try:
         with s.client() as c:
             c.apply([envs.placement()])
-            rewards = drive(c, rng, 4000, model=s.engine.states["app_home_banner"].model)
+            rewards = drive(c, rng, ROUNDS, model=s.engine.states["app_home_banner"].model)
             before = c.stats("app_home_banner")
     finally:
         s.stop()
     last = float(np.mean(rewards[-1000:]))
-    # Best possible 0.56, uniform 0.20. VW run directly with the same defaults (squarecb)
-    # reaches 0.51 on average over 10 seeds (0.45 at worst).
+    # Best possible 0.56, uniform 0.20. The model (CbModel, squarecb exploration as the server
+    # draws it, learned in step) on this environment, 20 seeds of the environment and of the
+    # draws: the last 1,000 of 2,500 rounds earn 0.52 on average (sd 0.016, 0.49 at worst); of
+    # 4,000 rounds, 0.53 (sd 0.014, 0.51 at worst). The bound keeps 0.07 below the worst seed
+    # (0.09 at 4,000 rounds): the same bound on the same 1,000 rounds, at five sd.
     assert last > 0.42, last
     assert last > 2 * envs.uniform_mean()
-    assert sum(a.impressions for a in before.arms) == 4000
+    assert sum(a.impressions for a in before.arms) == ROUNDS
     s = ServerThread(make_settings(db_url))
     try:
         with s.client() as c:
@@ -49,14 +55,14 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
             assert [(a.arm_id, a.impressions, a.rewards, a.reward_sum) for a in after.arms] == [
                 (a.arm_id, a.impressions, a.rewards, a.reward_sum) for a in before.arms
             ]
-            assert after.model_version == before.model_version == 4000
+            assert after.model_version == before.model_version == ROUNDS
             # The restored model picks each segment's best arm from the first requests.
             hits = 0
             for seg, name in enumerate(envs.SEGMENTS):
                 for _ in range(10):
                     d = c.choose("app_home_banner", {"customer": {"segment": name}})
                     hits += d.arm_id == envs.ARMS[int(np.argmax(envs.P[seg]))]
-            assert hits >= 35, hits  # 50 draws; squarecb after 4,000 examples is nearly greedy
+            assert hits >= 35, hits  # 50 draws; squarecb after 2,500 examples is nearly greedy (46 of 50 at worst, 20 seeds)
     finally:
         s.stop()
 
