@@ -27,7 +27,7 @@ def test_three_slots_never_repeat_an_arm_and_learn_where_position_matters(db_url
         c.apply([envs.placement(slots=3, exploration={"algorithm": "epsilon", "epsilon": 0.1})])
         totals = []
         model = s.engine.states["app_home_banner"].model
-        for i in range(1500):
+        for i in range(1000):
             seg = int(rng.integers(5))
             d = c.choose("app_home_banner", {"customer": {"segment": envs.SEGMENTS[seg]}})
             arms = [a for a, _ in d.slots]
@@ -49,6 +49,10 @@ def test_three_slots_never_repeat_an_arm_and_learn_where_position_matters(db_url
     best = float(np.mean([np.sort(envs.P[g])[::-1][:3] @ position for g in range(5)]))
     uniform = float(envs.P.mean() * position.sum())
     last = float(np.mean(totals[-500:]))
+    # The model with its epsilon 0.1 as the server draws it, learned in step, 60 seeds of the
+    # environment and of the draws: the last 500 of 1,000 responses earn 0.626 (sd 0.027, 0.572
+    # at worst), of 1,500 responses 0.629 (sd 0.025, 0.556 at worst): learning is done by
+    # response 500, so rounds 501-1,000 test the bound (0.539) as rounds 1,001-1,500 did.
     assert last > uniform + 0.6 * (best - uniform), (last, best, uniform)
     print(f"3-slot reward per response over the last 500: {last:.3f} (best {best:.3f}, uniform {uniform:.3f})")
 
