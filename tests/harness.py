@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,6 +145,21 @@ class ServerProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+
+
+def started_together(*starts: Callable[[], ServerProcess]) -> list[ServerProcess]:
+    """Several ``ServerProcess``es started at once (their imports and starts overlap), each
+    serving when this returns. Only for servers whose roles do not depend on which starts first
+    (a learner with ``--learner never`` replicas, say); if one fails to start the others are killed."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = [pool.submit(start) for start in starts]
+    errors = [e for f in futures if (e := f.exception()) is not None]
+    if errors:
+        for f in futures:
+            if f.exception() is None:
+                f.result().kill()
+        raise errors[0]
+    return [f.result() for f in futures]
 
 
 def wait_serving(target: str, timeout: float = 30) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
-from tests.harness import ROOT, ServerProcess, sql, until, wait_serving
+from tests.harness import ROOT, ServerProcess, sql, started_together, until, wait_serving
 
 KEY = "arm:p/paid"
 
@@ -50,8 +50,10 @@ def test_a_lowered_budget_binds_both_servers_when_apply_returns(pg: str) -> None
     ApplyConfig returns, B has it too (notified, not polled), both give back their unused
     lease, and together they spend no more than 15. Before, B kept spending its cached lease
     (the issue's run spent 36 against 10). After clean stops the ledger balances."""
-    a = ServerProcess(pg, env=SLOW_POLL)
-    b = ServerProcess(pg, "--learner", "never", env=SLOW_POLL)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=SLOW_POLL),
+        lambda: ServerProcess(pg, "--learner", "never", env=SLOW_POLL),
+    )
     try:
         with NextbestClient(a.target) as c:
             c.apply([paid(1000.0)])
@@ -92,8 +94,10 @@ def test_the_learner_learns_the_decisions_of_an_arm_version_applied_on_another_s
     """An arm's features change on replica B; B decides with the new version and the rewards
     reach learner A, which polls only every 5 s: every rewarded decision is learned, none is
     "unknown arm version; not learned" (80 of 100 were in the issue's run)."""
-    a = ServerProcess(pg, "--learner", "always", env=SLOW_POLL)
-    b = ServerProcess(pg, "--learner", "never", env=SLOW_POLL)
+    a, b = started_together(
+        lambda: ServerProcess(pg, "--learner", "always", env=SLOW_POLL),
+        lambda: ServerProcess(pg, "--learner", "never", env=SLOW_POLL),
+    )
 
     def spec(price: float) -> PlacementSpec:
         arms = [{"id": "x", "features": {"price": price}}, {"id": "y", "features": {"price": 2.0}}]
@@ -126,8 +130,10 @@ def test_a_server_stopped_and_taken_over_leaks_no_lease(pg: str) -> None:
     and each server gave back only its own. Before, A could not give back what the windows
     freed (leased 30 against spent 10 here; 55 against 25 in the issue's run)."""
     fast = {"NEXTBEST_REPLICA_POLL_INTERVAL": "0.3", "NEXTBEST_SWEEP_INTERVAL": "0.1", "NEXTBEST_ORPHAN_GRACE": "30"}
-    a = ServerProcess(pg, env=fast)
-    b = ServerProcess(pg, "--learner", "never", env=fast)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=fast),
+        lambda: ServerProcess(pg, "--learner", "never", env=fast),
+    )
     try:
         with NextbestClient(a.target) as c:
             c.apply([paid(1000.0, 2.0, reward_window=2.0)])
@@ -157,8 +163,10 @@ def test_a_server_stopped_through_a_change_spends_nothing_under_the_old_limit_wh
     budget until it has reloaded (it finds its loop was stalled, and hears the notification),
     then gives back its lease: together they still spend within 12."""
     fast = {"NEXTBEST_REPLICA_POLL_INTERVAL": "0.3", "NEXTBEST_SWEEP_INTERVAL": "0.1"}
-    a = ServerProcess(pg, env=fast)
-    b = ServerProcess(pg, "--learner", "never", env=fast)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=fast),
+        lambda: ServerProcess(pg, "--learner", "never", env=fast),
+    )
     try:
         with NextbestClient(a.target) as c:
             c.apply([paid(1000.0)])

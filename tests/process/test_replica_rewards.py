@@ -23,6 +23,7 @@ from tests.harness import (
     TOKENS,
     ServerProcess,
     sql,
+    started_together,
     wait_serving,
 )
 
@@ -46,8 +47,10 @@ def test_a_limited_token_cannot_reward_another_placements_decision_on_either_rep
     """Point 1: Choose(A, event_id = one of B's ids) on the server not holding B's window is
     ALREADY_EXISTS; a Reward with A's token is NOT_FOUND there and here; B's row is untouched
     and B's own reward is learned."""
-    a = ServerProcess(pg, env=AUTH)
-    b = ServerProcess(pg, "--learner", "never", env=AUTH)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=AUTH),
+        lambda: ServerProcess(pg, "--learner", "never", env=AUTH),
+    )
     try:
         with NextbestClient(a.target, token=ADMIN_TOKEN) as admin:
             admin.apply(two_placements(max_abs_reward=1.0))
@@ -76,8 +79,10 @@ def test_aggregated_rewards_sent_to_both_replicas_are_all_learned(pg: str) -> No
     """Point 2: reward_aggregation: sum with rewards to the owner and the other server: every
     reward answered RECORDED is in the learned sum; a new key after the close is LATE, stored."""
     env = {**AUTH, "NEXTBEST_AUTH_TOKENS": ""}
-    a = ServerProcess(pg, env=env)
-    b = ServerProcess(pg, "--learner", "never", env=env)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=env),
+        lambda: ServerProcess(pg, "--learner", "never", env=env),
+    )
     try:
         spec = envs.placement("p", reward_aggregation="sum", reward_window=6.0, learn_at="window_close")
         with NextbestClient(a.target) as ca:
@@ -117,8 +122,10 @@ def test_a_reused_server_made_event_id_is_refused_and_reserves_nothing_across_a_
             "arms": [{"id": "paid", "features": {"x": 1}, "cost_per_impression": 1.0, "budget": {"total": 100}}],
         }
     )
-    a = ServerProcess(pg, env=env)
-    b = ServerProcess(pg, "--learner", "never", env=env)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=env),
+        lambda: ServerProcess(pg, "--learner", "never", env=env),
+    )
     try:
         with NextbestClient(a.target) as ca:
             ca.apply([spec])
@@ -143,8 +150,10 @@ def test_a_reward_to_a_replica_while_the_deciding_server_stalls_is_unavailable_t
     answers UNAVAILABLE (retry), not NOT_FOUND, for an event that exists; once it runs again the
     retried reward is learned. An id of no live server stays NOT_FOUND."""
     slow = {**AUTH, "NEXTBEST_AUTH_TOKENS": "", "NEXTBEST_FLUSH_INTERVAL": "3", "NEXTBEST_PEER_VISIBILITY_WAIT": "0.1"}
-    a = ServerProcess(pg, env=slow)
-    b = ServerProcess(pg, "--learner", "never", env={**slow, "NEXTBEST_FLUSH_INTERVAL": "0.005"})
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=slow),
+        lambda: ServerProcess(pg, "--learner", "never", env={**slow, "NEXTBEST_FLUSH_INTERVAL": "0.005"}),
+    )
     try:
         with NextbestClient(a.target) as ca:
             ca.apply([envs.placement("p")])

@@ -13,7 +13,7 @@ import pytest
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import NextbestClient
 from tests import envs
-from tests.harness import ServerProcess, sql, until
+from tests.harness import ServerProcess, sql, started_together, until
 
 pytestmark = pytest.mark.postgres
 
@@ -35,8 +35,10 @@ def together(fn: Callable[..., None], arg_sets: Sequence[tuple[Any, ...]]) -> No
 
 
 def test_two_replicas_never_overspend_a_small_budget(pg: str) -> None:
-    a = ServerProcess(pg, env=FAST)
-    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=FAST),
+        lambda: ServerProcess(pg, "--learner", "never", env=FAST),
+    )
     try:
         spec = PlacementSpec.model_validate(
             {
@@ -75,8 +77,10 @@ def test_two_replicas_never_overspend_a_small_budget(pg: str) -> None:
 def test_two_replicas_hold_a_contact_cap_exactly(pg: str) -> None:
     """Default settings on PostgreSQL share contact history: a per-customer cap of 3 a day
     holds across both processes under concurrent load for the same customers."""
-    a = ServerProcess(pg, env=FAST)
-    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=FAST),
+        lambda: ServerProcess(pg, "--learner", "never", env=FAST),
+    )
     customers = [f"cust{i}" for i in range(5)]
     try:
         spec = PlacementSpec.model_validate(
@@ -150,8 +154,10 @@ def test_a_killed_replica_loses_no_acknowledged_reward_and_its_learner_is_replac
 
 
 def test_a_replica_loads_the_learners_new_model_within_the_interval(pg: str) -> None:
-    a = ServerProcess(pg, "--learner", "always", env=FAST)
-    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    a, b = started_together(
+        lambda: ServerProcess(pg, "--learner", "always", env=FAST),
+        lambda: ServerProcess(pg, "--learner", "never", env=FAST),
+    )
     try:
         with NextbestClient(a.target) as c:
             c.apply([envs.placement()])
@@ -175,8 +181,10 @@ def test_two_replicas_pace_a_total_budget_like_one_and_report_the_databases_figu
     GetStats on either server reports the database's spent and remaining."""
     from datetime import UTC, datetime, timedelta
 
-    a = ServerProcess(pg, env=FAST)
-    b = ServerProcess(pg, "--learner", "never", env=FAST)
+    a, b = started_together(
+        lambda: ServerProcess(pg, env=FAST),
+        lambda: ServerProcess(pg, "--learner", "never", env=FAST),
+    )
     limit, period = 150.0, 16.0
     samples: list[tuple[float, float]] = []  # (share of the period elapsed, share of the limit spent)
     try:
