@@ -33,4 +33,6 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     @rpc
     async def DeleteProfile(self, request: profile_pb2.DeleteProfileRequest, context: Ctx) -> profile_pb2.DeleteProfileResponse:
         erased = await self._handler.delete(request.customer_id, request.erase_decisions)
-        return profile_pb2.DeleteProfileResponse(profiles=erased.profiles, decisions=erased.decisions, contacts=erased.contacts)
+        return profile_pb2.DeleteProfileResponse(
+            profiles=erased.profiles, decisions=erased.decisions, contacts=erased.contacts, conversions=erased.conversions
+        )

@@ -295,6 +295,7 @@ class Erased:
     profiles: int = 0
     decisions: int = 0  # decision rows whose customer id and features were blanked
     contacts: int = 0  # contact-history rows deleted
+    conversions: int = 0  # conversions whose customer id was blanked (their credits and values stay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -649,8 +650,9 @@ class Store(Protocol):
 
     def erase_customer(self, customer_id: str) -> Erased:
         """MUST in one transaction delete the customer's profile and contact history and blank the
-        customer id and features of their logged decisions (arms, probabilities and rewards stay:
-        estimators and budgets still add up) (test_a_customer_can_be_erased). Raises Unavailable."""
+        customer id and features of their logged decisions and the customer id of their
+        conversions (arms, probabilities, rewards, conversion values and credits stay: estimators,
+        budgets and uplift totals still add up) (test_a_customer_can_be_erased). Raises Unavailable."""
         ...
 
     # -- conversions from billing (issue #31; storage/conversions.py) ---------------------------

@@ -183,7 +183,8 @@ class ProfileQueries(SqlBase):
                 f"UPDATE decisions SET customer_id = '', features = '[]', context = NULL WHERE customer_id = {mark}",
                 (customer_id,),
             ).rowcount
-        return Erased(profiles=int(profiles), decisions=int(decisions), contacts=int(contacts))
+            conversions = c.exec_driver_sql(f"UPDATE conversions SET customer_id = '' WHERE customer_id = {mark}", (customer_id,)).rowcount
+        return Erased(profiles=int(profiles), decisions=int(decisions), contacts=int(contacts), conversions=int(conversions))
 
 
 def _dbapi(e: Exception, statement: str) -> Exception:

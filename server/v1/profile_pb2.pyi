@@ -193,22 +193,26 @@ class DeleteProfileResponse(_message.Message):
     PROFILES_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
     CONTACTS_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
     profiles: _builtins.int
     """Profiles deleted (0 or 1)."""
     decisions: _builtins.int
     """Logged decisions whose customer id, features and context were blanked."""
     contacts: _builtins.int
     """Contact-history rows deleted."""
+    conversions: _builtins.int
+    """Conversions (from billing) whose customer id was blanked; their values and credits stay."""
     def __init__(
         self,
         *,
         profiles: _builtins.int = ...,
         decisions: _builtins.int = ...,
         contacts: _builtins.int = ...,
+        conversions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts", "decisions", b"decisions", "profiles", b"profiles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts", b"contacts", "conversions", b"conversions", "decisions", b"decisions", "profiles", b"profiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -175,9 +175,16 @@ def test_a_customer_can_be_erased(store: SqlStore) -> None:
             ContactRow("c2", 100.0, "app_home_banner", "data_5gb", "e2"),
         ]
     )
+    from nextbest.bandit.attribution import Conversion
+
+    bought = [Conversion("b1", "c1", "data_5gb", "", 9.5, 150.0), Conversion("b2", "c2", "data_5gb", "", 9.5, 150.0)]
+    store.record_conversions([(c, ()) for c in bought], now)
     before = store.find_decision("e1")
     assert before is not None
-    assert store.erase_customer("c1") == Erased(profiles=1, decisions=2, contacts=2)
+    assert store.erase_customer("c1") == Erased(profiles=1, decisions=2, contacts=2, conversions=1)
+    with store.engine.connect() as conn:
+        kept = conn.execute(text("SELECT conversion_id, customer_id, value FROM conversions ORDER BY conversion_id")).all()
+    assert [tuple(r) for r in kept] == [("b1", "", 9.5), ("b2", "c2", 9.5)]
     after = store.find_decision("e1")
     assert after is not None
     assert after == dataclasses.replace(before, customer_id="", features=(), context=None)

@@ -7,9 +7,8 @@ Create Date: 2026-12-07
 Written by hand (issue #31): ``conversions``, one row per conversion id (the idempotency key of
 a purchase reported by billing: customer, arm or product, value, when it occurred, how many
 decisions it credited), and ``conversion_credits``, the audit of conversion -> credited
-decisions with their shares. ``ix_decisions_customer`` holds only decisions that served an arm:
-attribution reads a customer's impressions in a time range, and erasing a customer finds their
-decisions, without scanning the log.
+decisions with their shares. ``ix_decisions_customer``: attribution reads a customer's impressions
+in a time range, and erasing a customer finds all their decisions, without scanning the log.
 """
 
 from __future__ import annotations
@@ -50,8 +49,7 @@ def upgrade() -> None:
         sa.Column("value", sa.Double(), nullable=False),
     )
     op.create_index("ix_conversion_credits_event", "conversion_credits", ["event_id", "slot"])
-    served = sa.text("arm_id IS NOT NULL")
-    op.create_index("ix_decisions_customer", "decisions", ["customer_id", "created_at"], postgresql_where=served, sqlite_where=served)
+    op.create_index("ix_decisions_customer", "decisions", ["customer_id", "created_at"])
 
 
 def downgrade() -> None:
