@@ -118,6 +118,7 @@ def _convert(path: str, batch: Any, row0: int, now: float) -> list[Conversion]:
 
     from nextbest.bandit.attribution import Conversion
     from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT
+    from nextbest.engine.conversion_result import MAX_AGE
     from nextbest.offline.profile_file import ProfileFileError, epoch_seconds
     from nextbest.settings import Settings
 
@@ -128,8 +129,6 @@ def _convert(path: str, batch: Any, row0: int, now: float) -> list[Conversion]:
     values = pc.cast(value, pa.float64(), safe=False).to_pylist()
     times = epoch_seconds(path, "occurred_at", batch.column("occurred_at"), row0)
     max_id = Settings().max_id_length
-    from nextbest.engine.conversions import MAX_AGE
-
     out = []
     for i, (cid, cust, arm, product, v, t) in enumerate(zip(ids, customers, arms, products, values, times, strict=True)):
         for name, x in (("value", v), ("occurred_at", t)):
@@ -213,7 +212,8 @@ def _load(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     print(
         f"{done.rows:,} rows read from {args.file} in {done.batches:,} batch{'' if done.batches == 1 else 'es'}: "
-        f"{counted.attributed:,} attributed ({counted.credits:,} credits), {counted.unattributed:,} unattributed, "
+        f"{counted.attributed:,} attributed ({counted.credits:,} credit{'' if counted.credits == 1 else 's'}), "
+        f"{counted.unattributed:,} unattributed, "
         f"{counted.duplicate:,} duplicate; {seconds:.1f} s"
     )
     if counted.failed:

@@ -1,5 +1,5 @@
-"""What became of a reported conversion (ReportConversions, issue #31): light, for rpc/convert.py
-and the client, which must not load the engine (VW, SQLAlchemy)."""
+"""What became of a reported conversion (ReportConversions, issue #31), and how old one may be:
+light, for rpc/convert.py, the client and the CLI, which must not load the engine (VW, SQLAlchemy)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 from nextbest.bandit.attribution import Credit
 from nextbest.bandit.errors import NextbestError
+from nextbest.bandit.spec import MAX_ATTRIBUTION_WINDOW
+
+# A conversion older than this is refused: it could be credited to no decision whose window is
+# still open (the longest attribution window before it, the longest reward window after).
+MAX_AGE = 2 * MAX_ATTRIBUTION_WINDOW
 
 
 class ConversionStatus(enum.Enum):

@@ -24,18 +24,15 @@ from dataclasses import dataclass
 
 from nextbest.bandit.attribution import Conversion, Credit, Touch, attribute
 from nextbest.bandit.errors import InvalidInput, NextbestError
-from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT, MAX_ATTRIBUTION_WINDOW, AttributionSpec
+from nextbest.bandit.spec import MAX_ABS_REWARD_LIMIT, AttributionSpec
 from nextbest.bandit.text import quote
-from nextbest.engine.conversion_result import ConversionResult, ConversionStatus
+from nextbest.engine.conversion_result import MAX_AGE, ConversionResult, ConversionStatus
 from nextbest.engine.learner import PlacementState
 from nextbest.engine.windows import RewardWindows, batch_quiet
 from nextbest.engine.writer import BatchWriter
 from nextbest.settings import Settings
 from nextbest.storage.base import Store
 
-# A conversion older than this is refused: it could be credited to no decision whose window is
-# still open (the longest attribution window before it, the longest reward window after).
-MAX_AGE = 2 * MAX_ATTRIBUTION_WINDOW
 _REWARD_KEY = 128  # RewardRequest.reward_id's limit
 
 

@@ -264,3 +264,41 @@ def test_conversions_are_reported_with_the_data_or_admin_role_not_the_channel_ro
             assert [x.status for x in c.report_conversions(item)] == ["unattributed"]
         with token_client(s.target, ADMIN_TOKEN) as c:
             assert [x.status for x in c.report_conversions(item)] == ["duplicate"]
+
+
+def test_a_parquet_extract_is_read_with_its_types_and_a_file_with_wrong_types_is_refused_naming_the_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nextbest.cli.conversions import read_conversions
+
+    at = T0 + 90.5
+    table = pa.table(
+        {
+            "conversion_id": ["inv-1", "inv-2"],
+            "customer_id": pa.array([31612345678, 31699999999], pa.int64()),
+            "product": ["DATA5", None],
+            "arm_id": [None, "app_voice"],
+            "value": pa.array([9.5, 2], pa.float32()),
+            "occurred_at": pa.array([int(at * 1e6)] * 2, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    pq.write_table(table, tmp_path / "billing.parquet")
+    [batch] = list(read_conversions(str(tmp_path / "billing.parquet")))
+    assert batch.conversions == [
+        Conversion("inv-1", "31612345678", "", "DATA5", 9.5, at),
+        Conversion("inv-2", "31699999999", "app_voice", "", 2.0, at),
+    ]
+    cases = {
+        "value": "conversion_id,customer_id,product,value,occurred_at\ninv-1,c1,DATA5,abc,{t}\n",
+        "occurred_at": "conversion_id,customer_id,product,value,occurred_at\ninv-1,c1,DATA5,1,yesterday\n",
+        "customer_id": "conversion_id,customer_id,product,value,occurred_at\ninv-1,,DATA5,1,{t}\n",
+    }
+    for column, text in cases.items():
+        path = tmp_path / f"bad_{column}.csv"
+        path.write_text(text.format(t=int(T0)))
+        assert main(["conversions", "load", str(path), "--target", "127.0.0.1:1"]) == 2  # refused before any call
+        err = capsys.readouterr().err
+        assert f"column '{column}'" in err and "nothing was stored" in err, err
