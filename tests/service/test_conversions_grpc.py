@@ -159,6 +159,25 @@ def r_k1_credits(a1: str, u1: str) -> tuple[Credit, ...]:
     return (Credit(a1, 0, "app", "app_data", 0.5, 5.0), Credit(u1, 0, "ussd", "ussd_data", 0.5, 5.0))
 
 
+def test_a_retry_after_a_crash_between_the_commit_and_the_rewards_completes_them(served: ServerThread, clock: FakeClock) -> None:
+    s = served
+    with s.client() as c:
+        e = _show(c, "app", "data", "c5")
+        clock.advance(H)
+        conv = _conv("crash-1", "c5", clock() - 1, 3.0)
+        credit = Credit(e, 0, "app", "app_data", 1.0, 3.0)
+        # Committed with its credits; the server died before the rewards were stored.
+        assert s.engine.store.record_conversions([(conv, [credit])], clock()) == [True]
+        r = c.report_conversions([conv])  # the client's retry
+        assert (r[0].status, r[0].credits) == ("duplicate", (credit,))
+        assert [x.status for x in c.report_conversions([conv])] == ["duplicate"]  # and once more: no second reward
+        clock.advance(5 * D)
+        s.call(s.engine.windows.sweep())
+        until(lambda: s.engine.states["app"].model.learned == 1)
+        row = s.engine.store.find_decision(e)
+        assert (row.outcome.name, row.reward) == ("REWARD", 3.0)
+
+
 def test_a_conversion_after_the_decisions_window_closed_is_late_recorded_not_learned(any_db: str, clock: FakeClock) -> None:
     late = _placement("late", "7d", "last_touch", "1d")
     with running_server(any_db, clock, sweep_interval=60) as s, s.client() as c:
