@@ -34,6 +34,7 @@ PHASES = (
     "partial",
     "choose",
     "latency",
+    "context",  # also run by --phases profiles,choose (issue #30's command): see wants_context
     "reward",
     "postgres",
     "replicas",
@@ -43,6 +44,9 @@ PHASES = (
     "profiles",
     "overload",
 )
+# Left out of a smoke run of every phase (each has a smoke test of its own): context starts three
+# servers, which took 8-40 s in smoke mode on this shared machine.
+SMOKE_BY_NAME_ONLY = frozenset({"context"})
 LOADS = (0.5, 0.8)
 # A single run's p99 at the target's point swings 6-60 ms here from minute to minute (the machine
 # is shared), so that point is run several times and judged on the run with the median p99.
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> Report:
 
     lim = ph.SMOKE if args.smoke else ph.FULL
     phases = set(args.phases)
+    if args.smoke and args.phases == list(PHASES):
+        phases -= SMOKE_BY_NAME_ONLY
     rep = Report(smoke=args.smoke)
     rep.meta.update(machine_meta(), background_busy=busy_fraction(0.5 if not args.smoke else 0.2))
     if rep.meta["background_busy"] > 0.15:
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> Report:
 
         sizes = args.profile_rows or (profiles.SMOKE_ROWS if args.smoke else profiles.FULL_ROWS)
         rep.profile_load(profiles.run(sizes, postgres=False if args.no_postgres else None))
-    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload"}
+    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload"} or wants_context(phases)
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
         workers = Workers(args.clients) if needs_servers else None
@@ -99,6 +105,8 @@ def run(args: argparse.Namespace) -> Report:
                 if "partial" in phases:
                     _partial_section(rep, workers, tmp, lim)
                 _sqlite_section(rep, workers, er, tmp, lim, phases)
+                if wants_context(phases):
+                    _context_section(args, rep, workers, tmp, lim)
                 if "overload" in phases:
                     _overload_section(rep, workers, tmp, lim)
                 if "postgres" in phases:
@@ -161,6 +169,24 @@ def _sqlite_section(rep: Report, workers: Any, echo_runner: Any, tmp: Path, lim:
             _rewards(rep, runner, events.ids, lim.seconds, "sqlite")
     finally:
         server.stop()
+
+
+def wants_context(phases: set[str]) -> bool:
+    """The profile + history comparison runs when named, and under ``--phases profiles,choose``:
+    issue #30 measures Choose with profiles as part of those two."""
+    return "context" in phases or {"profiles", "choose"} <= phases
+
+
+def _context_section(args: argparse.Namespace, rep: Report, workers: Any, tmp: Path, lim: Any) -> None:
+    """Choose (20 arms) with profile + history against the same placement without
+    (nextbest.bench.context): SQLite, then PostgreSQL when it answers."""
+    from nextbest.bench import context
+    from nextbest.bench.procs import postgres_available
+
+    postgres = not args.smoke and not args.no_postgres and postgres_available()
+    if not postgres and not args.smoke:
+        rep.note("context on PostgreSQL skipped: " + ("--no-postgres" if args.no_postgres else "PostgreSQL does not answer"))
+    rep.context(context.run(workers, tmp, lim, args.smoke, postgres))
 
 
 def _overload_section(rep: Report, workers: Any, tmp: Path, lim: Any) -> None:

@@ -224,6 +224,75 @@ class Report:
                     f"({c['errors']} errors, {c['dropped']} not sent)"
                 )
 
+    def context(self, r: dict[str, Any]) -> None:
+        """Choose with the stored profile and history against the same placement without
+        (nextbest.bench.context): medians of the rounds, as ratios profiled / plain."""
+        from nextbest.bench.context import LOAD, TARGETS
+
+        self.phases["context"] = r
+        full = self.meta.get("mode") == "full"
+        for backend, b in r.items():
+            for kind in ("many", "repeat"):
+                if kind not in b:
+                    continue
+                s = b[kind]
+                who = f"{s['customers']:,} customers" + (" repeating" if kind == "repeat" else "")
+                what = f"({backend}, {who}, cache hits {s['hit_rate']:.0%}, {s['rounds']} rounds)"
+                pro, plain = s["profiled"], s["plain"]
+                inline = s.get("inline")
+                key = f"context.{backend}.{kind}"
+
+                def base(k: str, plain: dict[str, Any] = plain, inline: dict[str, Any] | None = inline) -> dict[str, float]:
+                    return {"without": plain[k], **({"profile in the request": inline[k]} if inline else {})}
+
+                if inline:
+                    self.add(
+                        f"{key}.inline_rate",
+                        f"Choose {b['arms']} arms, the profile's features in the request, saturation ({backend})",
+                        inline["rate"],
+                        "req/s",
+                        {"without": plain["rate"]},
+                    )
+                self.add(
+                    f"{key}.rate",
+                    f"Choose {b['arms']} arms, profile + history, saturation {what}",
+                    pro["rate"],
+                    "req/s",
+                    base("rate"),
+                    f">= {TARGETS['rate']} x without",
+                    s["rate_ratio"] >= TARGETS["rate"] if full else None,
+                )
+                self.add(
+                    f"{key}.p99",
+                    f"Choose {b['arms']} arms, profile + history, p99 at {LOAD:.0%} of without ({s['paced_rate']:,.0f}/s) {what}",
+                    pro["p99_ms"],
+                    "ms",
+                    base("p99_ms"),
+                    f"<= {TARGETS['p99']} x without",
+                    s["p99_ratio"] <= TARGETS["p99"] if full else None,
+                )
+                self.add(
+                    f"{key}.p99_own",
+                    f"Choose {b['arms']} arms, profile + history, p99 at {LOAD:.0%} of its own ({pro['own_rate']:,.0f}/s) {what}",
+                    pro["own_p99_ms"],
+                    "ms",
+                )
+                self.add(
+                    f"{key}.server_cpu",
+                    f"server CPU per Choose, profile + history {what}",
+                    pro["server_cpu_us"],
+                    "us",
+                    base("server_cpu_us"),
+                )
+                self.note(
+                    f"context {backend} {kind}: profiled / plain by round, throughput "
+                    + " / ".join(f"{x:.2f}" for x in s["paired_rate_ratios"])
+                    + ", p99 "
+                    + " / ".join(f"{x:.2f}" for x in s["paired_p99_ratios"])
+                )
+                if pro["errors"] or plain["errors"]:
+                    self.note(f"context {backend} {kind}: {pro['errors']} calls failed or not sent (profiled), {plain['errors']} (plain)")
+
     def reward(self, backend: str, r: dict[str, Any]) -> None:
         batch = int(r.get("batch", 1))
         key = f"reward.{backend}" if batch == 1 else f"reward_batch.{backend}"

@@ -174,3 +174,27 @@ def test_smoke_profiles_phase_reports_load_rate_and_peak_memory(tmp_path: Path) 
     assert "pyarrow read" in figures["profiles.load.2000"]["ceilings"]
     if body["backend"] == "postgres":
         assert "plain COPY" in figures["profiles.load.2000"]["ceilings"]
+
+
+@pytest.mark.timeout(120)
+def test_smoke_context_phase_compares_profiled_choose_with_plain(tmp_path: Path) -> None:
+    """Fails on the code before the context phase (issue #30): `--phases context` was unknown."""
+    data = _run(tmp_path, "--smoke", "--phases", "context", timeout=110)
+    many = data["phases"]["context"]["sqlite"]["many"]
+    for name in ("plain", "inline", "profiled"):  # every server answered
+        assert many[name]["rate"] > 0, (name, many[name])
+    assert many["hit_rate"] < 0.05  # every request a customer the cache has not read lately
+    figures = {f["key"]: f for f in data["figures"]}
+    for what in ("rate", "p99", "server_cpu"):
+        f = figures[f"context.sqlite.many.{what}"]
+        assert set(f["ceilings"]) == {"without", "profile in the request"} and math.isfinite(f["value"]), f
+    assert figures["context.sqlite.many.rate"]["target"] == ">= 0.8 x without"
+
+
+def test_context_hit_rate_counts_reads_within_the_ttl() -> None:
+    from nextbest.bench.context import hit_rate
+
+    run = {"sent": 6, "ok": 4, "errors": 0, "seconds": 4.0}  # 2 warm-up, 4 measured; 1 s apart
+    # a at 2 s: read at 0 s, a hit; a at 4 s: that read is 4 s old (a hit does not refresh it), a miss
+    assert hit_rate(["a", "b", "a", "c", "a", "b"], run, warmup=2.0, ttl=2.5) == 0.25
+    assert hit_rate(["a", "b", "c"], run, warmup=2.0, ttl=2.5) == 0.0  # each back after 3 s: expired
