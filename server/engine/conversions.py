@@ -45,6 +45,13 @@ class _Resolved:
     rules: Mapping[str, AttributionSpec]
 
 
+def _result(new: bool, credits: Sequence[Credit], stored: Sequence[Credit]) -> ConversionResult:
+    """A new conversion's status by its credits; a duplicate's with the credits stored for it."""
+    if not new:
+        return ConversionResult(ConversionStatus.DUPLICATE, tuple(stored))
+    return ConversionResult(ConversionStatus.ATTRIBUTED if credits else ConversionStatus.UNATTRIBUTED, tuple(credits))
+
+
 def reward_key(conversion_id: str) -> str:
     """The reward_id of a conversion's credits: ``conversion:<id>``, or a digest of a long id
     (a conversion id may be as long as max_id_length, a reward key at most 128 characters)."""
@@ -86,17 +93,14 @@ class ConversionDesk:
         if not resolved:
             return []
         await self._logged()
+        # A duplicate is attributed too (its touches read for nothing): whether an id is new is
+        # known only from the insert, which decides among servers racing on it.
         credits = [attribute(r.conversion.value, r.conversion.occurred_at, await self._touches(r), r.rules) for r in resolved]
         fresh = await self._record(resolved, credits, now)
-        stored = await self._stored_credits([r.conversion.conversion_id for r, new in zip(resolved, fresh, strict=True) if not new])
-        results: list[ConversionResult] = []
-        for r, new, mine in zip(resolved, fresh, credits, strict=True):
-            if new:
-                status = ConversionStatus.ATTRIBUTED if mine else ConversionStatus.UNATTRIBUTED
-                results.append(ConversionResult(status, tuple(mine)))
-            else:
-                results.append(ConversionResult(ConversionStatus.DUPLICATE, tuple(stored.get(r.conversion.conversion_id, ()))))
-        return await self._reward_all(results, [r.conversion.conversion_id for r in resolved])
+        ids = [r.conversion.conversion_id for r in resolved]
+        stored = await self._stored_credits([cid for cid, new in zip(ids, fresh, strict=True) if not new])
+        results = [_result(new, mine, stored.get(cid, [])) for cid, new, mine in zip(ids, fresh, credits, strict=True)]
+        return await self._reward_all(results, ids)
 
     # -- the steps ------------------------------------------------------------------------------
 
