@@ -35,6 +35,10 @@ from nextbest.storage.base import Store
 
 _REWARD_KEY = 128  # RewardRequest.reward_id's limit
 
+# The stored ids' column width (conversions.conversion_id, customer_id): a longer id, allowed by a
+# raised max_id_length, is refused as INVALID_ARGUMENT, never by the database.
+_MAX_STORED_ID = 256
+
 
 @dataclass(frozen=True, slots=True)
 class _Resolved:
@@ -111,7 +115,12 @@ class ConversionDesk:
             raise InvalidInput("conversions", f"{len(items)} conversions, more than max_reward_batch ({limit}); send smaller batches")
         for i, c in enumerate(items):
             try:
-                c.check(now=now, max_id_length=self._settings.max_id_length, max_abs_value=MAX_ABS_REWARD_LIMIT, max_age=MAX_AGE)
+                c.check(
+                    now=now,
+                    max_id_length=min(self._settings.max_id_length, _MAX_STORED_ID),
+                    max_abs_value=MAX_ABS_REWARD_LIMIT,
+                    max_age=MAX_AGE,
+                )
             except InvalidInput as e:
                 raise InvalidInput(f"conversions[{i}].{e.field}", e.message) from None
 
