@@ -226,8 +226,15 @@ class NextbestClient:
         r = self._admin.ApplyConfig(req, timeout=self.timeout)
         return [convert.change(c) for c in r.changes]
 
-    def stats(self, placement: str) -> admin_pb2.GetStatsResponse:
-        r: admin_pb2.GetStatsResponse = self._admin.GetStats(admin_pb2.GetStatsRequest(placement=placement), timeout=self.timeout)
+    def stats(self, placement: str, since: float | None = None, until: float | None = None) -> admin_pb2.GetStatsResponse:
+        """A placement's statistics; its conversion figures over [since, until) in epoch seconds
+        (by default the last 30 days)."""
+        req = admin_pb2.GetStatsRequest(placement=placement)
+        if since is not None:
+            req.start_time.FromNanoseconds(round(since * 1e9))
+        if until is not None:
+            req.end_time.FromNanoseconds(round(until * 1e9))
+        r: admin_pb2.GetStatsResponse = self._admin.GetStats(req, timeout=self.timeout)
         return r
 
     def placement(self, placement: str) -> admin_pb2.Placement:

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import grpc
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.config.plans import Change
-from nextbest.v1 import decision_pb2
+from nextbest.v1 import admin_pb2, decision_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # What the "server" extra installs (pyproject.toml): a client-only install lacks these, and the
@@ -122,9 +124,11 @@ def _stats(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from nextbest.client import NextbestClient
+    from nextbest.offline.log_source import parse_time
 
+    since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     with NextbestClient(args.target) as nb:
-        s = nb.stats(args.placement)
+        s = nb.stats(args.placement, since, until)
     if args.json:
         print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
         return 0
@@ -168,7 +172,50 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{b.leased_unused:>8.2f}{price:>8}  {when}"
             )
         print("(every server's figures, as the database has them; leased: held by a server, not yet used)")
+    if s.conversions or s.unattributed:
+        print()
+        print(conversions_table(s, _period(since, until)))
     return 0
+
+
+def _ci(low: float, high: float, digits: int, sign: str = "") -> str:
+    return "[–]" if math.isnan(low) or math.isnan(high) else f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def _period(since: float | None, until: float | None) -> str:
+    def at(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    if since is None:
+        return "the last 30 days" if until is None else f"30 days to {at(until)}"
+    return f"{at(since)} to {'now' if until is None else at(until)}"
+
+
+def conversions_table(s: admin_pb2.GetStatsResponse, period: str) -> str:
+    """GetStats' conversion figures: per variant, the difference to the holdout, the unattributed."""
+    lines = [
+        f"conversions (from billing), {period}: every conversion of the customers decided, attributed or not",
+        f"{'variant':<16}{'customers':>10}{'converting':>11}{'rate':>8}  {'95% CI':<18}{'value/customer':>15}  95% CI",
+    ]
+    for v in s.conversions:
+        r, m = v.conversion_rate, v.value_per_customer
+        lines.append(
+            f"{v.variant or '-':<16}{v.customers:>10}{v.converting_customers:>11}{r.estimate:>8.4f}  {_ci(r.low, r.high, 4):<18}"
+            f"{m.estimate:>15.2f}  {_ci(m.low, m.high, 2)}"
+        )
+    diffs = [v for v in s.conversions if v.HasField("difference_to_holdout")]
+    if diffs:
+        lines.append("difference to the holdout (95% CI)")
+        for v in diffs:
+            r, m = v.difference_to_holdout.conversion_rate, v.difference_to_holdout.value_per_customer
+            lines.append(
+                f"  {v.variant:<14}rate {r.estimate:+.4f} {_ci(r.low, r.high, 4, '+'):<20}"
+                f"value/customer {m.estimate:+.2f} {_ci(m.low, m.high, 2, '+')}"
+            )
+    if s.unattributed:
+        lines.append(f"unattributed (credited no decision, any placement){'conversions':>14}{'value':>12}")
+        lines += [f"  {u.product:<48}{u.conversions:>14}{u.value:>12.2f}" for u in s.unattributed]
+    return "\n".join(lines)
 
 
 def _parse_feature(text: str) -> tuple[str, str, float | str]:
@@ -338,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="impressions and rewards of a placement, per arm")
     st.add_argument("placement")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--since", help="start of the conversion figures' period (ISO 8601 or epoch seconds; default 30 days ago)")
+    st.add_argument("--until", help="end of that period (default now)")
     target(st)
     st.set_defaults(func=_stats)
 

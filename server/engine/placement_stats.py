@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nextbest.bandit.budget import Account
+from nextbest.bandit.offline.uplift import VariantUplift
 from nextbest.storage.base import AccountRow, ArmTally, VariantTally
 
 if TYPE_CHECKING:
@@ -81,3 +82,7 @@ class Stats:
     # Why arms were left out: per arm, the decisions that found it ineligible, by reason, most
     # frequent first ("why does X never show").
     ineligible: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    # Uplift on real purchases in the period asked for: per variant, every
+    # conversion of the customers it decided; conversions that credited no decision, by product.
+    conversions: list[VariantUplift] = field(default_factory=list)
+    unattributed: dict[str, tuple[int, float]] = field(default_factory=dict)

@@ -7,13 +7,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from nextbest.bandit.budget import Account
-from nextbest.bandit.errors import NotFound
+from nextbest.bandit.errors import InvalidInput, NotFound
+from nextbest.bandit.offline.uplift import uplift
 from nextbest.bandit.text import quote
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.learner import PlacementState
 from nextbest.engine.placement_stats import BudgetView, ModelView, Stats
 from nextbest.engine.writer import BatchWriter
 from nextbest.storage.base import ArmTally, Store
+
+UPLIFT_DAYS = 30  # the default period of the conversion figures: the last 30 days
 
 
 class StatsReader:
@@ -37,10 +40,15 @@ class StatsReader:
         self._reader_pool = reader_pool
         self._clock = clock
 
-    async def stats(self, pid: str) -> Stats:
+    async def stats(self, pid: str, since: float | None = None, until: float | None = None) -> Stats:
+        """The conversion figures cover [since, until): by default the last UPLIFT_DAYS days."""
         ps = self._states.get(pid)
         if ps is None:
             raise NotFound(f"placement {quote(pid)} does not exist")
+        until = self._clock() if until is None else until
+        since = until - UPLIFT_DAYS * 86400.0 if since is None else since
+        if not since < until:
+            raise InvalidInput("start_time", "must be before end_time")
         await asyncio.wait_for(self._writer.flush(), timeout=10)
         loop = asyncio.get_running_loop()
         tallies, total, no_arm = await loop.run_in_executor(self._reader_pool, self._store.tally, pid)
@@ -61,7 +69,23 @@ class StatsReader:
         ineligible: dict[str, list[tuple[str, int]]] = {}
         for t in await loop.run_in_executor(self._reader_pool, self._store.tally_ineligible, pid):
             ineligible.setdefault(t.arm_id, []).append((t.reason, t.decisions))
+        # Uplift on real purchases: one statement per placement, one for the unattributed.
+        tally = await loop.run_in_executor(self._reader_pool, self._store.conversion_tally, pid, since, until)
+        unattributed = await loop.run_in_executor(self._reader_pool, self._store.unattributed_by_product, since, until)
         # The models last, after every await, together: the learner runs between awaits, and a
         # version read apart from the models' counts disagreed with them by one.
         models = [ModelView.of(s) for s in ps.models.values()]
-        return Stats(pid, rows, total, ps.model.learned, pending, budgets, no_arm, variants, models, ineligible)
+        return Stats(
+            pid,
+            rows,
+            total,
+            ps.model.learned,
+            pending,
+            budgets,
+            no_arm,
+            variants,
+            models,
+            ineligible,
+            uplift(tally),
+            unattributed,
+        )

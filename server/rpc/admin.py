@@ -103,4 +103,5 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetStats(self, request: admin_pb2.GetStatsRequest, context: Ctx) -> admin_pb2.GetStatsResponse:
         if not request.placement:
             raise InvalidInput("placement", "must not be empty")
-        return convert.stats_pb(await self._stats.stats(request.placement))
+        since, until = convert.stats_period(request)
+        return convert.stats_pb(await self._stats.stats(request.placement, since, until))

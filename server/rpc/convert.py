@@ -14,6 +14,8 @@ from nextbest.bandit.attribution import Conversion, Credit
 from nextbest.bandit.eligibility import EligibilityRule
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, feature_key
+from nextbest.bandit.offline.experiment_stats import Interval
+from nextbest.bandit.offline.uplift import VariantUplift
 from nextbest.bandit.spec import (
     ArmSpec,
     BudgetSpec,
@@ -501,6 +503,34 @@ def change(c: admin_pb2.ConfigChange) -> Change:
 TOP_REASONS = 5  # reasons per arm in GetStats, most frequent first
 
 
+def stats_period(r: admin_pb2.GetStatsRequest) -> tuple[float | None, float | None]:
+    """The period of the conversion figures asked for (None: the default)."""
+    since = _seconds(r.start_time, "start_time") if r.HasField("start_time") else None
+    until = _seconds(r.end_time, "end_time") if r.HasField("end_time") else None
+    return since, until
+
+
+def _interval_pb(i: Interval) -> admin_pb2.EstimateInterval:
+    return admin_pb2.EstimateInterval(estimate=i.estimate, low=i.low, high=i.high)
+
+
+def variant_conversions_pb(u: VariantUplift) -> admin_pb2.VariantConversionStats:
+    out = admin_pb2.VariantConversionStats(
+        variant=u.variant,
+        customers=u.customers,
+        converting_customers=u.converting,
+        conversion_rate=_interval_pb(u.rate),
+        value_per_customer=_interval_pb(u.value),
+    )
+    if u.rate_difference is not None and u.value_difference is not None:
+        out.difference_to_holdout.CopyFrom(
+            admin_pb2.ConversionDifference(
+                conversion_rate=_interval_pb(u.rate_difference), value_per_customer=_interval_pb(u.value_difference)
+            )
+        )
+    return out
+
+
 def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
     return admin_pb2.GetStatsResponse(
         placement=s.placement,
@@ -563,6 +593,8 @@ def stats_pb(s: Stats) -> admin_pb2.GetStatsResponse:
             admin_pb2.ModelStats(name=m.name, learned=m.learned, scored=m.scored, agreement=m.agreement, estimated_value=m.estimated_value)
             for m in s.models
         ],
+        conversions=[variant_conversions_pb(u) for u in s.conversions],
+        unattributed=[admin_pb2.UnattributedConversions(product=k, conversions=n, value=v) for k, (n, v) in s.unattributed.items()],
     )
 
 

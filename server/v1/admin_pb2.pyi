@@ -1586,21 +1586,35 @@ Global___ApplyConfigResponse: _TypeAlias = ApplyConfigResponse  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):
-    """GetStatsRequest names a placement."""
+    """GetStatsRequest names a placement and, optionally, the period of its conversion figures."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PLACEMENT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period of the conversion figures (customers decided from then on); unset:
+        30 days before end_time.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of that period (decisions and conversions before it); unset: now."""
+
     def __init__(
         self,
         *,
         placement: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "placement", b"placement", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1805,6 +1819,8 @@ class GetStatsResponse(_message.Message):
     NO_OFFER_FIELD_NUMBER: _builtins.int
     VARIANTS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
+    UNATTRIBUTED_FIELD_NUMBER: _builtins.int
     placement: _builtins.str
     """Placement id."""
     decisions: _builtins.int
@@ -1835,6 +1851,20 @@ class GetStatsResponse(_message.Message):
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStats]:
         """Per model of the placement: its own, one per variant, one per shadow."""
 
+    @_builtins.property
+    def conversions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantConversionStats]:
+        """Uplift on real purchases: per variant ("" without experiment, "holdout" for the control
+        group), the customers the placement decided in the request's period (by default the last
+        30 days) and every conversion of theirs in it (attributed or not, any product) from their
+        first decision there on, by variant id.
+        """
+
+    @_builtins.property
+    def unattributed(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnattributedConversions]:
+        """Conversions in the period that credited no decision (of any placement), by product (by
+        arm id for those naming an arm).
+        """
+
     def __init__(
         self,
         *,
@@ -1847,14 +1877,160 @@ class GetStatsResponse(_message.Message):
         no_offer: _builtins.int = ...,
         variants: _abc.Iterable[Global___VariantStats] | None = ...,
         models: _abc.Iterable[Global___ModelStats] | None = ...,
+        conversions: _abc.Iterable[Global___VariantConversionStats] | None = ...,
+        unattributed: _abc.Iterable[Global___UnattributedConversions] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "budgets", b"budgets", "decisions", b"decisions", "model_version", b"model_version", "models", b"models", "no_offer", b"no_offer", "pending", b"pending", "placement", b"placement", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "budgets", b"budgets", "conversions", b"conversions", "decisions", b"decisions", "model_version", b"model_version", "models", b"models", "no_offer", b"no_offer", "pending", b"pending", "placement", b"placement", "unattributed", b"unattributed", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class EstimateInterval(_message.Message):
+    """EstimateInterval is an estimate with its 95 % interval (NaN where undefined: no customers,
+    or fewer than two for a value's interval).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    estimate: _builtins.float
+    """The estimate."""
+    low: _builtins.float
+    """Lower bound of the 95 % interval."""
+    high: _builtins.float
+    """Upper bound of the 95 % interval."""
+    def __init__(
+        self,
+        *,
+        estimate: _builtins.float = ...,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate", "high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateInterval: _TypeAlias = EstimateInterval  # noqa: Y015
+
+@_typing.final
+class VariantConversionStats(_message.Message):
+    """VariantConversionStats is one variant's customers and their conversions in the period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_FIELD_NUMBER: _builtins.int
+    CUSTOMERS_FIELD_NUMBER: _builtins.int
+    CONVERTING_CUSTOMERS_FIELD_NUMBER: _builtins.int
+    CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    VALUE_PER_CUSTOMER_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_TO_HOLDOUT_FIELD_NUMBER: _builtins.int
+    variant: _builtins.str
+    """Variant id ("" without experiment, "holdout" for the control group)."""
+    customers: _builtins.int
+    """Distinct known customers (with a customer id) decided by the variant in the period."""
+    converting_customers: _builtins.int
+    """Of them, those with at least one conversion at or after their first decision."""
+    @_builtins.property
+    def conversion_rate(self) -> Global___EstimateInterval:
+        """converting_customers / customers, with a Wilson interval."""
+
+    @_builtins.property
+    def value_per_customer(self) -> Global___EstimateInterval:
+        """Conversion value per customer (0 for those without a conversion), with a normal
+        approximation interval (mean +- 1.96 s / sqrt(customers)).
+        """
+
+    @_builtins.property
+    def difference_to_holdout(self) -> Global___ConversionDifference:
+        """This variant minus the holdout; unset for the holdout and without one."""
+
+    def __init__(
+        self,
+        *,
+        variant: _builtins.str = ...,
+        customers: _builtins.int = ...,
+        converting_customers: _builtins.int = ...,
+        conversion_rate: Global___EstimateInterval | None = ...,
+        value_per_customer: Global___EstimateInterval | None = ...,
+        difference_to_holdout: Global___ConversionDifference | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion_rate", b"conversion_rate", "difference_to_holdout", b"difference_to_holdout", "value_per_customer", b"value_per_customer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_rate", b"conversion_rate", "converting_customers", b"converting_customers", "customers", b"customers", "difference_to_holdout", b"difference_to_holdout", "value_per_customer", b"value_per_customer", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantConversionStats: _TypeAlias = VariantConversionStats  # noqa: Y015
+
+@_typing.final
+class ConversionDifference(_message.Message):
+    """ConversionDifference is a variant's figures minus the holdout's, each with a normal 95 %
+    interval of a difference of independent means: the uplift caused by the variant's offers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    VALUE_PER_CUSTOMER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversion_rate(self) -> Global___EstimateInterval:
+        """Difference of the conversion rates."""
+
+    @_builtins.property
+    def value_per_customer(self) -> Global___EstimateInterval:
+        """Difference of the conversion values per customer."""
+
+    def __init__(
+        self,
+        *,
+        conversion_rate: Global___EstimateInterval | None = ...,
+        value_per_customer: Global___EstimateInterval | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion_rate", b"conversion_rate", "value_per_customer", b"value_per_customer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_rate", b"conversion_rate", "value_per_customer", b"value_per_customer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversionDifference: _TypeAlias = ConversionDifference  # noqa: Y015
+
+@_typing.final
+class UnattributedConversions(_message.Message):
+    """UnattributedConversions counts the conversions of one product that credited no decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    product: _builtins.str
+    """Billing product code (or the arm id of a conversion that named an arm)."""
+    conversions: _builtins.int
+    """Conversions."""
+    value: _builtins.float
+    """Sum of their values."""
+    def __init__(
+        self,
+        *,
+        product: _builtins.str = ...,
+        conversions: _builtins.int = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversions", b"conversions", "product", b"product", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnattributedConversions: _TypeAlias = UnattributedConversions  # noqa: Y015
 
 @_typing.final
 class VariantStats(_message.Message):

@@ -163,8 +163,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
-        state of the budgets its arms spend from.
+        """GetStats returns the counts of impressions and rewards of a placement, per arm, the state
+        of the budgets its arms spend from and, over a period, the conversions of the customers
+        each variant decided against the holdout's (uplift on real purchases).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,8 +56,9 @@ class AdminServiceStub:
     all of it is applied or, on any invalid field, none of it. With dry_run it only plans.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]
-    """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
-    state of the budgets its arms spend from.
+    """GetStats returns the counts of impressions and rewards of a placement, per arm, the state
+    of the budgets its arms spend from and, over a period, the conversions of the customers
+    each variant decided against the holdout's (uplift on real purchases).
     """
     ListCampaigns: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCampaignsRequest, _admin_pb2.ListCampaignsResponse]
     """ListCampaigns returns every campaign (a budget shared by arms across placements)."""
@@ -90,8 +91,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     all of it is applied or, on any invalid field, none of it. With dry_run it only plans.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]  # type: ignore[assignment]
-    """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
-    state of the budgets its arms spend from.
+    """GetStats returns the counts of impressions and rewards of a placement, per arm, the state
+    of the budgets its arms spend from and, over a period, the conversions of the customers
+    each variant decided against the holdout's (uplift on real purchases).
     """
     ListCampaigns: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCampaignsRequest, _admin_pb2.ListCampaignsResponse]  # type: ignore[assignment]
     """ListCampaigns returns every campaign (a budget shared by arms across placements)."""
@@ -181,8 +183,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetStatsResponse, _abc.Awaitable[_admin_pb2.GetStatsResponse]]:
-        """GetStats returns the counts of impressions and rewards of a placement, per arm, and the
-        state of the budgets its arms spend from.
+        """GetStats returns the counts of impressions and rewards of a placement, per arm, the state
+        of the budgets its arms spend from and, over a period, the conversions of the customers
+        each variant decided against the holdout's (uplift on real purchases).
         """
 
     @_abc_1.abstractmethod
