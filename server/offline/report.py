@@ -1,9 +1,11 @@
 """``nextbest report``: one self-contained HTML page about a placement's experiment.
 
 Everything is embedded (PNG images as base64, inline CSS), so the page can be mailed,
-attached to a ticket or opened offline. The figures come from the decision log alone, read
-only: reward over time per variant with 95 % intervals, arm shares over time, budget burn
-against an even schedule, the learning curve, and the summary tables of ``stats-log``.
+attached to a ticket or opened offline. The figures come from the database alone (the
+decision log and the conversions), read only: reward over time per variant with 95 %
+intervals, arm shares over time, budget burn against an even schedule, the learning curve, the
+summary tables of ``stats-log``, and the conversions from billing per variant against the
+holdout (as GetStats has them).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import base64
 import html
 import io
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from nextbest.bandit.offline.experiment_stats import BUCKET_SECONDS, Bucket, GroupStats, Summary, group, iso, rolling_mean, summarize
+from nextbest.bandit.offline.uplift import VariantUplift
 from nextbest.bandit.spec import BudgetSpec, PlacementSpec
+from nextbest.offline.conversion_source import ConversionFigures, read_conversions
 from nextbest.offline.stats_source import LogData, arm_budget_specs, read_log
 
 DAY = 86400.0
@@ -219,7 +224,62 @@ def _stats_rows(groups: Sequence[GroupStats], with_arm: bool) -> list[list[Any]]
     ]
 
 
-def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
+def _ci(low: float, high: float, digits: int, sign: str = "") -> str:
+    return "[–]" if math.isnan(low) or math.isnan(high) else f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def _conversion_rows(variants: Sequence[VariantUplift]) -> list[list[Any]]:
+    rows = []
+    for v in variants:
+        r, m = v.rate_difference, v.value_difference
+        rows.append(
+            [
+                v.variant or "–",
+                v.customers,
+                v.converting,
+                _f(v.rate.estimate),
+                _ci(v.rate.low, v.rate.high, 4),
+                _f(v.value.estimate, 2),
+                _ci(v.value.low, v.value.high, 2),
+                "–" if r is None else f"{r.estimate:+.4f} {_ci(r.low, r.high, 4, '+')}",
+                "–" if m is None else f"{m.estimate:+.2f} {_ci(m.low, m.high, 2, '+')}",
+            ]
+        )
+    return rows
+
+
+def conversions_section(c: ConversionFigures | None) -> list[str]:
+    """The "conversions (from billing)" table: uplift on real purchases against the holdout."""
+    parts = ["<h2>Conversions (from billing)</h2>"]
+    if c is None or not (c.variants or c.unattributed):
+        return [*parts, '<p class="note">No customer of this placement was decided in the period, and no conversion is unattributed.</p>']
+    parts.append(f"<p>Customers decided from {iso(c.since)} to {iso(c.until)} and every conversion of theirs (attributed or not).</p>")
+    head = [
+        "variant",
+        "customers",
+        "converting",
+        "rate",
+        "95 % CI",
+        "value/customer",
+        "95 % CI",
+        "rate − holdout",
+        "value/customer − holdout",
+    ]
+    parts.append(_table(head, _conversion_rows(c.variants)))
+    parts.append(
+        '<p class="note">Every conversion of a decided customer counts, from their first decision on, whether an offer '
+        "was credited with it or not: the holdout's purchases are what happens without offers. Rate: Wilson 95 %; "
+        "value per customer (0 without a conversion): normal 95 %; differences to the holdout: difference of "
+        "independent means, normal 95 %.</p>"
+    )
+    if c.unattributed:
+        rows = [[k, n, _f(v, 2)] for k, (n, v) in c.unattributed.items()]
+        parts.append("<p>Unattributed conversions (credited no decision, of any placement), by product:</p>")
+        parts.append(_table(["product", "conversions", "value"], rows))
+    return parts
+
+
+def render(data: LogData, summary: Summary, bucket: Bucket, conversions: ConversionFigures | None = None) -> str:
     """The HTML page for a log and its summary."""
     measure = "reward rate (Wilson 95 %)" if summary.binary else "mean reward (normal 95 %)"
     head = ["variant", "impressions", "measured", "rewards", "awaiting close", "reward sum", "mean", "95 % CI", "spend", "exploration"]
@@ -253,6 +313,7 @@ def render(data: LogData, summary: Summary, bucket: Bucket) -> str:
         )
     elif data.cols.variant is None:
         parts.append('<p class="note">This log records no variants: one row for all decisions, no lift.</p>')
+    parts += conversions_section(conversions)
     parts += ["<h2>Reward over time</h2>", plot_reward_over_time(data, bucket, summary.binary)]
     parts += ["<h2>Arms</h2>", plot_arm_share(data, bucket)]
     parts.append(_table(["variant", "arm", *head[1:]], _stats_rows(summary.arms, True), left=2))
@@ -307,4 +368,8 @@ def build_report(
     if specs:
         data.budget_specs.update(arm_budget_specs(specs))
     b: Bucket = "hour" if bucket == "hour" else "day" if bucket == "day" else auto_bucket(data)
-    return render(data, summarize(placement, data.cols, b), b)
+    summary = summarize(placement, data.cols, b)
+    start = since if since is not None else summary.first or 0.0
+    end = until if until is not None else time.time()
+    conversions = read_conversions(url, placement, start, end) if start < end else None
+    return render(data, summary, b, conversions)
