@@ -54,7 +54,9 @@ def _quick(server: ServerThread, names: tuple[str, ...], seeds: int, events: int
                 if sync:
 
                     def wait(n: int, pid: str = pid) -> None:
-                        while nb.stats(pid).model_version < n:
+                        # The model's count (what GetStats reports as model_version), read in
+                        # process: a GetStats a poll would compete with the learner it waits for.
+                        while server.engine.states[pid].model.learned < n:
                             time.sleep(0.0005)
 
                 results.append(bk.compare(nb, ds, seed, events, pid, wait_learned=wait, uniform=draws))
