@@ -14,7 +14,7 @@ from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.learner import PlacementState
 from nextbest.engine.placement_stats import BudgetView, ModelView, Stats
 from nextbest.engine.writer import BatchWriter
-from nextbest.storage.base import ArmTally, Store
+from nextbest.storage.base import ArmTally, Store, VariantConversions
 
 UPLIFT_DAYS = 30  # the default period of the conversion figures: the last 30 days
 
@@ -69,9 +69,14 @@ class StatsReader:
         ineligible: dict[str, list[tuple[str, int]]] = {}
         for t in await loop.run_in_executor(self._reader_pool, self._store.tally_ineligible, pid):
             ineligible.setdefault(t.arm_id, []).append((t.reason, t.decisions))
-        # Uplift on real purchases: one statement per placement, one for the unattributed.
-        tally = await loop.run_in_executor(self._reader_pool, self._store.conversion_tally, pid, since, until)
-        unattributed = await loop.run_in_executor(self._reader_pool, self._store.unattributed_by_product, since, until)
+        # Uplift on real purchases: one statement per placement, one for the unattributed, and
+        # neither without a conversion in the period (one index probe: GetStats stays as cheap
+        # as before where no billing feed reports conversions).
+        tally: list[VariantConversions] = []
+        unattributed: dict[str, tuple[int, float]] = {}
+        if await loop.run_in_executor(self._reader_pool, self._store.any_conversion, since, until):
+            tally = await loop.run_in_executor(self._reader_pool, self._store.conversion_tally, pid, since, until)
+            unattributed = await loop.run_in_executor(self._reader_pool, self._store.unattributed_by_product, since, until)
         # The models last, after every await, together: the learner runs between awaits, and a
         # version read apart from the models' counts disagreed with them by one.
         models = [ModelView.of(s) for s in ps.models.values()]

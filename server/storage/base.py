@@ -695,6 +695,11 @@ class Store(Protocol):
         (test_conversion_tally_per_variant_with_a_holdout). Raises Unavailable."""
         ...
 
+    def any_conversion(self, since: float, until: float) -> bool:
+        """MUST return whether any conversion occurred in [since, until), on an index (GetStats
+        reads the conversion tally only then) (test_any_conversion_in_a_period). Raises Unavailable."""
+        ...
+
     def unattributed_by_product(self, since: float, until: float) -> dict[str, tuple[int, float]]:
         """MUST return (count, value sum) of the conversions that occurred in [since, until) and
         credited no decision, by product (by arm id for those naming an arm)

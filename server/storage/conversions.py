@@ -38,7 +38,7 @@ def _refused(e: BaseException) -> Unavailable:
 
 class ConversionQueries(SqlBase):
     """Store.touches, record_conversions, credits_of_conversions, credits_of_decision,
-    conversion_tally and unattributed_by_product."""
+    conversion_tally, any_conversion and unattributed_by_product."""
 
     def _mark(self) -> str:
         return "%s" if self._postgres else "?"
@@ -162,6 +162,12 @@ class ConversionQueries(SqlBase):
         with self._connect() as c:
             rows = c.exec_driver_sql(sql, (placement, since, until, until)).all()
         return [VariantConversions(r[0], int(r[1]), int(r[2]), float(r[3]), float(r[4])) for r in rows]
+
+    def any_conversion(self, since: float, until: float) -> bool:
+        m = self._mark()
+        sql = f"SELECT 1 FROM conversions WHERE occurred_at >= {m} AND occurred_at < {m} LIMIT 1"
+        with self._connect() as c:
+            return c.exec_driver_sql(sql, (since, until)).first() is not None
 
     def unattributed_by_product(self, since: float, until: float) -> dict[str, tuple[int, float]]:
         m = self._mark()

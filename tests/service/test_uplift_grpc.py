@@ -97,6 +97,7 @@ def test_get_stats_gives_uplift_on_every_purchase_against_the_holdout(
         pick("holdout", "app_data")  # decided, never buys
         clock.advance(2 * H)
         at = clock() - 1
+        assert not c.stats("app").conversions  # no conversion reported yet: no tally read
         r = c.report_conversions(
             [
                 Conversion("k1", a0, "", "DATA5", 10.0, at),  # attributed to a0's impression
