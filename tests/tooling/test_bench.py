@@ -56,9 +56,15 @@ def _run(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
     return data
 
 
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One smoke run of every phase, read by each phase's test below: no phase runs twice."""
+    return _run(tmp_path_factory.mktemp("smoke"), "--smoke", timeout=190)
+
+
 @pytest.mark.timeout(200)
-def test_smoke_run_reports_every_phase_with_numbers(tmp_path: Path) -> None:
-    data = _run(tmp_path, "--smoke", timeout=190)
+def test_smoke_run_reports_every_phase_with_numbers(smoke: dict[str, Any]) -> None:
+    data = smoke
     assert data["meta"]["mode"] == "smoke"
     for phase in PHASES:
         assert phase in data["phases"], phase
@@ -148,10 +154,10 @@ def test_full_benchmark(tmp_path: Path) -> None:
     assert {"choose", "latency", "reward", "memory"} <= set(data["phases"])
 
 
-@pytest.mark.timeout(120)
-def test_smoke_overload_phase_reports_shed_share_and_accepted_latency(tmp_path: Path) -> None:
-    """Fails on the code before the overload phase: `--phases overload` was an unknown phase."""
-    data = _run(tmp_path, "--smoke", "--phases", "overload", timeout=110)
+@pytest.mark.timeout(200)  # runs the module's smoke run if no test did before
+def test_smoke_overload_phase_reports_shed_share_and_accepted_latency(smoke: dict[str, Any]) -> None:
+    """Fails on the code before the overload phase: the smoke run had no overload phase."""
+    data = smoke
     body = data["phases"]["overload"]
     assert {"saturation", "unloaded", "flood", "unshed"} <= set(body)
     figures = {f["key"]: f for f in data["figures"]}
@@ -161,10 +167,10 @@ def test_smoke_overload_phase_reports_shed_share_and_accepted_latency(tmp_path: 
     assert 0.0 <= figures["overload.shed_share"]["value"] <= 1.0
 
 
-@pytest.mark.timeout(120)
-def test_smoke_profiles_phase_reports_load_rate_and_peak_memory(tmp_path: Path) -> None:
-    """nextbest profiles load of a generated Parquet extract, in a process of its own."""
-    data = _run(tmp_path, "--smoke", "--phases", "profiles", "--profile-rows", "2000", timeout=110)
+@pytest.mark.timeout(200)  # runs the module's smoke run if no test did before
+def test_smoke_profiles_phase_reports_load_rate_and_peak_memory(smoke: dict[str, Any]) -> None:
+    """nextbest profiles load of a generated Parquet extract (the smoke size, 2,000 rows), in a process of its own."""
+    data = smoke
     body = data["phases"]["profiles"]
     load = body["sizes"]["2000"]["load"]
     assert load["returncode"] == 0, load["stderr"]
@@ -176,10 +182,10 @@ def test_smoke_profiles_phase_reports_load_rate_and_peak_memory(tmp_path: Path) 
         assert "plain COPY" in figures["profiles.load.2000"]["ceilings"]
 
 
-@pytest.mark.timeout(120)
-def test_smoke_context_phase_compares_profiled_choose_with_plain(tmp_path: Path) -> None:
-    """Fails on the code before the context phase (issue #30): `--phases context` was unknown."""
-    data = _run(tmp_path, "--smoke", "--phases", "context", timeout=110)
+@pytest.mark.timeout(200)  # runs the module's smoke run if no test did before
+def test_smoke_context_phase_compares_profiled_choose_with_plain(smoke: dict[str, Any]) -> None:
+    """Fails on the code before the context phase (issue #30): the smoke run had no context phase."""
+    data = smoke
     many = data["phases"]["context"]["sqlite"]["many"]
     for name in ("plain", "inline", "profiled"):  # every server answered
         assert many[name]["rate"] > 0, (name, many[name])
