@@ -43,10 +43,12 @@ PHASES = (
     "capacity",
     "profiles",
     "overload",
+    "conversions",
 )
 # Left out of a smoke run of every phase (each has a smoke test of its own): context starts three
-# servers, which took 8-40 s in smoke mode on this shared machine.
-SMOKE_BY_NAME_ONLY = frozenset({"context"})
+# servers, which took 8-40 s in smoke mode on this shared machine; conversions a server, Chooses
+# for 900 customers and a loader process (26-31 s).
+SMOKE_BY_NAME_ONLY = frozenset({"context", "conversions"})
 LOADS = (0.5, 0.8)
 # A single run's p99 at the target's point swings 6-60 ms here from minute to minute (the machine
 # is shared), so that point is run several times and judged on the run with the median p99.
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> Report:
 
         sizes = args.profile_rows or (profiles.SMOKE_ROWS if args.smoke else profiles.FULL_ROWS)
         rep.profile_load(profiles.run(sizes, postgres=False if args.no_postgres else None))
-    needs_servers = phases & {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload"} or wants_context(phases)
+    served = {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload", "conversions"}
+    needs_servers = phases & served or wants_context(phases)
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
         workers = Workers(args.clients) if needs_servers else None
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> Report:
                     _postgres_section(args, rep, workers, tmp, lim)
                 if "replicas" in phases:
                     _replicas_section(args, rep, tmp, lim)
+                if "conversions" in phases:
+                    _conversions_section(args, rep, workers, tmp, lim)
         finally:
             if echo is not None:
                 echo.stop()
@@ -296,6 +301,16 @@ def _replicas_section(args: argparse.Namespace, rep: Report, tmp: Path, lim: Any
         clients.close()
 
 
+def _conversions_section(args: argparse.Namespace, rep: Report, workers: Any, tmp: Path, lim: Any) -> None:
+    """ReportConversions batches against RewardBatch, and a conversions file load, on a server
+    of their own (nextbest.bench.conversions): PostgreSQL where it answers, else SQLite."""
+    from nextbest.bench import conversions
+    from nextbest.bench.procs import postgres_available
+
+    postgres = not args.no_postgres and postgres_available()
+    conversions.add_to(rep, conversions.run(workers, tmp, lim, args.smoke, postgres, args.conversion_rows))
+
+
 def memory_variants(bits: int) -> list[tuple[str, int, str]]:
     """As shipped (bits 18, VW's default example ring of 256 preallocated examples, ~7.6 MiB
     per model), and tuned: fewer bits and a ring of 4 unless the server already sets one."""
@@ -364,6 +379,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=_profile_rows,
         metavar="N[,N...]",
         help="profiles phase: rows of the generated Parquet extracts (default 100000,1000000; smoke 2000), e.g. 1000000,10000000",
+    )
+    p.add_argument(
+        "--conversion-rows",
+        dest="conversion_rows",
+        type=int,
+        metavar="N",
+        help="conversions phase: rows of the loaded Parquet extract (default 50000; smoke 2000), e.g. 1000000",
     )
     p.add_argument(
         "--memory-bits",

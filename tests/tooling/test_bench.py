@@ -204,3 +204,23 @@ def test_context_hit_rate_counts_reads_within_the_ttl() -> None:
     # a at 2 s: read at 0 s, a hit; a at 4 s: that read is 4 s old (a hit does not refresh it), a miss
     assert hit_rate(["a", "b", "a", "c", "a", "b"], run, warmup=2.0, ttl=2.5) == 0.25
     assert hit_rate(["a", "b", "c"], run, warmup=2.0, ttl=2.5) == 0.0  # each back after 3 s: expired
+
+
+def test_conversions_extract_puts_the_decided_customers_first_and_is_written_in_chunks(tmp_path: Path) -> None:
+    """The conversions phase's file (its smoke run, 26-31 s, runs only when named): the decided
+    customers' conversions come first, by the product of the arm each was shown, at one time;
+    the rest are other customers; every chunk is a row group."""
+    import pyarrow.parquet as pq
+
+    from nextbest.bench.conversions import write_extract
+
+    path = tmp_path / "c.parquet"
+    write_extract(path, 2_500, {"d1": "arm_003", "d0": "arm_017"}, 1_800_000_000.0, chunk=1_000)
+    f = pq.ParquetFile(path)
+    assert f.metadata.num_row_groups == 3
+    t = f.read().to_pydict()
+    assert len(set(t["conversion_id"])) == 2_500
+    assert t["customer_id"][:2] == ["d0", "d1"] and t["product"][:2] == ["SKU017", "SKU003"]
+    assert not {"d0", "d1"} & set(t["customer_id"][2:])
+    assert [x.timestamp() for x in t["occurred_at"][:2]] == [1_800_000_000.0] * 2
+    assert all(x.timestamp() < 1_800_000_000.0 for x in t["occurred_at"][2:])
