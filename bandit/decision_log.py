@@ -119,7 +119,7 @@ class DecisionContext:
         return self.profile_as_of is None and not self.profile_keys and not any(self.arm_features)
 
     def source_of(self, key: str) -> str:
-        """"profile" or "request", for a shared feature's ``namespace.name``."""
+        """ "profile" or "request", for a shared feature's ``namespace.name``."""
         return "profile" if key in self.profile_keys else "request"
 
     def to_json(self) -> dict[str, Any]:

@@ -125,7 +125,8 @@ class ContactQueries(SqlBase):
     def _insert_contacts(self, c: Any, rows: Sequence[ContactRow]) -> None:
         mark = "%s" if self._postgres else "?"
         c.exec_driver_sql(
-            f"INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) VALUES ({', '.join([mark] * 6)})",
+            f"INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) VALUES ({', '.join([mark] * 6)}) "
+            "ON CONFLICT DO NOTHING",  # copied from the log already (backfill_contacts)
             [(r.customer_id, r.at, r.placement, r.arm_id, r.event_id, r.slot) for r in rows],
         )
 
@@ -133,15 +134,15 @@ class ContactQueries(SqlBase):
         """Copy the log's impressions since ``since`` that the shared history lacks (a longer
         horizon than any placement had, e.g. a history window just added: until then no server
         recorded impressions that no rule read). Servers doing it at once take turns
-        (PostgreSQL: an advisory lock), so none is copied twice; a Choose recording its own
-        impression meanwhile was already logged after it (the decision is written after its
-        contact row), so NOT EXISTS sees that row."""
+        (PostgreSQL: an advisory lock); a Choose recording its own impression meanwhile (a
+        placement without rules records it in the background, after its decision may be
+        logged) meets the unique index on (event_id, slot): whichever comes second is left out."""
         sql = text(
             "INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) "
             "SELECT d.customer_id, d.created_at, d.placement_id, d.arm_id, d.event_id, d.slot FROM decisions d "
             "WHERE d.created_at >= :since AND d.arm_id IS NOT NULL AND d.customer_id <> '' AND d.activated = :yes "
-            "AND NOT EXISTS (SELECT 1 FROM contact_impressions ci WHERE ci.customer_id = d.customer_id "
-            "AND ci.event_id = d.event_id AND ci.slot = d.slot)"
+            "AND NOT EXISTS (SELECT 1 FROM contact_impressions ci WHERE ci.event_id = d.event_id AND ci.slot = d.slot) "
+            "ON CONFLICT DO NOTHING"
         )
         try:
             with self._begin() as c:

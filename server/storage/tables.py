@@ -184,6 +184,8 @@ contact_impressions = Table(
     Column("event_id", String(256), nullable=False),
     Column("slot", Integer, nullable=False, server_default="0"),
     Index("ix_contact_impressions_customer", "customer_id", "at"),
+    # One row per impression: its Choose and a backfill from the log may both write it.
+    Index("ux_contact_impressions_event", "event_id", "slot", unique=True),
     Index("ix_contact_impressions_at", "at"),
 )
 
