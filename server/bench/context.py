@@ -17,8 +17,9 @@ misses, each Choose waits for a batched read) and ``repeat`` (a few hot customer
 mostly hits; plain and profiled only). Each round saturates every server, then paces every one
 at 80 % of the plain server's saturation in that round (the order reversed on odd rounds), then
 the profiled one at 80 % of its own saturation (its latency when it is not past saturation);
-figures are the medians of the rounds. The hit rate is estimated from the request sequence, the
-run's pace and the cache's TTL (the server does not count hits).
+figures are the medians of the rounds. The hit rate is estimated from each run's request
+sequence, its pace and the cache's TTL (the server does not count hits): within the run, so for
+the repeating customers, whom the run before may have left cached, a lower bound.
 """
 
 from __future__ import annotations
