@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from nextbest.client import NextbestClient
-from tests.harness import ROOT, ServerProcess
+from tests.harness import ROOT, ServerProcess, until
 
 APPLY = """placements:
   - id: app_home_banner
@@ -115,7 +115,7 @@ def test_kill_9_mid_traffic_loses_no_acknowledged_reward_and_learns_none_twice(t
 
     t = threading.Thread(target=load)
     t.start()
-    time.sleep(2.0)
+    until(lambda: len(acked) > 150 or not t.is_alive())  # three snapshots' worth, and the log past them
     p.kill()  # SIGKILL: no flush, no snapshot
     t.join(10)
     assert len(acked) > 50
@@ -159,7 +159,7 @@ def test_kill_9_under_learn_at_window_close_keeps_every_first_reward_for_the_clo
 
     t = threading.Thread(target=load)
     t.start()
-    time.sleep(1.5)
+    until(lambda: len(acked) > 90 or not t.is_alive())  # mid-traffic, windows of 4 s all open
     p.kill()  # SIGKILL: no flush, no snapshot
     t.join(10)
     assert len(acked) > 30
