@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
+from nextbest.cli.args import positive_int
 from nextbest.cli.profiles import Loaded, LoadStopped, Progress
 
 if TYPE_CHECKING:
@@ -224,13 +225,6 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive whole number")
-    return value
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``conversions load`` to the nextbest command."""
     p = sub.add_parser("conversions", help="conversions from billing: load an extract, attributed to decisions and learned")
@@ -253,7 +247,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     ld.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
     ld.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH,
         metavar="N",
         help=f"rows per call, each all or nothing (default {DEFAULT_BATCH}: at most the server's max_reward_batch)",

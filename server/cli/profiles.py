@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
+from nextbest.cli.args import positive_int
 
 if TYPE_CHECKING:
     from nextbest.offline.profile_file import ProfileBatch
@@ -294,13 +295,6 @@ def _get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive whole number")
-    return value
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``profiles load`` and ``profiles get`` to the nextbest command."""
     p = sub.add_parser("profiles", help="customer profiles: load a warehouse extract, show one")
@@ -326,7 +320,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     where(ld)
     ld.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"rows per transaction, each all or nothing (default {DEFAULT_DB_BATCH} with --db, "
         f"{DEFAULT_TARGET_BATCH} with --target: at most the server's max_profile_batch)",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from nextbest.bandit.errors import InvalidInput
+from nextbest.cli.args import positive_float, positive_int
 
 if TYPE_CHECKING:
     from nextbest.bandit.offline.policies import Policy
@@ -228,20 +229,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive whole number")
-    return value
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``replay`` and ``export-log`` to the nextbest command."""
     r = sub.add_parser("replay", help="estimate candidate policies offline from the decision log")
@@ -255,7 +242,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     r.add_argument(
         "--estimator", action="extend", nargs="+", choices=ESTIMATOR_NAMES, help="ips, snips, dr; repeatable (default: all three)"
     )
-    r.add_argument("--clip", type=_positive, help="clip importance weights at this value")
+    r.add_argument("--clip", type=positive_float, help="clip importance weights at this value")
     r.add_argument("--since", help="start, inclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
     r.add_argument("--until", help="end, exclusive: epoch seconds or ISO date/time (UTC unless it has an offset)")
     r.add_argument(
@@ -267,12 +254,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
     r.add_argument(
-        "--chunk", type=_positive_int, default=50_000, help="events read and scored at a time: memory holds one chunk (default 50000)"
+        "--chunk", type=positive_int, default=50_000, help="events read and scored at a time: memory holds one chunk (default 50000)"
     )
     r.add_argument(
         "--max-line-bytes",
         dest="max_line_bytes",
-        type=_positive_int,
+        type=positive_int,
         default=MAX_LINE_BYTES,
         metavar="N",
         help=f"--log: refuse a line longer than this, unread (default {MAX_LINE_BYTES}, 1 MiB): memory holds one line at most",

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from nextbest.cli.args import positive_int
 from nextbest.client import NextbestClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -657,7 +658,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     """Adds ``simulate`` and ``bakeoff`` to the ``nextbest`` command."""
     s = sub.add_parser("simulate", help="drive a server with a simulated telecom customer base and score its learning")
     s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-    s.add_argument("--events", type=_positive, default=20_000, help="visits to simulate (default 20000)")
+    s.add_argument("--events", type=positive_int, default=20_000, help="visits to simulate (default 20000)")
     s.add_argument("--seed", type=int, default=1, help="seed of customers, visits and responses (default 1)")
     s.add_argument("--scenario", help="scenario YAML (default: the shipped telecom scenario)")
     s.add_argument("--reward", choices=("margin", "revenue", "acceptance"), help="what a Reward reports (default: the scenario's)")
@@ -678,7 +679,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default="subtract",
         help="subtract the penalty from the expected reward, or scale the reward by exp(-penalty)",
     )
-    s.add_argument("--window", type=_positive, default=5000, help="final window of the report (default 5000 events)")
+    s.add_argument("--window", type=positive_int, default=5000, help="final window of the report (default 5000 events)")
     s.add_argument(
         "--learn-at",
         dest="learn_at",
@@ -697,7 +698,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         action="store_true",
         help="report only positive rewards, as channels that know only conversions do; the rest get the default reward",
     )
-    s.add_argument("--progress-every", dest="progress_every", type=_positive, default=1000, help="events between progress lines")
+    s.add_argument("--progress-every", dest="progress_every", type=positive_int, default=1000, help="events between progress lines")
     s.add_argument(
         "--event-prefix", dest="event_prefix", default="", help="name the events PREFIX-<n> (default: the server does; with --local, sim)"
     )
@@ -740,15 +741,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "and print a Markdown table of the share of the oracle",
     )
     s.add_argument("--seeds", default="1,2,3", help="seeds of --compare-contexts (default 1,2,3)")
-    s.add_argument("--jobs", type=_positive, default=1, help="--compare-contexts runs at once, each in its own process (default 1)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="--compare-contexts runs at once, each in its own process (default 1)")
     s.set_defaults(func=_simulate)
 
     b = sub.add_parser("bakeoff", help="compare the service's learning with Vowpal Wabbit run directly")
     b.add_argument("--target", default=None, help="server address (default: start one in-process on a temporary database)")
     b.add_argument("--datasets", default="digits,iris,wine,breast_cancer", help="comma-separated scikit-learn datasets")
-    b.add_argument("--seeds", type=_positive, default=10, help="seeds per dataset (default 10)")
+    b.add_argument("--seeds", type=positive_int, default=10, help="seeds per dataset (default 10)")
     b.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
-    b.add_argument("--events", type=_positive, default=1500, help="events per run (default 1500)")
+    b.add_argument("--events", type=positive_int, default=1500, help="events per run (default 1500)")
     b.add_argument("--epsilon", type=float, default=0.05, help="epsilon-greedy exploration on both sides (default 0.05)")
     b.add_argument(
         "--no-sync",
@@ -759,13 +760,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     b.add_argument("--min-ratio", dest="min_ratio", type=float, default=0.97, help="exit 1 if a dataset's ratio is below (default 0.97)")
     b.add_argument("--json", action="store_true", help="print results as JSON")
     b.set_defaults(func=_bakeoff)
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return int(n)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
