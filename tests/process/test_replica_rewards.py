@@ -24,6 +24,7 @@ from tests.harness import (
     ServerProcess,
     sql,
     started_together,
+    until,
     wait_serving,
 )
 
@@ -130,7 +131,7 @@ def test_a_reused_server_made_event_id_is_refused_and_reserves_nothing_across_a_
         with NextbestClient(a.target) as ca:
             ca.apply([spec])
             first = ca.choose("p").event_id
-        time.sleep(1.0)  # closed
+        until(lambda: sql(pg, "SELECT count(*) FROM decisions WHERE outcome <> 0") == [(1,)])  # closed
         for s in (a, b):
             with NextbestClient(s.target) as c:
                 assert code(c.choose, "p", event_id=first) == grpc.StatusCode.ALREADY_EXISTS
@@ -168,7 +169,7 @@ def test_a_reward_to_a_replica_while_the_deciding_server_stalls_is_unavailable_t
                 assert code(cb.reward, forged, 1.0) == grpc.StatusCode.NOT_FOUND
             finally:
                 a.proc.send_signal(signal.SIGCONT)
-            time.sleep(3.5)  # A's group commit
+            until(lambda: sql(pg, "SELECT count(*) FROM decisions") == [(5,)], 10)  # A's group commit (every 3 s)
             assert [cb.reward(ev, 1.0) for ev in ids] == ["learned"] * 5
     finally:
         a.terminate()
