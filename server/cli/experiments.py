@@ -53,7 +53,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
-    from nextbest.offline.log_source import parse_time
+    from nextbest.offline.times import parse_time
 
     return parse_time(args.since, "--since"), parse_time(args.until, "--until")
 

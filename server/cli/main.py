@@ -17,6 +17,7 @@ import grpc
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.config.plans import Change
+from nextbest.offline.times import parse_time
 from nextbest.v1 import admin_pb2, decision_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -125,7 +126,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     from nextbest.client import NextbestClient
 
-    since, until = _moment(args.since, "--since"), _moment(args.until, "--until")
+    since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     with NextbestClient(args.target) as nb:
         s = nb.stats(args.placement, since, until)
     if args.json:
@@ -179,22 +180,6 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _ci(low: float, high: float, digits: int, sign: str = "") -> str:
     return "[–]" if math.isnan(low) or math.isnan(high) else f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
-
-
-def _moment(text: str | None, field: str) -> float | None:
-    """Epoch seconds from a number or an ISO 8601 date or time, UTC unless it says otherwise (as
-    offline.log_source.parse_time, which a client-only install cannot import: SQLAlchemy)."""
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(field, f"{text!r}: expected epoch seconds or an ISO date such as 2024-05-01T12:00") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _period(since: float | None, until: float | None) -> str:

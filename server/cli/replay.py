@@ -148,7 +148,8 @@ def _replay(args: argparse.Namespace) -> int:
     from nextbest.bandit.offline.policies import VwPolicy
     from nextbest.bandit.offline.replay import Replay, replay
     from nextbest.offline.dsjson_reader import LogOutOfOrder
-    from nextbest.offline.log_source import count_replay_events, dsjson_chunks, parse_time, replay_chunks
+    from nextbest.offline.log_source import count_replay_events, dsjson_chunks, replay_chunks
+    from nextbest.offline.times import parse_time
 
     if (args.db is None) == (args.log is None):
         raise InvalidInput("--db", "give exactly one of --db URL and --log FILE")
@@ -212,7 +213,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from nextbest.offline.log_source import iter_decisions, parse_time, read_decisions, write_dsjson
+    from nextbest.offline.log_source import iter_decisions, read_decisions, write_dsjson
+    from nextbest.offline.times import parse_time
 
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     if args.format == "parquet":

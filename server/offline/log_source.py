@@ -20,7 +20,6 @@ import tempfile
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import IO, Any
@@ -44,21 +43,6 @@ from nextbest.telemetry.gc_pauses import gc_paused
 
 CLOSED = (int(Outcome.REWARD), int(Outcome.DEFAULT))
 ArmFeatureRows = dict[ArmKey, dict[str, float | str | bool]]
-
-
-def parse_time(text: str | None, field: str = "--since") -> float | None:
-    """Epoch seconds from a number or an ISO 8601 date or time (UTC unless it says otherwise)."""
-    if text is None or text == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(field, f"{text!r}: expected epoch seconds or an ISO date such as 2024-05-01T12:00") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _sqlite_read_only(dbapi_conn: Any, _record: Any) -> None:

@@ -77,8 +77,8 @@ def stats(
     """Rows of statistics with 95 % intervals: ``by="arm"`` (per variant and arm, and per
     bucket when one is given), ``"variant"`` (per variant, and bucket) or ``"lift"`` (each
     variant against the holdout). A DataFrame with pandas (``as_frame=False``: always dicts)."""
-    from nextbest.offline.log_source import parse_time
     from nextbest.offline.stats_source import placement_stats
+    from nextbest.offline.times import parse_time
 
     s = placement_stats(
         db,
