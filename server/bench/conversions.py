@@ -52,7 +52,7 @@ ARMS = 20
 BATCH = 100  # items per ReportConversions and per RewardBatch call
 FULL_ITEMS, SMOKE_ITEMS = 3_000, 300  # items of each kind per round
 FULL_ROUNDS, SMOKE_ROUNDS = 3, 1
-FILE_ROWS, SMOKE_FILE_ROWS = 50_000, 2_000  # the file's rows: 1 M takes about 40 min on PostgreSQL here (see the README)
+FILE_ROWS, SMOKE_FILE_ROWS = 50_000, 2_000  # the file's rows: 1 M took 17 min on PostgreSQL here (README)
 CHUNK = 100_000  # rows generated and written at a time
 
 
