@@ -25,7 +25,10 @@ from nextbest.storage.sqlcore import SqlBase, decision_from_row
 
 log = logging.getLogger(__name__)
 
-_LEARNER_LOCK = 0x6E657874  # "next": the advisory lock key of the one learner
+# "next": the first key of the one learner's two-key advisory lock; the second is the schema's
+# hash, so that deployments on two schemas of one database (or tests beside a benchmark) each
+# have their learner: an advisory lock is database-wide.
+_LEARNER_LOCK = 0x6E657874
 _CONFIG_CHANNEL = "nextbest_config"  # NOTIFY channel; the payload is "<schema> <serial>"
 _CONFIG_COUNTER = "config"  # counters row: the configuration serial
 _EPS = 1e-9
@@ -362,7 +365,7 @@ class Coordination(SqlBase):
             return True
         if self._postgres:
             conn = self.engine.connect()
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LEARNER_LOCK}).scalar())
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k, hashtext(current_schema()))"), {"k": _LEARNER_LOCK}).scalar())
             if got:
                 self._lock = conn
             else:
@@ -386,7 +389,10 @@ class Coordination(SqlBase):
             return True
         try:
             ok = self._lock.execute(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND pid = pg_backend_pid()"),
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :k AND objsubid = 2 "
+                    "AND objid = (hashtext(current_schema())::bigint & 4294967295)::oid AND pid = pg_backend_pid()"
+                ),
                 {"k": _LEARNER_LOCK},
             ).scalar()
             return bool(ok)

@@ -271,11 +271,6 @@ def _reward_events(pg: str) -> list[tuple[Any, ...]]:
     return sql(pg, "SELECT reward_id, event_id, slot, reward, kind FROM reward_events WHERE reward_id LIKE 'conversion:%'")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the learner lock is one advisory key for the whole PostgreSQL database (storage/coordination.py "
-    "_LEARNER_LOCK), not per schema: a server of another schema holding it leaves this schema without a learner",
-)
 def test_a_learner_on_another_schema_of_the_database_does_not_stop_this_one_learning(pg: str) -> None:
     """Found while running the test above beside a benchmark on another schema of database test:
     every window closed, none learned (learn_seq NULL), because the benchmark's server held the
