@@ -109,6 +109,8 @@ def test_two_servers_under_races_kill_9_sigstop_and_a_budget_change_keep_every_a
     with NextbestClient(a.target) as c:
         c.apply(specs(10_000.0))
     time.sleep(0.5)
+    first_servers = {i for (i,) in sql(pg, "SELECT id FROM servers")}
+    assert len(first_servers) == 2
     traffic = Traffic(servers, seed=29)
     threads = [threading.Thread(target=traffic.run, args=(i,)) for i in range(3)]
     for t in threads:
@@ -141,6 +143,13 @@ def test_two_servers_under_races_kill_9_sigstop_and_a_budget_change_keep_every_a
         deadline = time.monotonic() + 60
         while sql(pg, "SELECT count(*) FROM decisions WHERE outcome = 0 OR (outcome IN (1, 2) AND learn_seq IS NULL)") != [(0,)]:
             assert time.monotonic() < deadline, "windows not closed and learned"
+            time.sleep(0.2)
+        # The killed server's unused lease comes back when a server takes it over, once it has been
+        # silent for the liveness time (10 s): until then its windows are closed as orphans, and a
+        # quick run ended here before that (this test failed whenever the machine was fast). Wait
+        # until both first servers were taken over (a server taken over is forgotten).
+        while {i for (i,) in sql(pg, "SELECT id FROM servers")} & first_servers:
+            assert time.monotonic() < deadline, "the killed server was never taken over"
             time.sleep(0.2)
         with NextbestClient(last.target) as c:
             versions = {p: c.stats(p).model_version for p in ("first", "agg")}
