@@ -62,9 +62,11 @@ def open_store(url: str) -> SqlStore:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    # The wait first: switching a fresh database to WAL takes its write lock, and two servers
+    # starting at once on one (--workers) had the second fail at once with "database is locked".
+    cur.execute("PRAGMA busy_timeout=5000")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # an acknowledged reward survives power loss
-    cur.execute("PRAGMA busy_timeout=5000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
