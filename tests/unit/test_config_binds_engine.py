@@ -102,7 +102,9 @@ def test_a_server_holds_its_budgets_from_the_notice_until_it_has_reloaded(db: st
         clock = FakeClock()
         async with server(db, clock, config_confirm_wait=0) as a:
             await a.config.apply([spec(1000.0)])
-            async with server(db, clock, learner="never") as b:
+            # B's own poll of the configuration serial (every 0.2 s on SQLite) would reload it
+            # whenever the machine is slow enough: this test drives B (check_config) itself.
+            async with server(db, clock, learner="never", config_poll_interval=60) as b:
                 assert await served(a, 2) == 2 and await served(b, 3) == 3
                 assert await account(a) == (100.0, 5.0)  # a lease of 50 each
                 await a.config.apply([spec(12.0)])
