@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from nextbest.cli.args import positive_int
+from nextbest.cli.simlocal import LOCAL_SEED, SIM_EPOCH, SimClock, local_server, seed_list, sim_server
 from nextbest.client import NextbestClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 CONTEXT_MODES = ("full", "channel", "channel+history", "profile", "profile+history")  # nextbest.bandit.sim.telecom.CONTEXTS
 PROFILE_MODES = ("profile", "profile+history")
 HISTORY_MODES = ("channel+history", "profile+history")
-LOCAL_SEED = "bakeoff"  # the in-process server's seed: it fixes the random draw of every event
 POLICIES = (
     ("policy", "served policy"),
     ("policy_expected", "  (its expected value)"),
@@ -71,7 +71,9 @@ def _simulate(args: argparse.Namespace) -> int:
         _err(f"note: these placements had learned before this run: {trained}; use a fresh database for a learning curve from scratch")
     report = _report(scenario, sim, board, args, elapsed)
     if args.plot:
-        _plot(board, scenario, args.plot)
+        from nextbest.cli.simulate_plot import plot
+
+        plot(board, scenario, args.plot)
         _err(f"learning curve written to {args.plot}")
     if args.json is not None:
         text = json.dumps(report, indent=2)
@@ -179,23 +181,7 @@ def _wait_learned(learned: Callable[[str], int], placement: str, n: int, timeout
 
 # -- what the channel sends: context modes ----------------------------------------------------------
 
-SIM_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: simulated day 0 on an in-process server's clock
 HISTORY_WINDOWS = ("7d", "30d")
-
-
-class SimClock:
-    """An in-process server's clock that follows the simulated days: day d is ``SIM_EPOCH + d``
-    days. The simulator sets it before each Choose, so that history windows (7d, 30d), reward
-    windows and profile times count in simulated time, not in the minutes a run takes."""
-
-    def __init__(self, now: float = SIM_EPOCH) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def at_day(self, day: float) -> None:
-        self.now = SIM_EPOCH + day * 86400.0
 
 
 def context_specs(specs: list[Any], context: str) -> list[Any]:
@@ -261,23 +247,6 @@ def load_profiles(path: str, target: str, quiet: bool = False) -> None:
         raise RuntimeError(f"nextbest profiles load {path} failed (exit code {rc})")
 
 
-@contextmanager
-def sim_server(seed: int, db_dir: str | None = None) -> Iterator[tuple[str, SimClock, Callable[[str], int]]]:
-    """An in-process server on a throwaway SQLite database whose clock follows the simulated
-    days (:class:`SimClock`), seeded by the simulation's seed: with the simulator naming the
-    events, each event's random draw is fixed. Yields its target, its clock and a placement's
-    learned count."""
-    clock = SimClock()
-    with local_server(db_dir, clock=clock, seed=f"simulate-{seed}", flush_interval=0.0005) as (target, running):
-        states = running.engine.states
-
-        def learned(placement: str) -> int:
-            ps = states.get(placement)
-            return int(ps.model.learned) if ps is not None else 0
-
-        yield target, clock, learned
-
-
 # -- the comparison of context modes ----------------------------------------------------------------
 
 PLACEMENTS_ALONE = (("sim.ivr", "IVR"), ("sim.ussd_menu", "USSD"))
@@ -300,7 +269,7 @@ def _compare_contexts(args: argparse.Namespace) -> int:
     for c in contexts:
         if c not in CONTEXTS:
             raise SystemExit(f"error: unknown context {c!r} (expected some of {', '.join(CONTEXTS)})")
-    seeds = _seed_list(args.seeds)
+    seeds = seed_list(args.seeds)
     load_scenario(args.scenario)  # an invalid file stops here, before any run
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -403,16 +372,6 @@ def _label(context: str, refresh: float) -> str:
     return label
 
 
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --seeds takes whole numbers separated by commas, not {text!r}") from None
-    if not seeds:
-        raise SystemExit("error: --seeds needs at least one seed")
-    return seeds
-
-
 def _progress(board: Any, done: int, total: int, rate: float, day: float) -> str:
     w = min(1000, done)
     s = board.summary(done - w)
@@ -502,72 +461,7 @@ def _pct(x: float, of: float) -> str:
     return f"{x / of:.0%}" if of > 0 else "-"
 
 
-def _plot(board: Any, scenario: Any, path: str) -> None:
-    import matplotlib
-    import numpy as np  # the server's dependencies: the CLI starts without them
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per = board.per_event()
-    n = len(board)
-    w = max(50, n // 40)
-    kernel = np.ones(w) / w
-    x = np.arange(w, n + 1)
-    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
-    styles = {
-        "oracle": ("oracle", "k", "--", 1.0),
-        "policy": ("served policy (realized)", "tab:blue", "-", 0.35),
-        "policy_expected": ("served policy (expected)", "tab:blue", "-", 1.0),
-        "best_fixed": ("best fixed offer", "tab:orange", "-.", 1.0),
-        "random": ("uniform random", "tab:gray", ":", 1.0),
-    }
-    for key, (label, color, ls, alpha) in styles.items():
-        if n >= w:
-            ax.plot(x, np.convolve(per[key][0], kernel, mode="valid"), label=label, color=color, linestyle=ls, alpha=alpha)
-    for p in scenario.promotions:
-        a, b = p.start_day * scenario.visits_per_day, (p.start_day + p.days) * scenario.visits_per_day
-        if a < n:
-            ax.axvspan(a, min(b, n), color="tab:red", alpha=0.1, label=p.name.replace("_", " "))
-    ax.set_xlabel("events")
-    ax.set_ylabel(f"average reward per event (moving average of {w})")
-    ax.set_title(f"nextbest learning curve: scenario {scenario.name}")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 # -- bakeoff ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def local_server(
-    db_dir: str | None = None, clock: Callable[[], float] = time.time, seed: str = LOCAL_SEED, **settings: Any
-) -> Iterator[tuple[str, Any]]:
-    """An in-process server on a free port with a throwaway SQLite database; yields its target
-    and the running server. ``settings`` override the server's (Settings fields)."""
-    import asyncio
-    import threading
-
-    from nextbest.app import create_server
-    from nextbest.settings import Settings
-
-    with tempfile.TemporaryDirectory(prefix="nextbest-local-", dir=db_dir) as d:
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="nextbest-local", daemon=True)
-        thread.start()
-        base: dict[str, Any] = {"flush_interval": 0.005, "snapshot_every": 100_000, **settings}
-        conf = Settings(db=f"sqlite:///{d}/nb.db", port=0, seed=seed, **base)
-        running = asyncio.run_coroutine_threadsafe(create_server(conf, clock), loop).result(60)
-        try:
-            yield f"127.0.0.1:{running.port}", running
-        finally:
-            asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(60)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-            loop.close()
 
 
 def _bakeoff(args: argparse.Namespace) -> int:
