@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from nextbest.cli import simulate_billing
 from nextbest.cli.args import positive_int
 from nextbest.cli.simlocal import LOCAL_SEED, SIM_EPOCH, SimClock, local_server, seed_list, sim_server
 from nextbest.client import NextbestClient
@@ -51,6 +52,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     if args.compare_contexts is not None:
         return _compare_contexts(args)
+    if simulate_billing.wanted(args):  # purchases from billing, a holdout (#31)
+        return simulate_billing.run(args)
     scenario = load_scenario(args.scenario)  # an invalid file stops here, before any call
     sim = TelecomSim(scenario, seed=args.seed, reward=args.reward)
     specs = _specs(sim, args, args.context)
@@ -634,8 +637,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help=f"run each context mode (default {','.join(CONTEXT_MODES)}) over --seeds, each on a fresh --local server, "
         "and print a Markdown table of the share of the oracle",
     )
-    s.add_argument("--seeds", default="1,2,3", help="seeds of --compare-contexts (default 1,2,3)")
-    s.add_argument("--jobs", type=positive_int, default=1, help="--compare-contexts runs at once, each in its own process (default 1)")
+    s.add_argument("--seeds", default="1,2,3", help="seeds of --compare-contexts and --compare-rewards (default 1,2,3)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="--compare-* runs at once, each in its own process (default 1)")
+    simulate_billing.add_arguments(s)
     s.set_defaults(func=_simulate)
 
     b = sub.add_parser("bakeoff", help="compare the service's learning with Vowpal Wabbit run directly")
