@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 from sqlalchemy import Engine, inspect, text
 
 from nextbest.bench.inproc import NoContext, with_server
-from nextbest.bench.procs import choose_pool, placement, postgres_schema
+from nextbest.bench.procs import choose_pool, placement, postgres_schema, print_report
 
 PID = "bench20"
 
@@ -189,10 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args(argv)
     report = run(args.smoke)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return print_report(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":

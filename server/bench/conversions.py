@@ -25,11 +25,9 @@ listing a billing product, ``attribution: {window: 7d}`` (last touch) and the be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nextbest.bench.load import CHOOSE, REWARD_BATCH, reward_batch_request, write_payloads
-from nextbest.bench.profiles import _peak_rss as peak_rss
+from nextbest.bench.profiles import read_rate, write_chunks
 
 if TYPE_CHECKING:
     from nextbest.bench.phases import Limits, LoadRunner
@@ -212,77 +210,44 @@ def write_extract(path: Path, rows: int, arms: dict[str, str], at: float, seed: 
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
     decided = sorted(arms.items())
     products = pa.array([product(j) for j in range(ARMS)])
     at_us = int(at * 1e6)
-    writer = None
-    try:
-        for lo in range(0, rows, chunk):
-            m = min(chunk, rows - lo)
-            idx = pa.array(np.arange(lo, lo + m))
-            ids = pc.binary_join_element_wise("bill-", pc.utf8_lpad(pc.cast(idx, pa.string()), 10, "0"), "")
-            customers = pc.binary_join_element_wise(
-                "u", pc.utf8_lpad(pc.cast(pa.array(rng.integers(0, 10**8, m)), pa.string()), 8, "0"), ""
-            )
-            prods = products.take(pa.array(rng.integers(0, ARMS, m)))
-            times = at_us - rng.integers(0, 86_400_000_000, m)
-            mine = decided[lo : lo + m]
-            if mine:  # this chunk's first rows: the decided customers, just after their decision
-                k = len(mine)
-                customers = pa.concat_arrays([pa.array([c for c, _ in mine]), customers.slice(k)])
-                prods = pa.concat_arrays([pa.array([product(int(a.rsplit("_", 1)[1])) for _, a in mine]), prods.slice(k)])
-                times[:k] = at_us
-            table = pa.table(
-                {
-                    "conversion_id": ids,
-                    "customer_id": customers,
-                    "product": prods,
-                    "value": pa.array(np.round(rng.gamma(2.0, 3.0, m), 2)),
-                    "occurred_at": pa.array(times, pa.timestamp("us", tz="UTC")),
-                }
-            )
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    return path.stat().st_size
 
+    def table(lo: int, m: int) -> Any:
+        idx = pa.array(np.arange(lo, lo + m))
+        ids = pc.binary_join_element_wise("bill-", pc.utf8_lpad(pc.cast(idx, pa.string()), 10, "0"), "")
+        customers = pc.binary_join_element_wise("u", pc.utf8_lpad(pc.cast(pa.array(rng.integers(0, 10**8, m)), pa.string()), 8, "0"), "")
+        prods = products.take(pa.array(rng.integers(0, ARMS, m)))
+        times = at_us - rng.integers(0, 86_400_000_000, m)
+        mine = decided[lo : lo + m]
+        if mine:  # this chunk's first rows: the decided customers, just after their decision
+            k = len(mine)
+            customers = pa.concat_arrays([pa.array([c for c, _ in mine]), customers.slice(k)])
+            prods = pa.concat_arrays([pa.array([product(int(a.rsplit("_", 1)[1])) for _, a in mine]), prods.slice(k)])
+            times[:k] = at_us
+        return pa.table(
+            {
+                "conversion_id": ids,
+                "customer_id": customers,
+                "product": prods,
+                "value": pa.array(np.round(rng.gamma(2.0, 3.0, m), 2)),
+                "occurred_at": pa.array(times, pa.timestamp("us", tz="UTC")),
+            }
+        )
 
-def read_rate(path: Path, batch_rows: int = 1000) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    t0 = time.perf_counter()
-    n = sum(b.num_rows for b in pq.ParquetFile(path).iter_batches(batch_size=batch_rows))
-    seconds = time.perf_counter() - t0
-    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds}
+    return write_chunks(path, rows, chunk, table)
 
 
 def load(path: Path, target: str, out_dir: Path, timeout: float = 7200) -> dict[str, Any]:
     """``nextbest conversions load FILE --target`` in a process of its own: rate, wall time, peak RSS."""
+    from nextbest.bench.procs import run_child
+
     cmd = [sys.executable, "-m", "nextbest.cli.main", "conversions", "load", str(path), "--target", target]
-    out_path, err_path = out_dir / "conv-load.out", out_dir / "conv-load.err"
-    t0 = time.perf_counter()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "NEXTBEST_TOKEN": ""})
-        deadline = time.monotonic() + timeout
-        hwm = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            hwm = max(hwm, peak_rss(proc.pid))
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    text = out_path.read_text(errors="replace")
+    run = run_child(cmd, out_dir, "conv-load", timeout, env={**os.environ, "NEXTBEST_TOKEN": ""})
+    text = run.stdout.decode(errors="replace")
     m = re.search(
         r"([\d,]+) rows read .*? in ([\d,]+) batch(?:es)?: ([\d,]+) attributed \(([\d,]+) credits?\), ([\d,]+) unattributed, "
         r"([\d,]+) duplicate; ([\d.]+) s",
@@ -292,10 +257,10 @@ def load(path: Path, target: str, out_dir: Path, timeout: float = 7200) -> dict[
     def num(i: int) -> float:
         return float(m.group(i).replace(",", "")) if m else 0.0
 
-    seconds = num(7) if m else wall
+    seconds = num(7) if m else run.wall_seconds
     return {
-        "returncode": os.waitstatus_to_exitcode(status),
-        "stderr": err_path.read_text(errors="replace")[-300:],
+        "returncode": run.returncode,
+        "stderr": run.stderr,
         "rows": int(num(1)),
         "batches": int(num(2)),
         "attributed": int(num(3)),
@@ -304,10 +269,9 @@ def load(path: Path, target: str, out_dir: Path, timeout: float = 7200) -> dict[
         "duplicate": int(num(6)),
         "seconds": seconds,
         "rows_per_s": num(1) / seconds if seconds > 0 else 0.0,
-        "wall_seconds": wall,
-        "rss_bytes": hwm or usage.ru_maxrss * 1024,
-        # wait4's maxrss counts this process's memory at the spawn too (bench.profiles.load)
-        "rusage_maxrss_bytes": usage.ru_maxrss * 1024,
+        "wall_seconds": run.wall_seconds,
+        "rss_bytes": run.peak_rss or run.maxrss,
+        "rusage_maxrss_bytes": run.maxrss,  # the spawning process's memory too (procs.ChildRun)
     }
 
 
@@ -319,7 +283,7 @@ def file_load(runner: LoadRunner, url: str, rows: int, attributed: int) -> dict[
     t0 = time.perf_counter()
     size = write_extract(path, rows, arms, time.time())
     out: dict[str, Any] = {"rows": rows, "decided": len(arms), "file_bytes": size, "write_seconds": time.perf_counter() - t0}
-    out["read"] = read_rate(path)
+    out["read"] = read_rate(path, batch_rows=1000)
     rss0 = runner.server.rss()
     out["load"] = load(path, runner.server.target, runner.tmp)
     out["server_rss_growth"] = runner.server.rss() - rss0
@@ -420,7 +384,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from nextbest.bench.phases import FULL, SMOKE
-    from nextbest.bench.procs import Workers, postgres_available
+    from nextbest.bench.procs import Workers, postgres_available, print_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, help=f"conversions in the file (default {FILE_ROWS:,}; smoke {SMOKE_FILE_ROWS:,})")
@@ -435,10 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = run(workers, Path(d), SMOKE if args.smoke else FULL, args.smoke, pg, args.rows)
     finally:
         workers.close()
-    print(format_table(r))
-    if args.json:
-        args.json.write_text(json.dumps(r, indent=2, default=str) + "\n")
-    return 0
+    return print_report(r, format_table(r), args.json)
 
 
 if __name__ == "__main__":

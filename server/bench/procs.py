@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,6 +85,71 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def peak_rss(pid: int) -> int:
+    """The process's own peak resident memory (VmHWM, its address space since its exec), in bytes; 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRun:
+    """How a command run by run_child went."""
+
+    returncode: int
+    wall_seconds: float  # process start included
+    peak_rss: int  # its VmHWM, sampled every 50 ms until it exits (0 when never read)
+    # wait4's maxrss, in bytes: it counts this process's memory at the spawn too (the child
+    # shares it until its exec): 500 MiB after writing a 10 M-row file here, twice a loader's own
+    maxrss: int
+    stdout: bytes
+    stderr: str  # its last 300 characters
+
+
+def run_child(cmd: Sequence[str], out_dir: Path, name: str, timeout: float, env: dict[str, str] | None = None) -> ChildRun:
+    """``cmd`` in a process of its own, its output in ``out_dir``/``name``.out and .err, killed
+    after ``timeout`` seconds: exit code, wall time and peak memory (VmHWM and wait4's maxrss)."""
+    out_path, err_path = out_dir / f"{name}.out", out_dir / f"{name}.err"
+    t0 = time.perf_counter()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env)
+        deadline = time.monotonic() + timeout
+        hwm = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, peak_rss(proc.pid))
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    return ChildRun(
+        returncode=os.waitstatus_to_exitcode(status),
+        wall_seconds=wall,
+        peak_rss=hwm,
+        maxrss=usage.ru_maxrss * 1024,  # KiB on Linux
+        stdout=out_path.read_bytes(),
+        stderr=err_path.read_text(errors="replace")[-300:],
+    )
+
+
+def print_report(report: dict[str, Any], table: str, json_path: Path | None) -> int:
+    """A bench module's ``main`` ending: its table printed, its report also written as JSON to
+    ``json_path`` when given (values JSON has no type for as text); 0, the exit code."""
+    print(table)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
 
 
 # -- server processes ------------------------------------------------------------------------------

@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,12 +48,29 @@ SEGMENTS = ("youth", "family", "business", "senior", "value", "premium", "churn_
 CHANNELS = ("app", "web", "ussd", "ivr", "chatbot", "retail")
 
 
+def write_chunks(path: Path, rows: int, chunk: int, table: Callable[[int, int], Any]) -> int:
+    """A Parquet file of ``rows`` rows written ``chunk`` at a time (bounded memory, a row group
+    each), ``table(lo, m)`` giving rows lo to lo + m as a pyarrow Table; returns its size in bytes."""
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for lo in range(0, rows, chunk):
+            t = table(lo, min(chunk, rows - lo))
+            if writer is None:
+                writer = pq.ParquetWriter(path, t.schema)
+            writer.write_table(t)
+    finally:
+        if writer is not None:
+            writer.close()
+    return path.stat().st_size
+
+
 def write_extract(path: Path, rows: int, seed: int = 0, chunk: int = CHUNK) -> int:
     """A warehouse extract of ``rows`` customers, written ``chunk`` rows at a time; returns its size in bytes."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
     texts = {
@@ -67,30 +81,23 @@ def write_extract(path: Path, rows: int, seed: int = 0, chunk: int = CHUNK) -> i
         "customer.channel": pa.array(CHANNELS),
     }
     as_of = 1_796_112_000_000_000  # 2026-12-01 UTC, microseconds
-    writer = None
-    try:
-        for lo in range(0, rows, chunk):
-            m = min(chunk, rows - lo)
-            ids = pc.binary_join_element_wise("c", pc.utf8_lpad(pc.cast(pa.array(np.arange(lo, lo + m)), pa.string()), 9, "0"), "")
-            cols: dict[str, Any] = {
-                "customer_id": ids,
-                "as_of": pa.array(as_of - rng.integers(0, 86_400_000_000, m), pa.timestamp("us", tz="UTC")),
-                "customer.arpu": pa.array(np.round(rng.gamma(2.0, 8.0, m), 2)),
-                "customer.tenure_months": pa.array(rng.integers(0, 240, m), pa.int32()),
-                "usage.data_gb": pa.array(np.round(rng.exponential(6.0, m), 3)),
-                "usage.voice_min": pa.array(rng.integers(0, 3000, m), pa.int32()),
-                "customer.balance": pa.array(np.round(rng.normal(10.0, 5.0, m), 2)),
-            }
-            for name, values in texts.items():
-                cols[name] = values.take(pa.array(rng.integers(0, len(values), m)))
-            table = pa.table(cols)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    return path.stat().st_size
+
+    def table(lo: int, m: int) -> Any:
+        ids = pc.binary_join_element_wise("c", pc.utf8_lpad(pc.cast(pa.array(np.arange(lo, lo + m)), pa.string()), 9, "0"), "")
+        cols: dict[str, Any] = {
+            "customer_id": ids,
+            "as_of": pa.array(as_of - rng.integers(0, 86_400_000_000, m), pa.timestamp("us", tz="UTC")),
+            "customer.arpu": pa.array(np.round(rng.gamma(2.0, 8.0, m), 2)),
+            "customer.tenure_months": pa.array(rng.integers(0, 240, m), pa.int32()),
+            "usage.data_gb": pa.array(np.round(rng.exponential(6.0, m), 3)),
+            "usage.voice_min": pa.array(rng.integers(0, 3000, m), pa.int32()),
+            "customer.balance": pa.array(np.round(rng.normal(10.0, 5.0, m), 2)),
+        }
+        for name, values in texts.items():
+            cols[name] = values.take(pa.array(rng.integers(0, len(values), m)))
+        return pa.table(cols)
+
+    return write_chunks(path, rows, chunk, table)
 
 
 def read_rate(path: Path, batch_rows: int = 10_000) -> dict[str, Any]:
@@ -139,55 +146,27 @@ def copy_rate(path: Path, url: str, limit: int = CEILING_ROWS) -> dict[str, Any]
 
 def load(path: Path, url: str, out_dir: Path, timeout: float = 3600) -> dict[str, Any]:
     """``nextbest profiles load`` in a process of its own: its reported rate, wall time and peak RSS."""
+    from nextbest.bench.procs import run_child
+
     cmd = [sys.executable, "-m", "nextbest.cli.main", "profiles", "load", str(path), "--db", url]
-    out_path, err_path = out_dir / "load.out", out_dir / "load.err"
-    t0 = time.perf_counter()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        deadline = time.monotonic() + timeout
-        hwm = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            hwm = max(hwm, _peak_rss(proc.pid))
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    text = out_path.read_text(errors="replace")
+    run = run_child(cmd, out_dir, "load", timeout)
+    text = run.stdout.decode(errors="replace")
     m = re.search(r"([\d,]+) rows read .*?: ([\d,]+) stored, ([\d,]+) stale.*?; ([\d.]+) s, ([\d,]+) rows/s", text)
 
     def num(s: str) -> float:
         return float(s.replace(",", ""))
 
     return {
-        "returncode": os.waitstatus_to_exitcode(status),
-        "stderr": err_path.read_text(errors="replace")[-300:],
+        "returncode": run.returncode,
+        "stderr": run.stderr,
         "rows": int(num(m.group(1))) if m else 0,
         "stored": int(num(m.group(2))) if m else 0,
-        "seconds": num(m.group(4)) if m else wall,
+        "seconds": num(m.group(4)) if m else run.wall_seconds,
         "rows_per_s": num(m.group(5)) if m else 0.0,
-        "wall_seconds": wall,
-        "rss_bytes": hwm or usage.ru_maxrss * 1024,
-        # wait4's maxrss counts the memory of this process at the spawn too (the child shares it
-        # until its exec): 500 MiB after writing a 10 M-row file here, twice the loader's own
-        "rusage_maxrss_bytes": usage.ru_maxrss * 1024,
+        "wall_seconds": run.wall_seconds,
+        "rss_bytes": run.peak_rss or run.maxrss,
+        "rusage_maxrss_bytes": run.maxrss,  # the spawning process's memory too (procs.ChildRun)
     }
-
-
-def _peak_rss(pid: int) -> int:
-    """The process's own peak resident memory (VmHWM, its address space since its exec), in bytes."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 @contextmanager
@@ -250,6 +229,8 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nextbest.bench.procs import print_report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rows", type=parse_sizes, default=FULL_ROWS, help="file sizes, e.g. 1000000,10000000")
     parser.add_argument("--smoke", action="store_true", help="tiny files")
@@ -257,10 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     args = parser.parse_args(argv)
     report = run(SMOKE_ROWS if args.smoke else args.rows, False if args.no_postgres else None)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return print_report(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":

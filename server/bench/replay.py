@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import platform
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -320,30 +318,17 @@ def dsjson_speed(tmp: Path, url: str, n: int, repeats: int) -> dict[str, Any]:
 def peak_rss(url: str, tmp: Path, timeout: float = 1800) -> dict[str, Any]:
     """``nextbest replay`` of the simple policies in a process of its own: its peak RSS (from
     ``wait4``, this child's alone) and wall time (process start included)."""
+    from nextbest.bench.procs import run_child
+
     cmd = [sys.executable, "-m", "nextbest.cli.main", "replay", "--db", url, "--placement", PLACEMENT, "--policy", *SIMPLE]
     cmd += ["--estimator", "ips", "snips", "--json"]
-    out_path, err_path = tmp / "rss.out", tmp / "rss.err"
-    t0 = time.perf_counter()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    result = json.loads(out_path.read_bytes()) if code == 0 else []
+    run = run_child(cmd, tmp, "rss", timeout)
+    result = json.loads(run.stdout) if run.returncode == 0 else []
     return {
-        "returncode": code,
-        "stderr": err_path.read_text(errors="replace")[-300:],
-        "rss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
-        "seconds": wall,
+        "returncode": run.returncode,
+        "stderr": run.stderr,
+        "rss_bytes": run.maxrss,
+        "seconds": run.wall_seconds,
         "events": result[0]["n"] if result else 0,
     }
 
@@ -485,16 +470,15 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nextbest.bench.procs import print_report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--smoke", action="store_true", help="small logs, quick, no targets")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     args = parser.parse_args(argv)
     report = run(SMOKE if args.smoke else FULL)
     report.update(smoke=args.smoke, python=platform.python_version(), machine=platform.machine())
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return print_report(report, format_table(report), args.json)
 
 
 if __name__ == "__main__":
