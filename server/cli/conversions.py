@@ -196,18 +196,7 @@ def _load(args: argparse.Namespace) -> int:
         try:
             done, counted = load(args.file, client.report_conversions, format=fmt, batch_rows=args.batch, progress=progress)
         except LoadStopped as stop:
-            if progress is not None:
-                progress.close()
-            e = stop.error
-            if isinstance(e, NextbestError):
-                print(f"error: {e}", file=sys.stderr)
-            elif hasattr(e, "code") and hasattr(e, "details"):  # grpc.RpcError
-                code = e.code()
-                print(f"error: {getattr(code, 'name', code)}: {e.details()}", file=sys.stderr)
-            else:
-                raise e from None
-            print(stop.how_far(), file=sys.stderr)
-            return 2 if isinstance(e, InvalidInput) else 1
+            return stop.report(progress)
     if progress is not None:
         progress.close()
     seconds = time.perf_counter() - started

@@ -186,6 +186,23 @@ class LoadStopped(Exception):
             return "loaded no rows before the error; nothing was stored"
         return f"loaded rows 1-{n:,} ({k:,} batch{'' if k == 1 else 'es'}) before the error; rows from {n + 1:,} on were not loaded"
 
+    def report(self, progress: Progress | None) -> int:
+        """Close the progress line, say on stderr what stopped the load and how far it got, and
+        return the exit code: 2 for a refused input, 1 otherwise. An error that is neither
+        nextbest's nor gRPC's is a bug: raised again."""
+        if progress is not None:
+            progress.close()
+        e = self.error
+        if isinstance(e, NextbestError):
+            print(f"error: {e}", file=sys.stderr)
+        elif hasattr(e, "code") and hasattr(e, "details"):  # grpc.RpcError
+            code = e.code()
+            print(f"error: {getattr(code, 'name', code)}: {e.details()}", file=sys.stderr)
+        else:
+            raise e from None
+        print(self.how_far(), file=sys.stderr)
+        return 2 if isinstance(e, InvalidInput) else 1
+
 
 def _load(args: argparse.Namespace) -> int:
     from nextbest.telemetry.gc_pauses import gc_paused
@@ -233,18 +250,7 @@ def _load_file(args: argparse.Namespace) -> int:
     try:
         done = load(args.file, put, format=fmt, batch_rows=batch_rows, ttl=ttl, limits=limits, progress=progress, refused=refused)
     except LoadStopped as stop:
-        if progress is not None:
-            progress.close()
-        e = stop.error
-        if isinstance(e, NextbestError):
-            print(f"error: {e}", file=sys.stderr)
-        elif hasattr(e, "code") and hasattr(e, "details"):  # grpc.RpcError
-            code = e.code()
-            print(f"error: {getattr(code, 'name', code)}: {e.details()}", file=sys.stderr)
-        else:
-            raise e from None
-        print(stop.how_far(), file=sys.stderr)
-        return 2 if isinstance(e, InvalidInput) else 1
+        return stop.report(progress)
     finally:
         close()
     if progress is not None:
