@@ -274,8 +274,14 @@ def _compare(args: argparse.Namespace) -> int:
         runs = [billing_run(options, rw, s) for rw, s in todo]
     k, n = coverage(runs)
     seeds_inside = sum(all(u["inside"] for u in r["placements"].values()) for r in runs if r["rewards"] == "conversions")
-    command = f"nextbest simulate --compare-rewards --seeds {','.join(map(str, seeds))} --events {args.events}" + (
-        f" --window {args.window}" if args.window != 5000 else ""
+    command = " ".join(
+        [f"nextbest simulate --compare-rewards --seeds {','.join(map(str, seeds))} --events {args.events}"]
+        + ([f"--window {args.window}"] if args.window != 5000 else [])
+        + ([f"--holdout {args.holdout:g}"] if args.holdout is not None else [])
+        + ([f"--organic-per-week {args.organic_per_week:g}"] if args.organic_per_week != 0.3 else [])
+        + ([f"--context {args.context}"] if args.context != "full" else [])
+        + ([f"--scenario {args.scenario}"] if args.scenario else [])
+        + ([f"--reward {args.reward}"] if args.reward else [])
     )
     if args.json is not None:
         text = json.dumps({"command": command, "runs": runs, "inside": [k, n]}, indent=2)

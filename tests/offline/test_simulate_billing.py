@@ -152,3 +152,34 @@ def test_a_run_through_the_server_reports_an_uplift_whose_interval_holds_the_tru
     k, n = coverage([r])
     assert n == len(r["placements"]) and k >= n - 1
     assert "| sim.app_home |" in compare_tables([r], 400, 400)
+
+
+def _fake(rewards: str, seed: int, share: float, inside: bool) -> dict[str, object]:
+    u = {"customers": 80, "holdout_customers": 20, "uplift": 1.0 + seed, "low": 0.5, "high": 2.5, "true": 1.5, "inside": inside}
+    return {"rewards": rewards, "seed": seed, "share": share, "share_last": share + 0.1, "placements": {"sim.app_home": u}}
+
+
+def test_the_comparison_tables_and_the_coverage_count() -> None:
+    runs = [
+        _fake("events", 1, 0.6, False),
+        _fake("events", 2, 0.8, False),
+        _fake("conversions", 1, 0.5, True),
+        _fake("conversions", 2, 0.3, False),
+    ]
+    assert coverage(runs) == (1, 2)
+    assert compare_tables(runs, 10_000, 5_000).splitlines() == [
+        "| how outcomes reach the server | all 10,000 events | last 5,000 |",
+        "|---|---:|---:|",
+        "| every outcome by event id, at once (`--rewards events`) | 0.700 ± 0.141 | 0.800 ± 0.141 |",
+        "| purchases from billing, hours to days later (`--rewards conversions`) | 0.400 ± 0.141 | 0.500 ± 0.141 |",
+        "",
+        "| placement | uplift per customer (mean over seeds) | true uplift (mean) | truth inside the 95 % CI |",
+        "|---|---:|---:|---:|",
+        "| sim.app_home | +2.50 | +1.50 | 1 of 2 |",
+    ]
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--holdout", "1.5"], "--holdout"), (["--context", "profile"], "--context")])
+def test_the_billing_mode_refuses_what_it_cannot_do(flags: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        simulate.main(["simulate", "--rewards", "conversions", *flags])
