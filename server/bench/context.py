@@ -333,34 +333,47 @@ class _ThreadMeter:
         setattr(self.store, self.method, self.original)
 
 
-def inproc(customers: int, calls: int, concurrency: int = 32, top: int = 0) -> dict[str, Any]:
-    """Per Choose through the servicer (no gRPC), ``concurrency`` at a time on one engine
-    holding every placement (plain, inline, profile only, history only, profiled; 3 rounds in
-    alternating order after a warm-up): the process's CPU per call, and the parts of it spent in
-    the log writer's and the profile reader's threads; medians of the rounds. With ``top``, a
-    cProfile of the profiled Choose: event loop, writer and reader threads, by own time.
-    Every placement pays the in-memory contact tracking here: history placements turn it on."""
+_METERED = ("contacts_open", "contacts_commit", "contacts_insert", "contacts_read")  # shared history's store calls
+
+
+def inproc(
+    customers: int, calls: int, concurrency: int = 32, top: int = 0, db: str = "sqlite", profiled: str = "profiled"
+) -> dict[str, Any]:
+    """Per Choose through the servicer (no gRPC), ``concurrency`` at a time, on SQLite or
+    PostgreSQL (``db``): plain and inline on one engine (no contact tracking, as on their own
+    servers in the bench), profile only, history only and profiled on another (history turns
+    tracking on for its whole server; on PostgreSQL it is shared, the default there); 3 rounds
+    in alternating order after a warm-up. The process's CPU per call, and the parts of it spent
+    in the log writer's, the profile reader's and the shared history's store calls (worker
+    threads); medians of the rounds. With ``top``, a cProfile of the ``profiled`` placement's
+    Choose (or another's): event loop, writer and reader threads, by own time."""
     import asyncio
+    import contextlib
     import cProfile
 
     from nextbest.bench.inproc import NoContext, _top, with_server
     from nextbest.rpc.decision import DecisionServicer
+    from nextbest.storage import scratch
 
     size = Size(customers, 0, calls, 0)
     profile_of = {p.customer_id: p for p in profiles(customers)}
     base = placement("plain20", ARMS)
+    every = specs()
     parts = {  # the profiled placement's two halves, each alone
         "profile_only": base.model_validate({**base.model_dump(), "id": "profile_only20", "context": {"profile": True}}),
         "history_only": base.model_validate({**base.model_dump(), "id": "history_only20", "context": {"history": CONTEXT["history"]}}),
     }
+    bare_names = ("plain", "inline")
 
-    async def go(engine: Any) -> dict[str, Any]:
-        await engine.config.apply([*specs().values(), *parts.values()])
-        servicer = DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics)
+    async def go(bare: Any, engine: Any) -> dict[str, Any]:
+        await bare.config.apply([every["plain"], every["inline"]])
+        await engine.config.apply([every["profiled"], *parts.values()])
         ctx: Any = NoContext()
         wl = Workload("many", size)
 
         async def drive(name: str, profile: bool = False) -> dict[str, Any]:
+            e = bare if name in bare_names else engine
+            servicer = DecisionServicer(e.chooser, e.windows, e.reward_batch, e.explainer, e.metrics)
             pool = wl.pool()
             reqs = [decision_pb2.ChooseRequest.FromString(b) for b in requests(f"{name}20", pool, profile_of if name == "inline" else None)]
             it = iter(reqs)
@@ -369,24 +382,26 @@ def inproc(customers: int, calls: int, concurrency: int = 32, top: int = 0) -> d
                 for r in it:
                     await servicer.Choose(r, ctx)
 
-            writer, reader = _ThreadMeter(engine.store, "write", profile), _ThreadMeter(engine.store, "get_profiles", profile)
+            writer, reader = _ThreadMeter(e.store, "write", profile), _ThreadMeter(e.store, "get_profiles", profile)
+            contacts = [_ThreadMeter(e.store, m, False) for m in _METERED if hasattr(e.store, m)]
             loop_prof = cProfile.Profile(time.thread_time) if profile else None
             t0 = time.process_time()
             if loop_prof is not None:
                 loop_prof.enable()
             try:
                 await asyncio.gather(*(caller() for _ in range(concurrency)))
-                await asyncio.wait_for(engine.writer.flush(), 60)
+                await asyncio.wait_for(e.writer.flush(), 60)
             finally:
                 if loop_prof is not None:
                     loop_prof.disable()
-                writer.restore()
-                reader.restore()
+                for m in (writer, reader, *contacts):
+                    m.restore()
             n = len(reqs)
             r: dict[str, Any] = {
                 "cpu_us": 1e6 * (time.process_time() - t0) / n,
                 "writer_us": 1e6 * writer.cpu / n,
                 "reader_us": 1e6 * reader.cpu / n,
+                "contacts_us": 1e6 * sum(m.cpu for m in contacts) / n,
             }
             if profile and loop_prof is not None and writer.prof is not None and reader.prof is not None:
                 r["profiles"] = {"loop": _top(loop_prof, top), "writer": _top(writer.prof, top), "reader": _top(reader.prof, top)}
@@ -399,17 +414,24 @@ def inproc(customers: int, calls: int, concurrency: int = 32, top: int = 0) -> d
                 r = await drive(name)
                 if rnd:
                     runs[name].append(r)
-        out: dict[str, Any] = {
-            n: {k: float(statistics.median(r[k] for r in rs)) for k in ("cpu_us", "writer_us", "reader_us")} for n, rs in runs.items()
-        }
+        keys = ("cpu_us", "writer_us", "reader_us", "contacts_us")
+        out: dict[str, Any] = {"db": db, **{n: {k: float(statistics.median(r[k] for r in rs)) for k in keys} for n, rs in runs.items()}}
         if top:
-            out["profiles"] = (await drive("profiled", True))["profiles"]
+            out["profiles"] = (await drive(profiled, True))["profiles"]
         return out
 
-    with tempfile.TemporaryDirectory(prefix="nextbest-bench-") as d:
-        url = f"sqlite:///{d}/nb.db"
-        load_profiles(url, customers)
-        return asyncio.run(with_server(go, url))
+    with contextlib.ExitStack() as stack:
+        if db == "postgres":
+            urls = [stack.enter_context(scratch.postgres_schema("nbctxin")) for _ in range(2)]
+        else:
+            d = stack.enter_context(tempfile.TemporaryDirectory(prefix="nextbest-bench-"))
+            urls = [f"sqlite:///{d}/bare.db", f"sqlite:///{d}/nb.db"]
+        load_profiles(urls[1], customers)
+
+        async def both() -> dict[str, Any]:
+            return await with_server(lambda bare: with_server(lambda engine: go(bare, engine), urls[1]), urls[0])
+
+        return asyncio.run(both())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,12 +443,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--customers", type=int, default=FULL.customers)
     p.add_argument("--calls", type=int, default=5000, help="Choose calls per placement and round")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N entries of a cProfile of the profiled Choose")
+    p.add_argument(
+        "--of",
+        default="profiled",
+        choices=("plain", "inline", "profile_only", "history_only", "profiled"),
+        help="whose Choose --profile profiles",
+    )
+    p.add_argument(
+        "--db", choices=("sqlite", "postgres"), default="sqlite", help="postgres: a fresh schema of 127.0.0.1:5432 database test"
+    )
     args = p.parse_args(argv)
-    r = inproc(args.customers, args.calls, top=args.profile)
+    r = inproc(args.customers, args.calls, top=args.profile, db=args.db, profiled=args.of)
     profiles = r.pop("profiles", {})
     print(json.dumps(r, indent=1))
     for thread, text in profiles.items():
-        print(f"== profiled Choose, in process: {thread} (tottime) ==\n{text}")
+        print(f"== {args.of} Choose, in process: {thread} (tottime) ==\n{text}")
     return 0
 
 
