@@ -2,7 +2,7 @@
 
 A conversion names a customer and an arm or a billing product, never an event. The desk:
 
-  validate all  ->  resolve each to arms  ->  read the customer's touches  ->  attribute
+  validate all  ->  resolve each to arms  ->  read the customers' touches (one read)  ->  attribute
     ->  record the batch with its credits (one transaction)  ->  a reward per credit
 
 Validation and resolution refuse the whole batch (InvalidInput naming ``conversions[i].<field>``)
@@ -31,7 +31,7 @@ from nextbest.engine.learner import PlacementState
 from nextbest.engine.windows import RewardWindows, batch_quiet
 from nextbest.engine.writer import BatchWriter
 from nextbest.settings import Settings
-from nextbest.storage.base import Store
+from nextbest.storage.base import Store, TouchRange
 
 _REWARD_KEY = 128  # RewardRequest.reward_id's limit
 
@@ -99,7 +99,8 @@ class ConversionDesk:
         await self._logged()
         # A duplicate is attributed too (its touches read for nothing): whether an id is new is
         # known only from the insert, which decides among servers racing on it.
-        credits = [attribute(r.conversion.value, r.conversion.occurred_at, await self._touches(r), r.rules) for r in resolved]
+        touches = await self._touches(resolved)
+        credits = [attribute(r.conversion.value, r.conversion.occurred_at, t, r.rules) for r, t in zip(resolved, touches, strict=True)]
         fresh = await self._record(resolved, credits, now)
         ids = [r.conversion.conversion_id for r in resolved]
         stored = await self._stored_credits([cid for cid, new in zip(ids, fresh, strict=True) if not new])
@@ -149,15 +150,22 @@ class ConversionDesk:
         if self._writer.pending:
             await self._writer.flush()
 
-    async def _touches(self, r: _Resolved) -> list[Touch]:
-        """The customer's activated impressions of the resolved arms within the widest window of
-        their placements (attribute keeps each placement's own), read in a worker thread."""
-        c = r.conversion
-        since = c.occurred_at - max(rule.window for rule in r.rules.values())
-        arm_ids = sorted({arm for _, arm in r.arms})
+    async def _touches(self, resolved: Sequence[_Resolved]) -> list[list[Touch]]:
+        """Each conversion's customer's activated impressions of its resolved arms within the
+        widest window of their placements (attribute keeps each placement's own): the whole
+        batch in one read (Store.touches_of), in a worker thread."""
+        ranges = [
+            TouchRange(
+                r.conversion.customer_id,
+                frozenset(arm for _, arm in r.arms),
+                r.conversion.occurred_at - max(rule.window for rule in r.rules.values()),
+                r.conversion.occurred_at,
+            )
+            for r in resolved
+        ]
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._reader_pool, self._store.touches, c.customer_id, arm_ids, since, c.occurred_at)
-        return [t for t in found if (t.placement, t.arm_id) in r.arms]
+        found = await loop.run_in_executor(self._reader_pool, self._store.touches_of, ranges)
+        return [[t for t in ts if (t.placement, t.arm_id) in r.arms] for r, ts in zip(resolved, found, strict=True)]
 
     async def _record(self, resolved: Sequence[_Resolved], credits: Sequence[list[Credit]], now: float) -> list[bool]:
         """The batch and its credits in one transaction; False for a conversion id stored before."""

@@ -7,8 +7,9 @@ stores it (and its credits), the other hears "duplicate", as decisions do
 (sqlcore.insert_decisions_sql). A batch is one transaction: the credits of a conversion are
 written only when the conversion itself was, so nothing of a duplicate is written twice.
 
-A customer's impressions are read on ``ix_decisions_customer`` (customer_id, created_at; only
-decisions that served an arm), never by scanning the log; uplift is one statement per placement.
+A customer's impressions are read on ``ix_decisions_customer`` (customer_id, created_at), never by
+scanning the log: a batch's customers at once, one statement per 500 (customer, arm) pairs; uplift
+is one statement per placement.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from sqlalchemy.engine import Connection
 
 from nextbest.bandit.attribution import Conversion, Credit, Touch
 from nextbest.bandit.errors import Unavailable
-from nextbest.storage.base import VariantConversions
+from nextbest.storage.base import TouchRange, VariantConversions
 from nextbest.storage.sqlcore import SqlBase
 
 _CHUNK = 500  # rows per multi-row INSERT: 4,000 parameters (SQLite's limit is 32,766)
+_TOUCH_CHUNK = 500  # (customer, arm) pairs per touches read: 2,000 parameters
 _READ_CHUNK = 10_000  # ids per SELECT (PostgreSQL: one array parameter; SQLite: one JSON text)
 _CONVERSION_COLUMNS = "conversion_id, customer_id, arm_id, product, value, occurred_at, received_at, credited"
 _CREDIT_COLUMNS = "conversion_id, event_id, slot, placement_id, arm_id, share, value"
@@ -37,7 +39,7 @@ def _refused(e: BaseException) -> Unavailable:
 
 
 class ConversionQueries(SqlBase):
-    """Store.touches, record_conversions, credits_of_conversions, credits_of_decision,
+    """Store.touches_of, record_conversions, credits_of_conversions, credits_of_decision,
     conversion_tally, any_conversion and unattributed_by_product."""
 
     def _mark(self) -> str:
@@ -50,20 +52,45 @@ class ConversionQueries(SqlBase):
     def _list(self, values: Sequence[str]) -> Any:
         return list(values) if self._postgres else orjson.dumps(list(values)).decode()
 
-    def touches(self, customer_id: str, arms: Collection[str], since: float, until: float) -> list[Touch]:
-        wanted = sorted(set(arms))
-        if not customer_id or not wanted or not since < until:
-            return []
-        m = self._mark()
-        activated = "activated" if self._postgres else "activated = 1"
-        sql = (
-            "SELECT event_id, slot, placement_id, arm_id, created_at FROM decisions "
-            f"WHERE customer_id = {m} AND arm_id IS NOT NULL AND created_at >= {m} AND created_at < {m} "
-            f"AND {activated} AND {self._in('arm_id')} ORDER BY created_at, event_id, slot"
-        )
-        with self._connect() as c:
-            rows = c.exec_driver_sql(sql, (customer_id, since, until, self._list(wanted))).all()
-        return [Touch(r[0], int(r[1]), r[2], r[3], float(r[4])) for r in rows]
+    def touches_of(self, ranges: Sequence[TouchRange]) -> list[list[Touch]]:
+        # One read per distinct (customer, arm), over the union of its ranges' windows, in
+        # chunks of _TOUCH_CHUNK pairs per statement; each range then takes its own rows here.
+        spans: dict[tuple[str, str], tuple[float, float]] = {}
+        for r in ranges:
+            if not r.customer_id or not r.since < r.until:
+                continue
+            for arm in r.arms:
+                lo, hi = spans.get((r.customer_id, arm), (r.since, r.until))
+                spans[(r.customer_id, arm)] = (min(lo, r.since), max(hi, r.until))
+        found: dict[tuple[str, str], list[Touch]] = {}
+        if spans:
+            keys = list(spans.items())
+            with self._connect() as c:
+                for start in range(0, len(keys), _TOUCH_CHUNK):
+                    chunk = keys[start : start + _TOUCH_CHUNK]
+                    sql = self._touches_sql(len(chunk))
+                    params = tuple(v for (customer, arm), (lo, hi) in chunk for v in (customer, arm, lo, hi))
+                    for row in c.exec_driver_sql(sql, params):
+                        found.setdefault((row[0], row[4]), []).append(Touch(row[1], int(row[2]), row[3], row[4], float(row[5])))
+        out = []
+        for r in ranges:
+            mine = [t for arm in set(r.arms) for t in found.get((r.customer_id, arm), ()) if r.since <= t.at < r.until]
+            mine.sort(key=lambda t: (t.at, t.event_id, t.slot))
+            out.append(mine)
+        return out
+
+    def _touches_sql(self, n: int) -> str:
+        """The activated decisions of ``n`` (customer, arm, since, until) rows, each row's read on
+        ix_decisions_customer: SQLite's CROSS JOIN keeps the rows the outer loop; on PostgreSQL a
+        LATERAL subquery that is not pulled up (OFFSET 0), else a log of some 10^4 rows is
+        hash-joined by scanning it (7 ms instead of 1.6 for 200 rows of 20,000 decisions here)."""
+        row = f"({', '.join([self._mark()] * 4)})"
+        head = f"WITH q (customer_id, arm_id, since, until) AS (VALUES {', '.join([row] * n)}) "
+        cols = "d.customer_id, d.event_id, d.slot, d.placement_id, d.arm_id, d.created_at"
+        match = "d.customer_id = q.customer_id AND d.arm_id = q.arm_id AND d.created_at >= q.since AND d.created_at < q.until"
+        if self._postgres:
+            return f"{head}SELECT d.* FROM q CROSS JOIN LATERAL (SELECT {cols} FROM decisions d WHERE {match} AND d.activated OFFSET 0) d"
+        return f"{head}SELECT {cols} FROM q CROSS JOIN decisions d ON {match} WHERE d.activated = 1"
 
     def record_conversions(self, items: Sequence[tuple[Conversion, Sequence[Credit]]], now: float) -> list[bool]:
         if not items:

@@ -1,19 +1,21 @@
-"""The conversion store's contract (issue #31; Store.touches ... unattributed_by_product in
+"""The conversion store's contract (issue #31; Store.touches_of ... unattributed_by_product in
 storage/base.py), on SQLite and the PostgreSQL at 127.0.0.1:5432 (database test)."""
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from nextbest.bandit.attribution import Conversion, Credit, Touch
 from nextbest.bandit.decision_log import LoggedDecision, Outcome
 from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.features import feature
-from nextbest.storage.base import Activation, VariantConversions
+from nextbest.storage.base import Activation, TouchRange, VariantConversions
 from nextbest.storage.refusal import is_refusal
 from nextbest.storage.sql import SqlStore, open_store
 
@@ -53,6 +55,27 @@ def conv(cid: str, customer: str = "c1", value: float = 10.0, at: float = 1000.0
     return Conversion(cid, customer, arm, "" if arm else product, value, at)
 
 
+def touches(store: SqlStore, customer_id: str, arms: list[str], since: float, until: float) -> list[Touch]:
+    """The touches of one range."""
+    return store.touches_of([TouchRange(customer_id, frozenset(arms), since, until)])[0]
+
+
+@contextmanager
+def statements(store: SqlStore) -> Iterator[list[str]]:
+    """The statements the store sends while the block runs (those that read decisions)."""
+    seen: list[str] = []
+
+    def on_execute(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "decisions d" in statement:
+            seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        event.remove(store.engine, "before_cursor_execute", on_execute)
+
+
 def count(store: SqlStore, table: str) -> int:
     with store.engine.connect() as c:
         return int(c.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
@@ -73,19 +96,62 @@ def test_touches_are_activated_impressions_in_range(store: SqlStore) -> None:
         ],
         [],
     )
-    got = store.touches("c1", ["data_5gb", "voice_300"], 100.0, 500.0)
+    got = touches(store, "c1", ["data_5gb", "voice_300"], 100.0, 500.0)
     assert got == [
         Touch("e1", 0, "app", "data_5gb", 100.0),
         Touch("e2", 0, "ussd", "voice_300", 200.0),
         Touch("e8", 1, "app", "data_5gb", 250.0),
     ]
-    assert store.touches("c1", ["combo"], 0.0, 1000.0) == [Touch("e8", 0, "app", "combo", 250.0)]
-    assert store.touches("c1", [], 0.0, 1000.0) == []
-    assert store.touches("", ["data_5gb"], 0.0, 1000.0) == []
-    assert store.touches("nobody", ["data_5gb"], 0.0, 1000.0) == []
+    assert touches(store, "c1", ["combo"], 0.0, 1000.0) == [Touch("e8", 0, "app", "combo", 250.0)]
+    assert touches(store, "c1", [], 0.0, 1000.0) == []
+    assert touches(store, "", ["data_5gb"], 0.0, 1000.0) == []
+    assert touches(store, "nobody", ["data_5gb"], 0.0, 1000.0) == []
+    assert touches(store, "c1", ["data_5gb"], 500.0, 500.0) == []
+    assert store.touches_of([]) == []
     # an activated deferred decision is a touch once activated
     store.write([], [], [Activation("e3", 320.0, 920.0, placement="app")])
-    assert [t.event_id for t in store.touches("c1", ["data_5gb"], 0.0, 1000.0)] == ["e7", "e1", "e8", "e3", "e6"]
+    assert [t.event_id for t in touches(store, "c1", ["data_5gb"], 0.0, 1000.0)] == ["e7", "e1", "e8", "e3", "e6"]
+
+
+def test_touches_of_a_batch_are_read_together(store: SqlStore) -> None:
+    """Each range gets its own touches, as if read alone, while the batch is read in one
+    statement per 500 distinct (customer, arm) pairs: a customer named by many ranges is read once."""
+    store.write(
+        [
+            decision("e1", "c1", 100.0),  # data_5gb
+            decision("e2", "c1", 200.0, arm=1, placement="ussd"),  # voice_300
+            decision("e3", "c2", 150.0),
+            decision("e4", "c2", 300.0, activated=False),
+            decision("e5", "c1", 400.0),
+        ],
+        [],
+    )
+    ranges = [
+        TouchRange("c1", frozenset({"data_5gb"}), 100.0, 400.0),
+        TouchRange("c2", frozenset({"data_5gb", "voice_300"}), 0.0, 1000.0),
+        TouchRange("c1", frozenset({"data_5gb", "voice_300"}), 150.0, 1000.0),
+        TouchRange("c1", frozenset({"data_5gb"}), 100.0, 400.0),  # twice: the same answer twice
+        TouchRange("c3", frozenset({"data_5gb"}), 0.0, 1000.0),
+        TouchRange("c1", frozenset({"data_5gb"}), 0.0, 100.0),  # e1 at `until`: left out
+    ]
+    want = [
+        [Touch("e1", 0, "app", "data_5gb", 100.0)],
+        [Touch("e3", 0, "app", "data_5gb", 150.0)],
+        [Touch("e2", 0, "ussd", "voice_300", 200.0), Touch("e5", 0, "app", "data_5gb", 400.0)],
+        [Touch("e1", 0, "app", "data_5gb", 100.0)],
+        [],
+        [],
+    ]
+    with statements(store) as seen:
+        assert store.touches_of(ranges) == want
+    assert len(seen) == 1
+    # 501 distinct pairs: two statements; the same answers as one range at a time
+    many = ranges + [TouchRange(f"x{i}", frozenset({"combo"}), 0.0, 1000.0) for i in range(501 - 5)]
+    with statements(store) as seen:
+        got = store.touches_of(many)
+    assert len(seen) == 2
+    assert got[: len(ranges)] == want and got[len(ranges) :] == [[]] * (len(many) - len(ranges))
+    assert got == [store.touches_of([r])[0] for r in many]
 
 
 def test_recording_conversions_twice_stores_them_once(store: SqlStore) -> None:
