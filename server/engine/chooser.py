@@ -1,9 +1,11 @@
 """Choose: one decision per slot, made on the event loop, with its budget reserved, its
 impression counted and its reward window opened before anything else runs.
 
-From a Choose's checks to its last decision nothing awaits but a budget lease (rarely) and, when
-contact history is shared between servers, the customer's lock: a decision and its reservations
-are atomic on the loop.
+Before its decisions a Choose may await the customer's stored profile and, when contact history
+is shared between servers, the customer's lock (a placement with caps) or a read of their
+history (a placement with history features only; batched with the other Chooses' reads, as
+profile misses are). From there to its last decision nothing awaits but a budget lease (rarely):
+a decision and its reservations are atomic on the loop.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from nextbest.engine.learner import Learner, PlacementState
 from nextbest.engine.profiles import ProfileCache
 from nextbest.engine.windows import OpenDecision, RewardWindows
 from nextbest.engine.writer import BatchWriter
-from nextbest.storage.base import ContactRow, Profile
+from nextbest.storage.base import ContactRow, Profile, RecentImpression
 from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
@@ -207,6 +209,15 @@ class Chooser:
         if spec.mode == "apprentice" and not baseline_arm:
             raise InvalidInput("baseline_arm", "required: the placement is in apprentice mode")
         excluded = _exclusions(spec, exclude_arms)
+        shared = self._contacts.shared
+        tracked = bool(customer_id) and self._contacts.history.horizon > 0
+        locked = tracked and shared is not None and spec.history_horizon > 0 and _caps(spec)
+        reading: asyncio.Future[list[RecentImpression]] | None = None
+        if tracked and shared is not None and spec.history_horizon > 0 and not locked:
+            # History features only: read with every other Choose of the moment (one query),
+            # no lock; alongside the profile's read.
+            reading = shared.read(customer_id, self._clock() - self._contacts.history.horizon)
+            reading.add_done_callback(_retrieved)
         added = _NO_ADDITIONS
         if spec.context.profile and customer_id and self._profiles is not None:
             profile = await self._profiles.get(customer_id)  # cached, else read with others' misses
@@ -215,14 +226,22 @@ class Chooser:
             features, keys = with_profile(features, profile)
             if profile is not None:
                 added = _Context(profile.as_of, keys)
-        shared = self._contacts.shared
-        if customer_id and self._contacts.history.horizon > 0 and shared is not None and ps.record.spec.history_horizon <= 0:
-            # No rule of this placement reads the history, but other placements' rules count
-            # its impressions: record them, without waiting, after the decision.
-            out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, [], excluded, added)
-            shared.record_later(_shown(customer_id, out))
+        if shared is not None and tracked and not locked:
+            # No cap of this placement reads the history: its impressions join the next group
+            # commit of the shared history (other placements' caps count them), after the decision.
+            history = None
+            if reading is not None:
+                rows = await reading
+                if self._states.get(placement) is not ps:
+                    raise InvalidInput("placement", "the placement changed during the decision; retry")
+                history = [self._contacts.impression(r) for r in rows]
+            out = await self._choose(
+                ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history or [], excluded, added
+            )
+            shared.record(_shown(customer_id, out))
             return out
-        if customer_id and self._contacts.history.horizon > 0 and shared is not None:
+        if locked:
+            assert shared is not None
             since = self._clock() - self._contacts.history.horizon
             async with shared.customer(customer_id, since) as tx:
                 if self._states.get(placement) is not ps:
@@ -506,6 +525,18 @@ class Chooser:
     def _accepts(self, placement: str, arm: str) -> float:
         accepted, closed = self._acceptance.get((placement, arm), (0, 0))
         return (accepted + 1) / (closed + 2)
+
+
+def _caps(spec: PlacementSpec) -> bool:
+    """Whether the placement's contact policies, cool-down or fatigue read the history: on a
+    shared history its Chooses take the customer's lock, which makes them exact across servers."""
+    return bool(spec.contact_policies or spec.cooldown or spec.fatigue is not None)
+
+
+def _retrieved(f: asyncio.Future[list[RecentImpression]]) -> None:
+    """A read whose Choose stopped waiting (its placement changed) must not log an unread error."""
+    if not f.cancelled():
+        f.exception()
 
 
 def _with_history(c: Candidate, history: tuple[Feature, ...]) -> Candidate:

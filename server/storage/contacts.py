@@ -15,7 +15,7 @@ import fcntl
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from nextbest.bandit.decision_log import Outcome
@@ -30,6 +30,12 @@ _READ = text(
     "FROM contact_impressions ci LEFT JOIN decisions d ON d.event_id = ci.event_id AND d.slot = ci.slot "
     "WHERE ci.customer_id = :c AND ci.at >= :since ORDER BY ci.at, ci.id"
 )
+
+_READ_MANY = text(
+    "SELECT ci.customer_id, ci.arm_id, ci.placement_id, ci.event_id, ci.slot, ci.at, d.outcome, d.reward "
+    "FROM contact_impressions ci LEFT JOIN decisions d ON d.event_id = ci.event_id AND d.slot = ci.slot "
+    "WHERE ci.customer_id IN :ids AND ci.at >= :since ORDER BY ci.customer_id, ci.at, ci.id"
+).bindparams(bindparam("ids", expanding=True))
 
 
 def _impressions(customer_id: str, rows: Sequence[Any]) -> list[RecentImpression]:
@@ -90,6 +96,29 @@ class ContactQueries(SqlBase):
             conn.close()
             raise
         return ContactHandle(conn, tx), _impressions(customer_id, rows)
+
+    def contacts_read(self, customer_ids: Sequence[str], since: float) -> dict[str, list[RecentImpression]]:
+        """The impressions since ``since`` of each customer (oldest first), in one query and
+        without any lock: history features of many Chooses at once (issue #30)."""
+        out: dict[str, list[RecentImpression]] = {c: [] for c in customer_ids}
+        try:
+            with self._connect() as c:
+                rows = c.execute(_READ_MANY, {"ids": list(customer_ids), "since": since}).all()
+        except SQLAlchemyError as e:
+            raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
+        for customer, arm, placement, event_id, slot, at, outcome, reward in rows:
+            out[customer].append(
+                RecentImpression(
+                    customer,
+                    arm,
+                    placement,
+                    event_id if not slot else f"{event_id}#{slot}",
+                    at,
+                    Outcome(outcome) if outcome is not None else Outcome.OPEN,
+                    reward,
+                )
+            )
+        return out
 
     def contacts_commit(self, handle: ContactHandle, rows: Sequence[ContactRow]) -> None:
         """Record the impressions and release the customer."""
