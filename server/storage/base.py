@@ -313,6 +313,17 @@ class VariantConversions:
     value_sq_sum: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class TouchRange:
+    """The impressions a conversion may credit (Store.touches_of): the customer's activated
+    decisions that served one of ``arms``, created in [since, until)."""
+
+    customer_id: str
+    arms: frozenset[str]
+    since: float
+    until: float
+
+
 class Store(Protocol):
     """The one storage interface of the engine, with one implementation: the SQL store
     (server/storage/sql.py) on SQLite and on PostgreSQL. tests/storage/test_store_contract.py
@@ -662,12 +673,14 @@ class Store(Protocol):
 
     # -- conversions from billing (issue #31; storage/conversions.py) ---------------------------
 
-    def touches(self, customer_id: str, arms: Collection[str], since: float, until: float) -> list[Touch]:
-        """MUST return the customer's activated decisions (each slot apart) that served one of
-        ``arms``, created in [since, until), oldest first (ties by event id and slot); never an
-        unactivated (deferred, not shown) one; one query on the index of a customer's
-        impressions, no scan of the log (test_touches_are_activated_impressions_in_range).
-        Raises Unavailable."""
+    def touches_of(self, ranges: Sequence[TouchRange]) -> list[list[Touch]]:
+        """MUST return, for each range in order, the customer's activated decisions (each slot
+        apart) that served one of its arms, created in [since, until), oldest first (ties by
+        event id and slot); never an unactivated (deferred, not shown) one; [] for an empty
+        customer, no arms or an empty range (test_touches_are_activated_impressions_in_range).
+        A batch's ranges are read together on the index of a customer's impressions: one
+        statement per 500 distinct (customer, arm) pairs, however many ranges name them, no scan
+        of the log (test_touches_of_a_batch_are_read_together). Raises Unavailable."""
         ...
 
     def record_conversions(self, items: Sequence[tuple[Conversion, Sequence[Credit]]], now: float) -> list[bool]:
