@@ -21,6 +21,9 @@ classes are here for code that uses the domain directly (``nextbest.bandit``)::
     ├── AlreadyExists     ALREADY_EXISTS
     ├── PermissionDenied  PERMISSION_DENIED
     └── Unavailable       UNAVAILABLE
+
+The clients raise ServiceError subclasses, one per status code (nextbest.client_errors), each
+also the domain class above of its code: ``except nextbest.NotFound`` catches a NOT_FOUND answer.
 """
 
 from __future__ import annotations
@@ -30,22 +33,26 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nextbest.bandit.errors import AlreadyExists, InvalidInput, NextbestError, NotFound, PermissionDenied, Unavailable
-    from nextbest.client import ChooseResult, NextbestClient
+    from nextbest.client import AsyncNextbestClient, ChooseResult, NextbestClient, ServiceError
 
 __all__ = [
     "AlreadyExists",
+    "AsyncNextbestClient",
     "ChooseResult",
     "InvalidInput",
     "NextbestClient",
     "NextbestError",
     "NotFound",
     "PermissionDenied",
+    "ServiceError",
     "Unavailable",
 ]
 
 _WHERE = {
     "NextbestClient": "nextbest.client",
     "ChooseResult": "nextbest.client",
+    "AsyncNextbestClient": "nextbest.client",
+    "ServiceError": "nextbest.client",
     "NextbestError": "nextbest.bandit.errors",
     "InvalidInput": "nextbest.bandit.errors",
     "NotFound": "nextbest.bandit.errors",

@@ -128,7 +128,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     with NextbestClient(args.target) as nb:
-        s = nb.stats(args.placement, since, until)
+        s = nb.stats(args.placement, since, until).raw
     if args.json:
         print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
         return 0
@@ -340,7 +340,7 @@ def _explain(args: argparse.Namespace) -> int:
     from nextbest.client import NextbestClient
 
     with NextbestClient(args.target) as nb:
-        r = nb.explain(args.event_id, slot=args.slot)
+        r = nb.explain(args.event_id, slot=args.slot).raw
     print(json.dumps(explain_json(r)) if args.json else explain_table(r))
     return 0
 

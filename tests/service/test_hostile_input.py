@@ -132,7 +132,8 @@ def test_rewards_beyond_max_abs_reward_are_refused_and_the_window_stays_open(ser
         e = c.choose("capped")
         _refused(lambda: c.reward(e.event_id, 101.0), "reward")
         results = c.reward_batch([(e.event_id, -1000.0)])
-        assert results[0].startswith("error INVALID_ARGUMENT") and "max_abs_reward 100" in results[0]
+        error = results[0].error
+        assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_abs_reward 100" in error.details()
         assert c.reward(d.event_id, 1e6) == "learned"  # the bound is inclusive
         assert c.reward(e.event_id, 100.0) == "learned"  # nothing above closed the window
         assert [p.max_abs_reward for p in c.admin.ListPlacements(admin_pb2.ListPlacementsRequest(), timeout=5).placements] == [100.0, 1e6]
@@ -212,7 +213,7 @@ def test_a_second_reward_at_once_or_a_retry_before_the_flush_is_duplicate(any_db
                     decision_pb2.REWARD_STATUS_DUPLICATE,
                 ]
             d = c.choose("p")
-            assert c.reward_batch([(d.event_id, 1.0), (d.event_id, 1.0)]) == ["learned", "duplicate"]
+            assert [r.status for r in c.reward_batch([(d.event_id, 1.0), (d.event_id, 1.0)])] == ["learned", "duplicate"]
             d = c.choose("p")
             with pytest.raises(grpc.RpcError) as e:  # gives up before the group commit
                 c.decision.Reward(decision_pb2.RewardRequest(event_id=d.event_id, reward=1.0), timeout=0.05)
@@ -242,7 +243,9 @@ def test_a_batch_of_unknown_events_logs_one_line(server: ServerThread, caplog: p
         c.apply([envs.placement("p")])
         d = c.choose("p")
         results = c.reward_batch([(f"ghost-{i}", 1.0) for i in range(300)] + [(d.event_id, 1.0)])
-    assert results[-1] == "learned" and all(r.startswith("error NOT_FOUND") for r in results[:-1])
+    assert results[-1].status == "learned" and all(
+        r.error is not None and r.error.code() == grpc.StatusCode.NOT_FOUND for r in results[:-1]
+    )
     lines = [r for r in caplog.records if getattr(r, "event", "") == "reward_unknown_event"]
     assert len(lines) == 1 and getattr(lines[0], "unknown", 0) == 300
     assert "300 unknown events" in lines[0].getMessage()

@@ -23,10 +23,10 @@ def test_each_reward_gets_its_own_result_in_order(placed: ServerThread) -> None:
         ids = [c.choose("app_home_banner", {"segment": "youth"}).event_id for _ in range(5)]
         assert c.reward(ids[0], 1.0) == "learned"
         got = c.reward_batch([(ids[1], 1.0), (ids[0], 3.0), ("no-such-event", 1.0), (ids[2], 0.0), (ids[3], 2.0, 0)])
-        assert got[0] == "learned"
-        assert got[1] == "duplicate"
-        assert got[2].startswith("error NOT_FOUND:") and "no-such-event" in got[2]
-        assert got[3:] == ["learned", "learned"]
+        assert [r.status for r in got] == ["learned", "duplicate", "failed", "learned", "learned"]
+        missing = got[2].error
+        assert missing is not None and missing.code() == grpc.StatusCode.NOT_FOUND and "no-such-event" in missing.details()
+        assert [r.ok for r in got] == [True, True, False, True, True]
         s = c.stats("app_home_banner")
         assert sum(a.rewards for a in s.arms) == 4 and s.pending == 1
         assert sum(a.reward_sum for a in s.arms) == 4.0
@@ -35,7 +35,7 @@ def test_each_reward_gets_its_own_result_in_order(placed: ServerThread) -> None:
 def test_acknowledged_batch_is_durable(placed: ServerThread) -> None:
     with placed.client() as c:
         ids = [c.choose("app_home_banner", {"segment": "youth"}).event_id for _ in range(20)]
-        assert c.reward_batch([(e, float(i)) for i, e in enumerate(ids)]) == ["learned"] * 20
+        assert [r.status for r in c.reward_batch([(e, float(i)) for i, e in enumerate(ids)])] == ["learned"] * 20
     # read straight from the database, beside the server: every acknowledged reward is there
     store = open_store(placed.settings.db)
     try:

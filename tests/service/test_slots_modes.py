@@ -130,7 +130,10 @@ def test_a_retried_reward_with_its_key_counts_once_also_after_a_restart(db_url: 
         d = c.choose("app_home_banner", {"segment": "youth"})
         assert c.reward(d.event_id, 2.0, reward_id="click-1") == "recorded"
         assert c.reward(d.event_id, 2.0, reward_id="click-1") == "duplicate"
-        assert c.reward_batch([(d.event_id, 3.0, 0, "buy-1"), (d.event_id, 3.0, 0, "buy-1")]) == ["recorded", "duplicate"]
+        assert [r.status for r in c.reward_batch([(d.event_id, 3.0, 0, "buy-1"), (d.event_id, 3.0, 0, "buy-1")])] == [
+            "recorded",
+            "duplicate",
+        ]
         assert c.reward(d.event_id, 0.5) == "recorded"  # without a key, every call counts
         s.call(s.engine.writer.flush())
         # the database dedupes too: a key written again (a retry after an unacknowledged commit) is stored once

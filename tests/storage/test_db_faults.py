@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from nextbest.bandit.decision_log import Outcome
 from nextbest.bandit.errors import Unavailable
 from nextbest.bandit.spec import PlacementSpec
-from nextbest.client import NextbestClient
+from nextbest.client import NO_RETRY, NextbestClient
 from nextbest.storage import tables as t
 from nextbest.v1 import decision_pb2
 from tests import envs
@@ -118,7 +118,7 @@ class Load:
             self.reward_ok.append((start, time.monotonic()))
 
     def _run(self, i: int) -> None:
-        with NextbestClient(self.target, timeout=self._timeout) as c:
+        with NextbestClient(self.target, timeout=self._timeout, retry_policy=NO_RETRY) as c:  # the server's answers, as they come
             n = 0
             while not self._stop.is_set():
                 n += 1
@@ -330,9 +330,9 @@ def test_a_commit_whose_answer_was_lost_does_not_wedge_the_writer(db_url: str) -
             c.apply([envs.placement()])
             first = c.choose("app_home_banner", event_id="first")
             with pytest.raises(grpc.RpcError) as e:
-                c.reward(first.event_id, 1.0)
+                c.reward(first.event_id, 1.0, reward_id="r1", retry=False)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-            assert c.reward(first.event_id, 1.0) == "duplicate"  # it was stored after all
+            assert c.reward(first.event_id, 1.0, reward_id="r1") == "duplicate"  # it was stored after all
             for i in range(5):
                 d = c.choose("app_home_banner", event_id=f"next-{i}")
                 assert c.reward(d.event_id, 0.5) == "learned"
