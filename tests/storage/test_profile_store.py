@@ -207,3 +207,41 @@ def test_a_customer_can_be_erased(store: SqlStore) -> None:
     assert store.erase_customer("") == Erased()
     anonymous = store.find_decision("e3")
     assert anonymous is not None and anonymous.features == _decision("e3", "").features
+
+
+def test_a_first_load_racing_another_put_counts_exactly(store: SqlStore) -> None:
+    """PostgreSQL: a batch none of whose customers is stored goes in by a plain INSERT; a put of
+    one of them by another transaction, committed after the check, sends the batch back to the
+    upsert, which decides on the row as committed (test_profiles_last_writer_by_as_of_wins' rule)."""
+    if not store._postgres:
+        pytest.skip("the plain-INSERT path is PostgreSQL's")
+    import threading
+
+    now = 1000.0
+    other = store.engine.connect()
+    tx = other.begin()
+    other.execute(
+        text("INSERT INTO profiles (customer_id, features, as_of, expires_at, updated_at) VALUES ('c00003', '[]', 70.0, NULL, 0)")
+    )
+    other.execute(
+        text("INSERT INTO profiles (customer_id, features, as_of, expires_at, updated_at) VALUES ('c00004', '[]', 30.0, NULL, 0)")
+    )
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(store.put_profiles(many(100, 50.0, "new"), now)))
+    t.start()
+    with store.engine.connect() as watch:  # the put waits on the uncommitted rows' lock: its check saw none
+        while not watch.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO profiles%'")
+        ).scalar_one():
+            t.join(0.01)
+    tx.commit()
+    other.close()
+    t.join()
+    assert result == [ProfilesPut(stored=99, stale=1)]
+    got = store.get_profiles(["c00003", "c00004", "c00005"], now)
+    assert {k: (v.as_of, v.features) for k, v in got.items()} == {
+        "c00003": (70.0, ()),
+        "c00004": (50.0, (("customer", "plan", "new"), ("customer", "arpu", 4.0))),
+        "c00005": (50.0, (("customer", "plan", "new"), ("customer", "arpu", 5.0))),
+    }
+    assert count(store) == 100
