@@ -67,12 +67,7 @@ class AsyncNextbestClient(ClientCore):
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``token`` (default $NEXTBEST_TOKEN) goes with every call as a bearer token. TLS is used
-        with ``credentials``, or when $NEXTBEST_CA_FILE names the CA to trust ($NEXTBEST_CERT_FILE
-        and $NEXTBEST_KEY_FILE add a client certificate for mTLS). Environment, not flags: a
-        token on a command line is visible to every user of the machine. ``retry_policy``: the
-        backoff (default RetryPolicy(); None is the default, NO_RETRY never retries); ``sleep``
-        and ``clock`` pause and time it (tests pass their own)."""
+        """As NextbestClient's, but ``channel`` is a grpc.aio channel and ``sleep`` a coroutine."""
         if channel is None:
             credentials = credentials_from_env(credentials)
             channel = grpc.aio.secure_channel(target, credentials) if credentials is not None else grpc.aio.insecure_channel(target)
