@@ -32,36 +32,56 @@ def names(windows: Sequence[tuple[str, float]]) -> list[str]:
     return [*out, "days_since_impression", "days_since_accept"]
 
 
+_NEVER: dict[tuple[tuple[str, float], ...], tuple[Feature, ...]] = {}  # windows -> an unseen arm's features
+
+
+def never_seen(windows: Sequence[tuple[str, float]]) -> tuple[Feature, ...]:
+    """The features of an arm the customer did not see within the longest window: zero counts,
+    no days-since. One tuple per set of windows, shared by every such arm of every Choose
+    (``history_features`` returns it itself: ``is`` tells an unseen arm)."""
+    key = tuple(windows)
+    never = _NEVER.get(key)
+    if never is None:
+        never = tuple((NAMESPACE, label, 0.0) for label in names(windows)[: 2 * len(windows)])
+        if len(_NEVER) < 1000:
+            _NEVER[key] = never
+    return never
+
+
 def history_features(
     history: Iterable[Impression], arms: Sequence[str], windows: Sequence[tuple[str, float]], now: float
 ) -> dict[str, tuple[Feature, ...]]:
-    """Each arm's history features, by arm id, from the customer's impressions (oldest first)."""
+    """Each arm's history features, by arm id, from the customer's impressions (oldest first);
+    an arm not seen within the longest window gets ``never_seen(windows)`` itself."""
+    never = never_seen(windows)
+    out = dict.fromkeys(arms, never)
     n = len(windows)
     longest = windows[-1][1] if windows else 0.0  # the history kept may reach further (contact policies)
-    counts = {a: [0] * (2 * n) for a in arms}
+    counts: dict[str, list[int]] = {}
     last_seen: dict[str, float] = {}
     last_taken: dict[str, float] = {}
     for imp in history:
-        c = counts.get(imp.arm)
-        if c is None:
+        a = imp.arm
+        if a not in out:
             continue
         age = now - imp.at
         if age >= longest:
             continue
+        c = counts.get(a)
+        if c is None:
+            c = counts[a] = [0] * (2 * n)
         taken = imp.responded is True
         for k, (_, span) in enumerate(windows):
             if age < span:
                 c[2 * k] += 1
                 c[2 * k + 1] += taken
-        last_seen[imp.arm] = max(imp.at, last_seen.get(imp.arm, imp.at))
-        if taken:
-            last_taken[imp.arm] = max(imp.at, last_taken.get(imp.arm, imp.at))
-    labels = names(windows)
-    out: dict[str, tuple[Feature, ...]] = {}
-    for a in arms:
-        feats: list[Feature] = [(NAMESPACE, labels[j], float(v)) for j, v in enumerate(counts[a])]
-        if a in last_seen:
-            feats.append((NAMESPACE, "days_since_impression", round((now - last_seen[a]) / DAY, 4)))
+        if imp.at >= last_seen.get(a, imp.at):
+            last_seen[a] = imp.at
+        if taken and imp.at >= last_taken.get(a, imp.at):
+            last_taken[a] = imp.at
+    for a, c in counts.items():
+        feats: list[Feature] = [(NAMESPACE, f[1], float(v)) for f, v in zip(never, c, strict=True)]
+        feats.append((NAMESPACE, "days_since_impression", round((now - last_seen[a]) / DAY, 4)))
         if a in last_taken:
             feats.append((NAMESPACE, "days_since_accept", round((now - last_taken[a]) / DAY, 4)))
         out[a] = tuple(feats)

@@ -11,6 +11,7 @@ a decision and its reservations are atomic on the loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -37,8 +38,8 @@ from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDec
 from nextbest.bandit.eligibility import Value
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import Feature, feature, feature_key, shared_line, with_arm_features
-from nextbest.bandit.history import history_features
-from nextbest.bandit.spec import PlacementSpec
+from nextbest.bandit.history import history_features, never_seen
+from nextbest.bandit.spec import PlacementSpec, window_label
 from nextbest.bandit.text import quote
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.choose_checks import ChooseChecks
@@ -398,10 +399,14 @@ class Chooser:
         if spec.context.history and customer_id and candidates:
             # This customer's history of each offer, as of this slot (earlier slots included):
             # appended to each arm's VW line, and read by rules as the arm's own features.
-            by_arm = history_features(history, [c.arm.id for c in candidates], spec.context.windows, now)
-            candidates = [_with_history(c, by_arm[c.arm.id]) for c in candidates]
+            windows = _windows(tuple(spec.context.history))
+            by_arm = history_features(history, [c.arm.id for c in candidates], windows, now)
+            never = never_seen(windows)  # an arm not seen keeps its cached line and candidate
+            if any(fs is not never for fs in by_arm.values()):  # else the shared candidates as they are
+                candidates = [c if (fs := by_arm[c.arm.id]) is never else _with_history(c, fs) for c in candidates]
             if spec.has_rules:
-                arm_rules = {a: context_of(fs) for a, fs in by_arm.items()}
+                unseen = context_of(never)
+                arm_rules = {a: unseen if fs is never else context_of(fs) for a, fs in by_arm.items()}
         model_version = 0
         if closed:
             choice = Choice(None, 0.0, (), reason=closed)
@@ -527,6 +532,12 @@ class Chooser:
         return (accepted + 1) / (closed + 2)
 
 
+@functools.lru_cache(maxsize=256)
+def _windows(spans: tuple[float, ...]) -> tuple[tuple[str, float], ...]:
+    """ContextSpec.windows, built once per set of windows (not per Choose)."""
+    return tuple((window_label(x), x) for x in spans)
+
+
 def _caps(spec: PlacementSpec) -> bool:
     """Whether the placement's contact policies, cool-down or fatigue read the history: on a
     shared history its Chooses take the customer's lock, which makes them exact across servers."""
@@ -557,5 +568,10 @@ def _logged_context(
     history features of each logged (eligible) arm in the logged order."""
     if added is _NO_ADDITIONS and not by_arm:
         return None
-    arms = tuple(by_arm[candidates[i].arm.id] for i in eligible) if by_arm else ()
+    if not by_arm:
+        arms: tuple[tuple[Feature, ...], ...] = ()
+    elif len(eligible) == len(by_arm) == len(candidates):  # every arm, in the candidates' order
+        arms = tuple(by_arm.values())
+    else:
+        arms = tuple(by_arm[candidates[i].arm.id] for i in eligible)
     return DecisionContext(added.profile_as_of, added.profile_keys, arms)
