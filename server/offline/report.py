@@ -68,6 +68,8 @@ def _label(v: str | None) -> str:
 def plot_reward_over_time(data: LogData, bucket: Bucket, binary: bool) -> str:
     plt = _plt()
     rows = [g for g in group(data.cols, by_arm=False, bucket=bucket, binary=binary) if g.measured]
+    if not rows:  # no reward is measured yet: a sentence, not an empty chart with made-up date axes
+        return '<p class="note">No measured reward yet: the chart appears once a reward window has closed or a reward arrived.</p>'
     fig, ax = plt.subplots(figsize=(9, 3.6))
     offset = BUCKET_SECONDS[bucket] / 2
     for variant in sorted({g.variant for g in rows}, key=lambda v: v or ""):
@@ -175,6 +177,8 @@ def plot_learning_curve(data: LogData) -> str:
     plt = _plt()
     c = data.cols
     measured = c.measured
+    if not measured.any():
+        return '<p class="note">No measured reward yet: nothing to draw a learning curve from.</p>'
     fig, ax = plt.subplots(figsize=(9, 3.6))
     variants = sorted(set(c.variant), key=lambda v: v or "") if c.variant is not None else [None]
     for v in variants:
