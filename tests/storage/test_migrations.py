@@ -277,8 +277,9 @@ def test_scripts_db_revision_writes_a_revision_that_applies(engine: Engine, tmp_
     body = path.read_text()
     assert f"down_revision: str | Sequence[str] | None = '{migrate.head()}'" in body
     assert "add_column" in body and "channel" in body
-    typed = subprocess.run([sys.executable, "-m", "mypy", str(path)], cwd=ROOT, capture_output=True, text=True, check=False)
-    assert typed.returncode == 0, typed.stdout  # generated revisions stay mypy-strict clean
+    if engine.dialect.name == "sqlite":  # the file does not depend on the backend: one mypy run (10-40 s) is enough
+        typed = subprocess.run([sys.executable, "-m", "mypy", str(path)], cwd=ROOT, capture_output=True, text=True, check=False)
+        assert typed.returncode == 0, typed.stdout  # generated revisions stay mypy-strict clean
 
     with engine.begin() as c:
         command.upgrade(migrate.config(c, loc), "head")
