@@ -79,8 +79,14 @@ def _token(f: Feature) -> str:
 
 
 def shared_line(features: Iterable[Feature]) -> str:
-    """The ``shared`` line of a cb_adf example (``_token`` inlined: this runs for every
-    feature of every Choose and every learned example)."""
+    """The ``shared`` line of a cb_adf example."""
+    return f"shared |{SHARED_NAMESPACE} " + shared_tokens(features)
+
+
+def shared_tokens(features: Iterable[Feature]) -> str:
+    """The tokens of a ``shared`` line, space-separated (``_token`` inlined: this runs for every
+    feature of every Choose and every learned example); a stored profile's are made once per
+    read (server/engine/profiles.py) and appended to the request's."""
     names, categories = _NAMES, _CATEGORIES
     parts = []
     for f in features:
@@ -91,7 +97,7 @@ def shared_line(features: Iterable[Feature]) -> str:
         else:
             safe = names.get((namespace, name))
             parts.append(f"{safe}:{v!r}" if safe is not None else _token(f))
-    return f"shared |{SHARED_NAMESPACE} " + " ".join(parts)
+    return " ".join(parts)
 
 
 def shared_line_of_rows(rows: Iterable[Sequence[Any]]) -> str:

@@ -37,7 +37,7 @@ from nextbest.bandit.decider import (
 from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDecision, Outcome
 from nextbest.bandit.eligibility import Value
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
-from nextbest.bandit.features import Feature, feature, feature_key, shared_line, with_arm_features
+from nextbest.bandit.features import SHARED_NAMESPACE, Feature, feature, feature_key, shared_line, shared_tokens, with_arm_features
 from nextbest.bandit.history import history_features, never_seen
 from nextbest.bandit.spec import PlacementSpec, window_label
 from nextbest.bandit.text import quote
@@ -45,10 +45,10 @@ from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.choose_checks import ChooseChecks
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
-from nextbest.engine.profiles import ProfileCache
+from nextbest.engine.profiles import CachedProfile, ProfileCache
 from nextbest.engine.windows import OpenDecision, RewardWindows
 from nextbest.engine.writer import BatchWriter
-from nextbest.storage.base import ContactRow, Profile, RecentImpression
+from nextbest.storage.base import ContactRow, RecentImpression
 from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
@@ -89,14 +89,17 @@ def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
     return exp.variants[-1].id if exp.variants else "holdout"
 
 
-def with_profile(features: Sequence[Feature], profile: Profile | None) -> tuple[tuple[Feature, ...], tuple[str, ...]]:
+def with_profile(features: Sequence[Feature], cached: CachedProfile | None) -> tuple[tuple[Feature, ...], tuple[str, ...]]:
     """The request's features and the stored profile's, the request winning where both name a
     feature; and the names (``namespace.name``) that came from the profile."""
-    if profile is None or not profile.features:
+    if cached is None or not cached.keys:
         return tuple(features), ()
+    own = cached.key_set
+    if not any((f"{ns}.{name}" if ns else name) in own for ns, name, _ in features):  # feature_key, inlined
+        return (*features, *cached.profile.features), cached.keys  # most requests: nothing in common
     asked = {feature_key(f) for f in features}
-    added = [f for f in profile.features if feature_key(f) not in asked]
-    return (*features, *added), tuple(feature_key(f) for f in added)
+    added = [(f, k) for f, k in zip(cached.profile.features, cached.keys, strict=True) if k not in asked]
+    return (*features, *(f for f, _ in added)), tuple(k for _, k in added)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ class _Context:
 
     profile_as_of: float | None = None
     profile_keys: tuple[str, ...] = ()
+    shared: str | None = None  # the shared VW line of the merged features (one slot), made from the profile's text
 
 
 _NO_ADDITIONS = _Context()
@@ -224,9 +228,14 @@ class Chooser:
             profile = await self._profiles.get(customer_id)  # cached, else read with others' misses
             if self._states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
+            asked = features
             features, keys = with_profile(features, profile)
             if profile is not None:
-                added = _Context(profile.as_of, keys)
+                line = None
+                if spec.slots == 1 and profile.keys and len(keys) == len(profile.keys):  # all of it: its VW text as read
+                    own = shared_tokens(asked)
+                    line = f"shared |{SHARED_NAMESPACE} {own} {profile.text}" if own else f"shared |{SHARED_NAMESPACE} {profile.text}"
+                added = _Context(profile.profile.as_of, keys, line)
         if shared is not None and tracked and not locked:
             # No cap of this placement reads the history: its impressions join the next group
             # commit of the shared history (other placements' caps count them), after the decision.
@@ -392,7 +401,7 @@ class Chooser:
         salt = ps.salt
         draw_id = event_id if slot == 0 else f"{event_id}#{slot}"
         draw = lambda: uniform_for(salt, draw_id)  # noqa: E731
-        shared = shared_line(features)
+        shared = added.shared if added.shared is not None else shared_line(features)
         context = context_of(features) if spec.has_rules else NO_CONTEXT  # slot features included
         by_arm: dict[str, tuple[Feature, ...]] = {}
         arm_rules: ArmContexts = NO_ARM_CONTEXT

@@ -9,6 +9,9 @@ through this server's ProfileService drops its cached entry at once (``written``
 
 When the database cannot be read, a Choose decides on the entry it had (however old) or, having
 none, without a profile (its rules fail closed), and a counter says so: a channel gets an answer.
+
+A cached profile keeps what every Choose would otherwise compute again from it (its features'
+names and VW text, made in the reader thread): a hit costs a dictionary look-up.
 """
 
 from __future__ import annotations
@@ -18,13 +21,31 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from nextbest.bandit.errors import Unavailable
+from nextbest.bandit.features import feature_key, shared_tokens
 from nextbest.storage.base import Profile, Store
 
 log = logging.getLogger(__name__)
 
 _MAX_READ = 500  # customers in one read; more misses at once make more reads
+
+
+@dataclass(frozen=True, slots=True)
+class CachedProfile:
+    """A stored profile as Choose merges it: ``keys`` names each feature (``namespace.name``),
+    ``text`` is their VW tokens (``shared_tokens``)."""
+
+    profile: Profile
+    keys: tuple[str, ...]
+    key_set: frozenset[str]
+    text: str
+
+    @classmethod
+    def of(cls, profile: Profile) -> CachedProfile:
+        keys = tuple(feature_key(f) for f in profile.features)
+        return cls(profile, keys, frozenset(keys), shared_tokens(profile.features))
 
 
 class ProfileCache:
@@ -47,27 +68,30 @@ class ProfileCache:
         self._size = size
         self._on_read_failed = on_read_failed
         # customer -> (profile or None when it has none, when read); oldest use first
-        self._entries: OrderedDict[str, tuple[Profile | None, float]] = OrderedDict()
-        self._waiting: dict[str, asyncio.Future[Profile | None]] = {}  # misses not yet read
+        self._entries: OrderedDict[str, tuple[CachedProfile | None, float]] = OrderedDict()
+        self._waiting: dict[str, list[asyncio.Future[CachedProfile | None]]] = {}  # misses not yet read, a future per Choose
         self._scheduled = False
         self.reads = 0  # queries made (tests and metrics)
 
-    async def get(self, customer_id: str) -> Profile | None:
+    async def get(self, customer_id: str) -> CachedProfile | None:
         """The customer's unexpired stored profile, or None."""
         now = self._clock()
         entry = self._entries.get(customer_id)
         if entry is not None and now - entry[1] < self._ttl:
             self._entries.move_to_end(customer_id)
             return _unexpired(entry[0], now)
-        fut = self._waiting.get(customer_id)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting[customer_id] = fut
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[CachedProfile | None] = loop.create_future()  # its own: a Choose that goes cancels only it
+        waiting = self._waiting.get(customer_id)
+        if waiting is None:
+            self._waiting[customer_id] = [fut]
             if not self._scheduled:
                 # Read on the next turn of the loop: the misses of every Choose now running join.
                 self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._read_waiting)
-        return _unexpired(await asyncio.shield(fut), now)
+                loop.call_soon(self._read_waiting)
+        else:
+            waiting.append(fut)
+        return _unexpired(await fut, now)
 
     def written(self, customer_ids: Collection[str]) -> None:
         """Profiles written or deleted through this server: read them again at their next Choose."""
@@ -82,36 +106,43 @@ class ProfileCache:
             part = {c: waiting[c] for c in ids[i : i + _MAX_READ]}
             asyncio.get_running_loop().create_task(self._read(part))
 
-    async def _read(self, waiting: dict[str, asyncio.Future[Profile | None]]) -> None:
+    async def _read(self, waiting: dict[str, list[asyncio.Future[CachedProfile | None]]]) -> None:
         now = self._clock()
         self.reads += 1
         try:
-            found = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._store.get_profiles, list(waiting), now)
+            found = await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._read_prepared, list(waiting), now)
         except Unavailable as e:
             log.warning("profiles could not be read (%s): deciding on cached or no profiles", e)
             self._on_read_failed()
-            for c, fut in waiting.items():
+            for c, futs in waiting.items():
                 entry = self._entries.get(c)
-                if not fut.done():
-                    fut.set_result(entry[0] if entry is not None else None)
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_result(entry[0] if entry is not None else None)
             return
         except BaseException as e:  # a bug must not leave Chooses waiting for ever
-            for fut in waiting.values():
-                if not fut.done():
-                    fut.set_exception(e)
+            for futs in waiting.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(e)
             raise
-        for c, fut in waiting.items():
+        for c, futs in waiting.items():
             profile = found.get(c)
             if self._size > 0 and self._ttl > 0:
                 self._entries[c] = (profile, now)
                 self._entries.move_to_end(c)
-            if not fut.done():
-                fut.set_result(profile)
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(profile)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
+    def _read_prepared(self, customer_ids: list[str], now: float) -> dict[str, CachedProfile]:
+        """In the reader thread: the profiles, each with what a Choose needs of it."""
+        return {c: CachedProfile.of(p) for c, p in self._store.get_profiles(customer_ids, now).items()}
 
-def _unexpired(profile: Profile | None, now: float) -> Profile | None:
-    if profile is None or (profile.expires_at is not None and profile.expires_at <= now):
+
+def _unexpired(cached: CachedProfile | None, now: float) -> CachedProfile | None:
+    if cached is None or (cached.profile.expires_at is not None and cached.profile.expires_at <= now):
         return None
-    return profile
+    return cached

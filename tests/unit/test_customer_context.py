@@ -12,7 +12,7 @@ import pytest
 
 from nextbest.bandit.contact import Impression
 from nextbest.bandit.decision_log import LoggedDecision
-from nextbest.bandit.features import Feature, feature
+from nextbest.bandit.features import Feature, feature, shared_line
 from nextbest.bandit.history import history_features
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.engine.engine import Engine
@@ -71,6 +71,31 @@ def test_the_stored_profile_joins_the_request_which_wins_on_a_name(db: str) -> N
             assert other.features == () and other.context is None
             anonymous = (await e.chooser.choose("p", "", "", []))[0]
             assert anonymous.context is None
+
+    run_async(body)
+
+
+def test_the_model_scores_the_line_of_the_merged_features(db: str) -> None:
+    """The profile's VW text is made once per read and appended to the request's: the line the
+    model scores is the one the merged features make, with or without a feature in common."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with engine_on(db, clock) as e:
+            await e.config.apply([placement(context={"profile": True})])
+            await put(e, profile("c1", clock(), plan="postpaid", arpu=31.5, region="north"))
+            model = e.states["p"].models[""].model
+            scored: list[str] = []
+            score = model.expected_rewards
+
+            def spy(shared: str, arms: Any) -> Any:
+                scored.append(shared)
+                return score(shared, arms)
+
+            model.expected_rewards = spy  # type: ignore[method-assign]
+            for request in ([], [feature("channel", "name", "ivr")], [feature("customer", "region", "south")]):
+                d = (await e.chooser.choose("p", "c1", "", request))[0]
+                assert scored[-1] == shared_line(d.features), request
 
     run_async(body)
 
