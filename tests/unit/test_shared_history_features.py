@@ -145,3 +145,32 @@ def test_a_placement_with_a_cap_still_takes_the_customers_lock(any_db: str) -> N
             assert taken == ["k", "k"]
 
     run_async(body)
+
+
+def test_contacts_read_gives_each_customer_their_impressions_in_one_read(any_db: str) -> None:
+    """Store.contacts_read: as contacts_open reads one customer's (oldest first, each slot apart,
+    the response from the decision's row, OPEN without one), for many customers, without a lock."""
+    from nextbest.storage.base import ContactRow
+    from nextbest.storage.sql import open_store
+
+    store = open_store(any_db)
+    try:
+        store.contacts_insert(
+            [
+                ContactRow("c1", 120.0, "p", "b", "e2", 1),
+                ContactRow("c1", 100.0, "p", "a", "e1"),
+                ContactRow("c2", 130.0, "q", "a", "e3"),
+                ContactRow("c1", 10.0, "p", "a", "e0"),  # older than since
+            ]
+        )
+        got = store.contacts_read(["c1", "c2", "c3"], 50.0)
+        assert {c: [(r.arm_id, r.placement, r.event_id, r.at, r.reward) for r in rs] for c, rs in got.items()} == {
+            "c1": [("a", "p", "e1", 100.0, None), ("b", "p", "e2#1", 120.0, None)],
+            "c2": [("a", "q", "e3", 130.0, None)],
+            "c3": [],
+        }
+        h, one = store.contacts_open("c1", 50.0)  # the same as the locked read
+        store.contacts_abort(h)
+        assert one == got["c1"]
+    finally:
+        store.close()
