@@ -404,7 +404,8 @@ def inproc(
                 "contacts_us": 1e6 * sum(m.cpu for m in contacts) / n,
             }
             if profile and loop_prof is not None and writer.prof is not None and reader.prof is not None:
-                r["profiles"] = {"loop": _top(loop_prof, top), "writer": _top(writer.prof, top), "reader": _top(reader.prof, top)}
+                profs = {"loop": loop_prof, "writer": writer.prof, "reader": reader.prof}
+                r["profiles"] = {k: _top(p, top) for k, p in profs.items() if p.getstats()}  # a thread not used: none
             return r
 
         names = ("plain", "inline", "profile_only", "history_only", "profiled")
