@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.cli.args import positive_int
 from nextbest.cli.profiles import Loaded, LoadStopped, Progress
+from nextbest.cli.target import ENV, env_target
 
 if TYPE_CHECKING:
     from nextbest.bandit.attribution import Conversion
@@ -225,8 +226,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     ld.add_argument("file")
     ld.add_argument("--format", choices=["parquet", "csv"], help="default: from the file name (.parquet, .csv)")
-    g = ld.add_mutually_exclusive_group(required=True)
-    g.add_argument("--target", help="server address HOST:PORT: report through its DecisionService.ReportConversions")
+    g = ld.add_mutually_exclusive_group(required=env_target() is None)  # $NEXTBEST_TARGET counts as --target
+    g.add_argument(
+        "--target",
+        default=env_target(),
+        help=f"server address HOST:PORT: report through its DecisionService.ReportConversions (default ${ENV})",
+    )
     g.add_argument("--db", help=f"not offered: {NO_DB}")
     ld.add_argument(
         "--token",

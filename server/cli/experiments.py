@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nextbest.bandit.errors import InvalidInput
+from nextbest.cli.target import add_target
 
 if TYPE_CHECKING:
     from nextbest.bandit.offline.experiment_stats import GroupStats, Summary
-
-DEFAULT_TARGET = "127.0.0.1:50051"  # nextbest.cli.main.DEFAULT_TARGET (not imported: cli imports us)
 
 
 def _write(path: str, text: str, field: str = "--out") -> None:
@@ -143,7 +142,7 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add export, schema, stats-log and report to the nextbest command."""
     e = sub.add_parser("export", help="write the live configuration as an apply file (YAML)")
-    e.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    add_target(e)
     e.add_argument("--out", default="-", help="file to write (default: standard output)")
     e.set_defaults(func=_export)
 

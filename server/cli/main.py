@@ -16,11 +16,11 @@ from typing import Any
 import grpc
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
+from nextbest.cli.target import add_target
 from nextbest.config.plans import Change
 from nextbest.offline.times import parse_time
 from nextbest.v1 import admin_pb2, decision_pb2
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 # What the "server" extra installs (pyproject.toml): a client-only install lacks these, and the
 # commands that serve, replay or simulate say so instead of a traceback.
 SERVER_DEPENDENCIES = frozenset(
@@ -373,13 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_serve)
 
-    def target(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-
     a = sub.add_parser("apply", help="make the live configuration match an apply file")
     a.add_argument("file")
     a.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    target(a)
+    add_target(a)
     a.set_defaults(func=_apply)
 
     st = sub.add_parser("stats", help="impressions and rewards of a placement, per arm")
@@ -387,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--since", help="start of the conversion figures' period (ISO 8601 or epoch seconds; default 30 days ago)")
     st.add_argument("--until", help="end of that period (default now)")
-    target(st)
+    add_target(st)
     st.set_defaults(func=_stats)
 
     c = sub.add_parser("choose", help="ask for a decision (for trying things out)")
@@ -398,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--exclude", action="append", default=[], metavar="ARM", help="an arm not to offer now (owned, out of stock); repeatable"
     )
-    target(c)
+    add_target(c)
     c.set_defaults(func=_choose)
 
     r = sub.add_parser("reward", help="report the reward of a decision")
@@ -406,14 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("reward", type=float)
     r.add_argument("--slot", type=int, default=0, help="the slot rewarded (multi-slot placements)")
     r.add_argument("--reward-id", default="", help="a key of this reward: a retry with it is a duplicate")
-    target(r)
+    add_target(r)
     r.set_defaults(func=_reward)
 
     x = sub.add_parser("explain", help="why a decision served what it served, arm by arm")
     x.add_argument("event_id")
     x.add_argument("--slot", type=int, default=0, help="the slot (multi-slot placements)")
     x.add_argument("--json", action="store_true")
-    target(x)
+    add_target(x)
     x.set_defaults(func=_explain)
 
     from nextbest.cli.replay import add_commands as replay_commands

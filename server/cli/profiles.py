@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.cli.args import positive_int
+from nextbest.cli.target import ENV, env_target
 
 if TYPE_CHECKING:
     from nextbest.offline.profile_file import ProfileBatch
@@ -307,9 +308,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     verbs = p.add_subparsers(dest="profiles_command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
-        g = sp.add_mutually_exclusive_group(required=True)
+        g = sp.add_mutually_exclusive_group(required=env_target() is None)  # $NEXTBEST_TARGET counts as --target
         g.add_argument("--db", help="database URL (or SQLite path): write to it directly")
-        g.add_argument("--target", help="server address HOST:PORT: go through its ProfileService")
+        g.add_argument("--target", default=env_target(), help=f"server address HOST:PORT: go through its ProfileService (default ${ENV})")
         sp.add_argument(
             "--token",
             help="bearer token with the data or admin role (--target); default $NEXTBEST_TOKEN, "

@@ -24,9 +24,9 @@ from typing import Any
 from nextbest.cli import simulate_billing
 from nextbest.cli.args import positive_int
 from nextbest.cli.simlocal import LOCAL_SEED, SIM_EPOCH, SimClock, local_server, seed_list, sim_server
+from nextbest.cli.target import add_target
 from nextbest.client import NextbestClient
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 CONTEXT_MODES = ("full", "channel", "channel+history", "profile", "profile+history")  # nextbest.bandit.sim.telecom.CONTEXTS
 PROFILE_MODES = ("profile", "profile+history")
 HISTORY_MODES = ("channel+history", "profile+history")
@@ -554,7 +554,7 @@ def _waiter(nb: NextbestClient, pid: str) -> Any:
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds ``simulate`` and ``bakeoff`` to the ``nextbest`` command."""
     s = sub.add_parser("simulate", help="drive a server with a simulated telecom customer base and score its learning")
-    s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    add_target(s)
     s.add_argument("--events", type=positive_int, default=20_000, help="visits to simulate (default 20000)")
     s.add_argument("--seed", type=int, default=1, help="seed of customers, visits and responses (default 1)")
     s.add_argument("--scenario", help="scenario YAML (default: the shipped telecom scenario)")
