@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nextbest.bandit.errors import InvalidInput
+from nextbest.cli.json_style import camel_keys
 from nextbest.cli.target import add_target
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def _stats_log(args: argparse.Namespace) -> int:
     since, until = _times(args)
     summary = placement_stats(args.db, args.placement, bucket=args.bucket, since=since, until=until)
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps(camel_keys(summary.to_dict()), indent=2))  # the CLI's JSON style (nextbest.cli.json_style)
     else:
         print(format_summary(summary))
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
+from nextbest.cli.json_style import message_json
 from nextbest.cli.target import add_target
 from nextbest.config.plans import Change
 from nextbest.offline.times import parse_time
@@ -67,7 +68,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_workers(n: int, port: int, metrics_port: int | None) -> int:
     """Several server processes on one port (SO_REUSEPORT): every core serves. They share the
     database like replicas do: one of them learns, the others load its models."""
-    import os
     import signal
     import subprocess
 
@@ -122,15 +122,13 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from nextbest.client import NextbestClient
 
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     with NextbestClient(args.target) as nb:
         s = nb.stats(args.placement, since, until).raw
     if args.json:
-        print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
+        print(message_json(s))
         return 0
     windows = f"{s.pending} reward window{'' if s.pending == 1 else 's'} open"
     print(f"placement {s.placement}: {s.decisions} decisions, {windows}, model version {s.model_version}")
@@ -249,33 +247,9 @@ def _choose(args: argparse.Namespace) -> int:
         )
     with NextbestClient(args.target) as nb:
         r = nb.choose(args.placement, feats, customer_id=args.customer, event_id=args.event_id, exclude_arms=args.exclude)
-    out: dict[str, object] = {
-        "event_id": r.event_id,
-        "arm_id": r.arm_id,
-        "probability": r.probability,
-        "model_version": r.model_version,
-        "reason": r.reason,
-        "variant": r.variant,
-    }
-    if len(r.slots) > 1:
-        out["slots"] = [{"arm_id": a, "probability": p} for a, p in r.slots]
-    print(json.dumps(out))
+    assert r.raw is not None  # the client keeps the response it read
+    print(message_json(r.raw))
     return 0
-
-
-def explain_json(r: decision_pb2.ExplainResponse) -> dict[str, object]:
-    """An ExplainResponse as plain JSON: field names and order as in the proto, defaults included."""
-    from google.protobuf.json_format import MessageToDict
-
-    def ordered(msg: Any, d: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for f in msg.DESCRIPTOR.fields:
-            if f.name in d:
-                value = d[f.name]
-                out[f.name] = [ordered(m, x) for m, x in zip(getattr(msg, f.name), value, strict=True)] if f.name == "arms" else value
-        return out
-
-    return ordered(r, MessageToDict(r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
 
 
 def explain_table(r: decision_pb2.ExplainResponse) -> str:
@@ -341,7 +315,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     with NextbestClient(args.target) as nb:
         r = nb.explain(args.event_id, slot=args.slot).raw
-    print(json.dumps(explain_json(r)) if args.json else explain_table(r))
+    print(message_json(r) if args.json else explain_table(r))
     return 0
 
 
@@ -435,6 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. A reader that closes the pipe early (``| head -1``) ends
+    it quietly, as it would ``cat``: no traceback, exit code 141 (128 + SIGPIPE, as the shell
+    reports a command the signal ended), the rest of the output dropped."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe could only be reported
+    except BrokenPipeError:
+        # As the Python documentation recommends (library/signal.html, "Note on SIGPIPE"): the
+        # interpreter flushes stdout again at exit, so point it at devnull first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

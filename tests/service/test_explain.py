@@ -238,7 +238,7 @@ def test_cli_explain_prints_a_table_and_json(tmp_path: Any, capsys: pytest.Captu
         assert any(line.startswith("* " + r.arm_id) for line in table.splitlines())
         assert cli(["explain", r.event_id, "--json", "--target", s.target]) == 0
         doc = json.loads(capsys.readouterr().out)
-        assert doc["arm_id"] == r.arm_id and doc["policy"] == "squarecb" and len(doc["arms"]) == len(ARMS)
+        assert doc["armId"] == r.arm_id and doc["policy"] == "squarecb" and len(doc["arms"]) == len(ARMS)  # proto3 JSON
         assert sum(a["probability"] for a in doc["arms"]) == pytest.approx(1.0)
         assert cli(["explain", "nope", "--target", s.target]) == 1
         assert "NOT_FOUND" in capsys.readouterr().err
