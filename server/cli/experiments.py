@@ -110,7 +110,7 @@ def _stats_log(args: argparse.Namespace) -> int:
     since, until = _times(args)
     summary = placement_stats(args.db, args.placement, bucket=args.bucket, since=since, until=until)
     if args.json:
-        print(json.dumps(camel_keys(summary.to_dict()), indent=2))  # the CLI's JSON style (nextbest.cli.json_style)
+        print(json.dumps(camel_keys(summary.to_dict())))  # the CLI's JSON style (nextbest.cli.json_style)
     else:
         print(format_summary(summary))
     return 0

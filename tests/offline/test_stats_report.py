@@ -237,6 +237,7 @@ def test_stats_log_command(log_db: str, capsys: pytest.CaptureFixture[str]) -> N
     assert _cli(["stats-log", "--db", log_db, "--placement", "app_home_banner", "--json", "--since", str(T0 + 86400)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["first"] >= "2025-10-11" and doc["decisions"] < 2000 and doc["interval"] == "wilson"
+    assert "variantBuckets" in doc and "rewardsAwaitingClose" in doc["variants"][0]  # the CLI's JSON style: lowerCamelCase
     assert _cli(["stats-log", "--db", log_db, "--placement", "nope"]) == 1
     assert "no decisions" in capsys.readouterr().err
 

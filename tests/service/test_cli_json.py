@@ -28,6 +28,12 @@ def served(tmp_path: Any) -> Iterator[ServerThread]:
         s.stop()
 
 
+def _one_line(out: str) -> Any:
+    """A --json output: one document on one line."""
+    assert len(out.splitlines()) == 1, out
+    return json.loads(out)
+
+
 def _keys(doc: Any) -> set[str]:
     if isinstance(doc, dict):
         return set(doc).union(*(_keys(v) for v in doc.values()))
@@ -38,7 +44,7 @@ def _keys(doc: Any) -> set[str]:
 
 def test_choose_explain_and_stats_print_canonical_proto3_json(served: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["choose", "p", "-f", "customer.plan=prepaid", "--customer", "c42", "--target", served.target]) == 0
-    choice = json.loads(capsys.readouterr().out)
+    choice = _one_line(capsys.readouterr().out)
     assert choice["armId"] in ("data_1gb", "voice_100") and choice["eventId"]
     assert choice["modelVersion"] == "0"  # int64: a string
     assert choice["reason"] == "" and choice["variant"] == ""  # defaults printed: every key is there
@@ -46,13 +52,13 @@ def test_choose_explain_and_stats_print_canonical_proto3_json(served: ServerThre
     assert capsys.readouterr().out.strip() == "learned"
 
     assert cli(["explain", choice["eventId"], "--json", "--target", served.target]) == 0
-    why = json.loads(capsys.readouterr().out)
+    why = _one_line(capsys.readouterr().out)
     assert (why["eventId"], why["armId"], why["modelVersion"]) == (choice["eventId"], choice["armId"], "0")
     assert {a["armId"] for a in why["arms"]} == {"data_1gb", "voice_100"}
     assert sum(a["probability"] for a in why["arms"]) == pytest.approx(1.0)
 
     assert cli(["stats", "p", "--json", "--target", served.target]) == 0
-    stats = json.loads(capsys.readouterr().out)
+    stats = _one_line(capsys.readouterr().out)
     assert stats["placement"] == "p" and stats["decisions"] == "1"  # int64: a string
     served_arm = next(a for a in stats["arms"] if a["armId"] == choice["armId"])
     assert (served_arm["impressions"], served_arm["rewards"], served_arm["rewardSum"]) == ("1", "1", 1.0)
