@@ -13,7 +13,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from nextbest.config.files import load_apply_file
 from nextbest.engine.engine import Engine
@@ -24,6 +23,7 @@ from nextbest.rpc.auth import AuthInterceptor, load_tokens
 from nextbest.rpc.decision import DecisionServicer
 from nextbest.rpc.overload import OverloadInterceptor
 from nextbest.rpc.profiles import ProfileServicer
+from nextbest.rpc.reflection import enable_reflection
 from nextbest.rpc.wrapping import RegisterWrapped
 from nextbest.settings import Settings
 from nextbest.storage.sql import open_store
@@ -109,9 +109,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
     profile_pb2_grpc.add_ProfileServiceServicer_to_server(
         ProfileServicer(ProfileHandler(store, settings, engine.clock, on_written=engine.profiles.written)), target
     )
-    reflection.enable_server_reflection(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), target
-    )
+    enable_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), target)  # v1 and v1alpha
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     if port == 0:
