@@ -74,6 +74,14 @@ def spec() -> Any:
 # -- decisions and payloads --------------------------------------------------------------------
 
 
+def every_call(runner: LoadRunner, method: str, calls: Sequence[bytes], name: str, **spec: Any) -> dict[str, Any]:
+    """Each of ``calls`` sent once (closed loop, no warm-up), from one load worker."""
+    path = str(runner.tmp / f"conv-{name}.bin")
+    write_payloads(path, calls)
+    run = {"method": method, "payloads": path, "mode": "closed", "exhaust": True, "warmup": 0.0, "seconds": 3600.0}
+    return runner.run({**run, "max_requests": len(calls), **spec}, workers=1)
+
+
 def decide(runner: LoadRunner, customers: Sequence[str], tag: str) -> list[str]:
     """One Choose per customer (client-chosen event ids); their event ids, in order."""
     from nextbest.bench.procs import choose_pool
@@ -84,21 +92,7 @@ def decide(runner: LoadRunner, customers: Sequence[str], tag: str) -> list[str]:
         req = pool[i % len(pool)]
         req.customer_id = c
         reqs.append(req.SerializeToString())
-    path = str(runner.tmp / f"conv-choose-{tag}.bin")
-    write_payloads(path, reqs)
-    r = runner.run(
-        {
-            "method": CHOOSE,
-            "payloads": path,
-            "mode": "closed",
-            "exhaust": True,
-            "warmup": 0.0,
-            "seconds": 3600.0,
-            "max_requests": len(reqs),
-            "event_prefix": f"{tag}-",
-        },
-        workers=1,
-    )
+    r = every_call(runner, CHOOSE, reqs, f"choose-{tag}", event_prefix=f"{tag}-")
     if r["errors"] or r["sent"] != len(reqs):
         raise RuntimeError(f"conversions: {r['errors']} of {len(reqs)} Chooses failed ({r.get('error_codes')})")
     prefix = r["parts"][0]["prefix"]
@@ -142,22 +136,7 @@ def conversion_calls(arms: dict[str, str], tag: str, at: float) -> list[bytes]:
 
 def closed_calls(runner: LoadRunner, method: str, calls: Sequence[bytes], tag: str) -> dict[str, Any]:
     """Every call once, by RewardBatch's closed-loop callers (phases.LoadRunner.rewards)."""
-    path = str(runner.tmp / f"conv-{tag}.bin")
-    write_payloads(path, calls)
-    r = runner.run(
-        {
-            "method": method,
-            "payloads": path,
-            "mode": "closed",
-            "exhaust": True,
-            "warmup": 0.0,
-            "batch": BATCH,
-            "seconds": 3600.0,
-            "concurrency": max(2, 4 * runner.limits.reward_concurrency // BATCH),
-            "max_requests": len(calls),
-        },
-        workers=1,
-    )
+    r = every_call(runner, method, calls, tag, batch=BATCH, concurrency=max(2, 4 * runner.limits.reward_concurrency // BATCH))
     # RewardBatch counts LEARNED items; a ReportConversions call counts once (items checked in the database)
     # (and LoadRunner.run's CPU per request is per item there, per call here)
     items = r["ok"] if method == REWARD_BATCH else r["ok"] * BATCH
