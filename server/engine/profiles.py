@@ -71,6 +71,7 @@ class ProfileCache:
         self._entries: OrderedDict[str, tuple[CachedProfile | None, float]] = OrderedDict()
         self._waiting: dict[str, list[asyncio.Future[CachedProfile | None]]] = {}  # misses not yet read, a future per Choose
         self._scheduled = False
+        self._in_flight = 0  # reads not done: misses meanwhile wait for the next, together
         self.reads = 0  # queries made (tests and metrics)
 
     async def get(self, customer_id: str) -> CachedProfile | None:
@@ -85,8 +86,9 @@ class ProfileCache:
         waiting = self._waiting.get(customer_id)
         if waiting is None:
             self._waiting[customer_id] = [fut]
-            if not self._scheduled:
-                # Read on the next turn of the loop: the misses of every Choose now running join.
+            if not self._scheduled and not self._in_flight:
+                # Read on the next turn of the loop: the misses of every Choose now running join;
+                # while a read is out, the misses of its time join the next one, sent when it is done.
                 self._scheduled = True
                 loop.call_soon(self._read_waiting)
         else:
@@ -104,7 +106,17 @@ class ProfileCache:
         ids = list(waiting)
         for i in range(0, len(ids), _MAX_READ):
             part = {c: waiting[c] for c in ids[i : i + _MAX_READ]}
-            asyncio.get_running_loop().create_task(self._read(part))
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._read_then_next(part))
+
+    async def _read_then_next(self, waiting: dict[str, list[asyncio.Future[CachedProfile | None]]]) -> None:
+        try:
+            await self._read(waiting)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._waiting and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._read_waiting)
 
     async def _read(self, waiting: dict[str, list[asyncio.Future[CachedProfile | None]]]) -> None:
         now = self._clock()

@@ -52,6 +52,7 @@ class SharedContacts:
         self._waiting: dict[str, list[asyncio.Future[list[RecentImpression]]]] = {}  # (customer, since) asked
         self._since: dict[str, float] = {}  # the earliest since asked of each waiting customer
         self._read_scheduled = False
+        self._reads_in_flight = 0  # while one is out, reads asked meanwhile wait for the next, together
         self._queued: list[ContactRow] = []  # recorded, not yet in a commit
         self._committing = False
         self._idle: asyncio.Future[None] | None = None  # done when the group commits catch up (flush)
@@ -161,7 +162,7 @@ class SharedContacts:
         fut: asyncio.Future[list[RecentImpression]] = loop.create_future()
         self._waiting.setdefault(customer_id, []).append(fut)
         self._since[customer_id] = min(since, self._since.get(customer_id, since))
-        if not self._read_scheduled:
+        if not self._read_scheduled and not self._reads_in_flight:
             self._read_scheduled = True
             loop.call_soon(self._read_waiting)
         return fut
@@ -173,7 +174,17 @@ class SharedContacts:
         ids = list(waiting)
         for i in range(0, len(ids), _MAX_READ):
             part = ids[i : i + _MAX_READ]
-            asyncio.get_running_loop().create_task(self._read({c: waiting[c] for c in part}, min(since[c] for c in part)))
+            self._reads_in_flight += 1
+            asyncio.get_running_loop().create_task(self._read_then_next({c: waiting[c] for c in part}, min(since[c] for c in part)))
+
+    async def _read_then_next(self, waiting: dict[str, list[asyncio.Future[list[RecentImpression]]]], since: float) -> None:
+        try:
+            await self._read(waiting, since)
+        finally:
+            self._reads_in_flight -= 1
+            if not self._reads_in_flight and self._waiting and not self._read_scheduled:
+                self._read_scheduled = True
+                asyncio.get_running_loop().call_soon(self._read_waiting)
 
     async def _read(self, waiting: dict[str, list[asyncio.Future[list[RecentImpression]]]], since: float) -> None:
         rid = next(self._read_ids)

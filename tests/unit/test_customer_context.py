@@ -5,6 +5,7 @@ engine's own parts: a fake clock, SQLite in a temporary directory, no gRPC, no s
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,38 @@ def test_concurrent_misses_are_read_together(db: str) -> None:
             assert e.profiles.reads == 1  # one query for the forty misses
             await asyncio.gather(*(e.chooser.choose("p", f"c{i}", "", []) for i in range(40)))
             assert e.profiles.reads == 1  # then from the cache
+
+    run_async(body)
+
+
+def test_misses_while_a_read_is_out_are_read_together_after_it(db: str) -> None:
+    """A miss does not start a read of its own while one is out: the misses of that time wait
+    for it and go in one read, so that batches grow with the load instead of the reads."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with engine_on(db, clock) as e:
+            await e.config.apply([placement(context={"profile": True})])
+            await put(e, *(profile(f"c{i}", clock(), arpu=float(i)) for i in range(11)))
+            gate = threading.Event()
+            real = e.store.get_profiles
+
+            def held(ids: Any, now: float) -> Any:
+                gate.wait(30)
+                return real(ids, now)
+
+            e.store.get_profiles = held  # type: ignore[method-assign]
+            first = asyncio.ensure_future(e.chooser.choose("p", "c0", "", []))
+            while e.profiles.reads < 1:
+                await asyncio.sleep(0)
+            later = []
+            for i in range(1, 11):  # each on a turn of its own, while the first read is out
+                later.append(asyncio.ensure_future(e.chooser.choose("p", f"c{i}", "", [])))
+                await asyncio.sleep(0)
+            gate.set()
+            out = await asyncio.gather(first, *later)
+            assert [by_key(ds[0].features)["customer.arpu"] for ds in out] == [float(i) for i in range(11)]
+            assert e.profiles.reads == 2
 
     run_async(body)
 

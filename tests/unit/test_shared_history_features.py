@@ -174,3 +174,33 @@ def test_contacts_read_gives_each_customer_their_impressions_in_one_read(any_db:
         assert one == got["c1"]
     finally:
         store.close()
+
+
+def test_reads_asked_while_one_is_out_go_together_after_it(any_db: str) -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        async with engine_on(any_db, clock, contact_store="database") as e:
+            await e.config.apply([placement()])
+            sc = shared(e)
+            gate = threading.Event()
+            real = e.store.contacts_read
+
+            def held(ids: Any, since: float) -> Any:
+                gate.wait(30)
+                return real(ids, since)
+
+            e.store.contacts_read = held  # type: ignore[method-assign]
+            reads = sc.reads
+            first = asyncio.ensure_future(e.chooser.choose("p", "k0", "", []))
+            while sc.reads == reads:
+                await asyncio.sleep(0)
+            later = []
+            for i in range(1, 11):  # each on a turn of its own, while the first read is out
+                later.append(asyncio.ensure_future(e.chooser.choose("p", f"k{i}", "", [])))
+                await asyncio.sleep(0)
+            gate.set()
+            out = await asyncio.gather(first, *later)
+            assert all(ds[0].arm_id for ds in out)
+            assert sc.reads == reads + 2
+
+    run_async(body)
