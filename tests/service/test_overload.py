@@ -23,6 +23,9 @@ from nextbest.v1 import common_pb2, decision_pb2
 from tests import envs
 from tests.harness import ServerProcess, ServerThread, make_settings
 
+# Floods and throughput: run alone after the parallel part of scripts/test (pyproject's serial marker).
+pytestmark = pytest.mark.serial
+
 
 def _code(e: BaseException) -> grpc.StatusCode | None:
     return e.code() if isinstance(e, grpc.RpcError) else None  # type: ignore[attr-defined, no-any-return]

@@ -17,6 +17,9 @@ import pytest
 from nextbest.bench.report import Report
 from tests.harness import ROOT
 
+# Floods and throughput: run alone after the parallel part of scripts/test (pyproject's serial marker).
+pytestmark = pytest.mark.serial
+
 PHASES = (
     "vw",
     "server_time",
