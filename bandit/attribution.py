@@ -13,7 +13,7 @@ A touch counts when its time lies in ``[occurred_at - window, occurred_at)`` of 
 placement's window: an impression at the instant of the purchase did not cause it. The model is
 that of the placement of the latest eligible touch (ties: the later event id), so a placement
 decides how the conversions it caused last are credited. Everything here is pure: the server
-finds the touches (Store.touches) and stores the credits (Store.record_conversions).
+finds the touches of a batch (Store.touches_of) and stores the credits (Store.record_conversions).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ decisions = Table(
     # Replay and export read a placement in time order (--since/--until a range of it): this
     # index gives the order without sorting the log (half the time of a 200,000-row replay).
     Index("ix_decisions_time", "placement_id", "created_at", "event_id", "slot"),
-    # A customer's decisions in time order: attribution of a conversion (Store.touches) and
+    # A customer's decisions in time order: attribution of a batch of conversions (Store.touches_of) and
     # erasing a customer (every decision, served or not) read them without scanning the log.
     Index("ix_decisions_customer", "customer_id", "created_at"),
 )
