@@ -648,6 +648,14 @@ class Store(Protocol):
         test_a_profile_batch_is_all_or_nothing). Raises Unavailable."""
         ...
 
+    def put_profile_table(self, table: Any, now: float) -> ProfilesPut:
+        """MUST do as put_profiles with the profiles of ``table``, a pyarrow Table of columns
+        customer_id (string), features (the JSON text of ``[[namespace, name, value], ...]``),
+        as_of and expires_at (float64; null: never), in its row order: the bulk loader's path,
+        no Python object per row (PostgreSQL: the table as CSV into COPY)
+        (test_a_profile_table_is_put_as_its_profiles). Raises Unavailable."""
+        ...
+
     def get_profiles(self, customer_ids: Collection[str], now: float) -> dict[str, Profile]:
         """MUST return the stored profiles of those customers by id, leaving out the missing and
         those with ``expires_at`` at or before ``now`` (test_expired_profiles_are_not_read_and_are_swept);

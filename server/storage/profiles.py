@@ -15,7 +15,7 @@ the customers is stored yet); SQLite and later rounds: the driver's executemany 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -43,22 +43,26 @@ def _rounds(profiles: Sequence[Profile]) -> tuple[list[list[_Row]], int]:
     dumps = orjson.dumps
     if len(set(ids)) == len(ids):  # every customer once: one round, no bookkeeping
         return [[(p.customer_id, dumps(p.features).decode(), p.as_of, p.expires_at) for p in profiles]], 0
+    return _rounds_of((p.customer_id, dumps(p.features).decode(), p.as_of, p.expires_at) for p in profiles)
+
+
+def _rounds_of(rows: Iterable[_Row]) -> tuple[list[list[_Row]], int]:
     latest: dict[str, float] = {}
     depth: dict[str, int] = {}
     rounds: list[list[_Row]] = []
     stale = 0
-    for p in profiles:
-        cid = p.customer_id
+    for row in rows:
+        cid, as_of = row[0], row[2]
         before = latest.get(cid)
-        if before is not None and p.as_of < before:
+        if before is not None and as_of < before:
             stale += 1  # an earlier profile of the batch is newer: stale whatever is stored
             continue
-        latest[cid] = p.as_of
+        latest[cid] = as_of
         k = depth.get(cid, 0)
         depth[cid] = k + 1
         if k == len(rounds):
             rounds.append([])
-        rounds[k].append((cid, dumps(p.features).decode(), p.as_of, p.expires_at))
+        rounds[k].append(row)
     return rounds, stale
 
 
@@ -78,6 +82,22 @@ class ProfileQueries(SqlBase):
             rounds, stale = _rounds(profiles)
         except (TypeError, ValueError) as e:  # features JSON cannot encode
             raise _refused(e) from e
+        return self._put_rounds(rounds, stale, now)
+
+    def put_profile_table(self, table: Any, now: float) -> ProfilesPut:
+        n = table.num_rows
+        if n == 0:
+            return ProfilesPut()
+        import pyarrow.compute as pc
+
+        if self._postgres and n >= _COPY_MIN and pc.count_distinct(table.column("customer_id")).as_py() == n:
+            return self._put_rounds([table], 0, now)  # every customer once: the table as CSV into COPY
+        columns = [table.column(k).to_pylist() for k in ("customer_id", "features", "as_of", "expires_at")]
+        rounds, stale = _rounds_of(zip(*columns, strict=True))
+        return self._put_rounds(rounds, stale, now)
+
+    def _put_rounds(self, rounds: Sequence[Any], stale: int, now: float) -> ProfilesPut:
+        """Each round (rows, or an Arrow table of one round) upserted in turn, in one transaction."""
         stored = 0
         try:
             with self._begin() as c:
@@ -101,7 +121,8 @@ class ProfileQueries(SqlBase):
         )
         return int(c.exec_driver_sql(sql, [(*r, now) for r in rows]).rowcount)  # psycopg: summed over rows
 
-    def _upsert_copied(self, c: Connection, rows: Sequence[_Row], now: float) -> int:
+    def _upsert_copied(self, c: Connection, rows: Any, now: float) -> int:
+        """``rows``: _Row tuples, or an Arrow table of them (written as CSV by pyarrow)."""
         dbapi = c.connection.driver_connection
         assert dbapi is not None
         try:
@@ -110,10 +131,15 @@ class ProfileQueries(SqlBase):
                     f"CREATE TEMPORARY TABLE IF NOT EXISTS {_TEMP} "
                     "(customer_id text, features json, as_of float8, expires_at float8) ON COMMIT DELETE ROWS"
                 )
-                with cur.copy(f"COPY {_TEMP} (customer_id, features, as_of, expires_at) FROM STDIN") as copy:
-                    write = copy.write_row
-                    for r in rows:
-                        write(r)
+                columns = f"{_TEMP} (customer_id, features, as_of, expires_at)"
+                if isinstance(rows, Sequence):
+                    with cur.copy(f"COPY {columns} FROM STDIN") as copy:
+                        write = copy.write_row
+                        for r in rows:
+                            write(r)
+                else:
+                    with cur.copy(f"COPY {columns} FROM STDIN (FORMAT csv)") as copy:
+                        copy.write(_csv(rows))
                 n = _insert_copied(cur, now)
         except (ValueError, TypeError, OverflowError):
             raise
@@ -208,6 +234,17 @@ def _insert_copied(cur: Any, now: float) -> int:
             return n
     cur.execute(f"{insert} {_UPSERT_SET}", (now,))
     return int(cur.rowcount)
+
+
+def _csv(table: Any) -> Any:
+    """An Arrow table as CSV without a header: a null is an empty field (NULL to COPY's csv),
+    texts quoted (ids and features are never empty)."""
+    import pyarrow as pa
+    import pyarrow.csv as pv
+
+    sink = pa.BufferOutputStream()
+    pv.write_csv(table, sink, pv.WriteOptions(include_header=False, quoting_style="needed"))
+    return memoryview(sink.getvalue())
 
 
 def _dbapi(e: Exception, statement: str) -> Exception:

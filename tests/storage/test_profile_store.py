@@ -227,13 +227,21 @@ def test_a_first_load_racing_another_put_counts_exactly(store: SqlStore) -> None
         text("INSERT INTO profiles (customer_id, features, as_of, expires_at, updated_at) VALUES ('c00004', '[]', 30.0, NULL, 0)")
     )
     result: list[object] = []
-    t = threading.Thread(target=lambda: result.append(store.put_profiles(many(100, 50.0, "new"), now)))
+
+    def put() -> None:
+        try:
+            result.append(store.put_profiles(many(100, 50.0, "new"), now))
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=put)
     t.start()
-    with store.engine.connect() as watch:  # the put waits on the uncommitted rows' lock: its check saw none
-        while not watch.execute(
-            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO profiles%'")
-        ).scalar_one():
-            t.join(0.01)
+    waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO profiles%'")
+    while t.is_alive():  # until the put waits on the uncommitted rows' lock: its check saw none
+        with store.engine.connect() as watch:  # a new transaction each time: a fresh pg_stat_activity
+            if watch.execute(waiting).scalar_one():
+                break
+        t.join(0.01)
     tx.commit()
     other.close()
     t.join()
@@ -245,3 +253,43 @@ def test_a_first_load_racing_another_put_counts_exactly(store: SqlStore) -> None
         "c00005": (50.0, (("customer", "plan", "new"), ("customer", "arpu", 5.0))),
     }
     assert count(store) == 100
+
+
+def _table(profiles: list[Profile]) -> object:
+    import orjson
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "customer_id": pa.array([p.customer_id for p in profiles], pa.string()),
+            "features": pa.array([orjson.dumps(p.features).decode() for p in profiles], pa.string()),
+            "as_of": pa.array([p.as_of for p in profiles], pa.float64()),
+            "expires_at": pa.array([p.expires_at for p in profiles], pa.float64()),
+        }
+    )
+
+
+def test_a_profile_table_is_put_as_its_profiles(store: SqlStore) -> None:
+    """put_profile_table: the counts and rows of put_profiles with the same profiles, big
+    batches (PostgreSQL: CSV into COPY) and small, customers named twice, all or nothing."""
+    now = 1000.0
+    odd = profile("odd", 5.0, 'a "quoted",\ttab\nline \\ back', -0.5, expires_at=2000.0)
+    assert store.put_profile_table(_table([*many(300, 50.0, "x"), odd]), now) == ProfilesPut(stored=301, stale=0)
+    assert store.get_profiles(["odd"], now)["odd"] == odd
+    assert store.get_profiles(["c00150"], now)["c00150"] == Profile(
+        "c00150", (("customer", "plan", "x"), ("customer", "arpu", 150.0)), 50.0
+    )
+    older, newer = many(300, 49.0, "y"), many(100, 51.0, "z")
+    assert store.put_profile_table(_table([*older, *newer, profile("c00007", 48.0)]), now) == ProfilesPut(stored=100, stale=301)
+    got = store.get_profiles([p.customer_id for p in older], now)
+    assert [got[f"c{i:05d}"].features[0][2] for i in (0, 99, 100, 299)] == ["z", "z", "x", "x"]
+    assert store.put_profile_table(_table([profile("c00001", 60.0, "s"), profile("new", 1.0)]), now) == ProfilesPut(stored=2, stale=0)
+    assert store.get_profiles(["c00001"], now)["c00001"].features[0][2] == "s"
+    assert store.put_profile_table(_table([]), now) == ProfilesPut()
+    assert count(store) == 302
+    if store._postgres:  # a row PostgreSQL refuses (a NUL byte) leaves nothing of its batch
+        with pytest.raises(Unavailable) as e:
+            store.put_profile_table(_table([*many(200, 70.0, "w"), profile("bad\x00id", 70.0)]), now)
+        assert is_refusal(e.value)
+        assert store.get_profiles(["c00000"], now)["c00000"].features[0][2] == "z"
+        assert count(store) == 302
