@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from nextbest.bandit.errors import InvalidInput, NextbestError
 from nextbest.cli.args import positive_int
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from nextbest.offline.profile_file import ProfileBatch
     from nextbest.storage.base import Profile, ProfilesPut
 
+B = TypeVar("B")
 DEFAULT_DB_BATCH = 10_000  # rows per transaction on the direct path
 DEFAULT_TARGET_BATCH = 1_000  # rows per PutProfiles call: the server's default max_profile_batch
 
@@ -68,7 +69,7 @@ class Progress:
         self.stream.flush()
 
 
-def prefetched(batches: Iterator[ProfileBatch], depth: int = 1) -> Generator[ProfileBatch, None, None]:
+def prefetched(batches: Iterator[B], depth: int = 1) -> Generator[B, None, None]:
     """``batches`` read one ahead in a thread: the next batch is read and checked while the
     database writes this one (PostgreSQL works in its own process). Memory holds ``depth + 2``
     batches at most; an error of the reader is raised here, after the batches before it."""
@@ -141,7 +142,7 @@ def _row_of(details: str, batch: ProfileBatch) -> str:
 
 def load(
     path: str,
-    put: Callable[[list[Profile]], ProfilesPut],
+    put: Callable[[Any], ProfilesPut],
     *,
     format: str | None,
     batch_rows: int,
@@ -149,16 +150,20 @@ def load(
     limits: Any,
     progress: Callable[[int], None] | None = None,
     refused: Callable[[BaseException, ProfileBatch], NextbestError | None] | None = None,
+    tables: bool = False,
 ) -> Loaded:
-    """Read ``path`` and ``put`` each batch; a :class:`LoadStopped` on the first error."""
+    """Read ``path`` and ``put`` each batch (its profiles; ``tables``: the Arrow table of
+    offline.profile_table, for Store.put_profile_table); a :class:`LoadStopped` on the first error."""
     from nextbest.offline.profile_file import read_profiles
+    from nextbest.offline.profile_table import read_profile_tables
 
     done = Loaded()
-    batches = prefetched(read_profiles(path, format=format, batch_rows=batch_rows, limits=limits, ttl=ttl))
+    read: Callable[..., Iterator[Any]] = read_profile_tables if tables else read_profiles
+    batches = prefetched(read(path, format=format, batch_rows=batch_rows, limits=limits, ttl=ttl))
     try:
         for batch in batches:
             try:
-                r = put(batch.profiles)
+                r = put(batch.table if tables else batch.profiles)
             except Exception as e:
                 mapped = refused(e, batch) if refused is not None else None
                 raise LoadStopped(mapped or e, done) from e
@@ -223,14 +228,17 @@ def _load_file(args: argparse.Namespace) -> int:
     limits = _limits()
     progress = Progress(args.file, count_rows(args.file, fmt)) if sys.stderr.isatty() else None
     close: Callable[[], None]
+    put: Callable[[Any], ProfilesPut]
     refused: Callable[[BaseException, ProfileBatch], NextbestError | None] | None = None
     if args.db:
         from nextbest.storage.sql import open_store
 
         store = open_store(args.db)
 
-        def put(profiles: list[Profile]) -> ProfilesPut:
-            return store.put_profiles(profiles, time.time())
+        def put_table(table: Any) -> ProfilesPut:  # no Python object per row: 3x less of the loader's CPU
+            return store.put_profile_table(table, time.time())
+
+        put = put_table
 
         close = store.close
     else:
@@ -249,7 +257,17 @@ def _load_file(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()  # the store is open (its schema migrated): the load itself from here
     try:
-        done = load(args.file, put, format=fmt, batch_rows=batch_rows, ttl=ttl, limits=limits, progress=progress, refused=refused)
+        done = load(
+            args.file,
+            put,
+            format=fmt,
+            batch_rows=batch_rows,
+            ttl=ttl,
+            limits=limits,
+            progress=progress,
+            refused=refused,
+            tables=bool(args.db),
+        )
     except LoadStopped as stop:
         return stop.report(progress)
     finally:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +35,7 @@ from nextbest.storage.base import Profile
 from nextbest.telemetry.gc_pauses import gc_paused
 
 Format = Literal["parquet", "csv"]
+T = TypeVar("T")
 RESERVED = ("customer_id", "as_of", "expires_at")
 _QUOTE = 40  # characters of an offending value quoted in a message
 _MESSAGE = 300  # characters of a reader's (pyarrow's) own message quoted
@@ -272,6 +273,16 @@ class _Batches:
         """A text column's features, one per row (None where null). Through its dictionary: each
         distinct text is checked and becomes a feature once, and rows share it (a warehouse's
         texts are categories: plan, region, segment), so no Python object is made per row."""
+        texts, indices = self.text_dictionary(a, row0, fc)
+        ns, name = fc.namespace, fc.name
+        lookup: list[Any] = [None if v is None else (ns, name, v) for v in texts]
+        lookup.append(None)  # a null row
+        return list(map(lookup.__getitem__, indices.fill_null(len(texts)).to_numpy(zero_copy_only=False).tolist()))
+
+    def text_dictionary(self, a: Any, row0: int, fc: _FeatureColumn) -> tuple[list[Any], Any]:
+        """A text column's distinct texts (None for one no row uses that cannot be stored) and
+        each row's index into them (null where null); the error of the first row whose text
+        cannot be stored."""
         d = a if pa.types.is_dictionary(a.type) else pc.dictionary_encode(a)
         values, indices = d.dictionary, d.indices
         limit, what = self.limits.max_text_length, "a text"
@@ -280,41 +291,45 @@ class _Batches:
             used = pc.is_in(indices, value_set=pc.cast(pc.indices_nonzero(bad), indices.type))
             if (i := _first(used)) is not None:
                 raise self._fail(self._fault(values, indices[i].as_py(), invalid, limit, what), row0, i, fc.column)
-        ns, name = fc.namespace, fc.name
         if invalid is None:
             texts = values.to_pylist()
         else:  # the invalid entries are used by no row (else refused above): never looked up
             raws = values.cast(pa.binary()).to_pylist()
             texts = [None if raw is None or inv else raw.decode("utf-8") for raw, inv in zip(raws, invalid, strict=True)]
-        lookup: list[Any] = [None if v is None else (ns, name, v) for v in texts]
-        lookup.append(None)  # a null row
-        return list(map(lookup.__getitem__, indices.fill_null(len(values)).to_numpy(zero_copy_only=False).tolist()))
+        return texts, indices
 
     def _numbers(self, a: Any, row0: int, column: str) -> list[Any]:
+        return self.number_array(a, row0, column).to_pylist()  # type: ignore[no-any-return]
+
+    def number_array(self, a: Any, row0: int, column: str) -> Any:
+        """A number column as float64, or the error of its first value out of bounds."""
         f = pc.cast(a, pa.float64(), safe=False)
         limit = self.limits.max_abs_number
         if (i := _first(pc.invert(pc.less_equal(pc.abs(f), limit)))) is not None:  # NaN compares false: refused too
             x = f[i].as_py()
             why = "must be a finite number" if not math.isfinite(x) else f"magnitude above {limit:g}; scale the feature"
             raise self._fail(f"{why}, got {x!r}", row0, i, column)
-        return f.to_pylist()  # type: ignore[no-any-return]
+        return f
 
     def _times(self, a: Any, kind: _TimeKind, row0: int, column: str) -> list[Any]:
         """Epoch seconds (floats, None where null) of a timestamp, date or number column."""
+        return self._time_array(a, kind, row0, column).to_pylist()  # type: ignore[no-any-return]
+
+    def _time_array(self, a: Any, kind: _TimeKind, row0: int, column: str) -> Any:
         if kind == "null":
-            return [None] * len(a)
+            return pa.nulls(len(a), pa.float64())
         if kind == "timestamp":
             factor = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[a.type.unit]
             seconds = pc.divide(pc.cast(a.cast(pa.int64()), pa.float64()), factor)  # timezone-aware or naive: UTC
         elif kind == "date":
             seconds = pc.multiply(pc.cast(a.cast(pa.date32()).cast(pa.int32()), pa.float64()), 86400.0)
         elif kind == "text":
-            return self._iso_times(a, row0, column)
+            return pa.array(self._iso_times(a, row0, column), pa.float64())
         else:
             seconds = pc.cast(a, pa.float64(), safe=False)
             if (i := _first(pc.invert(pc.is_finite(seconds)))) is not None:
                 raise self._fail(f"must be a finite number of epoch seconds, got {seconds[i].as_py()!r}", row0, i, column)
-        return seconds.to_pylist()  # type: ignore[no-any-return]
+        return seconds
 
     def _iso_times(self, a: Any, row0: int, column: str) -> list[Any]:
         texts = self._texts(a, row0, column, 100, "a time")  # valid text, bounded: quoted in an error
@@ -330,32 +345,41 @@ class _Batches:
             out.append((t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp())
         return out
 
-    def convert(self, batch: Any, row0: int) -> list[Profile]:
-        """``batch`` (an arrow RecordBatch) as profiles; ``row0``: rows of the file before it."""
-        n, lim, plan = batch.num_rows, self.limits, self.plan
+    def ids(self, batch: Any, row0: int) -> Any:
+        """The batch's customer ids as a string array, or the error of the first that cannot be stored."""
         ids = _decoded(batch.column("customer_id"))
-        if plan.id_integer:
+        if self.plan.id_integer:
             ids = pc.cast(ids, pa.string())
         if (i := _first(pc.is_null(ids))) is not None:
             raise self._fail("customer_id is empty", row0, i, "customer_id")
         if (i := _first(pc.equal(pc.utf8_length(ids), 0))) is not None:
             raise self._fail("customer_id is empty", row0, i, "customer_id")
-        id_list = self._texts(ids, row0, "customer_id", lim.max_id_length, "customer_id")
+        bad, invalid = self._faults(ids, self.limits.max_id_length)
+        if (i := _first(bad)) is not None:
+            raise self._fail(self._fault(ids, i, invalid, self.limits.max_id_length, "customer_id"), row0, i, "customer_id")
+        return ids
 
-        as_of: list[Any]
-        if plan.as_of is None:
-            as_of = [self.now] * n
-        else:
-            now = self.now
-            as_of = [now if t is None else t for t in self._times(_decoded(batch.column("as_of")), plan.as_of, row0, "as_of")]
-        expires: list[Any]
+    def stamps(self, batch: Any, row0: int) -> tuple[Any, Any]:
+        """The batch's as_of (``now`` where none) and expires_at (``as_of + ttl`` where none;
+        null: never) as float64 arrays of epoch seconds."""
+        plan, n = self.plan, batch.num_rows
+        as_of: Any = pa.nulls(n, pa.float64())
+        if plan.as_of is not None:
+            as_of = self._time_array(_decoded(batch.column("as_of")), plan.as_of, row0, "as_of")
+        as_of = pc.fill_null(as_of, self.now)
+        expires: Any = pa.nulls(n, pa.float64())
         if plan.expires_at is not None:
-            expires = self._times(_decoded(batch.column("expires_at")), plan.expires_at, row0, "expires_at")
-        else:
-            expires = [None] * n
+            expires = self._time_array(_decoded(batch.column("expires_at")), plan.expires_at, row0, "expires_at")
         if self.ttl is not None:
-            ttl = self.ttl
-            expires = [a + ttl if e is None else e for e, a in zip(expires, as_of, strict=True)]
+            expires = pc.coalesce(expires, pc.add(as_of, self.ttl))
+        return as_of, expires
+
+    def convert(self, batch: Any, row0: int) -> list[Profile]:
+        """``batch`` (an arrow RecordBatch) as profiles; ``row0``: rows of the file before it."""
+        n, plan = batch.num_rows, self.plan
+        id_list = self.ids(batch, row0).to_pylist()
+        as_of_a, expires_a = self.stamps(batch, row0)
+        as_of, expires = as_of_a.to_pylist(), expires_a.to_pylist()
 
         columns: list[list[Any]] = []
         sparse = False
@@ -470,6 +494,22 @@ def read_profiles(
     of rows without one (default: the time of the call). ``ttl``: seconds after its ``as_of``
     that a profile without an ``expires_at`` expires (None: it does not). Raises ProfileFileError
     at the first row or column that cannot be loaded; the batches yielded before it are good."""
+    for first, last, parts in converted(path, _Batches.convert, format=format, batch_rows=batch_rows, limits=limits, now=now, ttl=ttl):
+        yield ProfileBatch(first, last, parts[0] if len(parts) == 1 else [p for part in parts for p in part])
+
+
+def converted(
+    path: str | Path,
+    convert: Callable[[_Batches, Any, int], T],
+    *,
+    format: str | None,
+    batch_rows: int,
+    limits: Limits | None,
+    now: float | None,
+    ttl: float | None,
+) -> Iterator[tuple[int, int, list[T]]]:
+    """read_profiles' batches, each as ``convert`` makes its parts (a CSV block or a row group
+    holds any number of batches, a batch may span two): its first and last row and the parts."""
     if batch_rows < 1:
         raise InvalidInput("batch_rows", "must be at least 1")
     if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
@@ -480,25 +520,24 @@ def read_profiles(
     stream = _stream(p, fmt, batch_rows)
     schema = next(stream)
     conv = _Batches(p, plan_columns(p, schema, limits), limits, time.time() if now is None else now, ttl)
-    pending: list[Profile] = []
+    pending: list[T] = []
+    rows = 0  # rows pending
     done = 0  # rows yielded
-    read = 0  # rows converted
     for batch in stream:
         # Converted a batch's worth at a time: a bad row fails its own batch, after every earlier
-        # batch has been yielded (a CSV block or a row group holds any number of batches).
+        # batch has been yielded.
         off = 0
         while off < batch.num_rows:
-            take = min(batch.num_rows - off, batch_rows - len(pending))
+            take = min(batch.num_rows - off, batch_rows - rows)
             with gc_paused():  # a batch is many small containers and no cycle (a 5x slower load with the collector)
-                pending.extend(conv.convert(batch.slice(off, take), read))
-            read += take
+                pending.append(convert(conv, batch.slice(off, take), done + rows))
+            rows += take
             off += take
-            if len(pending) == batch_rows:
-                yield ProfileBatch(done + 1, done + batch_rows, pending)
-                done += batch_rows
-                pending = []
-    if pending:
-        yield ProfileBatch(done + 1, done + len(pending), pending)
+            if rows == batch_rows:
+                yield done + 1, done + rows, pending
+                done, rows, pending = done + rows, 0, []
+    if rows:
+        yield done + 1, done + rows, pending
 
 
 def arrow_batches(path: str, fmt: Format, batch_rows: int, texts: Sequence[str]) -> tuple[pa.Schema, Iterator[Any]]:

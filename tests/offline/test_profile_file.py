@@ -431,3 +431,51 @@ def test_the_progress_line_shows_rows_share_and_rate() -> None:
     text = out.getvalue()
     assert text.startswith("\rloading [#######") and " 25% 250 rows, " in text and "/s" in text
     assert text.endswith("\r\033[K")  # the line is cleared before the summary is printed
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_tables_hold_the_profiles_read_profiles_gives(fmt: str, tmp_path: Path) -> None:
+    """profile_table (the --db path): the same rows, times and features as read_profiles, each
+    row's features as the JSON text the store keeps; and the same error for a bad row."""
+    import orjson
+
+    from nextbest.offline.profile_table import read_profile_tables
+    from nextbest.storage.base import features_of
+
+    n = 25
+    t = _table(
+        n,
+        **{
+            "as_of": [None if i % 7 == 0 else T - i for i in range(n)],
+            "expires_at": [T + i if i % 3 == 0 else None for i in range(n)],
+            "device.tier": [None if i % 4 == 0 else ['5g "fast"', "a,b\tc\nd \\ e", "né"][i % 3] for i in range(n)],
+            "customer.usage": [None if i % 5 == 0 else [0.1 + 0.2, -0.0, 1e-7, 1e12, 120.0][i % 5] for i in range(n)],
+            "customer.postpaid": [None if i % 6 == 0 else bool(i % 2) for i in range(n)],
+            "customer.tenure": pa.array([i * 3 for i in range(n)], pa.int32()),
+        },
+    )
+    path = tmp_path / f"p.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(t, path)
+    else:
+        import pyarrow.csv as pv
+
+        pv.write_csv(t, path)
+    kw: dict[str, Any] = {"batch_rows": 10, "now": T, "ttl": DAY}
+    expected = [
+        (b.first_row, b.last_row, [(p.customer_id, p.features, p.as_of, p.expires_at) for p in b.profiles])
+        for b in read_profiles(path, **kw)
+    ]
+    got = []
+    for b in read_profile_tables(path, **kw):
+        assert b.table.column_names == ["customer_id", "features", "as_of", "expires_at"]
+        d = b.table.to_pydict()
+        rows = zip(d["customer_id"], d["features"], d["as_of"], d["expires_at"], strict=True)
+        got.append((b.first_row, b.last_row, [(c, features_of(orjson.loads(f)), a, e) for c, f, a, e in rows]))
+    assert got == expected
+    assert [len(r[2]) for r in got] == [10, 10, 5]
+    bad = t.set_column(t.schema.get_field_index("customer.usage"), "customer.usage", pa.array([1.0] * 13 + [float("nan")] + [1.0] * 11))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(ProfileFileError) as e:
+        list(read_profile_tables(tmp_path / "bad.parquet", **kw))
+    assert (e.value.row, e.value.column) == (14, "customer.usage")
