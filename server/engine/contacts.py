@@ -38,7 +38,7 @@ class Contacts:
         self._states = states
         self._clock = clock
         self.shared = shared
-        self.history = ContactHistory(0.0)
+        self.history = ContactHistory(0.0) if shared is None else _SharedResponses(shared)
         self._backfill: asyncio.Task[None] | None = None  # the last copy of older impressions (shared history)
 
     def impression(self, r: RecentImpression) -> Impression:
@@ -89,3 +89,16 @@ class Contacts:
             self._backfill.cancel()
         if self.shared is not None:
             self.shared.close()
+
+
+class _SharedResponses(ContactHistory):
+    """A shared history's in-memory part: holds nothing itself (its horizon says how far back
+    the shared one is read), and passes each response this server hears (a Reward, a close) on
+    to the impressions it recorded and has not committed yet, which only it knows of."""
+
+    def __init__(self, shared: SharedContacts) -> None:
+        super().__init__(0.0)
+        self._shared = shared
+
+    def respond(self, event_id: str, responded: bool) -> None:
+        self._shared.respond(event_id, responded)

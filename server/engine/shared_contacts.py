@@ -61,6 +61,8 @@ class SharedContacts:
         # after their commit.
         self._local: dict[str, dict[ContactRow, int | None]] = {}
         self._committed: collections.deque[tuple[int, list[ContactRow]]] = collections.deque()  # (epoch, rows), oldest first
+        self._unanswered: dict[str, ContactRow] = {}  # own impressions held in _local, by event key
+        self._responses: dict[str, bool] = {}  # event key -> responded, of those heard here
         self._epoch = 0  # commits done
         self._reading: dict[int, int] = {}  # read id -> epoch at its start
         self._read_ids = itertools.count()
@@ -210,7 +212,7 @@ class SharedContacts:
             mine = self._local.get(c)
             if mine:
                 seen = {r.event_id for r in rows}
-                rows = rows + [_recent(r) for r in mine if _event(r) not in seen and r.at >= since]
+                rows = rows + [_recent(r, self._responses.get(_event(r))) for r in mine if _event(r) not in seen and r.at >= since]
                 rows.sort(key=_at)
             for fut in futs:
                 if not fut.done():
@@ -225,6 +227,7 @@ class SharedContacts:
             return
         for r in rows:
             self._local.setdefault(r.customer_id, {})[r] = None
+            self._unanswered[_event(r)] = r
         self._queued.extend(rows)
         if not self._committing:
             self._committing = True
@@ -273,6 +276,16 @@ class SharedContacts:
                     mine.pop(r, None)
                     if not mine:
                         del self._local[r.customer_id]
+                key = _event(r)
+                self._unanswered.pop(key, None)
+                self._responses.pop(key, None)
+
+    def respond(self, event_key: str, responded: bool) -> None:
+        """This server heard the response to one of its impressions (a first reward, a close):
+        while that impression is only in this server's memory, its reads say so, as the
+        database's join with the decision's row will once it is committed."""
+        if event_key in self._unanswered:
+            self._responses[event_key] = responded
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -297,7 +310,8 @@ def _event(r: ContactRow) -> str:
     return r.event_id if not r.slot else f"{r.event_id}#{r.slot}"
 
 
-def _recent(r: ContactRow) -> RecentImpression:
-    """An impression of this server not committed yet, as the database would give it: its
-    decision's outcome unknown here (OPEN)."""
-    return RecentImpression(r.customer_id, r.arm_id, r.placement, _event(r), r.at, Outcome.OPEN, None)
+def _recent(r: ContactRow, responded: bool | None) -> RecentImpression:
+    """An impression of this server not committed yet, as the database would give it: open, with
+    a reward of 1 or 0 when this server heard it was responded to or not."""
+    reward = None if responded is None else float(responded)
+    return RecentImpression(r.customer_id, r.arm_id, r.placement, _event(r), r.at, Outcome.OPEN, reward)

@@ -15,7 +15,7 @@ import fcntl
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from nextbest.bandit.decision_log import Outcome
@@ -31,11 +31,12 @@ _READ = text(
     "WHERE ci.customer_id = :c AND ci.at >= :since ORDER BY ci.at, ci.id"
 )
 
-_READ_MANY = text(
+_READ_MANY = (
     "SELECT ci.customer_id, ci.arm_id, ci.placement_id, ci.event_id, ci.slot, ci.at, d.outcome, d.reward "
     "FROM contact_impressions ci LEFT JOIN decisions d ON d.event_id = ci.event_id AND d.slot = ci.slot "
-    "WHERE ci.customer_id IN :ids AND ci.at >= :since ORDER BY ci.customer_id, ci.at, ci.id"
-).bindparams(bindparam("ids", expanding=True))
+    "WHERE ci.customer_id {ids} AND ci.at >= {since} ORDER BY ci.customer_id, ci.at, ci.id"
+)
+_READ_MANY_PG = _READ_MANY.format(ids="= ANY(%s)", since="%s")  # one statement whatever the count
 
 
 def _impressions(customer_id: str, rows: Sequence[Any]) -> list[RecentImpression]:
@@ -101,9 +102,15 @@ class ContactQueries(SqlBase):
         """The impressions since ``since`` of each customer (oldest first), in one query and
         without any lock: history features of many Chooses at once (issue #30)."""
         out: dict[str, list[RecentImpression]] = {c: [] for c in customer_ids}
+        if not out:
+            return out
         try:
-            with self._connect() as c:
-                rows = c.execute(_READ_MANY, {"ids": list(customer_ids), "since": since}).all()
+            with self._connect() as c:  # driver SQL: no statement to compile per read
+                if self._postgres:
+                    rows = c.exec_driver_sql(_READ_MANY_PG, (list(customer_ids), since)).all()
+                else:
+                    sql = _READ_MANY.format(ids=f"IN ({', '.join('?' * len(customer_ids))})", since="?")
+                    rows = c.exec_driver_sql(sql, (*customer_ids, since)).all()
         except SQLAlchemyError as e:
             raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
         for customer, arm, placement, event_id, slot, at, outcome, reward in rows:

@@ -84,13 +84,17 @@ def test_a_server_sees_its_own_impressions_before_they_are_committed(any_db: str
             e.store.contacts_insert = slow_insert  # type: ignore[method-assign]
             try:
                 served: list[str] = []
-                for _ in range(3):
+                taken: list[str] = []
+                for i in range(3):
                     d = (await e.chooser.choose("p", "k", "", []))[0]
                     assert d.arm_id is not None
-                    seen = Counter(served)
+                    seen, accepted = Counter(served), Counter(taken)
                     for arm, h in history_of(d).items():
-                        assert h["impressions_7d"] == seen[arm], (arm, h, served)
+                        assert (h["impressions_7d"], h["accepts_7d"]) == (seen[arm], accepted[arm]), (arm, h, served)
                     served.append(d.arm_id)
+                    if i == 0:  # a response this server heard counts before the impression is committed
+                        await e.windows.reward(d.event_id, 1.0)
+                        taken.append(d.arm_id)
                     clock.advance(60)
             finally:
                 gate.set()
