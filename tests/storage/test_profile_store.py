@@ -273,9 +273,9 @@ def test_a_profile_table_is_put_as_its_profiles(store: SqlStore) -> None:
     """put_profile_table: the counts and rows of put_profiles with the same profiles, big
     batches (PostgreSQL: CSV into COPY) and small, customers named twice, all or nothing."""
     now = 1000.0
-    odd = profile("odd", 5.0, 'a "quoted",\ttab\nline \\ back', -0.5, expires_at=2000.0)
+    odd = profile('o\td\\d\r\n"', 5.0, 'a "quoted",\ttab\nline \\ back', -0.5, expires_at=2000.0)
     assert store.put_profile_table(_table([*many(300, 50.0, "x"), odd]), now) == ProfilesPut(stored=301, stale=0)
-    assert store.get_profiles(["odd"], now)["odd"] == odd
+    assert store.get_profiles([odd.customer_id], now)[odd.customer_id] == odd
     assert store.get_profiles(["c00150"], now)["c00150"] == Profile(
         "c00150", (("customer", "plan", "x"), ("customer", "arpu", 150.0)), 50.0
     )
