@@ -22,67 +22,80 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from nextbest.v1 import common_pb2 as nextbest_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextbest/v1/decision.proto\x12\x0bnextbest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18nextbest/v1/common.proto\"6\n\x0cSlotFeatures\x12&\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x14.nextbest.v1.Feature\"?\n\nSlotChoice\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0e\n\x06\x61rm_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\xe9\x01\n\rChooseRequest\x12\x11\n\tplacement\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x14.nextbest.v1.Feature\x12\x14\n\x0c\x62\x61seline_arm\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x66\x65r_activation\x18\x06 \x01(\x08\x12\x30\n\rslot_features\x18\x07 \x03(\x0b\x32\x19.nextbest.v1.SlotFeatures\x12\x14\n\x0c\x65xclude_arms\x18\x08 \x03(\t\"\xa7\x01\n\x0e\x43hooseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12&\n\x05slots\x18\x07 \x03(\x0b\x32\x17.nextbest.v1.SlotChoice\"R\n\rRewardRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x0c\n\x04slot\x18\x03 \x01(\x05\x12\x11\n\treward_id\x18\x04 \x01(\t\"#\n\x0f\x41\x63tivateRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"?\n\x10\x41\x63tivateResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.nextbest.v1.ActivateStatus\";\n\x0eRewardResponse\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.nextbest.v1.RewardStatus\"A\n\x12RewardBatchRequest\x12+\n\x07rewards\x18\x01 \x03(\x0b\x32\x1a.nextbest.v1.RewardRequest\"X\n\x0cRewardResult\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.nextbest.v1.RewardStatus\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"A\n\x13RewardBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.nextbest.v1.RewardResult\"0\n\x0e\x45xplainRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"\xec\x01\n\x0e\x41rmExplanation\x12\x0e\n\x06\x61rm_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpected_reward\x18\x04 \x01(\x01\x12\x16\n\x0e\x62usiness_value\x18\x05 \x01(\x01\x12\x13\n\x0bpacing_cost\x18\x06 \x01(\x01\x12\x17\n\x0f\x66\x61tigue_penalty\x18\x07 \x01(\x01\x12\r\n\x05value\x18\x08 \x01(\x01\x12\x13\n\x0bprobability\x18\t \x01(\x01\x12%\n\x07history\x18\n \x03(\x0b\x32\x14.nextbest.v1.Feature\"e\n\x10\x45xplainedFeature\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.nextbest.v1.Feature\x12*\n\x06source\x18\x02 \x01(\x0e\x32\x1a.nextbest.v1.FeatureSource\"\x8a\x04\n\x0f\x45xplainResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12)\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1b.nextbest.v1.ArmExplanation\x12\x0c\n\x04slot\x18\x07 \x01(\x05\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x1d\n\x15\x65xploration_parameter\x18\t \x01(\x01\x12\x14\n\x0creward_scale\x18\n \x01(\x01\x12\x1c\n\x14no_offer_probability\x18\x0b \x01(\x01\x12\x13\n\x0bprobability\x18\x0c \x01(\x01\x12\x0e\n\x06reason\x18\r \x01(\t\x12.\n\ndecided_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scored\x18\x0f \x01(\x08\x12/\n\x08\x66\x65\x61tures\x18\x10 \x03(\x0b\x32\x1d.nextbest.v1.ExplainedFeature\x12\x31\n\rprofile_as_of\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0b\x63onversions\x18\x12 \x03(\x0b\x32 .nextbest.v1.ExplainedConversion\"{\n\x13\x45xplainedConversion\x12\x15\n\rconversion_id\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\r\n\x05value\x18\x03 \x01(\x01\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\nConversion\x12\x15\n\rconversion_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x03 \x01(\t\x12\x0f\n\x07product\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x18ReportConversionsRequest\x12,\n\x0b\x63onversions\x18\x01 \x03(\x0b\x32\x17.nextbest.v1.Conversion\"s\n\x10\x43onversionCredit\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x04 \x01(\t\x12\r\n\x05share\x18\x05 \x01(\x01\x12\r\n\x05value\x18\x06 \x01(\x01\"\x90\x01\n\x10\x43onversionResult\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.nextbest.v1.ConversionStatus\x12.\n\x07\x63redits\x18\x02 \x03(\x0b\x32\x1d.nextbest.v1.ConversionCredit\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"K\n\x19ReportConversionsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.nextbest.v1.ConversionResult*\x99\x01\n\x0cRewardStatus\x12\x1d\n\x19REWARD_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15REWARD_STATUS_LEARNED\x10\x01\x12\x1b\n\x17REWARD_STATUS_DUPLICATE\x10\x02\x12\x16\n\x12REWARD_STATUS_LATE\x10\x03\x12\x1a\n\x16REWARD_STATUS_RECORDED\x10\x04*\x91\x01\n\x0e\x41\x63tivateStatus\x12\x1f\n\x1b\x41\x43TIVATE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x43TIVATE_STATUS_ACTIVATED\x10\x01\x12\"\n\x1e\x41\x43TIVATE_STATUS_ALREADY_ACTIVE\x10\x02\x12\x1b\n\x17\x41\x43TIVATE_STATUS_EXPIRED\x10\x03*\x83\x01\n\rFeatureSource\x12\x1e\n\x1a\x46\x45\x41TURE_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_SOURCE_REQUEST\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_SOURCE_PROFILE\x10\x02\x12\x1a\n\x16\x46\x45\x41TURE_SOURCE_HISTORY\x10\x03*\x9c\x01\n\x10\x43onversionStatus\x12!\n\x1d\x43ONVERSION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x43ONVERSION_STATUS_ATTRIBUTED\x10\x01\x12\"\n\x1e\x43ONVERSION_STATUS_UNATTRIBUTED\x10\x02\x12\x1f\n\x1b\x43ONVERSION_STATUS_DUPLICATE\x10\x03\x32\xdc\x03\n\x0f\x44\x65\x63isionService\x12\x41\n\x06\x43hoose\x12\x1a.nextbest.v1.ChooseRequest\x1a\x1b.nextbest.v1.ChooseResponse\x12\x41\n\x06Reward\x12\x1a.nextbest.v1.RewardRequest\x1a\x1b.nextbest.v1.RewardResponse\x12P\n\x0bRewardBatch\x12\x1f.nextbest.v1.RewardBatchRequest\x1a .nextbest.v1.RewardBatchResponse\x12G\n\x08\x41\x63tivate\x12\x1c.nextbest.v1.ActivateRequest\x1a\x1d.nextbest.v1.ActivateResponse\x12\x44\n\x07\x45xplain\x12\x1b.nextbest.v1.ExplainRequest\x1a\x1c.nextbest.v1.ExplainResponse\x12\x62\n\x11ReportConversions\x12%.nextbest.v1.ReportConversionsRequest\x1a&.nextbest.v1.ReportConversionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextbest/v1/decision.proto\x12\x0bnextbest.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18nextbest/v1/common.proto\"6\n\x0cSlotFeatures\x12&\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x14.nextbest.v1.Feature\"?\n\nSlotChoice\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0e\n\x06\x61rm_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\xe9\x01\n\rChooseRequest\x12\x11\n\tplacement\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x14.nextbest.v1.Feature\x12\x14\n\x0c\x62\x61seline_arm\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x66\x65r_activation\x18\x06 \x01(\x08\x12\x30\n\rslot_features\x18\x07 \x03(\x0b\x32\x19.nextbest.v1.SlotFeatures\x12\x14\n\x0c\x65xclude_arms\x18\x08 \x03(\t\"\xa7\x01\n\x0e\x43hooseResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12&\n\x05slots\x18\x07 \x03(\x0b\x32\x17.nextbest.v1.SlotChoice\"R\n\rRewardRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x0c\n\x04slot\x18\x03 \x01(\x05\x12\x11\n\treward_id\x18\x04 \x01(\t\"#\n\x0f\x41\x63tivateRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"?\n\x10\x41\x63tivateResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.nextbest.v1.ActivateStatus\";\n\x0eRewardResponse\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.nextbest.v1.RewardStatus\"A\n\x12RewardBatchRequest\x12+\n\x07rewards\x18\x01 \x03(\x0b\x32\x1a.nextbest.v1.RewardRequest\"X\n\x0cRewardResult\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.nextbest.v1.RewardStatus\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"A\n\x13RewardBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.nextbest.v1.RewardResult\"0\n\x0e\x45xplainRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"\xec\x01\n\x0e\x41rmExplanation\x12\x0e\n\x06\x61rm_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ligible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0f\x65xpected_reward\x18\x04 \x01(\x01\x12\x16\n\x0e\x62usiness_value\x18\x05 \x01(\x01\x12\x13\n\x0bpacing_cost\x18\x06 \x01(\x01\x12\x17\n\x0f\x66\x61tigue_penalty\x18\x07 \x01(\x01\x12\r\n\x05value\x18\x08 \x01(\x01\x12\x13\n\x0bprobability\x18\t \x01(\x01\x12%\n\x07history\x18\n \x03(\x0b\x32\x14.nextbest.v1.Feature\"e\n\x10\x45xplainedFeature\x12%\n\x07\x66\x65\x61ture\x18\x01 \x01(\x0b\x32\x14.nextbest.v1.Feature\x12*\n\x06source\x18\x02 \x01(\x0e\x32\x1a.nextbest.v1.FeatureSource\"\x8a\x04\n\x0f\x45xplainResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12)\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1b.nextbest.v1.ArmExplanation\x12\x0c\n\x04slot\x18\x07 \x01(\x05\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x1d\n\x15\x65xploration_parameter\x18\t \x01(\x01\x12\x14\n\x0creward_scale\x18\n \x01(\x01\x12\x1c\n\x14no_offer_probability\x18\x0b \x01(\x01\x12\x13\n\x0bprobability\x18\x0c \x01(\x01\x12\x0e\n\x06reason\x18\r \x01(\t\x12.\n\ndecided_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scored\x18\x0f \x01(\x08\x12/\n\x08\x66\x65\x61tures\x18\x10 \x03(\x0b\x32\x1d.nextbest.v1.ExplainedFeature\x12\x31\n\rprofile_as_of\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0b\x63onversions\x18\x12 \x03(\x0b\x32 .nextbest.v1.ExplainedConversion\"{\n\x13\x45xplainedConversion\x12\x15\n\rconversion_id\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\r\n\x05value\x18\x03 \x01(\x01\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\nConversion\x12\x15\n\rconversion_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x03 \x01(\t\x12\x0f\n\x07product\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x18ReportConversionsRequest\x12,\n\x0b\x63onversions\x18\x01 \x03(\x0b\x32\x17.nextbest.v1.Conversion\"s\n\x10\x43onversionCredit\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x0e\n\x06\x61rm_id\x18\x04 \x01(\t\x12\r\n\x05share\x18\x05 \x01(\x01\x12\r\n\x05value\x18\x06 \x01(\x01\"\x90\x01\n\x10\x43onversionResult\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.nextbest.v1.ConversionStatus\x12.\n\x07\x63redits\x18\x02 \x03(\x0b\x32\x1d.nextbest.v1.ConversionCredit\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"K\n\x19ReportConversionsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.nextbest.v1.ConversionResult*\x99\x01\n\x0cRewardStatus\x12\x1d\n\x19REWARD_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15REWARD_STATUS_LEARNED\x10\x01\x12\x1b\n\x17REWARD_STATUS_DUPLICATE\x10\x02\x12\x16\n\x12REWARD_STATUS_LATE\x10\x03\x12\x1a\n\x16REWARD_STATUS_RECORDED\x10\x04*\x91\x01\n\x0e\x41\x63tivateStatus\x12\x1f\n\x1b\x41\x43TIVATE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x43TIVATE_STATUS_ACTIVATED\x10\x01\x12\"\n\x1e\x41\x43TIVATE_STATUS_ALREADY_ACTIVE\x10\x02\x12\x1b\n\x17\x41\x43TIVATE_STATUS_EXPIRED\x10\x03*\x83\x01\n\rFeatureSource\x12\x1e\n\x1a\x46\x45\x41TURE_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_SOURCE_REQUEST\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_SOURCE_PROFILE\x10\x02\x12\x1a\n\x16\x46\x45\x41TURE_SOURCE_HISTORY\x10\x03*\x9c\x01\n\x10\x43onversionStatus\x12!\n\x1d\x43ONVERSION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x43ONVERSION_STATUS_ATTRIBUTED\x10\x01\x12\"\n\x1e\x43ONVERSION_STATUS_UNATTRIBUTED\x10\x02\x12\x1f\n\x1b\x43ONVERSION_STATUS_DUPLICATE\x10\x03\x32\xcc\x05\n\x0f\x44\x65\x63isionService\x12o\n\x06\x43hoose\x12\x1a.nextbest.v1.ChooseRequest\x1a\x1b.nextbest.v1.ChooseResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/placements/{placement}:choose:\x01*\x12j\n\x06Reward\x12\x1a.nextbest.v1.RewardRequest\x1a\x1b.nextbest.v1.RewardResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/events/{event_id}:reward:\x01*\x12s\n\x0bRewardBatch\x12\x1f.nextbest.v1.RewardBatchRequest\x1a .nextbest.v1.RewardBatchResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/events:batchReward:\x01*\x12r\n\x08\x41\x63tivate\x12\x1c.nextbest.v1.ActivateRequest\x1a\x1d.nextbest.v1.ActivateResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/events/{event_id}:activate:\x01*\x12k\n\x07\x45xplain\x12\x1b.nextbest.v1.ExplainRequest\x1a\x1c.nextbest.v1.ExplainResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/events/{event_id}:explain\x12\x85\x01\n\x11ReportConversions\x12%.nextbest.v1.ReportConversionsRequest\x1a&.nextbest.v1.ReportConversionsResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/conversions:report:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextbest.v1.decision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REWARDSTATUS']._serialized_start=2714
-  _globals['_REWARDSTATUS']._serialized_end=2867
-  _globals['_ACTIVATESTATUS']._serialized_start=2870
-  _globals['_ACTIVATESTATUS']._serialized_end=3015
-  _globals['_FEATURESOURCE']._serialized_start=3018
-  _globals['_FEATURESOURCE']._serialized_end=3149
-  _globals['_CONVERSIONSTATUS']._serialized_start=3152
-  _globals['_CONVERSIONSTATUS']._serialized_end=3308
-  _globals['_SLOTFEATURES']._serialized_start=102
-  _globals['_SLOTFEATURES']._serialized_end=156
-  _globals['_SLOTCHOICE']._serialized_start=158
-  _globals['_SLOTCHOICE']._serialized_end=221
-  _globals['_CHOOSEREQUEST']._serialized_start=224
-  _globals['_CHOOSEREQUEST']._serialized_end=457
-  _globals['_CHOOSERESPONSE']._serialized_start=460
-  _globals['_CHOOSERESPONSE']._serialized_end=627
-  _globals['_REWARDREQUEST']._serialized_start=629
-  _globals['_REWARDREQUEST']._serialized_end=711
-  _globals['_ACTIVATEREQUEST']._serialized_start=713
-  _globals['_ACTIVATEREQUEST']._serialized_end=748
-  _globals['_ACTIVATERESPONSE']._serialized_start=750
-  _globals['_ACTIVATERESPONSE']._serialized_end=813
-  _globals['_REWARDRESPONSE']._serialized_start=815
-  _globals['_REWARDRESPONSE']._serialized_end=874
-  _globals['_REWARDBATCHREQUEST']._serialized_start=876
-  _globals['_REWARDBATCHREQUEST']._serialized_end=941
-  _globals['_REWARDRESULT']._serialized_start=943
-  _globals['_REWARDRESULT']._serialized_end=1031
-  _globals['_REWARDBATCHRESPONSE']._serialized_start=1033
-  _globals['_REWARDBATCHRESPONSE']._serialized_end=1098
-  _globals['_EXPLAINREQUEST']._serialized_start=1100
-  _globals['_EXPLAINREQUEST']._serialized_end=1148
-  _globals['_ARMEXPLANATION']._serialized_start=1151
-  _globals['_ARMEXPLANATION']._serialized_end=1387
-  _globals['_EXPLAINEDFEATURE']._serialized_start=1389
-  _globals['_EXPLAINEDFEATURE']._serialized_end=1490
-  _globals['_EXPLAINRESPONSE']._serialized_start=1493
-  _globals['_EXPLAINRESPONSE']._serialized_end=2015
-  _globals['_EXPLAINEDCONVERSION']._serialized_start=2017
-  _globals['_EXPLAINEDCONVERSION']._serialized_end=2140
-  _globals['_CONVERSION']._serialized_start=2143
-  _globals['_CONVERSION']._serialized_end=2296
-  _globals['_REPORTCONVERSIONSREQUEST']._serialized_start=2298
-  _globals['_REPORTCONVERSIONSREQUEST']._serialized_end=2370
-  _globals['_CONVERSIONCREDIT']._serialized_start=2372
-  _globals['_CONVERSIONCREDIT']._serialized_end=2487
-  _globals['_CONVERSIONRESULT']._serialized_start=2490
-  _globals['_CONVERSIONRESULT']._serialized_end=2634
-  _globals['_REPORTCONVERSIONSRESPONSE']._serialized_start=2636
-  _globals['_REPORTCONVERSIONSRESPONSE']._serialized_end=2711
-  _globals['_DECISIONSERVICE']._serialized_start=3311
-  _globals['_DECISIONSERVICE']._serialized_end=3787
+  _globals['_DECISIONSERVICE'].methods_by_name['Choose']._loaded_options = None
+  _globals['_DECISIONSERVICE'].methods_by_name['Choose']._serialized_options = b'\202\323\344\223\002&\"!/v1/placements/{placement}:choose:\001*'
+  _globals['_DECISIONSERVICE'].methods_by_name['Reward']._loaded_options = None
+  _globals['_DECISIONSERVICE'].methods_by_name['Reward']._serialized_options = b'\202\323\344\223\002!\"\034/v1/events/{event_id}:reward:\001*'
+  _globals['_DECISIONSERVICE'].methods_by_name['RewardBatch']._loaded_options = None
+  _globals['_DECISIONSERVICE'].methods_by_name['RewardBatch']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/events:batchReward:\001*'
+  _globals['_DECISIONSERVICE'].methods_by_name['Activate']._loaded_options = None
+  _globals['_DECISIONSERVICE'].methods_by_name['Activate']._serialized_options = b'\202\323\344\223\002#\"\036/v1/events/{event_id}:activate:\001*'
+  _globals['_DECISIONSERVICE'].methods_by_name['Explain']._loaded_options = None
+  _globals['_DECISIONSERVICE'].methods_by_name['Explain']._serialized_options = b'\202\323\344\223\002\037\022\035/v1/events/{event_id}:explain'
+  _globals['_DECISIONSERVICE'].methods_by_name['ReportConversions']._loaded_options = None
+  _globals['_DECISIONSERVICE'].methods_by_name['ReportConversions']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/conversions:report:\001*'
+  _globals['_REWARDSTATUS']._serialized_start=2744
+  _globals['_REWARDSTATUS']._serialized_end=2897
+  _globals['_ACTIVATESTATUS']._serialized_start=2900
+  _globals['_ACTIVATESTATUS']._serialized_end=3045
+  _globals['_FEATURESOURCE']._serialized_start=3048
+  _globals['_FEATURESOURCE']._serialized_end=3179
+  _globals['_CONVERSIONSTATUS']._serialized_start=3182
+  _globals['_CONVERSIONSTATUS']._serialized_end=3338
+  _globals['_SLOTFEATURES']._serialized_start=132
+  _globals['_SLOTFEATURES']._serialized_end=186
+  _globals['_SLOTCHOICE']._serialized_start=188
+  _globals['_SLOTCHOICE']._serialized_end=251
+  _globals['_CHOOSEREQUEST']._serialized_start=254
+  _globals['_CHOOSEREQUEST']._serialized_end=487
+  _globals['_CHOOSERESPONSE']._serialized_start=490
+  _globals['_CHOOSERESPONSE']._serialized_end=657
+  _globals['_REWARDREQUEST']._serialized_start=659
+  _globals['_REWARDREQUEST']._serialized_end=741
+  _globals['_ACTIVATEREQUEST']._serialized_start=743
+  _globals['_ACTIVATEREQUEST']._serialized_end=778
+  _globals['_ACTIVATERESPONSE']._serialized_start=780
+  _globals['_ACTIVATERESPONSE']._serialized_end=843
+  _globals['_REWARDRESPONSE']._serialized_start=845
+  _globals['_REWARDRESPONSE']._serialized_end=904
+  _globals['_REWARDBATCHREQUEST']._serialized_start=906
+  _globals['_REWARDBATCHREQUEST']._serialized_end=971
+  _globals['_REWARDRESULT']._serialized_start=973
+  _globals['_REWARDRESULT']._serialized_end=1061
+  _globals['_REWARDBATCHRESPONSE']._serialized_start=1063
+  _globals['_REWARDBATCHRESPONSE']._serialized_end=1128
+  _globals['_EXPLAINREQUEST']._serialized_start=1130
+  _globals['_EXPLAINREQUEST']._serialized_end=1178
+  _globals['_ARMEXPLANATION']._serialized_start=1181
+  _globals['_ARMEXPLANATION']._serialized_end=1417
+  _globals['_EXPLAINEDFEATURE']._serialized_start=1419
+  _globals['_EXPLAINEDFEATURE']._serialized_end=1520
+  _globals['_EXPLAINRESPONSE']._serialized_start=1523
+  _globals['_EXPLAINRESPONSE']._serialized_end=2045
+  _globals['_EXPLAINEDCONVERSION']._serialized_start=2047
+  _globals['_EXPLAINEDCONVERSION']._serialized_end=2170
+  _globals['_CONVERSION']._serialized_start=2173
+  _globals['_CONVERSION']._serialized_end=2326
+  _globals['_REPORTCONVERSIONSREQUEST']._serialized_start=2328
+  _globals['_REPORTCONVERSIONSREQUEST']._serialized_end=2400
+  _globals['_CONVERSIONCREDIT']._serialized_start=2402
+  _globals['_CONVERSIONCREDIT']._serialized_end=2517
+  _globals['_CONVERSIONRESULT']._serialized_start=2520
+  _globals['_CONVERSIONRESULT']._serialized_end=2664
+  _globals['_REPORTCONVERSIONSRESPONSE']._serialized_start=2666
+  _globals['_REPORTCONVERSIONSRESPONSE']._serialized_end=2741
+  _globals['_DECISIONSERVICE']._serialized_start=3341
+  _globals['_DECISIONSERVICE']._serialized_end=4057
 # @@protoc_insertion_point(module_scope)

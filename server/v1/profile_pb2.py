@@ -22,31 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from nextbest.v1 import common_pb2 as nextbest_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nextbest/v1/profile.proto\x12\x0bnextbest.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18nextbest/v1/common.proto\"\xa2\x01\n\x07Profile\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x14.nextbest.v1.Feature\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x12PutProfilesRequest\x12&\n\x08profiles\x18\x01 \x03(\x0b\x32\x14.nextbest.v1.Profile\"4\n\x13PutProfilesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\r\n\x05stale\x18\x02 \x01(\x03\"(\n\x11GetProfileRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\";\n\x12GetProfileResponse\x12%\n\x07profile\x18\x01 \x01(\x0b\x32\x14.nextbest.v1.Profile\"D\n\x14\x44\x65leteProfileRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65rase_decisions\x18\x02 \x01(\x08\"c\n\x15\x44\x65leteProfileResponse\x12\x10\n\x08profiles\x18\x01 \x01(\x03\x12\x11\n\tdecisions\x18\x02 \x01(\x03\x12\x10\n\x08\x63ontacts\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onversions\x18\x04 \x01(\x03\x32\x89\x02\n\x0eProfileService\x12P\n\x0bPutProfiles\x12\x1f.nextbest.v1.PutProfilesRequest\x1a .nextbest.v1.PutProfilesResponse\x12M\n\nGetProfile\x12\x1e.nextbest.v1.GetProfileRequest\x1a\x1f.nextbest.v1.GetProfileResponse\x12V\n\rDeleteProfile\x12!.nextbest.v1.DeleteProfileRequest\x1a\".nextbest.v1.DeleteProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nextbest/v1/profile.proto\x12\x0bnextbest.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18nextbest/v1/common.proto\"\xa2\x01\n\x07Profile\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12&\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x14.nextbest.v1.Feature\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x12PutProfilesRequest\x12&\n\x08profiles\x18\x01 \x03(\x0b\x32\x14.nextbest.v1.Profile\"4\n\x13PutProfilesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x03\x12\r\n\x05stale\x18\x02 \x01(\x03\"(\n\x11GetProfileRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\";\n\x12GetProfileResponse\x12%\n\x07profile\x18\x01 \x01(\x0b\x32\x14.nextbest.v1.Profile\"D\n\x14\x44\x65leteProfileRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65rase_decisions\x18\x02 \x01(\x08\"c\n\x15\x44\x65leteProfileResponse\x12\x10\n\x08profiles\x18\x01 \x01(\x03\x12\x11\n\tdecisions\x18\x02 \x01(\x03\x12\x10\n\x08\x63ontacts\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onversions\x18\x04 \x01(\x03\x32\xf3\x02\n\x0eProfileService\x12r\n\x0bPutProfiles\x12\x1f.nextbest.v1.PutProfilesRequest\x1a .nextbest.v1.PutProfilesResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/profiles:batchPut:\x01*\x12q\n\nGetProfile\x12\x1e.nextbest.v1.GetProfileRequest\x1a\x1f.nextbest.v1.GetProfileResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/profiles/{customer_id}\x12z\n\rDeleteProfile\x12!.nextbest.v1.DeleteProfileRequest\x1a\".nextbest.v1.DeleteProfileResponse\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/profiles/{customer_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nextbest.v1.profile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROFILE']._serialized_start=102
-  _globals['_PROFILE']._serialized_end=264
-  _globals['_PUTPROFILESREQUEST']._serialized_start=266
-  _globals['_PUTPROFILESREQUEST']._serialized_end=326
-  _globals['_PUTPROFILESRESPONSE']._serialized_start=328
-  _globals['_PUTPROFILESRESPONSE']._serialized_end=380
-  _globals['_GETPROFILEREQUEST']._serialized_start=382
-  _globals['_GETPROFILEREQUEST']._serialized_end=422
-  _globals['_GETPROFILERESPONSE']._serialized_start=424
-  _globals['_GETPROFILERESPONSE']._serialized_end=483
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=485
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=553
-  _globals['_DELETEPROFILERESPONSE']._serialized_start=555
-  _globals['_DELETEPROFILERESPONSE']._serialized_end=654
-  _globals['_PROFILESERVICE']._serialized_start=657
-  _globals['_PROFILESERVICE']._serialized_end=922
+  _globals['_PROFILESERVICE'].methods_by_name['PutProfiles']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['PutProfiles']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/profiles:batchPut:\001*'
+  _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/profiles/{customer_id}'
+  _globals['_PROFILESERVICE'].methods_by_name['DeleteProfile']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['DeleteProfile']._serialized_options = b'\202\323\344\223\002\034*\032/v1/profiles/{customer_id}'
+  _globals['_PROFILE']._serialized_start=132
+  _globals['_PROFILE']._serialized_end=294
+  _globals['_PUTPROFILESREQUEST']._serialized_start=296
+  _globals['_PUTPROFILESREQUEST']._serialized_end=356
+  _globals['_PUTPROFILESRESPONSE']._serialized_start=358
+  _globals['_PUTPROFILESRESPONSE']._serialized_end=410
+  _globals['_GETPROFILEREQUEST']._serialized_start=412
+  _globals['_GETPROFILEREQUEST']._serialized_end=452
+  _globals['_GETPROFILERESPONSE']._serialized_start=454
+  _globals['_GETPROFILERESPONSE']._serialized_end=513
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=515
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=583
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=585
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=684
+  _globals['_PROFILESERVICE']._serialized_start=687
+  _globals['_PROFILESERVICE']._serialized_end=1058
 # @@protoc_insertion_point(module_scope)
