@@ -21,6 +21,7 @@ from nextbest.rpc import tls
 from nextbest.rpc.admin import AdminServicer
 from nextbest.rpc.auth import AuthInterceptor, load_tokens
 from nextbest.rpc.decision import DecisionServicer
+from nextbest.rpc.http import HttpDoor, https_context
 from nextbest.rpc.overload import OverloadInterceptor
 from nextbest.rpc.profiles import ProfileServicer
 from nextbest.rpc.reflection import enable_reflection
@@ -49,6 +50,8 @@ class Running:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     overload: OverloadInterceptor | None = None
+    http: HttpDoor | None = None
+    http_port: int | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, drain within grace, then flush the log and snapshot models."""
@@ -56,6 +59,8 @@ class Running:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.overload is not None:
             await self.overload.stop_probe()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.engine.stop()
         self.engine.metrics.stop_http()
@@ -87,6 +92,7 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         # request is even parsed), then the limit.
         gate = [overload.probe_gate()] if settings.shed_queue_ms else []
         interceptors = [*gate, engine.metrics.interceptor(), AuthInterceptor(tokens), overload]
+        http_layers: dict[str, Any] = {"interceptors": interceptors[len(gate) :]}  # the probe is gRPC's only
         server = grpc.aio.server(options=options, interceptors=interceptors, **limits)
         target: Any = server
     else:
@@ -98,17 +104,17 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
             target = RegisterWrapped(server, lambda m, h: overload.bypass(m, timing.wrap(m, overload.wrap(m, h))))
         else:
             target = RegisterWrapped(server, lambda m, h: timing.wrap(m, overload.wrap(m, h)))
+        http_layers = {"wrap": lambda m, h: timing.wrap(m, overload.wrap(m, h))}
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-        DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics, engine.conversions), target
-    )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine.config, engine.stats), target)
-    profile_pb2_grpc.add_ProfileServiceServicer_to_server(
-        ProfileServicer(ProfileHandler(store, settings, engine.clock, on_written=engine.profiles.written)), target
-    )
+    decision = DecisionServicer(engine.chooser, engine.windows, engine.reward_batch, engine.explainer, engine.metrics, engine.conversions)
+    admin = AdminServicer(engine.config, engine.stats)
+    profiles = ProfileServicer(ProfileHandler(store, settings, engine.clock, on_written=engine.profiles.written))
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(decision, target)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, target)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(profiles, target)
     enable_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), target)  # v1 and v1alpha
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
@@ -124,17 +130,25 @@ async def create_server(settings: Settings, clock: Callable[[], float] = time.ti
         metrics_port = engine.metrics.serve_http(settings.metrics_host or settings.host, settings.metrics_port)
     if settings.init_config and not engine.states:
         await _init_config(engine, settings.init_config)
+    http, http_port = None, None
+    if settings.http_port is not None:  # the same servicers and layers, over HTTP/JSON
+        https = https_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) if creds is not None else None
+        http = HttpDoor(
+            dict(zip(SERVICES, (decision, admin, profiles), strict=True)), max_body=settings.max_message_bytes, tls=https, **http_layers
+        )
+        http_port = await http.start(settings.host, settings.http_port, settings.reuse_port)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "auth %s (%d tokens), TLS %s, metrics %s",
+        "auth %s (%d tokens), TLS %s, metrics %s, HTTP/JSON %s",
         "on" if len(tokens) else "off",
         len(tokens),
         ("mTLS" if settings.tls_client_ca_file else "on") if creds is not None else "off",
         f"on port {metrics_port}" if metrics_port is not None else "off",
+        f"on port {http_port}" if http_port is not None else "off",
     )
     engine.metrics.gc_pauses.install()  # last: a server that failed to start leaves none behind
-    return Running(server, port, engine, health_servicer, metrics_port, overload)
+    return Running(server, port, engine, health_servicer, metrics_port, overload, http, http_port)
 
 
 async def serve(settings: Settings) -> None:
@@ -143,6 +157,8 @@ async def serve(settings: Settings) -> None:
     collector.tune()
     log.info("nextbest serving on %s:%d, database %s", settings.host, running.port, _safe_url(settings.db))
     print(f"nextbest serving on {settings.host}:{running.port}", flush=True)
+    if running.http_port is not None:
+        log.info("nextbest serving HTTP/JSON on %s:%d", settings.host, running.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     workers: Annotated[int, Field(ge=1, le=64)] = 1  # server processes sharing the port (SO_REUSEPORT)
     reuse_port: bool = False  # set for the worker processes of --workers
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus metrics over HTTP; unset: off
+    http_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # HTTP/JSON door on host (same TLS, auth); unset: off
     sweep_interval: Annotated[float, Field(gt=0, le=60)] = 0.5  # how often expired reward windows are closed
     learn_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
     # Contact policies and fatigue read a customer's impressions from "memory" (this server's,

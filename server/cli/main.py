@@ -57,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         learner=args.learner,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
     )
     setup_logging(settings.log_level)
     if settings.workers > 1:
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-config", dest="init_config", help="apply file loaded when the database has no placements")
     s.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
     s.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this HTTP port")
+    s.add_argument("--http-port", dest="http_port", type=int, help="also serve the API as HTTP/JSON on this port (NEXTBEST_HTTP_PORT)")
     s.add_argument("--workers", type=int, help="server processes sharing the port, one per core (NEXTBEST_WORKERS)")
     s.add_argument(
         "--learner",
