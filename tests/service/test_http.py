@@ -142,6 +142,38 @@ def test_errors_are_google_rpc_status_json_with_envoys_http_status(tmp_path: Pat
         s.stop()
 
 
+def rpcs(s: ServerThread, method: str, code: str) -> float:
+    """The server's RPC count of a method and status code (its Prometheus histogram)."""
+    labels = {"method": f"nextbest.v1.{method}", "code": code}
+    return s.engine.metrics.registry.get_sample_value("nextbest_rpc_duration_seconds_count", labels) or 0.0
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_http_calls_are_counted_with_the_grpc_ones(tmp_path: Path, auth: bool) -> None:
+    s = _server(f"sqlite:///{tmp_path}/nb.db", **({"auth_tokens": TOKENS} if auth else {}))
+    try:
+        token = CHANNEL_TOKEN if auth else None
+        before = rpcs(s, "DecisionService/Choose", "OK")
+        assert call(s, "POST", "/v1/placements/app_home_banner:choose", {}, token)[0] == 200
+        with token_client(s.target, token) as c:
+            c.choose("app_home_banner")
+        assert rpcs(s, "DecisionService/Choose", "OK") == before + 2
+        assert call(s, "GET", "/v1/events/nope:explain", token=token)[0] == 404
+        assert rpcs(s, "DecisionService/Explain", "NOT_FOUND") == 1
+    finally:
+        s.stop()
+
+
+def test_path_variables_are_percent_decoded(tmp_path: Path) -> None:
+    s = _server(f"sqlite:///{tmp_path}/nb.db")
+    try:
+        status, doc = call(s, "POST", "/v1/placements/app_home_banner:choose", {"eventId": "order/7:a b"})
+        assert (status, doc["eventId"]) == (200, "order/7:a b")
+        assert call(s, "POST", "/v1/events/order%2F7:a%20b:reward", {"reward": 1}) == (200, {"status": "REWARD_STATUS_LEARNED"})
+    finally:
+        s.stop()
+
+
 def test_auth_is_the_grpc_ports(tmp_path: Path) -> None:
     s = _server(f"sqlite:///{tmp_path}/nb.db", auth_tokens=TOKENS)
     try:
