@@ -6,7 +6,8 @@ ones Envoy's gRPC-JSON transcoder and grpc-gateway read, so a proxy in front giv
 Each request becomes the request message and goes to the same servicer method the gRPC server
 calls, through the same layers: with tokens the same interceptors (metrics, auth, overload) run
 per call, as grpc.aio runs them; without, the same wrap the gRPC handlers got at registration.
-The servicers see a small context (``HttpContext``) with the part of grpc.aio's they use.
+The servicers see a small context (``HttpContext``) with the part of grpc.aio's they use; a
+``grpc-timeout`` header (as Envoy passes it on) is the call's deadline.
 
 Answers are canonical proto3 JSON; failures are ``google.rpc.Status`` JSON (``code``,
 ``message``, ``details``) with the HTTP status Envoy's transcoder gives each gRPC code. A body
@@ -16,6 +17,7 @@ With TLS configured the door serves HTTPS with the same certificate (and client 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -31,6 +33,7 @@ from google.protobuf import descriptor_pool, json_format
 from nextbest.bandit.errors import InvalidInput
 from nextbest.rpc.errors import message_of
 from nextbest.rpc.http_routes import Route, build_request, match, routes_of
+from nextbest.rpc.overload import MALFORMED
 from nextbest.rpc.wrapping import Wrap
 
 log = logging.getLogger("nextbest.http")
@@ -67,9 +70,10 @@ class _CallDetails(NamedTuple):
 class HttpContext:
     """The part of grpc.aio.ServicerContext the servicers and their wrappers use."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...], peer: str) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...], peer: str, deadline: float | None = None) -> None:
         self._metadata = metadata
         self._peer = peer
+        self._deadline = deadline  # on the event loop's clock
         self._code: grpc.StatusCode | None = None
         self._details = ""
 
@@ -96,7 +100,7 @@ class HttpContext:
         return self._peer
 
     def time_remaining(self) -> float | None:
-        return None  # HTTP callers send no deadline
+        return None if self._deadline is None else self._deadline - asyncio.get_running_loop().time()
 
     def cancelled(self) -> bool:
         return False
@@ -106,6 +110,17 @@ class HttpContext:
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         pass
+
+
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def parse_timeout(value: str) -> float:
+    """A ``grpc-timeout`` header (as Envoy's transcoder passes it on): 1 to 8 digits and a unit."""
+    digits, unit = value[:-1], value[-1:]
+    if not (1 <= len(digits) <= 8 and digits.isascii() and digits.isdigit() and unit in _TIMEOUT_UNITS):
+        raise InvalidInput("grpc-timeout", "1 to 8 digits and a unit of H, M, S, m, u, n, e.g. 500m")
+    return int(digits) * _TIMEOUT_UNITS[unit]
 
 
 def status_json(code: grpc.StatusCode, message: str) -> web.Response:
@@ -190,22 +205,29 @@ class HttpDoor:
                 refused.set_status(405)
                 return refused
             return status_json(grpc.StatusCode.NOT_FOUND, f"no route for {request.method} {path[:200]}")
+        # A request that does not parse still goes through the layers, as MALFORMED (the overload
+        # guard's INVALID_ARGUMENT), so that auth refuses it first, as it does on the gRPC port.
+        message: Any = MALFORMED
+        problem: str | None = None
+        deadline: float | None = None
         try:
             body: Any = None
             if route.body:
                 raw = await request.read()
                 body = json.loads(raw) if raw.strip() else ({} if route.body == "*" else None)
             message = build_request(route, variables, body, request.query.items())
+            timeout = request.headers.get("grpc-timeout")
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + parse_timeout(timeout)
         except web.HTTPRequestEntityTooLarge:
             response = status_json(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body larger than {self._max_body} bytes")
             response.set_status(413)
             return response
         except InvalidInput as e:
-            return status_json(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            problem = str(e)
         except (ValueError, RecursionError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return status_json(grpc.StatusCode.INVALID_ARGUMENT, f"body: not valid JSON: {e}")
+            problem = f"body: not valid JSON: {e}"
         metadata = tuple((k.lower(), v) for k, v in request.headers.items())
-        context = HttpContext(metadata, f"http:{request.remote or ''}")
+        context = HttpContext(metadata, f"http:{request.remote or ''}", deadline)
         try:
             handler = await self._resolve(route.full_method, metadata)
             behavior: Behavior = handler.unary_unary
@@ -213,10 +235,14 @@ class HttpDoor:
         except grpc.aio.AbortError:
             answer = None
         except Exception:
+            if problem is not None:
+                return status_json(grpc.StatusCode.INVALID_ARGUMENT, problem)
             ref = uuid.uuid4().hex[:12]
             log.exception("internal error in %s over HTTP (ref %s)", route.full_method, ref)
             return status_json(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
         code = context.code()
+        if problem is not None and code in (None, grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT):
+            return status_json(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if code is not None and code != grpc.StatusCode.OK:
             return status_json(code, context.details())
         if answer is None:

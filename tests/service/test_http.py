@@ -22,12 +22,18 @@ from tests.harness import ADMIN_TOKEN, CHANNEL_TOKEN, LIMITED_TOKEN, TOKENS, Fak
 
 
 def call(
-    s: ServerThread, verb: str, path: str, body: Any = None, token: str | None = None, tls: ssl.SSLContext | None = None
+    s: ServerThread,
+    verb: str,
+    path: str,
+    body: Any = None,
+    token: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """(HTTP status, parsed JSON answer) of one request to the server's HTTP port."""
     port = s.running.http_port
     data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     scheme = "https" if tls is not None else "http"
@@ -164,6 +170,22 @@ def test_http_calls_are_counted_with_the_grpc_ones(tmp_path: Path, auth: bool) -
         s.stop()
 
 
+def test_a_grpc_timeout_header_is_the_deadline(tmp_path: Path) -> None:
+    s = _server(f"sqlite:///{tmp_path}/nb.db")
+    try:
+        path = "/v1/placements/app_home_banner:choose"
+        headers = {"grpc-timeout": "0n"}  # already passed: dropped by the overload guard, as over gRPC
+        assert call(s, "POST", path, {}, headers=headers) == (
+            504,
+            {"code": 4, "message": "the deadline passed before the call was served", "details": []},
+        )
+        assert call(s, "POST", path, {}, headers={"grpc-timeout": "5S"})[0] == 200
+        status, doc = call(s, "POST", path, {}, headers={"grpc-timeout": "soon"})
+        assert status == 400 and doc["message"].startswith("grpc-timeout")
+    finally:
+        s.stop()
+
+
 def test_path_variables_are_percent_decoded(tmp_path: Path) -> None:
     s = _server(f"sqlite:///{tmp_path}/nb.db")
     try:
@@ -181,6 +203,11 @@ def test_auth_is_the_grpc_ports(tmp_path: Path) -> None:
         for token in (None, "wrong-token"):
             status, doc = call(s, "POST", path, {}, token)
             assert (status, doc["code"]) == (401, 16)
+        # As on the gRPC port, auth refuses before the request is parsed.
+        assert call(s, "POST", path, b"{not json")[0] == 401
+        assert call(s, "POST", path, b"{not json", LIMITED_TOKEN)[0] == 400  # its placement is not known yet
+        assert call(s, "POST", "/v1/placements:choose", {}, ADMIN_TOKEN)[0] == 404  # no such route, whoever asks
+        assert call(s, "POST", path, {"bogus": 1}, ADMIN_TOKEN)[0] == 403
         status, doc = call(s, "POST", path, {}, LIMITED_TOKEN)
         assert (status, doc["code"]) == (403, 7) and "app_home_banner" in doc["message"]
         assert call(s, "POST", "/v1/placements/ussd_main_menu:choose", {"eventId": "u-1"}, LIMITED_TOKEN)[0] == 200
