@@ -234,6 +234,11 @@ def _load_file(args: argparse.Namespace) -> int:
         from nextbest.storage.sql import open_store
 
         store = open_store(args.db)
+        import pyarrow as pa
+
+        # malloc's pool, not jemalloc's: jemalloc kept 60-75 MiB more resident for the same
+        # batches (peak RSS at 1 M rows: 319 against 256 MiB; as flat as the file grows either way)
+        pa.set_memory_pool(pa.system_memory_pool())
 
         def put_table(table: Any) -> ProfilesPut:  # no Python object per row: 3x less of the loader's CPU
             return store.put_profile_table(table, time.time())
