@@ -33,6 +33,7 @@ from google.protobuf import descriptor_pool, json_format
 from nextbest.bandit.errors import InvalidInput
 from nextbest.rpc.errors import message_of
 from nextbest.rpc.http_routes import Route, build_request, match, routes_of
+from nextbest.rpc.openapi import document, render
 from nextbest.rpc.overload import MALFORMED
 from nextbest.rpc.wrapping import Wrap
 
@@ -157,6 +158,7 @@ class HttpDoor:
         pool = descriptor_pool.Default()
         services = [pool.FindServiceByName(name) for name in servicers]
         self.routes: list[Route] = routes_of(services)
+        self._openapi = render(document(services))  # docs/openapi.json without the proto comments
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         for route in self.routes:
             servicer = servicers[route.method.containing_service.full_name]
@@ -170,6 +172,7 @@ class HttpDoor:
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen; the bound port (port 0 picks a free one)."""
         app = web.Application(client_max_size=self._max_body)
+        app.router.add_get("/v1/openapi.json", self.openapi, allow_head=False)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -182,6 +185,10 @@ class HttpDoor:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of these routes (public, as the API's shape is)."""
+        return web.Response(text=self._openapi, content_type="application/json")
 
     async def _resolve(self, method: str, metadata: tuple[tuple[str, str], ...]) -> grpc.RpcMethodHandler:
         """The handler after the interceptors, outermost first, as grpc.aio resolves it."""
