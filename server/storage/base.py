@@ -490,7 +490,8 @@ class Store(Protocol):
 
     def contacts_read(self, customer_ids: Sequence[str], since: float) -> dict[str, list[RecentImpression]]:
         """MUST return, for each customer, their impressions at or after ``since``, oldest first,
-        as ``contacts_open`` reads them, in one read and without taking any lock. Unavailable."""
+        as ``contacts_open`` reads them, in one read and without taking any lock
+        (test_contacts_read_gives_each_customer_their_impressions_in_one_read). Unavailable."""
         ...
 
     def contacts_commit(self, handle: Any, rows: Sequence[ContactRow]) -> None:
