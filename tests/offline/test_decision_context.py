@@ -39,7 +39,7 @@ SPEC_FEATURES = {(k, 1): features_from_mapping(v) for k, v in ARMS.items()}
 PROFILE_AS_OF = 1.69e9 + 0.125
 VW = "vw:--cb_explore_adf --epsilon 0.1 -q UA"
 
-# The README's query of profile-sourced features (section "Logs beyond one machine").
+# The query of profile-sourced features in docs/replay.md (section "Logs beyond one machine").
 PROFILE_QUERY = """
 SELECT event_id, f.name, f.text, f.number, profile_as_of
 FROM (SELECT event_id, profile_as_of, profile_keys, unnest(features) AS f FROM read_parquet($files))
@@ -291,7 +291,7 @@ def test_parquet_export_has_the_context_columns(url: str, tmp_path: Path) -> Non
         else:
             assert row.profile_as_of.timestamp() == pytest.approx(d.context.profile_as_of, abs=1e-6)
             assert [f["name"] for f in row.arm_features[0]] == ["impressions_7d", "accepts_30d", "days_since_impression"]
-    assert PROFILE_QUERY.strip() in (Path(__file__).parents[2] / "README.md").read_text()
+    assert PROFILE_QUERY.strip() in (Path(__file__).parents[2] / "docs" / "replay.md").read_text()
     rows = duckdb.execute(PROFILE_QUERY, {"files": str(out)}).fetchall()
     want = [
         (d.event_id, name, v if isinstance(v, str) else None, None if isinstance(v, str) else v)

@@ -397,11 +397,11 @@ def test_a_server_refusing_a_batch_stops_the_load_there(tmp_path: Path, capsys: 
 
 
 def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
-    """README "Loading profiles from the warehouse": its CSV and its commands, in a fresh directory."""
+    """docs/configuration.md "Loading profiles from the warehouse": its CSV and its commands, in a fresh directory."""
     import re
     import shlex
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     section = text.split("### Loading profiles from the warehouse", 1)[1].split("\n### ", 1)[0]
     csv = re.search(r"<<'CSV'\n(.*?)\nCSV\n", section, re.S)
     assert csv is not None
