@@ -11,7 +11,6 @@ a decision and its reservations are atomic on the loop.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -34,21 +33,30 @@ from nextbest.bandit.decider import (
     ruled_out,
     serve_holdout,
 )
-from nextbest.bandit.decision_log import DecisionContext, Explanation, LoggedDecision, Outcome
+from nextbest.bandit.decision_log import Explanation, LoggedDecision, Outcome
 from nextbest.bandit.eligibility import Value
 from nextbest.bandit.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
-from nextbest.bandit.features import SHARED_NAMESPACE, Feature, feature, feature_key, shared_line, shared_tokens, with_arm_features
-from nextbest.bandit.history import history_features, never_seen
-from nextbest.bandit.spec import PlacementSpec, window_label
+from nextbest.bandit.features import Feature, feature, shared_line
+from nextbest.bandit.spec import PlacementSpec
 from nextbest.bandit.text import quote
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.choose_checks import ChooseChecks
+from nextbest.engine.choose_context import (
+    NO_ADDITIONS,
+    ChooseContext,
+    arm_history,
+    caps,
+    impressions_made,
+    logged_context,
+    merged,
+    retrieved,
+)
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
-from nextbest.engine.profiles import CachedProfile, ProfileCache
+from nextbest.engine.profiles import ProfileCache
 from nextbest.engine.windows import OpenDecision, RewardWindows
 from nextbest.engine.writer import BatchWriter
-from nextbest.storage.base import ContactRow, RecentImpression
+from nextbest.storage.base import RecentImpression
 from nextbest.storage.refusal import RecordRefused
 from nextbest.telemetry.metrics import Metrics
 
@@ -61,15 +69,6 @@ def uniform_for(salt: bytes, event_id: str) -> float:
     """A uniform draw in [0, 1) fixed by the event id: a decision can be replayed exactly."""
     h = hashlib.blake2b(event_id.encode(), key=salt, digest_size=8).digest()
     return int.from_bytes(h, "big") / 2.0**64
-
-
-def _shown(customer_id: str, decisions: Sequence[LoggedDecision]) -> list[ContactRow]:
-    """The impressions a Choose made now (deferred decisions count when activated)."""
-    return [
-        ContactRow(customer_id, d.timestamp, d.placement, d.arm_id, d.event_id, d.slot)
-        for d in decisions
-        if d.arm_id is not None and d.activated
-    ]
 
 
 def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
@@ -87,31 +86,6 @@ def variant_of(spec: PlacementSpec, customer_id: str, event_id: str) -> str:
         if u < edge:
             return v.id
     return exp.variants[-1].id if exp.variants else "holdout"
-
-
-def with_profile(features: Sequence[Feature], cached: CachedProfile | None) -> tuple[tuple[Feature, ...], tuple[str, ...]]:
-    """The request's features and the stored profile's, the request winning where both name a
-    feature; and the names (``namespace.name``) that came from the profile."""
-    if cached is None or not cached.keys:
-        return tuple(features), ()
-    own = cached.key_set
-    if not any((f"{ns}.{name}" if ns else name) in own for ns, name, _ in features):  # feature_key, inlined
-        return (*features, *cached.profile.features), cached.keys  # most requests: nothing in common
-    asked = {feature_key(f) for f in features}
-    added = [(f, k) for f, k in zip(cached.profile.features, cached.keys, strict=True) if k not in asked]
-    return (*features, *(f for f, _ in added)), tuple(k for _, k in added)
-
-
-@dataclass(frozen=True, slots=True)
-class _Context:
-    """What a Choose adds to its request: the profile used (its as_of and the names it gave)."""
-
-    profile_as_of: float | None = None
-    profile_keys: tuple[str, ...] = ()
-    shared: str | None = None  # the shared VW line of the merged features (one slot), made from the profile's text
-
-
-_NO_ADDITIONS = _Context()
 
 
 _BASELINE = Explanation("baseline")  # the caller's own choice (apprentice, logging-only modes)
@@ -216,26 +190,19 @@ class Chooser:
         excluded = _exclusions(spec, exclude_arms)
         shared = self._contacts.shared
         tracked = bool(customer_id) and self._contacts.history.horizon > 0
-        locked = tracked and shared is not None and spec.history_horizon > 0 and _caps(spec)
+        locked = tracked and shared is not None and spec.history_horizon > 0 and caps(spec)
         reading: asyncio.Future[list[RecentImpression]] | None = None
         if tracked and shared is not None and spec.history_horizon > 0 and not locked:
             # History features only: read with every other Choose of the moment (one query),
             # no lock; alongside the profile's read.
             reading = shared.read(customer_id, self._clock() - self._contacts.history.horizon)
-            reading.add_done_callback(_retrieved)
-        added = _NO_ADDITIONS
+            reading.add_done_callback(retrieved)
+        added = NO_ADDITIONS
         if spec.context.profile and customer_id and self._profiles is not None:
             profile = await self._profiles.get(customer_id)  # cached, else read with others' misses
             if self._states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
-            asked = features
-            features, keys = with_profile(features, profile)
-            if profile is not None:
-                line = None
-                if spec.slots == 1 and profile.keys and len(keys) == len(profile.keys):  # all of it: its VW text as read
-                    own = shared_tokens(asked)
-                    line = f"shared |{SHARED_NAMESPACE} {own} {profile.text}" if own else f"shared |{SHARED_NAMESPACE} {profile.text}"
-                added = _Context(profile.profile.as_of, keys, line)
+            features, added = merged(spec, features, profile)
         if shared is not None and tracked and not locked:
             # No cap of this placement reads the history: its impressions join the next group
             # commit of the shared history (other placements' caps count them), after the decision.
@@ -248,7 +215,7 @@ class Chooser:
             out = await self._choose(
                 ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history or [], excluded, added
             )
-            shared.record(_shown(customer_id, out))
+            shared.record(impressions_made(customer_id, out))
             return out
         if locked:
             assert shared is not None
@@ -258,7 +225,7 @@ class Chooser:
                     raise InvalidInput("placement", "the placement changed during the decision; retry")
                 history = [self._contacts.impression(r) for r in tx.history]
                 out = await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, history, excluded, added)
-                tx.new.extend(_shown(customer_id, out))
+                tx.new.extend(impressions_made(customer_id, out))
                 return out
         return await self._choose(ps, customer_id, event_id, features, baseline_arm, defer, slot_features, None, excluded, added)
 
@@ -273,7 +240,7 @@ class Chooser:
         slot_features: Sequence[Sequence[Feature]],
         shared_history: list[Impression] | None,
         excluded: frozenset[str] = NOTHING_EXCLUDED,
-        added: _Context = _NO_ADDITIONS,
+        added: ChooseContext = NO_ADDITIONS,
     ) -> list[LoggedDecision]:
         """The decisions of one Choose; ``shared_history`` is the customer's impressions from
         the database when contact history is shared, else None (this server's memory)."""
@@ -395,7 +362,7 @@ class Chooser:
         closed: str = "",
         excluded: frozenset[str] = NOTHING_EXCLUDED,
         waits: list[tuple[asyncio.Future[bool], _Made]] | None = None,
-        added: _Context = _NO_ADDITIONS,
+        added: ChooseContext = NO_ADDITIONS,
     ) -> LoggedDecision:
         spec = ps.record.spec
         salt = ps.salt
@@ -406,16 +373,7 @@ class Chooser:
         by_arm: dict[str, tuple[Feature, ...]] = {}
         arm_rules: ArmContexts = NO_ARM_CONTEXT
         if spec.context.history and customer_id and candidates:
-            # This customer's history of each offer, as of this slot (earlier slots included):
-            # appended to each arm's VW line, and read by rules as the arm's own features.
-            windows = _windows(tuple(spec.context.history))
-            by_arm = history_features(history, [c.arm.id for c in candidates], windows, now)
-            never = never_seen(windows)  # an arm not seen keeps its cached line and candidate
-            if any(fs is not never for fs in by_arm.values()):  # else the shared candidates as they are
-                candidates = [c if (fs := by_arm[c.arm.id]) is never else _with_history(c, fs) for c in candidates]
-            if spec.has_rules:
-                unseen = context_of(never)
-                arm_rules = {a: unseen if fs is never else context_of(fs) for a, fs in by_arm.items()}
+            candidates, by_arm, arm_rules = arm_history(spec, history, candidates, now)
         model_version = 0
         if closed:
             choice = Choice(None, 0.0, (), reason=closed)
@@ -477,7 +435,7 @@ class Chooser:
             slot=slot,
             activated=not defer,
             explanation=choice.explanation,
-            context=_logged_context(added, by_arm, candidates, choice.eligible),
+            context=logged_context(added, by_arm, candidates, choice.eligible),
         )
         self._metrics.decision(spec.id, decision.arm_id)
         entry = None
@@ -539,48 +497,3 @@ class Chooser:
     def _accepts(self, placement: str, arm: str) -> float:
         accepted, closed = self._acceptance.get((placement, arm), (0, 0))
         return (accepted + 1) / (closed + 2)
-
-
-@functools.lru_cache(maxsize=256)
-def _windows(spans: tuple[float, ...]) -> tuple[tuple[str, float], ...]:
-    """ContextSpec.windows, built once per set of windows (not per Choose)."""
-    return tuple((window_label(x), x) for x in spans)
-
-
-def _caps(spec: PlacementSpec) -> bool:
-    """Whether the placement's contact policies, cool-down or fatigue read the history: on a
-    shared history its Chooses take the customer's lock, which makes them exact across servers."""
-    return bool(spec.contact_policies or spec.cooldown or spec.fatigue is not None)
-
-
-def _retrieved(f: asyncio.Future[list[RecentImpression]]) -> None:
-    """A read whose Choose stopped waiting (its placement changed) must not log an unread error."""
-    if not f.cancelled():
-        f.exception()
-
-
-def _with_history(c: Candidate, history: tuple[Feature, ...]) -> Candidate:
-    """The candidate with its history in its VW line. VW drops zero-valued features when it
-    parses an example (the same predictions and updates, checked bit for bit), so only non-zero
-    values are written, and an arm the customer never saw keeps its cached line and candidate:
-    most arms of most customers (the bench put a fifth of a 20-arm Choose in rebuilding lines)."""
-    shown = [f for f in history if f[2] != 0.0]
-    if not shown:
-        return c
-    return Candidate(ArmView(c.arm.id, c.arm.version, with_arm_features(c.arm.line, shown), c.arm.spec), c.accounts, c.acceptance)
-
-
-def _logged_context(
-    added: _Context, by_arm: Mapping[str, tuple[Feature, ...]], candidates: Sequence[Candidate], eligible: Sequence[int]
-) -> DecisionContext | None:
-    """The decision's context as used, for the log: the profile's as_of and names, and the
-    history features of each logged (eligible) arm in the logged order."""
-    if added is _NO_ADDITIONS and not by_arm:
-        return None
-    if not by_arm:
-        arms: tuple[tuple[Feature, ...], ...] = ()
-    elif len(eligible) == len(by_arm) == len(candidates):  # every arm, in the candidates' order
-        arms = tuple(by_arm.values())
-    else:
-        arms = tuple(by_arm[candidates[i].arm.id] for i in eligible)
-    return DecisionContext(added.profile_as_of, added.profile_keys, arms)
