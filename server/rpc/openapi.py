@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -136,8 +137,12 @@ class _Schemas:
         return {**schema, "description": text}
 
 
+_SHAPE = re.compile(r"\{([^}]*)\}")
+
+
 def _path_name(template: str) -> str:
-    """The OpenAPI path of a template: {field.path=*} as {field.path}."""
+    """The OpenAPI path of a template: {field.path=*} as {field_path} (OpenAPI allows dots, but
+    tools that fill paths with str.format, such as schemathesis, take them for attributes)."""
     out, depth, skipping = "", 0, False
     for ch in template:
         if ch == "{":
@@ -148,7 +153,7 @@ def _path_name(template: str) -> str:
             skipping = True
             continue
         if not skipping:
-            out += ch
+            out += "_" if ch == "." and depth else ch
     return out
 
 
@@ -181,7 +186,7 @@ def _query(schemas: _Schemas, descriptor: Descriptor, prefix: str, taken: set[st
     return params
 
 
-def _operation(schemas: _Schemas, route: Route, operation_id: str) -> Schema:
+def _operation(schemas: _Schemas, route: Route, operation_id: str, names: Sequence[str]) -> Schema:
     method = route.method
     request = method.input_type
     op: Schema = {"operationId": operation_id, "tags": [method.containing_service.name]}
@@ -190,14 +195,17 @@ def _operation(schemas: _Schemas, route: Route, operation_id: str) -> Schema:
         op["summary"] = " ".join(text.split("\n\n", 1)[0].split()).split(". ", 1)[0].rstrip(".")
         op["description"] = text
     params: list[Schema] = []
-    for var in route.variables:
+    for var, name in zip(route.variables, names, strict=True):
         field = _field_at(request, var)
         schema = schemas.value(field)
         if schema.get("type") == "string" and "format" not in schema and "pattern" not in schema:
             schema["minLength"] = 1
-        param: Schema = {"name": var, "in": "path", "required": True, "schema": schema}
-        if schemas.comments.get(field.full_name):
-            param["description"] = schemas.comments[field.full_name]
+        param: Schema = {"name": name, "in": "path", "required": True, "schema": schema}
+        text = schemas.comments.get(field.full_name, "")
+        if "." in var:
+            text = f"The request's {var}. {text}".strip()
+        if text:
+            param["description"] = text
         params.append(param)
     if not route.body:
         params += _query(schemas, request, "", set(route.variables))
@@ -226,11 +234,19 @@ def document(services: Sequence[ServiceDescriptor], comments: Comments | None = 
     schemas = _Schemas(comments or {})
     paths: dict[str, Schema] = {}
     seen: dict[str, int] = {}
-    for route in routes_of(services):
+    routes = routes_of(services)
+    # Paths alike but for their variables' names are one path in OpenAPI: each takes the names
+    # of its shape's first route with the fewest nested fields ({placement} over {placement_id}).
+    owner: dict[str, str] = {}
+    for route in sorted(routes, key=lambda r: sum("." in v for v in r.variables)):
+        owner.setdefault(_SHAPE.sub("{}", _path_name(route.template)), _path_name(route.template))
+    for route in routes:
+        path = owner[_SHAPE.sub("{}", _path_name(route.template))]
+        names = _SHAPE.findall(path)
         base = f"{route.method.containing_service.name}_{route.method.name}"
         seen[base] = seen.get(base, 0) + 1
         operation_id = base if seen[base] == 1 else f"{base}{seen[base]}"
-        paths.setdefault(_path_name(route.template), {})[route.verb.lower()] = _operation(schemas, route, operation_id)
+        paths.setdefault(path, {})[route.verb.lower()] = _operation(schemas, route, operation_id, names)
     components = {name: schemas.components[name] for name in sorted(schemas.components)}
     components["google.rpc.Status"] = STATUS
     tags = [
