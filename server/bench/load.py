@@ -9,6 +9,9 @@ can be on a machine whose cores it shares with the server.
     python -m nextbest.bench.load parse     # a Choose that parses and answers, nothing more
     python -m nextbest.bench.load decode    # ... and decodes the features into VW's context line
     python -m nextbest.bench.load worker    # reads one JSON run spec a line, answers one JSON line
+
+A spec with ``http_url`` drives the HTTP/JSON door instead (Choose only): its payloads are JSON
+bodies, posted with an aiohttp session (keep-alive, one connection per caller), imported then.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -176,11 +180,17 @@ class _Requests:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.pool = read_payloads(spec["payloads"])
         self.prefix: str | None = spec.get("event_prefix")
+        self.json = bool(spec.get("http_url"))
         self.limit = min(int(spec["max_requests"]), len(self.pool)) if spec.get("exhaust") else int(spec["max_requests"])
 
     def __getitem__(self, i: int) -> bytes:
         p = self.pool[i % len(self.pool)]
-        return p + string_field(3, f"{self.prefix}{i:012d}") if self.prefix is not None else p
+        if self.prefix is None:
+            return p
+        if self.json:  # a JSON object's first member: {"eventId": "...", <the rest>}
+            head = f'{{"eventId":"{self.prefix}{i:012d}"'.encode()
+            return head + (b"}" if p.strip() == b"{}" else b"," + p.lstrip()[1:])
+        return p + string_field(3, f"{self.prefix}{i:012d}")
 
 
 class Tally:
@@ -213,14 +223,54 @@ class Tally:
         self.latencies.append(latency)
 
 
-async def _call(stub: Any, payload: bytes, timeout: float) -> tuple[bytes | None, grpc.StatusCode | None]:
-    try:
-        return await stub(payload, timeout=timeout), None
-    except grpc.aio.AioRpcError as e:
-        return None, e.code()
+Outcome = tuple[bytes | None, grpc.StatusCode | None]  # the answer, or the failure's code
+Call = Callable[[bytes, float], Awaitable[Outcome]]  # one call: (payload, timeout) -> Outcome
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-async def closed_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, Any], seconds: float, tally: Tally) -> int:
+def grpc_call(stub: Any) -> Call:
+    async def call(payload: bytes, timeout: float) -> Outcome:
+        try:
+            return await stub(payload, timeout=timeout), None
+        except grpc.aio.AioRpcError as e:
+            return None, e.code()
+
+    return call
+
+
+@asynccontextmanager
+async def http_call(url: str, connections: int) -> AsyncIterator[Call]:
+    """POSTs of JSON bodies to ``url`` on one keep-alive session of up to ``connections``
+    connections (a call waits for a free one); a failure's code read from its google.rpc.Status
+    body (UNKNOWN when it has none)."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=max(connections, 1), keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
+        timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+        async def call(payload: bytes, timeout: float) -> Outcome:
+            limit = timeouts.get(timeout) or timeouts.setdefault(timeout, aiohttp.ClientTimeout(total=timeout))
+            try:
+                async with session.post(url, data=payload, headers=headers, timeout=limit) as r:
+                    body = await r.read()
+                    if r.status == 200:
+                        return body, None
+            except TimeoutError:
+                return None, grpc.StatusCode.DEADLINE_EXCEEDED
+            except aiohttp.ClientError:
+                return None, grpc.StatusCode.UNAVAILABLE
+            try:
+                code = json.loads(body).get("code")
+            except (ValueError, AttributeError):
+                code = None
+            return None, _CODES.get(code, grpc.StatusCode.UNKNOWN) if isinstance(code, int) else grpc.StatusCode.UNKNOWN
+
+        yield call
+
+
+async def closed_loop(call: Call, reqs: _Requests, start: int, spec: dict[str, Any], seconds: float, tally: Tally) -> int:
     """``concurrency`` callers back to back until time or requests run out; returns next index."""
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
@@ -235,7 +285,7 @@ async def closed_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, An
             i = nxt[0]
             nxt[0] += 1
             t0 = loop.time()
-            resp, code = await _call(stub, reqs[i], timeout)
+            resp, code = await call(reqs[i], timeout)
             tally.done(resp, code, loop.time() - t0)
             if backoff and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 await asyncio.sleep(min(backoff * 2**refused, end - loop.time()) * (0.5 + random.random()))
@@ -247,7 +297,7 @@ async def closed_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, An
     return nxt[0]
 
 
-async def open_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, Any], seconds: float, tally: Tally) -> int:
+async def open_loop(call: Call, reqs: _Requests, start: int, spec: dict[str, Any], seconds: float, tally: Tally) -> int:
     """Sends at a fixed rate whatever the answers (no coordinated omission): latency counts
     from when a request was due, so client-side queueing shows in it."""
     loop = asyncio.get_running_loop()
@@ -258,7 +308,7 @@ async def open_loop(stub: Any, reqs: _Requests, start: int, spec: dict[str, Any]
     inflight: set[asyncio.Task[None]] = set()
 
     async def one(i: int, due: float) -> None:
-        resp, code = await _call(stub, reqs[i], timeout)
+        resp, code = await call(reqs[i], timeout)
         tally.done(resp, code, loop.time() - due)
 
     i = start
@@ -285,17 +335,16 @@ async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """One run: an unmeasured warm-up, then the measured part, on one channel."""
     reqs = _Requests(spec)
     driver = open_loop if spec["mode"] == "open" else closed_loop
-    async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as ch:
-        stub = ch.unary_unary(spec["method"])
+    async with _caller(spec) as call:
         nxt = 0
         warm = Tally(spec["method"], int(spec.get("batch", 1)))
         if spec.get("warmup", 0) > 0:
             # at the run's own pace: a paced run warmed up at saturation would start with the
             # server still working off that burst, which is not the load it measures
-            nxt = await driver(stub, reqs, 0, spec, float(spec["warmup"]), warm)
+            nxt = await driver(call, reqs, 0, spec, float(spec["warmup"]), warm)
         tally = Tally(spec["method"], int(spec.get("batch", 1)))
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        nxt = await driver(stub, reqs, nxt, spec, float(spec["seconds"]), tally)
+        nxt = await driver(call, reqs, nxt, spec, float(spec["seconds"]), tally)
         elapsed, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     done = tally.ok + tally.not_acked
     out: dict[str, Any] = {
@@ -316,6 +365,17 @@ async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         out["latencies"] = tally.latencies
         out["shed_latencies"] = tally.shed_latencies
     return out
+
+
+@asynccontextmanager
+async def _caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
+    """The spec's calls: over HTTP/JSON when it gives ``http_url``, else over one gRPC channel."""
+    if spec.get("http_url"):
+        async with http_call(spec["http_url"], int(spec.get("connections") or spec["concurrency"])) as call:
+            yield call
+        return
+    async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as ch:
+        yield grpc_call(ch.unary_unary(spec["method"]))
 
 
 def worker() -> None:

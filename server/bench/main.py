@@ -44,11 +44,12 @@ PHASES = (
     "profiles",
     "overload",
     "conversions",
+    "http",
 )
 # Left out of a smoke run of every phase (each has a smoke test of its own): context starts three
 # servers, which took 8-40 s in smoke mode on this shared machine; conversions a server, Chooses
-# for 900 customers and a loader process (26-31 s).
-SMOKE_BY_NAME_ONLY = frozenset({"context", "conversions"})
+# for 900 customers and a loader process (26-31 s); http a server of its own and four load runs.
+SMOKE_BY_NAME_ONLY = frozenset({"context", "conversions", "http"})
 LOADS = (0.5, 0.8)
 # A single run's p99 at the target's point swings 6-60 ms here from minute to minute (the machine
 # is shared), so that point is run several times and judged on the run with the median p99.
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> Report:
 
         sizes = args.profile_rows or (profiles.SMOKE_ROWS if args.smoke else profiles.FULL_ROWS)
         rep.profile_load(profiles.run(sizes, postgres=False if args.no_postgres else None))
-    served = {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload", "conversions"}
+    served = {"echo", "partial", "choose", "latency", "reward", "postgres", "replicas", "overload", "conversions", "http"}
     needs_servers = phases & served or wants_context(phases)
     with ph.temp_dir() as tmp_name:
         tmp = Path(tmp_name)
@@ -118,6 +119,10 @@ def run(args: argparse.Namespace) -> Report:
                     _replicas_section(args, rep, tmp, lim)
                 if "conversions" in phases:
                     _conversions_section(args, rep, workers, tmp, lim)
+                if "http" in phases:  # HTTP/JSON Choose against gRPC Choose on one server
+                    from nextbest.bench import http
+
+                    http.add_to(rep, http.run(workers, tmp, lim))
         finally:
             if echo is not None:
                 echo.stop()

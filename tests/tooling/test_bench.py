@@ -227,3 +227,23 @@ def test_conversions_extract_puts_the_decided_customers_first_and_is_written_in_
     assert not {"d0", "d1"} & set(t["customer_id"][2:])
     assert [x.timestamp() for x in t["occurred_at"][:2]] == [1_800_000_000.0] * 2
     assert all(x.timestamp() < 1_800_000_000.0 for x in t["occurred_at"][2:])
+
+
+@pytest.mark.timeout(200)
+def test_smoke_http_phase_reports_http_choose_against_grpc_choose(tmp_path: Path) -> None:
+    """HTTP/JSON Choose against gRPC Choose on one server (issue #32), smoke sizes: every call of
+    both doors answered, and the throughput and p99 ratios reported with their target."""
+    data = _run(tmp_path, "--smoke", "--phases", "http", timeout=190)
+    body = data["phases"]["http"]
+    for door in ("grpc", "http"):
+        for kind in ("saturation", "paced"):
+            run = body[door][kind]
+            assert run["ok"] > 0 and run["errors"] == 0 and run["dropped"] == 0, (door, kind, run)
+    figures = {f["key"]: f for f in data["figures"]}
+    for key in ("http.grpc.rate", "http.http.rate", "http.rate_ratio", "http.grpc.p99", "http.http.p99", "http.p99_ratio"):
+        assert key in figures, key
+        assert math.isfinite(figures[key]["value"]) and figures[key]["value"] > 0, figures[key]
+    assert figures["http.http.rate"]["ceilings"] == {"gRPC": figures["http.grpc.rate"]["value"]}
+    assert figures["http.rate_ratio"]["value"] == figures["http.http.rate"]["value"] / figures["http.grpc.rate"]["value"]
+    assert figures["http.rate_ratio"]["target"] == ">= 0.5" and figures["http.http.rate"]["target"] == ">= 0.5 x gRPC"
+    assert figures["http.p99_ratio"]["value"] == figures["http.http.p99"]["value"] / figures["http.grpc.p99"]["value"]
