@@ -123,13 +123,24 @@ class DecisionContext:
         return "profile" if key in self.profile_keys else "request"
 
     def to_json(self) -> dict[str, Any]:
+        out = self.serializable()
+        if self.profile_keys:
+            out["profile_keys"] = list(self.profile_keys)
+        if "arm_features" in out:
+            out["arm_features"] = [[list(f) for f in fs] for fs in self.arm_features]
+        return out
+
+    def serializable(self) -> dict[str, Any]:
+        """``to_json`` with tuples where it has lists: the same JSON text from a serializer that
+        writes tuples as arrays (orjson), without copying 20 arms' features list by list (the
+        log writer's thread spent ~30 us per decision on that)."""
         out: dict[str, Any] = {}
         if self.profile_as_of is not None:
             out["profile_as_of"] = self.profile_as_of
         if self.profile_keys:
-            out["profile_keys"] = list(self.profile_keys)
+            out["profile_keys"] = self.profile_keys
         if any(self.arm_features):
-            out["arm_features"] = [[list(f) for f in fs] for fs in self.arm_features]
+            out["arm_features"] = self.arm_features
         return out
 
     @classmethod

@@ -127,7 +127,7 @@ def decision_params(d: LoggedDecision, owner: str | None) -> tuple[Any, ...]:
         d.activated,
         owner,
         _explain(d),
-        _json(d.context.to_json()) if d.context is not None and not d.context.empty else None,
+        _json(d.context.serializable()) if d.context is not None and not d.context.empty else None,
     )
 
 
