@@ -235,10 +235,11 @@ def test_smoke_http_phase_reports_http_choose_against_grpc_choose(tmp_path: Path
     both doors answered, and the throughput and p99 ratios reported with their target."""
     data = _run(tmp_path, "--smoke", "--phases", "http", timeout=190)
     body = data["phases"]["http"]
-    for door in ("grpc", "http"):
-        for kind in ("saturation", "paced"):
-            run = body[door][kind]
+    for kind in ("saturation", "paced"):
+        assert len(body["rounds"][kind]) == 3  # the smoke run's rounds, each a gRPC run then an HTTP one
+        for door, run in (pair for r in body["rounds"][kind] for pair in zip(("grpc", "http"), r, strict=True)):
             assert run["ok"] > 0 and run["errors"] == 0 and run["dropped"] == 0, (door, kind, run)
+        assert {body["grpc"][kind]["p99_ms"], body["http"][kind]["p99_ms"]} <= {run["p99_ms"] for r in body["rounds"][kind] for run in r}
     figures = {f["key"]: f for f in data["figures"]}
     for key in ("http.grpc.rate", "http.http.rate", "http.rate_ratio", "http.grpc.p99", "http.http.p99", "http.p99_ratio"):
         assert key in figures, key
