@@ -185,8 +185,14 @@ def test_a_server_stopped_through_a_change_spends_nothing_under_the_old_limit_wh
             finally:
                 b.proc.send_signal(signal.SIGCONT)
             after_b = sum(cb.choose("p", {"segment": "x"}).arm_id == "paid" for _ in range(10))
-        after_a = served(a.target, 10)
-        assert after_a + after_b == 2  # 10 spent before, 12 allowed
+        spent_after = after_b + served(a.target, 10)
+        # B gives its lease back once it has reloaded; on a loaded machine that can take longer
+        # than A's ten Chooses, so keep asking both: never more than 2, and 2 in the end.
+        deadline = time.monotonic() + 15.0
+        while spent_after < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            spent_after += served(a.target, 2) + served(b.target, 2)
+        assert spent_after == 2  # 10 spent before, 12 allowed
         assert 1.9 <= took < 3.5  # the bound (2 s): B could not confirm
     finally:
         assert a.terminate() == 0

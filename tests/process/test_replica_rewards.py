@@ -192,7 +192,7 @@ def test_workers_on_sqlite_refuse_a_foreign_event_id_and_keep_the_first_decision
     env = {**os.environ, "NEXTBEST_FLUSH_INTERVAL": "0.005", "NEXTBEST_AUTH_TOKENS": TOKENS}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_serving(target)
+        wait_serving(target, timeout=60)  # two workers starting on a loaded machine
         with NextbestClient(target, token=ADMIN_TOKEN) as admin:
             admin.apply(two_placements(max_abs_reward=1.0))
         time.sleep(1.0)  # both workers have it

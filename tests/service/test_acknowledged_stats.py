@@ -6,6 +6,7 @@ count as their running aggregate. SQLite and the PostgreSQL at 127.0.0.1:5432.""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from typing import Any
 
@@ -49,11 +50,15 @@ def figures(c: NextbestClient, placement: str) -> dict[str, Any]:
 def served(c: NextbestClient, placement: str) -> Any:
     """A decision that served an arm (one that served none has nothing to reward: it may happen
     while a budget lease is being taken, and leaves every figure here unchanged)."""
-    for _ in range(20):
+    deadline = time.monotonic() + 10.0  # a lease taken on a loaded machine (two test workers) can take a while
+    tries = 0
+    while time.monotonic() < deadline:
         d = c.choose(placement, {"segment": "youth"})
         if d.arm_id:
             return d
-    raise AssertionError(f"{placement} served no arm 20 times")
+        tries += 1
+        time.sleep(0.01)
+    raise AssertionError(f"{placement} served no arm in 10 s ({tries} Chooses)")
 
 
 def awaiting_metrics(port: int | None, placement: str) -> tuple[float, float, float]:
