@@ -263,7 +263,17 @@ def document(services: Sequence[ServiceDescriptor], comments: Comments | None = 
         },
         "tags": tags,
         "paths": paths,
-        "components": {"schemas": components},
+        "security": [{}, {"bearer": []}],  # a token when the server has tokens (auth_tokens), none otherwise
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token of the server's auth_tokens; its role decides the RPCs allowed.",
+                }
+            },
+        },
     }
 
 
