@@ -46,7 +46,7 @@ from nextbest.storage.conversions import ConversionQueries
 from nextbest.storage.coordination import Coordination
 from nextbest.storage.profiles import ProfileQueries
 from nextbest.storage.secrets import Secrets
-from nextbest.storage.sqlcore import decision_from_row, decision_params, insert_decisions_sql
+from nextbest.storage.sqlcore import decision_from_row, decision_params, exec_numbered, insert_decisions_sql
 from nextbest.storage.tallies import StatsQueries
 
 _CLOSE_CHUNK = 400  # rows per UPDATE: 2,800 parameters, far below SQLite's and PostgreSQL's limits
@@ -289,7 +289,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
             if sql is None:
                 sql = self._insert_sql[len(chunk)] = insert_decisions_sql(self._postgres, len(chunk))
             params = tuple(v for d in chunk for v in decision_params(d, owner))
-            taken.update((e, int(s)) for e, s in c.exec_driver_sql(sql, params).all())
+            taken.update((e, int(s)) for e, s in exec_numbered(c, sql, params, self._postgres))
         out = []
         for d in decisions:
             key = (d.event_id, d.slot)

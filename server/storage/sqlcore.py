@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -87,13 +88,36 @@ _DECISION_COLUMNS = (
 
 
 def insert_decisions_sql(postgres: bool, rows: int) -> str:
-    """INSERT of ``rows`` decision rows in the driver's own parameter style, returning the keys
-    it inserted: a reused (event_id, slot) keeps its first decision, the newcomer is left out
-    (and told so) instead of failing the batch."""
-    mark = "%s" if postgres else "?"
+    """INSERT of ``rows`` decision rows (run it with ``exec_numbered``), returning the keys it
+    inserted: a reused (event_id, slot) keeps its first decision, the newcomer is left out (and
+    told so) instead of failing the batch. PostgreSQL's own placeholders, ``$1``, ``$2``, ..."""
+    n = len(_DECISION_COLUMNS)
     cols = ", ".join(_DECISION_COLUMNS)
-    row = f"({', '.join([mark] * len(_DECISION_COLUMNS))})"
-    return f"INSERT INTO decisions ({cols}) VALUES {', '.join([row] * rows)} ON CONFLICT DO NOTHING RETURNING event_id, slot"
+    if postgres:
+        values = ", ".join(f"({', '.join(f'${r * n + k}' for k in range(1, n + 1))})" for r in range(rows))
+    else:
+        values = ", ".join([f"({', '.join('?' * n)})"] * rows)
+    return f"INSERT INTO decisions ({cols}) VALUES {values} ON CONFLICT DO NOTHING RETURNING event_id, slot"
+
+
+def exec_numbered(c: Connection, sql: str, params: tuple[Any, ...], postgres: bool) -> Sequence[Any]:
+    """Run a statement with ``$n`` placeholders on PostgreSQL (``?`` on SQLite), and fetch its
+    rows. On PostgreSQL through psycopg's RawCursor, which sends ``$n`` as they are: the default
+    cursor rewrites ``%s`` ones with a regular expression on every call and caches none of more
+    than 50 parameters, so a group commit's multi-row INSERT of decisions cost the log writer's
+    thread ~230 us per decision (in process, plain placement: 248 us against 16 with this).
+    SQLAlchemy still runs it: its errors and their wrapping are unchanged."""
+    if not postgres:
+        return c.exec_driver_sql(sql, params).all()
+    import psycopg
+
+    raw: Any = c.connection.driver_connection
+    factory = raw.cursor_factory
+    raw.cursor_factory = psycopg.RawCursor
+    try:
+        return c.exec_driver_sql(sql, params).all()
+    finally:
+        raw.cursor_factory = factory
 
 
 def _json(value: Any) -> str:
