@@ -9,7 +9,11 @@ that exist, for the success answers to be generated and checked too."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +24,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 
 from nextbest.v1 import decision_pb2
 from tests import envs
-from tests.harness import FakeClock, ServerThread, make_settings
+from tests.harness import TOKENS, FakeClock, ServerThread, make_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 KNOWN = {"placement": "app_home_banner", "arm_id": envs.ARMS[0], "event_id": "ev-fuzz"}
@@ -66,3 +70,18 @@ def test_the_http_door_keeps_to_its_openapi_document(server: ServerThread, mode:
         call()
         ran += 1
     assert ran == {(POSITIVE, False): 20, (NEGATIVE, False): 14, (POSITIVE, True): 11}[(mode, known)]
+
+
+def test_the_document_is_served_without_a_token_where_calls_need_one(tmp_path: Path, server: ServerThread) -> None:
+    s = ServerThread(make_settings(f"sqlite:///{tmp_path}/auth.db", http_port=0, auth_tokens=TOKENS), FakeClock())
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.running.http_port}/v1/openapi.json", timeout=10) as r:
+            served = json.loads(r.read())
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.running.http_port}/v1/openapi.json", timeout=10) as r:
+            assert served == json.loads(r.read())
+        assert served["security"] == [{}, {"bearer": []}]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{s.running.http_port}/v1/placements", timeout=10)
+        assert refused.value.code == 401
+    finally:
+        s.stop()
