@@ -363,7 +363,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
             params: list[Any] = []
             for cl in chunk:
                 params += (cl.event_id, cl.slot, int(cl.outcome), cl.reward if cl.learnable else None, cl.at, cl.placement, cl.owner)
-            for event_id, slot, outcome, reward in c.exec_driver_sql(self._close_sql(len(chunk)), tuple(params)).all():
+            for event_id, slot, outcome, reward in exec_numbered(c, self._close_sql(len(chunk)), tuple(params), self._postgres):
                 done[(event_id, int(slot))] = (Outcome(int(outcome)), None if reward is None else float(reward))
         folding = [cl for cl in unique if cl.aggregation is not None and cl.learnable and (cl.event_id, cl.slot) in done]
         if folding:
@@ -451,12 +451,12 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
 
     def _close_sql(self, n: int) -> str:
         if self._postgres:
-            row = "(%s::varchar, %s::int, %s::smallint, %s::float8, %s::float8, %s::varchar, %s::varchar)"
+            row = "(${}::varchar, ${}::int, ${}::smallint, ${}::float8, ${}::float8, ${}::varchar, ${}::varchar)"
             taken = f"v.o IN ({int(Outcome.DEFAULT)}, {int(Outcome.REWARD)}) AND d.reward IS NOT NULL"
             return (
                 f"UPDATE decisions AS d SET outcome = CASE WHEN {taken} THEN {int(Outcome.REWARD)} ELSE v.o END, "
                 f"reward = CASE WHEN {taken} THEN d.reward ELSE v.r END, rewarded_at = v.a "
-                f"FROM (VALUES {', '.join([row] * n)}) AS v(e, s, o, r, a, p, w) "
+                f"FROM (VALUES {', '.join(row.format(*range(7 * k + 1, 7 * k + 8)) for k in range(n))}) AS v(e, s, o, r, a, p, w) "
                 f"WHERE d.event_id = v.e AND d.slot = v.s AND d.outcome = {int(Outcome.OPEN)} "
                 "AND (v.p IS NULL OR d.placement_id = v.p) AND (v.w IS NULL OR d.owner = v.w) "
                 f"AND (v.o <> {int(Outcome.NOT_ACTIVATED)} OR NOT d.activated) "
