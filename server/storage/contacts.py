@@ -37,6 +37,11 @@ _READ_MANY = (
     "WHERE ci.customer_id {ids} AND ci.at >= {since} ORDER BY ci.customer_id, ci.at, ci.id"
 )
 _READ_MANY_PG = _READ_MANY.format(ids="= ANY(%s)", since="%s")  # one statement whatever the count
+_INSERT_PG = (
+    "INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) "
+    "SELECT * FROM unnest(%s::varchar[], %s::float8[], %s::varchar[], %s::varchar[], %s::varchar[], %s::int[]) "
+    "ON CONFLICT DO NOTHING"  # copied from the log already (backfill_contacts)
+)
 
 
 def _impressions(customer_id: str, rows: Sequence[Any]) -> list[RecentImpression]:
@@ -159,7 +164,20 @@ class ContactQueries(SqlBase):
             self._insert_contacts(c, rows)
 
     def _insert_contacts(self, c: Any, rows: Sequence[ContactRow]) -> None:
-        mark = "%s" if self._postgres else "?"
+        if self._postgres:  # one statement of six arrays: executemany sent a statement per row
+            c.exec_driver_sql(
+                _INSERT_PG,
+                (
+                    [r.customer_id for r in rows],
+                    [r.at for r in rows],
+                    [r.placement for r in rows],
+                    [r.arm_id for r in rows],
+                    [r.event_id for r in rows],
+                    [r.slot for r in rows],
+                ),
+            )
+            return
+        mark = "?"
         c.exec_driver_sql(
             f"INSERT INTO contact_impressions (customer_id, at, placement_id, arm_id, event_id, slot) VALUES ({', '.join([mark] * 6)}) "
             "ON CONFLICT DO NOTHING",  # copied from the log already (backfill_contacts)
