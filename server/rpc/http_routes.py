@@ -20,6 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, Servic
 from google.protobuf.message import Message
 
 from nextbest.bandit.errors import InvalidInput
+from nextbest.rpc.http_json import parse_into
 
 _VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)(?:=([^}]*))?\}")
 
@@ -182,9 +183,8 @@ def build_request(route: Route, variables: Mapping[str, str], body: Any | None, 
             _put(doc, _field_path(route.method.input_type, key), values, key)
     for name, value in variables.items():
         _put(doc, _field_path(route.method.input_type, name), value, name)
-    message: Message = cls()
     try:
-        json_format.ParseDict(doc, message, ignore_unknown_fields=False)
+        message: Message = parse_into(doc, cls)  # ParseDict's result and errors, faster
     except json_format.ParseError as e:
         raise InvalidInput("body", str(e)) from None
     return message
