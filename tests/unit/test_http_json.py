@@ -94,13 +94,15 @@ def same(d: Any, cls: type[Message]) -> None:
     assert outcome(lambda: parse_into(d, cls)) == outcome(lambda: json_format.ParseDict(d, cls()))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), st.booleans())
 def test_random_requests_parse_as_parse_dict_does(message: Message, proto_names: bool) -> None:
     d = json_format.MessageToDict(message, preserving_proto_field_name=proto_names)
     got = parse_into(d, type(message))
     assert got == json_format.ParseDict(d, type(message)())
-    assert got == message or message != message  # NaN in a double compares unequal to itself
+    # Against the original through JSON: a NaN of any bit pattern prints as "NaN" (the message's
+    # own comparison is bytewise, so a generated NaN need not equal the parsed, canonical one).
+    assert json_format.MessageToDict(got, preserving_proto_field_name=proto_names) == d
 
 
 def test_the_bench_choose_requests_take_the_fast_path() -> None:
@@ -191,7 +193,7 @@ def _slots(node: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     return out
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), st.booleans(), st.data())
 def test_hostile_objects_raise_what_parse_dict_raises(message: Message, proto_names: bool, data: st.DataObject) -> None:
     d = json_format.MessageToDict(message, preserving_proto_field_name=proto_names)
