@@ -1,6 +1,6 @@
 """Budgets: a ledger that never lets spend exceed a limit, and a pacing price per budget.
 
-Semantics (also in the README):
+Semantics (also in docs/configuration.md):
 - Each budget has accounts: ``total`` (lifetime) and, with ``daily``, one per UTC day.
 - Choose reserves, on every account of the arm's budgets, the impression cost (spent at once)
   plus the arm's full ``cost_per_reward`` (held until the reward window closes). A positive

@@ -43,7 +43,7 @@ def learn_label(reward: float) -> str:
     rarely served arm count for up to a few hundred examples: after 200 examples of a 0.2-arm
     one lucky success at probability 0.02 moved its estimate from 0.13 to 0.91, above the best
     arm. Learned at once the next failures undo that within a few decisions; learned at the
-    close of a window the model serves the wrong arm for a whole window first (README,
+    close of a window the model serves the wrong arm for a whole window first (docs/configuration.md,
     "Learning order and weighting"). Offline estimators still use the logged probability."""
     return f"0:{-reward!r}:1.0"
 

@@ -402,7 +402,7 @@ class PlacementSpec(_Spec):
     # When a decision is learned: once its window closes, in decision order, with its first reward
     # (or the aggregate, or the default reward); or at its first reward, at once. Closing first
     # is what keeps channels that report only successes from teaching the model fresh successes
-    # without their failures (README, "Reward windows").
+    # without their failures (docs/configuration.md, "Learning order and weighting").
     learn_at: Literal["window_close", "reward"] = "window_close"
     mode: Literal["online", "apprentice", "logging_only"] = "online"
     experiment: ExperimentSpec | None = None

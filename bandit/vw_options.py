@@ -148,7 +148,9 @@ NEXTBEST_OPTIONS = frozenset(
     --example_queue_limit --dsjson --json --passes --holdout_off -t --testonly""".split()
 )
 
-_ALLOWED_SUMMARY = "--cb_type, -l/--learning_rate, --power_t, --initial_t, --l1, --l2, -q, --interactions, --ignore, ... (see README)"
+_ALLOWED_SUMMARY = (
+    "--cb_type, -l/--learning_rate, --power_t, --initial_t, --l1, --l2, -q, --interactions, --ignore, ... (docs/configuration.md)"
+)
 
 
 def _refuse(opt: str, tok: str) -> ValueError:

@@ -12,7 +12,7 @@ Names load on first use (PEP 562), so ``import nextbest.bandit.decider`` loads n
 ``from nextbest import NextbestClient`` loads neither SQLAlchemy, Alembic nor VW
 (tests/tooling/test_architecture.py checks both).
 
-Errors: the server answers each domain error with one status code (README "Errors"); the same
+Errors: the server answers each domain error with one status code (docs/api.md, the error catalog); the same
 classes are here for code that uses the domain directly (``nextbest.bandit``)::
 
     NextbestError

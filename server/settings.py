@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Everything the server can be told. See README "Configuration of the server"."""
+    """Everything the server can be told. See docs/operations.md "Server settings"."""
 
     model_config = SettingsConfigDict(env_prefix="NEXTBEST_", extra="forbid", frozen=True)
 
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: Annotated[int, Field(ge=0)] = 4096
     # past this wait in gRPC's queue (measured by a probe), calls are shed (server/rpc/overload.py);
     # 0 (the default): off. Opt-in: on 2 cores it shortened waits only for callers that back off,
-    # at ~40% of accepted throughput (README "Overload"); a limiting proxy does better.
+    # at ~40% of accepted throughput (docs/operations.md "Overload protection"); a limiting proxy does better.
     shed_queue_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0
     auth_tokens_file: str = ""  # YAML list of token hashes and roles (server/rpc/auth.py); auth is on when any
     auth_tokens: str = ""  # name:role[+role]:sha256[:placement,...] entries separated by ";"

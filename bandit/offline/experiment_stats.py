@@ -3,7 +3,7 @@ variant, arm and time bucket, and the lift of each variant over the holdout.
 
 Pure numpy, so a notebook can use it on any log; ``nextbest.offline.stats_source`` reads the columns.
 
-Conventions (also in the README):
+Conventions (also in docs/experiments.md):
 - An *impression* is a decision that served an arm and was shown (a deferred decision that
   was never activated is ``not_shown``); decisions without an arm count as ``no_offer``.
   Both are left out of the reward figures.

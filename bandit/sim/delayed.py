@@ -1,6 +1,6 @@
 """Delayed feedback, in process: what learning order and update weighting cost a model.
 
-The README's "Learning order and weighting" table comes from here (``scripts/learn-order``). A
+The "Learning order and weighting" table of docs/configuration.md comes from here (``scripts/learn-order``). A
 3-segment x 5-arm environment (each segment's best arm pays 0.7, the others 0.2: the oracle
 earns 0.7, a uniform policy 0.3) is served by one ``CbModel`` with nextbest's own exploration;
 outcomes reach the model at once or a window of ``delay`` decisions later, all of them or, for

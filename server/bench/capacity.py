@@ -1,4 +1,4 @@
-"""The figures of the README's capacity model that the other phases do not measure: what the
+"""The figures of the capacity model (docs/performance.md) that the other phases do not measure: what the
 database stores per decision and per reward, how fast the learner learns one placement, and how
 many decision rows the database takes through the store's group commits.
 

@@ -18,7 +18,7 @@ listing a billing product, ``attribution: {window: 7d}`` (last touch) and the be
   (its VmHWM, sampled every 50 ms), against pyarrow reading the file and the batches' rate above.
 
     python -m nextbest.bench.conversions                    # FULL_ITEMS per round, FILE_ROWS
-    python -m nextbest.bench.conversions --rows 1000000     # the README's file
+    python -m nextbest.bench.conversions --rows 1000000     # the issue's file size
     nextbest bench --phases conversions --conversion-rows 1000000
 """
 
@@ -51,7 +51,7 @@ ARMS = 20
 BATCH = 100  # items per ReportConversions and per RewardBatch call
 FULL_ITEMS, SMOKE_ITEMS = 3_000, 300  # items of each kind per round
 FULL_ROUNDS, SMOKE_ROUNDS = 3, 1
-FILE_ROWS, SMOKE_FILE_ROWS = 50_000, 2_000  # the file's rows: 1 M took 17 min on PostgreSQL here (README)
+FILE_ROWS, SMOKE_FILE_ROWS = 50_000, 2_000  # the file's rows: 1 M took 17 min on PostgreSQL here (docs/performance.md)
 CHUNK = 100_000  # rows generated and written at a time
 
 

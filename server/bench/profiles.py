@@ -13,12 +13,12 @@ telecom warehouse gives them. Then, for each size:
 * ``copy``: the same rows as CSV (pyarrow writes it) COPYed into an unindexed temporary table
   of one column per field (PostgreSQL; what the database takes at best), on the first 1 M rows.
 
-Peak memory flat across sizes is what streaming means (1 M and 10 M rows in the README).
+Peak memory flat across sizes is what streaming means (1 M and 10 M rows in docs/configuration.md).
 
 Usage::
 
     python -m nextbest.bench.profiles                              # 100 k and 1 M rows
-    python -m nextbest.bench.profiles --rows 1000000,10000000      # the README's figures
+    python -m nextbest.bench.profiles --rows 1000000,10000000      # the figures in docs/
     nextbest bench --phases profiles --profile-rows 1000000,10000000
 """
 

@@ -39,7 +39,7 @@ class _Timestamp(str):
 
 
 class _Dumper(yaml.SafeDumper):
-    """Indents list items under their key (``arms:\n  - id: x``), as the README's files do."""
+    """Indents list items under their key (``arms:\n  - id: x``), as the docs' files do."""
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         super().increase_indent(flow, False)

@@ -3,7 +3,7 @@
 Every stored configuration has a serial (one more per save). Each server records in the
 servers table the serial it has loaded, and an apply answers once every live server has
 confirmed its serial, or ``config_confirm_wait`` has passed (then it logs which servers had
-not): see README "Replicas"."""
+not): see docs/operations.md "Replicas"."""
 
 from __future__ import annotations
 

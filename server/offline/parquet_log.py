@@ -4,7 +4,7 @@ machine: DuckDB, pandas and Spark read the files as they are.
 One row per decision and slot, written in row groups of ``row_group`` rows from a streaming read
 of the database, so memory holds one row group whatever the size of the log. Pacing's "no
 offer" decisions are rows too (``chosen_arm`` null, reward 0, ``probability`` that of "no
-offer"), as the replay from the database counts them. The README's SQL recipe computes IPS and
+offer"), as the replay from the database counts them. The SQL recipe of docs/replay.md computes IPS and
 SNIPS of ``uniform`` and ``constant:ARM`` over these columns and matches ``nextbest replay``
 (tests/offline/test_parquet_export.py).
 
