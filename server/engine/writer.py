@@ -172,7 +172,8 @@ class BatchWriter:
             barriers, self._barriers = self._barriers, []
             if not (decisions or closes or acts or events):
                 for b in barriers:
-                    b.set_result(None)
+                    if not b.done():  # a caller that gave up (deadline, cancel) cancelled its barrier
+                        b.set_result(None)
                 continue
             assign = self.assign_learn_positions()
             self._writing = len(decisions) + len(closes) + len(acts) + len(events)

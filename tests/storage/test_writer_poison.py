@@ -467,3 +467,22 @@ def test_a_window_whose_close_is_refused_is_dropped_once_not_retried_forever(tmp
         assert acc.reserved == 0.0 and acc.available >= 1.0
         [b] = [x for x in c.stats("app_home_banner").budgets]
         assert b.reserved == 1.0
+
+
+def test_a_flush_whose_caller_gave_up_leaves_the_writer_running(db: Db) -> None:
+    """A GetStats cancelled by its deadline (a channel may send 1 µs) cancels its flush barrier;
+    with nothing queued the writer set a result on that cancelled future, died of the
+    InvalidStateError, and every later write and flush hung (seen once in the suite: the next
+    GetStats DEADLINE_EXCEEDED, the server's stop "the database did not answer")."""
+
+    async def body(w: BatchWriter) -> tuple[bool, bool]:
+        gave_up = asyncio.ensure_future(w.flush())
+        await asyncio.sleep(0)  # its barrier is queued
+        gave_up.cancel()
+        await asyncio.sleep(0.05)  # the writer's next round answers the barriers
+        await asyncio.wait_for(w.flush(), 5)  # hung before the fix
+        w.add_decision(decision("after"))
+        await asyncio.wait_for(w.flush(), 5)
+        return gave_up.cancelled(), db.store.find_decision("after") is not None
+
+    assert with_writer(db.store, body) == (True, True)
