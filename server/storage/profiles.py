@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from nextbest.bandit.errors import Unavailable
 from nextbest.storage.base import Erased, Profile, ProfilesPut, features_of
-from nextbest.storage.sqlcore import SqlBase
+from nextbest.storage.contacts import HeldConnections
 
 _Row = tuple[str, str, float, float | None]  # customer_id, features JSON, as_of, expires_at
 
@@ -72,7 +72,7 @@ def _refused(e: BaseException) -> Unavailable:
     return Unavailable(f"the database refused a profile: {e.__class__.__name__}")
 
 
-class ProfileQueries(SqlBase):
+class ProfileQueries(HeldConnections):
     """Store.put_profiles, get_profiles, delete_profiles, sweep_profiles and erase_customer."""
 
     _profiles_probe = False  # set once a plain INSERT of copied profiles met a stored customer
@@ -166,6 +166,15 @@ class ProfileQueries(SqlBase):
                 "WHERE customer_id IN (SELECT value FROM json_each(?)) AND (expires_at IS NULL OR expires_at > ?)"
             )
         out: dict[str, Profile] = {}
+        if self._postgres:  # the Choose path's misses: on the thread's held connection
+
+            def read(cur: Any) -> None:
+                for i in range(0, len(ids), _GET_CHUNK):
+                    for cid, features, as_of, expires_at in cur.execute(sql, (ids[i : i + _GET_CHUNK], now)).fetchall():
+                        out[cid] = Profile(cid, features_of(orjson.loads(features)), float(as_of), expires_at)
+
+            self._on_held(read)
+            return out
         with self._connect() as c:
             for i in range(0, len(ids), _GET_CHUNK):
                 chunk: Any = ids[i : i + _GET_CHUNK]

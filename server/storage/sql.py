@@ -78,6 +78,7 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
         self.url = url
         self._postgres = url.startswith("postgresql")
         self._lock: Any = None  # the learner lock, while this process holds it
+        self._init_held()  # PostgreSQL: worker threads' own connections (storage/contacts.py)
         self.owner: str | None = None  # this server's id (register_server), written with its decisions
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
@@ -581,4 +582,5 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
 
     def close(self) -> None:
         self._drop_lock()
+        self.close_held()
         self.engine.dispose()
