@@ -409,3 +409,176 @@ def test_a_window_taken_over_meanwhile_still_takes_the_reward_through_its_row(db
                 assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
 
     run(body)
+
+
+# -- the table's rows from the other server, and RewardBatch ----------------------------------
+
+
+def test_a_deferred_decision_is_activated_first_also_elsewhere(db: str) -> None:
+    """open, deferred | any | elsewhere -> INVALID_ARGUMENT (activate first), nothing stored."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(activation_window=60.0)])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a, defer=True)
+                await a.writer.flush()
+                with pytest.raises(InvalidInput, match="deferred and not activated"):
+                    await b.windows.reward(ev, 1.0)
+                d = await row(a, ev)
+                assert (d.outcome, d.reward, d.activated) == (Outcome.OPEN, None, False)
+
+    run(body)
+
+
+def test_a_decision_never_activated_is_not_rewarded_here_or_elsewhere(db: str) -> None:
+    """never activated | any | - -> INVALID_ARGUMENT, before and after its close; nothing stored."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(activation_window=60.0)])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a, defer=True)
+                await a.writer.flush()
+                clock.advance(61)  # past the activation deadline, not closed yet
+                with pytest.raises(InvalidInput, match="never activated"):
+                    await b.windows.reward(ev, 1.0)
+                assert await a.windows.sweep() == 1  # closed as not activated: never learned
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.NOT_ACTIVATED, None)
+                for eng in (a, b):
+                    with pytest.raises(InvalidInput, match="never activated"):
+                        await eng.windows.reward(ev, 1.0)
+                with a.store.engine.connect() as c:  # type: ignore[attr-defined]
+                    assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
+
+    run(body)
+
+
+def test_past_its_deadline_a_reward_elsewhere_is_late_and_never_learned(db: str) -> None:
+    """past its deadline | any | elsewhere -> LATE, a "late" event; the owner's close learns the default."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement(reward_aggregation="sum")])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                clock.advance(WINDOW + 1)
+                assert await b.windows.reward(ev, 1.0, reward_id="x") is LATE  # the owner has not swept yet
+                assert await b.windows.reward(ev, 1.0, reward_id="x") is DUPLICATE
+                assert await a.windows.sweep() == 1
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.DEFAULT, 0.0)
+                with a.store.engine.connect() as c:  # type: ignore[attr-defined]
+                    kinds = c.execute(text("SELECT kind, reward FROM reward_events")).all()
+                assert [tuple(k) for k in kinds] == [("late", 1.0)]
+
+    run(body)
+
+
+def test_first_at_close_closed_with_a_reward_is_duplicate_on_either_server(db: str) -> None:
+    """closed with a reward | FIRST_AT_CLOSE | either -> DUPLICATE; the row keeps the first."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement()])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                assert await a.windows.reward(ev, 1.0) is LEARNED
+                assert await close_all(a, clock) == 1
+                assert await a.windows.reward(ev, 5.0) is DUPLICATE
+                assert await b.windows.reward(ev, 5.0) is DUPLICATE
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.REWARD, 1.0)
+
+    run(body)
+
+
+def test_no_arm_has_nothing_to_reward_elsewhere(db: str) -> None:
+    """no arm | any | elsewhere -> INVALID_ARGUMENT."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            spec = placement()
+            await a.config.apply([spec])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a, exclude_arms=[x.id for x in spec.arms])
+                await a.writer.flush()
+                with pytest.raises(InvalidInput, match="served no arm"):
+                    await b.windows.reward(ev, 1.0)
+
+    run(body)
+
+
+def test_reward_batch_answers_enum_statuses_and_domain_errors_per_item(db: str) -> None:
+    """RewardBatch: per item a RewardStatus member (never a plain string) or the domain error;
+    another placement's event for a limited token is NOT_FOUND like an unknown one."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock) as a:
+            await a.config.apply([placement("p"), placement("q", reward_aggregation="sum")])
+            mine, agg, theirs = await choose(a, "p"), await choose(a, "q"), await choose(a, "q")
+            token = access.current.set(access.Scope("ussd", frozenset({"p", "q"})))
+            try:
+                got = await a.reward_batch.reward_batch(
+                    [(mine, 1.0, 0, ""), (mine, 2.0, 0, ""), (agg, 1.0, 0, "k"), (agg, 1.0, 0, "k"), ("nope", 1.0, 0, "")]
+                )
+            finally:
+                access.current.reset(token)
+            assert got[:4] == [LEARNED, DUPLICATE, RECORDED, DUPLICATE]
+            assert all(type(r) is RewardStatus for r in got[:4])
+            assert isinstance(got[4], NotFound)
+            token = access.current.set(access.Scope("ussd", frozenset({"p"})))
+            try:
+                [foreign, unknown] = await a.reward_batch.reward_batch([(theirs, 1.0, 0, ""), ("nope", 1.0, 0, "")])
+            finally:
+                access.current.reset(token)
+            assert isinstance(foreign, NotFound) and isinstance(unknown, NotFound)
+            assert str(foreign).replace(theirs, "X") == str(unknown).replace("nope", "X")
+            with pytest.raises(InvalidInput, match=r"rewards\[1\]\.reward"):
+                await a.reward_batch.reward_batch([(mine, 1.0, 0, ""), (mine, float("nan"), 0, "")])
+
+    run(body)
+
+
+def test_what_is_learned_and_when_follows_the_table(db: str) -> None:
+    """The table's "learned" column, on the learner: AT_REWARD at once (here or elsewhere),
+    FIRST_AT_CLOSE and AGGREGATE at the close, once; DUPLICATE and LATE never."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:  # the first: it holds the learner lock
+            specs = [placement("now", learn_at="reward"), placement("first"), placement("agg", reward_aggregation="sum")]
+            await a.config.apply(specs)
+            async with server(db, clock, workers=2, learner="never") as b:
+                ev = {p: [await choose(a, p), await choose(a, p)] for p in ("now", "first", "agg")}
+                await a.writer.flush()
+
+                async def learned() -> dict[str, int]:
+                    """Examples each model learned so far (the learner may have run on its own already)."""
+                    await a.learner.catch_up_all()
+                    return {p: a.states[p].model.learned for p in ("now", "first", "agg")}
+
+                assert await a.windows.reward(ev["now"][0], 1.0) is LEARNED  # here
+                assert await b.windows.reward(ev["now"][1], 1.0) is LEARNED  # elsewhere
+                assert await b.windows.reward(ev["now"][1], 2.0) is DUPLICATE
+                assert [await a.windows.reward(e, 1.0) for e in ev["first"]] == [LEARNED, LEARNED]
+                assert await b.windows.reward(ev["first"][0], 3.0) is DUPLICATE
+                assert [await a.windows.reward(ev["agg"][0], 1.0), await b.windows.reward(ev["agg"][0], 2.0)] == [RECORDED] * 2
+                assert await b.windows.reward(ev["agg"][1], 4.0) is RECORDED
+                assert await learned() == {"now": 2, "first": 0, "agg": 0}  # at once / waiting for the close
+                assert await close_all(a, clock) == 4
+                assert await learned() == {"now": 2, "first": 2, "agg": 2}  # at the close, once
+                assert [(await row(a, e)).reward for e in ev["agg"]] == [3.0, 4.0]
+                assert await b.windows.reward(ev["agg"][0], 9.0, reward_id="z") is LATE
+                assert await b.windows.reward(ev["first"][1], 9.0) is DUPLICATE
+                assert await learned() == {"now": 2, "first": 2, "agg": 2}  # never
+
+    run(body)
