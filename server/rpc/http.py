@@ -33,7 +33,7 @@ from google.protobuf import descriptor_pool, json_format
 from nextbest.bandit.errors import InvalidInput
 from nextbest.rpc.errors import message_of
 from nextbest.rpc.http_routes import Route, build_request, match, routes_of
-from nextbest.rpc.openapi import document, render
+from nextbest.rpc.openapi import render, served
 from nextbest.rpc.overload import MALFORMED
 from nextbest.rpc.wrapping import Wrap
 
@@ -158,7 +158,7 @@ class HttpDoor:
         pool = descriptor_pool.Default()
         services = [pool.FindServiceByName(name) for name in servicers]
         self.routes: list[Route] = routes_of(services)
-        self._openapi = render(document(services))  # docs/openapi.json without the proto comments
+        self._openapi = render(served(services))  # docs/openapi.json, proto comments included
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         for route in self.routes:
             servicer = servicers[route.method.containing_service.full_name]

@@ -6,14 +6,17 @@ as strings, enums by name, repeated fields as arrays, maps as objects, bytes as 
 well-known types in their JSON forms. Every failure is a ``google.rpc.Status``.
 
 Comments come from a descriptor set with source info, built with grpc_tools' protoc from proto/
-(a test tool): ``python -m nextbest.rpc.openapi`` writes docs/openapi.json that way. The server,
-which has no protoc, serves the same document built from its compiled descriptors, without
-the comments (``document()`` on the default pool).
+(a test tool): ``python -m nextbest.rpc.openapi`` (scripts/gen-openapi) writes docs/openapi.json
+that way, and the comments alone beside this module (openapi_comments.json, package data). The
+server, which has no protoc and whose compiled descriptors carry no comments, serves
+``served()``: the document of its compiled descriptors with the packaged comments, equal to
+docs/openapi.json (tests/tooling/test_openapi_drift.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import re
 import sys
@@ -277,6 +280,20 @@ def document(services: Sequence[ServiceDescriptor], comments: Comments | None = 
     }
 
 
+COMMENTS_FILE = "openapi_comments.json"  # in nextbest.rpc, written by scripts/gen-openapi
+
+
+def packaged_comments() -> Comments:
+    """The proto comments shipped with the package (full name -> comment)."""
+    comments: Comments = json.loads(importlib.resources.files("nextbest.rpc").joinpath(COMMENTS_FILE).read_text(encoding="utf-8"))
+    return comments
+
+
+def served(services: Sequence[ServiceDescriptor]) -> Schema:
+    """The document the HTTP door serves: its compiled descriptors with the packaged comments."""
+    return document(services, packaged_comments())
+
+
 def _messages(
     names: dict[tuple[int, ...], str], protos: Iterable[descriptor_pb2.DescriptorProto], path: tuple[int, ...], scope: str
 ) -> None:
@@ -320,8 +337,6 @@ def _comments(files: Iterable[descriptor_pb2.FileDescriptorProto]) -> Comments:
 
 def descriptor_set(proto_dir: Path) -> descriptor_pb2.FileDescriptorSet:
     """proto_dir's nextbest/v1 files and their imports, with source info (needs grpc_tools)."""
-    import importlib.resources
-
     from grpc_tools import protoc  # type: ignore[import-untyped]
 
     include = str(importlib.resources.files("grpc_tools") / "_proto")
@@ -342,32 +357,47 @@ def descriptor_set(proto_dir: Path) -> descriptor_pb2.FileDescriptorSet:
         return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 
-def from_protos(proto_dir: Path) -> Schema:
-    """The document of the services in proto_dir/nextbest/v1, with their comments."""
+def from_protos(proto_dir: Path) -> tuple[Schema, Comments]:
+    """The document of the services in proto_dir/nextbest/v1, and their comments."""
     fds = descriptor_set(proto_dir)
     pool = descriptor_pool.DescriptorPool()
     for fd in fds.file:
         pool.Add(fd)
     ours = [fd for fd in fds.file if fd.name.startswith("nextbest/v1/")]
     services = [pool.FindServiceByName(f"{fd.package}.{s.name}") for fd in ours for s in fd.service]
-    return document(services, _comments(ours))
+    comments = _comments(ours)
+    return document(services, comments), comments
 
 
 def render(doc: Schema) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
+def render_comments(comments: Comments) -> str:
+    return json.dumps(comments, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nextbest.rpc.openapi", description="Write the OpenAPI document of the HTTP/JSON door.")
     parser.add_argument("--proto", type=Path, default=Path("proto"), help="the proto root (default: proto)")
     parser.add_argument("--out", type=Path, default=Path("docs/openapi.json"), help="where to write it (- for stdout)")
+    parser.add_argument(
+        "--comments-out",
+        type=Path,
+        default=None,
+        help=f"where to write the comments the server serves it with (server/rpc/{COMMENTS_FILE})",
+    )
     args = parser.parse_args(argv)
-    text = render(from_protos(args.proto))
-    if str(args.out) == "-":
-        sys.stdout.write(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    doc, comments = from_protos(args.proto)
+    outputs = [(args.out, render(doc))]
+    if args.comments_out is not None:
+        outputs.append((args.comments_out, render_comments(comments)))
+    for out, text in outputs:
+        if str(out) == "-":
+            sys.stdout.write(text)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
     return 0
 
 

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from nextbest.v1 import admin_pb2, decision_pb2
 from tests import envs
-from tests.harness import ADMIN_TOKEN, CHANNEL_TOKEN, LIMITED_TOKEN, TOKENS, FakeClock, ServerThread, make_settings, token_client
+from tests.harness import ADMIN_TOKEN, CHANNEL_TOKEN, LIMITED_TOKEN, ROOT, TOKENS, FakeClock, ServerThread, make_settings, token_client
 
 
 def call(
@@ -182,6 +182,17 @@ def test_a_grpc_timeout_header_is_the_deadline(tmp_path: Path) -> None:
         assert call(s, "POST", path, {}, headers={"grpc-timeout": "5S"})[0] == 200
         status, doc = call(s, "POST", path, {}, headers={"grpc-timeout": "soon"})
         assert status == 400 and doc["message"].startswith("grpc-timeout")
+    finally:
+        s.stop()
+
+
+def test_the_served_openapi_document_is_docs_openapi_json_with_its_comments(tmp_path: Path) -> None:
+    s = _server(f"sqlite:///{tmp_path}/nb.db")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.running.http_port}/v1/openapi.json", timeout=10) as r:
+            served = r.read().decode()
+        assert served == (ROOT / "docs" / "openapi.json").read_text()
+        assert json.loads(served)["paths"]["/v1/events/{event_id}:reward"]["post"]["description"]
     finally:
         s.stop()
 
