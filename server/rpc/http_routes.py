@@ -154,10 +154,57 @@ def _scalar(field: FieldDescriptor, text: str, where: str) -> Any:
     return text
 
 
+def _query_doc(route: Route, query: Iterable[tuple[str, str]]) -> tuple[dict[str, Any], list[tuple[str, list[FieldDescriptor], Any]]]:
+    """The request document of a GET's or DELETE's query parameters, and each parameter's
+    (where, field path, value), ``where`` naming it as ``query parameter 'key'``. A field that
+    takes one value given twice (under either of its names) is refused, as grpc-gateway refuses
+    it ("too many values"), rather than the last silently winning."""
+    doc: dict[str, Any] = {}
+    single: dict[tuple[str, ...], str] = {}
+    repeated: dict[tuple[str, ...], tuple[str, list[FieldDescriptor], list[Any]]] = {}
+    params: list[tuple[str, list[FieldDescriptor], Any]] = []
+    for key, text in query:
+        where = f"query parameter {key[:64]!r}"
+        try:
+            fields = _field_path(route.method.input_type, key)
+        except ValueError:
+            raise InvalidInput(where, "not a field of the request") from None
+        value = _scalar(fields[-1], text, where)
+        names = tuple(f.name for f in fields)
+        if fields[-1].is_repeated:
+            repeated.setdefault(names, (key, fields, []))[2].append(value)
+            continue
+        if names in single:
+            also = "" if single[names] == key else f" (also as {single[names][:64]!r})"
+            raise InvalidInput(where, f"given more than once{also}; {'.'.join(names)} takes one value")
+        single[names] = key
+        _put(doc, fields, value, where)
+        params.append((where, fields, value))
+    for key, fields, values in repeated.values():
+        where = f"query parameter {key[:64]!r}"
+        _put(doc, fields, values, where)
+        params.append((where, fields, values))
+    return doc, params
+
+
+def _culprit(route: Route, cls: type[Message], params: list[tuple[str, list[FieldDescriptor], Any]]) -> str:
+    """The query parameter or path variable whose value the request's message refuses ("" if none alone)."""
+    for where, fields, value in params:
+        alone: dict[str, Any] = {}
+        _put(alone, fields, value, where)
+        try:
+            json_format.ParseDict(alone, cls())
+        except json_format.ParseError:
+            return where
+    return ""
+
+
 def build_request(route: Route, variables: Mapping[str, str], body: Any | None, query: Iterable[tuple[str, str]]) -> Message:
-    """The request message of a call: ``body`` is the parsed JSON (None without a body)."""
+    """The request message of a call: ``body`` is the parsed JSON (None without a body). Errors
+    name what was wrong: the body, a query parameter (``query parameter 'slot'``) or a path variable."""
     cls = message_factory.GetMessageClass(route.method.input_type)
     doc: dict[str, Any]
+    params: list[tuple[str, list[FieldDescriptor], Any]] = []
     if route.body == "*":
         if not isinstance(body, dict):
             raise InvalidInput("body", "must be a JSON object")
@@ -166,25 +213,14 @@ def build_request(route: Route, variables: Mapping[str, str], body: Any | None, 
         field = _field_path(route.method.input_type, route.body)[0]
         doc = {field.json_name: body} if body is not None else {}
     else:
-        doc = {}
-    if not route.body:
-        repeated: dict[str, list[Any]] = {}
-        for key, text in query:
-            try:
-                fields = _field_path(route.method.input_type, key)
-            except ValueError:
-                raise InvalidInput(f"query parameter {key[:64]!r}", "not a field of the request") from None
-            value = _scalar(fields[-1], text, f"query parameter {key[:64]!r}")
-            if fields[-1].is_repeated:
-                repeated.setdefault(key, []).append(value)
-            else:
-                _put(doc, fields, value, key)
-        for key, values in repeated.items():
-            _put(doc, _field_path(route.method.input_type, key), values, key)
+        doc, params = _query_doc(route, query)
     for name, value in variables.items():
-        _put(doc, _field_path(route.method.input_type, name), value, name)
+        fields = _field_path(route.method.input_type, name)
+        _put(doc, fields, value, name)
+        params.append((f"path variable {name!r}", fields, value))
     try:
         message: Message = parse_into(doc, cls)  # ParseDict's result and errors, faster
     except json_format.ParseError as e:
-        raise InvalidInput("body", str(e)) from None
+        where = _culprit(route, cls, params) or ("body" if route.body else "request")
+        raise InvalidInput(where, str(e)) from None
     return message

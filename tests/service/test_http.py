@@ -110,7 +110,11 @@ def test_other_routes_batch_activate_admin_and_query_parameters(tmp_path: Path) 
         status, doc = call(s, "GET", "/v1/placements/app_home_banner/stats?endTime=2027-01-15T00:00:00Z")
         assert status == 200
         status, doc = call(s, "GET", "/v1/events/d-1:explain?slot=abc")
-        assert status == 400 and "slot" in doc["message"]
+        assert status == 400 and doc["message"].startswith("query parameter 'slot': ")
+        status, doc = call(s, "GET", "/v1/events/d-1:explain?slot=0&slot=1")  # not the last silently
+        assert (status, doc["code"]) == (400, 3) and doc["message"].startswith("query parameter 'slot': given more than once")
+        status, doc = call(s, "GET", "/v1/placements/app_home_banner/stats?endTime=2027-01-15T00:00:00Z&end_time=2027-01-16T00:00:00Z")
+        assert status == 400 and "more than once (also as 'endTime')" in doc["message"]
         status, doc = call(s, "GET", "/v1/events/d-1:explain?bogus=1")
         assert status == 400 and "bogus" in doc["message"]
     finally:
