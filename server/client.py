@@ -268,12 +268,15 @@ class NextbestClient(ClientCore):
 
     def placement(
         self, placement: str, *, timeout: float | None = None, retry: bool | None = None, wait_for_ready: bool | None = None
-    ) -> admin_pb2.Placement:
+    ) -> PlacementSpec:
+        """The live placement as its spec (what ``apply`` takes: change it with ``model_copy`` and
+        apply it back), retired arms included as ``active: false``; NotFoundError if none."""
         return self._run(calls.get_placement(placement), timeout, retry, wait_for_ready)
 
     def placements(
         self, *, timeout: float | None = None, retry: bool | None = None, wait_for_ready: bool | None = None
-    ) -> list[admin_pb2.Placement]:
+    ) -> list[PlacementSpec]:
+        """Every live placement as its spec, by id."""
         return self._run(calls.list_placements(), timeout, retry, wait_for_ready)
 
     def put_profiles(

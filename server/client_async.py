@@ -191,12 +191,14 @@ class AsyncNextbestClient(ClientCore):
 
     async def placement(
         self, placement: str, *, timeout: float | None = None, retry: bool | None = None, wait_for_ready: bool | None = None
-    ) -> admin_pb2.Placement:
+    ) -> PlacementSpec:
+        """As NextbestClient.placement."""
         return await self._run(calls.get_placement(placement), timeout, retry, wait_for_ready)
 
     async def placements(
         self, *, timeout: float | None = None, retry: bool | None = None, wait_for_ready: bool | None = None
-    ) -> list[admin_pb2.Placement]:
+    ) -> list[PlacementSpec]:
+        """As NextbestClient.placements."""
         return await self._run(calls.list_placements(), timeout, retry, wait_for_ready)
 
     async def put_profiles(

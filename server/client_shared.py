@@ -219,12 +219,16 @@ def get_stats(placement: str, since: float | None, until: float | None) -> Call[
     return Call("admin", "GetStats", req, stats)
 
 
-def get_placement(placement: str) -> Call[admin_pb2.Placement]:
-    return Call("admin", "GetPlacement", admin_pb2.GetPlacementRequest(placement=placement), lambda r: r.placement)
+def get_placement(placement: str) -> Call[PlacementSpec]:
+    req = admin_pb2.GetPlacementRequest(placement=placement)
+    return Call("admin", "GetPlacement", req, lambda r: convert.placement_spec(r.placement))
 
 
-def list_placements() -> Call[list[admin_pb2.Placement]]:
-    return Call("admin", "ListPlacements", admin_pb2.ListPlacementsRequest(), lambda r: list(r.placements))
+def list_placements() -> Call[list[PlacementSpec]]:
+    def read(r: admin_pb2.ListPlacementsResponse) -> list[PlacementSpec]:
+        return [convert.placement_spec(p, f"placements[{i}]") for i, p in enumerate(r.placements)]
+
+    return Call("admin", "ListPlacements", admin_pb2.ListPlacementsRequest(), read)
 
 
 def put_profiles(profiles: Iterable[ProfileLike]) -> Call[ProfilesPut]:

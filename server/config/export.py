@@ -28,7 +28,7 @@ _LAST = ("contact_policies", "fatigue", "experiment", "shadows", "arms")  # afte
 class _Client(Protocol):
     """What export needs of NextbestClient (a protocol so tests can pass a fake)."""
 
-    def placements(self) -> list[admin_pb2.Placement]: ...
+    def placements(self) -> list[PlacementSpec]: ...
 
     @property
     def admin(self) -> Any: ...
@@ -135,7 +135,7 @@ def to_yaml(placements: list[PlacementSpec], campaigns: list[CampaignSpec]) -> s
 
 def export_yaml(client: _Client) -> str:
     """The live placements (retired arms included, as ``active: false``) and campaigns."""
-    placements = [convert.placement_spec(p, f"placements[{i}]") for i, p in enumerate(client.placements())]
+    placements = client.placements()
     resp = client.admin.ListCampaigns(admin_pb2.ListCampaignsRequest(), timeout=getattr(client, "timeout", 10.0))
     campaigns = [convert.campaign_spec(c, f"campaigns[{i}]") for i, c in enumerate(resp.campaigns)]
     return to_yaml(placements, campaigns)

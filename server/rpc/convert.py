@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf import timestamp_pb2
@@ -14,8 +14,6 @@ from nextbest.bandit.attribution import Conversion, Credit
 from nextbest.bandit.eligibility import EligibilityRule
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, feature_key
-from nextbest.bandit.offline.experiment_stats import Interval
-from nextbest.bandit.offline.uplift import VariantUplift
 from nextbest.bandit.spec import (
     ArmSpec,
     BudgetSpec,
@@ -29,9 +27,13 @@ from nextbest.bandit.spec import (
 )
 from nextbest.config.plans import Change
 from nextbest.engine.conversion_result import ConversionResult, ConversionStatus
-from nextbest.engine.placement_stats import Stats
 from nextbest.storage.base import PlacementRecord, Profile
 from nextbest.v1 import admin_pb2, common_pb2, decision_pb2, profile_pb2
+
+if TYPE_CHECKING:  # numpy's modules: the client (which converts too) installs without numpy
+    from nextbest.bandit.offline.experiment_stats import Interval
+    from nextbest.bandit.offline.uplift import VariantUplift
+    from nextbest.engine.placement_stats import Stats
 
 _ALGORITHMS = {
     admin_pb2.EXPLORATION_ALGORITHM_EPSILON: "epsilon",

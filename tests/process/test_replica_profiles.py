@@ -55,7 +55,7 @@ def test_history_counts_agree_on_both_servers(pg: str) -> None:
     try:
         with NextbestClient(a.target) as na, NextbestClient(b.target) as nb:
             na.apply([PLACEMENT])
-            until(lambda: nb.placement("ivr_menu").context.history_seconds, timeout=10)
+            until(lambda: nb.placement("ivr_menu").context.history, timeout=10)
             for i in range(24):  # alternate servers; reward some on the other server
                 maker, other = (na, nb) if i % 2 else (nb, na)
                 d = maker.choose("ivr_menu", customer_id="tel:7")

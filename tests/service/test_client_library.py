@@ -8,6 +8,8 @@ first calls with a status, then passes calls through; it keeps every request as 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ import grpc
 import pytest
 
 import nextbest
+from nextbest.bandit.spec import PlacementSpec
 from nextbest.client import (
     AlreadyExistsError,
     AsyncNextbestClient,
@@ -315,3 +318,36 @@ def test_a_per_call_timeout_leaves_the_clients_default(served: ServerThread) -> 
         with pytest.raises(DeadlineExceededError):
             nb.stats("app_home_banner", timeout=1e-6)
         assert nb.timeout == 7.0 and nb.stats("app_home_banner").placement == "app_home_banner"
+
+
+def test_placements_are_specs_that_apply_back(served: ServerThread) -> None:
+    """placement() and placements() answer PlacementSpecs (the type apply takes), from both clients."""
+    with NextbestClient(served.target, token=ADMIN_TOKEN) as nb:
+        one = nb.placement("ussd_main_menu")
+        assert isinstance(one, PlacementSpec) and one.id == "ussd_main_menu" and [a.id for a in one.arms] == list(envs.ARMS)
+        every = nb.placements()
+        assert all(isinstance(p, PlacementSpec) for p in every) and [p.id for p in every] == ["app_home_banner", "ussd_main_menu"]
+        assert every[1] == one
+        assert nb.apply([one], dry_run=True) == []  # a spec read back applies as a no-op
+        with pytest.raises(NotFoundError):
+            nb.placement("nope")
+
+    async def from_async() -> tuple[PlacementSpec, list[PlacementSpec]]:
+        async with AsyncNextbestClient(served.target, token=ADMIN_TOKEN) as nb:
+            return await nb.placement("ussd_main_menu"), await nb.placements()
+
+    assert asyncio.run(from_async()) == (one, every)
+
+
+def test_the_client_and_its_conversions_load_no_numpy() -> None:
+    """The base install (the client) has no numpy: importing the client, reading a placement
+    into its spec and the other conversions must not need it."""
+    probe = (
+        "import sys\nfrom nextbest import NextbestClient\nfrom nextbest import client_shared\n"
+        "from nextbest.rpc import convert\nfrom nextbest.v1 import admin_pb2\n"
+        "convert.placement_spec(admin_pb2.Placement(id='p', arms=[admin_pb2.Arm(id='a')]))\n"
+        "print('numpy' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
