@@ -11,6 +11,8 @@ import asyncio
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_not
 
 from nextbest.bandit.contact import Impression
 from nextbest.bandit.decider import NO_ARM_CONTEXT, ArmContexts, ArmView, Candidate, context_of
@@ -68,10 +70,13 @@ def arm_history(
     candidates with it in their VW lines, each arm's history features by arm id, and what
     rules read of them per arm."""
     windows = _windows(tuple(spec.context.history))
-    by_arm = history_features(history, [c.arm.id for c in candidates], windows, now)
     never = never_seen(windows)  # an arm not seen keeps its cached line and candidate
-    if any(fs is not never for fs in by_arm.values()):  # else the shared candidates as they are
-        candidates = [c if (fs := by_arm[c.arm.id]) is never else _with_history(c, fs) for c in candidates]
+    if not history:  # a customer not seen lately: every arm unseen, the candidates as they are
+        by_arm = dict.fromkeys([c.arm.id for c in candidates], never)
+    else:
+        by_arm = history_features(history, [c.arm.id for c in candidates], windows, now)
+        if any(map(is_not, by_arm.values(), repeat(never))):  # else the shared candidates as they are
+            candidates = [c if (fs := by_arm[c.arm.id]) is never else _with_history(c, fs) for c in candidates]
     arm_rules: ArmContexts = NO_ARM_CONTEXT
     if spec.has_rules:
         unseen = context_of(never)

@@ -190,9 +190,9 @@ class Chooser:
         excluded = _exclusions(spec, exclude_arms)
         shared = self._contacts.shared
         tracked = bool(customer_id) and self._contacts.history.horizon > 0
-        locked = tracked and shared is not None and spec.history_horizon > 0 and caps(spec)
+        locked = (reads := tracked and shared is not None and spec.history_horizon > 0) and caps(spec)  # reads: shared history
         reading: asyncio.Future[list[RecentImpression]] | None = None
-        if tracked and shared is not None and spec.history_horizon > 0 and not locked:
+        if reads and not locked and shared is not None:
             # History features only: read with every other Choose of the moment (one query),
             # no lock; alongside the profile's read.
             reading = shared.read(customer_id, self._clock() - self._contacts.history.horizon)

@@ -89,14 +89,14 @@ _T = TypeVar("_T")
 
 
 class HeldConnections(SqlBase):
-    """PostgreSQL: each worker thread's own connection, autocommit and kept open, for the
-    Choose path's small statements of many Chooses at once (profile misses, history reads,
-    impressions): through the pool each paid a checkout with its liveness ping and a rollback
-    at its return, ~300 us of CPU and two round trips more than the statement (measured: a
-    pooled SELECT 1 370 us of CPU, on a held connection 65 us). A statement that finds its
-    connection broken (the database restarted) is tried once more on a new one."""
+    """Each worker thread's own connection, autocommit and kept open, for the Choose path's
+    small statements of many Chooses at once (profile misses; on PostgreSQL also history reads
+    and impressions): through the pool each paid a checkout (on PostgreSQL with its liveness
+    ping) and a rollback at its return: a pooled SELECT 1 cost 370 us of CPU on PostgreSQL, on
+    a held connection 65 us; a one-profile read on SQLite 210 us. On PostgreSQL a statement
+    that finds its connection broken (the database restarted) is tried once more on a new one."""
 
-    _held: threading.local  # .conn: this thread's psycopg connection, or None
+    _held: threading.local  # .conn: this thread's driver connection, or None
     _held_all: list[Any]  # every one opened, closed with the store
     _held_guard: threading.Lock
 
@@ -105,24 +105,40 @@ class HeldConnections(SqlBase):
         self._held_all = []
         self._held_guard = threading.Lock()
 
+    @property
+    def _holds(self) -> bool:
+        """Whether held connections serve this database (not SQLite in memory: one per connection)."""
+        return self._postgres or self.engine.url.database not in (None, "", ":memory:")
+
     def _on_held(self, run: Callable[[Any], _T]) -> _T:
         """``run(cursor)`` on this thread's connection; database errors become Unavailable."""
-        import psycopg
+        if self._postgres:
+            import psycopg
 
+            errors: tuple[type[Exception], ...] = (psycopg.Error,)
+        else:
+            import sqlite3
+
+            errors = (sqlite3.Error,)
         conn = getattr(self._held, "conn", None)
-        for retry in (conn is not None, False):
+        for retry in (conn is not None and self._postgres, False):
             if conn is None:
                 conn = self._open_held()
+            cur = conn.cursor()
             try:
-                with conn.cursor() as cur:
-                    return run(cur)
-            except psycopg.Error as e:
-                if conn.broken or conn.closed:
+                return run(cur)
+            except errors as e:
+                if not self._postgres or conn.broken or conn.closed:
                     self._drop_held(conn)
                     conn = None
                     if retry:
                         continue
                 raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
+            finally:
+                try:
+                    cur.close()
+                except Exception:
+                    pass  # its connection is gone
         raise AssertionError("unreachable")
 
     def _open_held(self) -> Any:
@@ -134,7 +150,10 @@ class HeldConnections(SqlBase):
             raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e
         try:
             conn.rollback()
-            conn.autocommit = True  # each statement its own transaction: one round trip
+            if self._postgres:
+                conn.autocommit = True  # each statement its own transaction: one round trip
+            else:
+                conn.isolation_level = None  # no transaction left open after a read (WAL snapshot)
         except Exception as e:
             conn.close()
             raise Unavailable(f"database unavailable: {e.__class__.__name__}") from e

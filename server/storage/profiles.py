@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from nextbest.bandit.errors import Unavailable
+from nextbest.bandit.features import Feature
 from nextbest.storage.base import Erased, Profile, ProfilesPut, features_of
 from nextbest.storage.contacts import HeldConnections
 
@@ -166,12 +167,14 @@ class ProfileQueries(HeldConnections):
                 "WHERE customer_id IN (SELECT value FROM json_each(?)) AND (expires_at IS NULL OR expires_at > ?)"
             )
         out: dict[str, Profile] = {}
-        if self._postgres:  # the Choose path's misses: on the thread's held connection
+        if self._holds:  # the Choose path's misses: on the thread's held connection
 
             def read(cur: Any) -> None:
                 for i in range(0, len(ids), _GET_CHUNK):
-                    for cid, features, as_of, expires_at in cur.execute(sql, (ids[i : i + _GET_CHUNK], now)).fetchall():
-                        out[cid] = Profile(cid, features_of(orjson.loads(features)), float(as_of), expires_at)
+                    chunk: Any = ids[i : i + _GET_CHUNK]
+                    arg = chunk if self._postgres else orjson.dumps(chunk).decode()
+                    for cid, features, as_of, expires_at in cur.execute(sql, (arg, now)).fetchall():
+                        out[cid] = Profile(cid, _features(features), float(as_of), expires_at)
 
             self._on_held(read)
             return out
@@ -254,6 +257,12 @@ def _insert_copied(cur: Any, now: float, probe: bool) -> tuple[int, bool]:
             return n, False
     cur.execute(f"{insert} {_UPSERT_SET}", (now,))
     return int(cur.rowcount), conflicted
+
+
+def _features(text: str) -> tuple[Feature, ...]:
+    """``features_of`` of a stored profile's JSON text, inlined: run for every profile a Choose
+    misses in the cache."""
+    return tuple([(ns, name, v if type(v) is str else float(v)) for ns, name, v in orjson.loads(text)])
 
 
 def _copy_text(table: Any) -> Any:
