@@ -24,6 +24,7 @@ closer or taken over). Policy: engine/reward_policy.py (aggregation x learn_at).
   open, key counted already   AGGREGATE       either     DUPLICATE   nothing                      -
   open, deferred              any             either     INVALID_ARGUMENT (activate first)        -
   past its deadline           any             either     LATE        "late" event                 never
+  past it, has a first reward AT_REWARD/FIRST either     DUPLICATE   nothing                      -
   closed with a reward        AT_REWARD/FIRST either     DUPLICATE   nothing                      -
   closed with a reward        AGGREGATE       -          LATE        "late" event                 never
   closed with the default     any             -          LATE        "late" event                 never
@@ -176,7 +177,7 @@ class RewardWindows:
         if not entry.activated:
             raise InvalidInput("event_id", f"event {quote(event_id)} is deferred and not activated; call Activate first")
         if now > entry.deadline:
-            return await self._late(key, reward, now, reward_id)  # the sweeper closes it
+            return await self._past_deadline(key, entry, reward, now, reward_id)  # the sweeper closes it
         policy = policy_of(self.spec(entry.placement))
         if policy is Policy.AT_REWARD and (entry.rewards or (entry.writing and _FIRST in entry.writing)):
             policy = Policy.FIRST_AT_CLOSE  # a first reward stored before a change to learn_at: reward stays the one
@@ -335,6 +336,21 @@ class RewardWindows:
         if result is Recorded.DUPLICATE:
             return RewardStatus.DUPLICATE
         return await self._reread((d.event_id, d.slot), reward, now, reward_id)
+
+    async def _past_deadline(self, key: Key, entry: OpenDecision, reward: float, now: float, reward_id: str) -> RewardStatus:
+        """Held here, past its deadline, not swept yet: LATE, unless the window has its first
+        reward (AT_REWARD, FIRST_AT_CLOSE), stored from here or elsewhere: DUPLICATE, as the
+        other servers answer from the row and as it is once closed."""
+        if policy_of(self.spec(entry.placement)) is not Policy.AGGREGATE:
+            if entry.rewards:
+                return RewardStatus.DUPLICATE
+            first = entry.writing.get(_FIRST) if entry.writing else None
+            if first is not None and await asyncio.shield(first) is Recorded.STORED:
+                return RewardStatus.DUPLICATE
+            d = await self.find(key[0], key[1])
+            if d is not None and d.reward is not None:
+                return RewardStatus.DUPLICATE  # another server's first, on the row
+        return await self._late(key, reward, now, reward_id)
 
     async def _late(self, key: Key, reward: float, now: float, reward_id: str = "") -> RewardStatus:
         """Kept beside the log, never learned; a key stored before (a retry) is a duplicate."""

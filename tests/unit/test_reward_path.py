@@ -582,3 +582,30 @@ def test_what_is_learned_and_when_follows_the_table(db: str) -> None:
                 assert await learned() == {"now": 2, "first": 2, "agg": 2}  # never
 
     run(body)
+
+
+def test_past_its_deadline_a_window_with_its_first_reward_is_duplicate_on_either_server(db: str) -> None:
+    """past its deadline, has a first reward | AT_REWARD/FIRST | either -> DUPLICATE, nothing
+    stored: the same answer from either server and before or after the sweep closes it (the
+    holder answered LATE and stored a "late" event while the other server answered DUPLICATE)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement()])
+            async with server(db, clock, workers=2) as b:
+                mine, theirs = await choose(a), await choose(a)
+                assert await a.windows.reward(mine, 1.0) is LEARNED  # the first, held here
+                await a.writer.flush()
+                assert await b.windows.reward(theirs, 2.0) is LEARNED  # the first, from elsewhere
+                clock.advance(WINDOW + 1)  # past the deadline, not swept yet
+                for ev in (mine, theirs):
+                    assert [await a.windows.reward(ev, 5.0), await b.windows.reward(ev, 5.0)] == [DUPLICATE, DUPLICATE]
+                assert await a.windows.sweep() == 2
+                for ev in (mine, theirs):
+                    assert [await a.windows.reward(ev, 5.0), await b.windows.reward(ev, 5.0)] == [DUPLICATE, DUPLICATE]
+                assert [(await row(a, ev)).reward for ev in (mine, theirs)] == [1.0, 2.0]
+                with a.store.engine.connect() as c:  # type: ignore[attr-defined]
+                    assert c.execute(text("SELECT count(*) FROM reward_events WHERE kind = 'late'")).scalar() == 0
+
+    run(body)
