@@ -175,6 +175,8 @@ class RewardWindows:
         self._visible(entry.placement, event_id, slot, reward)
         self._check_magnitude(entry.placement, reward)
         if not entry.activated:
+            if now > entry.deadline:  # as from its row: Activate answers EXPIRED now
+                raise InvalidInput("event_id", f"event {quote(event_id)} was never activated; it is not learned")
             raise InvalidInput("event_id", f"event {quote(event_id)} is deferred and not activated; call Activate first")
         if now > entry.deadline:
             return await self._past_deadline(key, entry, reward, now, reward_id)  # the sweeper closes it
