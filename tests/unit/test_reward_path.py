@@ -610,3 +610,30 @@ def test_past_its_deadline_a_window_with_its_first_reward_is_duplicate_on_either
                     assert c.execute(text("SELECT count(*) FROM reward_events WHERE kind = 'late'")).scalar() == 0
 
     run(body)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the store's close does not say whether its reward was the row's first: "
+    "RewardWindows._learn_here compares values (storage/sql.py write -> Close as stored)",
+)
+def test_a_change_to_learn_at_reward_never_answers_learned_twice_for_one_event(db: str) -> None:
+    """learn_at: window_close -> reward while a window is open and another server stored its
+    first reward: a later reward to the holder closes the window with that first one and must
+    answer DUPLICATE, whatever its value (it answers LEARNED when the values are equal)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        async with server(db, clock, workers=2) as a:
+            await a.config.apply([placement()])
+            async with server(db, clock, workers=2) as b:
+                ev = await choose(a)
+                await a.writer.flush()
+                assert await b.windows.reward(ev, 1.0) is LEARNED  # the first, on the row
+                await a.config.apply([placement(learn_at="reward")])
+                got = await a.windows.reward(ev, 1.0)
+                d = await row(a, ev)
+                assert (d.outcome, d.reward) == (Outcome.REWARD, 1.0)  # learned once, B's
+                assert got is DUPLICATE
+
+    run(body)
