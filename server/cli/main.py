@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nextbest.cli.replay import add_commands as replay_commands
 
     replay_commands(sub)
+    from nextbest.cli.tune import add_commands as tune_commands
+
+    tune_commands(sub)
     from nextbest.cli.experiments import add_commands as experiment_commands
 
     experiment_commands(sub)
