@@ -84,7 +84,9 @@ def test_the_edges_of_the_range_are_served_read_back_and_exported(server: Server
         c.admin.ApplyConfig(admin_pb2.ApplyConfigRequest(placements=[placement]), timeout=30)
         assert c.choose("p", {}).arm_id in ("a", "b")
         got = c.placement("p")
-        assert got.arms[0].budget.end_time.seconds == MAX_SECONDS and got.arms[0].budget.start_time.seconds == MIN_SECONDS
+        budget = got.arms[0].budget
+        assert budget is not None and budget.end is not None and budget.start is not None
+        assert budget.end.timestamp() == MAX_SECONDS and budget.start.timestamp() == MIN_SECONDS
         assert c.stats("p").decisions >= 0
 
 

@@ -62,7 +62,7 @@ def test_profiles_and_history_decide_and_are_logged_as_used(any_db: str, tmp_pat
         with server.client() as nb:
             nb.apply([_placement()])
             stored = nb.placement("ivr_menu").context
-            assert stored.profile and list(stored.history_seconds) == [7 * DAY, 30 * DAY]
+            assert stored.profile and stored.history == [7 * DAY, 30 * DAY]
             taken: dict[tuple[str, str], float] = {}  # (customer, arm) -> when it was accepted
             served: list[tuple[str, str, str]] = []  # (event, customer, arm)
             for _ in range(240):

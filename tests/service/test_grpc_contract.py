@@ -273,7 +273,5 @@ def test_constraint_settings_survive_the_api(server: ServerThread) -> None:
     )
     with server.client() as c:
         c.apply([spec])
-        from nextbest.rpc import convert
-
-        assert convert.placement_spec(c.placement("app_home_banner")).model_dump(exclude={"arms"}) == spec.model_dump(exclude={"arms"})
+        assert c.placement("app_home_banner").model_dump(exclude={"arms"}) == spec.model_dump(exclude={"arms"})
         assert c.apply([spec]) == []
