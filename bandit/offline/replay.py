@@ -19,7 +19,7 @@ from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.offline.estimators import ESTIMATORS, Accumulator, Estimate, estimator_names
 from nextbest.bandit.offline.policies import Policy, Scorer
 from nextbest.bandit.offline.replay_log import ReplayLog
-from nextbest.bandit.offline.reward_model import DEFAULT_REWARD_MODEL_ARGS, RewardModel
+from nextbest.bandit.offline.reward_model import DEFAULT_REWARD_MODEL_ARGS, RewardModel, loss_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,7 @@ class Replay:
     n: int
     first: float  # timestamp of the first event replayed
     last: float
+    reward_model_loss: str | None = None  # the loss DR's reward model used (auto resolved); None without DR
 
 
 def evaluate(
@@ -69,9 +70,18 @@ def evaluate(
     clip: float | None = None,
     reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS,
     folds: int = 2,
+    reward_model_loss: str = "auto",
 ) -> list[PolicyEstimate]:
     """Every estimator of every policy on a log held in memory (see ``replay``)."""
-    return replay(lambda: iter((log,)), policies, estimators, clip=clip, reward_model_args=reward_model_args, folds=folds).results
+    return replay(
+        lambda: iter((log,)),
+        policies,
+        estimators,
+        clip=clip,
+        reward_model_args=reward_model_args,
+        folds=folds,
+        reward_model_loss=reward_model_loss,
+    ).results
 
 
 @dataclass
@@ -90,6 +100,7 @@ def replay(
     clip: float | None = None,
     reward_model_args: str = DEFAULT_REWARD_MODEL_ARGS,
     folds: int = 2,
+    reward_model_loss: str = "auto",
     progress: Callable[[str, int], None] | None = None,
 ) -> Replay:
     """Every estimator of every policy over a log read in chunks, in bounded memory.
@@ -98,9 +109,15 @@ def replay(
     learns the whole log in a first pass, then one pass scores every candidate and feeds the
     estimators' running sums, so memory holds a chunk, the models and a few sums per estimate,
     whatever the length of the log. ``progress(stage, events)`` hears after each chunk.
+
+    ``reward_model_loss`` is the loss of DR's reward model (``nextbest.bandit.offline.reward_model``):
+    ``logistic`` for rewards of 0 or 1, ``squared`` (predictions clipped to the rewards' range)
+    for others, or ``auto``, which chooses from the log: at the first reward other than 0 and 1
+    it learns the log again, with squared loss.
     """
     names = estimator_names(estimators)  # before the reward model is made
-    model = RewardModel(reward_model_args, folds) if "dr" in names else None
+    loss = loss_name(reward_model_loss)
+    model = RewardModel(reward_model_args, folds, loss) if "dr" in names else None
     candidates: list[_Candidate] = []
     running = candidates  # the runs still to finish (the same list until the end)
     try:
@@ -108,13 +125,7 @@ def replay(
         for p in policies:
             candidates.append(_Candidate(p, p.scorer(), Accumulator(names, clip=clip)))
         if model is not None:
-            start = 0
-            with _reading(chunks) as stream:
-                for chunk in stream:
-                    model.learn(chunk, start)
-                    start += chunk.n
-                    if progress is not None:
-                        progress("reward model", start)
+            _learn(model, chunks, progress)
         n = skipped = may_skip = 0
         paced_log = False
         first = last = math.nan
@@ -168,7 +179,24 @@ def replay(
             )
         for est in c.acc.estimates():
             out.append(PolicyEstimate(c.policy.name, replace(est, warnings=est.warnings + warn) if warn else est))
-    return Replay(out, n, first, last)
+    return Replay(out, n, first, last, model.loss if model is not None else None)
+
+
+def _learn(model: RewardModel, chunks: Chunks, progress: Callable[[str, int], None] | None) -> None:
+    """The reward model's pass over the log; a second one, from the start, if auto switched its loss."""
+    while True:
+        start = 0
+        with _reading(chunks) as stream:
+            for chunk in stream:
+                model.learn(chunk, start)
+                if model.restart:
+                    break
+                start += chunk.n
+                if progress is not None:
+                    progress("reward model", start)
+        if not model.restart:
+            return
+        model.restart = False
 
 
 @contextmanager

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 ESTIMATOR_NAMES = ("ips", "snips", "dr")  # nextbest.bandit.offline.estimators.ESTIMATORS, without importing numpy
 REWARD_MODEL_ARGS = "-q UA"  # nextbest.bandit.offline.reward_model.DEFAULT_REWARD_MODEL_ARGS
+REWARD_MODEL_LOSSES = ("auto", "squared", "logistic")  # nextbest.bandit.offline.reward_model.REWARD_MODEL_LOSSES
 MAX_LINE_BYTES = 1 << 20  # nextbest.offline.dsjson_reader.MAX_LINE
 
 POLICY_HELP = (
@@ -42,8 +43,11 @@ def _fmt(x: float, width: int, digits: int = 4) -> str:
     return f"{'nan':>{width}}" if math.isnan(x) else f"{x:>{width}.{digits}f}"
 
 
-def format_table(results: Sequence[PolicyEstimate], n: int, first: float, last: float, source: str) -> str:
-    """The plain output: one row per policy and estimator, warnings listed below."""
+def format_table(
+    results: Sequence[PolicyEstimate], n: int, first: float, last: float, source: str, reward_model_loss: str | None = None
+) -> str:
+    """The plain output: one row per policy and estimator, warnings listed below, and the loss of
+    DR's reward model when DR was asked for."""
     from nextbest.bandit.offline.dsjson import iso_time
 
     lines = [f"{n:,} closed decisions from {source}, {iso_time(first)} .. {iso_time(last)}", ""]
@@ -58,6 +62,9 @@ def format_table(results: Sequence[PolicyEstimate], n: int, first: float, last: 
         notes.extend(f"  {r.policy} / {e.estimator}: {w}" for w in e.warnings)
     if notes:
         lines += ["", "warnings:", *notes]
+    if reward_model_loss is not None:
+        why = {"logistic": "the probability of a reward of 1", "squared": "clipped to the range of the rewards"}
+        lines += ["", f"DR's reward model: {reward_model_loss} loss ({why.get(reward_model_loss, '')}; --reward-model-loss)"]
     return "\n".join(lines)
 
 
@@ -191,6 +198,7 @@ def _replay(args: argparse.Namespace) -> int:
             clip=args.clip,
             reward_model_args=args.reward_model_args,
             folds=args.folds,
+            reward_model_loss=args.reward_model_loss,
             progress=progress,
         )
     except LogOutOfOrder as e:
@@ -206,7 +214,7 @@ def _replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in done.results], indent=2))
     else:
-        print(format_table(done.results, done.n, first, last, source))
+        print(format_table(done.results, done.n, first, last, source, done.reward_model_loss))
     if args.plot:
         plot(done.results, args.plot)
     return 0
@@ -253,6 +261,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=REWARD_MODEL_ARGS,
         help=f"VW arguments of DR's reward model, written with = as they start with a dash "
         f"(default --reward-model-args='{REWARD_MODEL_ARGS}')",
+    )
+    r.add_argument(
+        "--reward-model-loss",
+        dest="reward_model_loss",
+        choices=REWARD_MODEL_LOSSES,
+        default="auto",
+        help="loss of DR's reward model: logistic (rewards of 0 or 1: predicts their probability), squared (other rewards; "
+        "predictions clipped to the rewards' range), auto (default: logistic when every logged reward is 0 or 1)",
     )
     r.add_argument("--folds", type=int, default=2, help="cross-fitting folds of the reward model (default 2)")
     r.add_argument(
