@@ -25,6 +25,7 @@ from nextbest.bandit.eligibility import Value, reason_against
 from nextbest.bandit.explain import fallback_not_eligible
 from nextbest.bandit.features import Feature, arm_line, feature_key
 from nextbest.bandit.model import CbModel
+from nextbest.bandit.reward_scale import exploration_scale
 from nextbest.bandit.spec import ArmSpec, ExplorationSpec, HoldoutSpec, PlacementSpec
 
 NO_OFFER = "paced: no offer"
@@ -126,14 +127,14 @@ def explore(values: NDArray[np.float64], spec: ExplorationSpec, learned: int, re
     """The placement's exploration algorithm applied to (adjusted) expected rewards.
 
     Softmax and SquareCB compare value gaps with a temperature or gamma tuned for rewards in
-    [0, 1]; values are divided by ``reward_scale`` (a high quantile of the recent reward
-    magnitudes, at least 1: bandit/reward_scale.py) so that revenue or margin rewards explore
-    like acceptance rewards do.
+    [0, 1]; values are divided by ``reward_scale`` (the width of a declared reward range, else a
+    high quantile of the recent reward magnitudes, at least 1: bandit/reward_scale.py) so that
+    revenue or margin rewards explore like acceptance rewards do.
     """
     parameter = exploration_parameter(spec, learned)
     if spec.algorithm == "epsilon":
         return exploration.epsilon_greedy(values, parameter)
-    values = values / max(reward_scale, 1.0)
+    values = values / reward_scale
     if spec.algorithm == "softmax":
         return exploration.softmax(values, parameter)
     return exploration.squarecb(values, parameter)
@@ -362,13 +363,14 @@ def decide(
     paced = budgeted and bool(np.any(prices > 0))
     if paced:
         values = np.append(values - prices, 0.0)  # "no offer": what a priced-out budget buys instead
-    pmf = explore(values, spec.exploration, model.learned, reward_scale)
+    scale = exploration_scale(max(reward_scale, 1.0), model.learned, spec.reward_range, spec.max_abs_reward)
+    pmf = explore(values, spec.exploration, model.learned, scale)
     i = exploration.draw(pmf, uniform())
     pmf_t = tuple(pmf.tolist())
     explanation = Explanation(
         spec.exploration.algorithm,
         exploration_parameter(spec.exploration, model.learned),
-        max(reward_scale, 1.0),
+        scale,
         expected,
         tuple(c.spec.business_value for c in eligible) if adjusted and any(c.spec.business_value for c in eligible) else (),
         tuple(prices.tolist()) if paced else (),

@@ -45,3 +45,31 @@ class RewardScale:
             return 1.0
         q = float(np.quantile(np.fromiter(self._recent, float, len(self._recent)), QUANTILE, method="higher"))
         return min(max(1.0, q), max(1.0, self._ceiling))
+
+
+DEFAULT_MAX_ABS_REWARD = 1e6  # PlacementSpec.max_abs_reward's default: a guard, no statement of scale
+
+
+def exploration_scale(
+    estimate: float,
+    learned: int,
+    reward_range: tuple[float, float] | None = None,
+    max_abs_reward: float = DEFAULT_MAX_ABS_REWARD,
+    window: int = WINDOW,
+) -> float:
+    """What softmax and SquareCB divide value gaps by.
+
+    * A declared ``reward_range`` (the range of one decision's reward): its width, from the
+      first decision on, whatever the rewards so far.
+    * Else ``estimate`` (``RewardScale.value``, at least 1), started from a prior: a
+      ``max_abs_reward`` the placement declared (below its default) weighs ``1 - learned /
+      window`` against the estimate, so that the first few rewards (a margin of 2 where margins
+      reach 15) do not set how the placement explores; after ``window`` rewards learned, the
+      estimate alone. Without either, the estimate alone, as before.
+    """
+    if reward_range is not None:
+        return float(reward_range[1] - reward_range[0])
+    if max_abs_reward >= DEFAULT_MAX_ABS_REWARD or learned >= window:
+        return estimate
+    w = 1.0 - max(learned, 0) / window
+    return max(1.0, w * max_abs_reward + (1.0 - w) * estimate)

@@ -386,6 +386,9 @@ class PlacementSpec(_Spec):
     default_reward: Annotated[float, Field(allow_inf_nan=False)] = 0.0
     # Rewards above this magnitude are refused: one Reward(1e13) used to ruin a model for good.
     max_abs_reward: Annotated[float, Field(gt=0.0, le=MAX_ABS_REWARD_LIMIT, allow_inf_nan=False)] = 1e6
+    # The range of one decision's reward, e.g. (0, 15) for margins up to 15: softmax and SquareCB
+    # divide value gaps by its width instead of the estimate from recent rewards (reward_scale.py).
+    reward_range: tuple[Annotated[float, Field(allow_inf_nan=False)], Annotated[float, Field(allow_inf_nan=False)]] | None = None
     vw_args: VwArgs = ""
     interactions: bool = True
     bits: Annotated[int, Field(ge=10, le=28)] = 18
@@ -434,6 +437,12 @@ class PlacementSpec(_Spec):
     def _unique_arms(self) -> PlacementSpec:
         if abs(self.default_reward) > self.max_abs_reward:
             raise ValueError(f"default_reward: magnitude above max_abs_reward ({self.max_abs_reward:g})")
+        if self.reward_range is not None:
+            lo, hi = self.reward_range
+            if not lo < hi:
+                raise ValueError(f"reward_range: the low end must be below the high end, got [{lo:g}, {hi:g}]")
+            if max(abs(lo), abs(hi)) > self.max_abs_reward:
+                raise ValueError(f"reward_range: [{lo:g}, {hi:g}] reaches beyond max_abs_reward ({self.max_abs_reward:g})")
         seen: set[str] = set()
         for i, arm in enumerate(self.arms):
             if arm.id in seen:
