@@ -431,6 +431,8 @@ def search(
                     results += f.result()
                     if len(results) < len(todo):
                         show(len(results))
+            order = {c.name: i for i, c in enumerate(todo)}
+            results.sort(key=lambda r: order[r.candidate.name])  # as listed, whichever process finished first: ties go to the earlier
             for r in results:
                 seen[" ".join(r.candidate.setting.args())] = r
             top = max(results, key=lambda r: r.key(score), default=None)
