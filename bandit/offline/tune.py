@@ -314,6 +314,7 @@ class Options:
     estimators: tuple[str, ...] = ("ips", "snips", "dr")
     clip: float | None = None
     reward_model_args: str | None = None  # None: the replay's default
+    reward_model_loss: str = "auto"  # DR's reward model: auto, squared or logistic (reward_model.REWARD_MODEL_LOSSES)
     folds: int = 2
 
 
@@ -323,7 +324,7 @@ def score_batch(
     """Replay ``candidates`` together over the log (one pass, one DR reward model);
     ``events(stage, n)`` hears the replay's progress."""
     policies = [_TunePolicy(c.name, vw_line(c.setting, options.bits)) for c in candidates]
-    kw: dict[str, Any] = {"clip": options.clip, "folds": options.folds, "progress": events}
+    kw: dict[str, Any] = {"clip": options.clip, "folds": options.folds, "reward_model_loss": options.reward_model_loss, "progress": events}
     if options.reward_model_args is not None:
         kw["reward_model_args"] = options.reward_model_args
     done = replay(chunks, policies, list(options.estimators), **kw)

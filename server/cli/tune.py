@@ -199,7 +199,7 @@ def _tune(args: argparse.Namespace) -> int:
     first = next(iter(replay_chunks(args.db, args.placement, since=since, until=until, with_features=True, chunk=200)()))
     namespaces = log_namespaces(first)
     source = DbChunks(args.db, args.placement, since, until, args.chunk)
-    options = Options(bits=bits, reward_model_args=args.reward_model_args)
+    options = Options(bits=bits, reward_model_args=args.reward_model_args, reward_model_loss=args.reward_model_loss)
     print(f"current setting ({where}): {current.text()}; namespaces: context {namespaces[0]}, arms {namespaces[1]}", file=sys.stderr)
     result = search(
         source,
@@ -276,6 +276,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     t.add_argument("--no-interactions", dest="no_interactions", action="store_true", help="with --current: interactions off (no -q UA)")
     t.add_argument("--bits", type=int, help="model bits (default the placement's, else 18)")
     t.add_argument("--reward-model-args", dest="reward_model_args", help="VW arguments of DR's reward model (default: replay's)")
+    t.add_argument(
+        "--reward-model-loss",
+        dest="reward_model_loss",
+        choices=("auto", "squared", "logistic"),  # nextbest.bandit.offline.reward_model.REWARD_MODEL_LOSSES
+        default="auto",
+        help="loss of DR's reward model, as nextbest replay's (default auto: logistic when every reward is 0 or 1)",
+    )
     t.add_argument("--chunk", type=positive_int, default=50_000, help="events read at a time (default 50000)")
     t.add_argument("--history", metavar="FILE", help="append the history line to this JSON-lines file and show the placement's history")
     add_target(t)

@@ -29,7 +29,7 @@ def test_a_log_too_short_for_the_search_is_refused_with_the_counts(tmp_path: Pat
 
 def test_dry_run_prints_the_table_and_the_history_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = _log(tmp_path, 1200)
-    assert main(["tune", PLACEMENT, "--db", db, "--jobs", "1", "--stages", "1"]) == 0
+    assert main(["tune", PLACEMENT, "--db", db, "--jobs", "1", "--stages", "1", "--reward-model-loss", "logistic"]) == 0
     out, err = capsys.readouterr()
     assert "16 settings of offers over 1,200 events" in out and "ranked by the SNIPS lower 95 % bound" in out
     assert "current*" in out and "--cb_type ips -l 0.05 -q UA" in out
