@@ -648,6 +648,7 @@ class Placement(_message.Message):
     LEARN_AT_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    REWARD_RANGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Placement id, e.g. "app_home_banner": letters, digits, '_', '-', '.'."""
     description: _builtins.str
@@ -730,6 +731,13 @@ class Placement(_message.Message):
         touch within 7 days).
         """
 
+    @_builtins.property
+    def reward_range(self) -> Global___RewardRange:
+        """The range of one decision's reward (e.g. margins from 0 to 15): exploration scales the
+        value gaps it explores over by its width from the first decision. Unset: the scale is
+        estimated from recent rewards, starting from max_abs_reward when that is declared.
+        """
+
     def __init__(
         self,
         *,
@@ -761,10 +769,11 @@ class Placement(_message.Message):
         learn_at: Global___LearnAt.ValueType = ...,
         context: Global___PlacementContext | None = ...,
         attribution: Global___Attribution | None = ...,
+        reward_range: Global___RewardRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "attribution", b"attribution", "bits", b"bits", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "attribution", b"attribution", "bits", b"bits", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fatigue", b"fatigue", "interactions", b"interactions", "max_abs_reward", b"max_abs_reward", "reward_range", b"reward_range", "reward_window_seconds", b"reward_window_seconds", "slots", b"slots", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "attribution", b"attribution", "bits", b"bits", "contact_policies", b"contact_policies", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds", "_active", b"_active", "_bits", b"_bits", "_cooldown_seconds", b"_cooldown_seconds", "_default_reward", b"_default_reward", "_interactions", b"_interactions", "_max_abs_reward", b"_max_abs_reward", "_reward_window_seconds", b"_reward_window_seconds", "_slots", b"_slots", "activation_window_seconds", b"activation_window_seconds", "active", b"active", "arms", b"arms", "attribution", b"attribution", "bits", b"bits", "contact_policies", b"contact_policies", "context", b"context", "cooldown_seconds", b"cooldown_seconds", "default_reward", b"default_reward", "description", b"description", "eligible", b"eligible", "end_time", b"end_time", "experiment", b"experiment", "exploration", b"exploration", "fallback_arm", b"fallback_arm", "fatigue", b"fatigue", "id", b"id", "interactions", b"interactions", "learn_at", b"learn_at", "max_abs_reward", b"max_abs_reward", "mode", b"mode", "promote", b"promote", "reward_aggregation", b"reward_aggregation", "reward_range", b"reward_range", "reward_window_seconds", b"reward_window_seconds", "shadows", b"shadows", "slots", b"slots", "start_time", b"start_time", "vw_args", b"vw_args"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__activation_window_seconds: _TypeAlias = _typing.Literal["activation_window_seconds"]  # noqa: Y015
     _WhichOneofArgType__activation_window_seconds: _TypeAlias = _typing.Literal["_activation_window_seconds", b"_activation_window_seconds"]  # noqa: Y015
@@ -804,6 +813,34 @@ class Placement(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__slots) -> _WhichOneofReturnType__slots | None: ...
 
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class RewardRange(_message.Message):
+    """RewardRange is the lowest and highest reward one decision can earn; low < high, both within
+    the placement's max_abs_reward.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    """The lowest reward of one decision."""
+    high: _builtins.float
+    """The highest reward of one decision."""
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardRange: _TypeAlias = RewardRange  # noqa: Y015
 
 @_typing.final
 class Attribution(_message.Message):

@@ -32,7 +32,7 @@ def _run(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, reward_rang
 
     monkeypatch.setattr(decider, "explore", recording)
     if reward_range is not None:
-        # The API's Placement message does not carry reward_range yet: set it where the engine applies.
+        # The simulator applies its scenario's placements: add the range where the engine applies them.
         apply = configure.Configurator.apply
 
         async def ranged(self: Any, specs: Sequence[PlacementSpec], campaigns: Sequence[CampaignSpec] = (), dry_run: bool = False) -> Any:
@@ -47,6 +47,7 @@ def _run(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, reward_rang
     return r["policy_expected"]["reward"] / r["oracle"]["reward"], scales
 
 
+@pytest.mark.slow  # two simulations, about 70 s: a soak run (scripts/test -m slow)
 def test_range_scaled_squarecb_explores_with_the_range_and_earns_about_as_much(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     today, today_scales = _run(tmp_path, "today", monkeypatch, None)
     ranged, ranged_scales = _run(tmp_path, "range", monkeypatch, (0.0, 15.0))
