@@ -494,15 +494,15 @@ class PlacementSpec(_Spec):
         }
         return self.model_copy(update=update)
 
-    def model_spec(self, slot: str) -> PlacementSpec:
-        """The spec a model slot is built and explores with: a variant's, a shadow's or the placement's."""
-        if slot.startswith("shadow:"):
-            s = next(x for x in self.shadows if f"shadow:{x.id}" == slot)
+    def model_spec(self, name: str) -> PlacementSpec:
+        """The spec a model (by its name) is built and explores with: a variant's, a shadow's or the placement's."""
+        if name.startswith("shadow:"):
+            s = next(x for x in self.shadows if f"shadow:{x.id}" == name)
             return self.model_copy(update={"vw_args": s.vw_args, "interactions": s.interactions, "bits": s.bits})
-        return self.variant(slot)
+        return self.variant(name)
 
     def model_keys(self) -> dict[str, tuple[str, bool, int]]:
-        """Every model this placement keeps, by slot name, with its model key."""
+        """Every model this placement keeps, by its name, with its model key."""
         out = {"": self.model_key()}
         if self.experiment is not None:
             for v in self.experiment.variants:

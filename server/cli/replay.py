@@ -35,7 +35,7 @@ POLICY_HELP = (
     "candidate policy; repeatable: logged (what served), uniform, constant:ARM_ID, "
     'vw:"VW ARGS" (e.g. vw:"--cb_explore_adf --epsilon 0.1 -q UA", trained on the log in time '
     "order, each event scored before it is learned), model:PATH (a saved VW model, predict only), "
-    "snapshot:SLOT (the placement's saved model from --db: snapshot: its own, snapshot:A variant A's)"
+    "snapshot:MODEL (the placement's saved model from --db: snapshot: its own, snapshot:A variant A's)"
 )
 
 
@@ -129,21 +129,21 @@ def plot(results: Sequence[PolicyEstimate], path: str) -> None:
 
 
 def _policy(spec: str, args: argparse.Namespace) -> Policy:
-    """``snapshot:SLOT`` is a placement's saved model (``snapshot:`` its own, ``snapshot:A`` a
+    """``snapshot:MODEL`` is a placement's saved model (``snapshot:`` its own, ``snapshot:A`` a
     variant's) read from --db; every other spec is nextbest.bandit.offline.policies'."""
     from nextbest.bandit.offline.policies import VwPolicy, parse_policy
     from nextbest.offline.log_source import read_snapshot
 
-    kind, sep, slot = spec.strip().partition(":")
+    kind, sep, model_name = spec.strip().partition(":")
     if not (sep and kind == "snapshot"):
         return parse_policy(spec)
     if args.db is None or not args.placement:
-        raise InvalidInput("--policy", "snapshot:SLOT reads the saved model from --db, for --placement")
-    model = read_snapshot(args.db, args.placement, slot.strip())
+        raise InvalidInput("--policy", "snapshot:MODEL reads the saved model from --db, for --placement")
+    model = read_snapshot(args.db, args.placement, model_name.strip())
     fd, path = tempfile.mkstemp(prefix="nextbest-snapshot-", suffix=".vw")
     with os.fdopen(fd, "wb") as f:
         f.write(model)
-    return VwPolicy(f"snapshot:{slot.strip() or args.placement}", ["-i", path], learn=False)
+    return VwPolicy(f"snapshot:{model_name.strip() or args.placement}", ["-i", path], learn=False)
 
 
 def _replay(args: argparse.Namespace) -> int:

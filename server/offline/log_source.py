@@ -80,13 +80,13 @@ def _connect(url: str) -> Iterator[Connection]:
             engine.dispose()
 
 
-def read_snapshot(url: str, placement: str, slot: str) -> bytes:
+def read_snapshot(url: str, placement: str, model: str) -> bytes:
     """A placement's saved model ("" its own, a variant id, or "shadow:<id>"), as VW model bytes."""
     s = t.snapshots.c
     with _connect(url) as conn:
-        row = conn.execute(select(s.model).where(s.placement_id == placement, s.slot == slot)).first()
+        row = conn.execute(select(s.model).where(s.placement_id == placement, s.model_name == model)).first()
     if row is None:
-        raise NotFound(f"placement {placement!r} has no saved model {slot or '(its own)'!r}")
+        raise NotFound(f"placement {placement!r} has no saved model {model or '(its own)'!r}")
     return bytes(row.model)
 
 

@@ -110,7 +110,7 @@ class Snapshot:
     snapshotted when it is created, so a restart always finds where each model starts."""
 
     placement: str
-    name: str  # stored in the column snapshots.slot (named before multi-slot placements)
+    name: str  # the model's name, snapshots.model_name (a "slot" is a position of a multi-slot decision)
     key: tuple[str, bool, int]
     learned: int
     learn_seq: int
@@ -540,7 +540,7 @@ class Store(Protocol):
         ...
 
     def snapshot_versions(self, placement: str) -> dict[str, tuple[int, int]]:
-        """MUST return (learned, learn_seq) of each saved model of the placement, by slot, without
+        """MUST return (learned, learn_seq) of each saved model of the placement, by model name, without
         the model bytes; {} when none. Raises Unavailable."""
         ...
 
@@ -594,12 +594,12 @@ class Store(Protocol):
         ...
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
-        """MUST replace the saved model of (placement, slot), committed on return
+        """MUST replace the saved model of (placement, model name), committed on return
         (test_snapshots_and_late_rewards_and_tally). Raises Unavailable."""
         ...
 
     def load_snapshots(self, placement: str) -> dict[str, Snapshot]:
-        """MUST return the last saved model of each slot of the placement, bytes intact, {} when
+        """MUST return the last saved model of each model of the placement, by name, bytes intact, {} when
         none (test_snapshots_and_late_rewards_and_tally). Raises Unavailable."""
         ...
 

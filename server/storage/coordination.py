@@ -346,8 +346,8 @@ class Coordination(SqlBase):
         """(learned, learn_seq) of each saved model of a placement, without the model bytes."""
         s = t.snapshots.c
         with self._connect() as c:
-            rows = c.execute(select(s.slot, s.learned, s.learn_seq).where(s.placement_id == placement)).all()
-        return {r.slot: (int(r.learned), int(r.learn_seq)) for r in rows}
+            rows = c.execute(select(s.model_name, s.learned, s.learn_seq).where(s.placement_id == placement)).all()
+        return {r.model_name: (int(r.learned), int(r.learn_seq)) for r in rows}
 
     def expired_open(self, cutoff: float, limit: int) -> list[LoggedDecision]:
         """Open decisions whose window ended before ``cutoff``: a server that stopped left them."""

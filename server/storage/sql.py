@@ -566,16 +566,16 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
             "model": snapshot.model,
             "created_at": time.time(),
         }
-        where = (s.placement_id == snapshot.placement, s.slot == snapshot.name)
+        where = (s.placement_id == snapshot.placement, s.model_name == snapshot.name)
         if c.execute(update(t.snapshots).where(*where).values(**row)).rowcount == 0:
-            c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, slot=snapshot.name, **row))
+            c.execute(insert(t.snapshots).values(placement_id=snapshot.placement, model_name=snapshot.name, **row))
 
     def load_snapshots(self, placement: str) -> dict[str, Snapshot]:
         with self._connect() as c:
             rows = c.execute(select(t.snapshots).where(t.snapshots.c.placement_id == placement)).all()
         return {
-            r.slot: Snapshot(
-                placement, r.slot, (r.model_key[0], bool(r.model_key[1]), int(r.model_key[2])), r.learned, r.learn_seq, bytes(r.model)
+            r.model_name: Snapshot(
+                placement, r.model_name, (r.model_key[0], bool(r.model_key[1]), int(r.model_key[2])), r.learned, r.learn_seq, bytes(r.model)
             )
             for r in rows
         }

@@ -256,12 +256,12 @@ server_secrets = Table(
     Column("value", String(256), nullable=False),
 )
 
-# One row per model slot: "" (the placement's model), a variant id, or "shadow:<id>".
+# One row per model of a placement, by its name: "" (the placement's own), a variant id, or "shadow:<id>".
 snapshots = Table(
     "snapshots",
     metadata,
     Column("placement_id", String(128), primary_key=True),
-    Column("slot", String(80), primary_key=True),  # the model's name (Snapshot.name): "", a variant id, "shadow:<id>"
+    Column("model_name", String(80), primary_key=True),  # Snapshot.name: "", a variant id, "shadow:<id>"
     Column("model_key", JSON, nullable=False),
     Column("learned", BigInteger, nullable=False),
     Column("learn_seq", BigInteger, nullable=False),

@@ -229,9 +229,9 @@ class _EngineCollector:
         for pid, v in sorted(r.model_cursor.items()):
             cur.add_metric([pid], v)
         yield cur
-        ver = GaugeMetricFamily("nextbest_model_version", "Examples learned by each model", labels=["placement", "slot"])
-        for (pid, slot), v in sorted(r.model_version.items()):
-            ver.add_metric([pid, slot], v)
+        ver = GaugeMetricFamily("nextbest_model_version", "Examples learned by each model", labels=["placement", "model"])
+        for (pid, model), v in sorted(r.model_version.items()):
+            ver.add_metric([pid, model], v)
         yield ver
         rem = GaugeMetricFamily("nextbest_budget_remaining", "Budget left (limit - spent - reserved)", labels=["budget", "period"])
         lim = GaugeMetricFamily("nextbest_budget_limit", "Budget limit", labels=["budget", "period"])

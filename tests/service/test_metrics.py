@@ -112,7 +112,7 @@ def test_decisions_rewards_budgets_and_models_match_the_stats(served: ServerThre
         assert value(m, "nextbest_rewards_total", placement="app_home_banner", arm=arm, outcome="reward") == by_arm[arm].rewards
     assert value(m, "nextbest_reward_calls_total", status="learned") == 12
     assert value(m, "nextbest_reward_calls_total", status="duplicate") == 1
-    assert value(m, "nextbest_model_version", placement="app_home_banner", slot="") == stats.model_version == 12
+    assert value(m, "nextbest_model_version", placement="app_home_banner", model="") == stats.model_version == 12
     assert value(m, "nextbest_learn_seq") == 12
     budget = next(b for b in stats.budgets if b.budget == "arm:app_home_banner/paid")
     assert value(m, "nextbest_budget_remaining", budget="arm:app_home_banner/paid", period="total") == pytest.approx(budget.remaining)
@@ -134,7 +134,7 @@ def test_learner_lag_shows_rewards_not_yet_learned(served: ServerThread) -> None
             assert c.reward(d.event_id, 1.0) == "learned"
     m = scrape(port)
     assert value(m, "nextbest_learner_lag", placement="app_home_banner") == 5
-    assert value(m, "nextbest_model_version", placement="app_home_banner", slot="") == 0
+    assert value(m, "nextbest_model_version", placement="app_home_banner", model="") == 0
 
     async def restart() -> None:
         engine.learner.start()
@@ -142,7 +142,7 @@ def test_learner_lag_shows_rewards_not_yet_learned(served: ServerThread) -> None
 
     served.call(restart())
     m = caught_up(port)
-    assert value(m, "nextbest_model_version", placement="app_home_banner", slot="") == 5
+    assert value(m, "nextbest_model_version", placement="app_home_banner", model="") == 5
     assert value(m, "nextbest_learn_seq") == value(m, "nextbest_model_cursor", placement="app_home_banner") == 5
 
 

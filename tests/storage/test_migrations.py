@@ -348,3 +348,27 @@ def test_0002_starts_the_shared_contact_history_from_recent_shown_decisions(engi
     with engine.connect() as c:
         got = c.execute(text("SELECT customer_id, event_id, arm_id, at FROM contact_impressions")).all()
     assert [tuple(r) for r in got] == [("c1", "new", "a", 3_000_000.0)]
+
+
+def test_the_model_name_column_keeps_the_saved_models_across_its_rename(engine: Engine) -> None:
+    """0012 renames snapshots.slot to model_name (a "slot" is a decision's position): the rows a
+    server saved before are the models it loads after, bytes intact, also back down and up."""
+    with engine.begin() as c:
+        command.upgrade(migrate.config(c), "0011")
+        for name in ("", "B", "shadow:s"):
+            c.execute(
+                text(
+                    "INSERT INTO snapshots (placement_id, slot, model_key, learned, learn_seq, model, created_at) "
+                    "VALUES ('p', :n, '[\"\", false, 18]', 7, 9, :m, 1.0)"
+                ),
+                {"n": name, "m": f"model {name}".encode()},
+            )
+    migrate.upgrade(engine)
+    assert diff(engine) == []
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT model_name, learned, model FROM snapshots ORDER BY model_name")).all()
+    assert [(r[0], r[1], bytes(r[2])) for r in rows] == [("", 7, b"model "), ("B", 7, b"model B"), ("shadow:s", 7, b"model shadow:s")]
+    with engine.begin() as c:
+        command.downgrade(migrate.config(c), "0011")
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM snapshots WHERE slot = 'B'")).scalar() == 1
