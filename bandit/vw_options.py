@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from nextbest.bandit.text import quote
@@ -171,6 +171,15 @@ def check_tokens(tokens: Sequence[str], allowed: Mapping[str, VwOption] = LEARNI
     for tok in tokens:
         if not tok or any(c.isspace() for c in tok):  # VW would split it otherwise than checked here
             raise ValueError(f"{quote(tok)}: an argument with spaces in it; write each option and value apart")
+    for _ in options(tokens, allowed):
+        pass
+    return list(tokens)
+
+
+def options(tokens: Sequence[str], allowed: Mapping[str, VwOption] = LEARNING_OPTIONS) -> Iterator[tuple[str, str, list[str]]]:
+    """Each option of ``tokens`` as VW reads it: its name (``-l``, ``--l2``), its value ("" for a
+    flag; attached as in ``-l0.5`` or ``--l2=1e-6``, or the next token) and its tokens as written
+    (one or two). A ValueError, as :func:`check_tokens` says, at the first offending option."""
     i = 0
     while i < len(tokens):
         tok = tokens[i]
@@ -189,14 +198,17 @@ def check_tokens(tokens: Sequence[str], allowed: Mapping[str, VwOption] = LEARNI
         if spec.kind == "flag":
             if value is not None:
                 raise ValueError(f"{opt}: takes no value, got {quote(value)}")
+            yield opt, "", [tok]
             continue
+        written = [tok]
         if value is None:
             if i >= len(tokens) or (tokens[i].startswith("-") and not _is_number(tokens[i])):
                 raise ValueError(f"{opt}: needs a value")
             value = tokens[i]
+            written.append(value)
             i += 1
         spec.check(opt, value)
-    return list(tokens)
+        yield opt, value, written
 
 
 def split_vw_args(text: str, allowed: Mapping[str, VwOption] = LEARNING_OPTIONS) -> list[str]:

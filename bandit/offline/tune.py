@@ -41,7 +41,7 @@ from nextbest.bandit.offline.estimators import Estimate
 from nextbest.bandit.offline.policies import Scorer, workspace
 from nextbest.bandit.offline.replay import replay
 from nextbest.bandit.offline.replay_log import ArmKey, FloatArray, ReplayLog, missing_arm_features_warning
-from nextbest.bandit.vw_options import LEARNING_OPTIONS, split_vw_args
+from nextbest.bandit.vw_options import options, split_vw_args
 
 Chunks = Callable[[], Iterator[ReplayLog]]
 
@@ -118,20 +118,7 @@ class Setting:
             raise InvalidInput("vw_args", str(e)) from None
         quadratic, cubic, extra = ["UA"] if interactions else [], [], []
         found: dict[str, Any] = {}
-        i = 0
-        while i < len(tokens):
-            tok = tokens[i]
-            i += 1
-            if tok.startswith("--"):
-                opt, eq, value = tok.partition("=")
-                attached = bool(eq)
-            else:
-                opt, value = tok[:2], tok[2:]
-                attached = bool(value)
-            spec = LEARNING_OPTIONS[opt]
-            if spec.kind != "flag" and not attached:
-                value = tokens[i]
-                i += 1
+        for opt, value, written in options(tokens):
             if opt == "--cb_type":
                 found["cb_type"] = value
             elif opt in ("-l", "--learning_rate"):
@@ -144,7 +131,7 @@ class Setting:
             elif opt == "--cubic" or (opt == "--interactions" and len(value) == 3):
                 cubic.append(value)
             else:
-                extra += [tok] if spec.kind == "flag" or attached else [tok, value]
+                extra += written
         return cls(
             cb_type=found.get("cb_type"),
             learning_rate=found.get("learning_rate"),
