@@ -5,6 +5,8 @@ no gRPC and no sleeps. Each test names the table row it shows."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,16 @@ def placement(pid: str = "p", **kw: Any) -> PlacementSpec:
 
 server = engine_on  # an Engine on this loop, no gRPC (tests/harness.py)
 run = run_async
+
+
+@asynccontextmanager
+async def two_servers(db: str, clock: FakeClock, *specs: PlacementSpec) -> AsyncIterator[tuple[Engine, Engine]]:
+    """Two engines on one database (replicas; ``a`` holds the windows of its decisions), the
+    placements applied through ``a`` before ``b`` starts."""
+    async with server(db, clock, workers=2) as a:
+        await a.config.apply(list(specs))
+        async with server(db, clock, workers=2) as b:
+            yield a, b
 
 
 async def choose(e: Engine, pid: str = "p", event_id: str = "", **kw: Any) -> str:
@@ -76,16 +88,14 @@ def test_at_reward_elsewhere_closes_the_row_and_the_owner_closes_nothing(db: str
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(learn_at="reward")])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                assert await b.windows.reward(ev, 3.0) is LEARNED
-                assert await a.windows.reward(ev, 4.0) is DUPLICATE  # A's window meets the closed row
-                assert await close_all(a, clock) == 0
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
+        async with two_servers(db, clock, placement(learn_at="reward")) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            assert await b.windows.reward(ev, 3.0) is LEARNED
+            assert await a.windows.reward(ev, 4.0) is DUPLICATE  # A's window meets the closed row
+            assert await close_all(a, clock) == 0
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
 
     run(body)
 
@@ -113,17 +123,15 @@ def test_first_at_close_has_a_first_reward_here_and_elsewhere(db: str) -> None:
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement()])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                assert await b.windows.reward(ev, 2.0) is LEARNED  # the first, from elsewhere
-                assert await a.windows.reward(ev, 7.0) is DUPLICATE
-                assert await b.windows.reward(ev, 8.0) is DUPLICATE
-                assert await close_all(a, clock) == 1
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.REWARD, 2.0)
+        async with two_servers(db, clock, placement()) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            assert await b.windows.reward(ev, 2.0) is LEARNED  # the first, from elsewhere
+            assert await a.windows.reward(ev, 7.0) is DUPLICATE
+            assert await b.windows.reward(ev, 8.0) is DUPLICATE
+            assert await close_all(a, clock) == 1
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 2.0)
 
     run(body)
 
@@ -135,18 +143,16 @@ def test_aggregate_gathers_every_servers_rewards_for_the_close(db: str, how: str
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(reward_aggregation=how)])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                assert [await a.windows.reward(ev, 1.0), await b.windows.reward(ev, 2.0)] == [RECORDED, RECORDED]
-                assert [await b.windows.reward(ev, 3.0, reward_id="k3"), await a.windows.reward(ev, 4.0)] == [RECORDED, RECORDED]
-                assert (await row(a, ev)).outcome == Outcome.OPEN  # nobody closed it early
-                assert await close_all(a, clock) == 1
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.REWARD, expected)
-                assert await b.windows.reward(ev, 5.0, reward_id="k5") is LATE  # closed with a reward: LATE
+        async with two_servers(db, clock, placement(reward_aggregation=how)) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            assert [await a.windows.reward(ev, 1.0), await b.windows.reward(ev, 2.0)] == [RECORDED, RECORDED]
+            assert [await b.windows.reward(ev, 3.0, reward_id="k3"), await a.windows.reward(ev, 4.0)] == [RECORDED, RECORDED]
+            assert (await row(a, ev)).outcome == Outcome.OPEN  # nobody closed it early
+            assert await close_all(a, clock) == 1
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, expected)
+            assert await b.windows.reward(ev, 5.0, reward_id="k5") is LATE  # closed with a reward: LATE
 
     run(body)
 
@@ -156,18 +162,16 @@ def test_aggregate_counts_a_key_once_here_and_elsewhere(db: str) -> None:
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(reward_aggregation="sum")])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                assert await a.windows.reward(ev, 1.0, reward_id="r1") is RECORDED
-                assert await a.windows.reward(ev, 1.0, reward_id="r1") is DUPLICATE
-                assert await b.windows.reward(ev, 1.0, reward_id="r1") is DUPLICATE
-                assert await b.windows.reward(ev, 2.0, reward_id="r2") is RECORDED
-                assert await a.windows.reward(ev, 2.0, reward_id="r2") is DUPLICATE  # stored by B: the row decides
-                await close_all(a, clock)
-                assert (await row(a, ev)).reward == 3.0
+        async with two_servers(db, clock, placement(reward_aggregation="sum")) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            assert await a.windows.reward(ev, 1.0, reward_id="r1") is RECORDED
+            assert await a.windows.reward(ev, 1.0, reward_id="r1") is DUPLICATE
+            assert await b.windows.reward(ev, 1.0, reward_id="r1") is DUPLICATE
+            assert await b.windows.reward(ev, 2.0, reward_id="r2") is RECORDED
+            assert await a.windows.reward(ev, 2.0, reward_id="r2") is DUPLICATE  # stored by B: the row decides
+            await close_all(a, clock)
+            assert (await row(a, ev)).reward == 3.0
 
     run(body)
 
@@ -335,20 +339,18 @@ def test_a_deferred_decision_activated_on_another_server_goes_on_at_its_holder(d
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(activation_window=60.0)])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a, defer=True)
-                await a.writer.flush()
-                assert (await b.windows.activate(ev)).value == "activated"
-                assert (await b.windows.activate(ev)).value == "already_active"
-                clock.advance(61)  # past the activation deadline: the holder's close finds it activated
-                assert await a.windows.sweep() == 0
-                assert a.windows.open[(ev, 0)].activated
-                assert await b.windows.reward(ev, 2.0) is LEARNED
-                assert await close_all(a, clock) == 1
-                d = await row(a, ev)
-                assert (d.outcome, d.reward, d.activated) == (Outcome.REWARD, 2.0, True)
+        async with two_servers(db, clock, placement(activation_window=60.0)) as (a, b):
+            ev = await choose(a, defer=True)
+            await a.writer.flush()
+            assert (await b.windows.activate(ev)).value == "activated"
+            assert (await b.windows.activate(ev)).value == "already_active"
+            clock.advance(61)  # past the activation deadline: the holder's close finds it activated
+            assert await a.windows.sweep() == 0
+            assert a.windows.open[(ev, 0)].activated
+            assert await b.windows.reward(ev, 2.0) is LEARNED
+            assert await close_all(a, clock) == 1
+            d = await row(a, ev)
+            assert (d.outcome, d.reward, d.activated) == (Outcome.REWARD, 2.0, True)
 
     run(body)
 
@@ -360,28 +362,26 @@ def test_a_reward_racing_a_refused_choose_never_reaches_the_other_placements_row
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement("p"), placement("q", max_abs_reward=1.0)])
-            async with server(db, clock, workers=2) as b:
-                theirs = await choose(b, "q")
-                await b.writer.flush()
-                token = access.current.set(access.Scope("ussd", frozenset({"p"})))
-                try:
-                    attempt = asyncio.ensure_future(choose(a, "p", event_id=theirs))
-                    await asyncio.sleep(0)  # the Choose decided and waits for its insert
-                    assert a.windows.open[(theirs, 0)].placement == "p"
-                    with pytest.raises(NotFound):
-                        await a.windows.reward(theirs, 5.0)  # within p's bound, above q's
-                    with pytest.raises(AlreadyExists):
-                        await attempt
-                finally:
-                    access.current.reset(token)
-                assert (theirs, 0) not in a.windows.open
-                d = await row(a, theirs)
-                assert (d.placement, d.outcome, d.reward) == ("q", Outcome.OPEN, None)
-                with a.store.engine.connect() as c:  # type: ignore[attr-defined]  # not even a "late" event
-                    assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
-                assert await b.windows.reward(theirs, 1.0) is LEARNED
+        async with two_servers(db, clock, placement("p"), placement("q", max_abs_reward=1.0)) as (a, b):
+            theirs = await choose(b, "q")
+            await b.writer.flush()
+            token = access.current.set(access.Scope("ussd", frozenset({"p"})))
+            try:
+                attempt = asyncio.ensure_future(choose(a, "p", event_id=theirs))
+                await asyncio.sleep(0)  # the Choose decided and waits for its insert
+                assert a.windows.open[(theirs, 0)].placement == "p"
+                with pytest.raises(NotFound):
+                    await a.windows.reward(theirs, 5.0)  # within p's bound, above q's
+                with pytest.raises(AlreadyExists):
+                    await attempt
+            finally:
+                access.current.reset(token)
+            assert (theirs, 0) not in a.windows.open
+            d = await row(a, theirs)
+            assert (d.placement, d.outcome, d.reward) == ("q", Outcome.OPEN, None)
+            with a.store.engine.connect() as c:  # type: ignore[attr-defined]  # not even a "late" event
+                assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
+            assert await b.windows.reward(theirs, 1.0) is LEARNED
 
     run(body)
 
@@ -393,20 +393,18 @@ def test_a_window_taken_over_meanwhile_still_takes_the_reward_through_its_row(db
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(reward_aggregation="sum")])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                assert await a.windows.reward(ev, 1.0) is RECORDED
-                clock.advance(301)  # past live_for: A looks stopped to B
-                assert await b.takeover.adopt() == 1
-                assert await a.windows.reward(ev, 2.0) is RECORDED  # A still holds it in memory
-                clock.advance(WINDOW)
-                assert await b.windows.sweep() == 1
-                assert await a.windows.sweep() == 0  # A's bound close closes nothing
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
+        async with two_servers(db, clock, placement(reward_aggregation="sum")) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            assert await a.windows.reward(ev, 1.0) is RECORDED
+            clock.advance(301)  # past live_for: A looks stopped to B
+            assert await b.takeover.adopt() == 1
+            assert await a.windows.reward(ev, 2.0) is RECORDED  # A still holds it in memory
+            clock.advance(WINDOW)
+            assert await b.windows.sweep() == 1
+            assert await a.windows.sweep() == 0  # A's bound close closes nothing
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 3.0)
 
     run(body)
 
@@ -419,15 +417,13 @@ def test_a_deferred_decision_is_activated_first_also_elsewhere(db: str) -> None:
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(activation_window=60.0)])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a, defer=True)
-                await a.writer.flush()
-                with pytest.raises(InvalidInput, match="deferred and not activated"):
-                    await b.windows.reward(ev, 1.0)
-                d = await row(a, ev)
-                assert (d.outcome, d.reward, d.activated) == (Outcome.OPEN, None, False)
+        async with two_servers(db, clock, placement(activation_window=60.0)) as (a, b):
+            ev = await choose(a, defer=True)
+            await a.writer.flush()
+            with pytest.raises(InvalidInput, match="deferred and not activated"):
+                await b.windows.reward(ev, 1.0)
+            d = await row(a, ev)
+            assert (d.outcome, d.reward, d.activated) == (Outcome.OPEN, None, False)
 
     run(body)
 
@@ -437,23 +433,21 @@ def test_a_decision_never_activated_is_not_rewarded_here_or_elsewhere(db: str) -
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(activation_window=60.0)])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a, defer=True)
-                await a.writer.flush()
-                clock.advance(61)  # past the activation deadline, not closed yet
-                for eng in (a, b):  # the holder answers as the other server does from the row
-                    with pytest.raises(InvalidInput, match="never activated"):
-                        await eng.windows.reward(ev, 1.0)
-                assert await a.windows.sweep() == 1  # closed as not activated: never learned
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.NOT_ACTIVATED, None)
-                for eng in (a, b):
-                    with pytest.raises(InvalidInput, match="never activated"):
-                        await eng.windows.reward(ev, 1.0)
-                with a.store.engine.connect() as c:  # type: ignore[attr-defined]
-                    assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
+        async with two_servers(db, clock, placement(activation_window=60.0)) as (a, b):
+            ev = await choose(a, defer=True)
+            await a.writer.flush()
+            clock.advance(61)  # past the activation deadline, not closed yet
+            for eng in (a, b):  # the holder answers as the other server does from the row
+                with pytest.raises(InvalidInput, match="never activated"):
+                    await eng.windows.reward(ev, 1.0)
+            assert await a.windows.sweep() == 1  # closed as not activated: never learned
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.NOT_ACTIVATED, None)
+            for eng in (a, b):
+                with pytest.raises(InvalidInput, match="never activated"):
+                    await eng.windows.reward(ev, 1.0)
+            with a.store.engine.connect() as c:  # type: ignore[attr-defined]
+                assert c.execute(text("SELECT count(*) FROM reward_events")).scalar() == 0
 
     run(body)
 
@@ -463,20 +457,18 @@ def test_past_its_deadline_a_reward_elsewhere_is_late_and_never_learned(db: str)
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement(reward_aggregation="sum")])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                clock.advance(WINDOW + 1)
-                assert await b.windows.reward(ev, 1.0, reward_id="x") is LATE  # the owner has not swept yet
-                assert await b.windows.reward(ev, 1.0, reward_id="x") is DUPLICATE
-                assert await a.windows.sweep() == 1
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.DEFAULT, 0.0)
-                with a.store.engine.connect() as c:  # type: ignore[attr-defined]
-                    kinds = c.execute(text("SELECT kind, reward FROM reward_events")).all()
-                assert [tuple(k) for k in kinds] == [("late", 1.0)]
+        async with two_servers(db, clock, placement(reward_aggregation="sum")) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            clock.advance(WINDOW + 1)
+            assert await b.windows.reward(ev, 1.0, reward_id="x") is LATE  # the owner has not swept yet
+            assert await b.windows.reward(ev, 1.0, reward_id="x") is DUPLICATE
+            assert await a.windows.sweep() == 1
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.DEFAULT, 0.0)
+            with a.store.engine.connect() as c:  # type: ignore[attr-defined]
+                kinds = c.execute(text("SELECT kind, reward FROM reward_events")).all()
+            assert [tuple(k) for k in kinds] == [("late", 1.0)]
 
     run(body)
 
@@ -486,16 +478,14 @@ def test_first_at_close_closed_with_a_reward_is_duplicate_on_either_server(db: s
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement()])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                assert await a.windows.reward(ev, 1.0) is LEARNED
-                assert await close_all(a, clock) == 1
-                assert await a.windows.reward(ev, 5.0) is DUPLICATE
-                assert await b.windows.reward(ev, 5.0) is DUPLICATE
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.REWARD, 1.0)
+        async with two_servers(db, clock, placement()) as (a, b):
+            ev = await choose(a)
+            assert await a.windows.reward(ev, 1.0) is LEARNED
+            assert await close_all(a, clock) == 1
+            assert await a.windows.reward(ev, 5.0) is DUPLICATE
+            assert await b.windows.reward(ev, 5.0) is DUPLICATE
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 1.0)
 
     run(body)
 
@@ -592,22 +582,20 @@ def test_past_its_deadline_a_window_with_its_first_reward_is_duplicate_on_either
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement()])
-            async with server(db, clock, workers=2) as b:
-                mine, theirs = await choose(a), await choose(a)
-                assert await a.windows.reward(mine, 1.0) is LEARNED  # the first, held here
-                await a.writer.flush()
-                assert await b.windows.reward(theirs, 2.0) is LEARNED  # the first, from elsewhere
-                clock.advance(WINDOW + 1)  # past the deadline, not swept yet
-                for ev in (mine, theirs):
-                    assert [await a.windows.reward(ev, 5.0), await b.windows.reward(ev, 5.0)] == [DUPLICATE, DUPLICATE]
-                assert await a.windows.sweep() == 2
-                for ev in (mine, theirs):
-                    assert [await a.windows.reward(ev, 5.0), await b.windows.reward(ev, 5.0)] == [DUPLICATE, DUPLICATE]
-                assert [(await row(a, ev)).reward for ev in (mine, theirs)] == [1.0, 2.0]
-                with a.store.engine.connect() as c:  # type: ignore[attr-defined]
-                    assert c.execute(text("SELECT count(*) FROM reward_events WHERE kind = 'late'")).scalar() == 0
+        async with two_servers(db, clock, placement()) as (a, b):
+            mine, theirs = await choose(a), await choose(a)
+            assert await a.windows.reward(mine, 1.0) is LEARNED  # the first, held here
+            await a.writer.flush()
+            assert await b.windows.reward(theirs, 2.0) is LEARNED  # the first, from elsewhere
+            clock.advance(WINDOW + 1)  # past the deadline, not swept yet
+            for ev in (mine, theirs):
+                assert [await a.windows.reward(ev, 5.0), await b.windows.reward(ev, 5.0)] == [DUPLICATE, DUPLICATE]
+            assert await a.windows.sweep() == 2
+            for ev in (mine, theirs):
+                assert [await a.windows.reward(ev, 5.0), await b.windows.reward(ev, 5.0)] == [DUPLICATE, DUPLICATE]
+            assert [(await row(a, ev)).reward for ev in (mine, theirs)] == [1.0, 2.0]
+            with a.store.engine.connect() as c:  # type: ignore[attr-defined]
+                assert c.execute(text("SELECT count(*) FROM reward_events WHERE kind = 'late'")).scalar() == 0
 
     run(body)
 
@@ -624,16 +612,14 @@ def test_a_change_to_learn_at_reward_never_answers_learned_twice_for_one_event(d
 
     async def body() -> None:
         clock = FakeClock()
-        async with server(db, clock, workers=2) as a:
-            await a.config.apply([placement()])
-            async with server(db, clock, workers=2) as b:
-                ev = await choose(a)
-                await a.writer.flush()
-                assert await b.windows.reward(ev, 1.0) is LEARNED  # the first, on the row
-                await a.config.apply([placement(learn_at="reward")])
-                got = await a.windows.reward(ev, 1.0)
-                d = await row(a, ev)
-                assert (d.outcome, d.reward) == (Outcome.REWARD, 1.0)  # learned once, B's
-                assert got is DUPLICATE
+        async with two_servers(db, clock, placement()) as (a, b):
+            ev = await choose(a)
+            await a.writer.flush()
+            assert await b.windows.reward(ev, 1.0) is LEARNED  # the first, on the row
+            await a.config.apply([placement(learn_at="reward")])
+            got = await a.windows.reward(ev, 1.0)
+            d = await row(a, ev)
+            assert (d.outcome, d.reward) == (Outcome.REWARD, 1.0)  # learned once, B's
+            assert got is DUPLICATE
 
     run(body)
