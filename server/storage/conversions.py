@@ -104,7 +104,7 @@ class ConversionQueries(SqlBase):
                     if ok
                     for k in ks
                 ]
-                self._insert_rows(c, "conversion_credits", _CREDIT_COLUMNS, credits, returning="")
+                self._insert_rows(c, "conversion_credits", _CREDIT_COLUMNS, credits, returning="", key=3)
         except (ValueError, TypeError, OverflowError) as e:  # the driver could not encode a value
             raise _refused(e) from e
         return stored
@@ -116,18 +116,23 @@ class ConversionQueries(SqlBase):
             (conv.conversion_id, conv.customer_id, conv.arm_id, conv.product, conv.value, conv.occurred_at, now, len(ks))
             for conv, ks in items
         ]
-        taken = {r[0] for r in self._insert_rows(c, "conversions", _CONVERSION_COLUMNS, rows, returning="conversion_id")}
+        taken = {r[0] for r in self._insert_rows(c, "conversions", _CONVERSION_COLUMNS, rows, returning="conversion_id", key=1)}
         out = []
         for conv, _ in items:
             out.append(conv.conversion_id in taken)
             taken.discard(conv.conversion_id)  # a later twin in the batch was not inserted
         return out
 
-    def _insert_rows(self, c: Connection, table: str, columns: str, rows: Sequence[tuple[Any, ...]], returning: str) -> list[Any]:
+    def _insert_rows(self, c: Connection, table: str, columns: str, rows: Sequence[tuple[Any, ...]], returning: str, key: int) -> list[Any]:
         """Multi-row INSERTs of ``rows`` in chunks; with ``returning``, ON CONFLICT DO NOTHING
-        and the inserted rows' ``returning`` column (else a conflict fails the transaction)."""
+        and the inserted rows' ``returning`` column (else a conflict fails the transaction).
+        ``key``: how many leading columns are the table's primary key. The rows go in key order
+        (a stable sort: the first of twins stays first), so two servers inserting the same ids
+        take their index locks in one order: in opposite orders PostgreSQL found a deadlock
+        and refused one batch (test_servers_racing_on_one_conversion_store_it_once)."""
         if not rows:
             return []
+        rows = sorted(rows, key=lambda r: r[:key])
         width = len(rows[0])
         row = f"({', '.join([self._mark()] * width)})"
         out: list[Any] = []
