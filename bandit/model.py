@@ -79,6 +79,7 @@ class CbModel:
 
     def __init__(self, spec: PlacementSpec, model_bytes: bytes | None = None, learned: int = 0) -> None:
         self.learned = learned
+        self._finished = False
         if model_bytes is None:
             self._ws = Workspace(arg_list=vw_arguments(spec))
         else:
@@ -118,7 +119,10 @@ class CbModel:
                 return f.read()
 
     def close(self) -> None:
-        self._ws.finish()
+        """Finish the workspace; a second close does nothing (several owners may let go of one)."""
+        if not self._finished:
+            self._finished = True
+            self._ws.finish()
 
 
 def _load(model_bytes: bytes) -> Workspace:

@@ -414,6 +414,9 @@ class PlacementSpec(_Spec):
     eligible: Eligible = None  # every arm of the placement must also satisfy this rule
     context: ContextSpec = Field(default_factory=ContextSpec)  # stored profile and history features
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)  # conversions from billing (#31)
+    # Placements naming one group learn one VW model, the placement id a feature of every
+    # decision (issue #33); each keeps its own arms, rules, budgets, exploration and log.
+    model_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -134,7 +134,9 @@ def plan(current: Mapping[str, PlacementRecord], desired: Sequence[PlacementSpec
         if not changed:
             continue
         stored = spec.model_copy(update={"arms": arms})
-        new_model = old.spec.model_key() != spec.model_key()
+        # Joining or leaving a model group starts a new model too: the group learns a placement's
+        # decisions from then on (its earlier ones were its own model's).
+        new_model = old.spec.model_key() != spec.model_key() or old.spec.model_group != spec.model_group
         out.records.append(
             PlacementRecord(
                 stored,

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,6 +53,7 @@ from nextbest.engine.choose_context import (
 )
 from nextbest.engine.contacts import Contacts
 from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.model_groups import with_placement
 from nextbest.engine.profiles import ProfileCache
 from nextbest.engine.windows import OpenDecision, RewardWindows
 from nextbest.engine.writer import BatchWriter
@@ -203,6 +204,9 @@ class Chooser:
             if self._states.get(placement) is not ps:
                 raise InvalidInput("placement", "the placement changed during the decision; retry")
             features, added = merged(spec, features, profile)
+        if spec.model_group:  # one model for the group: it must know which placement decides
+            features = with_placement(features, spec)
+            added = replace(added, shared=None)  # the profile's cached line lacks the placement
         if shared is not None and tracked and not locked:
             # No cap of this placement reads the history: its impressions join the next group
             # commit of the shared history (other placements' caps count them), after the decision.

@@ -20,6 +20,7 @@ from nextbest.bandit.model import CbModel, check_vw_arguments
 from nextbest.bandit.spec import CampaignSpec, PlacementSpec
 from nextbest.bandit.text import quote
 from nextbest.config.plans import Change, plan, plan_campaigns
+from nextbest.engine import model_groups
 from nextbest.engine.budgets import BudgetKeeper, budget_specs
 from nextbest.engine.chooser import placement_salt
 from nextbest.engine.contacts import Contacts
@@ -150,6 +151,13 @@ class Configurator:
                 out[name] = PlacementModel(name, key, CbModel(spec.model_spec(name)), since)
         return out
 
+    def _close_new(self, models: dict[str, dict[str, PlacementModel]]) -> None:
+        """Close the models made for a change that is not applied."""
+        for pid, made in models.items():
+            for s in made.values():
+                if _is_new(self._states.get(pid), s) and s.group is None:
+                    s.model.close()
+
     async def reload(self, serial: int | None = None) -> None:
         """Adopt what another server applied: placements, arms and campaigns as stored, models
         from their snapshots where the settings changed; then the budgets' limits (giving back
@@ -160,13 +168,17 @@ class Configurator:
             campaigns = await loop.run_in_executor(self._reader_pool, self._store.load_campaigns)
             features = await loop.run_in_executor(self._reader_pool, self._store.arm_features)
             self._budgets.campaigns = {c.id: c for c in campaigns}
+            built: dict[str, dict[str, PlacementModel]] = {}
+            changed = []
             for rec in records:
                 pid = rec.spec.id
                 old = self._states.get(pid)
                 if old is not None and old.record == rec:
                     continue
+                changed.append(rec)
                 snaps = await loop.run_in_executor(self._reader_pool, self._store.load_snapshots, pid)
                 models: dict[str, PlacementModel] = {}
+                built[pid] = models
                 for name, key in rec.spec.model_keys().items():
                     prev = old.models.get(name) if old is not None else None
                     snap = snaps.get(name)
@@ -177,13 +189,18 @@ class Configurator:
                         models[name] = PlacementModel(name, key, model, snap.learn_seq)
                     else:
                         models[name] = PlacementModel(name, key, CbModel(rec.spec.model_spec(name)), rec.model_since_seq)
-                ps = placement_state(rec, models, features, self._seed)
-                if old is not None:
-                    kept = {id(s.model) for s in models.values()}
-                    for s in old.models.values():
-                        if id(s.model) not in kept:
-                            s.model.close()
-                self._states[pid] = ps
+            since = {rec.spec.id: rec.model_since_seq for rec in records}
+            before = [pm for ps in self._states.values() for pm in ps.models.values()]
+            _, replaced = await model_groups.share(
+                {rec.spec.id: rec.spec for rec in records},
+                built,
+                model_groups.current(self._states),
+                load=lambda owner: loop.run_in_executor(self._reader_pool, self._store.load_snapshots, owner),
+                since=lambda pids: max(since[p] for p in pids),
+            )
+            for rec in changed:
+                self._states[rec.spec.id] = placement_state(rec, built[rec.spec.id], features, self._seed)
+            model_groups.close_unused([*before, *replaced], self._states)
             await self._contacts.rebuild()
             await self._rebind()
             if serial is not None:
@@ -211,41 +228,59 @@ class Configurator:
         async with self._lock:
             current = {pid: ps.record for pid, ps in self._states.items()}
             camp_changes = plan_campaigns(self._budgets.campaigns, campaigns)
+            loop = asyncio.get_running_loop()
             since = self._store.max_learn_seq()
             p = plan(current, specs, since + 1)
             models = {rec.spec.id: self._models(rec.spec, self._states.get(rec.spec.id), since) for rec in p.records}
+            after = {pid: ps.record.spec for pid, ps in self._states.items()} | {rec.spec.id: rec.spec for rec in p.records}
+            try:
+                model_groups.check(after, {s.id: f"placements[{i}]" for i, s in enumerate(specs)})
+                made, replaced = await model_groups.share(
+                    after,
+                    models,
+                    model_groups.current(self._states),
+                    load=lambda owner: loop.run_in_executor(self._reader_pool, self._store.load_snapshots, owner),
+                    since=lambda pids: since,
+                )
+            except BaseException:
+                self._close_new(models)
+                raise
             changes = camp_changes + p.changes
             if dry_run or not changes:
-                for pid, made in models.items():
-                    for s in made.values():
-                        if _is_new(self._states.get(pid), s):
-                            s.model.close()
+                self._close_new(models)
+                model_groups.close_unused([*made, *replaced], self._states)
                 return changes
             changed_campaigns = [c for c in campaigns if any(ch.campaign == c.id for ch in camp_changes)]
             # New and promoted models are saved with the configuration: a restart knows where each starts.
-            fresh = [s.snapshot(pid) for pid, made in models.items() for name, s in made.items() if _moved(self._states.get(pid), name, s)]
-            loop = asyncio.get_running_loop()
+            fresh = list(
+                {
+                    (snap.placement, snap.name): snap
+                    for pid, own in models.items()
+                    for name, s in own.items()
+                    if _moved(self._states.get(pid), name, s) and (snap := s.snapshot(pid))
+                }.values()
+            )
             self._budgets.hold()  # from the commit on, spend only under the new limits (rebind below)
             try:
                 await loop.run_in_executor(
                     self._writer_pool, self._store.save_placements, p.records, p.new_arm_versions, changed_campaigns, fresh
                 )
             except BaseException:
+                self._close_new(models)
+                model_groups.close_unused([*made, *replaced], self._states)
                 await self._rebind()
                 raise
             for c in changed_campaigns:
                 self._budgets.campaigns[c.id] = c
             features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
+            before = [pm for ps in self._states.values() for pm in ps.models.values()]
             for rec in p.records:
                 old = self._states.get(rec.spec.id)
                 ps = placement_state(rec, models[rec.spec.id], features, self._seed)
                 if old is not None:
                     ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
-                    kept = {id(s.model) for s in ps.models.values()}
-                    for s in old.models.values():
-                        if id(s.model) not in kept:
-                            s.model.close()
                 self._states[rec.spec.id] = ps
+            model_groups.close_unused([*before, *replaced], self._states)
             await self._contacts.rebuild()
             await self._rebind()
             serial = await loop.run_in_executor(self._reader_pool, self._store.config_serial)

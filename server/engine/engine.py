@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nextbest.bandit.model import CbModel
 from nextbest.bandit.reward_scale import WINDOW, RewardScale
+from nextbest.engine import model_groups
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.choose_checks import ChooseChecks
 from nextbest.engine.chooser import Chooser
@@ -168,10 +169,11 @@ class Engine:
         serial = await loop.run_in_executor(self.reader_pool, self.store.config_serial)  # before: a change after it is reloaded
         records = await loop.run_in_executor(self.reader_pool, self.store.load_placements)
         features = await loop.run_in_executor(self.reader_pool, self.store.arm_features)
+        built: dict[str, dict[str, PlacementModel]] = {}
         for rec in records:
             recent = await loop.run_in_executor(self.reader_pool, self.store.recent_rewards, rec.spec.id, WINDOW)
             snaps = await loop.run_in_executor(self.reader_pool, self.store.load_snapshots, rec.spec.id)
-            models = {}
+            models = built[rec.spec.id] = {}
             for name, key in rec.spec.model_keys().items():
                 snap = snaps.get(name)
                 if snap is not None and snap.key == key:
@@ -181,7 +183,18 @@ class Engine:
                     models[name] = PlacementModel(name, key, CbModel(rec.spec.model_spec(name)), rec.model_since_seq)
             for pm in models.values():
                 pm.scale = RewardScale(recent, ceiling=rec.spec.max_abs_reward)
-            self.states[rec.spec.id] = placement_state(rec, models, features, self.seed)
+        # Grouped placements share their group's model (from its snapshot), not their own.
+        since = {rec.spec.id: rec.model_since_seq for rec in records}
+        _, replaced = await model_groups.share(
+            {rec.spec.id: rec.spec for rec in records},
+            built,
+            {},
+            load=lambda owner: loop.run_in_executor(self.reader_pool, self.store.load_snapshots, owner),
+            since=lambda pids: max(since[p] for p in pids),
+        )
+        for rec in records:
+            self.states[rec.spec.id] = placement_state(rec, built[rec.spec.id], features, self.seed)
+        model_groups.close_unused(replaced, self.states)
         self.budgets.restore(
             await loop.run_in_executor(self.reader_pool, self.store.load_accounts),
             await loop.run_in_executor(self.reader_pool, self.store.load_campaigns),

@@ -52,6 +52,7 @@ class PlacementModel:
     agreed: int = 0
     ips_sum: float = 0.0
     recent: deque[bool] = field(default_factory=lambda: deque(maxlen=500))  # agreement of the last 500
+    group: str | None = None  # the model group whose model this is: the "" model of each of its placements
 
     @property
     def reward_scale(self) -> float:
@@ -67,7 +68,14 @@ class PlacementModel:
         return None if self.shadow else self.name
 
     def snapshot(self, placement: str) -> Snapshot:
-        return Snapshot(placement, self.name, self.key, self.model.learned, self.cursor, self.model.to_bytes())
+        """Stored under the placement, or under ``group:<name>`` for a group's model."""
+        owner = placement if self.group is None else group_snapshot_id(self.group)
+        return Snapshot(owner, self.name, self.key, self.model.learned, self.cursor, self.model.to_bytes())
+
+
+def group_snapshot_id(group: str) -> str:
+    """Where a model group's model is snapshotted (the snapshots table's placement column)."""
+    return f"group:{group}"
 
 
 @dataclass(eq=False)
@@ -171,9 +179,49 @@ class Learner:
             pass
         total = 0
         ps = self._states.get(pid)
-        for name in list(ps.models) if ps else []:
-            total += await self._catch_up_model(pid, name)
+        for name, pm in list(ps.models.items()) if ps else []:
+            total += await (self._catch_up_group(pm) if pm.group is not None else self._catch_up_model(pid, name))
         return total
+
+    def _members(self, gm: PlacementModel) -> dict[str, PlacementState]:
+        """The placements whose model ``gm`` is (a model group's), by id."""
+        return {pid: ps for pid, ps in self._states.items() if ps.models.get("") is gm}
+
+    async def _catch_up_group(self, gm: PlacementModel) -> int:
+        """Learn a model group's rows: its placements' closed decisions together, in learn order
+        (one cursor: each row once, whichever placement it is of), each with its own
+        placement's arms and mode. Each placement claims its own rows (catch_up)."""
+        loop = asyncio.get_running_loop()
+        total = 0
+        while True:
+            members = self._members(gm)
+            if not members:
+                return total
+            ids = sorted(members)
+            rows = await loop.run_in_executor(self._reader, self._store.learn_rows, ids, gm.variant_filter, gm.cursor, self._batch)
+            if self._members(gm) != members:
+                continue  # a placement joined or left meanwhile: read again
+            unknown = {row.placement for row in rows if any(a not in members[row.placement].arm_lines for a in row.arms)}
+            for pid in sorted(unknown):
+                await self._load_arm_versions(members[pid])
+            if self._members(gm) != members:
+                continue
+            for i, row in enumerate(rows):
+                ps = members[row.placement]
+                if row.learn_seq <= gm.cursor:
+                    continue
+                if row.learn_seq > ps.record.model_since_seq:  # else decided before it joined: its own model's
+                    self._learn_one(ps, gm, row)
+                    total += 1
+                else:
+                    gm.cursor = row.learn_seq
+                if i % _LEARN_SLICE == _LEARN_SLICE - 1:
+                    await asyncio.sleep(0)
+                    if self._members(gm) != members:
+                        break
+            if len(rows) < self._batch:
+                await self.maybe_snapshot(next(iter(members)), gm)
+                return total
 
     def _model_of(self, pid: str, name: str) -> tuple[PlacementState, PlacementModel] | None:
         ps = self._states.get(pid)

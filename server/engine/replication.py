@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nextbest.bandit.decision_log import Outcome
 from nextbest.bandit.model import CbModel
+from nextbest.engine import model_groups
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.configure import Configurator
-from nextbest.engine.learner import Learner, PlacementState
+from nextbest.engine.learner import Learner, PlacementModel, PlacementState, group_snapshot_id
 from nextbest.engine.takeover import Takeover
 from nextbest.engine.tasks import cancel_and_wait, wait_event
 from nextbest.engine.windows import RewardWindows
@@ -214,14 +215,18 @@ class Replication:
         """Load every snapshot newer than the model this server holds; returns how many."""
         loop = asyncio.get_running_loop()
         loaded = 0
-        for pid, ps in list(self._states.items()):
-            versions = await loop.run_in_executor(self._reader_pool, self._store.snapshot_versions, pid)
-            stale = [n for n, (learned, seq) in versions.items() if n in ps.models and seq > ps.models[n].cursor]
+        owners = [(pid, ps, {n: pm for n, pm in ps.models.items() if pm.group is None}) for pid, ps in self._states.items()]
+        # A model group's model is snapshotted under the group, not under its placements.
+        for g, gm in model_groups.current(self._states).items():
+            owners += [(group_snapshot_id(g), ps, {"": gm}) for ps in self._any_member(gm)]
+        for owner, ps, models in owners:
+            versions = await loop.run_in_executor(self._reader_pool, self._store.snapshot_versions, owner)
+            stale = [n for n, (learned, seq) in versions.items() if n in models and seq > models[n].cursor]
             if not stale:
                 continue
-            snaps = await loop.run_in_executor(self._reader_pool, self._store.load_snapshots, pid)
+            snaps = await loop.run_in_executor(self._reader_pool, self._store.load_snapshots, owner)
             for name in stale:
-                pm, snap = ps.models.get(name), snaps.get(name)
+                pm, snap = models.get(name), snaps.get(name)
                 if pm is None or snap is None or snap.key != pm.key or snap.learn_seq <= pm.cursor:
                     continue
                 old = pm.model
@@ -230,6 +235,10 @@ class Replication:
                 old.close()
                 loaded += 1
         return loaded
+
+    def _any_member(self, gm: PlacementModel) -> list[PlacementState]:
+        """One placement whose model ``gm`` is (its spec builds the group's model)."""
+        return [ps for ps in self._states.values() if ps.models.get("") is gm][:1]
 
     async def close_orphans(self) -> int:
         """Close the expired windows no server holds in memory (their server stopped)."""

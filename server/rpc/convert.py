@@ -329,6 +329,8 @@ def placement_spec(p: admin_pb2.Placement, field: str = "placement") -> Placemen
         data["max_abs_reward"] = p.max_abs_reward
     if p.HasField("reward_range"):
         data["reward_range"] = (p.reward_range.low, p.reward_range.high)
+    if p.model_group:
+        data["model_group"] = p.model_group
     if p.eligible:
         data["eligible"] = _rule_json(p.eligible, f"{field}.eligible")
     if p.HasField("interactions"):
@@ -470,6 +472,7 @@ def placement_pb(rec: PlacementRecord) -> admin_pb2.Placement:
         default_reward=s.default_reward,
         max_abs_reward=s.max_abs_reward,
         reward_range=None if s.reward_range is None else admin_pb2.RewardRange(low=s.reward_range[0], high=s.reward_range[1]),
+        model_group=s.model_group or "",
         eligible=_rule_text(s.eligible),
         vw_args=s.vw_args,
         interactions=s.interactions,

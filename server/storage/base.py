@@ -223,6 +223,7 @@ class LearnRow:
     reward: float
     features_json: str
     context_json: str | None = None  # decisions.context: each arm's decision-time features (history)
+    placement: str = ""  # whose decision: a model group's learner reads several placements' rows
 
     def features(self) -> tuple[Feature, ...]:
         return features_of(orjson.loads(self.features_json))
@@ -470,10 +471,12 @@ class Store(Protocol):
         closed windows (test_slots_activation_and_aggregation_events). Raises Unavailable."""
         ...
 
-    def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
-        """MUST return at most ``limit`` decisions of the placement (and variant, unless None)
-        with a learn position above ``after_seq``, in learn order, none closed but not yet claimed
-        (test_decisions_closes_and_learn_order, test_variants_are_logged_and_tallied). Raises Unavailable."""
+    def learn_rows(self, placement: str | Sequence[str], variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
+        """MUST return at most ``limit`` decisions of the placement, or of any of several (a model
+        group's), and variant unless None, with a learn position above ``after_seq``, in learn
+        order across them, each naming its placement, none closed but not yet claimed
+        (test_decisions_closes_and_learn_order, test_variants_are_logged_and_tallied,
+        test_learn_rows_of_several_placements_in_one_order). Raises Unavailable."""
         ...
 
     def max_learn_seq(self) -> int:

@@ -527,18 +527,20 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
             row = c.execute(select(t.decisions).where(d.event_id == event_id, d.slot == slot)).first()
         return None if row is None else decision_from_row(row)
 
-    def learn_rows(self, placement: str, variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
-        """Closed decisions after a learn position, in learn order, of one variant or all (None):
-        the columns the learner needs, through the driver, JSON unparsed."""
+    def learn_rows(self, placement: str | Sequence[str], variant: str | None, after_seq: int, limit: int) -> list[LearnRow]:
+        """Closed decisions after a learn position, in learn order, of one placement or several
+        (a model group's), of one variant or all (None): the columns the learner needs, through
+        the driver, JSON unparsed."""
         mark = "%s" if self._postgres else "?"
         features = "features::text" if self._postgres else "features"
         arms = "arms::text" if self._postgres else "arms"
         context = "context::text" if self._postgres else "context"
+        ids = (placement,) if isinstance(placement, str) else tuple(placement)
         sql = (
-            f"SELECT event_id, slot, learn_seq, {arms}, chosen, probability, reward, {features}, {context} FROM decisions "
-            f"WHERE placement_id = {mark} AND learn_seq > {mark}"
+            f"SELECT event_id, slot, learn_seq, {arms}, chosen, probability, reward, {features}, {context}, placement_id FROM decisions "
+            f"WHERE placement_id IN ({', '.join([mark] * len(ids))}) AND learn_seq > {mark}"
         )
-        params: tuple[Any, ...] = (placement, after_seq)
+        params: tuple[Any, ...] = (*ids, after_seq)
         if variant is not None:
             sql += f" AND variant = {mark}"
             params += (variant,)
@@ -546,8 +548,8 @@ class SqlStore(Coordination, StatsQueries, ContactQueries, ProfileQueries, Conve
         with self._connect() as c:
             rows = c.exec_driver_sql(sql, params).all()
         return [
-            LearnRow(e, int(s), int(q), tuple((a, int(v)) for a, v in orjson.loads(arms_json)), int(ch), float(p), float(r), f, cx)
-            for e, s, q, arms_json, ch, p, r, f, cx in rows
+            LearnRow(e, int(s), int(q), tuple((a, int(v)) for a, v in orjson.loads(arms_json)), int(ch), float(p), float(r), f, cx, pl)
+            for e, s, q, arms_json, ch, p, r, f, cx, pl in rows
         ]
 
     # -- models ---------------------------------------------------------------------------

@@ -107,6 +107,30 @@ def test_decisions_closes_and_learn_order(store: SqlStore) -> None:
     assert store.max_learn_seq() == s2
 
 
+def test_learn_rows_of_several_placements_in_one_order(store: SqlStore) -> None:
+    """A model group's learner reads its placements' rows together: one learn order across
+    them, each row naming its placement, other placements' rows left out."""
+    import dataclasses
+
+    def at(event_id: str, placement: str) -> LoggedDecision:
+        return dataclasses.replace(decision(event_id), placement=placement)
+
+    store.write([at("a1", "app"), at("u1", "ussd"), at("a2", "app"), at("w1", "web")], [])
+    closes = [
+        Close(e, Outcome.REWARD, 1.0, 101.0 + i, placement=p)
+        for i, (e, p) in enumerate([("u1", "ussd"), ("a1", "app"), ("w1", "web"), ("a2", "app")])
+    ]
+    assert list(store.write([], closes).closed) == [True] * 4
+    for p in ("app", "ussd", "web"):
+        store.claim(p, 10)
+    rows = store.learn_rows(["app", "ussd"], None, 0, 10)
+    assert [(r.event_id, r.placement) for r in rows] == [("a1", "app"), ("a2", "app"), ("u1", "ussd")]  # claimed app first
+    assert [r.learn_seq for r in rows] == sorted(r.learn_seq for r in rows)
+    assert [r.event_id for r in store.learn_rows(["app", "ussd"], None, rows[0].learn_seq, 1)] == ["a2"]  # after, at most limit
+    assert [r.placement for r in store.learn_rows("web", None, 0, 10)] == ["web"]
+    assert store.learn_rows(["app", "ussd"], "B", 0, 10) == []
+
+
 def test_reused_event_id_does_not_fail_the_batch(store: SqlStore) -> None:
     store.write([decision("e1")], [])
     store.write([decision("e1", 1), decision("e9")], [])

@@ -1,0 +1,138 @@
+"""Model groups (issue #33): placements naming one ``model_group`` learn one model, on the
+engine's own parts (no gRPC; tests/service/test_model_groups_grpc.py shows the same through a
+server). Each row is learned once whichever placement it is of, the model is snapshotted under
+the group and resumed from there, switching is explicit and loses neither model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nextbest.bandit.errors import InvalidInput
+from nextbest.bandit.features import feature, shared_line
+from nextbest.bandit.spec import PlacementSpec
+from nextbest.engine.engine import Engine
+from tests import envs
+from tests.harness import FakeClock, engine_on, run_async
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/nb.db"
+
+
+def spec(pid: str, group: str | None = "telco", **kw: object) -> PlacementSpec:
+    return envs.placement(pid, model_group=group, **kw)
+
+
+async def serve(e: Engine, pid: str, n: int, rng: np.random.Generator, tag: str = "") -> None:
+    """``n`` Chooses of random segments on ``pid``, each rewarded as envs.P says; all learned."""
+    for i in range(n):
+        seg = int(rng.integers(len(envs.SEGMENTS)))
+        [d] = await e.chooser.choose(pid, f"c{i}", f"{pid}-{tag}{i}", [feature("customer", "segment", envs.SEGMENTS[seg])])
+        await e.windows.reward(d.event_id, float(rng.random() < envs.P[seg, envs.ARMS.index(d.arm_id)]))
+    await e.writer.flush()
+    await e.learner.catch_up(pid)
+
+
+def test_a_group_learns_one_model_from_each_placement_once(db: str) -> None:
+    """Two grouped placements score with one model that learned both's rows, each once; a
+    third keeps its own. A grouped decision logs the placement as a feature; the model is
+    snapshotted under ``group:<name>`` and a restart resumes it there."""
+
+    async def body() -> None:
+        rng = np.random.default_rng(3)
+        async with engine_on(db, FakeClock()) as e:
+            await e.config.apply([spec("app"), spec("ussd"), spec("web", None)])
+            shared = e.states["app"].models[""]
+            assert e.states["ussd"].models[""] is shared and shared.group == "telco"
+            assert e.states["web"].models[""] is not shared
+            await serve(e, "app", 30, rng)
+            await serve(e, "ussd", 20, rng)
+            await serve(e, "web", 10, rng)
+            for pid in ("app", "ussd"):
+                await e.learner.catch_up(pid)  # a second pass learns nothing twice
+            assert shared.model.learned == 50
+            assert e.states["web"].model.learned == 10
+            d = await asyncio.get_running_loop().run_in_executor(None, e.store.find_decision, "ussd-0")
+            assert ("placement", "id", "ussd") in d.features
+            undecided = await asyncio.get_running_loop().run_in_executor(None, e.store.find_decision, "web-0")
+            assert not any(ns == "placement" for ns, _, _ in undecided.features)
+        async with engine_on(db, FakeClock()) as e:  # the stop snapshotted it
+            snaps = e.store.load_snapshots("group:telco")
+            assert snaps[""].learned == 50 and "" not in e.store.load_snapshots("ussd")
+            again = e.states["app"].models[""]
+            assert again is e.states["ussd"].models[""] and again.model.learned == 50
+            await serve(e, "ussd", 5, rng, "b")
+            assert again.model.learned == 55
+
+    run_async(body)
+
+
+def test_a_group_needs_one_set_of_vw_settings(db: str) -> None:
+    """Placements of one group build one model: different bits are refused naming the field,
+    and nothing changes."""
+
+    async def body() -> None:
+        async with engine_on(db, FakeClock()) as e:
+            await e.config.apply([spec("app")])
+            with pytest.raises(InvalidInput) as err:
+                await e.config.apply([spec("ussd", bits=20)])
+            assert err.value.field == "placements[0].model_group"
+            assert "share model group 'telco'" in str(err.value)
+            assert "ussd" not in e.states
+            with pytest.raises(InvalidInput):
+                await e.config.apply([spec("ussd", bits=20)], dry_run=True)
+
+    run_async(body)
+
+
+def test_leaving_a_group_resumes_the_placements_own_model(db: str) -> None:
+    """A placement that joins a group keeps its own model's snapshot; leaving resumes it and
+    learns the placement's own rows since (the group's included); the group's model stays
+    with the others."""
+
+    async def body() -> None:
+        rng = np.random.default_rng(5)
+        async with engine_on(db, FakeClock()) as e:
+            await e.config.apply([spec("app", None), spec("ussd")])
+            await serve(e, "app", 12, rng)
+            await e.learner.snapshot_all()
+            await e.config.apply([spec("app")])  # joins
+            group = e.states["ussd"].models[""]
+            assert e.states["app"].models[""] is group
+            await serve(e, "app", 7, rng, "g")
+            await serve(e, "ussd", 4, rng)
+            assert group.model.learned == 11
+            await e.config.apply([spec("app", None)])  # leaves
+            own = e.states["app"].models[""]
+            assert own is not group and own.group is None
+            await e.learner.catch_up("app")
+            assert own.model.learned == 12 + 7  # its snapshot, then its rows since
+            assert e.states["ussd"].models[""] is group and group.model.learned == 11
+
+    run_async(body)
+
+
+def test_what_one_placement_learns_serves_the_other(db: str) -> None:
+    """The point of a group: trained only through the app, the USSD menu picks each segment's
+    best offer. Seeded (caller-chosen event ids fix the exploration draws); 600 rounds pick
+    the best arm for every segment on this environment, the bound allows one miss."""
+
+    async def body() -> None:
+        rng = np.random.default_rng(11)
+        async with engine_on(db, FakeClock(), seed="groups") as e:
+            await e.config.apply([spec("app"), spec("ussd")])
+            await serve(e, "app", 600, rng)
+            model = e.states["ussd"].models[""].model
+            hits = 0
+            for seg, name in enumerate(envs.SEGMENTS):
+                shared = shared_line([feature("customer", "segment", name), ("placement", "id", "ussd")])
+                lines = [e.states["ussd"].arm_lines[(a, 1)] for a in envs.ARMS]
+                hits += int(np.argmax(model.expected_rewards(shared, lines))) == int(np.argmax(envs.P[seg]))
+            assert hits >= 4, hits
+
+    run_async(body)
