@@ -296,7 +296,11 @@ def _explained_features(r: decision_pb2.ExplainResponse) -> list[str]:
     if r.features:
         as_of = f" (profile as of {r.profile_as_of.ToDatetime():%Y-%m-%d %H:%M:%S} UTC)" if r.HasField("profile_as_of") else ""
         out += ["", f"features used{as_of}:"]
-        source = {decision_pb2.FEATURE_SOURCE_PROFILE: "profile", decision_pb2.FEATURE_SOURCE_HISTORY: "history"}
+        source = {
+            decision_pb2.FEATURE_SOURCE_PROFILE: "profile",
+            decision_pb2.FEATURE_SOURCE_HISTORY: "history",
+            decision_pb2.FEATURE_SOURCE_PLACEMENT: "placement",
+        }
         out += [f"  {text(f.feature):<48}{source.get(f.source, 'request')}" for f in r.features]
     history = [(a.arm_id, a.history) for a in r.arms if a.history]
     if history:

@@ -106,6 +106,8 @@ def _specs(sim: Any, args: argparse.Namespace, context: str) -> list[Any]:
         specs = [p.model_copy(update={"learn_at": args.learn_at}) for p in specs]
     if args.reward_window is not None:
         specs = [p.model_copy(update={"reward_window": args.reward_window}) for p in specs]
+    if getattr(args, "model_group", None):  # one model for every placement, the placement a feature (#33)
+        specs = [p.model_copy(update={"model_group": args.model_group}) for p in specs]
     return context_specs(specs, context)
 
 
@@ -294,6 +296,7 @@ def _compare_contexts(args: argparse.Namespace) -> int:
         + ([f"--scenario {args.scenario}"] if args.scenario else [])
         + ([f"--reward {args.reward}"] if args.reward else [])
         + ([f"--profile-refresh {args.profile_refresh:g}"] if args.profile_refresh > 0 else [])
+        + ([f"--model-group {args.model_group}"] if args.model_group else [])
     )
     if args.json is not None:
         text = json.dumps({"command": command, "runs": runs, "seconds": time.perf_counter() - started}, indent=2)
@@ -638,6 +641,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "and print a Markdown table of the share of the oracle",
     )
     s.add_argument("--seeds", default="1,2,3", help="seeds of --compare-contexts and --compare-rewards (default 1,2,3)")
+    s.add_argument(
+        "--model-group",
+        dest="model_group",
+        metavar="NAME",
+        help="put every simulated placement in model group NAME: one model learns from all channels, the placement a feature",
+    )
     s.add_argument("--jobs", type=positive_int, default=1, help="--compare-* runs at once, each in its own process (default 1)")
     simulate_billing.add_arguments(s)
     s.set_defaults(func=_simulate)

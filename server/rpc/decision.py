@@ -152,7 +152,7 @@ def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
             )
             for a in x.arms
         ],
-        features=[decision_pb2.ExplainedFeature(feature=feature_pb(f), source=_source(c, f)) for f in d.features],
+        features=[decision_pb2.ExplainedFeature(feature=feature_pb(f), source=_source(c, f, d.placement)) for f in d.features],
     )
     r.conversions.extend(convert.explained_conversion_pb(cid, c, at) for cid, c, at in x.conversions)
     r.decided_at.FromNanoseconds(int(d.timestamp * 1e9))
@@ -161,7 +161,9 @@ def explain_pb(x: Explained) -> decision_pb2.ExplainResponse:
     return r
 
 
-def _source(c: DecisionContext | None, f: Feature) -> decision_pb2.FeatureSource.ValueType:
+def _source(c: DecisionContext | None, f: Feature, placement: str) -> decision_pb2.FeatureSource.ValueType:
     if c is not None and c.source_of(feature_key(f)) == "profile":
         return decision_pb2.FEATURE_SOURCE_PROFILE
+    if f == ("placement", "id", placement):  # what a grouped placement adds (engine/model_groups.py)
+        return decision_pb2.FEATURE_SOURCE_PLACEMENT
     return decision_pb2.FEATURE_SOURCE_REQUEST

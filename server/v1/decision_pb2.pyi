@@ -103,6 +103,8 @@ class _FeatureSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feature
     """The customer's stored profile (ProfileService, `nextbest profiles load`)."""
     FEATURE_SOURCE_HISTORY: _FeatureSource.ValueType  # 3
     """The customer's interaction history with an arm (ArmExplanation.history)."""
+    FEATURE_SOURCE_PLACEMENT: _FeatureSource.ValueType  # 4
+    """The placement itself: placement.id, which a model group's placement adds to its decisions."""
 
 class FeatureSource(_FeatureSource, metaclass=_FeatureSourceEnumTypeWrapper):
     """FeatureSource says where a feature of a decision came from."""
@@ -115,6 +117,8 @@ FEATURE_SOURCE_PROFILE: FeatureSource.ValueType  # 2
 """The customer's stored profile (ProfileService, `nextbest profiles load`)."""
 FEATURE_SOURCE_HISTORY: FeatureSource.ValueType  # 3
 """The customer's interaction history with an arm (ArmExplanation.history)."""
+FEATURE_SOURCE_PLACEMENT: FeatureSource.ValueType  # 4
+"""The placement itself: placement.id, which a model group's placement adds to its decisions."""
 Global___FeatureSource: _TypeAlias = FeatureSource  # noqa: Y015
 
 class _ConversionStatus:

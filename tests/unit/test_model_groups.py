@@ -136,3 +136,30 @@ def test_what_one_placement_learns_serves_the_other(db: str) -> None:
             assert hits >= 4, hits
 
     run_async(body)
+
+
+def test_a_serving_replica_loads_the_groups_model_from_the_groups_snapshot(db: str) -> None:
+    """Two servers on one database: the learner snapshots the group's model under the group;
+    the serving replica's refresh loads it into the one model its grouped placements share,
+    and leaves the placements' own snapshots (from before they joined) alone."""
+
+    async def body() -> None:
+        rng = np.random.default_rng(2)
+        clock = FakeClock()
+        async with engine_on(db, clock, workers=2) as a:
+            await a.config.apply([spec("app", None), spec("ussd")])
+            await serve(a, "app", 6, rng)
+            await a.learner.snapshot_all()  # app's own model: 6, under "app"
+            await a.config.apply([spec("app")])
+            async with engine_on(db, clock, workers=2, learner="never") as b:
+                shared = b.states["app"].models[""]
+                assert b.states["ussd"].models[""] is shared and shared.model.learned == 0
+                await serve(a, "app", 9, rng, "g")
+                await serve(a, "ussd", 3, rng)
+                await a.learner.snapshot_all()
+                assert await b.replication.refresh_models() == 1
+                assert b.states["app"].models[""] is b.states["ussd"].models[""] is shared
+                assert shared.model.learned == 12 and shared.cursor == a.states["app"].models[""].cursor
+                assert await b.replication.refresh_models() == 0  # nothing newer
+
+    run_async(body)
