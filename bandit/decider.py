@@ -327,8 +327,12 @@ def decide(
     context: Mapping[str, Value] = NO_CONTEXT,
     excluded: frozenset[str] = NOTHING_EXCLUDED,
     arms: ArmContexts = NO_ARM_CONTEXT,
+    learned: int | None = None,
 ) -> Choice:
-    """Run the whole pipeline for one request (``budgeted=False``: no candidate has a budget)."""
+    """Run the whole pipeline for one request (``budgeted=False``: no candidate has a budget).
+    ``learned``: the examples exploration counts on (default the model's; a model group's
+    member counts its own)."""
+    t = model.learned if learned is None else learned
     history = history or []
     ok, why = eligibility(spec, candidates, history, now, budgeted, context, excluded, arms)
     if not ok:
@@ -363,13 +367,13 @@ def decide(
     paced = budgeted and bool(np.any(prices > 0))
     if paced:
         values = np.append(values - prices, 0.0)  # "no offer": what a priced-out budget buys instead
-    scale = exploration_scale(max(reward_scale, 1.0), model.learned, spec.reward_range, spec.max_abs_reward)
-    pmf = explore(values, spec.exploration, model.learned, scale)
+    scale = exploration_scale(max(reward_scale, 1.0), t, spec.reward_range, spec.max_abs_reward)
+    pmf = explore(values, spec.exploration, t, scale)
     i = exploration.draw(pmf, uniform())
     pmf_t = tuple(pmf.tolist())
     explanation = Explanation(
         spec.exploration.algorithm,
-        exploration_parameter(spec.exploration, model.learned),
+        exploration_parameter(spec.exploration, t),
         scale,
         expected,
         tuple(c.spec.business_value for c in eligible) if adjusted and any(c.spec.business_value for c in eligible) else (),

@@ -389,6 +389,7 @@ class Chooser:
             choice = serve_holdout(spec.experiment.holdout, spec, candidates, features, draw, now, history, context, excluded, arm_rules)
         else:
             serving = ps.models[variant]
+            learned, scale = ps.exploration(serving)
             choice = decide(
                 serving.model,
                 spec.variant(variant),
@@ -397,11 +398,12 @@ class Chooser:
                 draw,
                 now,
                 history,
-                serving.reward_scale,
+                scale,
                 budgeted=ps.budgeted,
                 context=context,
                 excluded=excluded,
                 arms=arm_rules,
+                learned=learned,
             )
             model_version = serving.model.learned
         chosen = candidates[choice.eligible[choice.arm_index]] if choice.arm_index is not None else None

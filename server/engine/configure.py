@@ -199,7 +199,10 @@ class Configurator:
                 since=lambda pids: max(since[p] for p in pids),
             )
             for rec in changed:
-                self._states[rec.spec.id] = placement_state(rec, built[rec.spec.id], features, self._seed)
+                ps = placement_state(rec, built[rec.spec.id], features, self._seed)
+                own = self._states.get(rec.spec.id)
+                ps.own_learned, ps.own_scale = await model_groups.own_exploration(ps, own, store=self._store, pool=self._reader_pool)
+                self._states[rec.spec.id] = ps
             model_groups.close_unused([*before, *replaced], self._states)
             await self._contacts.rebuild()
             await self._rebind()
@@ -274,12 +277,15 @@ class Configurator:
                 self._budgets.campaigns[c.id] = c
             features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
             before = [pm for ps in self._states.values() for pm in ps.models.values()]
-            for rec in p.records:
-                old = self._states.get(rec.spec.id)
-                ps = placement_state(rec, models[rec.spec.id], features, self._seed)
+            made_states = [placement_state(rec, models[rec.spec.id], features, self._seed) for rec in p.records]
+            for ps in made_states:  # read before any is installed: the change stays one step on the loop
+                old = self._states.get(ps.id)
+                ps.own_learned, ps.own_scale = await model_groups.own_exploration(ps, old, store=self._store, pool=self._reader_pool)
+            for ps in made_states:
+                old = self._states.get(ps.id)
                 if old is not None:
                     ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
-                self._states[rec.spec.id] = ps
+                self._states[ps.id] = ps
             model_groups.close_unused([*before, *replaced], self._states)
             await self._contacts.rebuild()
             await self._rebind()

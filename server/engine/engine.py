@@ -193,7 +193,9 @@ class Engine:
             since=lambda pids: max(since[p] for p in pids),
         )
         for rec in records:
-            self.states[rec.spec.id] = placement_state(rec, built[rec.spec.id], features, self.seed)
+            ps = placement_state(rec, built[rec.spec.id], features, self.seed)
+            ps.own_learned, ps.own_scale = await model_groups.own_exploration(ps, None, store=self.store, pool=self.reader_pool)
+            self.states[rec.spec.id] = ps
         model_groups.close_unused(replaced, self.states)
         self.budgets.restore(
             await loop.run_in_executor(self.reader_pool, self.store.load_accounts),

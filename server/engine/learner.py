@@ -87,6 +87,10 @@ class PlacementState:
     arms: list[ArmView]  # the active arms, with their VW text
     arm_lines: dict[tuple[str, int], str]  # every version of every arm, for learning old decisions
     salt: bytes
+    # A model group's member explores by its own learned decisions and rewards, not the group's:
+    # see exploration().
+    own_learned: int = 0
+    own_scale: RewardScale = field(default_factory=RewardScale)
     budgeted: bool = field(init=False)  # some active arm spends from a budget or campaign
     candidates: list[Candidate] = field(init=False)  # the active arms, when none is budgeted
     arm_keys: tuple[tuple[str, int], ...] = field(init=False)  # (id, version) of the active arms
@@ -105,6 +109,15 @@ class PlacementState:
     @property
     def model(self) -> CbModel:
         return self.models[""].model
+
+    def exploration(self, pm: PlacementModel) -> tuple[int, float]:
+        """The examples learned and the reward scale this placement explores by with model ``pm``.
+        A model group's model learned every member's decisions; were its count used, a small
+        placement in a large group would explore as if it were trained (SquareCB's gamma grows
+        with the count), and arms only it offers would hardly be tried: it explores by its own."""
+        if pm.group is None:
+            return pm.model.learned, pm.reward_scale
+        return self.own_learned, self.own_scale.value
 
 
 class Learner:
@@ -211,7 +224,11 @@ class Learner:
                 if row.learn_seq <= gm.cursor:
                     continue
                 if row.learn_seq > ps.record.model_since_seq:  # else decided before it joined: its own model's
+                    learned = gm.model.learned
                     self._learn_one(ps, gm, row)
+                    if gm.model.learned > learned:
+                        ps.own_learned += 1
+                        ps.own_scale.add(row.reward)
                     total += 1
                 else:
                     gm.cursor = row.learn_seq

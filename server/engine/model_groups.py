@@ -20,14 +20,17 @@ its own rows since: both the group's and the placement's models can still be rep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from concurrent.futures import Executor
 
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature
 from nextbest.bandit.model import CbModel
+from nextbest.bandit.reward_scale import WINDOW, RewardScale
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.engine.learner import PlacementModel, PlacementState, group_snapshot_id
-from nextbest.storage.base import Snapshot
+from nextbest.storage.base import Snapshot, Store
 
 FEATURE_NAMESPACE = "placement"  # the member's id, a shared feature of its decisions: placement.id
 
@@ -125,6 +128,21 @@ async def share(
         own[""] = fresh
         made.append(fresh)
     return made, replaced
+
+
+async def own_exploration(ps: PlacementState, old: PlacementState | None, *, store: Store, pool: Executor) -> tuple[int, RewardScale]:
+    """What a grouped placement explores by (PlacementState.exploration): kept from ``old`` while
+    it stays with the same model, else its decisions the group's model learned (after it joined,
+    up to the model's cursor; stored, so a restart explores as before) and its recent rewards."""
+    gm = ps.models.get("")
+    if old is not None and gm is not None and old.models.get("") is gm:
+        return old.own_learned, old.own_scale
+    if gm is None or gm.group is None:
+        return 0, RewardScale()
+    loop = asyncio.get_running_loop()
+    learned = await loop.run_in_executor(pool, store.learned_count, ps.id, ps.record.model_since_seq, gm.cursor)
+    recent = await loop.run_in_executor(pool, store.recent_rewards, ps.id, WINDOW)
+    return learned, RewardScale(recent, ceiling=ps.record.spec.max_abs_reward)
 
 
 def current(states: Mapping[str, PlacementState]) -> dict[str, PlacementModel]:

@@ -218,7 +218,7 @@ class Replication:
         owners = [(pid, ps, {n: pm for n, pm in ps.models.items() if pm.group is None}) for pid, ps in self._states.items()]
         # A model group's model is snapshotted under the group, not under its placements.
         for g, gm in model_groups.current(self._states).items():
-            owners += [(group_snapshot_id(g), ps, {"": gm}) for ps in self._any_member(gm)]
+            owners += [(group_snapshot_id(g), ps, {"": gm}) for ps in self._members(gm)[:1]]
         for owner, ps, models in owners:
             versions = await loop.run_in_executor(self._reader_pool, self._store.snapshot_versions, owner)
             stale = [n for n, (learned, seq) in versions.items() if n in models and seq > models[n].cursor]
@@ -234,11 +234,16 @@ class Replication:
                 pm.cursor = snap.learn_seq
                 old.close()
                 loaded += 1
+                if pm.group is not None:  # its members explore by their own decisions it learned
+                    for member in self._members(pm):
+                        member.own_learned = await loop.run_in_executor(
+                            self._reader_pool, self._store.learned_count, member.id, member.record.model_since_seq, pm.cursor
+                        )
         return loaded
 
-    def _any_member(self, gm: PlacementModel) -> list[PlacementState]:
-        """One placement whose model ``gm`` is (its spec builds the group's model)."""
-        return [ps for ps in self._states.values() if ps.models.get("") is gm][:1]
+    def _members(self, gm: PlacementModel) -> list[PlacementState]:
+        """The placements whose model ``gm`` is (a model group's)."""
+        return [ps for ps in self._states.values() if ps.models.get("") is gm]
 
     async def close_orphans(self) -> int:
         """Close the expired windows no server holds in memory (their server stopped)."""

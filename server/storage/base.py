@@ -537,6 +537,12 @@ class Store(Protocol):
         position), oldest first. Raises Unavailable."""
         ...
 
+    def learned_count(self, placement: str, after_seq: int, upto_seq: int) -> int:
+        """MUST return how many decisions of the placement have a learn position above
+        ``after_seq`` and at most ``upto_seq``: a model group's member explores by its own
+        learned decisions (test_learned_count_counts_a_placements_learn_positions). Raises Unavailable."""
+        ...
+
     def config_version(self) -> tuple[float, int, float, int]:
         """MUST return (latest updated_at, count) of placements and of campaigns: it changes when
         save_placements adds one or stamps one with a later clock. Raises Unavailable."""

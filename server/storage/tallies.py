@@ -37,6 +37,15 @@ class StatsQueries(SqlBase):
             )
         return [float(r) for r in reversed(rows)]
 
+    def learned_count(self, placement: str, after_seq: int, upto_seq: int) -> int:
+        """How many of a placement's decisions have a learn position in (after_seq, upto_seq]."""
+        d = t.decisions.c
+        with self._connect() as c:
+            n = c.execute(
+                select(func.count()).where(d.placement_id == placement, d.learn_seq > after_seq, d.learn_seq <= upto_seq)
+            ).scalar_one()
+        return int(n)
+
     def tally(self, placement: str) -> tuple[list[ArmTally], int, int]:
         """Per-arm counts, the number of decisions, and how many served no arm. A reward counts
         once acknowledged: those of windows still open are in the figures, and apart."""

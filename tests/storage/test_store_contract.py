@@ -131,6 +131,23 @@ def test_learn_rows_of_several_placements_in_one_order(store: SqlStore) -> None:
     assert store.learn_rows(["app", "ussd"], "B", 0, 10) == []
 
 
+def test_learned_count_counts_a_placements_learn_positions(store: SqlStore) -> None:
+    import dataclasses
+
+    store.write(
+        [dataclasses.replace(decision(e), placement=p) for e, p in (("a1", "app"), ("u1", "ussd"), ("a2", "app"), ("a3", "app"))], []
+    )
+    store.write([], [Close(e, Outcome.REWARD, 1.0, 101.0, placement=p) for e, p in (("a1", "app"), ("u1", "ussd"), ("a2", "app"))])
+    store.claim("ussd", 10)
+    store.claim("app", 10)
+    top = store.max_learn_seq()
+    assert store.learned_count("app", 0, top) == 2  # a3 is open: no learn position
+    assert store.learned_count("app", 0, top - 1) == 1
+    assert store.learned_count("app", top - 1, top) == 1
+    assert store.learned_count("ussd", 0, top) == 1
+    assert store.learned_count("web", 0, top) == 0
+
+
 def test_reused_event_id_does_not_fail_the_batch(store: SqlStore) -> None:
     store.write([decision("e1")], [])
     store.write([decision("e1", 1), decision("e9")], [])

@@ -163,3 +163,44 @@ def test_a_serving_replica_loads_the_groups_model_from_the_groups_snapshot(db: s
                 assert await b.replication.refresh_models() == 0  # nothing newer
 
     run_async(body)
+
+
+def test_a_member_explores_by_its_own_decisions_not_the_groups(db: str) -> None:
+    """What could make a shared model stick (issue #33, one run at 0.674 of the oracle): SquareCB's
+    gamma grows with the examples learned, and a group's model counts every member's. A USSD
+    menu joining an app that taught the model 400 decisions then explored as if it had seen
+    them all: its own offer, never tried, got ~1 % of its visits (gamma 200) and could stay
+    untried. Each member explores by its own learned decisions and rewards (restored after a
+    restart from the log); the group's count is shown to be the cause by deciding with it."""
+    from nextbest.bandit.decider import decide
+
+    def arms(*ids: str, pid: str) -> PlacementSpec:
+        return PlacementSpec.model_validate(
+            {"id": pid, "model_group": "telco", "learn_at": "reward", "arms": [{"id": a, "features": {"kind": a}} for a in ids]}
+        )
+
+    async def body() -> None:
+        async with engine_on(db, FakeClock(), seed="stuck") as e:
+            await e.config.apply([arms("data", "voice", pid="app"), arms("data", "voice", "topup", pid="ussd")])
+            for i in range(400):
+                [d] = await e.chooser.choose("app", f"c{i}", "", [])
+                await e.windows.reward(d.event_id, 1.0 if d.arm_id == "data" else 0.0)
+            await e.writer.flush()
+            await e.learner.catch_up("app")
+            ussd = e.states["ussd"]
+            assert ussd.models[""].model.learned == 400 and ussd.own_learned == 0
+            [d] = await e.chooser.choose("ussd", "c0", "", [])
+            assert d.explanation is not None and d.explanation.parameter == 10.0  # gamma at its own count, not 10 * sqrt(400)
+            topup = [a for a, _ in d.arms].index("topup")
+            assert d.pmf[topup] > 0.07, d.pmf
+            as_group = decide(ussd.model, ussd.record.spec, ussd.candidates, "shared |U", lambda: 0.5)  # the group's count
+            assert as_group.explanation is not None and as_group.explanation.parameter == 200.0
+            assert as_group.pmf[topup] < 0.03, as_group.pmf  # the cause: hardly ever tried
+            await e.windows.reward(d.event_id, 1.0)
+            await e.writer.flush()
+            await e.learner.catch_up("ussd")
+            assert ussd.own_learned == 1
+        async with engine_on(db, FakeClock(), seed="stuck") as e:  # a restart counts the same from the log
+            assert e.states["ussd"].own_learned == 1 and e.states["app"].own_learned == 400
+
+    run_async(body)
