@@ -130,7 +130,8 @@ def plot(results: Sequence[PolicyEstimate], path: str) -> None:
 
 def _policy(spec: str, args: argparse.Namespace) -> Policy:
     """``snapshot:MODEL`` is a placement's saved model (``snapshot:`` its own, ``snapshot:A`` a
-    variant's) read from --db; every other spec is nextbest.bandit.offline.policies'."""
+    variant's, ``snapshot:group:NAME`` model group NAME's) read from --db; every other spec is
+    nextbest.bandit.offline.policies'."""
     from nextbest.bandit.offline.policies import VwPolicy, parse_policy
     from nextbest.offline.log_source import read_snapshot
 
@@ -139,7 +140,9 @@ def _policy(spec: str, args: argparse.Namespace) -> Policy:
         return parse_policy(spec)
     if args.db is None or not args.placement:
         raise InvalidInput("--policy", "snapshot:MODEL reads the saved model from --db, for --placement")
-    model = read_snapshot(args.db, args.placement, model_name.strip())
+    name = model_name.strip()
+    # A group's model is saved under the group (engine/learner.py group_snapshot_id), not a placement.
+    model = read_snapshot(args.db, name, "") if name.startswith("group:") else read_snapshot(args.db, args.placement, name)
     fd, path = tempfile.mkstemp(prefix="nextbest-snapshot-", suffix=".vw")
     with os.fdopen(fd, "wb") as f:
         f.write(model)

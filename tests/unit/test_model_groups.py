@@ -68,6 +68,16 @@ def test_a_group_learns_one_model_from_each_placement_once(db: str) -> None:
             assert again is e.states["ussd"].models[""] and again.model.learned == 50
             await serve(e, "ussd", 5, rng, "b")
             assert again.model.learned == 55
+        # nextbest replay reads the group's model by its name (--policy snapshot:group:telco)
+        import argparse
+
+        from nextbest.bandit.errors import NotFound
+        from nextbest.cli.replay import _policy
+
+        policy = _policy("snapshot:group:telco", argparse.Namespace(db=db, placement="ussd"))
+        assert policy.name == "snapshot:group:telco"
+        with pytest.raises(NotFound):
+            _policy("snapshot:group:nope", argparse.Namespace(db=db, placement="ussd"))
 
     run_async(body)
 
