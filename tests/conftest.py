@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +8,15 @@ import pytest
 
 from tests import envs
 from tests.harness import ADMIN_TOKEN, TOKENS, ServerThread, make_settings, postgres_available, postgres_schema, token_client
+
+# tmp_path (and so every test's SQLite file) on tmpfs where the machine has one: the store
+# commits with PRAGMA synchronous=FULL, and on this machine's disk the fsync of each group
+# commit was a quarter to a third of a server test's time (tests/service/test_slots_modes.py and
+# two other files: 108 s on disk, 75-89 s on /dev/shm). Nothing here tests power loss; a kill -9
+# keeps the page cache either way. Read before tmp_path's root is made (by pytest-xdist's
+# controller too: its workers inherit it). Set PYTEST_DEBUG_TEMPROOT to choose another root.
+if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/dev/shm")
 
 
 @pytest.fixture
