@@ -74,7 +74,16 @@ def test_window_close_keeps_a_first_reward_over_a_restart_and_a_change_of_learn_
         assert s.engine.store.find_decision(d.event_id).reward == 2.0
 
 
-def run(s, c, pid: str, successes_only: bool, clock: FakeClock, seed: int, rounds: int = 4000) -> float:  # type: ignore[no-untyped-def]
+# Rounds of a run. With 2,500 (was 4,000: the test took 39 s on a quiet machine), seed 3, three
+# runs of each (its own server secret each time) on the shared machine: every outcome at once
+# 0.695, 0.685, 0.700 over rounds 1001-2500, successes only at the close 0.695, 0.690, 0.695
+# (ratios 0.99-1.01): learning is done by round 1000 (nextbest.bandit.sim.delayed, seeds 1-12:
+# 2,500 rounds give the same ratio of the two as 4,000, 0.995 at worst), so the bounds below
+# keep their margin (0.09 above 0.6; the ratio 0.04 above 0.95).
+ROUNDS = 2500
+
+
+def run(s, c, pid: str, successes_only: bool, clock: FakeClock, seed: int, rounds: int = ROUNDS) -> float:  # type: ignore[no-untyped-def]
     """Rounds of one customer each; 1 ms of the fake clock per round, windows of 150 rounds,
     swept every 10 rounds. Returns the mean reward over rounds 1001 to the end."""
     rng = np.random.default_rng(seed)
@@ -117,7 +126,7 @@ def test_success_only_reporting_learns_as_well_as_reporting_every_outcome_at_onc
     out, _ = other.communicate(timeout=240)
     assert other.returncode == 0
     every = float(out.strip().splitlines()[-1])
-    print(f"mean reward, rounds 1001-4000: every outcome at once {every:.3f}, successes only at the close {successes:.3f}")
+    print(f"mean reward, rounds 1001-{ROUNDS}: every outcome at once {every:.3f}, successes only at the close {successes:.3f}")
     assert every > 0.6 and successes > 0.6  # both learned (uniform 0.3, oracle 0.7)
     assert successes >= 0.95 * every
 
