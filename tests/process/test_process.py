@@ -190,7 +190,7 @@ def test_workers_share_one_port(tmp_path: Path) -> None:
     import socket
 
     from tests import envs
-    from tests.harness import postgres_available, postgres_schema, wait_serving
+    from tests.harness import postgres_available, postgres_schema, sql, wait_serving
 
     if not postgres_available():
         import pytest
@@ -212,9 +212,11 @@ def test_workers_share_one_port(tmp_path: Path) -> None:
             wait_serving(target)
             children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             assert len(children) == 2
+            # Both workers live (each registers at its start): ApplyConfig then answers once both
+            # have loaded the change (was a fixed 3 s sleep after it).
+            until(lambda: sql(url, "SELECT count(*) FROM servers") == [(2,)])
             with NextbestClient(target) as c:
                 c.apply([envs.placement()])
-                time.sleep(3)  # the other worker loads the configuration
                 arms = {c.choose("app_home_banner", {"segment": "youth"}).arm_id for _ in range(40)}
                 assert arms <= set(envs.ARMS) and arms
         finally:
