@@ -26,7 +26,9 @@ def drive(client, rng: np.random.Generator, n: int, placement: str = "app_home_b
     return rewards
 
 
-ROUNDS = 2500
+# 1,800 rounds (was 2,500; the test took 33 s on a quiet machine): the last 1,000 earn within
+# 0.01 of what the last 1,000 of 2,500 did, and the worst seed is as far above the bound (below).
+ROUNDS = 1800
 
 
 def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> None:
@@ -45,8 +47,9 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
     # Best possible 0.56, uniform 0.20. The model (CbModel, squarecb exploration as the server
     # draws it, learned in step) on this environment, 20 seeds of the environment and of the
     # draws: the last 1,000 of 2,500 rounds earn 0.52 on average (sd 0.016, 0.49 at worst); of
-    # 4,000 rounds, 0.53 (sd 0.014, 0.51 at worst). The bound keeps 0.07 below the worst seed
-    # (0.09 at 4,000 rounds): the same bound on the same 1,000 rounds, at five sd.
+    # 4,000 rounds, 0.53 (sd 0.014, 0.51 at worst). Rerun with 20 other seeds: of 1,800 rounds
+    # 0.514 (sd 0.029, 0.468 at worst), of 2,000 0.518 (0.470), of 2,500 0.520 (0.466): 1,800
+    # keep the worst seed as far above the bound as 2,500 did.
     assert last > 0.42, last
     assert last > 2 * envs.uniform_mean()
     assert sum(a.impressions for a in before.arms) == ROUNDS
@@ -64,7 +67,9 @@ def test_learns_best_arm_per_segment_and_keeps_it_after_restart(db_url: str) -> 
                 for _ in range(10):
                     d = c.choose("app_home_banner", {"customer": {"segment": name}})
                     hits += d.arm_id == envs.ARMS[int(np.argmax(envs.P[seg]))]
-            assert hits >= 35, hits  # 50 draws; squarecb after 2,500 examples is nearly greedy (46 of 50 at worst, 20 seeds)
+            # 50 draws; squarecb after 2,500 examples is nearly greedy (46 of 50 at worst, 20 seeds); after
+            # 1,800, 46 of 50 expected on average (38.5 for the worst of 20 other seeds)
+            assert hits >= 35, hits
     finally:
         s.stop()
 
