@@ -69,7 +69,10 @@ def sim_server(seed: int, db_dir: str | None = None) -> Iterator[tuple[str, SimC
 
         def learned(placement: str) -> int:
             ps = states.get(placement)
-            return int(ps.model.learned) if ps is not None else 0
+            if ps is None:
+                return 0
+            # A model group's model counts every member's rewards: wait for this placement's own.
+            return int(ps.own_learned if ps.models[""].group is not None else ps.model.learned)
 
         yield target, clock, learned
 
