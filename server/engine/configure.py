@@ -198,11 +198,13 @@ class Configurator:
                 load=lambda owner: loop.run_in_executor(self._reader_pool, self._store.load_snapshots, owner),
                 since=lambda pids: max(since[p] for p in pids),
             )
-            for rec in changed:
-                ps = placement_state(rec, built[rec.spec.id], features, self._seed)
-                own = self._states.get(rec.spec.id)
+            made_states = [placement_state(rec, built[rec.spec.id], features, self._seed) for rec in changed]
+            for ps in made_states:
+                own = self._states.get(ps.id)
                 ps.own_learned, ps.own_scale = await model_groups.own_exploration(ps, own, store=self._store, pool=self._reader_pool)
-                self._states[rec.spec.id] = ps
+            for ps in made_states:  # all at once: no Choose sees part of the change
+                model_groups.carry_over(ps, self._states.get(ps.id))
+                self._states[ps.id] = ps
             model_groups.close_unused([*before, *replaced], self._states)
             await self._contacts.rebuild()
             await self._rebind()
@@ -263,6 +265,11 @@ class Configurator:
                     if _moved(self._states.get(pid), name, s) and (snap := s.snapshot(pid))
                 }.values()
             )
+            features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
+            made_states = [placement_state(rec, models[rec.spec.id], features, self._seed) for rec in p.records]
+            for ps in made_states:  # read before the commit: from there the change is one step on the loop
+                old = self._states.get(ps.id)
+                ps.own_learned, ps.own_scale = await model_groups.own_exploration(ps, old, store=self._store, pool=self._reader_pool)
             self._budgets.hold()  # from the commit on, spend only under the new limits (rebind below)
             try:
                 await loop.run_in_executor(
@@ -275,16 +282,12 @@ class Configurator:
                 raise
             for c in changed_campaigns:
                 self._budgets.campaigns[c.id] = c
-            features = {(pid, a, v): f for pid, a, v, f in p.new_arm_versions}
             before = [pm for ps in self._states.values() for pm in ps.models.values()]
-            made_states = [placement_state(rec, models[rec.spec.id], features, self._seed) for rec in p.records]
-            for ps in made_states:  # read before any is installed: the change stays one step on the loop
-                old = self._states.get(ps.id)
-                ps.own_learned, ps.own_scale = await model_groups.own_exploration(ps, old, store=self._store, pool=self._reader_pool)
             for ps in made_states:
                 old = self._states.get(ps.id)
                 if old is not None:
                     ps.arm_lines = {**old.arm_lines, **ps.arm_lines}
+                model_groups.carry_over(ps, old)
                 self._states[ps.id] = ps
             model_groups.close_unused([*before, *replaced], self._states)
             await self._contacts.rebuild()

@@ -145,6 +145,14 @@ async def own_exploration(ps: PlacementState, old: PlacementState | None, *, sto
     return learned, RewardScale(recent, ceiling=ps.record.spec.max_abs_reward)
 
 
+def carry_over(ps: PlacementState, old: PlacementState | None) -> None:
+    """At the swap of ``old`` for ``ps``: a member staying with its group's model keeps counting
+    where it was (the learner may have counted on ``old`` since own_exploration read it)."""
+    gm = ps.models.get("")
+    if old is not None and gm is not None and gm.group is not None and old.models.get("") is gm:
+        ps.own_learned, ps.own_scale = old.own_learned, old.own_scale
+
+
 def current(states: Mapping[str, PlacementState]) -> dict[str, PlacementModel]:
     """The groups' models in use, by group."""
     return {pm.group: pm for ps in states.values() if (pm := ps.models.get("")) is not None and pm.group is not None}
