@@ -25,8 +25,11 @@ class ValueModel:
         return np.array([value * self.mult[line.split()[1].removeprefix("arm=")] for line in lines])
 
 
-def run_day(paced: bool, seed: int = 5, n: int = 20_000) -> dict[str, float]:
-    """One day of traffic; the budget buys 30 % of the impressions."""
+def run_day(paced: bool, seed: int = 5, n: int = 10_000) -> dict[str, float]:
+    """One day of traffic; the budget buys 30 % of the impressions. 10,000 decisions (was 20,000:
+    12 s of the default run): seeds 5 and 6 gave the same figures at both sizes, paced spent 1.0
+    and ran out at hour 23.86 (23.84-23.88 at 20,000), the greedy run at hour 7.1-7.2 (7.1-7.2),
+    reward per unit 1.94-2.04 x greedy (2.00-2.10): every bound below keeps its margin."""
     rng = np.random.default_rng(seed)
     day0 = 20_000 * DAY
     budget = BudgetSpec(daily=0.15 * n) if paced else BudgetSpec(total=0.15 * n)  # a total without end is not paced
