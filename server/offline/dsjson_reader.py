@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
-from nextbest.bandit.decision_log import LoggedDecision
+from nextbest.bandit.decision_log import LoggedDecision, logged_arm_rows
 from nextbest.bandit.errors import InvalidInput, NotFound
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import FORMAT_VERSION, PMF_TOLERANCE, ArmKey, decode, from_dsjson
@@ -201,7 +201,7 @@ class DsjsonReader:
                     if with_features:
                         context = nb["features"]
                         used = (nb.get("extra") or {}).get("context")  # the decision's context, if not the request's alone
-                        own = used.get("arm_features") if used else None
+                        own = logged_arm_rows(used) if used else None
                     # Typed arrays take only numbers (integers for "a" and the label's index):
                     # anything else raises here, and the full decoder reads the line.
                     a_extend(actions)

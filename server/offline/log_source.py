@@ -31,7 +31,7 @@ from sqlalchemy import Engine, Text, and_, cast, create_engine, event, func, or_
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from nextbest.bandit.decision_log import LoggedDecision, Outcome
+from nextbest.bandit.decision_log import LoggedDecision, Outcome, logged_arm_rows
 from nextbest.bandit.errors import InvalidInput, NotFound, Unavailable
 from nextbest.bandit.features import Feature, features_from_mapping
 from nextbest.bandit.offline.dsjson import ArmKey, from_dsjson, to_ccb_dsjson, to_dsjson
@@ -226,9 +226,9 @@ def _replay_chunk(rows: Sequence[Any], arm_features: Mapping[ArmKey, tuple[Featu
 
 
 def _own_arm_features(texts: Sequence[str | None]) -> list[Any] | None:
-    """Each row's logged arm features of its own (the ``context`` column's ``arm_features``,
-    interaction history), or None for a chunk without any: a NULL context is not parsed, and
-    a log without contexts costs one pass over the column."""
+    """Each row's logged arm features of its own (the ``context`` column's arm features,
+    interaction history, compact or not: ``logged_arm_rows``), or None for a chunk without any:
+    a NULL context is not parsed, and a log without contexts costs one pass over the column."""
     if not any(texts):
         return None
     at = [i for i, text in enumerate(texts) if text]
@@ -236,7 +236,7 @@ def _own_arm_features(texts: Sequence[str | None]) -> list[Any] | None:
     out: list[Any] = [None] * len(texts)
     for i, ctx in zip(at, parsed, strict=True):
         if isinstance(ctx, dict):  # a JSON null is no context
-            out[i] = ctx.get("arm_features") or None
+            out[i] = logged_arm_rows(ctx)
     return out if any(out) else None
 
 

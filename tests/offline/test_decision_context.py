@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, delete, insert
+from sqlalchemy import Text, cast, create_engine, delete, insert, select, update
 
-from nextbest.bandit.decision_log import DecisionContext, LoggedDecision, Outcome
+from nextbest.bandit.decision_log import DecisionContext, LoggedDecision, Outcome, logged_arm_rows
 from nextbest.bandit.errors import InvalidInput
 from nextbest.bandit.features import Feature, arm_line, feature, features_from_mapping
+from nextbest.bandit.history import never_seen
 from nextbest.bandit.offline import policies
 from nextbest.bandit.offline.dsjson import from_dsjson, to_ccb_dsjson, to_dsjson
 from nextbest.bandit.offline.policies import parse_policy
@@ -29,7 +30,7 @@ from nextbest.cli.main import main
 from nextbest.config.plans import plan
 from nextbest.offline.log_source import dsjson_chunks, read_decisions, read_replay_log, replay_chunks
 from nextbest.storage import tables as t
-from nextbest.storage.base import Close
+from nextbest.storage.base import Close, LearnRow
 from nextbest.storage.sql import open_store
 from tests.harness import postgres_available, postgres_schema
 
@@ -146,6 +147,53 @@ def test_the_log_keeps_the_context_as_used(url: str) -> None:
     by_key = {(d.event_id, d.slot): d for d in written}
     assert [d.context for d in decisions] == [by_key[(d.event_id, d.slot)].context for d in decisions]
     assert sum(d.context is not None for d in decisions) > 0 and sum(d.context is None for d in decisions) > 0
+
+
+def test_contexts_logged_with_every_arms_rows_read_as_the_compact_ones(url: str, tmp_path: Path) -> None:
+    """The context column is compact (each distinct arm tuple once, its names once); rows logged
+    before held every arm's [namespace, name, value] rows (``to_json``'s form). Those read back,
+    replay, export and learn exactly as the compact rows of the same decisions."""
+    written = _write(url, 30)
+    engine = create_engine(url)
+    d = t.decisions.c
+
+    def read_all(tag: str) -> tuple[list[LoggedDecision], list[str], bytes, list[Any]]:
+        out = tmp_path / f"{tag}.json"
+        assert main(["export-log", "--db", url, "--placement", PLACEMENT, "--out", str(out)]) == 0
+        with engine.connect() as conn:
+            texts = conn.execute(select(cast(d.context, Text)).order_by(d.event_id, d.slot)).scalars().all()
+        learned = [LearnRow("e", 0, 1, (), 0, 1.0, 0.0, "[]", x).arm_features() for x in texts]
+        return read_decisions(url, PLACEMENT)[0], read_replay_log(url, PLACEMENT, with_features=True).vw_texts, out.read_bytes(), learned
+
+    try:
+        with engine.connect() as conn:
+            stored = [json.loads(x) for x in conn.execute(select(cast(d.context, Text))).scalars() if x]
+        assert stored and all("arm_features" not in x and len(x["arm_names"]) == 1 for x in stored)  # one layout: names once
+        compact = read_all("compact")
+        with engine.begin() as conn:
+            for x in written:
+                if x.context is not None:
+                    old = x.context.to_json()
+                    conn.execute(update(t.decisions).where(d.event_id == x.event_id, d.slot == x.slot).values(context=old))
+        with engine.connect() as conn:
+            assert all("arm_names" not in json.loads(x) for x in conn.execute(select(cast(d.context, Text))).scalars() if x)
+        assert read_all("old") == compact
+        assert [x.context for x in compact[0]] == [
+            {(w.event_id, w.slot): w for w in written}[(x.event_id, x.slot)].context for x in compact[0]
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_an_unseen_arms_features_are_stored_once() -> None:
+    never = never_seen((("7d", 7 * 86400.0), ("30d", 30 * 86400.0)))
+    seen = (*never[:2], ("history", "impressions_30d", 3.0), never[3], ("history", "days_since_impression", 12.5))
+    ctx = DecisionContext(None, (), (never, seen, *(never,) * 18, seen, ()))
+    raw = json.loads(json.dumps(ctx.serializable()))
+    assert len(raw["arm_rows"]) == 3 and len(raw["arm_names"]) == 3 and raw["arm_row"][:3] == [0, 1, 0]
+    assert DecisionContext.from_json(raw) == ctx == DecisionContext.from_json(ctx.to_json())
+    assert logged_arm_rows(raw) == ctx.to_json()["arm_features"]
+    assert len(json.dumps(raw)) < len(json.dumps(ctx.to_json())) / 4
 
 
 def test_replay_builds_each_decisions_arm_lines_with_its_history(url: str, tmp_path: Path) -> None:
