@@ -118,8 +118,10 @@ def shared_line_of_rows(rows: Iterable[Sequence[Any]]) -> str:
 
 def with_arm_features(line: str, features: Iterable[Feature]) -> str:
     """An arm's action line with features of this request only (interaction history) appended
-    to its namespace: the same text as ``arm_line`` of all the features at once."""
-    extra = " ".join(_token(f) for f in features)
+    to its namespace: the same text as ``arm_line`` of all the features at once. Its tokens
+    by ``shared_tokens``, which inlines ``_token``: a Choose with history makes these for every
+    arm the customer saw."""
+    extra = shared_tokens(features)
     return f"{line} {extra}" if extra else line
 
 
