@@ -12,7 +12,7 @@ import pytest
 from nextbest.bandit.spec import PlacementSpec
 from nextbest.client_errors import InvalidArgumentError
 from nextbest.v1 import decision_pb2
-from tests.harness import ServerThread, make_settings
+from tests.harness import ServerThread, make_settings, until
 
 
 @pytest.fixture()
@@ -35,6 +35,8 @@ def test_a_group_is_applied_read_back_and_learns_one_model(server: ServerThread)
             for _ in range(n):
                 d = c.choose(pid, {"customer": {"segment": "youth"}})
                 assert c.reward(d.event_id, 1.0) == "learned"
+        # "learned" answers once the reward will be learned; the learner runs a few ms behind
+        until(lambda: c.stats("app").model_version >= 7 and c.stats("web").model_version >= 2)
         assert c.stats("app").model_version == c.stats("ussd").model_version == 7  # one model, both's rewards
         assert c.stats("web").model_version == 2
         x = c.explain(d.event_id)  # a web decision: nothing added
