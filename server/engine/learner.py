@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,6 +71,11 @@ class PlacementModel:
         """Stored under the placement, or under ``group:<name>`` for a group's model."""
         owner = placement if self.group is None else group_snapshot_id(self.group)
         return Snapshot(owner, self.name, self.key, self.model.learned, self.cursor, self.model.to_bytes())
+
+
+def members_of(states: Mapping[str, PlacementState], gm: PlacementModel) -> dict[str, PlacementState]:
+    """The placements whose model ``gm`` is (a model group's), by id."""
+    return {pid: ps for pid, ps in states.items() if ps.models.get("") is gm}
 
 
 def group_snapshot_id(group: str) -> str:
@@ -196,10 +201,6 @@ class Learner:
             total += await (self._catch_up_group(pm) if pm.group is not None else self._catch_up_model(pid, name))
         return total
 
-    def _members(self, gm: PlacementModel) -> dict[str, PlacementState]:
-        """The placements whose model ``gm`` is (a model group's), by id."""
-        return {pid: ps for pid, ps in self._states.items() if ps.models.get("") is gm}
-
     async def _catch_up_group(self, gm: PlacementModel) -> int:
         """Learn a model group's rows: its placements' closed decisions together, in learn order
         (one cursor: each row once, whichever placement it is of), each with its own
@@ -207,17 +208,17 @@ class Learner:
         loop = asyncio.get_running_loop()
         total = 0
         while True:
-            members = self._members(gm)
+            members = members_of(self._states, gm)
             if not members:
                 return total
             ids = sorted(members)
             rows = await loop.run_in_executor(self._reader, self._store.learn_rows, ids, gm.variant_filter, gm.cursor, self._batch)
-            if self._members(gm) != members:
+            if members_of(self._states, gm) != members:
                 continue  # a placement joined or left meanwhile: read again
             unknown = {row.placement for row in rows if any(a not in members[row.placement].arm_lines for a in row.arms)}
             for pid in sorted(unknown):
                 await self._load_arm_versions(members[pid])
-            if self._members(gm) != members:
+            if members_of(self._states, gm) != members:
                 continue
             for i, row in enumerate(rows):
                 ps = members[row.placement]
@@ -234,7 +235,7 @@ class Learner:
                     gm.cursor = row.learn_seq
                 if i % _LEARN_SLICE == _LEARN_SLICE - 1:
                     await asyncio.sleep(0)
-                    if self._members(gm) != members:
+                    if members_of(self._states, gm) != members:
                         break
             if len(rows) < self._batch:
                 await self.maybe_snapshot(next(iter(members)), gm)

@@ -33,7 +33,7 @@ from nextbest.bandit.model import CbModel
 from nextbest.engine import model_groups
 from nextbest.engine.budgets import BudgetKeeper
 from nextbest.engine.configure import Configurator
-from nextbest.engine.learner import Learner, PlacementModel, PlacementState, group_snapshot_id
+from nextbest.engine.learner import Learner, PlacementState, group_snapshot_id, members_of
 from nextbest.engine.takeover import Takeover
 from nextbest.engine.tasks import cancel_and_wait, wait_event
 from nextbest.engine.windows import RewardWindows
@@ -218,7 +218,7 @@ class Replication:
         owners = [(pid, ps, {n: pm for n, pm in ps.models.items() if pm.group is None}) for pid, ps in self._states.items()]
         # A model group's model is snapshotted under the group, not under its placements.
         for g, gm in model_groups.current(self._states).items():
-            owners += [(group_snapshot_id(g), ps, {"": gm}) for ps in self._members(gm)[:1]]
+            owners += [(group_snapshot_id(g), ps, {"": gm}) for ps in list(members_of(self._states, gm).values())[:1]]
         for owner, ps, models in owners:
             versions = await loop.run_in_executor(self._reader_pool, self._store.snapshot_versions, owner)
             stale = [n for n, (learned, seq) in versions.items() if n in models and seq > models[n].cursor]
@@ -235,15 +235,11 @@ class Replication:
                 old.close()
                 loaded += 1
                 if pm.group is not None:  # its members explore by their own decisions it learned
-                    for member in self._members(pm):
+                    for member in members_of(self._states, pm).values():
                         member.own_learned = await loop.run_in_executor(
                             self._reader_pool, self._store.learned_count, member.id, member.record.model_since_seq, pm.cursor
                         )
         return loaded
-
-    def _members(self, gm: PlacementModel) -> list[PlacementState]:
-        """The placements whose model ``gm`` is (a model group's)."""
-        return [ps for ps in self._states.values() if ps.models.get("") is gm]
 
     async def close_orphans(self) -> int:
         """Close the expired windows no server holds in memory (their server stopped)."""
